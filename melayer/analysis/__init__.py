@@ -1,0 +1,1 @@
+"""Analyses: scan (ME layer), explain, rigidity, sinks."""

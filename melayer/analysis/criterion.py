@@ -1,0 +1,44 @@
+"""The massive-activation criterion, stated in every output."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """|a| > ``abs_min`` and |a| > ``median_ratio`` x median |a| of that layer's output (Sun et al. 2024).
+
+    The ME layer is the first decoder layer holding a massive (token, dim) that *persists*: its |a|
+    stays above ``abs_min`` and above ``persist_ratio`` x the layer median in the next layer and in at
+    least ``persist_frac`` of all later layers. (The residual stream's median grows with depth, e.g.
+    ~400x over Gemma-3-270M's 18 layers, so a value that stays put can fall below the 1000x emergence
+    ratio late in the network while still being two orders of magnitude above everything else.)
+    Massive values before the ME layer, or that never persist, are precursors. Prompts with fewer than ``min_tokens`` real tokens do not vote in the consensus
+    (their median is not meaningful).
+    """
+
+    abs_min: float = 100.0
+    median_ratio: float = 1000.0
+    persist_ratio: float = 100.0
+    persist_frac: float = 0.75
+    min_tokens: int = 4
+
+    def cutoff(self, median: torch.Tensor | float) -> float:
+        return max(self.abs_min, self.median_ratio * float(median))
+
+    def persists(self, value: float, median: float) -> bool:
+        return abs(value) > self.abs_min and abs(value) > self.persist_ratio * median
+
+    def describe(self) -> str:
+        return (
+            f"|a| > {self.abs_min:g} and |a| > {self.median_ratio:g} x median|a| of the layer output; "
+            f"ME layer = first layer with a massive (token, dim) that stays > {self.abs_min:g} and > "
+            f"{self.persist_ratio:g} x median in the next layer and in >= {self.persist_frac:.0%} of later layers; "
+            f"prompts < {self.min_tokens} tokens do not vote"
+        )
+
+    def to_dict(self) -> dict[str, object]:
+        return {**asdict(self), "rule": self.describe()}

@@ -1,0 +1,372 @@
+"""Scan: stream every decoder layer's output, find massive activations, locate the ME layer.
+
+Nothing of size layers x tokens x hidden is kept: each layer hook reduces its output on the fly to a
+few numbers (median, top values, massive entries, |a| rows of a handful of candidate tokens).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from melayer.analysis.criterion import Criterion
+from melayer.capture.hooks import Hooks, layer_output
+from melayer.errors import MelayerError, NumericOverflow
+from melayer.models.loading import LM
+from melayer.report.console import track
+
+TOP_K = 8  # top |a| entries kept per layer and prompt
+MAX_MASSIVE = 256  # massive entries kept per layer and prompt (a sane model has a handful)
+N_CANDIDATES = 4  # tokens per layer whose full |a| row is kept (plus the first real token)
+
+
+@dataclass
+class PromptScan:
+    """The per-prompt reduction of one forward pass."""
+
+    index: int
+    text: str
+    tokens: list[str]
+    medians: list[float]
+    top: list[list[tuple[float, int, int]]]  # per layer: (signed value, position, dim)
+    massive: list[list[tuple[float, int, int]]]  # per layer: (signed value, position, dim)
+    rows: list[dict[int, np.ndarray]]  # per layer: position -> |a| over dims
+    watched: list[dict[tuple[int, int], float]]  # per layer: value of every (pos, dim) massive at an earlier layer
+    me_layer: int | None = None
+    persistent: set[tuple[int, int]] = field(default_factory=set)
+    eligible: bool = True
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens)
+
+
+def locate_me_layer(
+    massive: Sequence[Sequence[tuple[float, int, int]]],
+    watched: Sequence[dict[tuple[int, int], float]],
+    medians: Sequence[float],
+    crit: Criterion,
+) -> tuple[int | None, set[tuple[int, int]]]:
+    """The first layer holding a massive (pos, dim) that persists (see :class:`Criterion`), and every
+    (pos, dim) that is massive at that layer or later and persists from where it first appeared."""
+    n = len(massive)
+    me_layer: int | None = None
+    persistent: set[tuple[int, int]] = set()
+    checked: set[tuple[int, int]] = set()
+    for layer in range(n - 1):
+        for _, pos, dim in massive[layer]:
+            if (pos, dim) in checked:
+                continue
+            checked.add((pos, dim))
+            later = [crit.persists(watched[j].get((pos, dim), 0.0), medians[j]) for j in range(layer + 1, n)]
+            if later[0] and sum(later) / len(later) >= crit.persist_frac:
+                me_layer = layer if me_layer is None else me_layer
+                persistent.add((pos, dim))
+    return me_layer, persistent
+
+
+class _Reducer:
+    """Forward hooks that reduce each layer's output for every row of a batch."""
+
+    def __init__(self, num_layers: int, crit: Criterion) -> None:
+        self.crit = crit
+        self.num_layers = num_layers
+        self.mask: torch.Tensor | None = None
+        self.per_row: list[list[dict[str, Any]]] = []
+
+    def start(self, mask: torch.Tensor) -> None:
+        self.mask = mask.bool()
+        self.per_row = [[] for _ in range(mask.shape[0])]
+        self.watch: list[dict[tuple[int, int], None]] = [{} for _ in range(mask.shape[0])]
+
+    def hook(self, layer: int):
+        def fn(module, args, output):
+            h = layer_output(output).detach()
+            for b in range(h.shape[0]):
+                rec = self._reduce(layer, h[b][self.mask[b]], self.watch[b])
+                self.per_row[b].append(rec)
+                for _, pos, dim in rec["massive"]:
+                    if len(self.watch[b]) < MAX_MASSIVE:
+                        self.watch[b].setdefault((pos, dim))
+
+        return fn
+
+    def _reduce(self, layer: int, h: torch.Tensor, watch: dict[tuple[int, int], None]) -> dict[str, Any]:
+        if not torch.isfinite(h).all():
+            raise NumericOverflow(
+                f"layer {layer} produced inf/nan in {str(h.dtype).replace('torch.', '')}: massive activations "
+                "exceed this dtype's range; rerun with --dtype float32 (or bfloat16)"
+            )
+        a = h.float().abs()
+        median = float(a.median())
+        flat = a.flatten()
+        k = min(TOP_K, flat.numel())
+        top_vals, top_idx = flat.topk(k)
+        hidden = a.shape[1]
+        signed = h.flatten()
+        top = [(float(signed[i]), int(i) // hidden, int(i) % hidden) for i in top_idx.tolist()]
+        cut = self.crit.cutoff(median)
+        massive: list[tuple[float, int, int]] = []
+        if float(top_vals[0]) > cut:
+            n_massive = int((flat > cut).sum())
+            vals, idx = flat.topk(min(n_massive, MAX_MASSIVE))
+            massive = [(float(signed[i]), int(i) // hidden, int(i) % hidden) for i in idx.tolist()]
+        per_pos = a.max(dim=1).values
+        cands = set(per_pos.topk(min(N_CANDIDATES, per_pos.numel())).indices.tolist()) | {0}
+        rows = {p: a[p].cpu().numpy() for p in sorted(cands)}
+        watched = {}
+        if watch:
+            pos_idx = torch.tensor([p for p, _ in watch], device=h.device)
+            dim_idx = torch.tensor([d for _, d in watch], device=h.device)
+            watched = dict(zip(watch, h[pos_idx, dim_idx].float().tolist()))
+        return {"median": median, "top": top, "massive": massive, "rows": rows, "watched": watched}
+
+
+@dataclass
+class ScanResult:
+    """Result of :func:`scan`; ``to_dict()`` is exactly what ``scan.json`` holds."""
+
+    model: str
+    num_layers: int
+    hidden_size: int
+    criterion: Criterion
+    prompts: list[PromptScan]
+    me_layer: int | None
+    me_layer_consistency: float | None
+    dtype: str = "float32"
+    arch: str = ""
+    profile: dict[str, Any] | None = None  # massive token's |a| over layers x dims (reference prompt)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # -- derived views -------------------------------------------------------------------------------
+    def _records(self, kind: str) -> list[dict[str, Any]]:
+        out = []
+        for p in self.prompts:
+            start = p.me_layer if p.me_layer is not None else self.num_layers
+            for layer, entries in enumerate(p.massive):
+                for value, pos, dim in entries:
+                    if layer < start:
+                        k = "precursor"
+                    else:
+                        k = "massive" if (pos, dim) in p.persistent else "transient"
+                    if k == kind:
+                        out.append({"prompt": p.index, "layer": layer, "position": pos, "token": p.tokens[pos],
+                                    "dim": dim, "value": value})
+        return out
+
+    @property
+    def massive(self) -> list[dict[str, Any]]:
+        """Massive activations at or after each prompt's ME layer whose (token, dim) persists."""
+        return self._records("massive")
+
+    @property
+    def precursors(self) -> list[dict[str, Any]]:
+        """Massive values before the ME layer (transient spikes), or all of them if none persists."""
+        return self._records("precursor")
+
+    @property
+    def transient(self) -> list[dict[str, Any]]:
+        """Massive values at or after the ME layer on a (token, dim) that does not persist."""
+        return self._records("transient")
+
+    @property
+    def massive_dims(self) -> list[int]:
+        return sorted({r["dim"] for r in self.massive})
+
+    def dim_support(self) -> dict[int, float]:
+        """Share of voting prompts in which each massive dim is massive at or after the ME layer."""
+        voters = [p for p in self.prompts if p.eligible] or self.prompts
+        counts: Counter[int] = Counter()
+        for p in voters:
+            if p.me_layer is None:
+                continue
+            counts.update({d for _, d in p.persistent})
+        return {d: counts[d] / len(voters) for d in sorted(counts)}
+
+    def massive_tokens(self) -> list[dict[str, Any]]:
+        """Distinct (position, token) pairs that are massive at the consensus ME layer, with prompt counts."""
+        if self.me_layer is None:
+            return []
+        counts: Counter[tuple[int, str]] = Counter()
+        for p in self.prompts:
+            if p.me_layer is not None and self.me_layer < len(p.massive):
+                counts.update({(pos, p.tokens[pos]) for _, pos, d in p.massive[self.me_layer] if (pos, d) in p.persistent})
+        return [{"position": pos, "token": tok, "prompts": n} for (pos, tok), n in counts.most_common()]
+
+    def per_layer(self) -> list[dict[str, Any]]:
+        rows = []
+        for layer in range(self.num_layers):
+            medians = [p.medians[layer] for p in self.prompts]
+            tops = [[abs(v) for v, _, _ in p.top[layer][:3]] for p in self.prompts]
+            seen: dict[tuple[int, int], tuple[float, float, int, int, int]] = {}
+            for p in self.prompts:
+                for v, pos, dim in p.top[layer]:
+                    if (pos, dim) not in seen or abs(v) > seen[(pos, dim)][0]:
+                        seen[(pos, dim)] = (abs(v), v, pos, dim, p.index)
+            entries = sorted(seen.values(), reverse=True)[:TOP_K]
+            rows.append({
+                "layer": layer,
+                "median": float(np.median(medians)),
+                "top1_mean": float(np.mean([t[0] for t in tops])),
+                "top2_mean": float(np.mean([t[1] if len(t) > 1 else 0.0 for t in tops])),
+                "top3_mean": float(np.mean([t[2] if len(t) > 2 else 0.0 for t in tops])),
+                "massive_share": float(np.mean([bool(p.massive[layer]) for p in self.prompts])),
+                "top": [{"prompt": i, "position": pos, "dim": dim, "value": v} for _, v, pos, dim, i in entries],
+                "max_abs": entries[0][0] if entries else 0.0,
+            })
+        return rows
+
+    def peak(self) -> dict[str, Any] | None:
+        recs = self.massive
+        if not recs:
+            return None
+        best = max(recs, key=lambda r: abs(r["value"]))
+        median = self.per_layer()[best["layer"]]["median"]
+        return {**best, "layer_median": median, "ratio_to_median": abs(best["value"]) / median if median else None}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": "melayer.scan/1",
+            "model": self.model,
+            "arch": self.arch,
+            "dtype": self.dtype,
+            "num_layers": self.num_layers,
+            "hidden_size": self.hidden_size,
+            "threshold": self.criterion.to_dict(),
+            "me_layer": self.me_layer,
+            "me_layer_consistency": self.me_layer_consistency,
+            "massive_dims": self.massive_dims,
+            "massive_dim_support": {str(k): v for k, v in self.dim_support().items()},
+            "massive_tokens": self.massive_tokens(),
+            "peak": self.peak(),
+            "prompts": [
+                {"index": p.index, "text": p.text, "n_tokens": p.n_tokens, "me_layer": p.me_layer,
+                 "votes": p.eligible}
+                for p in self.prompts
+            ],
+            "massive": self.massive,
+            "precursors": self.precursors,
+            "transient": self.transient,
+            "per_layer": self.per_layer(),
+            "massive_token_profile": self.profile,
+            **self.extra,
+        }
+
+
+def default_prompts() -> list[str]:
+    from importlib.resources import files
+
+    text = files("melayer.data").joinpath("prompts.txt").read_text()
+    return [line.replace("\\n", "\n") for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def read_prompts(path: str) -> list[str]:
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise MelayerError(f"prompt file not found: {path}")
+    try:
+        prompts = [line for line in p.read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MelayerError(f"cannot read prompt file {path}: {exc}") from None
+    if not prompts:
+        raise MelayerError(f"prompt file {path} holds no prompts")
+    return prompts
+
+
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that start at 0 on each row's first real token (left padding aware)."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def forward_body(lm: LM, batch: dict[str, torch.Tensor]) -> Any:
+    """The decoder stack only: no LM head, no hidden-state outputs, no KV cache."""
+    return lm.body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   position_ids=position_ids(batch["attention_mask"]), use_cache=False)
+
+
+def batches(prompts: Sequence[str], batch_size: int) -> list[tuple[int, list[str]]]:
+    return [(i, list(prompts[i : i + batch_size])) for i in range(0, len(prompts), batch_size)]
+
+
+@torch.no_grad()
+def scan(
+    lm: LM,
+    prompts: Sequence[str] | str | None = None,
+    *,
+    criterion: Criterion | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> ScanResult:
+    """Scan ``prompts`` (default: the shipped prompt set) and locate the ME layer."""
+    crit = criterion or Criterion()
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts) if prompts is not None else default_prompts()
+    if not prompts or any(not p.strip() for p in prompts):
+        raise MelayerError("empty prompt: every prompt must contain text")
+    if batch_size < 1:
+        raise MelayerError("batch size must be >= 1")
+    reducer = _Reducer(lm.num_layers, crit)
+    results: list[PromptScan] = []
+    with Hooks() as hooks:
+        for i, layer in enumerate(lm.layers):
+            hooks.forward(layer, reducer.hook(i))
+        chunks = batches(prompts, batch_size)
+        for start, chunk in track(chunks, f"scanning {lm.name}", total=len(chunks), enabled=progress):
+            batch = lm.encode(chunk)
+            reducer.start(batch["attention_mask"])
+            forward_body(lm, batch)
+            for b, text in enumerate(chunk):
+                ids = batch["input_ids"][b][batch["attention_mask"][b].bool()].tolist()
+                results.append(_finish(start + b, text, ids, reducer.per_row[b], lm, crit))
+    return _summarise(lm, results, crit)
+
+
+def _finish(index: int, text: str, ids: list[int], layers: list[dict[str, Any]], lm: LM, crit: Criterion) -> PromptScan:
+    tokens = [lm.tokenizer.decode([t]) for t in ids]
+    p = PromptScan(
+        index=index, text=text, tokens=tokens,
+        medians=[r["median"] for r in layers], top=[r["top"] for r in layers],
+        massive=[r["massive"] for r in layers], rows=[r["rows"] for r in layers],
+        watched=[r["watched"] for r in layers], eligible=len(ids) >= crit.min_tokens,
+    )
+    p.me_layer, p.persistent = locate_me_layer(p.massive, p.watched, p.medians, crit)
+    return p
+
+
+def _profile(p: PromptScan, layer: int) -> dict[str, Any]:
+    """|a| of the prompt's strongest massive token over all layers x dims (None where not kept)."""
+    value, pos, _ = max((e for e in p.massive[layer] if (e[1], e[2]) in p.persistent), key=lambda e: abs(e[0]))
+    hidden = len(next(iter(p.rows[0].values())))
+    grid = [p.rows[l][pos].tolist() if pos in p.rows[l] else [float("nan")] * hidden for l in range(len(p.rows))]
+    return {"prompt": p.index, "position": pos, "token": p.tokens[pos], "abs": grid}
+
+
+def _summarise(lm: LM, results: list[PromptScan], crit: Criterion) -> ScanResult:
+    voters = [p for p in results if p.eligible] or results
+    votes = Counter(p.me_layer for p in voters)
+    me_layer, n_agree = votes.most_common(1)[0]
+    # prefer a real layer over "none" on a tie
+    ties = [k for k, v in votes.items() if v == n_agree and k is not None]
+    if me_layer is None and ties:
+        me_layer = min(ties)
+    consistency = votes[me_layer] / len(voters)
+    profile = None
+    if me_layer is not None:
+        ref = max((p for p in voters if p.me_layer == me_layer),
+                  key=lambda p: max(abs(v) for v, pos, d in p.massive[me_layer] if (pos, d) in p.persistent))
+        profile = _profile(ref, me_layer)
+    for p in results:  # candidate rows are only needed for the profile
+        p.rows = []
+    return ScanResult(
+        model=lm.name, num_layers=lm.num_layers, hidden_size=lm.hidden_size, criterion=crit, prompts=results,
+        me_layer=me_layer, me_layer_consistency=consistency, dtype=str(lm.dtype).replace("torch.", ""),
+        arch=lm.arch.name, profile=profile,
+    )

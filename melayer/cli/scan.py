@@ -1,0 +1,47 @@
+"""``melayer scan``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from melayer.cli import app
+from melayer.cli.common import ArchOpt, DtypeOpt, ModelOpt, OutputOpt, PromptOpt, PromptsOpt, prompts_from
+
+
+@app.command()
+def scan(
+    model: ModelOpt = None,
+    prompt: PromptOpt = None,
+    prompts: PromptsOpt = None,
+    output: OutputOpt = Path("out/scan"),
+    dtype: DtypeOpt = "float32",
+    arch: ArchOpt = None,
+    batch_size: Annotated[int, typer.Option(help="prompts per forward pass")] = 8,
+    abs_min: Annotated[float, typer.Option(help="massive if |a| > this ...")] = 100.0,
+    median_ratio: Annotated[float, typer.Option(help="... and |a| > this x the layer's median |a|")] = 1000.0,
+    persist_ratio: Annotated[float, typer.Option(help="a massive (token, dim) persists while |a| > this x the median")] = 100.0,
+    persist_frac: Annotated[float, typer.Option(help="share of later layers a massive (token, dim) must persist in")] = 0.75,
+    plots: Annotated[bool, typer.Option(help="write PNG plots")] = True,
+) -> None:
+    """Scan a model for massive activations and locate its ME layer -> DIR/scan.json + PNGs."""
+    import melayer
+    from melayer.analysis.criterion import Criterion
+    from melayer.report import plots as P
+    from melayer.report.io import write_json
+    from melayer.report.summary import print_scan
+
+    texts = prompts_from(prompt, prompts)
+    crit = Criterion(abs_min=abs_min, median_ratio=median_ratio, persist_ratio=persist_ratio,
+                     persist_frac=persist_frac)
+    lm = melayer.load(model, dtype=dtype, arch=arch)
+    result = melayer.scan(lm, texts, criterion=crit, batch_size=batch_size)
+    data = result.to_dict()
+    print_scan(data)
+    write_json(output / "scan.json", data)
+    if plots:
+        P.layer_magnitudes(data, output / "layer_magnitudes.png")
+        P.token_surface(data, output / "massive_token_surface.png")
+    typer.echo(f"wrote {output / 'scan.json'}")

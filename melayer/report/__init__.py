@@ -1,0 +1,1 @@
+"""Reporting: console output, atomic files, plots."""

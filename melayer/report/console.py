@@ -1,0 +1,46 @@
+"""Console helpers: rich progress bars and spinners on stderr (stdout stays for results)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+T = TypeVar("T")
+err = Console(stderr=True)
+out = Console()
+
+
+def _quiet() -> bool:
+    return bool(os.environ.get("MELAYER_QUIET"))
+
+
+def track(items: Iterable[T], description: str, total: int | None = None, enabled: bool = True) -> Iterator[T]:
+    """Iterate with a progress bar on stderr (disabled when quiet or not wanted)."""
+    if not enabled or _quiet():
+        yield from items
+        return
+    if total is None and hasattr(items, "__len__"):
+        total = len(items)  # type: ignore[arg-type]
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn()]
+    with Progress(*columns, console=err, transient=not sys.stderr.isatty() and False) as progress:
+        task = progress.add_task(description, total=total)
+        for item in items:
+            yield item
+            progress.advance(task)
+
+
+@contextlib.contextmanager
+def status(message: str | None) -> Iterator[None]:
+    """A spinner for a single long step (no-op when message is None or quiet)."""
+    if message is None or _quiet():
+        yield
+        return
+    with err.status(message):
+        yield

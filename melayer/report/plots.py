@@ -1,0 +1,61 @@
+"""Matplotlib figures (Agg backend, written atomically as PNG)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from melayer.report.io import write_atomic  # noqa: E402
+
+
+def save(fig: Any, path: str | Path) -> Path:
+    def _w(tmp: Path) -> None:
+        fig.savefig(tmp, dpi=130, bbox_inches="tight", format="png")
+
+    try:
+        return write_atomic(path, _w)
+    finally:
+        plt.close(fig)
+
+
+def layer_magnitudes(scan: dict[str, Any], path: str | Path) -> Path:
+    """Per-layer mean top-1/2/3 |a| vs the median |a| (log scale), ME layer marked."""
+    rows = scan["per_layer"]
+    layers = [r["layer"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label, style in (("top1_mean", "top-1", "-o"), ("top2_mean", "top-2", "-s"), ("top3_mean", "top-3", "-^")):
+        ax.plot(layers, [max(r[key], 1e-6) for r in rows], style, ms=3, label=label)
+    ax.plot(layers, [max(r["median"], 1e-6) for r in rows], "-", color="gray", label="median")
+    if scan.get("me_layer") is not None:
+        ax.axvline(scan["me_layer"], color="red", ls="--", lw=1, label=f"ME layer {scan['me_layer']}")
+    ax.set_yscale("log")
+    ax.set_xlabel("decoder layer (output)")
+    ax.set_ylabel("|activation| (mean over prompts)")
+    ax.set_title(f"{scan['model']}: layer-wise magnitudes")
+    ax.legend(fontsize=8)
+    return save(fig, path)
+
+
+def token_surface(scan: dict[str, Any], path: str | Path) -> Path | None:
+    """3-D surface of the massive token's |a| over dims x layers."""
+    prof = scan.get("massive_token_profile")
+    if not prof:
+        return None
+    grid = np.array([[np.nan if v is None else v for v in row] for row in prof["abs"]], dtype=float)
+    grid = np.nan_to_num(grid, nan=0.0)
+    layers, dims = np.meshgrid(np.arange(grid.shape[0]), np.arange(grid.shape[1]), indexing="ij")
+    fig = plt.figure(figsize=(8, 5))
+    ax = fig.add_subplot(111, projection="3d")
+    ax.plot_surface(dims, layers, grid, cmap="viridis", linewidth=0, antialiased=False, rstride=1,
+                    cstride=max(1, grid.shape[1] // 256))
+    ax.set_xlabel("hidden dim")
+    ax.set_ylabel("layer")
+    ax.set_zlabel("|a|")
+    ax.set_title(f"massive token {prof['token']!r} (prompt {prof['prompt']}, position {prof['position']})")
+    return save(fig, path)
