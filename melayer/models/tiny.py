@@ -1,0 +1,204 @@
+"""Tiny real checkpoints with a planted massive activation, for tests and architecture validation.
+
+``tiny_lm("llama")`` builds a random-weight transformers model of that ``model_type`` (a few layers,
+hidden 64) and plants a massive activation the way real models grow one: on the first token (BOS), at
+decoder layer ``me_layer``, one FFN neuron fires only for BOS and its ``down`` weight writes a huge
+value into one hidden dim, which then rides the residual stream to the last layer. Families with a
+norm after the FFN (Gemma 2/3, OLMo2) also get a large gain on that dim in that norm, so there the norm
+and the FFN create it jointly.
+
+Everything is addressed through the architecture map (roles), so the same code validates the map:
+if a role points at the wrong module, the planted activation does not appear where expected.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from melayer.models.archmap import ARCHITECTURES, resolve
+from melayer.models.loading import LM, from_model
+
+HIDDEN = 64
+INTER = 128
+HEADS = 4
+KV_HEADS = 2
+VOCAB = 3 + 256  # <bos>, <eos>, <pad> + 256 byte symbols
+BOS, EOS, PAD = 0, 1, 2
+
+_COMMON = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, num_attention_heads=HEADS,
+               num_key_value_heads=KV_HEADS, head_dim=HIDDEN // HEADS, max_position_embeddings=256,
+               bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, tie_word_embeddings=False)
+_CONFIGS = {
+    "llama": {}, "mistral": {"sliding_window": None}, "qwen2": {}, "qwen3": {}, "gemma": {},
+    "gemma2": {"query_pre_attn_scalar": HIDDEN // HEADS},
+    "gemma3_text": {"query_pre_attn_scalar": HIDDEN // HEADS, "sliding_window": 64},
+    "phi3": {}, "olmo2": {},
+    "gpt2": {"n_embd": HIDDEN, "n_inner": INTER, "n_head": HEADS, "n_positions": 256},
+}
+MODEL_TYPES = tuple(_CONFIGS)
+
+
+def tiny_tokenizer():
+    """A real byte-level BPE tokenizer (no merges) that prepends <bos>; pads on the left when asked."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<bos>": BOS, "<eos>": EOS, "<pad>": PAD}
+    vocab.update({ch: 3 + i for i, ch in enumerate(sorted(alphabet))})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B",
+                                                       special_tokens=[("<bos>", BOS)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+
+
+@dataclass(frozen=True)
+class Plant:
+    """Where the massive activation was planted."""
+
+    me_layer: int
+    neuron: int
+    dim: int
+    carrier: int  # input dim that only BOS carries; the planted neuron reads it
+    precursor: tuple[int, int] | None = None  # (layer, dim) of a transient spike removed one layer later
+
+
+def _linear_out_rows(module: nn.Module, hidden: int) -> list[tuple[torch.Tensor, torch.Tensor | None, bool]]:
+    """(weight, bias, conv1d) of every projection in ``module`` that writes hidden-size outputs."""
+    found = []
+    for sub in module.modules():
+        if isinstance(sub, nn.Linear) and sub.out_features == hidden:
+            found.append((sub.weight, sub.bias, False))
+        elif type(sub).__name__ == "Conv1D" and getattr(sub, "nf", None) == hidden:
+            found.append((sub.weight, sub.bias, True))
+    return found
+
+
+def _set_neuron(lm: LM, layer: int, neuron: int, read_dim: int, gain: float) -> None:
+    """Make FFN ``neuron`` of ``layer`` read only ``read_dim`` (positively) through gate and up."""
+    arch = lm.arch
+    inter = INTER
+    if arch.gate_up is not None:
+        w = lm.module(layer, "gate_up").weight
+        for row in (neuron, inter + neuron):
+            w[row].zero_()
+            w[row, read_dim] = gain
+        return
+    for role in ("gate", "up"):
+        mod = lm.module(layer, role)
+        if mod is None:
+            continue
+        if arch.conv1d:
+            mod.weight[:, neuron].zero_()
+            mod.weight[read_dim, neuron] = gain
+        else:
+            mod.weight[neuron].zero_()
+            mod.weight[neuron, read_dim] = gain
+        if getattr(mod, "bias", None) is not None:
+            mod.bias[neuron] = 0.0
+
+
+def _set_down(lm: LM, layer: int, neuron: int, dim: int, value: float) -> None:
+    """``down`` writes ``value`` x activation into ``dim`` only, and ``dim`` hears from ``neuron`` only."""
+    w = lm.module(layer, "down").weight
+    if lm.arch.conv1d:  # (intermediate, hidden)
+        w[:, dim].zero_()
+        w[neuron].zero_()
+        w[neuron, dim] = value
+    else:
+        w[dim].zero_()
+        w[:, neuron].zero_()
+        w[dim, neuron] = value
+
+
+@torch.no_grad()
+def plant_massive(lm: LM, me_layer: int, neuron: int, dim: int, carrier: int | None = None,
+                  strength: float = 2000.0, precursor: tuple[int, int] | None = None) -> Plant:
+    """Plant a BOS-only massive activation at ``me_layer`` (see module docstring)."""
+    hidden = lm.hidden_size
+    carrier = (dim + hidden // 2) % hidden if carrier is None else carrier
+    model = lm.model
+    # 1. only BOS carries the carrier dim: clear it in every embedding, and stop every layer from writing it
+    embed = resolve(model, lm.arch.embed)
+    embed.weight[:, carrier] = 0.0
+    embed.weight[BOS, carrier] = 1.0
+    pos = getattr(getattr(model, lm.arch.body, None), "wpe", None)  # learned positions (GPT-2)
+    if pos is not None:
+        pos.weight[:, carrier] = 0.0
+    for layer in lm.layers:
+        for role in ("attn", "mlp"):
+            for weight, bias, conv in _linear_out_rows(resolve(layer, getattr(lm.arch, role)), hidden):
+                (weight[:, carrier] if conv else weight[carrier]).zero_()
+                if bias is not None:
+                    bias[carrier] = 0.0
+    # 2. the planted neuron reads the carrier; its down column writes the massive dim
+    _set_neuron(lm, me_layer, neuron, carrier, gain=2.0)
+    _set_down(lm, me_layer, neuron, dim, strength / math.sqrt(hidden))
+    # 3. a norm after the FFN would rescale the output to O(1): give it a large gain on the dim
+    post = lm.module(me_layer, "post_ffn_norm")
+    if post is not None and getattr(post, "weight", None) is not None:
+        post.weight[dim] = strength / 4 - lm.arch.norm_gain_offset
+    if precursor is not None:
+        _plant_precursor(lm, precursor, carrier, neuron, strength)
+    return Plant(me_layer=me_layer, neuron=neuron, dim=dim, carrier=carrier, precursor=precursor)
+
+
+def _plant_precursor(lm: LM, precursor: tuple[int, int], carrier: int, neuron: int, strength: float) -> None:
+    """A BOS spike at layer p on dim d that the FFN of layer p+1 cancels again (families without post-FFN norm).
+
+    Both neurons read the BOS-only carrier dim, so no other token is touched. The spike is kept moderate
+    (|a| ~ strength / 8) so that it does not disturb the planted ME layer further down.
+    """
+    layer, dim = precursor
+    if lm.module(layer, "post_ffn_norm") is not None:
+        raise ValueError("precursor planting needs a family without a post-FFN norm")
+    spike, cancel = neuron + 1, neuron + 2
+    _set_neuron(lm, layer, spike, carrier, gain=2.0)
+    _set_down(lm, layer, spike, dim, strength / 8 / 256)
+    # layer p+1 must not read the spike dim (else the spike leaks into other dims before it is cancelled)
+    for role in ("attn", "mlp"):
+        for sub in resolve(lm.layers[layer + 1], getattr(lm.arch, role)).modules():
+            if isinstance(sub, nn.Linear) and sub.in_features == lm.hidden_size:
+                sub.weight[:, dim] = 0.0
+            elif type(sub).__name__ == "Conv1D" and sub.weight.shape[0] == lm.hidden_size:
+                sub.weight[dim, :] = 0.0
+    _set_neuron(lm, layer + 1, cancel, carrier, gain=2.0)
+    _set_down(lm, layer + 1, cancel, dim, 0.0)
+    # measure the residual entering layer p+1's FFN and the cancel neuron's activation, then cancel exactly
+    from melayer.capture.hooks import Hooks
+
+    seen: dict[str, torch.Tensor] = {}
+    with Hooks() as hooks:
+        hooks.pre(lm.module(layer + 1, "down"), lambda m, a: seen.__setitem__("act", a[0][0, 0].clone()))
+        hooks.pre(lm.module(layer + 1, "pre_ffn_norm"), lambda m, a: seen.__setitem__("x", a[0][0, 0].clone()))
+        lm.model(input_ids=torch.tensor([[BOS]]))
+    _set_down(lm, layer + 1, cancel, dim, float(-seen["x"][dim] / seen["act"][cancel]))
+
+
+def tiny_lm(model_type: str = "llama", plant: bool = True, me_layer: int = 1, neuron: int = 5, dim: int = 7,
+            num_layers: int = 4, seed: int = 0, precursor: tuple[int, int] | None = None) -> LM:
+    """A tiny real model of ``model_type`` (see :data:`MODEL_TYPES`), optionally with a planted massive activation.
+
+    The plant is recorded as ``lm.plant`` (a :class:`Plant`) when ``plant`` is true.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if model_type not in _CONFIGS:
+        raise ValueError(f"no tiny config for {model_type!r}; known: {', '.join(MODEL_TYPES)}")
+    torch.manual_seed(seed)
+    kwargs = {**_COMMON, **_CONFIGS[model_type]}
+    if model_type == "gpt2":
+        kwargs.update(n_layer=num_layers)
+    kwargs["num_hidden_layers"] = num_layers
+    config = AutoConfig.for_model(model_type, **kwargs)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
+    lm = from_model(model, tiny_tokenizer(), name=f"tiny-{model_type}")
+    lm.plant = plant_massive(lm, me_layer, neuron, dim, precursor=precursor) if plant else None  # type: ignore[attr-defined]
+    assert model_type in ARCHITECTURES
+    return lm
