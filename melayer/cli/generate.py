@@ -1,0 +1,74 @@
+"""``melayer generate``: greedy generation, optionally under WeMask."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from melayer.cli import app
+from melayer.cli.common import ArchOpt, DtypeOpt, ModelOpt
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="the prompt text")],
+    model: ModelOpt = None,
+    wemask: Annotated[Optional[float], typer.Option("--wemask", help="WeMask rate: mask k = int(RATE x hidden) dims (0-1)")] = None,
+    layers: Annotated[Optional[str], typer.Option("--layers", help="layers to mask, e.g. 4,5,6 or 4-17 (default: every layer after the ME layer)")] = None,
+    select: Annotated[str, typer.Option("--select", help="pick the dims by 'activation' (|value| of the token's attention input) or 'weight' (pre-attention norm gain)")] = "activation",
+    gamma: Annotated[float, typer.Option("--gamma", help="masked dims are scaled by 1 - gamma (1 = zeroed)")] = 1.0,
+    me_layer: Annotated[Optional[int], typer.Option("--me-layer", help="skip the ME-layer scan and use this layer")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="tokens to generate")] = 64,
+    chat: Annotated[Optional[bool], typer.Option("--chat/--no-chat", help="wrap the prompt in the chat template (default: when the tokenizer has one)")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="also write prompt, text and WeMask settings to this JSON file")] = None,
+    dtype: DtypeOpt = "float32",
+    arch: ArchOpt = None,
+) -> None:
+    """Greedy generation (KV cache) printed to stdout; with --wemask under WeMask (settings on stderr)."""
+    import melayer
+    from melayer.errors import MelayerError
+    from melayer.interventions.wemask import SELECT_RULES, WeMask, chat_prompt, format_layers, greedy_generate
+    from melayer.report.console import err, status
+    from melayer.report.io import write_json
+
+    if not prompt.strip():
+        raise MelayerError("empty prompt: --prompt must contain text")
+    if max_new_tokens < 1:
+        raise MelayerError("--max-new-tokens must be >= 1")
+    if wemask is None and (layers is not None or me_layer is not None):
+        raise MelayerError("--layers/--me-layer only apply with --wemask RATE")
+    if wemask is not None:  # cheap checks before loading the model
+        if not 0.0 <= wemask <= 1.0:
+            raise MelayerError(f"--wemask RATE must be in [0, 1] (a fraction of the hidden size), got {wemask:g}")
+        if not 0.0 <= gamma <= 1.0:
+            raise MelayerError(f"--gamma must be in [0, 1] (1 zeroes the dims), got {gamma:g}")
+        if select not in SELECT_RULES:
+            raise MelayerError(f"--select must be one of {', '.join(SELECT_RULES)}, got {select!r}")
+    lm = melayer.load(model, dtype=dtype, arch=arch)
+    _, used_chat = chat_prompt(lm, prompt, chat)
+    mask: WeMask | None = None
+    if wemask is not None:
+        with status(None if layers or me_layer is not None else f"scanning {lm.name} for its ME layer ..."):
+            mask = WeMask(lm, wemask, layers=layers, select=select, gamma=gamma, me_layer=me_layer)
+        err.print(f"[bold]wemask[/]: rate {mask.rate:g} -> k={mask.k} of {mask.hidden_size} dims, "
+                  f"layers {format_layers(mask.layers)}"
+                  + (f" (after ME layer {mask.me_layer}, {mask.me_layer_source})" if mask.me_layer is not None else "")
+                  + f", select {mask.select}, gamma {mask.gamma:g}", highlight=False)
+        if mask.is_noop:
+            err.print(f"[yellow]note[/]: {mask.describe()}: generation is unchanged", highlight=False)
+        mask.apply()
+    try:
+        texts, _, _ = greedy_generate(lm, [prompt], max_new_tokens=max_new_tokens, chat=chat)
+    finally:
+        if mask is not None:
+            mask.remove()
+    typer.echo(texts[0])
+    if output is not None:
+        write_json(output, {
+            "schema": "melayer.generate/1", "model": lm.name, "prompt": prompt, "chat_template": used_chat,
+            "max_new_tokens": max_new_tokens, "decoding": "greedy", "dtype": dtype, "text": texts[0],
+            "wemask": mask.to_dict() if mask is not None else None,
+        })
+        err.print(f"wrote {output}", highlight=False)

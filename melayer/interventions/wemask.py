@@ -1,0 +1,457 @@
+"""WeMask: scale down the top-k dims of the massive token's *attention input* in the layers after the ME layer.
+
+What it does (see ``docs``/paper section 5.2 for the released reference code this follows and fixes):
+
+* At each chosen decoder layer, a forward pre-hook on the ``attn`` role module rewrites its
+  ``hidden_states`` argument, i.e. the attention input *after* the pre-attention norm (for post-norm
+  families such as OLMo2 the attention reads the raw residual stream, and that is what is masked).
+  The residual stream, the FFN and every other token are untouched; only the massive token's Q/K/V change.
+* Only the massive token is masked: by default the sequence's first *real* token, per row, found from the
+  2-D ``attention_mask`` handed to the decoder stack (left padding is respected). Tokens seen in cached
+  decode steps are never masked: a chunk covers absolute positions ``[past, past + len)`` and the first
+  real token lies in it only during prefill. So ``generate()`` with a KV cache equals a no-cache
+  recompute of the whole sequence under the same mask.
+* ``k = int(rate * hidden_size)`` dims are scaled by ``1 - gamma`` (``gamma = 1``: zeroed), chosen by
+  |value| of that token's attention input (``select="activation"``, the released code's rule, but per row
+  instead of averaged over the batch) or by |effective gain| of the pre-attention norm (``select="weight"``,
+  the paper's "weight-guided" wording).
+
+Nothing is monkey-patched and no weight is touched: ``remove()`` (or leaving the ``with`` block) removes
+every hook and the model is exactly what it was.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from melayer.analysis.criterion import Criterion
+from melayer.capture.hooks import Hooks
+from melayer.errors import MelayerError
+from melayer.models.loading import LM
+
+SELECT_RULES = ("activation", "weight")
+TOKEN_RULES = ("first", "massive")
+
+
+# ----------------------------------------------------------------------------------------------------
+# small parsers shared by the CLI and the lm-eval wrapper
+
+
+def parse_layers(spec: str | int | Iterable[int] | None, num_layers: int) -> list[int] | None:
+    """``"4,5,6"``, ``"4-17"``, ``"4-6,9"`` (also ``;``/``+``/space separated, for lm-eval's comma-split
+    model_args), an int, or a list of ints -> sorted unique layer indices; None stays None."""
+    if spec is None:
+        return None
+    if isinstance(spec, bool):
+        raise MelayerError(f"invalid layer list {spec!r}")
+    if isinstance(spec, int):
+        items: list[int] = [spec]
+    elif isinstance(spec, str):
+        text = spec.strip()
+        if not text:
+            raise MelayerError("empty layer list: give e.g. 4,5,6 or 4-17")
+        items = []
+        for part in re.split(r"[,;+\s]+", text):
+            if not part:
+                continue
+            m = re.fullmatch(r"(-?\d+)(?:(?:-|\.\.|:)(-?\d+))?", part)
+            if not m:
+                raise MelayerError(f"invalid layer list {spec!r}: {part!r} is not a layer or a range A-B")
+            lo = int(m.group(1))
+            hi = int(m.group(2)) if m.group(2) is not None else lo
+            if hi < lo:
+                raise MelayerError(f"invalid layer range {part!r}: end before start")
+            items.extend(range(lo, hi + 1))
+    else:
+        try:
+            items = [int(x) for x in spec]
+        except (TypeError, ValueError):
+            raise MelayerError(f"invalid layer list {spec!r}") from None
+    bad = [i for i in items if not 0 <= i < num_layers]
+    if bad:
+        raise MelayerError(f"layer {bad[0]} is out of range: the model has layers 0-{num_layers - 1}")
+    return sorted(set(items))
+
+
+def format_layers(layers: Sequence[int]) -> str:
+    """[4, 5, 6, 9] -> "4-6,9"."""
+    out: list[str] = []
+    layers = sorted(layers)
+    i = 0
+    while i < len(layers):
+        j = i
+        while j + 1 < len(layers) and layers[j + 1] == layers[j] + 1:
+            j += 1
+        out.append(str(layers[i]) if i == j else f"{layers[i]}-{layers[j]}")
+        i = j + 1
+    return ",".join(out) or "none"
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Chunk:
+    """What the current forward pass of the decoder stack looks like (set by the body pre-hook)."""
+
+    past: int  # absolute position of the chunk's first column
+    length: int
+    rows: torch.Tensor | None = None  # token="first": rows whose first real token lies in the chunk
+    positions: torch.Tensor | None = None  # ... and its index inside the chunk
+    real: torch.Tensor | None = None  # token="massive": (B, T) bool, real (non-pad) tokens of the chunk
+    targets: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # massive: per layer
+
+
+class WeMask:
+    """A WeMask intervention bound to one model. Use as a context manager or ``apply()`` / ``remove()``."""
+
+    def __init__(
+        self,
+        lm: LM,
+        rate: float,
+        layers: str | Iterable[int] | None = None,
+        select: str = "activation",
+        gamma: float = 1.0,
+        token: str = "first",
+        me_layer: int | None = None,
+        criterion: Criterion | None = None,
+        scan_prompts: Sequence[str] | None = None,
+    ) -> None:
+        try:
+            rate = float(rate)
+            gamma = float(gamma)
+        except (TypeError, ValueError):
+            raise MelayerError(f"WeMask rate and gamma must be numbers (got rate={rate!r}, gamma={gamma!r})") from None
+        if not 0.0 <= rate <= 1.0:
+            raise MelayerError(f"WeMask rate must be in [0, 1] (a fraction of the hidden size), got {rate:g}")
+        if not 0.0 <= gamma <= 1.0:
+            raise MelayerError(f"WeMask gamma must be in [0, 1] (1 zeroes the dims), got {gamma:g}")
+        if select not in SELECT_RULES:
+            raise MelayerError(f"unknown WeMask select rule {select!r}; use one of {', '.join(SELECT_RULES)}")
+        if token not in TOKEN_RULES:
+            raise MelayerError(f"unknown WeMask token rule {token!r}; use one of {', '.join(TOKEN_RULES)}")
+        self.lm = lm
+        self.rate = rate
+        self.gamma = gamma
+        self.select = select
+        self.token = token
+        self.criterion = criterion or Criterion()
+        self.hidden_size = lm.hidden_size
+        self.k = int(rate * self.hidden_size)
+        n = lm.num_layers
+        if me_layer is not None and not 0 <= int(me_layer) < n:
+            raise MelayerError(f"ME layer {me_layer} is out of range: the model has layers 0-{n - 1}")
+        parsed = parse_layers(layers, n)
+        self.me_layer_source = "given" if me_layer is not None else None
+        if parsed is None:
+            if me_layer is None and self.k > 0:
+                me_layer = self._scan_me_layer(scan_prompts)
+                self.me_layer_source = "scan"
+            if me_layer is None:  # rate too small to mask anything: no layers needed
+                parsed = []
+            else:
+                parsed = list(range(int(me_layer) + 1, n))
+                if not parsed and self.k > 0:
+                    raise MelayerError(f"the ME layer ({me_layer}) is the last layer: no layer after it to mask; "
+                                       "pass layers= explicitly")
+        self.me_layer = None if me_layer is None else int(me_layer)
+        self.layers: list[int] = parsed
+        self._weight_idx: dict[int, torch.Tensor] = {}
+        if select == "weight":
+            for layer in self.layers:
+                self._weight_idx[layer] = self._top_gain_dims(layer)
+        self._hooks = Hooks()
+        self._active = False
+        self._chunk: _Chunk | None = None
+        self._record: dict[int, list[dict[str, Any]]] = {}
+        self.forwards_masked = 0  # forward passes of the decoder stack in which something was masked
+
+    # -- setup -----------------------------------------------------------------------------------------
+    def _scan_me_layer(self, prompts: Sequence[str] | None) -> int:
+        from melayer.analysis.scan import scan
+
+        result = scan(self.lm, prompts, criterion=self.criterion, progress=False)
+        if result.me_layer is None:
+            raise MelayerError(f"no ME layer found in {self.lm.name} (no persistent massive activation); "
+                               "pass layers= or me_layer= explicitly")
+        return int(result.me_layer)
+
+    def _top_gain_dims(self, layer: int) -> torch.Tensor:
+        if self.lm.arch.pre_attn_norm is None:
+            raise MelayerError(
+                f"select='weight' needs a pre-attention norm, but {self.lm.arch.name} ({self.lm.name}) has none "
+                "(its attention reads the raw residual stream); use select='activation'")
+        gain = self.lm.norm_gain(layer, "pre_attn_norm")
+        if gain is None:
+            raise MelayerError(f"select='weight': the pre-attention norm of layer {layer} has no weight; "
+                               "use select='activation'")
+        k = min(self.k, gain.numel())
+        return gain.abs().topk(k).indices.sort().values.to(self.lm.device)
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+    @property
+    def active(self) -> bool:
+        return self._active
+
+    @property
+    def is_noop(self) -> bool:
+        return self.k == 0 or self.gamma == 0.0 or not self.layers
+
+    def apply(self) -> "WeMask":
+        """Install the hooks (persistent until :meth:`remove`)."""
+        if self._active:
+            raise MelayerError("this WeMask is already applied")
+        self._active = True
+        if self.is_noop:
+            return self
+        body = self.lm.body
+        self._hooks.pre(body, self._on_body, with_kwargs=True)
+        self._hooks.forward(body, self._on_body_end)
+        for layer in self.layers:
+            if self.token == "massive":
+                self._hooks.pre(self.lm.layers[layer], self._massive_hook(layer), with_kwargs=True)
+            attn = self.lm.module(layer, "attn")
+            if attn is None:
+                raise MelayerError(f"layer {layer} of {self.lm.name} has no attention module")
+            self._hooks.pre(attn, self._attn_hook(layer), with_kwargs=True)
+        return self
+
+    def remove(self) -> None:
+        """Remove every hook; the model is exactly as before :meth:`apply`."""
+        self._hooks.remove()
+        self._chunk = None
+        self._active = False
+
+    def __enter__(self) -> "WeMask":
+        return self.apply()
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    # -- hooks -----------------------------------------------------------------------------------------
+    def _on_body(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        x = ids if ids is not None else kwargs.get("inputs_embeds")
+        if x is None:
+            self._chunk = None
+            return
+        batch, length = int(x.shape[0]), int(x.shape[1])
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        mask2d = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        past = _past_length(kwargs, mask2d, length)
+        chunk = _Chunk(past=past, length=length)
+        if self.token == "first":
+            if past > 0 and mask2d is None:
+                # a cached decode step without a mask: the first token (position 0) lies in the past
+                self._chunk = None
+                return
+            if mask2d is not None:
+                first = (mask2d != 0).to(torch.int8).argmax(dim=1).to(torch.long)  # first real column per row
+            else:
+                first = torch.zeros(batch, dtype=torch.long, device=x.device)
+            local = first - past
+            inside = (local >= 0) & (local < length)
+            rows = inside.nonzero().flatten()
+            if rows.numel() == 0:  # decode step: nothing to mask
+                self._chunk = None
+                return
+            chunk.rows, chunk.positions = rows, local[rows]
+        else:
+            if past > 0:  # never mask tokens seen in cached decode steps
+                self._chunk = None
+                return
+            if mask2d is not None and mask2d.shape[1] >= length:
+                chunk.real = mask2d[:, mask2d.shape[1] - length:] != 0
+            else:
+                chunk.real = torch.ones(batch, length, dtype=torch.bool, device=x.device)
+        self._chunk = chunk
+        self._record = {}
+        self.forwards_masked += 1
+
+    def _on_body_end(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        self._chunk = None
+
+    def _massive_hook(self, layer: int):
+        crit = self.criterion
+
+        def fn(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            chunk = self._chunk
+            if chunk is None:
+                return
+            h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            a = h.detach().abs().float()
+            peak = a.amax(dim=-1)  # (B, T)
+            rows, positions = [], []
+            for b in range(a.shape[0]):
+                real = chunk.real[b]
+                if not bool(real.any()):
+                    continue
+                cut = crit.cutoff(a[b][real].median())
+                hit = ((peak[b] > cut) & real).nonzero().flatten()
+                rows.extend([b] * hit.numel())
+                positions.append(hit)
+            if rows:
+                chunk.targets[layer] = (torch.tensor(rows, device=h.device), torch.cat(positions))
+
+        return fn
+
+    def _attn_hook(self, layer: int):
+        keep = 1.0 - self.gamma
+
+        def fn(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            chunk = self._chunk
+            if chunk is None:
+                return None
+            if self.token == "first":
+                rows, positions = chunk.rows, chunk.positions
+            else:
+                target = chunk.targets.get(layer)
+                if target is None:
+                    return None
+                rows, positions = target
+            in_kwargs = "hidden_states" in kwargs
+            h = kwargs["hidden_states"] if in_kwargs else args[0]
+            sel = h[rows, positions]  # (n, D)
+            if self.select == "activation":
+                idx = sel.abs().topk(self.k, dim=-1).indices
+            else:
+                idx = self._weight_idx[layer].to(h.device).expand(sel.shape[0], -1)
+            scaled = sel.scatter(1, idx, sel.gather(1, idx) * keep)
+            new = h.clone()  # never in place: for post-norm families h IS the residual stream
+            new[rows, positions] = scaled
+            self._record[layer] = [
+                {"row": int(r), "position": int(p) + chunk.past, "dims": sorted(d)}
+                for r, p, d in zip(rows.tolist(), positions.tolist(), idx.tolist())
+            ]
+            if in_kwargs:
+                kwargs = {**kwargs, "hidden_states": new}
+            else:
+                args = (new, *args[1:])
+            return args, kwargs
+
+        return fn
+
+    # -- reporting -------------------------------------------------------------------------------------
+    def masked_dims(self) -> dict[int, list[int]]:
+        """Per layer, the masked dims (fixed for select='weight'; union over the masked tokens of the last
+        masking forward pass for select='activation')."""
+        if self.select == "weight":
+            return {layer: idx.tolist() for layer, idx in self._weight_idx.items()}
+        return {layer: sorted({d for rec in recs for d in rec["dims"]}) for layer, recs in self._record.items()}
+
+    def describe(self) -> str:
+        if self.is_noop:
+            why = "rate 0" if self.rate == 0 else ("gamma 0" if self.gamma == 0 else
+                                                   ("k = int(rate x hidden) = 0" if self.k == 0 else "no layers"))
+            return f"WeMask off ({why})"
+        scale = "zeroed" if self.gamma == 1 else f"scaled by {1 - self.gamma:g}"
+        who = "the first real token" if self.token == "first" else "massive tokens (Criterion cutoff)"
+        return (f"WeMask rate {self.rate:g}: top k={self.k} of {self.hidden_size} dims by {self.select} {scale} "
+                f"in the attention input of {who} at layers {format_layers(self.layers)}"
+                + (f" (after ME layer {self.me_layer})" if self.me_layer is not None else ""))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": "melayer.wemask/1",
+            "model": self.lm.name,
+            "rate": self.rate,
+            "k": self.k,
+            "hidden_size": self.hidden_size,
+            "gamma": self.gamma,
+            "select": self.select,
+            "token": self.token,
+            "layers": list(self.layers),
+            "me_layer": self.me_layer,
+            "me_layer_source": self.me_layer_source,
+            "active": self._active,
+            "site": "attention input (after the pre-attention norm), via a pre-hook on each layer's attn module",
+            "masked_dims": {str(layer): dims for layer, dims in self.masked_dims().items()},
+            "masked_tokens": {str(layer): recs for layer, recs in self._record.items()},
+            "criterion": self.criterion.to_dict() if self.token == "massive" else None,
+            "rule": self.describe(),
+        }
+
+
+def _past_length(kwargs: dict, mask2d: torch.Tensor | None, length: int) -> int:
+    """Absolute position of the chunk's first token: cache_position, else the KV cache length, else the mask."""
+    cache_position = kwargs.get("cache_position")
+    if isinstance(cache_position, torch.Tensor) and cache_position.numel():
+        return int(cache_position.flatten()[0])
+    cache = kwargs.get("past_key_values")
+    if cache is not None:
+        if hasattr(cache, "get_seq_length"):
+            return int(cache.get_seq_length())
+        if isinstance(cache, (tuple, list)) and cache and cache[0] is not None:  # legacy tuple cache
+            return int(cache[0][0].shape[-2])
+    if mask2d is not None:
+        return max(int(mask2d.shape[1]) - length, 0)
+    return 0
+
+
+def wemask(
+    lm: LM,
+    rate: float,
+    layers: str | Iterable[int] | None = None,
+    select: str = "activation",
+    gamma: float = 1.0,
+    token: str = "first",
+    me_layer: int | None = None,
+    **kwargs: Any,
+) -> WeMask:
+    """Build a :class:`WeMask` for ``lm`` (not yet applied).
+
+    >>> with wemask(lm, 0.01) as wm:        # masks while inside the block
+    ...     lm.model.generate(**batch)
+    >>> wm = wemask(lm, 0.01).apply()       # persistent until wm.remove()
+
+    ``layers`` defaults to every layer after the ME layer; the ME layer is found with
+    :func:`melayer.scan` on the shipped prompts unless ``me_layer`` is given.
+    """
+    return WeMask(lm, rate, layers=layers, select=select, gamma=gamma, token=token, me_layer=me_layer, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------
+# greedy generation (used by ``melayer generate`` and bench/bench_wemask.py)
+
+
+def chat_prompt(lm: LM, text: str, chat: bool | None = None) -> tuple[str, bool]:
+    """Wrap ``text`` in the tokenizer's chat template when asked (``chat=None``: when it has one)."""
+    has_template = bool(getattr(lm.tokenizer, "chat_template", None))
+    if chat and not has_template:
+        raise MelayerError(f"--chat: the tokenizer of {lm.name} has no chat template")
+    if chat is False or not has_template:
+        return text, False
+    rendered = lm.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                add_generation_prompt=True)
+    return rendered, True
+
+
+@torch.no_grad()
+def greedy_generate(lm: LM, texts: Sequence[str], max_new_tokens: int = 32, chat: bool | None = None,
+                    stop_at_eos: bool = True) -> tuple[list[str], dict[str, torch.Tensor], torch.Tensor]:
+    """Greedy KV-cached generation for a batch (left padding). Returns (new texts, encoded batch, output ids)."""
+    from transformers import GenerationConfig
+
+    if max_new_tokens < 1:
+        raise MelayerError("--max-new-tokens must be >= 1")
+    if not texts or any(not t.strip() for t in texts):
+        raise MelayerError("empty prompt: every prompt must contain text")
+    prompts = [chat_prompt(lm, t, chat) for t in texts]
+    templated = any(used for _, used in prompts)
+    # a rendered chat template already starts with the BOS text; do not add a second one
+    batch = lm.encode([p for p, _ in prompts], add_special_tokens=not templated)
+    eos = lm.model.generation_config.eos_token_id
+    if eos is None:
+        eos = lm.tokenizer.eos_token_id
+    # stop_at_eos=False: exactly max_new_tokens tokens (EOS is suppressed), e.g. for timing
+    config = GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=0 if stop_at_eos else max_new_tokens,
+                              do_sample=False, num_beams=1, use_cache=True, pad_token_id=lm.tokenizer.pad_token_id,
+                              eos_token_id=eos, bos_token_id=lm.tokenizer.bos_token_id)
+    out = lm.model.generate(**batch, generation_config=config)
+    new = out[:, batch["input_ids"].shape[1]:]
+    return lm.tokenizer.batch_decode(new, skip_special_tokens=True), batch, out
