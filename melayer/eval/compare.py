@@ -1,0 +1,237 @@
+"""``melayer.eval.compare``: the same samples at several WeMask rates, paired against rate 0 (the baseline).
+
+Every rate is a normal :func:`melayer.eval.run` in ``DIR/rate_<r>/`` (so a killed compare resumes), the ME
+layer is found once (one scan) and reused for every rate, and each rate is reported with the paired difference
+to the baseline, a paired bootstrap 95% CI (same resampled sample indices for both runs), McNemar's exact p for
+0/1 metrics, and the attention-sink rate measured with and without the mask.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from melayer.errors import MelayerError
+from melayer.eval.runner import EvalResult, run
+from melayer.eval.stats import N_BOOT, SEED, mcnemar, paired_bootstrap
+from melayer.eval.tasks import get_task
+from melayer.models.loading import LM
+
+SCHEMA = "melayer.compare/1"
+DEFAULT_RATES = (0.0, 0.001, 0.01, 0.05)
+SINK_PROMPTS = 16
+SINK_EPSILON = 0.3
+
+
+def parse_rates(rates: str | Sequence[float]) -> list[float]:
+    """"0,0.001,0.01" or a list -> sorted unique rates in [0, 1], always including 0 (the baseline)."""
+    if isinstance(rates, str):
+        parts = [p.strip() for p in rates.split(",") if p.strip()]
+        if not parts:
+            raise MelayerError("--rates is empty: give e.g. 0,0.001,0.01,0.05")
+        try:
+            values = [float(p) for p in parts]
+        except ValueError:
+            raise MelayerError(f"--rates must be comma-separated numbers in [0, 1] (got {rates!r})") from None
+    else:
+        values = [float(r) for r in rates]
+    bad = [v for v in values if not 0.0 <= v <= 1.0]
+    if bad:
+        raise MelayerError(f"WeMask rate {bad[0]:g} is out of range: rates are fractions of the hidden size in [0, 1]")
+    return sorted(set(values) | {0.0})
+
+
+def rate_dir(rate: float) -> str:
+    return f"rate_{rate:g}"
+
+
+def _sinks(lm: LM, prompts: list[str], intervention: Any = None) -> float | None:
+    from melayer.analysis.sinks import measure_sinks
+
+    if intervention is None:
+        return float(measure_sinks(lm, prompts, epsilon=SINK_EPSILON).sink_rate)
+    with intervention():
+        return float(measure_sinks(lm, prompts, epsilon=SINK_EPSILON).sink_rate)
+
+
+def sinks_available() -> str | None:
+    """None if ``melayer.analysis.sinks.measure_sinks`` is importable, else why not."""
+    try:
+        from melayer.analysis.sinks import measure_sinks  # noqa: F401
+    except ImportError as exc:
+        return f"melayer.analysis.sinks.measure_sinks is not available ({exc})"
+    return None
+
+
+@dataclass
+class CompareResult:
+    task: str
+    model: str
+    rates: list[float]
+    me_layer: int | None
+    me_layer_source: str
+    select: str
+    gamma: float
+    layers: list[int] | None
+    rows: list[dict[str, Any]]
+    settings: dict[str, Any]
+    sinks: dict[str, Any]
+    runs: dict[float, EvalResult] = field(default_factory=dict, repr=False)
+    output: str | None = None
+    elapsed_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "task": self.task,
+            "model": self.model,
+            "rates": self.rates,
+            "me_layer": self.me_layer,
+            "me_layer_source": self.me_layer_source,
+            "select": self.select,
+            "gamma": self.gamma,
+            "layers": self.layers,
+            "settings": self.settings,
+            "sinks": self.sinks,
+            "per_rate": self.rows,
+            "output": self.output,
+            "elapsed_s": round(self.elapsed_s, 2),
+        }
+
+
+def compare(
+    lm: LM,
+    task: str,
+    rates: str | Sequence[float] = DEFAULT_RATES,
+    limit: int | None = None,
+    batch_size: int = 8,
+    output: str | Path | None = None,
+    *,
+    select: str = "activation",
+    layers: str | Sequence[int] | None = None,
+    gamma: float = 1.0,
+    me_layer: int | None = None,
+    max_new_tokens: int | None = None,
+    chat: bool | str = "auto",
+    sinks: bool = True,
+    n_boot: int = N_BOOT,
+    seed: int = SEED,
+    overwrite: bool = False,
+    progress: bool = True,
+    **task_options: Any,
+) -> CompareResult:
+    """Evaluate ``task`` at each WeMask rate on the same samples and compare every rate with rate 0."""
+    from melayer.interventions.wemask import parse_layers, wemask
+
+    t0 = time.time()
+    rates = parse_rates(rates)
+    if limit is not None and limit < 1:
+        raise MelayerError(f"--limit must be a positive number of samples (got {limit})")
+    the_task = get_task(task, **task_options)
+    samples = the_task.load(limit, lm=lm)
+    layer_list = parse_layers(layers, lm.num_layers) if layers is not None else None
+    source = "given" if me_layer is not None else ("not needed (layers given)" if layer_list else "scan")
+    if me_layer is None and layer_list is None and any(r > 0 for r in rates):
+        from melayer.analysis.scan import scan
+
+        found = scan(lm, progress=progress).me_layer
+        if found is None:
+            raise MelayerError(f"no ME layer found in {lm.name}; pass --me-layer or --layers")
+        me_layer = int(found)
+
+    def factory(rate: float):
+        return lambda: wemask(lm, rate, layers=layer_list, select=select, gamma=gamma, me_layer=me_layer)
+
+    out_dir = Path(output) if output is not None else None
+    runs: dict[float, EvalResult] = {}
+    for rate in rates:
+        runs[rate] = run(lm, the_task, limit=limit, batch_size=batch_size,
+                         output=out_dir / rate_dir(rate) if out_dir else None, max_new_tokens=max_new_tokens,
+                         chat=chat, intervention=None if rate == 0 else factory(rate), overwrite=overwrite,
+                         progress=progress, samples=samples)
+
+    base = runs[0.0]
+    prompts = [the_task.sink_text(s) for s in samples[:SINK_PROMPTS]]
+    sink_note = None if sinks else "not requested"
+    if sink_note is None:
+        sink_note = sinks_available()
+    sink_rates: dict[float, float | None] = {}
+    if sink_note is None:
+        for rate in rates:
+            sink_rates[rate] = _sinks(lm, prompts, None if rate == 0 else factory(rate))
+
+    rows = []
+    for rate in rates:
+        res = runs[rate]
+        if res.ids() != base.ids():
+            raise MelayerError("internal error: the rates were evaluated on different samples")
+        row: dict[str, Any] = {"rate": rate, "output": res.output, "metrics": {}}
+        wm = res.intervention_after or (res.settings.get("intervention") or None)
+        if wm:
+            row["wemask"] = {k: wm.get(k) for k in ("k", "select", "gamma", "layers", "me_layer", "rule")}
+        else:
+            row["wemask"] = {"k": 0, "rule": "baseline (no intervention)"}
+        for m in res.metric_specs:
+            entry = dict(res.metrics[m.name])
+            if rate != 0:
+                entry["vs_baseline"] = paired_bootstrap(m.kind, base.values(m.name), res.values(m.name),
+                                                        n_boot=n_boot, seed=seed)
+                if m.binary:
+                    entry["mcnemar"] = mcnemar(base.values(m.name), res.values(m.name))
+            row["metrics"][m.name] = entry
+        if sink_rates:
+            row["sink_rate"] = sink_rates[rate]
+        rows.append(row)
+
+    settings = {k: base.settings[k] for k in ("task_options", "chat", "max_new_tokens", "prompt_format", "dtype",
+                                                "batch_size", "limit")}
+    settings.update({"n_samples": base.n_samples, "bootstrap": {"resamples": n_boot, "seed": seed,
+                                                                 "level": 0.95, "paired": True},
+                     "mcnemar": "exact two-sided binomial test on discordant pairs (scipy.stats.binomtest)"})
+    result = CompareResult(
+        task=the_task.name, model=lm.name, rates=rates, me_layer=me_layer, me_layer_source=source, select=select,
+        gamma=gamma, layers=layer_list if layer_list is not None else (
+            list(range(me_layer + 1, lm.num_layers)) if me_layer is not None else None),
+        rows=rows, settings=settings,
+        sinks={"epsilon": SINK_EPSILON, "prompts": len(prompts), "note": sink_note,
+               "rates": {f"{r:g}": v for r, v in sink_rates.items()} if sink_rates else None},
+        runs=runs, output=str(out_dir) if out_dir else None, elapsed_s=time.time() - t0)
+    if out_dir is not None:
+        from melayer.report.io import write_json
+
+        write_json(out_dir / "compare.json", result.to_dict())
+        dose_response_plot(result.to_dict(), out_dir / "dose_response.png")
+    return result
+
+
+def dose_response_plot(data: dict[str, Any], path: str | Path) -> Path:
+    """One panel per metric: value vs WeMask rate with bootstrap 95% CIs (symlog x so rate 0 shows)."""
+    from melayer.report.plots import plt, save
+
+    rows = data["per_rate"]
+    names = list(rows[0]["metrics"])
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.6), squeeze=False)
+    rates = [r["rate"] for r in rows]
+    nonzero = [r for r in rates if r > 0]
+    for ax, name in zip(axes[0], names):
+        vals = [r["metrics"][name]["value"] for r in rows]
+        lo = [r["metrics"][name]["ci95"][0] for r in rows]
+        hi = [r["metrics"][name]["ci95"][1] for r in rows]
+        y = [v if v is not None else float("nan") for v in vals]
+        err = [[max(0.0, (v or 0) - (a if a is not None else v or 0)) for v, a in zip(vals, lo)],
+               [max(0.0, (b if b is not None else v or 0) - (v or 0)) for v, b in zip(vals, hi)]]
+        ax.errorbar(rates, y, yerr=err, fmt="-o", capsize=3, ms=4)
+        if y and y[0] == y[0]:
+            ax.axhline(y[0], color="gray", ls="--", lw=0.8, label="baseline (rate 0)")
+        if nonzero:
+            ax.set_xscale("symlog", linthresh=min(nonzero))
+        ax.set_xlabel("WeMask rate (fraction of hidden dims)")
+        ax.set_ylabel(name)
+        ax.set_title(name, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{data['model']} - {data['task']} (n={data['settings']['n_samples']}, select={data['select']}, "
+                 f"ME layer {data['me_layer']})", fontsize=9)
+    return save(fig, path)

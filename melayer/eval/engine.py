@@ -1,0 +1,244 @@
+"""Model calls for evaluation: batched greedy generation and batched tail log-likelihoods.
+
+Every model call runs inside ``intervention()`` when one is given (a callable returning a context manager,
+e.g. ``lambda: wemask(lm, rate=0.01, me_layer=3)``), so the intervention is active for exactly the forward passes
+that produce the scores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any, ContextManager
+
+import torch
+
+from melayer.analysis.scan import position_ids
+from melayer.capture.hooks import Hooks
+from melayer.errors import MelayerError
+from melayer.models.loading import LM
+
+Intervention = Callable[[], ContextManager[Any]] | None
+LOGIT_BUDGET = 1 << 26  # floats of logits materialised at once (256 MiB in float32)
+
+
+def _ctx(intervention: Intervention) -> ContextManager[Any]:
+    return intervention() if intervention is not None else contextlib.nullcontext()
+
+
+def eos_ids(lm: LM) -> list[int]:
+    ids: list[int] = []
+    for source in (lm.tokenizer.eos_token_id, getattr(lm.model.generation_config, "eos_token_id", None)):
+        for i in source if isinstance(source, (list, tuple)) else [source]:
+            if i is not None and int(i) not in ids:
+                ids.append(int(i))
+    return ids
+
+
+def pad_id(lm: LM) -> int:
+    tok = lm.tokenizer
+    if tok.pad_token_id is not None:
+        return int(tok.pad_token_id)
+    ids = eos_ids(lm)
+    if not ids:
+        raise MelayerError(f"{lm.name}: the tokenizer has neither a pad nor an eos token")
+    return ids[0]
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad: int, device: torch.device) -> dict[str, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row):] = torch.tensor(list(row), dtype=torch.long)
+            mask[i, width - len(row):] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+
+class _StopStrings:
+    """Stopping criterion: a row is done once its generated text contains one of ``stop``."""
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str], prompt_len: int) -> None:
+        self.tokenizer, self.stop, self.prompt_len = tokenizer, list(stop), prompt_len
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        if not self.stop:
+            return done
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len:], skip_special_tokens=True)
+        for i, text in enumerate(texts):
+            done[i] = any(s in text for s in self.stop)
+        return done
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    cut = len(text)
+    for s in stop:
+        j = text.find(s)
+        if j != -1:
+            cut = min(cut, j)
+    return text[:cut]
+
+
+@torch.no_grad()
+def generate(lm: LM, rows: Sequence[Sequence[int]], *, max_new_tokens: int, stop: Sequence[str] = (),
+             intervention: Intervention = None) -> list[dict[str, Any]]:
+    """Greedy decoding of a batch of tokenised prompts (left padded). Returns, per row, the generated text cut at
+    the first stop string, the number of new tokens and why it stopped."""
+    from transformers import GenerationConfig, StoppingCriteriaList
+
+    batch = left_pad(rows, pad_id(lm), lm.device)
+    eos = eos_ids(lm)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad_id(lm),
+                              eos_token_id=eos or None)
+    prompt_len = batch["input_ids"].shape[1]
+    criteria = StoppingCriteriaList([_StopStrings(lm.tokenizer, stop, prompt_len)]) if stop else None
+    with _ctx(intervention):
+        out = lm.model.generate(**batch, generation_config=config, stopping_criteria=criteria)
+    results = []
+    for i in range(len(rows)):
+        new = out[i, prompt_len:].tolist()
+        n_new = len(new)
+        hit_eos = False
+        for j, t in enumerate(new):
+            if t in eos:
+                n_new, hit_eos = j, True
+                break
+        text = lm.tokenizer.decode(new[:n_new], skip_special_tokens=True)
+        cut = cut_at_stop(text, stop)
+        reason = "stop_string" if len(cut) < len(text) else "eos" if hit_eos else "length"
+        results.append({"text": cut, "new_tokens": n_new, "finish": reason})
+    return results
+
+
+def _head(lm: LM) -> Callable[[torch.Tensor], torch.Tensor]:
+    head = lm.model.get_output_embeddings()
+    if head is None:
+        raise MelayerError(f"{lm.name}: the model has no output embedding (LM head)")
+    cap = getattr(lm.config, "final_logit_softcapping", None)
+
+    def apply(h: torch.Tensor) -> torch.Tensor:
+        logits = head(h).float()
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    return apply
+
+
+@torch.no_grad()
+def score_tails(lm: LM, rows: Sequence[tuple[Sequence[int], int]], *,
+                intervention: Intervention = None) -> list[tuple[float, bool]]:
+    """For each ``(tokens, k)``: sum of log p(token) over the last ``k`` tokens given everything before them, and
+    whether every one of those tokens is the greedy (argmax) prediction.
+
+    One padded forward for all rows. Logits are only computed where they are needed (the tails), in chunks,
+    from the final hidden states; the last position is cross-checked against the model's own logits so any
+    model-specific output processing would be caught.
+    """
+    for tokens, k in rows:
+        if k < 1 or k >= len(tokens):
+            raise ValueError(f"tail of {k} tokens in a row of {len(tokens)}: need 1 <= k < len(row)")
+    batch = left_pad([r for r, _ in rows], pad_id(lm), lm.device)
+    width = batch["input_ids"].shape[1]
+    captured: dict[str, torch.Tensor] = {}
+
+    def grab(_mod: Any, _args: Any, output: Any) -> None:
+        captured["h"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+    with Hooks() as hooks, _ctx(intervention):
+        hooks.forward(lm.body, grab)
+        out = lm.model(**batch, position_ids=position_ids(batch["attention_mask"]), use_cache=False,
+                       logits_to_keep=1)
+    hidden = captured["h"]
+    head = _head(lm)
+    check = head(hidden[:, -1:, :])
+    ref = out.logits[:, -1:, :].float()
+    if not torch.allclose(check, ref, rtol=1e-3, atol=1e-3 * float(ref.abs().max().clamp(min=1.0))):
+        raise MelayerError(f"{lm.name}: cannot reproduce the model's logits from its final hidden states "
+                           "(unsupported output processing)")
+    vocab = ref.shape[-1]
+    chunk = max(1, LOGIT_BUDGET // vocab)
+    ids = batch["input_ids"]
+    results = []
+    for i, (_tokens, k) in enumerate(rows):
+        total, greedy = 0.0, True
+        start = width - k  # first target position
+        for s in range(start, width, chunk):
+            e = min(width, s + chunk)
+            logp = torch.log_softmax(head(hidden[i, s - 1: e - 1, :]), dim=-1)
+            target = ids[i, s:e]
+            total += float(logp.gather(-1, target[:, None]).sum())
+            greedy = greedy and bool((logp.argmax(-1) == target).all())
+        results.append((total, greedy))
+    return results
+
+
+@torch.no_grad()
+def score_continuations(lm: LM, contexts: Sequence[Sequence[int]], pairs: Sequence[tuple[int, Sequence[int]]], *,
+                        intervention: Intervention = None) -> list[tuple[float, bool]]:
+    """Log-likelihood (and greedy flag) of each continuation given its context, computing every distinct
+    context once: pass 1 runs the left-padded contexts with a KV cache, pass 2 runs all continuations (right
+    padded) on a copy of their context's cache rows. ``pairs`` are ``(context index, continuation tokens)``.
+
+    Equal to scoring ``context + continuation`` in one forward (tested); the intervention is active in both
+    passes (WeMask masks the first real token, which only the context pass contains).
+    """
+    for ci, cont in pairs:
+        if not cont or not 0 <= ci < len(contexts) or not contexts[ci]:
+            raise ValueError("every pair needs a non-empty context and continuation")
+    pad = pad_id(lm)
+    batch = left_pad(contexts, pad, lm.device)
+    mask = batch["attention_mask"]
+    captured: dict[str, torch.Tensor] = {}
+
+    def grab(_mod: Any, _args: Any, output: Any) -> None:
+        captured["h"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+    head = _head(lm)
+    with _ctx(intervention):
+        out = lm.model(**batch, position_ids=position_ids(mask), use_cache=True, logits_to_keep=1)
+        first = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)  # predicts each continuation's 1st token
+        cache = out.past_key_values
+        rest = max(len(c) for _, c in pairs) - 1
+        hidden = None
+        if rest > 0:
+            if not hasattr(cache, "batch_select_indices"):
+                raise MelayerError(f"{lm.name}: its KV cache cannot be re-indexed for context reuse")
+            idx = torch.tensor([ci for ci, _ in pairs], device=lm.device)
+            cache.batch_select_indices(idx)
+            ids = torch.full((len(pairs), rest), pad, dtype=torch.long)
+            cmask = torch.zeros((len(pairs), rest), dtype=torch.long)
+            for r, (_, cont) in enumerate(pairs):
+                feed = list(cont[:-1])  # the last continuation token is only a target
+                if feed:
+                    ids[r, : len(feed)] = torch.tensor(feed)
+                    cmask[r, : len(feed)] = 1
+            ids, cmask = ids.to(lm.device), cmask.to(lm.device)
+            full = torch.cat([mask[idx], cmask], dim=1)
+            pos = mask[idx].sum(dim=1, keepdim=True) + torch.arange(rest, device=lm.device)[None, :]
+            with Hooks() as hooks:
+                hooks.forward(lm.body, grab)
+                out2 = lm.model(input_ids=ids, attention_mask=full, position_ids=pos, past_key_values=cache,
+                                use_cache=True, logits_to_keep=1)
+            hidden = captured["h"]
+            ref = out2.logits[:, -1:, :].float()
+            check = head(hidden[:, -1:, :])
+            if not torch.allclose(check, ref, rtol=1e-3, atol=1e-3 * float(ref.abs().max().clamp(min=1.0))):
+                raise MelayerError(f"{lm.name}: cannot reproduce the model's logits from its final hidden states "
+                                   "(unsupported output processing)")
+    results = []
+    chunk = max(1, LOGIT_BUDGET // first.shape[-1])
+    for r, (ci, cont) in enumerate(pairs):
+        target = torch.tensor(list(cont), device=lm.device)
+        total = float(first[ci, target[0]])
+        greedy = bool(first[ci].argmax() == target[0])
+        for s in range(1, len(cont), chunk):
+            e = min(len(cont), s + chunk)
+            logp = torch.log_softmax(head(hidden[r, s - 1: e - 1, :]), dim=-1)  # type: ignore[index]
+            tgt = target[s:e]
+            total += float(logp.gather(-1, tgt[:, None]).sum())
+            greedy = greedy and bool((logp.argmax(-1) == tgt).all())
+        results.append((total, greedy))
+    return results

@@ -1,0 +1,55 @@
+"""Human summaries of eval.json / compare.json (rich tables on stdout)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+from melayer.report.console import out
+
+
+def _num(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.{digits}g}"
+
+
+def _ci(ci: list[Any]) -> str:
+    return f"[{_num(ci[0])}, {_num(ci[1])}]" if ci and ci[0] is not None else "-"
+
+
+def print_eval(d: dict[str, Any]) -> None:
+    s = d["settings"]
+    out.print(f"[bold]{d['model']}[/] on [bold]{d['task']}[/]: {d['n_samples']} samples, chat template "
+              f"{'on' if s['chat'] else 'off'}" + (f", max_new_tokens {s['max_new_tokens']}" if s["max_new_tokens"] else ""))
+    out.print(f"prompt format: {s['prompt_format']}")
+    if s.get("intervention"):
+        out.print(f"intervention: {s['intervention'].get('rule', s['intervention'])}")
+    t = Table("metric", "value", "95% CI (bootstrap)", "n")
+    for name, m in d["metrics"].items():
+        t.add_row(name, _num(m["value"]), _ci(m["ci95"]), str(m["n"]))
+    out.print(t)
+
+
+def print_compare(d: dict[str, Any]) -> None:
+    s = d["settings"]
+    layers = d["layers"]
+    span = f"{layers[0]}-{layers[-1]}" if layers and layers == list(range(layers[0], layers[-1] + 1)) else layers
+    out.print(f"[bold]{d['model']}[/] on [bold]{d['task']}[/]: {s['n_samples']} paired samples; WeMask select="
+              f"{d['select']}, gamma {d['gamma']:g}, ME layer {d['me_layer']} ({d['me_layer_source']}), layers {span}")
+    sinks = d["sinks"]
+    if sinks.get("note"):
+        out.print(f"[yellow]sink rate not measured: {sinks['note']}[/]")
+    for name in d["per_rate"][0]["metrics"]:
+        t = Table("rate", "k", f"{name} [95% CI]", "diff vs rate 0 [paired 95% CI]", "McNemar p (+gained/-lost)",
+                  "sink rate", title=name)
+        for row in d["per_rate"]:
+            m = row["metrics"][name]
+            vs = m.get("vs_baseline")
+            mc = m.get("mcnemar")
+            t.add_row(f"{row['rate']:g}", str(row["wemask"].get("k", "-")), f"{_num(m['value'])} {_ci(m['ci95'])}",
+                      f"{_num(vs['diff'])} {_ci(vs['ci95'])}" if vs else "-",
+                      f"{mc['p']:.3g} (+{mc['gained']}/-{mc['lost']})" if mc else "-",
+                      _num(row.get("sink_rate")))
+        out.print(t)

@@ -1,0 +1,232 @@
+"""``melayer.eval.run``: batched, resumable evaluation of one task -> DIR/samples.jsonl + DIR/eval.json.
+
+Resume: every finished sample is appended (fsync'd) to ``samples.jsonl`` with a key of the settings that
+determine its result. On start the file is read (a torn last line from a killed run is dropped), the key is
+checked (a mismatch is a :class:`MelayerError` asking for a new ``--output`` or ``--overwrite``), and samples
+already done are skipped, so no sample is lost or repeated. ``limit`` and ``batch_size`` are not part of the key:
+a later run may extend an earlier one to more samples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from melayer.errors import MelayerError
+from melayer.eval import engine as E
+from melayer.eval.stats import Metric, aggregate, bootstrap_ci
+from melayer.eval.tasks import RunContext, Task, get_task
+from melayer.models.loading import LM
+from melayer.report.console import track
+from melayer.report.io import append_jsonl, read_jsonl, write_atomic, write_json
+
+SCHEMA = "melayer.eval/1"
+SAMPLES = "samples.jsonl"
+SUMMARY = "eval.json"
+
+
+def describe_intervention(intervention: E.Intervention) -> dict[str, Any] | None:
+    """The intervention's settings: ``.to_dict()`` of the callable itself or of a context manager it returns
+    (not entered)."""
+    if intervention is None:
+        return None
+    to_dict = getattr(intervention, "to_dict", None)
+    if not callable(to_dict):
+        to_dict = getattr(intervention(), "to_dict", None)
+    if callable(to_dict):
+        return to_dict()
+    return {"intervention": getattr(intervention, "__name__", repr(intervention))}
+
+
+class _Tracked:
+    """Wraps an intervention factory and keeps the last context manager it made (for its final settings)."""
+
+    def __init__(self, factory: Callable[[], Any]) -> None:
+        self.factory, self.last = factory, None
+
+    def __call__(self) -> Any:
+        self.last = self.factory()
+        return self.last
+
+
+@dataclass
+class EvalResult:
+    """Summary of one task run (``records`` holds the per-sample records, in sample order)."""
+
+    task: str
+    model: str
+    settings: dict[str, Any]
+    metrics: dict[str, dict[str, Any]]
+    primary: str
+    n_samples: int
+    records: list[dict[str, Any]] = field(repr=False, default_factory=list)
+    metric_specs: tuple[Metric, ...] = ()
+    output: str | None = None
+    elapsed_s: float = 0.0
+    intervention_after: dict[str, Any] | None = None
+
+    def values(self, metric: str) -> list[Any]:
+        return [r["metrics"][metric] for r in self.records]
+
+    def ids(self) -> list[str]:
+        return [r["id"] for r in self.records]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "task": self.task,
+            "model": self.model,
+            "settings": self.settings,
+            "primary_metric": self.primary,
+            "metrics": self.metrics,
+            "metric_kinds": {m.name: m.to_dict() for m in self.metric_specs},
+            "n_samples": self.n_samples,
+            "intervention_after_run": self.intervention_after,
+            "elapsed_s": round(self.elapsed_s, 2),
+            "output": self.output,
+        }
+
+
+def _key(identity: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _existing(path: Path) -> list[dict[str, Any]]:
+    """Records already on disk; a torn last line (killed mid-write) is removed from the file."""
+    if not path.exists():
+        return []
+    raw = path.read_text()
+    records = read_jsonl(path)
+    good = "".join(json.dumps(r) + "\n" for r in records)
+    n_lines = sum(1 for line in raw.splitlines() if line.strip())
+    if n_lines != len(records) or (raw and not raw.endswith("\n")):
+        write_atomic(path, lambda p: p.write_text(good))
+    return records
+
+
+def summarize(task: Task, records: list[dict[str, Any]], n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for m in task.metrics:
+        vals = [r["metrics"][m.name] for r in records]
+        if not vals:
+            out[m.name] = {"value": None, "ci95": [None, None], "n": 0}
+            continue
+        lo, hi = bootstrap_ci(m.kind, vals, n_boot=n_boot, seed=seed)
+        out[m.name] = {"value": aggregate(m.kind, vals), "ci95": [lo, hi], "n": len(vals)}
+    return out
+
+
+def run(
+    lm: LM,
+    task: str | Task,
+    limit: int | None = None,
+    batch_size: int = 8,
+    output: str | Path | None = None,
+    max_new_tokens: int | None = None,
+    chat: bool | str = "auto",
+    intervention: E.Intervention = None,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    on_batch: Callable[[list[dict[str, Any]]], None] | None = None,
+    samples: list[Any] | None = None,
+    **task_options: Any,
+) -> EvalResult:
+    """Evaluate ``lm`` on ``task`` (name or :class:`Task`); see the module docstring for resume semantics.
+
+    ``intervention`` is a callable returning a context manager applied around every model call (e.g.
+    ``lambda: wemask(lm, rate=0.01, me_layer=3)``). ``on_batch`` is called with each batch's new records after
+    they are written. ``samples`` overrides the task's own sample list (``task.load(limit)``).
+    """
+    t0 = time.time()
+    if limit is not None and limit < 1:
+        raise MelayerError(f"--limit must be a positive number of samples (got {limit})")
+    if batch_size < 1:
+        raise MelayerError(f"--batch-size must be >= 1 (got {batch_size})")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise MelayerError(f"--max-new-tokens must be >= 1 (got {max_new_tokens})")
+    task = get_task(task, **task_options)
+    use_chat = task.uses_chat(lm, chat)
+    if task.family != "generate":
+        max_new_tokens = None
+    else:
+        max_new_tokens = int(max_new_tokens or task.default_max_new_tokens or 256)
+    todo_all = samples if samples is not None else task.load(limit, lm=lm)
+    if not todo_all:
+        raise MelayerError(f"task {task.name}: no samples")
+    ids = [s.id for s in todo_all]
+    if len(set(ids)) != len(ids):
+        raise MelayerError(f"task {task.name}: duplicate sample ids")
+
+    wem = describe_intervention(intervention)
+    identity = {
+        "task": task.name, "task_options": task.settings(), "model": lm.name, "source": getattr(lm, "source", ""),
+        "dtype": str(lm.dtype).replace("torch.", ""), "chat": use_chat, "max_new_tokens": max_new_tokens,
+        "prompt_format": task.prompt_format(use_chat), "intervention": wem, "greedy": True,
+    }
+    key = _key(identity)
+    settings = {**identity, "batch_size": batch_size, "limit": limit, "settings_key": key,
+                "description": task.description, "torch": torch.__version__}
+
+    out_dir = Path(output) if output is not None else None
+    done: dict[str, dict[str, Any]] = {}
+    samples_path = None
+    if out_dir is not None:
+        if out_dir.exists() and not out_dir.is_dir():
+            raise MelayerError(f"--output {out_dir} exists and is not a directory")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        samples_path = out_dir / SAMPLES
+        if overwrite:
+            samples_path.unlink(missing_ok=True)
+            (out_dir / SUMMARY).unlink(missing_ok=True)
+        for rec in _existing(samples_path):
+            if rec.get("settings_key") != key:
+                raise MelayerError(
+                    f"{samples_path} was written with different settings (task/model/prompt/chat/max_new_tokens/"
+                    f"intervention); use a new --output or --overwrite")
+            done.setdefault(rec["id"], rec)
+
+    todo = [s for s in todo_all if s.id not in done]
+    tracked = _Tracked(intervention) if intervention is not None else None
+    ctx = RunContext(chat=use_chat, max_new_tokens=max_new_tokens, intervention=tracked)
+    batches = [todo[i: i + batch_size] for i in range(0, len(todo), batch_size)]
+    label = f"eval {task.name} ({len(todo_all) - len(todo)}/{len(todo_all)} samples already done; batches)"
+    for batch in track(batches, label, total=len(batches), enabled=progress):
+        new = task.run_batch(lm, batch, ctx)
+        for rec in new:
+            rec["settings_key"] = key
+            if samples_path is not None:
+                append_jsonl(samples_path, rec)
+            done[rec["id"]] = rec
+        if on_batch is not None:
+            on_batch(new)
+
+    records = [done[i] for i in ids]
+    after = None
+    if tracked is not None and callable(getattr(tracked.last, "to_dict", None)):
+        after = tracked.last.to_dict()
+    result = EvalResult(task=task.name, model=lm.name, settings=settings, metrics=summarize(task, records),
+                        primary=task.metrics[0].name, n_samples=len(records), records=records,
+                        metric_specs=task.metrics, output=str(out_dir) if out_dir else None,
+                        elapsed_s=time.time() - t0, intervention_after=after)
+    if out_dir is not None:
+        write_json(out_dir / SUMMARY, result.to_dict())
+    return result
+
+
+def load_result(out_dir: str | Path) -> dict[str, Any]:
+    """Read a finished run's eval.json."""
+    path = Path(out_dir) / SUMMARY
+    if not path.exists():
+        raise MelayerError(f"no {SUMMARY} in {out_dir}")
+    return json.loads(path.read_text())
+
+
+__all__ = ["EvalResult", "load_result", "run", "summarize"]

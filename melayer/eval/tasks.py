@@ -1,0 +1,511 @@
+"""The evaluation tasks: one class per family, a small registry.
+
+Every task reads the data vendored in ``melayer/data/eval``; ``load(limit)`` returns the first ``limit`` samples
+in file order with stable ids, and ``run_batch`` turns a batch of samples into per-sample records whose
+``metrics`` are aggregated by :mod:`melayer.eval.stats`. Prompt formats follow lm-eval 0.4.x's task configs
+(stated in ``prompt_format``, which goes into every eval.json).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from melayer.errors import MelayerError
+from melayer.eval import answers, data
+from melayer.eval import engine as E
+from melayer.eval.stats import Metric
+from melayer.models.loading import LM
+
+
+@dataclass
+class Sample:
+    id: str
+    doc: dict[str, Any]
+
+
+@dataclass
+class RunContext:
+    """What a batch needs besides the samples."""
+
+    chat: bool
+    max_new_tokens: int | None
+    intervention: E.Intervention = None
+
+
+@dataclass
+class Task:
+    """Base class: a named task with a data loader, a prompt format and per-sample scoring."""
+
+    name: str = ""
+    family: str = ""  # "generate" | "loglik" | "perplexity"
+    description: str = ""
+    metrics: tuple[Metric, ...] = ()
+    default_max_new_tokens: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def load(self, limit: int | None = None, lm: LM | None = None) -> list[Sample]:
+        samples = self._load(lm)
+        return samples if limit is None else samples[:limit]
+
+    def _load(self, lm: LM | None) -> list[Sample]:
+        raise NotImplementedError
+
+    def prompt_format(self, chat: bool) -> str:
+        raise NotImplementedError
+
+    def uses_chat(self, lm: LM, chat: bool | str) -> bool:
+        """Generation tasks use the chat template when asked or, with ``auto``, when the tokenizer has one;
+        log-likelihood and perplexity tasks only when asked explicitly."""
+        has = bool(getattr(lm.tokenizer, "chat_template", None))
+        if chat == "auto":
+            return has and self.family == "generate"
+        if chat and not has:
+            raise MelayerError(f"{lm.name} has no chat template; use --chat off (or auto)")
+        if chat and self.family == "perplexity":
+            raise MelayerError("perplexity is measured on raw text; a chat template does not apply")
+        return bool(chat)
+
+    def sink_text(self, sample: Sample) -> str:
+        """A plain-text prompt for attention-sink measurements."""
+        raise NotImplementedError
+
+    def run_batch(self, lm: LM, samples: Sequence[Sample], ctx: RunContext) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def settings(self) -> dict[str, Any]:
+        return dict(self.options)
+
+
+def _chat_text(lm: LM, messages: list[dict[str, str]]) -> str:
+    return lm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _encode(lm: LM, text: str, special: bool) -> list[int]:
+    return list(lm.tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# generation
+
+
+@dataclass
+class GenerationTask(Task):
+    family: str = "generate"
+    stop_plain: tuple[str, ...] = ()
+
+    def messages(self, sample: Sample) -> list[dict[str, str]]:
+        raise NotImplementedError
+
+    def plain(self, sample: Sample) -> str:
+        raise NotImplementedError
+
+    def score(self, sample: Sample, output: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def stop(self, chat: bool) -> list[str]:
+        return [] if chat else list(self.stop_plain)
+
+    def sink_text(self, sample: Sample) -> str:
+        return self.plain(sample)
+
+    def run_batch(self, lm: LM, samples: Sequence[Sample], ctx: RunContext) -> list[dict[str, Any]]:
+        if ctx.chat:
+            rows = [_encode(lm, _chat_text(lm, self.messages(s)), special=False) for s in samples]
+        else:
+            rows = [_encode(lm, self.plain(s), special=True) for s in samples]
+        outs = E.generate(lm, rows, max_new_tokens=int(ctx.max_new_tokens or self.default_max_new_tokens or 256),
+                          stop=self.stop(ctx.chat), intervention=ctx.intervention)
+        records = []
+        for s, row, out in zip(samples, rows, outs):
+            scored = self.score(s, out["text"])
+            metrics = {m.name: scored.pop(m.name) for m in self.metrics}
+            records.append({"id": s.id, "metrics": metrics, "output": out["text"], "finish": out["finish"],
+                            "prompt_tokens": len(row), "new_tokens": out["new_tokens"], **scored})
+        return records
+
+
+GSM8K_INSTRUCTION = "Let's think step by step and output the final answer after \"####\"."
+MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+@dataclass
+class GSM8K(GenerationTask):
+    name: str = "gsm8k"
+    description: str = "GSM8K test (1,319 grade-school math problems), greedy generation"
+    metrics: tuple[Metric, ...] = (Metric("exact_match_strict", binary=True), Metric("exact_match_flexible", binary=True))
+    default_max_new_tokens: int | None = 256
+    stop_plain: tuple[str, ...] = ("Question:", "</s>", "<|im_end|>")
+
+    def __post_init__(self) -> None:
+        k = int(self.options.setdefault("num_fewshot", 0))
+        if not 0 <= k <= 8:
+            raise MelayerError("gsm8k --num-fewshot must be between 0 and 8 (exemplars: first 8 train problems)")
+
+    def _shots(self) -> list[dict[str, Any]]:
+        return data.gsm8k_fewshot()[: self.options["num_fewshot"]]
+
+    def _load(self, lm: LM | None) -> list[Sample]:
+        return [Sample(f"gsm8k-{i}", {**d, "gold": answers.gsm8k_gold(d["answer"])})
+                for i, d in enumerate(data.gsm8k_test())]
+
+    def plain(self, sample: Sample) -> str:
+        shots = "".join(f"Question: {d['question']}\nAnswer: {d['answer']}\n\n" for d in self._shots())
+        return f"{shots}Question: {sample.doc['question']}\nAnswer:"
+
+    def messages(self, sample: Sample) -> list[dict[str, str]]:
+        msgs: list[dict[str, str]] = []
+        for d in self._shots():
+            msgs += [{"role": "user", "content": f"{d['question']}\n{GSM8K_INSTRUCTION}"},
+                     {"role": "assistant", "content": d["answer"]}]
+        return msgs + [{"role": "user", "content": f"{sample.doc['question']}\n{GSM8K_INSTRUCTION}"}]
+
+    def prompt_format(self, chat: bool) -> str:
+        k = self.options["num_fewshot"]
+        shots = f"{k}-shot (first {k} train problems, full solutions)" if k else "0-shot"
+        if chat:
+            return (f"chat template, user: '{{question}}\\n{GSM8K_INSTRUCTION}'; {shots} as user/assistant turns; "
+                    "stop at EOS")
+        return (f"'Question: {{question}}\\nAnswer:' (lm-eval gsm8k); {shots}; stop at 'Question:', '</s>', "
+                "'<|im_end|>' or EOS; strict = number after the first '####' (else after 'The answer is'), "
+                "flexible = last number; exact numeric match after removing ',', '$' and trailing zeros")
+
+    def score(self, sample: Sample, output: str) -> dict[str, Any]:
+        return {"gold": sample.doc["gold"], **answers.gsm8k_score(output, sample.doc["gold"])}
+
+
+@dataclass
+class Math500(GenerationTask):
+    name: str = "math500"
+    description: str = "MATH-500 (PRM800K test split), greedy generation, last \\boxed{} answer"
+    metrics: tuple[Metric, ...] = (Metric("exact_match", binary=True),)
+    default_max_new_tokens: int | None = 512
+    stop_plain: tuple[str, ...] = ("Problem:",)
+
+    def _load(self, lm: LM | None) -> list[Sample]:
+        return [Sample(d["unique_id"], d) for d in data.math500()]
+
+    def plain(self, sample: Sample) -> str:
+        return f"Problem: {sample.doc['problem']}\n{MATH_INSTRUCTION}\nSolution:"
+
+    def messages(self, sample: Sample) -> list[dict[str, str]]:
+        return [{"role": "user", "content": f"{sample.doc['problem']}\n{MATH_INSTRUCTION}"}]
+
+    def prompt_format(self, chat: bool) -> str:
+        tail = ("; answer = last \\boxed{} (or \\fbox{}) of the output; equivalence with the gold answer by "
+                "math-verify parse/verify")
+        if chat:
+            return f"chat template, user: '{{problem}}\\n{MATH_INSTRUCTION}'; 0-shot; stop at EOS" + tail
+        return f"'Problem: {{problem}}\\n{MATH_INSTRUCTION}\\nSolution:'; 0-shot; stop at 'Problem:' or EOS" + tail
+
+    def score(self, sample: Sample, output: str) -> dict[str, Any]:
+        return {"gold": sample.doc["answer"], **answers.math_score(output, sample.doc["answer"])}
+
+
+@dataclass
+class IFEval(GenerationTask):
+    name: str = "ifeval"
+    description: str = "IFEval (541 prompts), scored with lm-eval's copy of Google's official checker"
+    metrics: tuple[Metric, ...] = (
+        Metric("prompt_level_strict_acc", binary=True), Metric("inst_level_strict_acc", kind="ratio"),
+        Metric("prompt_level_loose_acc", binary=True), Metric("inst_level_loose_acc", kind="ratio"))
+    default_max_new_tokens: int | None = 512
+
+    def _load(self, lm: LM | None) -> list[Sample]:
+        return [Sample(f"ifeval-{d['key']}", d) for d in data.ifeval()]
+
+    def plain(self, sample: Sample) -> str:
+        return sample.doc["prompt"]
+
+    def messages(self, sample: Sample) -> list[dict[str, str]]:
+        return [{"role": "user", "content": sample.doc["prompt"]}]
+
+    def prompt_format(self, chat: bool) -> str:
+        base = "chat template, user: '{prompt}'" if chat else "'{prompt}' as raw text"
+        return (base + "; 0-shot; stop at EOS (lm-eval ifeval uses max_gen_toks 1280); prompt- and "
+                "instruction-level accuracy, strict and loose (lm_eval.tasks.ifeval.utils)")
+
+    def score(self, sample: Sample, output: str) -> dict[str, Any]:
+        return answers.ifeval_score(sample.doc, output)
+
+
+# ---------------------------------------------------------------------------------------------------
+# log-likelihood
+
+
+@dataclass
+class Request:
+    contexts: list[str]  # one per choice, or a single shared context
+    continuations: list[str]  # one per choice, or a single shared continuation
+    gold: int
+
+
+@dataclass
+class LoglikTask(Task):
+    family: str = "loglik"
+    norm: bool = True  # report acc_norm (byte-length normalised)
+
+    def request(self, sample: Sample) -> Request:
+        raise NotImplementedError
+
+    def sink_text(self, sample: Sample) -> str:
+        return self.request(sample).contexts[0]
+
+    def _pairs(self, req: Request) -> list[tuple[str, str]]:
+        n = max(len(req.contexts), len(req.continuations))
+        ctxs = req.contexts if len(req.contexts) == n else req.contexts * n
+        conts = req.continuations if len(req.continuations) == n else req.continuations * n
+        return list(zip(ctxs, conts))
+
+    def _tokenize(self, lm: LM, pairs: list[tuple[str, str]], chat: bool
+                  ) -> tuple[list[list[int]], list[tuple[int, list[int]]]]:
+        """Distinct tokenised contexts, and per pair (context index, continuation tokens). Like lm-eval,
+        trailing context spaces move to the continuation and the continuation tokens are the tail of the
+        jointly tokenised text (the continuation alone if the tokeniser merges across the boundary)."""
+        index: dict[str, int] = {}
+        contexts: list[list[int]] = []
+        out = []
+        for ctx, cont in pairs:
+            if chat:
+                ctx = _chat_text(lm, [{"role": "user", "content": ctx.strip()}])
+                cont = cont.lstrip()
+            n_sp = len(ctx) - len(ctx.rstrip())
+            if n_sp:
+                ctx, cont = ctx[:-n_sp], ctx[-n_sp:] + cont
+            special = not chat
+            if ctx not in index:
+                ids = _encode(lm, ctx, special)
+                if not ids:
+                    raise MelayerError(f"{self.name}: empty context after tokenisation")
+                index[ctx] = len(contexts)
+                contexts.append(ids)
+            ctx_ids = contexts[index[ctx]]
+            whole = _encode(lm, ctx + cont, special)
+            if whole[: len(ctx_ids)] == ctx_ids and len(whole) > len(ctx_ids):
+                cont_ids = whole[len(ctx_ids):]
+            else:
+                cont_ids = _encode(lm, cont, False)
+            if not cont_ids:
+                raise MelayerError(f"{self.name}: empty continuation after tokenisation")
+            out.append((index[ctx], cont_ids))
+        return contexts, out
+
+    def run_batch(self, lm: LM, samples: Sequence[Sample], ctx: RunContext) -> list[dict[str, Any]]:
+        reqs = [self.request(s) for s in samples]
+        pairs = [self._pairs(r) for r in reqs]
+        contexts, toks = self._tokenize(lm, [p for ps in pairs for p in ps], ctx.chat)
+        scores = E.score_continuations(lm, contexts, toks, intervention=ctx.intervention)
+        records, at = [], 0
+        for s, req, ps in zip(samples, reqs, pairs):
+            part = scores[at: at + len(ps)]
+            at += len(ps)
+            records.append({"id": s.id, **self.score(req, ps, part)})
+        return records
+
+    def score(self, req: Request, pairs: list[tuple[str, str]], scores: list[tuple[float, bool]]) -> dict[str, Any]:
+        ll = [s for s, _ in scores]
+        pred = max(range(len(ll)), key=lambda i: ll[i])
+        metrics = {"acc": float(pred == req.gold)}
+        rec: dict[str, Any] = {"logliks": ll, "pred": pred, "gold": req.gold}
+        if self.norm:
+            # lm-eval acc_norm: loglik divided by the length of the choice text (here in UTF-8 bytes)
+            lens = [len(c.encode("utf-8")) for c in req.continuations]
+            normed = [x / max(n, 1) for x, n in zip(ll, lens)]
+            pred_n = max(range(len(normed)), key=lambda i: normed[i])
+            metrics["acc_norm"] = float(pred_n == req.gold)
+            rec["pred_norm"] = pred_n
+        return {"metrics": metrics, **rec}
+
+
+_ACC = (Metric("acc", binary=True), Metric("acc_norm", binary=True))
+
+
+@dataclass
+class ARC(LoglikTask):
+    name: str = "arc_easy"
+    subset: str = "easy"
+    description: str = "ARC-Easy test (2,376 questions), log-likelihood of each answer text"
+    metrics: tuple[Metric, ...] = _ACC
+
+    def _load(self, lm: LM | None) -> list[Sample]:
+        return [Sample(d["id"], d) for d in data.arc(self.subset)]
+
+    def request(self, sample: Sample) -> Request:
+        q = sample.doc["question"]
+        labels = [c["label"] for c in q["choices"]]
+        return Request([f"Question: {q['stem']}\nAnswer:"], [f" {c['text']}" for c in q["choices"]],
+                       labels.index(sample.doc["answerKey"]))
+
+    def prompt_format(self, chat: bool) -> str:
+        return ("context 'Question: {question}\\nAnswer:', continuations ' {choice text}' (lm-eval arc_easy / "
+                "arc_challenge), 0-shot; acc = argmax summed log-prob, acc_norm = argmax log-prob / UTF-8 bytes of "
+                "the choice" + ("; context wrapped in the chat template" if chat else ""))
+
+    def sink_text(self, sample: Sample) -> str:
+        return f"Question: {sample.doc['question']['stem']}\nAnswer:"
+
+
+@dataclass
+class HellaSwag(LoglikTask):
+    name: str = "hellaswag"
+    description: str = "HellaSwag validation (10,042 items), log-likelihood of each ending"
+    metrics: tuple[Metric, ...] = _ACC
+
+    def _load(self, lm: LM | None) -> list[Sample]:
+        return [Sample(f"hellaswag-{i}", d) for i, d in enumerate(data.hellaswag())]
+
+    def request(self, sample: Sample) -> Request:
+        d = sample.doc
+        return Request([d["ctx"]], [f" {e}" for e in d["endings"]], d["label"])
+
+    def prompt_format(self, chat: bool) -> str:
+        return ("context '{activity_label}: {ctx_a} {Ctx_b}', continuations ' {ending}' (lm-eval hellaswag; text "
+                "already preprocessed in the vendored file: [header]/[step]/[title] markers removed), 0-shot; acc "
+                "and byte-length-normalised acc_norm" + ("; context wrapped in the chat template" if chat else ""))
+
+
+@dataclass
+class Lambada(LoglikTask):
+    name: str = "lambada"
+    description: str = "LAMBADA test, original release (5,153 passages): predict the last word"
+    metrics: tuple[Metric, ...] = (Metric("acc", binary=True),
+                                   Metric("ppl", kind="exp_neg_mean", higher_is_better=False))
+    norm: bool = False
+
+    def _load(self, lm: LM | None) -> list[Sample]:
+        return [Sample(f"lambada-{i}", {"text": t}) for i, t in enumerate(data.lambada())]
+
+    def request(self, sample: Sample) -> Request:
+        words = sample.doc["text"].split(" ")
+        return Request([" ".join(words[:-1])], [" " + words[-1]], 0)
+
+    def prompt_format(self, chat: bool) -> str:
+        return ("context = passage without its last word, target = ' ' + last word (lm-eval lambada_standard; "
+                "original lower-cased tokenised text); acc = every target token is the greedy prediction, "
+                "ppl = exp(-mean target log-likelihood)" + ("; context wrapped in the chat template" if chat else ""))
+
+    def score(self, req: Request, pairs: list[tuple[str, str]], scores: list[tuple[float, bool]]) -> dict[str, Any]:
+        ll, greedy = scores[0]
+        return {"metrics": {"acc": float(greedy), "ppl": ll}, "loglik": ll, "target": req.continuations[0].strip()}
+
+
+@dataclass
+class Winogrande(LoglikTask):
+    name: str = "winogrande"
+    description: str = "WinoGrande 1.1 dev (1,267 items), partial scoring"
+    metrics: tuple[Metric, ...] = (Metric("acc", binary=True),)
+    norm: bool = False
+
+    def _load(self, lm: LM | None) -> list[Sample]:
+        return [Sample(d["qID"], d) for d in data.winogrande()]
+
+    def request(self, sample: Sample) -> Request:
+        d = sample.doc
+        idx = d["sentence"].index("_")
+        ctxs = [d["sentence"][:idx] + opt for opt in (d["option1"], d["option2"])]
+        return Request(ctxs, [" " + d["sentence"][idx + 1:].strip()], {"1": 0, "2": 1}[str(d["answer"])])
+
+    def prompt_format(self, chat: bool) -> str:
+        return ("partial scoring (lm-eval winogrande): contexts = sentence up to '_' with each option filled in, "
+                "shared continuation ' {rest of the sentence}'; acc = argmax log-likelihood of the continuation"
+                + ("; contexts wrapped in the chat template" if chat else ""))
+
+
+# ---------------------------------------------------------------------------------------------------
+# perplexity
+
+
+@dataclass
+class WikiText2(Task):
+    name: str = "ppl"
+    family: str = "perplexity"
+    description: str = "WikiText-2 raw test, sliding-window token-level perplexity"
+    metrics: tuple[Metric, ...] = (Metric("ppl", kind="exp_ratio", higher_is_better=False),)
+    _cache: dict[Any, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        w = int(self.options.setdefault("window", 1024))
+        s = int(self.options.setdefault("stride", 512))
+        if w < 2 or not 1 <= s <= w - 1:
+            raise MelayerError(f"ppl needs window >= 2 and 1 <= stride < window (got window {w}, stride {s})")
+
+    def _tokens(self, lm: LM) -> tuple[list[int], int | None]:
+        key = id(lm.tokenizer)
+        if key not in self._cache:
+            tok = lm.tokenizer
+            ids = _encode(lm, data.wikitext2_test(), special=False)
+            probe = _encode(lm, "a", special=True)
+            bos = tok.bos_token_id if tok.bos_token_id is not None and probe[:1] == [tok.bos_token_id] else None
+            self._cache[key] = (ids, bos)
+        return self._cache[key]
+
+    def _load(self, lm: LM | None) -> list[Sample]:
+        if lm is None:
+            raise MelayerError("ppl windows depend on the tokenizer: load(limit, lm=...)")
+        ids, bos = self._tokens(lm)
+        w, s = self.options["window"], self.options["stride"]
+        content = w - (1 if bos is not None else 0)
+        samples, prev_end, begin, k = [], 0, 0, 0
+        while prev_end < len(ids):
+            end = min(begin + content, len(ids))
+            first = 0 if bos is not None else 1
+            scored = end - prev_end if k else end - first
+            if scored > 0:
+                samples.append(Sample(f"ppl-w{k}", {"begin": begin, "end": end, "scored": scored}))
+            prev_end, begin, k = end, begin + s, k + 1
+        return samples
+
+    def prompt_format(self, chat: bool) -> str:
+        w, s = self.options["window"], self.options["stride"]
+        return (f"wiki.test.raw as one string, tokenised once without special tokens; windows of {w} tokens "
+                f"(incl. a BOS token when the tokenizer adds one) advancing by {s}; the first window scores all its "
+                f"tokens, later windows only their last {s} (new) tokens; ppl = exp(total NLL / scored tokens)")
+
+    def sink_text(self, sample: Sample) -> str:
+        return data.wikitext2_test()[:2000].strip()
+
+    def run_batch(self, lm: LM, samples: Sequence[Sample], ctx: RunContext) -> list[dict[str, Any]]:
+        ids, bos = self._tokens(lm)
+        rows = []
+        for s in samples:
+            row = ids[s.doc["begin"]: s.doc["end"]]
+            rows.append(([bos, *row] if bos is not None else row, s.doc["scored"]))
+        scores = E.score_tails(lm, rows, intervention=ctx.intervention)
+        return [{"id": s.id, "metrics": {"ppl": [-ll, float(s.doc["scored"])]}, "tokens": s.doc["scored"]}
+                for s, (ll, _) in zip(samples, scores)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# registry
+
+TASKS: dict[str, Any] = {
+    "ppl": WikiText2,
+    "gsm8k": GSM8K,
+    "math500": Math500,
+    "ifeval": IFEval,
+    "arc_easy": lambda **o: ARC(name="arc_easy", subset="easy", options=o),
+    "arc_challenge": lambda **o: ARC(name="arc_challenge", subset="challenge", options=o,
+                                     description="ARC-Challenge test (1,172 questions), log-likelihood of each answer text"),
+    "hellaswag": HellaSwag,
+    "lambada": Lambada,
+    "winogrande": Winogrande,
+}
+# tasks that take options
+TASK_OPTIONS = {"gsm8k": {"num_fewshot"}, "ppl": {"window", "stride"}}
+
+
+def get_task(name: str | Task, **options: Any) -> Task:
+    """A task by name (``TASKS``), with its options (gsm8k: num_fewshot; ppl: window, stride)."""
+    if isinstance(name, Task):
+        return name
+    if name not in TASKS:
+        raise MelayerError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
+    options = {k: v for k, v in options.items() if v is not None}
+    extra = set(options) - TASK_OPTIONS.get(name, set())
+    if extra:
+        raise MelayerError(f"task {name} takes no option {', '.join(sorted(extra))}")
+    factory = TASKS[name]
+    if isinstance(factory, type):
+        return factory(options=options)
+    return factory(**options)

@@ -1,0 +1,62 @@
+"""``melayer eval`` / ``melayer compare``: bad input is one line on stderr, a non-zero exit and no output; plus one
+slow end-to-end run on the embedded Gemma-3-270M."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from melayer.cli import main
+
+
+def _cli(monkeypatch, capsys, *args):
+    monkeypatch.setattr(sys, "argv", ["melayer", *args])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    cap = capsys.readouterr()
+    return exc.value.code, cap.out, cap.err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["eval", "--task", "mmlu"], "unknown task 'mmlu'"),
+    (["eval", "--task", "arc_easy", "--limit", "0"], "--limit must be a positive"),
+    (["eval", "--task", "arc_easy", "--limit", "-5"], "--limit must be a positive"),
+    (["eval", "--task", "arc_easy", "--batch-size", "0"], "--batch-size must be >= 1"),
+    (["eval", "--task", "gsm8k", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["eval", "--task", "gsm8k", "--num-fewshot", "12"], "num-fewshot"),
+    (["eval", "--task", "arc_easy", "--wemask", "2"], "out of range"),
+    (["eval", "--task", "arc_easy", "--wemask", "0.1", "--select", "random"], "unknown --select"),
+    (["eval", "--task", "arc_easy", "--chat", "maybe"], "--chat must be auto, on or off"),
+    (["compare", "--task", "arc_easy", "--rates", "0,0.01,1.5"], "rate 1.5 is out of range"),
+    (["compare", "--task", "arc_easy", "--rates", "0,-0.1"], "out of range"),
+    (["compare", "--task", "arc_easy", "--rates", "zero"], "comma-separated numbers"),
+    (["compare", "--task", "nope"], "unknown task 'nope'"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(monkeypatch, capsys, tmp_path, args, message):
+    out = tmp_path / "out"
+    code, stdout, stderr = _cli(monkeypatch, capsys, *args, "--output", str(out))
+    assert code != 0
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("melayer: error:") and message in lines[0], stderr
+    assert "Traceback" not in stderr
+    assert not (out / "eval.json").exists() and not (out / "compare.json").exists()
+
+
+@pytest.mark.slow
+def test_real_gemma_arc_easy_end_to_end(monkeypatch, capsys, tmp_path):
+    """The embedded Gemma-3-270M base on the first 20 ARC-Easy questions, through the CLI."""
+    out = tmp_path / "arc"
+    monkeypatch.setenv("MELAYER_QUIET", "1")
+    monkeypatch.setattr(sys, "argv", ["melayer", "eval", "--task", "arc_easy", "--limit", "20", "--output", str(out)])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code in (0, None)
+    d = json.loads((out / "eval.json").read_text())
+    assert d["schema"] == "melayer.eval/1" and d["n_samples"] == 20
+    assert d["settings"]["chat"] is False  # Gemma base has no chat template
+    acc = d["metrics"]["acc"]["value"]
+    assert 0.25 <= acc <= 1.0  # a real model beats chance-level nonsense on ARC-Easy
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 20
+    assert "acc_norm" in capsys.readouterr().out

@@ -1,0 +1,215 @@
+"""The runner, engine, resume, reproducibility and compare, on tiny real checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from melayer.errors import MelayerError
+from melayer.eval import engine as E
+from melayer.eval import run
+from melayer.eval.compare import compare, parse_rates, sinks_available
+from melayer.eval.tasks import get_task
+from melayer.models.tiny import tiny_lm
+from melayer.report.io import read_jsonl
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run ~50x faster on one thread on a busy shared CPU (no thread oversubscription)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return tiny_lm("llama")
+
+
+def _reference_loglik(lm, ctx, cont, intervention=None):
+    """Unbatched, unpadded: one forward over context + continuation, read the continuation's log-probs."""
+    row = torch.tensor([ctx + cont])
+    with torch.no_grad(), (intervention() if intervention else torch.no_grad()):
+        logp = lm.model(row).logits[0].float().log_softmax(-1)
+    k = len(cont)
+    return float(logp[-k - 1:-1].gather(-1, row[0, -k:, None]).sum())
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text", "gpt2"])
+def test_context_reuse_equals_full_forward(model_type):
+    from melayer.interventions.wemask import wemask
+
+    lm = tiny_lm(model_type)
+    task = get_task("arc_easy")
+    pairs = [p for s in task.load(3) for p in task._pairs(task.request(s))]
+    contexts, toks = task._tokenize(lm, pairs, chat=False)
+    assert len(contexts) == 3 and len(toks) == len(pairs)  # each context tokenised once
+    for iv in (None, lambda: wemask(lm, 0.25, me_layer=1)):
+        shared = E.score_continuations(lm, contexts, toks, intervention=iv)
+        full = E.score_tails(lm, [(contexts[ci] + t, len(t)) for ci, t in toks], intervention=iv)
+        for (a, _), (b, _), (ci, t) in zip(shared, full, toks):
+            ref = _reference_loglik(lm, contexts[ci], t, iv)
+            assert a == pytest.approx(ref, abs=1e-3, rel=1e-5)
+            assert b == pytest.approx(ref, abs=1e-3, rel=1e-5)
+
+
+def test_greedy_flag_matches_argmax(lm):
+    ctx = lm.tokenizer("hello world")["input_ids"]
+    with torch.no_grad():
+        logits = lm.model(torch.tensor([ctx])).logits[0]
+    best = int(logits[-1].argmax())
+    other = (best + 1) % logits.shape[-1]
+    (_, g1), (_, g2) = E.score_continuations(lm, [ctx], [(0, [best]), (0, [other])])
+    assert g1 is True and g2 is False
+
+
+def test_batched_generation_equals_one_by_one(lm):
+    rows = [lm.tokenizer(t)["input_ids"] for t in ("Question: 2+2?\nAnswer:", "hi", "a longer prompt here")]
+    together = E.generate(lm, rows, max_new_tokens=6)
+    alone = [E.generate(lm, [r], max_new_tokens=6)[0] for r in rows]
+    assert [o["text"] for o in together] == [o["text"] for o in alone]
+
+
+def test_stop_strings_cut_the_output():
+    assert E.cut_at_stop("42\nQuestion: next", ["Question:"]) == "42\n"
+    assert E.cut_at_stop("no stop", ["Question:"]) == "no stop"
+
+
+def test_eval_json_schema_and_settings(lm, tmp_path):
+    r = run(lm, "arc_easy", limit=5, batch_size=2, output=tmp_path, progress=False)
+    d = json.loads((tmp_path / "eval.json").read_text())
+    assert d["schema"] == "melayer.eval/1" and d["task"] == "arc_easy" and d["model"] == lm.name
+    s = d["settings"]
+    assert s["batch_size"] == 2 and s["limit"] == 5 and s["chat"] is False and s["max_new_tokens"] is None
+    assert "Question: {question}" in s["prompt_format"] and s["intervention"] is None
+    for name in ("acc", "acc_norm"):
+        m = d["metrics"][name]
+        assert 0 <= m["value"] <= 1 and m["n"] == 5 and m["ci95"][0] <= m["value"] <= m["ci95"][1]
+    assert d["n_samples"] == 5 == len(read_jsonl(tmp_path / "samples.jsonl"))
+    assert r.metrics["acc"]["value"] == pytest.approx(sum(rec["pred"] == rec["gold"] for rec in r.records) / 5)
+
+
+def test_resume_after_a_kill_loses_and_repeats_nothing(lm, tmp_path):
+    class Killed(Exception):
+        pass
+
+    seen = []
+
+    def kill_after_two_batches(records):
+        seen.append(len(records))
+        if len(seen) == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run(lm, "hellaswag", limit=10, batch_size=3, output=tmp_path, progress=False, on_batch=kill_after_two_batches)
+    assert not (tmp_path / "eval.json").exists()
+    assert len(read_jsonl(tmp_path / "samples.jsonl")) == 6
+    # a torn line, as a kill in the middle of a write leaves it
+    with open(tmp_path / "samples.jsonl", "a") as fh:
+        fh.write('{"id": "hellaswag-6", "metr')
+    calls = []
+    r = run(lm, "hellaswag", limit=10, batch_size=3, output=tmp_path, progress=False, on_batch=calls.append)
+    assert sum(len(c) for c in calls) == 4  # only the 4 missing samples ran
+    ids = [rec["id"] for rec in read_jsonl(tmp_path / "samples.jsonl")]
+    assert sorted(ids) == sorted(f"hellaswag-{i}" for i in range(10)) and len(ids) == 10
+    assert r.n_samples == 10
+    # the resumed result equals an uninterrupted run (batch composition differs: float noise only)
+    fresh = run(lm, "hellaswag", limit=10, batch_size=3, output=tmp_path / "fresh", progress=False)
+    for a, b in zip(r.records, fresh.records):
+        assert a["id"] == b["id"] and a["logliks"] == pytest.approx(b["logliks"], abs=1e-3)
+
+
+def test_resume_refuses_different_settings_and_overwrite_works(lm, tmp_path):
+    run(lm, "gsm8k", limit=2, batch_size=2, output=tmp_path, max_new_tokens=4, progress=False)
+    with pytest.raises(MelayerError, match="different settings.*--overwrite"):
+        run(lm, "gsm8k", limit=2, batch_size=2, output=tmp_path, max_new_tokens=5, progress=False)
+    r = run(lm, "gsm8k", limit=2, batch_size=2, output=tmp_path, max_new_tokens=5, progress=False, overwrite=True)
+    assert r.settings["max_new_tokens"] == 5 and len(read_jsonl(tmp_path / "samples.jsonl")) == 2
+    # extending a finished run to more samples reuses what is there
+    calls = []
+    run(lm, "gsm8k", limit=3, batch_size=2, output=tmp_path, max_new_tokens=5, progress=False, on_batch=calls.append)
+    assert sum(len(c) for c in calls) == 1
+
+
+def test_greedy_generation_runs_are_reproducible(lm, tmp_path):
+    a = run(lm, "gsm8k", limit=3, batch_size=3, output=tmp_path / "a", max_new_tokens=12, progress=False)
+    b = run(lm, "gsm8k", limit=3, batch_size=3, output=tmp_path / "b", max_new_tokens=12, progress=False)
+    assert [r["output"] for r in a.records] == [r["output"] for r in b.records]
+    assert all(r["new_tokens"] <= 12 for r in a.records)
+    assert (tmp_path / "a" / "samples.jsonl").read_text() == (tmp_path / "b" / "samples.jsonl").read_text()
+
+
+def test_generation_tasks_score_every_sample(lm):
+    r = run(lm, "ifeval", limit=3, batch_size=3, max_new_tokens=4, progress=False)
+    assert set(r.metrics) == {"prompt_level_strict_acc", "inst_level_strict_acc", "prompt_level_loose_acc",
+                              "inst_level_loose_acc"}
+    assert all(len(rec["follow_strict"]) == rec["metrics"]["inst_level_strict_acc"][1] for rec in r.records)
+    m = run(lm, "math500", limit=2, batch_size=2, max_new_tokens=4, progress=False)
+    assert m.metrics["exact_match"]["n"] == 2
+
+
+def test_perplexity_windows_cover_every_token_once(lm):
+    task = get_task("ppl", window=64, stride=48)
+    windows = task.load(lm=lm)
+    ids, bos = task._tokens(lm)
+    assert bos == 0  # the tiny tokenizer prepends <bos>
+    assert sum(w.doc["scored"] for w in windows) == len(ids)
+    assert all(w.doc["end"] - w.doc["begin"] <= 63 for w in windows)
+    r = run(lm, task, limit=3, batch_size=3, progress=False)
+    recs = r.records
+    total = sum(x["metrics"]["ppl"][0] for x in recs) / sum(x["metrics"]["ppl"][1] for x in recs)
+    assert r.metrics["ppl"]["value"] == pytest.approx(float(torch.tensor(total).exp()))
+    assert "windows of 64 tokens" in r.settings["prompt_format"]
+
+
+def test_intervention_is_applied_and_recorded(lm, tmp_path):
+    from melayer.interventions.wemask import wemask
+
+    base = run(lm, "lambada", limit=4, batch_size=4, progress=False)
+    masked = run(lm, "lambada", limit=4, batch_size=4, output=tmp_path, progress=False,
+                 intervention=lambda: wemask(lm, 0.5, me_layer=1))
+    assert [a["loglik"] for a in base.records] != [b["loglik"] for b in masked.records]
+    d = json.loads((tmp_path / "eval.json").read_text())
+    assert d["settings"]["intervention"]["rate"] == 0.5 and d["settings"]["intervention"]["layers"] == [2, 3]
+
+
+def test_compare_pairs_rates_against_baseline(lm, tmp_path):
+    r = compare(lm, "arc_easy", "0.5,0.05", limit=8, batch_size=4, output=tmp_path, me_layer=1, progress=False,
+                n_boot=200)
+    d = json.loads((tmp_path / "compare.json").read_text())
+    assert d["schema"] == "melayer.compare/1" and d["rates"] == [0.0, 0.05, 0.5]
+    assert d["me_layer"] == 1 and d["layers"] == [2, 3] and d["select"] == "activation"
+    base, *others = d["per_rate"]
+    assert "vs_baseline" not in base["metrics"]["acc"]
+    for row in others:
+        acc = row["metrics"]["acc"]
+        assert acc["vs_baseline"]["diff"] == pytest.approx(acc["value"] - base["metrics"]["acc"]["value"])
+        assert 0 <= acc["mcnemar"]["p"] <= 1
+        assert row["wemask"]["k"] == int(row["rate"] * lm.hidden_size)
+    if sinks_available() is None:  # melayer.analysis.sinks present: sink rate with and without the mask
+        assert d["sinks"]["note"] is None and d["sinks"]["epsilon"] == 0.3
+        assert all(0.0 <= row["sink_rate"] <= 1.0 for row in d["per_rate"])
+    else:
+        assert all("sink_rate" not in row for row in d["per_rate"]) and d["sinks"]["note"]
+    assert (tmp_path / "dose_response.png").stat().st_size > 1000
+    for rate in ("0", "0.05", "0.5"):
+        assert len(read_jsonl(tmp_path / f"rate_{rate}" / "samples.jsonl")) == 8
+    assert r.runs[0.0].ids() == r.runs[0.5].ids()
+    # a second compare resumes: nothing is recomputed
+    again = compare(lm, "arc_easy", "0.5,0.05", limit=8, batch_size=4, output=tmp_path, me_layer=1, progress=False,
+                    n_boot=200)
+    assert again.to_dict()["per_rate"] == r.to_dict()["per_rate"]
+
+
+def test_parse_rates():
+    assert parse_rates("0.01, 0.001") == [0.0, 0.001, 0.01]
+    with pytest.raises(MelayerError, match="out of range"):
+        parse_rates("0,1.5")
+    with pytest.raises(MelayerError, match="numbers"):
+        parse_rates("0,abc")
+    with pytest.raises(MelayerError, match="empty"):
+        parse_rates(" , ")
