@@ -60,3 +60,46 @@ def test_real_gemma_arc_easy_end_to_end(monkeypatch, capsys, tmp_path):
     assert 0.25 <= acc <= 1.0  # a real model beats chance-level nonsense on ARC-Easy
     assert len((out / "samples.jsonl").read_text().splitlines()) == 20
     assert "acc_norm" in capsys.readouterr().out
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    import torch
+
+    from melayer.models.tiny import tiny_lm
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    lm = tiny_lm("llama")
+    path = tmp_path / "tiny-llama"
+    lm.model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    yield path
+    torch.set_num_threads(before)
+
+
+def test_eval_and_compare_commands_on_a_tiny_checkpoint(monkeypatch, capsys, tiny_dir, tmp_path):
+    monkeypatch.setenv("MELAYER_QUIET", "1")
+    out = tmp_path / "eval"
+    code, stdout, _ = _cli(monkeypatch, capsys, "eval", "--task", "winogrande", "--limit", "4", "--model",
+                           str(tiny_dir), "--output", str(out), "--batch-size", "2")
+    assert code == 0 and "acc" in stdout
+    d = json.loads((out / "eval.json").read_text())
+    assert d["n_samples"] == 4 and d["settings"]["batch_size"] == 2
+    # the same command again resumes (nothing to do) and gives the same summary
+    code, _, _ = _cli(monkeypatch, capsys, "eval", "--task", "winogrande", "--limit", "4", "--model",
+                      str(tiny_dir), "--output", str(out), "--batch-size", "2")
+    assert code == 0 and json.loads((out / "eval.json").read_text())["metrics"] == d["metrics"]
+    # a different setting in the same folder is refused with one line
+    code, _, err = _cli(monkeypatch, capsys, "eval", "--task", "winogrande", "--limit", "4", "--model",
+                        str(tiny_dir), "--output", str(out), "--wemask", "0.1", "--me-layer", "1")
+    errors = [line for line in err.splitlines() if line.startswith("melayer: error:")]
+    assert code != 0 and len(errors) == 1 and "--overwrite" in errors[0] and "Traceback" not in err
+
+    cmp_out = tmp_path / "cmp"
+    code, stdout, _ = _cli(monkeypatch, capsys, "compare", "--task", "lambada", "--limit", "4", "--rates", "0.1",
+                           "--me-layer", "1", "--model", str(tiny_dir), "--output", str(cmp_out))
+    assert code == 0 and "McNemar" in stdout
+    c = json.loads((cmp_out / "compare.json").read_text())
+    assert c["rates"] == [0.0, 0.1] and c["me_layer"] == 1 and c["me_layer_source"] == "given"
+    assert (cmp_out / "dose_response.png").exists() and (cmp_out / "rate_0.1" / "eval.json").exists()

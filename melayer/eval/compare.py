@@ -133,8 +133,9 @@ def compare(
     the_task = get_task(task, **task_options)
     samples = the_task.load(limit, lm=lm)
     layer_list = parse_layers(layers, lm.num_layers) if layers is not None else None
-    source = "given" if me_layer is not None else ("not needed (layers given)" if layer_list else "scan")
+    source = "given" if me_layer is not None else "not needed"
     if me_layer is None and layer_list is None and any(r > 0 for r in rates):
+        source = "scan"
         from melayer.analysis.scan import scan
 
         found = scan(lm, progress=progress).me_layer
@@ -228,6 +229,8 @@ def dose_response_plot(data: dict[str, Any], path: str | Path) -> Path:
             ax.axhline(y[0], color="gray", ls="--", lw=0.8, label="baseline (rate 0)")
         if nonzero:
             ax.set_xscale("symlog", linthresh=min(nonzero))
+        if name.endswith("ppl") and all(v is not None and v > 0 for v in vals):
+            ax.set_yscale("log")
         ax.set_xlabel("WeMask rate (fraction of hidden dims)")
         ax.set_ylabel(name)
         ax.set_title(name, fontsize=9)

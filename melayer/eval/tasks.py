@@ -360,9 +360,10 @@ class HellaSwag(LoglikTask):
         return Request([d["ctx"]], [f" {e}" for e in d["endings"]], d["label"])
 
     def prompt_format(self, chat: bool) -> str:
-        return ("context '{activity_label}: {ctx_a} {Ctx_b}', continuations ' {ending}' (lm-eval hellaswag; text "
-                "already preprocessed in the vendored file: [header]/[step]/[title] markers removed), 0-shot; acc "
-                "and byte-length-normalised acc_norm" + ("; context wrapped in the chat template" if chat else ""))
+        return ("context '{activity_label}: {ctx}', continuations ' {ending}' (lm-eval hellaswag layout; the vendored "
+                "llama.cpp text file is already preprocessed ([header]/[step]/[title] markers removed) and joins "
+                "ctx_a and ctx_b, so ctx_b is not capitalised as lm-eval does), 0-shot; acc and byte-length-"
+                "normalised acc_norm" + ("; context wrapped in the chat template" if chat else ""))
 
 
 @dataclass
