@@ -71,60 +71,74 @@ def locate_me_layer(
 
 
 class _Reducer:
-    """Forward hooks that reduce each layer's output for every row of a batch."""
+    """Forward hooks that reduce each layer's output, whole batch at once, to a few numbers per row.
+
+    Rows are left padded; positions are reported relative to each row's first real token.
+    """
 
     def __init__(self, num_layers: int, crit: Criterion) -> None:
         self.crit = crit
         self.num_layers = num_layers
-        self.mask: torch.Tensor | None = None
-        self.per_row: list[list[dict[str, Any]]] = []
 
     def start(self, mask: torch.Tensor) -> None:
         self.mask = mask.bool()
-        self.per_row = [[] for _ in range(mask.shape[0])]
+        self.offsets = (~self.mask).sum(1)  # left padding per row
+        self.offsets_list = self.offsets.tolist()
+        self.per_row: list[list[dict[str, Any]]] = [[] for _ in range(mask.shape[0])]
         self.watch: list[dict[tuple[int, int], None]] = [{} for _ in range(mask.shape[0])]
 
     def hook(self, layer: int):
         def fn(module, args, output):
-            h = layer_output(output).detach()
-            for b in range(h.shape[0]):
-                rec = self._reduce(layer, h[b][self.mask[b]], self.watch[b])
-                self.per_row[b].append(rec)
-                for _, pos, dim in rec["massive"]:
-                    if len(self.watch[b]) < MAX_MASSIVE:
-                        self.watch[b].setdefault((pos, dim))
+            self._reduce(layer, layer_output(output).detach())
 
         return fn
 
-    def _reduce(self, layer: int, h: torch.Tensor, watch: dict[tuple[int, int], None]) -> dict[str, Any]:
+    def _reduce(self, layer: int, h: torch.Tensor) -> None:
+        B, T, H = h.shape
         if not torch.isfinite(h).all():
             raise NumericOverflow(
                 f"layer {layer} produced inf/nan in {str(h.dtype).replace('torch.', '')}: massive activations "
                 "exceed this dtype's range; rerun with --dtype float32 (or bfloat16)"
             )
         a = h.float().abs()
-        median = float(a.median())
-        flat = a.flatten()
-        k = min(TOP_K, flat.numel())
-        top_vals, top_idx = flat.topk(k)
-        hidden = a.shape[1]
-        signed = h.flatten()
-        top = [(float(signed[i]), int(i) // hidden, int(i) % hidden) for i in top_idx.tolist()]
-        cut = self.crit.cutoff(median)
-        massive: list[tuple[float, int, int]] = []
-        if float(top_vals[0]) > cut:
-            n_massive = int((flat > cut).sum())
-            vals, idx = flat.topk(min(n_massive, MAX_MASSIVE))
-            massive = [(float(signed[i]), int(i) // hidden, int(i) % hidden) for i in idx.tolist()]
-        per_pos = a.max(dim=1).values
-        cands = set(per_pos.topk(min(N_CANDIDATES, per_pos.numel())).indices.tolist()) | {0}
-        rows = {p: a[p].cpu().numpy() for p in sorted(cands)}
-        watched = {}
-        if watch:
-            pos_idx = torch.tensor([p for p, _ in watch], device=h.device)
-            dim_idx = torch.tensor([d for _, d in watch], device=h.device)
-            watched = dict(zip(watch, h[pos_idx, dim_idx].float().tolist()))
-        return {"median": median, "top": top, "massive": massive, "rows": rows, "watched": watched}
+        if not bool(self.mask.all()):
+            a = a.masked_fill(~self.mask[..., None], -1.0)  # pads never win a top-k or pass a cutoff
+        flat = a.view(B, T * H)
+        medians = torch.stack([flat[b, off * H :].median() for b, off in enumerate(self.offsets_list)])
+        k = min(TOP_K, (T - max(self.offsets_list)) * H)
+        top_v, top_i = flat.topk(k, dim=1)
+        signed = h.reshape(B, T * H)
+        top_s = signed.gather(1, top_i)
+        cut = (medians * self.crit.median_ratio).clamp(min=self.crit.abs_min)
+        n_massive = (top_v[:, 0] > cut).any() and int((flat > cut[:, None]).sum(1).max())
+        if n_massive:
+            m_v, m_i = flat.topk(min(n_massive, MAX_MASSIVE), dim=1)
+            m_s, m_keep = signed.gather(1, m_i).tolist(), (m_v > cut[:, None]).tolist()
+            m_i = m_i.tolist()
+        per_pos = a.amax(-1)
+        cands = per_pos.topk(min(N_CANDIDATES, T - max(self.offsets_list)), dim=1).indices
+        cands = torch.cat([cands, self.offsets[:, None]], dim=1)
+        rows = a.gather(1, cands[..., None].expand(-1, -1, H)).cpu().numpy()
+        cands_l = cands.tolist()
+        med_l, top_i_l, top_s_l = medians.tolist(), top_i.tolist(), top_s.tolist()
+        for b in range(B):
+            off = self.offsets_list[b]
+            top = [(v, i // H - off, i % H) for v, i in zip(top_s_l[b], top_i_l[b])]
+            massive = []
+            if n_massive:
+                massive = [(v, i // H - off, i % H) for v, i, keep in zip(m_s[b], m_i[b], m_keep[b]) if keep]
+            watch = self.watch[b]
+            watched = {}
+            if watch:
+                pos = torch.tensor([p + off for p, _ in watch])
+                dim = torch.tensor([d for _, d in watch])
+                watched = dict(zip(watch, h[b, pos, dim].float().tolist()))
+            for _, p, d in massive:
+                if len(watch) < MAX_MASSIVE:
+                    watch.setdefault((p, d))
+            row_map = {c - off: rows[b, j] for j, c in enumerate(cands_l[b])}
+            self.per_row[b].append({"median": med_l[b], "top": top, "massive": massive, "rows": row_map,
+                                    "watched": watched})
 
 
 @dataclass
@@ -226,7 +240,7 @@ class ScanResult:
         if not recs:
             return None
         best = max(recs, key=lambda r: abs(r["value"]))
-        median = self.per_layer()[best["layer"]]["median"]
+        median = next(p for p in self.prompts if p.index == best["prompt"]).medians[best["layer"]]
         return {**best, "layer_median": median, "ratio_to_median": abs(best["value"]) / median if median else None}
 
     def to_dict(self) -> dict[str, Any]:
