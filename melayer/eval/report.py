@@ -16,7 +16,7 @@ def _num(v: Any, digits: int = 4) -> str:
 
 
 def _ci(ci: list[Any]) -> str:
-    return f"[{_num(ci[0])}, {_num(ci[1])}]" if ci and ci[0] is not None else "-"
+    return f"[{_num(ci[0], 3)}, {_num(ci[1], 3)}]" if ci and ci[0] is not None else "-"
 
 
 def print_eval(d: dict[str, Any]) -> None:
