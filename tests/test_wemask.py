@@ -409,13 +409,12 @@ def test_lm_eval_model_type(tiny_dir, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_real_gemma_wemask(tmp_path, monkeypatch):
+def test_real_gemma_wemask(gemma, gemma_scan, tmp_path):
     import subprocess
 
-    import melayer
-
-    lm = melayer.load("gemma-3-270m", progress=False)
-    wm = WeMask(lm, 0.01)  # ME layer from melayer.scan on the shipped prompts
+    lm = gemma
+    assert gemma_scan.me_layer == 3  # melayer.scan on the shipped prompts (what WeMask runs by default)
+    wm = WeMask(lm, 0.01, me_layer=gemma_scan.me_layer)
     assert wm.me_layer == 3 and wm.layers == list(range(4, 18)) and wm.k == 6
     batch = lm.encode(["The capital of France is", "Water boils at a temperature of"])
     base = logits(lm, batch)

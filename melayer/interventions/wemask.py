@@ -1,6 +1,6 @@
 """WeMask: scale down the top-k dims of the massive token's *attention input* in the layers after the ME layer.
 
-What it does (see ``docs``/paper section 5.2 for the released reference code this follows and fixes):
+What it does (the released reference code is described in shared/research/paper.md, sections 5.2 and 8):
 
 * At each chosen decoder layer, a forward pre-hook on the ``attn`` role module rewrites its
   ``hidden_states`` argument, i.e. the attention input *after* the pre-attention norm (for post-norm
