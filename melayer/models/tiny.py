@@ -101,7 +101,9 @@ def _set_neuron(lm: LM, layer: int, neuron: int, read_dim: int, gain: float) -> 
             mod.weight[neuron].zero_()
             mod.weight[neuron, read_dim] = gain
         if getattr(mod, "bias", None) is not None:
-            mod.bias[neuron] = 0.0
+            # LayerNorm subtracts the mean, so tokens without the carrier still read a small (-mean/std)
+            # on it; a threshold of 2 (BOS reads ~sqrt(hidden)) keeps the neuron silent for them.
+            mod.bias[neuron] = -2.0 * gain if arch.norm_kind == "layer" else 0.0
 
 
 def _set_down(lm: LM, layer: int, neuron: int, dim: int, value: float) -> None:

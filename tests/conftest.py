@@ -1,0 +1,216 @@
+"""Shared fixtures: tiny real checkpoints (saved, GGUF, unsupported), the CLI runner, and the real embedded models.
+
+Nothing here is mocked: every fixture builds a real transformers model (random weights, tiny sizes, a
+massive activation planted through the architecture map) or loads a real embedded model.
+"""
+
+from __future__ import annotations
+
+import os
+
+# No test may reach the network: a hub id must fail fast and offline. Set before transformers is imported.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MELAYER_QUIET", "1")
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The architecture map that makes an unmapped GPT-NeoX model work (used as --arch override).
+NEOX_ARCH = {
+    "name": "gpt_neox",
+    "body": "gpt_neox",
+    "layers": "gpt_neox.layers",
+    "embed": "gpt_neox.embed_in",
+    "final_norm": "gpt_neox.final_layer_norm",
+    "lm_head": "lm_head",
+    "pre_attn_norm": "input_layernorm",
+    "attn": "attention",
+    "pre_ffn_norm": "post_attention_layernorm",
+    "mlp": "mlp",
+    "gate": None,
+    "up": "mlp.dense_h_to_4h",
+    "down": "mlp.dense_4h_to_h",
+    "norm_kind": "layer",
+}
+
+
+def unsupported_model(model_type: str = "gpt_neox", num_layers: int = 2):
+    """A tiny random-weight model of a type that is not in melayer's architecture map."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from melayer.models.tiny import BOS, EOS, HEADS, HIDDEN, INTER, PAD, VOCAB
+
+    torch.manual_seed(0)
+    kwargs = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=num_layers, num_attention_heads=HEADS,
+                  bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
+    if model_type == "gpt_neox":
+        kwargs.update(intermediate_size=INTER, max_position_embeddings=256, use_parallel_residual=False,
+                      tie_word_embeddings=False)
+    elif model_type == "falcon":
+        kwargs.update(new_decoder_architecture=False, multi_query=True, parallel_attn=True, alibi=False)
+    config = AutoConfig.for_model(model_type, **kwargs)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
+
+
+def save_lm(lm, path: Path) -> Path:
+    lm.model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    return path
+
+
+def _permute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF q/k row order (rotate-half pairs) -> llama.cpp's interleaved pairs; transformers undoes it on load."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_tiny_llama_gguf(lm, path: Path) -> Path:
+    """Write a tiny Llama model (``tiny_lm("llama")``) as an F32 GGUF file that transformers can load."""
+    from gguf import GGUFWriter
+
+    cfg = lm.config
+    sd = {k: v.detach().float().numpy() for k, v in lm.model.state_dict().items()}
+    w = GGUFWriter(str(path), "llama")
+    w.add_name("tiny-llama")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(float((getattr(cfg, "rope_parameters", None) or {}).get("rope_theta", 10000.0)))
+    tokens = [t for t, _ in sorted(lm.tokenizer.get_vocab().items(), key=lambda kv: kv[1])]
+    w.add_tokenizer_model("gpt2")  # byte-level BPE, like the tiny tokenizer
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in ("<bos>", "<eos>", "<pad>") else 1 for t in tokens])  # 3 = control
+    w.add_token_scores([0.0] * len(tokens))  # no merges: single-symbol vocabulary
+    w.add_bos_token_id(lm.tokenizer.bos_token_id)
+    w.add_eos_token_id(lm.tokenizer.eos_token_id)
+    w.add_pad_token_id(lm.tokenizer.pad_token_id)
+    w.add_add_bos_token(True)
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    w.add_tensor("output.weight", sd["lm_head.weight"])
+    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for i in range(cfg.num_hidden_layers):
+        for hf, gg in names.items():
+            t = sd[f"model.layers.{i}.{hf}.weight"]
+            if hf == "self_attn.q_proj":
+                t = _permute_rotary(t, cfg.num_attention_heads)
+            elif hf == "self_attn.k_proj":
+                t = _permute_rotary(t, cfg.num_key_value_heads)
+            w.add_tensor(f"blk.{i}.{gg}.weight", np.ascontiguousarray(t))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# tiny checkpoints on disk (session-scoped: built once)
+
+
+@pytest.fixture(scope="session")
+def planted_dir(tmp_path_factory) -> Path:
+    """A saved tiny Llama (5 layers) with a massive activation planted at layer 2, dim 7, on <bos>."""
+    from melayer.models.tiny import tiny_lm
+
+    return save_lm(tiny_lm("llama", me_layer=2, num_layers=5), tmp_path_factory.mktemp("ckpt") / "tiny-planted")
+
+
+@pytest.fixture(scope="session")
+def overflow_dir(tmp_path_factory) -> Path:
+    """A saved tiny Llama whose planted massive value (~3e7) overflows float16 (max 65504)."""
+    from melayer.models.tiny import plant_massive, tiny_lm
+
+    lm = tiny_lm("llama", plant=False)
+    plant_massive(lm, me_layer=1, neuron=5, dim=7, strength=1e6)
+    return save_lm(lm, tmp_path_factory.mktemp("ckpt") / "tiny-overflow")
+
+
+@pytest.fixture(scope="session")
+def unsupported_dir(tmp_path_factory) -> Path:
+    """A saved tiny GPT-NeoX (not in the architecture map) with a tokenizer."""
+    from melayer.models.tiny import tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("ckpt") / "tiny-neox"
+    unsupported_model("gpt_neox").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory) -> Path:
+    """A real GGUF file (F32) of a tiny planted Llama (me_layer 2, dim 7)."""
+    from melayer.models.tiny import tiny_lm
+
+    lm = tiny_lm("llama", me_layer=2)
+    return write_tiny_llama_gguf(lm, tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf")
+
+
+# ------------------------------------------------------------------------------------------------
+# the CLI, run as a real process
+
+
+@dataclass
+class CliRun:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture(scope="session")
+def run_cli():
+    """Run ``python -m melayer ARGS`` in a fresh process (the same entry point as the console script)."""
+
+    def run(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> CliRun:
+        full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "MELAYER_QUIET": "1", "COLUMNS": "200", **(env or {})}
+        proc = subprocess.run([sys.executable, "-m", "melayer", *map(str, args)], capture_output=True, text=True,
+                              env=full_env, cwd=REPO, timeout=timeout)
+        return CliRun(proc.returncode, proc.stdout, proc.stderr)
+
+    return run
+
+
+# ------------------------------------------------------------------------------------------------
+# the real embedded models (slow tests): each loads and scans once per session
+
+
+@pytest.fixture(scope="session")
+def gemma():
+    import melayer
+
+    return melayer.load("gemma-3-270m", progress=False)
+
+
+@pytest.fixture(scope="session")
+def gemma_scan(gemma):
+    import melayer
+
+    return melayer.scan(gemma, progress=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    import melayer
+
+    return melayer.load("smollm2-135m", progress=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2_scan(smollm2):
+    import melayer
+
+    return melayer.scan(smollm2, progress=False)

@@ -1,0 +1,301 @@
+"""melayer.scan on tiny planted checkpoints: per-prompt ME layers and the consensus, precursors, short prompts,
+left padding, the scan.json contract, the criterion, float16 overflow and the bounded per-prompt state."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import melayer
+from melayer.analysis.criterion import Criterion
+from melayer.analysis.scan import MAX_MASSIVE, N_CANDIDATES, TOP_K, PromptScan, position_ids
+from melayer.errors import MelayerError, NumericOverflow
+from melayer.models.archmap import resolve
+from melayer.models.tiny import MODEL_TYPES, plant_massive, tiny_lm
+from melayer.report.io import write_json
+
+LONG = [
+    "The capital of France is Paris, a city on the Seine.",
+    "Hello world, this is a test of the scanner.",
+    "1 2 3 4 5 6 7 8 9 10",
+    "Massive activations sit on the first token.",
+]
+
+
+@torch.no_grad()
+def plant_on_token(lm, token: str, layer: int, neuron: int, dim: int, carrier: int, strength: float = 2000.0):
+    """A second massive activation, triggered by one token instead of <bos> (Llama-style families).
+
+    Only ``token``'s embedding carries ``carrier``; no block writes it; FFN ``neuron`` of ``layer`` reads it
+    and its down column writes ``dim``.
+    """
+    tok_id = lm.tokenizer.convert_tokens_to_ids(token)
+    embed = resolve(lm.model, lm.arch.embed)
+    embed.weight[:, carrier] = 0.0
+    embed.weight[tok_id, carrier] = 1.0
+    for block in lm.layers:
+        for name, sub in block.named_modules():
+            if isinstance(sub, torch.nn.Linear) and sub.out_features == lm.hidden_size:
+                sub.weight[carrier] = 0.0
+    for role in ("gate", "up"):
+        w = lm.module(layer, role).weight
+        w[neuron] = 0.0
+        w[neuron, carrier] = 2.0
+    down = lm.module(layer, "down").weight
+    down[dim] = 0.0
+    down[:, neuron] = 0.0
+    down[dim, neuron] = strength / math.sqrt(lm.hidden_size)
+
+
+@pytest.fixture(scope="module")
+def two_plants():
+    """BOS-triggered massive activation at layer 2 (dim 7), and a 'Z'-triggered one at layer 0 (dim 20)."""
+    lm = tiny_lm("llama", me_layer=2, num_layers=5)
+    plant_on_token(lm, "Z", layer=0, neuron=9, dim=20, carrier=50)
+    return lm
+
+
+def test_per_prompt_me_layer_consensus_and_consistency(two_plants):
+    prompts = LONG[:3] + ["Zebras graze in the Zambezi valley."]
+    r = melayer.scan(two_plants, prompts, progress=False)
+    assert [p.me_layer for p in r.prompts] == [2, 2, 2, 0]
+    assert all(p.eligible for p in r.prompts)
+    assert r.me_layer == 2
+    assert r.me_layer_consistency == pytest.approx(0.75)
+    assert r.massive_dims == [7, 20]
+    assert r.dim_support() == {7: 1.0, 20: 0.25}
+    # the Z prompt has its own massive tokens: Z at layer 0 persists, plus BOS from layer 2 on
+    z = r.prompts[3]
+    assert {(pos, d) for pos, d in z.persistent} >= {(0, 7), (1, 20)}
+    d = r.to_dict()
+    assert [p["me_layer"] for p in d["prompts"]] == [2, 2, 2, 0]
+    assert d["me_layer_consistency"] == pytest.approx(0.75)
+
+
+def test_short_prompts_do_not_vote_and_do_not_break_the_consensus(two_plants):
+    crit = Criterion()
+    shorts = ["Z", "ZZ", "Zq"]  # 2-3 tokens with <bos> (< min_tokens = 4); each would say "layer 0"
+    r = melayer.scan(two_plants, LONG[:2] + shorts, progress=False)
+    assert [p.n_tokens < crit.min_tokens for p in r.prompts] == [False, False, True, True, True]
+    assert [p.eligible for p in r.prompts] == [True, True, False, False, False]
+    assert [p.me_layer for p in r.prompts][2:] == [0, 0, 0]
+    assert r.me_layer == 2 and r.me_layer_consistency == 1.0
+    assert [p["votes"] for p in r.to_dict()["prompts"]] == [True, True, False, False, False]
+    # raising min_tokens changes who votes
+    r2 = melayer.scan(two_plants, LONG[:2] + shorts, criterion=Criterion(min_tokens=2), progress=False)
+    assert r2.me_layer == 0 and r2.me_layer_consistency == pytest.approx(0.6)
+
+
+def test_only_short_prompts_still_give_a_result():
+    lm = tiny_lm("llama", me_layer=1)
+    r = melayer.scan(lm, ["Hi", "a"], progress=False)
+    assert not any(p.eligible for p in r.prompts)
+    assert r.me_layer == 1 and r.massive_dims == [7]
+    single = melayer.scan(lm, "Hi", progress=False)  # a bare string is one prompt
+    assert len(single.prompts) == 1 and single.prompts[0].tokens == ["<bos>", "H", "i"]
+
+
+def test_precursor_spike_is_reported_as_precursor_not_as_me_layer():
+    lm = tiny_lm("llama", me_layer=2, precursor=(0, 11), num_layers=5)
+    r = melayer.scan(lm, LONG, progress=False)
+    assert r.me_layer == 2 and r.me_layer_consistency == 1.0
+    assert r.massive_dims == [7]
+    pre = {(x["layer"], x["dim"], x["position"]) for x in r.precursors}
+    assert pre == {(0, 11, 0)}
+    assert all(x["token"] == "<bos>" for x in r.precursors)
+    assert 11 not in {x["dim"] for x in r.massive}
+    assert r.to_dict()["precursors"] == r.precursors
+
+
+def test_position_ids_are_left_padding_aware():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert position_ids(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_left_padding_gives_the_same_per_prompt_results_as_batch_size_1(model_type):
+    lm = tiny_lm(model_type, me_layer=1)
+    prompts = ["Hi there", "The capital of France is Paris, a city on the Seine river.", "1 2 3", "Another one."]
+    batch = lm.encode(prompts)
+    assert (batch["attention_mask"] == 0).any(), "the batch must really be left padded"
+    assert (batch["attention_mask"][:, -1] == 1).all()
+    together = melayer.scan(lm, prompts, batch_size=len(prompts), progress=False)
+    alone = melayer.scan(lm, prompts, batch_size=1, progress=False)
+    assert together.me_layer == alone.me_layer == 1
+    for a, b in zip(together.prompts, alone.prompts):
+        assert a.tokens == b.tokens and a.me_layer == b.me_layer and a.eligible == b.eligible
+        assert a.persistent == b.persistent
+        np.testing.assert_allclose(a.medians, b.medians, rtol=1e-4, atol=1e-6)
+        for la, lb in zip(a.massive, b.massive):
+            assert [(p, d) for _, p, d in la] == [(p, d) for _, p, d in lb]
+            np.testing.assert_allclose([v for v, _, _ in la], [v for v, _, _ in lb], rtol=1e-4)
+        for la, lb in zip(a.top, b.top):
+            np.testing.assert_allclose(sorted(abs(v) for v, _, _ in la), sorted(abs(v) for v, _, _ in lb),
+                                       rtol=1e-3, atol=1e-5)
+            assert la[0][1:] == lb[0][1:]  # same strongest (position, dim)
+    d1, d2 = together.to_dict(), alone.to_dict()
+    assert d1["massive_tokens"] == d2["massive_tokens"] and d1["massive_dims"] == d2["massive_dims"]
+
+
+# ------------------------------------------------------------------------------------------------
+# scan.json
+
+
+def _json_normal(obj):
+    """What JSON makes of a value: tuples become lists, NaN/inf null, keys strings."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _json_normal(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_normal(v) for v in obj]
+    return obj
+
+
+def test_scan_json_keys_and_to_dict_equals_the_written_file(tmp_path):
+    lm = tiny_lm("gemma3_text", me_layer=2, num_layers=5)
+    r = melayer.scan(lm, LONG + ["Hi"], progress=False)
+    d = r.to_dict()
+    required = {"model", "num_layers", "hidden_size", "threshold", "me_layer", "me_layer_consistency",
+                "massive_dims", "massive", "precursors", "per_layer"}
+    assert required <= set(d)
+    assert d["schema"] == "melayer.scan/1" and d["model"] == "tiny-gemma3_text" and d["arch"] == "gemma2"
+    assert (d["num_layers"], d["hidden_size"], d["me_layer"], d["massive_dims"]) == (5, 64, 2, [7])
+    assert d["threshold"] == Criterion().to_dict() and "rule" in d["threshold"]
+    assert len(d["per_layer"]) == 5 and [row["layer"] for row in d["per_layer"]] == list(range(5))
+    assert d["per_layer"][2]["massive_share"] == 1.0 and d["per_layer"][1]["massive_share"] == 0.0
+    assert d["massive_token_profile"]["token"] == "<bos>"
+    assert np.array(d["massive_token_profile"]["abs"]).shape == (5, 64)
+    write_json(tmp_path / "scan.json", d)
+    on_disk = json.loads((tmp_path / "scan.json").read_text())
+    assert on_disk == _json_normal(d)
+    assert not [p for p in tmp_path.iterdir() if p.name != "scan.json"], "no temp file left behind"
+
+
+# ------------------------------------------------------------------------------------------------
+# the criterion
+
+
+def test_criterion_thresholds_change_the_outcome():
+    lm = tiny_lm("llama", me_layer=1)
+    base = melayer.scan(lm, LONG, progress=False)
+    peak = abs(base.peak()["value"])
+    assert base.me_layer == 1
+    # an absolute floor above the planted value: nothing is massive
+    high = melayer.scan(lm, LONG, criterion=Criterion(abs_min=peak * 2), progress=False)
+    assert high.me_layer is None and high.massive == [] and high.massive_dims == [] and high.peak() is None
+    assert high.to_dict()["threshold"]["abs_min"] == peak * 2
+    # a median ratio no value reaches: nothing is massive either
+    assert melayer.scan(lm, LONG, criterion=Criterion(median_ratio=1e9), progress=False).me_layer is None
+    # a persistence bar nothing clears: the massive values are reported, but as precursors, not an ME layer
+    nopersist = melayer.scan(lm, LONG, criterion=Criterion(persist_ratio=1e9), progress=False)
+    assert nopersist.me_layer is None and nopersist.massive == []
+    assert {x["dim"] for x in nopersist.precursors} == {7}
+    # a lower floor picks up more (non-persistent) entries without moving the ME layer
+    low = melayer.scan(lm, LONG, criterion=Criterion(abs_min=0.5, median_ratio=10), progress=False)
+    n_base = sum(len(m) for p in base.prompts for m in p.massive)
+    assert low.me_layer == 1 and sum(len(m) for p in low.prompts for m in p.massive) > n_base
+
+
+def test_criterion_persistence_fraction():
+    """A massive value cancelled a layer later never persists, whatever fraction is asked for; the planted
+    one persists to the end and counts even with persist_frac = 1."""
+    lm = tiny_lm("llama", me_layer=2, precursor=(0, 11), num_layers=5)
+    strict = melayer.scan(lm, LONG, criterion=Criterion(persist_frac=1.0), progress=False)
+    assert strict.me_layer == 2 and {x["dim"] for x in strict.precursors} == {11}
+
+
+def test_criterion_describes_itself():
+    c = Criterion(abs_min=50, median_ratio=500, persist_ratio=20, persist_frac=0.5, min_tokens=3)
+    text = c.describe()
+    for piece in ("50", "500", "20", "50%", "3"):
+        assert piece in text
+    d = c.to_dict()
+    assert d["abs_min"] == 50 and d["min_tokens"] == 3 and d["rule"] == text
+    assert c.cutoff(0.01) == 50 and c.cutoff(1.0) == 500
+    assert c.persists(-60, 1.0) and not c.persists(60, 10.0)
+
+
+def test_empty_prompts_are_rejected():
+    lm = tiny_lm("llama")
+    for bad in ([], [""], ["ok text", "   "]):
+        with pytest.raises(MelayerError, match="empty prompt"):
+            melayer.scan(lm, bad, progress=False)
+    with pytest.raises(MelayerError, match="batch size"):
+        melayer.scan(lm, LONG, batch_size=0, progress=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# float16
+
+
+def test_float16_scan_works_when_values_fit():
+    lm = tiny_lm("llama", me_layer=1)
+    lm.model.half()
+    r = melayer.scan(lm, LONG, progress=False)
+    assert r.dtype == "float16" and r.me_layer == 1 and r.massive_dims == [7]
+
+
+def test_float16_overflow_is_detected():
+    lm = tiny_lm("llama", plant=False)
+    plant_massive(lm, me_layer=1, neuron=5, dim=7, strength=1e6)
+    fp32 = melayer.scan(lm, LONG[:2], progress=False)
+    assert abs(fp32.peak()["value"]) > 65504  # beyond float16's largest finite value
+    lm.model.half()
+    with pytest.raises(NumericOverflow) as err:
+        melayer.scan(lm, LONG[:2], progress=False)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert "layer 1" in msg and "float16" in msg and "--dtype float32" in msg
+    assert isinstance(err.value, MelayerError)
+
+
+# ------------------------------------------------------------------------------------------------
+# memory: the per-prompt state is a fixed-size reduction
+
+
+def _numbers(obj, sizes):
+    """Count the scalars held by ``obj`` (recursively); record every array/tensor size."""
+    if isinstance(obj, (torch.Tensor, np.ndarray)):
+        n = int(obj.numel() if isinstance(obj, torch.Tensor) else obj.size)
+        sizes.append(n)
+        return n
+    if isinstance(obj, (int, float, bool)) or obj is None:
+        return 1
+    if isinstance(obj, str):
+        return 0
+    if isinstance(obj, dict):
+        return sum(_numbers(k, sizes) + _numbers(v, sizes) for k, v in obj.items())
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return sum(_numbers(v, sizes) for v in obj)
+    raise TypeError(f"unexpected {type(obj).__name__} in PromptScan")
+
+
+def _state(p: PromptScan) -> tuple[int, list[int]]:
+    sizes: list[int] = []
+    total = sum(_numbers(getattr(p, f), sizes) for f in ("medians", "top", "massive", "rows", "watched",
+                                                          "persistent", "me_layer", "eligible"))
+    return total, sizes
+
+
+def test_per_prompt_state_does_not_grow_with_tokens():
+    lm = tiny_lm("llama", me_layer=1, num_layers=6)
+    short, long = "Hello there, world.", " ".join(["Long prompts cost no extra memory."] * 6)
+    r = melayer.scan(lm, [short, long], progress=False)
+    (n_short, sizes_short), (n_long, sizes_long) = _state(r.prompts[0]), _state(r.prompts[1])
+    tokens, hidden, layers = r.prompts[1].n_tokens, lm.hidden_size, lm.num_layers
+    assert tokens > 200
+    assert r.prompts[1].rows == []  # candidate rows are dropped once the profile is built
+    assert max(sizes_long, default=0) < tokens * hidden  # no tokens x hidden tensor for any layer
+    assert n_long == n_short  # a fixed-size reduction, independent of the prompt length
+    per_layer_bound = 1 + 3 * TOP_K + 3 * MAX_MASSIVE + 3 * MAX_MASSIVE  # median, top, massive, watched
+    assert n_long <= layers * per_layer_bound + 2 * MAX_MASSIVE + 2
+    assert n_long < tokens * hidden  # far below even one layer's activations
+    # the profile kept for the plot: one |a| row per layer for the massive token only
+    prof = r.profile
+    assert np.array(prof["abs"]).shape == (layers, hidden)
+    assert N_CANDIDATES < tokens
