@@ -24,7 +24,8 @@ def _assert_clean_failure(res, output: Path, *expected: str) -> None:
     for piece in expected:
         assert piece in lines[0], (piece, lines[0])
     assert not (output / "scan.json").exists()
-    assert not output.exists() or not any(output.iterdir()), f"left behind: {list(output.iterdir())}"
+    if output.is_dir():
+        assert not any(output.iterdir()), f"left behind: {list(output.iterdir())}"
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +40,12 @@ def bad_inputs(tmp_path_factory, planted_dir, overflow_dir, unsupported_dir, tin
     empty_dir.mkdir()
     empty_prompts = root / "empty.txt"
     empty_prompts.write_text("\n   \n\n")
+    a_file = root / "a-file"
+    a_file.write_text("not a directory")
     m = str(planted_dir)
     return [
+        ("--output is a file", ["-m", m, "-p", "Hello", "-o", a_file], ["exists and is not a directory"]),
+        ("--output inside a file", ["-m", m, "-p", "Hello", "-o", a_file / "sub"], ["which is a file"]),
         ("missing path", ["-m", root / "does-not-exist"], ["no such file or directory"]),
         ("not a gguf", ["-m", junk], ["not a GGUF file"]),
         ("truncated gguf", ["-m", cut], ["corrupt or truncated GGUF"]),
@@ -62,6 +67,8 @@ def bad_inputs(tmp_path_factory, planted_dir, overflow_dir, unsupported_dir, tin
 def test_bad_input_gives_one_error_line_and_no_output(bad_inputs, run_cli, tmp_path):
     def one(case):
         name, args, expected = case
+        if "-o" in args:
+            return case, Path(args[args.index("-o") + 1]), run_cli("scan", *args)
         out = tmp_path / name.replace(" ", "_")
         return case, out, run_cli("scan", *args, "-o", out)
 

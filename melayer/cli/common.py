@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -29,3 +30,14 @@ def prompts_from(prompt: str | None, prompts: Path | None) -> list[str] | None:
     if prompts is not None:
         return read_prompts(str(prompts))
     return None
+
+
+def check_output(path: Path) -> Path:
+    """Fail before any work if --output cannot become a directory (it is created when results are written)."""
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        what = "exists and is not a directory" if existing == path else f"is inside {existing}, which is a file"
+        raise MelayerError(f"--output {path} {what}")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise MelayerError(f"--output {path}: {existing} is not writable")
+    return path

@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 
 from melayer.cli import app
-from melayer.cli.common import ArchOpt, DtypeOpt, ModelOpt, OutputOpt, PromptOpt, PromptsOpt, prompts_from
+from melayer.cli.common import (ArchOpt, DtypeOpt, ModelOpt, OutputOpt, PromptOpt, PromptsOpt, check_output,
+                                prompts_from)
 
 
 @app.command()
@@ -33,6 +34,7 @@ def scan(
     from melayer.report.io import write_json
     from melayer.report.summary import print_scan
 
+    check_output(output)
     texts = prompts_from(prompt, prompts)
     crit = Criterion(abs_min=abs_min, median_ratio=median_ratio, persist_ratio=persist_ratio,
                      persist_frac=persist_frac)
