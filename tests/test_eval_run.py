@@ -213,3 +213,21 @@ def test_parse_rates():
         parse_rates("0,abc")
     with pytest.raises(MelayerError, match="empty"):
         parse_rates(" , ")
+
+
+@pytest.mark.parametrize("task_name", ["arc_easy", "winogrande", "lambada"])
+def test_loglik_matches_lm_eval_reference_implementation(lm, task_name):
+    """Our context-reusing scorer agrees with lm-eval's own HFLM.loglikelihood on the same requests."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    # max_length above the tiny config's 256 positions: lm-eval would otherwise cut long contexts from the left
+    ref = HFLM(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=4, max_length=2048)
+    task = get_task(task_name)
+    pairs = [p for s in task.load(3) for p in task._pairs(task.request(s))]
+    theirs = ref.loglikelihood([Instance(request_type="loglikelihood", doc={}, arguments=p, idx=i)
+                                for i, p in enumerate(pairs)], disable_tqdm=True)
+    contexts, toks = task._tokenize(lm, pairs, chat=False)
+    ours = E.score_continuations(lm, contexts, toks)
+    for (a, ga), (b, gb) in zip(ours, theirs):
+        assert a == pytest.approx(b, abs=1e-3, rel=1e-5) and ga == gb
