@@ -58,6 +58,7 @@ def bad_inputs(tmp_path_factory, planted_dir, overflow_dir, unsupported_dir, tin
         ("missing prompt file", ["-m", m, "--prompts", root / "nope.txt"], ["prompt file not found"]),
         ("both prompt options", ["-m", m, "-p", "hi", "--prompts", empty_prompts], ["not both"]),
         ("bad dtype", ["-m", m, "--dtype", "float8"], ["unknown dtype"]),
+        ("bad criterion", ["-m", m, "--persist-frac", "2"], ["invalid massive-activation criterion: persist_frac=2"]),
         ("float16 overflow", ["-m", overflow_dir, "-p", "Hello world there", "--dtype", "float16"],
          ["float16", "--dtype float32"]),
         ("hub id offline", ["-m", "melayer-test-org/no-such-model"], ["Hugging Face hub"]),

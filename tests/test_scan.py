@@ -220,6 +220,14 @@ def test_criterion_describes_itself():
     assert c.persists(-60, 1.0) and not c.persists(60, 10.0)
 
 
+@pytest.mark.parametrize("bad", [dict(persist_frac=0), dict(persist_frac=1.5), dict(median_ratio=0),
+                                 dict(abs_min=-1), dict(persist_ratio=-1), dict(min_tokens=0),
+                                 dict(abs_min=float("nan"))])
+def test_invalid_criterion_is_a_one_line_user_error(bad):
+    with pytest.raises(MelayerError, match="invalid massive-activation criterion: " + next(iter(bad))):
+        Criterion(**bad)
+
+
 def test_empty_prompts_are_rejected():
     lm = tiny_lm("llama")
     for bad in ([], [""], ["ok text", "   "]):

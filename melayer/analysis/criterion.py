@@ -26,6 +26,22 @@ class Criterion:
     persist_frac: float = 0.75
     min_tokens: int = 4
 
+    def __post_init__(self) -> None:
+        from melayer.errors import MelayerError
+
+        checks = {
+            "abs_min": self.abs_min >= 0,
+            "median_ratio": self.median_ratio > 0,
+            "persist_ratio": self.persist_ratio >= 0,
+            "persist_frac": 0 < self.persist_frac <= 1,
+            "min_tokens": self.min_tokens >= 1,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            values = ", ".join(f"{name}={getattr(self, name)!r}" for name in bad)
+            raise MelayerError(f"invalid massive-activation criterion: {values} (need abs_min >= 0, median_ratio > 0, "
+                               "persist_ratio >= 0, 0 < persist_frac <= 1, min_tokens >= 1)")
+
     def cutoff(self, median: torch.Tensor | float) -> float:
         return max(self.abs_min, self.median_ratio * float(median))
 
