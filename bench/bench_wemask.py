@@ -8,6 +8,9 @@ Measures, in one process on the same prompts, interleaving the conditions in eve
   2. tokens/s of batch-8 generation (left padding) vs batch 1 (the no-WeMask runs of 1.), without WeMask.
 Every call generates exactly ``--new-tokens`` tokens (EOS suppressed) so the work is identical.
 Targets: WeMask cost <= 3 %; batch 8 >= 4x batch 1.
+On a machine shared with other jobs, ``--threads 1`` gives far steadier numbers: with 2 threads on 2 busy cores,
+every parallel op waits on a descheduled thread and run-to-run noise reaches +-30 %.
+``--effect`` prints how much WeMask changes the model (next-token KL, top-1 agreement, greedy text) instead.
 """
 
 from __future__ import annotations
