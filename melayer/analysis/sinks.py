@@ -1,0 +1,362 @@
+"""Attention sinks, measured as in Gu et al., "When Attention Sink Emerges in Language Models: An Empirical
+View" (ICLR 2025, arXiv:2410.10781).
+
+For key token k of a prompt with T tokens, in layer l and head h, the importance score is the mean
+attention it receives from the queries that can see it:
+
+    alpha_k^{l,h} = 1/(T - k + 1) * sum_{i=k..T} A^{l,h}_{i,k}        (1-based, as in the paper)
+
+i.e. every query at or after k, *the key itself included* (query i = k), as in the paper; queries that
+a sliding window hides from k are left out of the mean. The sink rate is the share of (layer, head)
+pairs with alpha_k > epsilon (paper: epsilon = 0.3, T = 64), averaged over prompts. ``sink_rate`` is for
+the first token (Sink_1); the same numbers are reported for the massive token when it is elsewhere.
+
+Short prompts inflate the score: a head that attends uniformly gives the first token
+alpha_1 = H_T / T (harmonic number over length), which exceeds 0.3 for T <= 9. Gu et al. use T = 64
+(uniform alpha_1 = 0.074). So prompts shorter than ``min_tokens`` (default 16, uniform alpha_1 = 0.21)
+are skipped, and the uniform-attention value is reported next to every result. ``text_windows``
+gives Gu et al.'s setting: fixed 64-token windows of the shipped WikiText-2 excerpt.
+
+How the probabilities are obtained: for the measuring forward pass only, the model's attention
+implementation is switched to ``eager`` (transformers' own reference softmax(QK^T) code, which returns
+the probabilities from every attention module), and a forward hook on each attention module reduces
+them to the few numbers above at once, so at most one layer's (batch, heads, T, T) probabilities exist
+at a time. The implementation is restored afterwards. Nothing else changes: any hooks the caller has
+installed (e.g. WeMask) stay active, so this measures the model as it runs. Recomputing softmax(QK^T)
+by hand from q_proj/k_proj would need per-family code (q/k norms, RoPE variants, GQA, Gemma's
+query_pre_attn_scalar, soft-capping, sliding windows, fused qkv in Phi-3 and GPT-2); eager attention
+is the library's own implementation of exactly that, so we use it. Eager is a little slower than
+SDPA on long prompts and differs from it only by floating-point rounding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from melayer.analysis.scan import default_prompts, forward_body
+from melayer.capture.hooks import Hooks
+from melayer.errors import MelayerError
+from melayer.models.loading import LM
+from melayer.report.console import track
+
+DEFAULT_EPSILON = 0.3
+DEFAULT_MAX_TOKENS = 64
+DEFAULT_MIN_TOKENS = 16
+
+
+def uniform_alpha_first(length: int) -> float:
+    """alpha_1 of a head that attends uniformly over a causal prefix of ``length`` tokens: H_T / T."""
+    return float(sum(1.0 / i for i in range(1, length + 1)) / length) if length > 0 else float("nan")
+
+
+def text_windows(lm: LM, n: int = 32, length: int = DEFAULT_MAX_TOKENS) -> list[str]:
+    """Up to ``n`` consecutive windows of the shipped WikiText-2 excerpt, each ``length`` tokens long once the
+    tokenizer's special prefix is added (decoded back to text, so they can be fed like prompts)."""
+    from melayer.analysis.explain import _special_prefix, ppl_text
+
+    tok = lm.tokenizer
+    ids = tok(ppl_text(), add_special_tokens=False)["input_ids"]
+    body = max(1, length - len(_special_prefix(tok)))
+    out = []
+    for start in range(0, len(ids) - body + 1, body):
+        out.append(tok.decode(ids[start : start + body]))
+        if len(out) >= n:
+            break
+    return out
+
+
+@contextlib.contextmanager
+def eager_attention(lm: LM) -> Iterator[None]:
+    """Run the model with transformers' eager attention inside the block; the previous implementation is
+    restored on exit."""
+    model = lm.model
+    prev = getattr(model.config, "_attn_implementation", None)
+    if prev == "eager":
+        yield
+        return
+    try:
+        model.set_attn_implementation("eager")
+    except Exception as exc:  # transformers raises ValueError / ImportError for unsupported models
+        raise MelayerError(f"cannot switch {lm.name} to eager attention to read attention probabilities: {exc}") from None
+    try:
+        yield
+    finally:
+        try:
+            model.set_attn_implementation(prev)
+        except Exception:
+            model.config._attn_implementation = prev
+
+
+def encode_truncated(lm: LM, prompts: Sequence[str], max_tokens: int | None) -> dict[str, torch.Tensor]:
+    """Tokenise each prompt (with the tokenizer's special prefix), keep its first ``max_tokens`` tokens,
+    and left-pad the batch."""
+    tok = lm.tokenizer
+    rows = [tok(p)["input_ids"] for p in prompts]
+    if max_tokens:
+        rows = [r[:max_tokens] for r in rows]
+    width = max(len(r) for r in rows)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    ids = torch.full((len(rows), width), int(pad), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r):] = torch.tensor(r)
+            mask[i, width - len(r):] = 1
+    return {"input_ids": ids.to(lm.device), "attention_mask": mask.to(lm.device)}
+
+
+PROBS_BUDGET = 32 * 2**20  # attention probabilities held at once (floats): one layer's (batch, heads, T, T)
+
+
+def _chunks(lm: LM, prompts: Sequence[str], batch_size: int, max_tokens: int | None) -> list[list[str]]:
+    """Consecutive batches of at most ``batch_size`` prompts whose (batch x heads x T x T) probabilities
+    stay under :data:`PROBS_BUDGET` (long prompts go in smaller batches, down to one)."""
+    cfg = lm.config
+    heads = int(getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None) or 32)
+    out: list[list[str]] = []
+    cur: list[str] = []
+    longest = 0
+    for p in prompts:
+        n = len(lm.tokenizer(p)["input_ids"])
+        n = min(n, max_tokens) if max_tokens else n
+        width = max(longest, n)
+        if cur and (len(cur) >= batch_size or (len(cur) + 1) * heads * width * width > PROBS_BUDGET):
+            out.append(cur)
+            cur, width = [], n
+        cur.append(p)
+        longest = width
+    if cur:
+        out.append(cur)
+    return out
+
+
+def _visible(mask4: Any, b: int, real: torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
+    """(n, n) bool: query i can see key k, from the 4-D mask the attention module received."""
+    if isinstance(mask4, torch.Tensor) and mask4.dim() == 4:
+        m = mask4[b, 0][real][:, real]
+        if m.dtype == torch.bool:
+            return m
+        return m > torch.finfo(m.dtype).min / 2
+    return torch.ones(n, n, dtype=torch.bool, device=device).tril()
+
+
+class _SinkReducer:
+    def __init__(self, num_layers: int, targets: Sequence[int] | None) -> None:
+        self.num_layers = num_layers
+        self.targets = targets  # per prompt: massive-token position (among real tokens) or None
+        self.mask2: torch.Tensor | None = None
+        self.offset = 0
+        self.masks4: dict[int, Any] = {}
+        self.first: list[list[np.ndarray | None]] = []  # prompt -> layer -> (H,)
+        self.massive: list[list[np.ndarray | None]] = []
+        self.top_is_first: list[list[np.ndarray | None]] = []
+
+    def start(self, mask2: torch.Tensor) -> None:
+        self.mask2 = mask2.bool()
+        b = mask2.shape[0]
+        for store in (self.first, self.massive, self.top_is_first):
+            store.extend([[None] * self.num_layers for _ in range(b)])
+
+    def pre(self, layer: int):
+        def fn(module, args, kwargs):
+            self.masks4[layer] = kwargs.get("attention_mask")
+        return fn
+
+    def post(self, layer: int):
+        def fn(module, args, kwargs, output):
+            w = output[1] if isinstance(output, (tuple, list)) and len(output) > 1 else None
+            if not isinstance(w, torch.Tensor):
+                raise MelayerError(f"layer {layer}'s attention module returned no attention probabilities even in "
+                                   "eager mode; this architecture is not supported by the sink measurement")
+            w = w.detach().float()
+            mask4 = self.masks4.pop(layer, None)
+            for b in range(w.shape[0]):
+                real = self.mask2[b].to(w.device)
+                n = int(real.sum())
+                a = w[b][:, real][:, :, real]  # (H, n, n)
+                vis = _visible(mask4, b, real, n, w.device).to(a.dtype)
+                seen = vis.sum(0).clamp_min(1.0)  # per key: how many queries see it
+                alpha = (a * vis).sum(1) / seen  # (H, n): mean attention each key receives
+                row = self.offset + b
+                self.first[row][layer] = alpha[:, 0].cpu().numpy()
+                self.top_is_first[row][layer] = (alpha.argmax(dim=1) == 0).cpu().numpy()
+                if self.targets is not None:
+                    k = int(self.targets[row])  # beyond the truncated prompt: not measured (NaN)
+                    self.massive[row][layer] = (alpha[:, k].cpu().numpy() if k < n
+                                                else np.full(alpha.shape[0], np.nan, dtype=np.float32))
+        return fn
+
+
+@dataclass
+class SinkResult:
+    """Attention-sink measurement; ``to_dict()`` is what ``sinks.json`` holds."""
+
+    model: str
+    epsilon: float
+    max_tokens: int | None
+    n_prompts: int
+    tokens_per_prompt: list[int]
+    alpha_first: np.ndarray  # (prompts, layers, heads)
+    top_is_first: np.ndarray  # (prompts, layers, heads) bool: the first token gets the largest alpha
+    alpha_massive: np.ndarray | None = None
+    massive_positions: list[int] | None = None
+    me_layer: int | None = None
+    min_tokens: int | None = None
+    skipped: list[int] = field(default_factory=list)  # indices of prompts shorter than min_tokens
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def uniform_alpha_first(self) -> float:
+        """Mean over the measured prompts of the score a uniformly attending head would give the first token."""
+        return float(np.mean([uniform_alpha_first(t) for t in self.tokens_per_prompt]))
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.alpha_first.shape[1])
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.alpha_first.shape[2])
+
+    @property
+    def sink_rate(self) -> float:
+        """Sink_1^epsilon: share of (layer, head) pairs whose first-token score exceeds epsilon, mean over prompts."""
+        return float((self.alpha_first > self.epsilon).mean())
+
+    def _indicator(self, a: np.ndarray) -> np.ndarray:
+        return np.where(np.isnan(a), np.nan, a > self.epsilon)
+
+    @property
+    def sink_rate_massive(self) -> float | None:
+        return None if self.alpha_massive is None else float(np.nanmean(self._indicator(self.alpha_massive)))
+
+    def layer_rate(self, alpha: np.ndarray | None = None) -> list[float]:
+        a = self.alpha_first if alpha is None else alpha
+        return np.nanmean(self._indicator(a), axis=(0, 2)).tolist()
+
+    def first_sink_layer(self, min_share: float = 0.5) -> int | None:
+        """First layer in which at least ``min_share`` of the (prompt, head) pairs sink on the first token."""
+        for layer, rate in enumerate(self.layer_rate()):
+            if rate >= min_share:
+                return layer
+        return None
+
+    def first_sink_layer_any(self) -> int | None:
+        """First layer with any head whose mean (over prompts) first-token score exceeds epsilon."""
+        mean = self.alpha_first.mean(axis=0)
+        for layer in range(mean.shape[0]):
+            if (mean[layer] > self.epsilon).any():
+                return layer
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        first = self.first_sink_layer()
+        out: dict[str, Any] = {
+            "schema": "melayer.sinks/1",
+            "model": self.model,
+            "settings": {
+                "epsilon": self.epsilon, "max_tokens": self.max_tokens, "min_tokens": self.min_tokens,
+                "prompts": self.n_prompts, "prompts_skipped_too_short": len(self.skipped),
+                "metric": "alpha_k = mean over the queries i >= k that can see key k (the key itself included, "
+                          "sliding-window-hidden queries excluded) of the attention probability A[i, k]; "
+                          "Gu et al. (ICLR 2025) eq. for the importance score",
+                "sink_rate": "share of (layer, head) pairs with alpha_1 > epsilon, averaged over prompts (Sink_1^eps)",
+                "first_sink_layer_rule": "first layer where >= 50% of (prompt, head) pairs have alpha_1 > epsilon",
+                "probabilities": "transformers' eager attention, switched on for the measuring pass only; "
+                                 "active hooks on the model stay in effect",
+            },
+            "num_layers": self.num_layers, "num_heads": self.num_heads,
+            "tokens_per_prompt": {"mean": float(np.mean(self.tokens_per_prompt)), "min": int(min(self.tokens_per_prompt)),
+                                  "max": int(max(self.tokens_per_prompt))},
+            "sink_rate": self.sink_rate,
+            "uniform_attention_alpha_first": self.uniform_alpha_first,
+            "uniform_attention_note": "alpha_1 that a head attending uniformly would get on these prompts (H_T / T); "
+                                      "a sink is only meaningful well above it",
+            "sink_rate_per_layer": self.layer_rate(),
+            "alpha_first": self.alpha_first.mean(axis=0).tolist(),
+            "sink_share_first": (self.alpha_first > self.epsilon).mean(axis=0).tolist(),
+            "first_token_is_top_sink_share": float(self.top_is_first.mean()),
+            "first_token_is_top_sink_per_layer": self.top_is_first.mean(axis=(0, 2)).tolist(),
+            "me_layer": self.me_layer,
+            "first_sink_layer": first,
+            "first_sink_layer_any_head": self.first_sink_layer_any(),
+            "first_sink_layer_minus_me_layer": (first - self.me_layer) if first is not None and self.me_layer is not None else None,
+            **self.extra,
+        }
+        if self.alpha_massive is not None:
+            out["massive_token_positions"] = self.massive_positions
+            out["alpha_massive"] = np.nanmean(self.alpha_massive, axis=0).tolist()
+            out["sink_rate_massive"] = self.sink_rate_massive
+            out["sink_rate_massive_per_layer"] = self.layer_rate(self.alpha_massive)
+        return out
+
+
+@torch.no_grad()
+def measure_sinks(
+    lm: LM,
+    prompts: Sequence[str] | str | None = None,
+    epsilon: float = DEFAULT_EPSILON,
+    *,
+    massive_positions: Sequence[int] | None = None,
+    max_tokens: int | None = DEFAULT_MAX_TOKENS,
+    min_tokens: int | None = DEFAULT_MIN_TOKENS,
+    batch_size: int = 8,
+    me_layer: int | None = None,
+    progress: bool = False,
+) -> SinkResult:
+    """Measure attention sinks of ``lm`` as it runs (active hooks included); see the module docstring.
+
+    ``massive_positions`` (one per prompt, index among the prompt's tokens) adds the same scores for the
+    massive token; ``max_tokens`` truncates each prompt (Gu et al. use T = 64; None keeps everything);
+    prompts with fewer than ``min_tokens`` tokens are skipped (see the module docstring; None keeps all).
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts) if prompts is not None else default_prompts()
+    if not prompts or any(not p.strip() for p in prompts):
+        raise MelayerError("empty prompt: every prompt must contain text")
+    if not 0.0 < float(epsilon) < 1.0:
+        raise MelayerError(f"epsilon must be in (0, 1), got {epsilon:g}")
+    if max_tokens is not None and max_tokens < 1:
+        raise MelayerError("max_tokens must be >= 1")
+    if massive_positions is not None and len(massive_positions) != len(prompts):
+        raise MelayerError("massive_positions needs one position per prompt")
+    skipped: list[int] = []
+    if min_tokens:
+        lengths0 = [len(lm.tokenizer(p)["input_ids"]) for p in prompts]
+        keep = [i for i, n in enumerate(lengths0) if n >= min_tokens]
+        skipped = [i for i in range(len(prompts)) if i not in set(keep)]
+        if not keep:
+            raise MelayerError(f"every prompt is shorter than {min_tokens} tokens: the sink score of short prompts is "
+                               "dominated by their length (a uniform head gives the first token 1/T x (1 + 1/2 + ... + 1/T)); "
+                               "give longer prompts or lower min_tokens")
+        prompts = [prompts[i] for i in keep]
+        if massive_positions is not None:
+            massive_positions = [massive_positions[i] for i in keep]
+    reducer = _SinkReducer(lm.num_layers, massive_positions)
+    lengths: list[int] = []
+    chunks = _chunks(lm, prompts, batch_size, max_tokens)
+    with eager_attention(lm), Hooks() as hooks:
+        for i in range(lm.num_layers):
+            attn = lm.module(i, "attn")
+            hooks.pre(attn, reducer.pre(i), with_kwargs=True)
+            hooks.forward(attn, reducer.post(i), with_kwargs=True)
+        for chunk in track(chunks, f"attention sinks of {lm.name}", enabled=progress):
+            batch = encode_truncated(lm, chunk, max_tokens)
+            reducer.start(batch["attention_mask"])
+            forward_body(lm, batch)
+            reducer.offset += len(chunk)
+            lengths.extend(batch["attention_mask"].sum(1).tolist())
+    first = np.stack([np.stack(r) for r in reducer.first])
+    top = np.stack([np.stack(r) for r in reducer.top_is_first])
+    massive = np.stack([np.stack(r) for r in reducer.massive]) if massive_positions is not None else None
+    return SinkResult(model=lm.name, epsilon=float(epsilon), max_tokens=max_tokens, n_prompts=len(prompts),
+                      tokens_per_prompt=[int(x) for x in lengths], alpha_first=first, top_is_first=top,
+                      alpha_massive=massive, massive_positions=list(massive_positions) if massive_positions is not None else None,
+                      me_layer=me_layer, min_tokens=min_tokens, skipped=skipped)

@@ -1,0 +1,141 @@
+"""Temporary, exactly reversible ablations inside one decoder layer (used by ``melayer explain``).
+
+Two kinds, addressed through the architecture map's roles:
+
+* **FFN neurons** (:class:`NeuronAblation`): a forward pre-hook on the layer's ``down`` module zeroes the
+  chosen intermediate neurons' activations for every token, i.e. their ``down`` columns contribute nothing.
+* **Norm gains** (:class:`NormEdit`): the effective gain of a norm (``weight + norm_gain_offset``) on chosen
+  dims is set to a target value (by default that norm's median gain) by editing the weight in place.
+
+:func:`ablated` applies a list of them and undoes everything in a ``finally``: hooks are removed and the
+edited weight entries are copied back from saved clones, so the model is bit-identical afterwards.
+:func:`fingerprint` hashes every parameter and buffer (and counts hooks) so callers can prove it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from melayer.capture.hooks import Hooks
+from melayer.errors import MelayerError
+from melayer.models.archmap import NORM_ROLES
+from melayer.models.loading import LM
+
+
+@dataclass(frozen=True)
+class NeuronAblation:
+    """Zero the activations of ``neurons`` at the input of ``layer``'s ``down`` projection (all tokens)."""
+
+    layer: int
+    neurons: tuple[int, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "ffn_neurons", "layer": self.layer, "neurons": list(self.neurons),
+                "how": "activation zeroed at the down-projection input, every token"}
+
+
+@dataclass(frozen=True)
+class NormEdit:
+    """Set the effective gain of norm ``role`` in ``layer`` to ``gain`` on ``dims``."""
+
+    layer: int
+    role: str
+    dims: tuple[int, ...]
+    gain: float
+    original: tuple[float, ...] = field(default=())  # effective gains before the edit (for the record)
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "norm_gain", "layer": self.layer, "role": self.role, "dims": list(self.dims),
+                "set_gain_to": self.gain, "original_gains": list(self.original), "reason": self.reason}
+
+
+Edit = NeuronAblation | NormEdit
+
+
+def median_gain_edit(lm: LM, layer: int, role: str, dims: Sequence[int], reason: str = "") -> NormEdit | None:
+    """A :class:`NormEdit` that sets ``dims`` of a norm to that norm's median effective gain (None if the
+    layer has no such norm or it has no weight)."""
+    if role not in NORM_ROLES:
+        raise MelayerError(f"{role!r} is not a norm role ({', '.join(NORM_ROLES)})")
+    gain = lm.norm_gain(layer, role)
+    if gain is None or not dims:
+        return None
+    dims = tuple(sorted({int(d) for d in dims}))
+    median = float(gain.median())
+    return NormEdit(layer=layer, role=role, dims=dims, gain=median,
+                    original=tuple(float(gain[d]) for d in dims), reason=reason)
+
+
+def _check(lm: LM, edit: Edit) -> None:
+    if not 0 <= edit.layer < lm.num_layers:
+        raise MelayerError(f"layer {edit.layer} is out of range: {lm.name} has layers 0-{lm.num_layers - 1}")
+    if isinstance(edit, NeuronAblation):
+        inter = lm.down_weight(edit.layer).shape[1]
+        bad = [n for n in edit.neurons if not 0 <= n < inter]
+        if bad:
+            raise MelayerError(f"neuron {bad[0]} is out of range: layer {edit.layer} has {inter} FFN neurons")
+    else:
+        if lm.norm_gain(edit.layer, edit.role) is None:
+            raise MelayerError(f"layer {edit.layer} of {lm.name} has no weighted {edit.role} norm")
+        bad = [d for d in edit.dims if not 0 <= d < lm.hidden_size]
+        if bad:
+            raise MelayerError(f"dim {bad[0]} is out of range: hidden size is {lm.hidden_size}")
+
+
+def _zero_hook(neurons: tuple[int, ...]):
+    index = torch.tensor(neurons, dtype=torch.long)
+
+    def fn(module, args):
+        x = args[0].clone()
+        x[..., index.to(x.device)] = 0
+        return (x, *args[1:])
+
+    return fn
+
+
+@contextlib.contextmanager
+def ablated(lm: LM, edits: Sequence[Edit]) -> Iterator[None]:
+    """Apply ``edits`` for the duration of the ``with`` block; always restored exactly (``finally``)."""
+    for e in edits:
+        _check(lm, e)
+    saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    hooks = Hooks()
+    try:
+        with torch.no_grad():
+            for e in edits:
+                if isinstance(e, NeuronAblation):
+                    if e.neurons:
+                        hooks.pre(lm.module(e.layer, "down"), _zero_hook(tuple(e.neurons)))
+                    continue
+                weight = lm.module(e.layer, e.role).weight  # type: ignore[union-attr]
+                idx = torch.tensor(e.dims, dtype=torch.long, device=weight.device)
+                saved.append((weight, idx, weight[idx].clone()))
+                weight[idx] = torch.as_tensor(e.gain - lm.arch.norm_gain_offset, dtype=weight.dtype,
+                                              device=weight.device)
+        yield
+    finally:
+        hooks.remove()
+        with torch.no_grad():
+            for weight, idx, values in reversed(saved):
+                weight[idx] = values
+
+
+def fingerprint(lm: LM) -> dict[str, Any]:
+    """A hash of every parameter and buffer (exact bytes) plus the number of hooks installed on the model."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in (*lm.model.named_parameters(), *lm.model.named_buffers()):
+        h.update(name.encode())
+        arr = t.detach().cpu().contiguous()
+        if arr.dtype == torch.bfloat16:
+            arr = arr.view(torch.int16)
+        h.update(np.ascontiguousarray(arr.numpy()).view(np.uint8).data)
+    n_hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in lm.model.modules())
+    return {"params_blake2b": h.hexdigest(), "hooks": n_hooks}

@@ -1,0 +1,89 @@
+"""Human summaries for ``melayer explain``, ``melayer rigidity`` and ``melayer sinks`` (stdout)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+from melayer.report.console import out
+
+
+def _f(x: Any, fmt: str = ".4g") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def print_explain(d: dict[str, Any]) -> None:
+    out.print(f"[bold]{d['model']}[/] ({d['arch']}, {d['num_layers']} layers): [bold green]ME layer {d['me_layer']}[/], "
+              f"massive dims {d['massive_dims']}, tokens "
+              + ", ".join(f"pos {t['position']} {t['token']!r}" for t in d["massive_tokens"][:3]))
+    for r in d["decomposition"]:
+        extra = ""
+        if "post_ffn_norm_realised_gain" in r:
+            extra = f" (raw FFN {r['mlp_raw']:.4g} x post-FFN norm {r['post_ffn_norm_realised_gain']:.4g})"
+        out.print(f"  dim {r['dim']}: residual in {r['residual_in']:.4g} + attention {r['attn_branch']:.4g} + "
+                  f"FFN {r['ffn_branch']:.4g}{extra} = out {r['residual_out']:.4g}")
+    shares = d["selected_share_of_ffn_output"]
+    out.print(f"top FFN neurons {d['selected_neurons']} cover "
+              + ", ".join(f"{v:.1%} of dim {k}" for k, v in shares.items()) + " of the FFN output")
+    for sw in d["super_weights"][:6]:
+        out.print(f"  super weight: layer {sw['layer']} down row {sw['row']} col {sw['column']} = {sw['value']:.4g} "
+                  f"({_f(sw['ratio_to_median_abs_weight'], '.3g')} x median |w|, {sw['share_of_ffn_output']:.1%} of the FFN output)")
+    if d["driving_dims"]:
+        out.print(f"FFN-input dims driving those neurons: {d['driving_dims']}")
+    for n in d["norm_gains"]:
+        dims = ", ".join(f"{e['kind'][0]}{e['dim']}={e['gain']:.3g} ({_f(e['ratio_to_median'], '.3g')}x)" for e in n["dims"][:6])
+        sc = n["token_inv_scale"]
+        out.print(f"  {n['role']}: median gain {n['median_gain']:.3g}; {dims}; massive token 1/scale "
+                  f"{_f(sc['massive'], '.3g')} vs others {_f(sc['others_median'], '.3g')}")
+    t = Table("ablation", "layer", "downstream max", "vs none", "ME layer", "ppl", title="causal ablations")
+    base = d["ablations"][0]
+    for r in d["ablations"] + d["controls"]["layers"]:
+        t.add_row(r["ablate"], f"{r['layer']} ({r['role']})", f"{r['downstream_max']:.4g}", _f(r["downstream_ratio"], ".2%"),
+                  r["outcome"], f"{r['ppl']:.4g}")
+    rnd = d["controls"].get("random") or {}
+    if rnd.get("draws"):
+        dm, pp = rnd["downstream_max"], rnd["ppl"]
+        t.add_row(f"random x{rnd['draws']}", f"{d['me_layer']} (random)", f"{dm['mean']:.4g} ± {dm['std']:.2g}",
+                  _f(rnd.get("downstream_ratio_mean"), ".2%"), ", ".join(sorted({r["outcome"] for r in rnd["runs"]})),
+                  f"{pp['mean']:.4g} ± {pp['std']:.2g}")
+    out.print(t)
+    out.print(f"baseline perplexity {base['ppl']:.4g} on {d['settings']['perplexity']['tokens']} tokens; "
+              f"model bit-identical afterwards: {d['model_check']['bit_identical']}")
+
+
+def print_rigidity(d: dict[str, Any]) -> None:
+    s = d["summary"]
+    out.print(f"[bold]{d['model']}[/]: ME layer {d['me_layer']}, massive dims {d['massive_dims']}")
+    out.print(f"after the ME layer, cos(h_l-1, h_l): massive token {_f(s['after_me_layer_consecutive_cos_massive'], '.4f')} "
+              f"vs ordinary tokens {_f(s['after_me_layer_consecutive_cos_ordinary'], '.4f')}")
+    out.print(f"cross-prompt similarity (layers >= ME): massive token {_f(s['cross_input_massive_all_pairs'], '.4f')}"
+              + (" [trivial: same BOS at position 0]" if d["cross_input_trivially_identical"] else "")
+              + f"; differing massive tokens {_f(s['cross_input_massive_nontrivial_pairs'], '.4f')}"
+              + f"; first token without BOS {_f(s['cross_input_no_bos_first_token'], '.4f')}"
+              + f"; last-token baseline {_f(s['cross_input_last_token_baseline'], '.4f')}")
+    out.print(f"attention input after the ME layer: effective rank {_f(s['after_me_layer_erank_with'], '.3f')} with the massive "
+              f"token vs {_f(s['after_me_layer_erank_without'], '.3f')} without; mean cos {_f(s['after_me_layer_attn_input_cos_with'], '.3f')} "
+              f"vs {_f(s['after_me_layer_attn_input_cos_without'], '.3f')}")
+    for n in d["notes"]:
+        out.print(f"[yellow]note[/]: {n}")
+
+
+def print_sinks(d: dict[str, Any]) -> None:
+    st = d["settings"]
+    out.print(f"[bold]{d['model']}[/]: sink rate (first token, eps={st['epsilon']:g}) = [bold]{d['sink_rate']:.1%}[/] "
+              f"over {d['num_layers']} layers x {d['num_heads']} heads, {st['prompts']} prompts "
+              f"({d['tokens_per_prompt']['min']}-{d['tokens_per_prompt']['max']} tokens"
+              + (f"; {st['prompts_skipped_too_short']} shorter than {st['min_tokens']} skipped" if st.get("prompts_skipped_too_short") else "")
+              + ")")
+    out.print(f"a uniformly attending head would give the first token alpha_1 = {d['uniform_attention_alpha_first']:.3f} here")
+    if d.get("sink_rate_massive") is not None and any(p != 0 for p in d.get("massive_token_positions") or []):
+        out.print(f"sink rate on the massive token: {d['sink_rate_massive']:.1%}")
+    out.print(f"ME layer {d['me_layer']}; first layer with sinks: {d['first_sink_layer']} "
+              f"(any head: {d['first_sink_layer_any_head']})")
+    t = Table("layer", "sink rate", "mean alpha_1", "max-head alpha_1", title="per layer")
+    for i, rate in enumerate(d["sink_rate_per_layer"]):
+        row = d["alpha_first"][i]
+        mark = " <- ME" if i == d["me_layer"] else ""
+        t.add_row(f"{i}{mark}", f"{rate:.0%}", f"{sum(row) / len(row):.3f}", f"{max(row):.3f}")
+    out.print(t)

@@ -1,0 +1,177 @@
+"""``melayer explain`` and the ablation primitives, on tiny planted checkpoints (and one slow real-model run)."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import pytest
+import torch
+
+from melayer.analysis.explain import control_layers, explain, ffn_in_weights, perplexity
+from melayer.errors import MelayerError
+from melayer.interventions.ablate import NeuronAblation, NormEdit, ablated, fingerprint, median_gain_edit
+from melayer.models.tiny import tiny_lm
+
+PROMPTS = ["The cat sat on the mat.", "Hello world, a test.", "Numbers: 1 2 3 4 5", "Another prompt here!"]
+PLANT = dict(me_layer=1, neuron=5, dim=7, num_layers=6)  # controls: before 0, after 2, middle 3
+
+
+@functools.lru_cache(maxsize=None)
+def _run(model_type: str):
+    """One explain run per model type, shared by the tests below (each run is ~12 forward sweeps)."""
+    lm = tiny_lm(model_type, **PLANT)
+    before = fingerprint(lm)
+    result = explain(lm, PROMPTS, random_draws=2, ppl_tokens=24, progress=False)
+    return lm, before, result, result.to_dict()
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text", "phi3", "gpt2", "olmo2"])
+def test_explain_finds_the_planted_neuron_and_ffn_ablation_removes_it(model_type):
+    lm, before, result, d = _run(model_type)
+    p = lm.plant
+    assert d["schema"] == "melayer.explain/1"
+    assert d["me_layer"] == p.me_layer
+    assert d["massive_dims"] == [p.dim]
+    # the planted neuron is on top and is the super weight
+    top = d["top_neurons"][0]
+    assert (top["neuron"], top["dim"]) == (p.neuron, p.dim)
+    assert top["share"] > 0.99
+    assert d["selected_neurons"] == [p.neuron]
+    sw = d["super_weights"][0]
+    assert (sw["layer"], sw["row"], sw["column"]) == (p.me_layer, p.dim, p.neuron)
+    # the planted neuron reads the BOS-only carrier dim (through gate/up, fused gate_up or Conv1D c_fc)
+    assert d["driving_dims"] == [p.carrier]
+    # the FFN branch writes the massive value
+    dec = d["decomposition"][0]
+    assert abs(dec["ffn_branch"]) > 100 * abs(dec["attn_branch"])
+    assert dec["sum_check_error"] < 1e-3 * abs(dec["residual_out"])
+    # full-factorial ablation at the ME layer
+    runs = {r["ablate"]: r for r in d["ablations"]}
+    assert set(runs) == {"none", "norm", "ffn", "both"}
+    assert runs["none"]["me_layer_after"] == p.me_layer
+    for kind in ("ffn", "both"):
+        assert runs[kind]["me_layer_after"] is None
+        assert runs[kind]["downstream_max"] < 0.01 * runs["none"]["downstream_max"]
+    # controls at other layers and random neurons leave it in place
+    assert {r["role"] for r in d["controls"]["layers"]} == {"before", "after", "middle"}
+    for r in d["controls"]["layers"] + d["controls"]["random"]["runs"]:
+        assert r["me_layer_after"] == p.me_layer
+        assert r["downstream_max"] > 0.9 * runs["none"]["downstream_max"]
+    assert d["verdict"][f"ffn@me({p.me_layer})"]["outcome"] == "no ME layer"
+    assert d["verdict"][f"ffn@before({p.me_layer - 1})"]["outcome"] == "stays"
+    assert set(d["verdict"][f"random_ffn@me({p.me_layer})"]["outcomes"]) == {"stays"}
+    assert all(r["ppl"] > 1 for r in d["ablations"])
+    # nothing left behind
+    assert d["model_check"]["bit_identical"] and fingerprint(lm) == before
+    json.dumps(d)
+
+
+@pytest.mark.parametrize("model_type", ["gemma3_text", "olmo2"])
+def test_norm_ablation_removes_it_with_a_post_ffn_norm(model_type):
+    """With a norm after the FFN (Gemma sandwich, OLMo2) the planted activation needs that norm's gain:
+    setting it to the norm's median gain on the massive dim removes the massive activation."""
+    lm, _, _, d = _run(model_type)
+    runs = {r["ablate"]: r for r in d["ablations"]}
+    edits = {e["role"]: e for e in runs["norm"]["norm_edits"]}
+    assert edits["post_ffn_norm"]["dims"] == [lm.plant.dim]
+    assert edits["post_ffn_norm"]["original_gains"][0] == pytest.approx(500.0)
+    assert runs["norm"]["me_layer_after"] is None
+    assert runs["norm"]["downstream_max"] < 0.01 * runs["none"]["downstream_max"]
+    gains = {g["role"]: g for g in d["norm_gains"]}
+    post = [e for e in gains["post_ffn_norm"]["dims"] if e["kind"] == "massive"][0]
+    assert post["ratio_to_median"] > 100 and post["rank_by_abs_gain"] == 1
+
+
+def test_llama_style_norm_ablation_edits_the_pre_ffn_norm_on_driving_dims():
+    lm, _, _, d = _run("llama")
+    norm = next(r for r in d["ablations"] if r["ablate"] == "norm")
+    assert [(e["role"], e["dims"]) for e in norm["norm_edits"]] == [("pre_ffn_norm", [lm.plant.carrier])]
+
+
+def test_ablations_are_restored_exactly_even_on_error():
+    lm = tiny_lm("gemma3_text", me_layer=1)
+    before = fingerprint(lm)
+    edit = median_gain_edit(lm, 1, "post_ffn_norm", [7])
+    assert isinstance(edit, NormEdit) and edit.original[0] == pytest.approx(500.0)
+    batch = lm.encode(["abc"])
+    with torch.no_grad():
+        ref = lm.model(**batch).logits
+    with pytest.raises(RuntimeError):
+        with ablated(lm, [edit, NeuronAblation(1, (5,))]):
+            assert fingerprint(lm) != before
+            assert float(lm.norm_gain(1, "post_ffn_norm")[7]) == pytest.approx(edit.gain)
+            raise RuntimeError("boom")
+    assert fingerprint(lm) == before
+    with torch.no_grad():
+        assert torch.equal(lm.model(**batch).logits, ref)
+
+
+def test_ablation_input_errors():
+    lm = tiny_lm("llama", plant=False)
+    with pytest.raises(MelayerError, match="out of range"):
+        with ablated(lm, [NeuronAblation(0, (10_000,))]):
+            pass
+    with pytest.raises(MelayerError, match="out of range"):
+        with ablated(lm, [NeuronAblation(99, (1,))]):
+            pass
+    assert median_gain_edit(lm, 0, "post_ffn_norm", [1]) is None  # Llama has no post-FFN norm
+
+
+def test_explain_without_massive_activation_is_a_clear_error():
+    lm = tiny_lm("llama", plant=False)
+    with pytest.raises(MelayerError, match="no ME layer"):
+        explain(lm, PROMPTS, random_draws=0, ppl_tokens=16, progress=False)
+
+
+def test_ffn_in_weights_layouts():
+    for mt, names in (("llama", {"gate", "up"}), ("phi3", {"gate", "up"}), ("gpt2", {"up"})):
+        lm = tiny_lm(mt, plant=False)
+        w = ffn_in_weights(lm, 0)
+        assert set(w) == names
+        inter = lm.down_weight(0).shape[1]
+        assert all(t.shape == (inter, lm.hidden_size) for t in w.values())
+
+
+def test_control_layers():
+    assert control_layers(3, 18) == [("before", 2), ("after", 4), ("middle", 9)]
+    assert control_layers(0, 4) == [("after", 1), ("middle", 2)]
+    assert control_layers(2, 4) == [("before", 1), ("after", 3)]  # middle coincides with the ME layer
+
+
+def test_perplexity_windows_and_prefix():
+    lm = tiny_lm("llama", plant=False)
+    r = perplexity(lm, max_tokens=40, window=16)
+    assert r["prefix"] == [0] and r["tokens"] == 40
+    assert 1 < r["ppl"] < 10 * lm.config.vocab_size
+
+
+def test_cli_explain_on_a_saved_tiny_checkpoint(tmp_path):
+    from typer.testing import CliRunner
+
+    from melayer.cli import app
+
+    lm = tiny_lm("qwen3", me_layer=1, neuron=3, dim=11, num_layers=4)
+    lm.model.save_pretrained(tmp_path / "model")
+    lm.tokenizer.save_pretrained(tmp_path / "model")
+    (tmp_path / "p.txt").write_text("\n".join(PROMPTS) + "\n")
+    res = CliRunner().invoke(app, ["explain", "--model", str(tmp_path / "model"), "--prompts", str(tmp_path / "p.txt"),
+                                   "--output", str(tmp_path / "out"), "--random-draws", "1", "--ppl-tokens", "32"])
+    assert res.exit_code == 0, res.output
+    d = json.loads((tmp_path / "out" / "explain.json").read_text())
+    assert d["me_layer"] == 1 and d["top_neurons"][0]["neuron"] == 3 and d["top_neurons"][0]["dim"] == 11
+    for name in ("explain_mechanism.png", "explain_norm_gains.png", "explain_ablations.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_explain_gemma_270m():
+    import melayer
+
+    lm = melayer.load("gemma-3-270m", progress=False)
+    d = explain(lm, n_prompts=6, random_draws=1, ppl_tokens=128, progress=False).to_dict()
+    assert d["me_layer"] == 3 and 163 in d["massive_dims"]
+    assert d["massive_tokens"][0]["position"] == 0
+    runs = {r["ablate"]: r for r in d["ablations"]}
+    assert runs["none"]["downstream_max"] > 1e4
+    assert d["model_check"]["bit_identical"]
