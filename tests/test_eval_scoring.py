@@ -46,6 +46,9 @@ def test_gsm8k_numeric_normalisation():
     assert A.normalize_number("0.50") == "0.5"
     assert A.normalize_number("-0") == "0"
     assert A.normalize_number("abc") is None
+    big = "1" + "0" * 40  # longer than decimal's default 28-digit precision
+    assert A.normalize_number(big + ".00") == big
+    assert A.gsm8k_flexible(f"so {big[:-1]},0") == big
     assert A.gsm8k_score("#### 18.00", "18")["exact_match_strict"] == 1.0
 
 

@@ -23,6 +23,13 @@ _STRICT_PHRASE = re.compile(r"[Tt]he (?:final )?answer is\s*:?\s*(" + _NUM + ")"
 _ANY_NUM = re.compile(_NUM)
 
 
+def localcontext_exact() -> Any:
+    """A decimal context precise enough that normalising never rounds a model's (possibly long) number."""
+    from decimal import Context
+
+    return Context(prec=10_000, Emax=10**6, Emin=-(10**6))
+
+
 def normalize_number(text: str | None) -> str | None:
     """Canonical decimal string of a number written with optional ``$``, commas and trailing ``.0``; None if
     ``text`` is not a number."""
@@ -33,14 +40,11 @@ def normalize_number(text: str | None) -> str | None:
         return None
     try:
         value = Decimal(s)
-    except InvalidOperation:
+        if not value.is_finite():
+            return None
+        out = format(value.normalize(localcontext_exact()), "f")  # 18.00 -> 18, 1E+30 -> 1000...0
+    except (InvalidOperation, ValueError, OverflowError):
         return None
-    if not value.is_finite():
-        return None
-    value = value.normalize()
-    if value == value.to_integral_value():
-        value = value.quantize(Decimal(1))
-    out = format(value, "f")
     return "0" if out in ("-0", "+0") else out
 
 
