@@ -162,6 +162,8 @@ def test_rigidity_on_a_planted_model(model_type):
     assert nb["per_layer"][2]["first_token_distinct_pairs"] < 0.99
     for r in d["attention_input_diversity"]:
         assert 1.0 <= r["erank_without"] <= r["tokens_mean"]
+        assert 1.0 <= r["erank_drop_other"] <= r["erank_with"] + 1e-9  # same-size control: drop another token
+    assert d["summary"]["after_me_layer_erank_drop_other"] is not None
     json.dumps(d)
 
 

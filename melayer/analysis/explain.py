@@ -367,6 +367,15 @@ class AblationRun:
     ppl_tokens: int = 0
     baseline_downstream_max: float | None = None
     baseline_ppl: float | None = None
+    baseline_profile: list[float] | None = None
+    me_layer: int | None = None
+
+    def mean_ratio(self) -> float | None:
+        """Mean over the ME layer and later layers of (ablated / unablated) massive-token magnitude."""
+        if self.baseline_profile is None or self.me_layer is None:
+            return None
+        pairs = [(a, b) for a, b in zip(self.downstream_profile[self.me_layer:], self.baseline_profile[self.me_layer:]) if b]
+        return float(np.mean([a / b for a, b in pairs])) if pairs else None
 
     def to_dict(self) -> dict[str, Any]:
         neurons = [n for e in self.edits if isinstance(e, NeuronAblation) for n in e.neurons]
@@ -377,6 +386,7 @@ class AblationRun:
             "norm_edits": [e.to_dict() for e in self.edits if isinstance(e, NormEdit)],
             "downstream_max": self.downstream_max,
             "downstream_ratio": rel,
+            "downstream_mean_ratio": self.mean_ratio(),
             "downstream_profile": self.downstream_profile,
             "me_layer_after": self.me_layer_after,
             "me_layer_after_consistency": self.me_layer_after_consistency,
@@ -487,6 +497,7 @@ class ExplainResult:
         def entry(r: AblationRun) -> dict[str, Any]:
             return {"outcome": self.outcome(r), "me_layer_after": r.me_layer_after,
                     "downstream_ratio": r.downstream_max / base if base else None,
+                    "downstream_mean_ratio": r.mean_ratio(),
                     "ppl_ratio": r.ppl / self.ablations[0].ppl if self.ablations[0].ppl else None}
 
         out: dict[str, Any] = {
@@ -731,6 +742,8 @@ def explain(
     for r in runs:
         r.baseline_downstream_max = runs[0].downstream_max
         r.baseline_ppl = runs[0].ppl
+        r.baseline_profile = runs[0].downstream_profile
+        r.me_layer = L
 
     ppl_info = {"text": "melayer/data/ppl_text.txt (WikiText-2 test excerpt, CC BY-SA 3.0)",
                 "max_tokens": ppl_tokens, "window": PPL_WINDOW, "tokens": runs[0].ppl_tokens}
@@ -747,6 +760,8 @@ def explain(
                   "massive_token_positions": positions, "control_layers": dict((r, l) for r, l in controls),
                   "downstream_max": "mean over prompts of the largest |a| on the massive dims of the massive token "
                                     "over the outputs of the ME layer and every later layer",
+                  "downstream_mean_ratio": "mean over the ME layer and later layers of the per-layer ratio "
+                                           "(ablated / unablated) of that magnitude (downstream_profile)",
                   "ffn_ablation": "the chosen neurons' activations are zeroed at the down-projection input for every "
                                   "token (at control layers: the same number of neurons, ranked by their contribution "
                                   "to the massive dims of the massive token at that layer)",

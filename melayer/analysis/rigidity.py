@@ -17,7 +17,7 @@ Three measurements, all reduced inside hooks (one layer's activations at a time)
 * **Diversity of attention inputs**: per layer, the mean pairwise cosine and the effective rank (Roy &
   Vetterli 2007: exp of the entropy of the normalised singular values) of the attention module's input
   (the pre-attention norm's output; the raw residual stream for post-norm families), over a prompt's real
-  tokens, with and without the massive token(s).
+  tokens, with and without the massive token, and, as a same-size control, without another token.
 """
 
 from __future__ import annotations
@@ -89,7 +89,8 @@ class _Recorder:
         self.massive_abs: list[list[float]] = [[] for _ in range(n)]  # max |a| on the massive dims, tracked token
         self.median_abs: list[list[float]] = [[] for _ in range(n)]  # median |a| of the layer output, per prompt
         self.div: list[dict[str, list[float]]] = [{"cos_with": [], "cos_without": [], "erank_with": [],
-                                                   "erank_without": [], "tokens": []} for _ in range(n)]
+                                                   "erank_without": [], "cos_drop_other": [], "erank_drop_other": [],
+                                                   "tokens": []} for _ in range(n)]
 
     def install(self, hooks: Hooks, diversity: bool = True) -> None:
         for i, layer in enumerate(self.lm.layers):
@@ -135,13 +136,21 @@ class _Recorder:
             d = self.div[layer]
             for b in range(x.shape[0]):
                 real = self.tracker.real[b]
+                col = int(self.tracker.cols[b])
                 keep = real.clone()
-                keep[int(self.tracker.cols[b])] = False
-                xr, xk = x[b][real].cpu(), x[b][keep].cpu()
+                keep[col] = False
+                # control with the same token count: drop the last real token (or the one before it) instead
+                other = real.clone()
+                cols = real.nonzero().flatten().tolist()
+                drop = [c for c in reversed(cols) if c != col][:1]
+                other[drop] = False
+                xr, xk, xo = x[b][real].cpu(), x[b][keep].cpu(), x[b][other].cpu()
                 d["cos_with"].append(mean_pairwise_cos(xr))
                 d["cos_without"].append(mean_pairwise_cos(xk))
+                d["cos_drop_other"].append(mean_pairwise_cos(xo))
                 d["erank_with"].append(effective_rank(xr))
                 d["erank_without"].append(effective_rank(xk))
+                d["erank_drop_other"].append(effective_rank(xo))
                 d["tokens"].append(int(real.sum()))
         return fn
 
@@ -206,6 +215,9 @@ class RigidityResult:
             "after_me_layer_attn_input_cos_without": mean([r["mean_cos_without"] for r in div_after if r["mean_cos_without"] is not None]),
             "after_me_layer_erank_with": mean([r["erank_with"] for r in div_after if r["erank_with"] is not None]),
             "after_me_layer_erank_without": mean([r["erank_without"] for r in div_after if r["erank_without"] is not None]),
+            "after_me_layer_erank_drop_other": mean([r["erank_drop_other"] for r in div_after if r["erank_drop_other"] is not None]),
+            "after_me_layer_attn_input_cos_drop_other": mean([r["mean_cos_drop_other"] for r in div_after
+                                                              if r["mean_cos_drop_other"] is not None]),
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -317,8 +329,9 @@ def rigidity(
     for l in range(n):
         d = rec.div[l]
         diversity.append({"layer": l, "mean_cos_with": _nanmean(d["cos_with"]), "mean_cos_without": _nanmean(d["cos_without"]),
+                          "mean_cos_drop_other": _nanmean(d["cos_drop_other"]),
                           "erank_with": _nanmean(d["erank_with"]), "erank_without": _nanmean(d["erank_without"]),
-                          "tokens_mean": _nanmean(d["tokens"])})
+                          "erank_drop_other": _nanmean(d["erank_drop_other"]), "tokens_mean": _nanmean(d["tokens"])})
     if lm.arch.pre_attn_norm is None:
         notes.append(f"{lm.arch.name} has no pre-attention norm: the attention input is the raw residual stream")
     return RigidityResult(
@@ -329,5 +342,7 @@ def rigidity(
                   "ordinary_tokens": "every real token except the massive token(s) and the first token",
                   "consecutive": "cos(h_{l-1}, h_l) of the residual stream; h_{-1} = the embedding output",
                   "effective_rank": "Roy & Vetterli 2007: exp(-sum p log p), p = singular values / their sum, "
-                                    "of the attention input over one prompt's real tokens, mean over prompts"},
+                                    "of the attention input over one prompt's real tokens, mean over prompts",
+                  "drop_other": "control for 'without': the same token count, dropping the prompt's last real token "
+                                "instead of the massive token (removing any token lowers the effective rank)"},
     )

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 from melayer.report.plots import plt, save
 
@@ -150,7 +151,8 @@ def rigidity_plot(d: dict[str, Any], path: str | Path) -> Path:
     ax = axes[2]
     dv = d["attention_input_diversity"]
     ax.plot(layers, [r["erank_with"] for r in dv], "-o", ms=3, color="tab:red", label="eff. rank, with massive")
-    ax.plot(layers, [r["erank_without"] for r in dv], "-s", ms=3, color="tab:blue", label="eff. rank, without")
+    ax.plot(layers, [r["erank_without"] for r in dv], "-s", ms=3, color="tab:blue", label="eff. rank, without massive")
+    ax.plot(layers, [r["erank_drop_other"] for r in dv], "-", lw=0.8, color="tab:green", label="eff. rank, without another token")
     ax.set_xlabel("layer")
     ax.set_ylabel("effective rank of attention input")
     ax.axvline(me, color="red", ls="--", lw=1)
@@ -189,12 +191,13 @@ def sinks_heatmap(d: dict[str, Any], path: str | Path) -> Path:
     ax = axes[1]
     layers = np.arange(a.shape[0])
     ax.plot(d["sink_rate_per_layer"], layers, "-o", ms=3, label="sink rate, first token")
-    if "sink_rate_massive_per_layer" in d:
+    if show_massive:
         ax.plot(d["sink_rate_massive_per_layer"], layers, "--", label="sink rate, massive token")
     ax.plot(d["first_token_is_top_sink_per_layer"], layers, ":", label="first token is top sink")
     ax.invert_yaxis()
     if d.get("me_layer") is not None:
         ax.axhline(d["me_layer"], color="red", ls="--", lw=1, label="ME layer")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlim(-0.02, 1.02)
     ax.set_xlabel("share of (prompt, head) pairs")
     ax.set_ylabel("layer")

@@ -36,16 +36,19 @@ def print_explain(d: dict[str, Any]) -> None:
         sc = n["token_inv_scale"]
         out.print(f"  {n['role']}: median gain {n['median_gain']:.3g}; {dims}; massive token 1/scale "
                   f"{_f(sc['massive'], '.3g')} vs others {_f(sc['others_median'], '.3g')}")
-    t = Table("ablation", "layer", "downstream max", "vs none", "ME layer", "ppl", title="causal ablations")
+    t = Table("ablation", "layer", "downstream max", "vs none", "per-layer ratio", "ME layer", "ppl",
+              title="causal ablations (massive token, massive dims, ME layer onward)")
     base = d["ablations"][0]
     for r in d["ablations"] + d["controls"]["layers"]:
         t.add_row(r["ablate"], f"{r['layer']} ({r['role']})", f"{r['downstream_max']:.4g}", _f(r["downstream_ratio"], ".2%"),
-                  r["outcome"], f"{r['ppl']:.4g}")
+                  _f(r.get("downstream_mean_ratio"), ".2%"), r["outcome"], f"{r['ppl']:.4g}")
     rnd = d["controls"].get("random") or {}
     if rnd.get("draws"):
         dm, pp = rnd["downstream_max"], rnd["ppl"]
         t.add_row(f"random x{rnd['draws']}", f"{d['me_layer']} (random)", f"{dm['mean']:.4g} ± {dm['std']:.2g}",
-                  _f(rnd.get("downstream_ratio_mean"), ".2%"), ", ".join(sorted({r["outcome"] for r in rnd["runs"]})),
+                  _f(rnd.get("downstream_ratio_mean"), ".2%"),
+                  _f(float(sum(r["downstream_mean_ratio"] for r in rnd["runs"]) / len(rnd["runs"])), ".2%"),
+                  ", ".join(sorted({r["outcome"] for r in rnd["runs"]})),
                   f"{pp['mean']:.4g} ± {pp['std']:.2g}")
     out.print(t)
     out.print(f"baseline perplexity {base['ppl']:.4g} on {d['settings']['perplexity']['tokens']} tokens; "
@@ -58,13 +61,14 @@ def print_rigidity(d: dict[str, Any]) -> None:
     out.print(f"after the ME layer, cos(h_l-1, h_l): massive token {_f(s['after_me_layer_consecutive_cos_massive'], '.4f')} "
               f"vs ordinary tokens {_f(s['after_me_layer_consecutive_cos_ordinary'], '.4f')}")
     out.print(f"cross-prompt similarity (layers >= ME): massive token {_f(s['cross_input_massive_all_pairs'], '.4f')}"
-              + (" [trivial: same BOS at position 0]" if d["cross_input_trivially_identical"] else "")
+              + (" (trivial: same BOS at position 0)" if d["cross_input_trivially_identical"] else "")
               + f"; differing massive tokens {_f(s['cross_input_massive_nontrivial_pairs'], '.4f')}"
               + f"; first token without BOS {_f(s['cross_input_no_bos_first_token'], '.4f')}"
               + f"; last-token baseline {_f(s['cross_input_last_token_baseline'], '.4f')}")
     out.print(f"attention input after the ME layer: effective rank {_f(s['after_me_layer_erank_with'], '.3f')} with the massive "
-              f"token vs {_f(s['after_me_layer_erank_without'], '.3f')} without; mean cos {_f(s['after_me_layer_attn_input_cos_with'], '.3f')} "
-              f"vs {_f(s['after_me_layer_attn_input_cos_without'], '.3f')}")
+              f"token, {_f(s['after_me_layer_erank_without'], '.3f')} without it, {_f(s['after_me_layer_erank_drop_other'], '.3f')} "
+              f"without another token instead; mean cos {_f(s['after_me_layer_attn_input_cos_with'], '.3f')} / "
+              f"{_f(s['after_me_layer_attn_input_cos_without'], '.3f')} / {_f(s['after_me_layer_attn_input_cos_drop_other'], '.3f')}")
     for n in d["notes"]:
         out.print(f"[yellow]note[/]: {n}")
 
