@@ -86,6 +86,7 @@ def explain_ablations(d: dict[str, Any], path: str | Path) -> Path:
     ax.axvline(d["me_layer"], color="red", lw=1, ls="--")
     ax.set_yscale("log")
     ax.set_xlabel("decoder layer (output)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("max |a| on massive dims, massive token")
     ax.set_title("ablations at the ME layer")
     ax.legend(fontsize=7)
@@ -164,6 +165,8 @@ def rigidity_plot(d: dict[str, Any], path: str | Path) -> Path:
     h2, l2 = ax3.get_legend_handles_labels()
     ax.legend(h1 + h2, l1 + l2, fontsize=7)
     ax.set_title("diversity of attention inputs")
+    for a in axes:
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(f"{d['model']}: rigidity (ME layer {me})")
     fig.tight_layout()
     return save(fig, path)
