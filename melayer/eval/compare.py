@@ -8,6 +8,7 @@ to the baseline, a paired bootstrap 95% CI (same resampled sample indices for bo
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,13 +49,13 @@ def rate_dir(rate: float) -> str:
     return f"rate_{rate:g}"
 
 
-def _sinks(lm: LM, prompts: list[str], intervention: Any = None) -> float | None:
+def _sinks(lm: LM, prompts: list[str], intervention: Any = None) -> tuple[float, int]:
+    """(sink rate, prompts skipped as too short) of ``lm`` on ``prompts``, under ``intervention`` if given."""
     from melayer.analysis.sinks import measure_sinks
 
-    if intervention is None:
-        return float(measure_sinks(lm, prompts, epsilon=SINK_EPSILON).sink_rate)
-    with intervention():
-        return float(measure_sinks(lm, prompts, epsilon=SINK_EPSILON).sink_rate)
+    with intervention() if intervention is not None else contextlib.nullcontext():
+        res = measure_sinks(lm, prompts, epsilon=SINK_EPSILON)
+    return float(res.sink_rate), len(getattr(res, "skipped", []) or [])
 
 
 def sinks_available() -> str | None:
@@ -160,9 +161,13 @@ def compare(
     if sink_note is None:
         sink_note = sinks_available()
     sink_rates: dict[float, float | None] = {}
+    sink_skipped = 0
     if sink_note is None:
-        for rate in rates:
-            sink_rates[rate] = _sinks(lm, prompts, None if rate == 0 else factory(rate))
+        try:
+            for rate in rates:
+                sink_rates[rate], sink_skipped = _sinks(lm, prompts, None if rate == 0 else factory(rate))
+        except MelayerError as exc:  # e.g. every task prompt is too short for a meaningful sink score
+            sink_rates, sink_note = {}, f"not measured: {exc}"
 
     rows = []
     for rate in rates:
@@ -197,7 +202,8 @@ def compare(
         gamma=gamma, layers=layer_list if layer_list is not None else (
             list(range(me_layer + 1, lm.num_layers)) if me_layer is not None else None),
         rows=rows, settings=settings,
-        sinks={"epsilon": SINK_EPSILON, "prompts": len(prompts), "note": sink_note,
+        sinks={"epsilon": SINK_EPSILON, "prompts": len(prompts), "prompts_skipped_too_short": sink_skipped,
+               "source": "the first task prompts (as the model sees them, without chat template)", "note": sink_note,
                "rates": {f"{r:g}": v for r, v in sink_rates.items()} if sink_rates else None},
         runs=runs, output=str(out_dir) if out_dir else None, elapsed_s=time.time() - t0)
     if out_dir is not None:
@@ -224,8 +230,8 @@ def dose_response_plot(data: dict[str, Any], path: str | Path) -> Path:
         if name == "sink rate":
             ax.plot(x, [r["sink_rate"] for r in rows], "-s", color="tab:red", ms=4)
             ax.set_ylim(0, 1.05)
-            ax.set_title(f"sink rate (eps={data['sinks']['epsilon']:g}, {data['sinks']['prompts']} prompts)",
-                         fontsize=9)
+            used = data["sinks"]["prompts"] - data["sinks"].get("prompts_skipped_too_short", 0)
+            ax.set_title(f"sink rate (eps={data['sinks']['epsilon']:g}, {used} prompts)", fontsize=9)
         else:
             vals = [r["metrics"][name]["value"] for r in rows]
             y = [float("nan") if v is None else v for v in vals]
