@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 from melayer.report.io import write_atomic  # noqa: E402
@@ -35,6 +36,7 @@ def layer_magnitudes(scan: dict[str, Any], path: str | Path) -> Path:
     if scan.get("me_layer") is not None:
         ax.axvline(scan["me_layer"], color="red", ls="--", lw=1, label=f"ME layer {scan['me_layer']}")
     ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("decoder layer (output)")
     ax.set_ylabel("|activation| (mean over prompts)")
     ax.set_title(f"{scan['model']}: layer-wise magnitudes")
@@ -54,6 +56,7 @@ def token_surface(scan: dict[str, Any], path: str | Path) -> Path | None:
     ax = fig.add_subplot(111, projection="3d")
     ax.plot_surface(dims, layers, grid, cmap="viridis", linewidth=0, antialiased=False, rstride=1,
                     cstride=max(1, grid.shape[1] // 256))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("hidden dim")
     ax.set_ylabel("layer")
     ax.set_zlabel("|a|")
