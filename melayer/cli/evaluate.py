@@ -27,16 +27,12 @@ OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="discard existin
 def _check(task: str, limit: int | None, batch_size: int, max_new_tokens: int | None, chat: str,
            num_fewshot: int | None) -> tuple[bool | str, dict]:
     """Validate everything cheap before loading a model (bad input -> one line, nothing written)."""
+    from melayer.eval.runner import check_run_args
     from melayer.eval.tasks import TASKS, get_task
 
     if task not in TASKS:
         raise MelayerError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    if limit is not None and limit < 1:
-        raise MelayerError(f"--limit must be a positive number of samples (got {limit})")
-    if batch_size < 1:
-        raise MelayerError(f"--batch-size must be >= 1 (got {batch_size})")
-    if max_new_tokens is not None and max_new_tokens < 1:
-        raise MelayerError(f"--max-new-tokens must be >= 1 (got {max_new_tokens})")
+    check_run_args(limit, batch_size, max_new_tokens)
     modes: dict[str, bool | str] = {"auto": "auto", "on": True, "off": False}
     if chat not in modes:
         raise MelayerError(f"--chat must be auto, on or off (got {chat!r})")

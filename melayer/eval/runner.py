@@ -123,6 +123,15 @@ def summarize(task: Task, records: list[dict[str, Any]], n_boot: int = 2000, see
     return out
 
 
+def check_run_args(limit: int | None, batch_size: int, max_new_tokens: int | None) -> None:
+    """One-line errors for run settings (the CLI calls this before loading a model)."""
+    if limit is not None and limit < 1:
+        raise MelayerError(f"--limit must be a positive number of samples (got {limit})")
+    if batch_size < 1:
+        raise MelayerError(f"--batch-size must be >= 1 (got {batch_size})")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise MelayerError(f"--max-new-tokens must be >= 1 (got {max_new_tokens})")
+
 def run(
     lm: LM,
     task: str | Task,
@@ -146,12 +155,7 @@ def run(
     they are written. ``samples`` overrides the task's own sample list (``task.load(limit)``).
     """
     t0 = time.time()
-    if limit is not None and limit < 1:
-        raise MelayerError(f"--limit must be a positive number of samples (got {limit})")
-    if batch_size < 1:
-        raise MelayerError(f"--batch-size must be >= 1 (got {batch_size})")
-    if max_new_tokens is not None and max_new_tokens < 1:
-        raise MelayerError(f"--max-new-tokens must be >= 1 (got {max_new_tokens})")
+    check_run_args(limit, batch_size, max_new_tokens)
     task = get_task(task, **task_options)
     use_chat = task.uses_chat(lm, chat)
     if task.family != "generate":
