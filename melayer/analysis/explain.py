@@ -29,7 +29,7 @@ import torch
 
 from melayer.analysis.criterion import Criterion
 from melayer.analysis.scan import ScanResult, batches, default_prompts, forward_body, scan
-from melayer.capture.hooks import Hooks, layer_output
+from melayer.capture.hooks import Hooks, StopForward, layer_output, run_until
 from melayer.errors import MelayerError
 from melayer.interventions.ablate import Edit, NeuronAblation, NormEdit, ablated, fingerprint, median_gain_edit
 from melayer.models.archmap import NORM_ROLES
@@ -193,22 +193,15 @@ def record_layers(lm: LM, prompts: Sequence[str], positions: Sequence[int], laye
     return out
 
 
-class _Stop(Exception):
-    pass
-
-
 def _run_until(lm: LM, batch: dict[str, torch.Tensor], last_layer: int) -> None:
     """Run the decoder stack and stop right after ``last_layer`` (nothing later is needed)."""
     def stop(module, args, output):
-        raise _Stop
+        raise StopForward
 
     with Hooks() as hooks:
         if last_layer < lm.num_layers - 1:
             hooks.forward(lm.layers[last_layer], stop)
-        try:
-            forward_body(lm, batch)
-        except _Stop:
-            pass
+        run_until(lambda: forward_body(lm, batch))
 
 
 # ----------------------------------------------------------------------------------------------------

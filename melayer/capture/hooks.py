@@ -17,14 +17,6 @@ def layer_output(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-def replace_layer_output(output: Any, tensor: torch.Tensor) -> Any:
-    if isinstance(output, tuple):
-        return (tensor, *output[1:])
-    if isinstance(output, list):
-        return [tensor, *output[1:]]
-    return tensor
-
-
 class Hooks:
     """Collects hook handles and removes them all on exit.
 
