@@ -209,21 +209,8 @@ def _run_until(lm: LM, batch: dict[str, torch.Tensor], last_layer: int) -> None:
 
 
 def ffn_in_weights(lm: LM, layer: int) -> dict[str, torch.Tensor]:
-    """The FFN input projections of ``layer`` as (intermediate, hidden) matrices: ``gate`` and ``up``
-    (split from a fused ``gate_up``; GPT-2's ``c_fc`` is ``up``), whatever the storage layout."""
-    inter = lm.down_weight(layer).shape[1]
-    if lm.arch.gate_up is not None:
-        w = lm.module(layer, "gate_up").weight.detach()
-        if lm.arch.conv1d:
-            w = w.t()
-        return {"gate": w[:inter], "up": w[inter:]}
-    out = {}
-    for role in ("gate", "up"):
-        mod = lm.module(layer, role)
-        if mod is not None:
-            w = mod.weight.detach()
-            out[role] = w.t() if lm.arch.conv1d else w
-    return out
+    """The FFN input projections of ``layer`` as (intermediate, hidden) matrices (see ``ArchSpec.ffn_in_matrices``)."""
+    return lm.ffn_in_weights(layer)
 
 
 def neuron_contributions(lm: LM, layer: int, down_in: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
@@ -688,7 +675,7 @@ def explain(
                 "layer": L, "row": d, "column": n, "value": float(w_down[d, n]),
                 "ratio_to_median_abs_weight": abs(float(w_down[d, n])) / median_abs_w if median_abs_w else None,
                 "share_of_ffn_output": s, "tensor": down_path,
-                "stored_index": [n, d] if lm.arch.conv1d else [d, n],
+                "stored_index": lm.arch.stored_index(d, n),
             })
     driving = {n: driving_inputs(lm, L, rec[L]["mlp_in"], n) for n in selected}
     drive = driving_dims(driving)

@@ -118,7 +118,7 @@ def ablated(lm: LM, edits: Sequence[Edit]) -> Iterator[None]:
                 weight = lm.module(e.layer, e.role).weight  # type: ignore[union-attr]
                 idx = torch.tensor(e.dims, dtype=torch.long, device=weight.device)
                 saved.append((weight, idx, weight[idx].clone()))
-                weight[idx] = torch.as_tensor(e.gain - lm.arch.norm_gain_offset, dtype=weight.dtype,
+                weight[idx] = torch.as_tensor(lm.arch.weight_for_gain(e.gain), dtype=weight.dtype,
                                               device=weight.device)
         yield
     finally:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from torch import nn
 
 from melayer.errors import MelayerError, UnsupportedArchitecture
@@ -72,6 +73,55 @@ class ArchSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    # -- weight layouts: the only place that knows Conv1D vs nn.Linear, fused gate_up and the norm offset --
+    def linear_weight(self, module: nn.Module) -> torch.Tensor:
+        """A projection's weight as nn.Linear lays it out, (out_features, in_features), whatever the storage
+        (GPT-2's Conv1D stores (in, out)). A view: writing into it writes the module's weight."""
+        weight = module.weight
+        return weight.t() if self.conv1d else weight
+
+    def down_matrix(self, down: nn.Module) -> torch.Tensor:
+        """The down projection as (hidden_out, neuron) (a view of the stored weight)."""
+        return self.linear_weight(down)
+
+    def ffn_in_matrices(self, layer: nn.Module) -> dict[str, torch.Tensor]:
+        """A decoder layer's FFN input projections as (neuron, hidden_in) matrices keyed ``gate`` / ``up``: a
+        fused ``gate_up`` is split (first half gate, second half up); GPT-2's ``c_fc`` is ``up``. Views of the
+        stored weights, so writing into them edits the model."""
+        if self.gate_up is not None:
+            w = self.linear_weight(resolve(layer, self.gate_up))  # type: ignore[arg-type]
+            inter = w.shape[0] // 2
+            return {"gate": w[:inter], "up": w[inter:]}
+        out = {}
+        for role in ("gate", "up"):
+            mod = resolve(layer, getattr(self, role))
+            if mod is not None:
+                out[role] = self.linear_weight(mod)
+        return out
+
+    @staticmethod
+    def projections(module: nn.Module) -> list[tuple[nn.Module, torch.Tensor]]:
+        """Every projection inside ``module`` with its weight as an (out, in) view (nn.Linear or GPT-2's Conv1D)."""
+        found = []
+        for sub in module.modules():
+            if isinstance(sub, nn.Linear):
+                found.append((sub, sub.weight))
+            elif type(sub).__name__ == "Conv1D":  # transformers.pytorch_utils.Conv1D stores (in, out)
+                found.append((sub, sub.weight.t()))
+        return found
+
+    def stored_index(self, row: int, col: int) -> list[int]:
+        """Where entry (row, col) of :meth:`linear_weight` sits in the stored weight tensor."""
+        return [col, row] if self.conv1d else [row, col]
+
+    def gain_from_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """A norm's effective per-dim gain from its stored weight (Gemma stores gain - 1)."""
+        return weight + self.norm_gain_offset
+
+    def weight_for_gain(self, gain: float) -> float:
+        """The stored norm weight that gives effective gain ``gain``."""
+        return gain - self.norm_gain_offset
 
     def with_overrides(self, **overrides: Any) -> "ArchSpec":
         unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}

@@ -84,12 +84,15 @@ class LM:
         weight = getattr(norm, "weight", None) if norm is not None else None
         if weight is None:
             return None
-        return weight.detach().float() + self.arch.norm_gain_offset
+        return self.arch.gain_from_weight(weight.detach().float())
 
     def down_weight(self, layer: int) -> torch.Tensor:
-        """``down_proj`` weight as (hidden_out, intermediate), whatever the storage layout."""
-        weight = self.module(layer, "down").weight.detach()  # type: ignore[union-attr]
-        return weight.t() if self.arch.conv1d else weight
+        """``down`` weight as (hidden_out, intermediate), whatever the storage layout."""
+        return self.arch.down_matrix(self.module(layer, "down")).detach()  # type: ignore[arg-type]
+
+    def ffn_in_weights(self, layer: int) -> dict[str, torch.Tensor]:
+        """The FFN input projections of ``layer`` as (intermediate, hidden) matrices keyed ``gate`` / ``up``."""
+        return {k: w.detach() for k, w in self.arch.ffn_in_matrices(self.layers[layer]).items()}
 
     def encode(self, texts: list[str], add_special_tokens: bool = True) -> dict[str, torch.Tensor]:
         """Tokenise with left padding (so the last position is every row's last real token)."""

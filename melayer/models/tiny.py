@@ -17,7 +17,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from melayer.models.archmap import ARCHITECTURES, resolve
 from melayer.models.loading import LM, from_model
@@ -69,54 +68,27 @@ class Plant:
     precursor: tuple[int, int] | None = None  # (layer, dim) of a transient spike removed one layer later
 
 
-def _linear_out_rows(module: nn.Module, hidden: int) -> list[tuple[torch.Tensor, torch.Tensor | None, bool]]:
-    """(weight, bias, conv1d) of every projection in ``module`` that writes hidden-size outputs."""
-    found = []
-    for sub in module.modules():
-        if isinstance(sub, nn.Linear) and sub.out_features == hidden:
-            found.append((sub.weight, sub.bias, False))
-        elif type(sub).__name__ == "Conv1D" and getattr(sub, "nf", None) == hidden:
-            found.append((sub.weight, sub.bias, True))
-    return found
-
-
 def _set_neuron(lm: LM, layer: int, neuron: int, read_dim: int, gain: float) -> None:
     """Make FFN ``neuron`` of ``layer`` read only ``read_dim`` (positively) through gate and up."""
-    arch = lm.arch
-    inter = INTER
-    if arch.gate_up is not None:
-        w = lm.module(layer, "gate_up").weight
-        for row in (neuron, inter + neuron):
-            w[row].zero_()
-            w[row, read_dim] = gain
+    for w in lm.arch.ffn_in_matrices(lm.layers[layer]).values():  # (neuron, hidden) views of the weights
+        w[neuron].zero_()
+        w[neuron, read_dim] = gain
+    if lm.arch.gate_up is not None:
         return
     for role in ("gate", "up"):
         mod = lm.module(layer, role)
-        if mod is None:
-            continue
-        if arch.conv1d:
-            mod.weight[:, neuron].zero_()
-            mod.weight[read_dim, neuron] = gain
-        else:
-            mod.weight[neuron].zero_()
-            mod.weight[neuron, read_dim] = gain
-        if getattr(mod, "bias", None) is not None:
+        if mod is not None and getattr(mod, "bias", None) is not None:
             # LayerNorm subtracts the mean, so tokens without the carrier still read a small (-mean/std)
             # on it; a threshold of 2 (BOS reads ~sqrt(hidden)) keeps the neuron silent for them.
-            mod.bias[neuron] = -2.0 * gain if arch.norm_kind == "layer" else 0.0
+            mod.bias[neuron] = -2.0 * gain if lm.arch.norm_kind == "layer" else 0.0
 
 
 def _set_down(lm: LM, layer: int, neuron: int, dim: int, value: float) -> None:
     """``down`` writes ``value`` x activation into ``dim`` only, and ``dim`` hears from ``neuron`` only."""
-    w = lm.module(layer, "down").weight
-    if lm.arch.conv1d:  # (intermediate, hidden)
-        w[:, dim].zero_()
-        w[neuron].zero_()
-        w[neuron, dim] = value
-    else:
-        w[dim].zero_()
-        w[:, neuron].zero_()
-        w[dim, neuron] = value
+    w = lm.arch.down_matrix(lm.module(layer, "down"))  # (hidden, neuron) view
+    w[dim].zero_()
+    w[:, neuron].zero_()
+    w[dim, neuron] = value
 
 
 @torch.no_grad()
@@ -135,17 +107,19 @@ def plant_massive(lm: LM, me_layer: int, neuron: int, dim: int, carrier: int | N
         pos.weight[:, carrier] = 0.0
     for layer in lm.layers:
         for role in ("attn", "mlp"):
-            for weight, bias, conv in _linear_out_rows(resolve(layer, getattr(lm.arch, role)), hidden):
-                (weight[:, carrier] if conv else weight[carrier]).zero_()
-                if bias is not None:
-                    bias[carrier] = 0.0
+            for sub, weight in lm.arch.projections(resolve(layer, getattr(lm.arch, role))):
+                if weight.shape[0] != hidden:  # only projections that write the residual width
+                    continue
+                weight[carrier].zero_()
+                if getattr(sub, "bias", None) is not None:
+                    sub.bias[carrier] = 0.0
     # 2. the planted neuron reads the carrier; its down column writes the massive dim
     _set_neuron(lm, me_layer, neuron, carrier, gain=2.0)
     _set_down(lm, me_layer, neuron, dim, strength / math.sqrt(hidden))
     # 3. a norm after the FFN would rescale the output to O(1): give it a large gain on the dim
     post = lm.module(me_layer, "post_ffn_norm")
     if post is not None and getattr(post, "weight", None) is not None:
-        post.weight[dim] = strength / 4 - lm.arch.norm_gain_offset
+        post.weight[dim] = lm.arch.weight_for_gain(strength / 4)
     if precursor is not None:
         _plant_precursor(lm, precursor, carrier, neuron, strength)
     return Plant(me_layer=me_layer, neuron=neuron, dim=dim, carrier=carrier, precursor=precursor)
@@ -165,11 +139,9 @@ def _plant_precursor(lm: LM, precursor: tuple[int, int], carrier: int, neuron: i
     _set_down(lm, layer, spike, dim, strength / 8 / 256)
     # layer p+1 must not read the spike dim (else the spike leaks into other dims before it is cancelled)
     for role in ("attn", "mlp"):
-        for sub in resolve(lm.layers[layer + 1], getattr(lm.arch, role)).modules():
-            if isinstance(sub, nn.Linear) and sub.in_features == lm.hidden_size:
-                sub.weight[:, dim] = 0.0
-            elif type(sub).__name__ == "Conv1D" and sub.weight.shape[0] == lm.hidden_size:
-                sub.weight[dim, :] = 0.0
+        for _, weight in lm.arch.projections(resolve(lm.layers[layer + 1], getattr(lm.arch, role))):
+            if weight.shape[1] == lm.hidden_size:
+                weight[:, dim] = 0.0
     _set_neuron(lm, layer + 1, cancel, carrier, gain=2.0)
     _set_down(lm, layer + 1, cancel, dim, 0.0)
     # measure the residual entering layer p+1's FFN and the cancel neuron's activation, then cancel exactly
