@@ -2,7 +2,7 @@
 
 from melayer.analysis.criterion import Criterion
 from melayer.analysis.scan import ScanResult, scan
-from melayer.errors import MelayerError
+from melayer.util.errors import MelayerError
 from melayer.interventions.wemask import WeMask, wemask
 from melayer.models.archmap import ARCHITECTURES, ArchSpec
 from melayer.models.loading import LM, from_model, load

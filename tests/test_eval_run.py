@@ -13,7 +13,7 @@ from melayer.eval import run
 from melayer.eval.compare import compare, parse_rates, sinks_available
 from melayer.eval.tasks import get_task
 from melayer.models.tiny import tiny_lm
-from melayer.report.io import read_jsonl
+from melayer.util.io import read_jsonl
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -195,6 +195,9 @@ def test_compare_pairs_rates_against_baseline(lm, tmp_path):
         assert all(0.0 <= row["sink_rate"] <= 1.0 for row in d["per_rate"])
     else:
         assert all("sink_rate" not in row for row in d["per_rate"]) and d["sinks"]["note"]
+    from melayer.report.eval import dose_response_plot
+
+    dose_response_plot(d, tmp_path / "dose_response.png")  # rendering lives in report/ (the CLI calls it)
     assert (tmp_path / "dose_response.png").stat().st_size > 1000
     for rate in ("0", "0.05", "0.5"):
         assert len(read_jsonl(tmp_path / f"rate_{rate}" / "samples.jsonl")) == 8

@@ -39,7 +39,7 @@ def test_gemma_me_layer_3_dim_163_on_bos(gemma, gemma_scan):
 
 
 def test_gemma_scan_json_is_valid_json(gemma_scan, tmp_path):
-    from melayer.report.io import write_json
+    from melayer.util.io import write_json
 
     write_json(tmp_path / "scan.json", gemma_scan.to_dict())
     d = json.loads((tmp_path / "scan.json").read_text())

@@ -16,7 +16,7 @@ from melayer.analysis.scan import MAX_MASSIVE, N_CANDIDATES, TOP_K, PromptScan, 
 from melayer.errors import MelayerError, NumericOverflow
 from melayer.models.archmap import resolve
 from melayer.models.tiny import MODEL_TYPES, plant_massive, tiny_lm
-from melayer.report.io import write_json
+from melayer.util.io import write_json
 
 LONG = [
     "The capital of France is Paris, a city on the Seine.",

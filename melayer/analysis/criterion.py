@@ -27,7 +27,7 @@ class Criterion:
     min_tokens: int = 4
 
     def __post_init__(self) -> None:
-        from melayer.errors import MelayerError
+        from melayer.util.errors import MelayerError
 
         checks = {
             "abs_min": self.abs_min >= 0,

@@ -30,11 +30,11 @@ import torch
 from melayer.analysis.criterion import Criterion
 from melayer.analysis.scan import ScanResult, batches, default_prompts, forward_body, scan
 from melayer.capture.hooks import Hooks, StopForward, layer_output, run_until
-from melayer.errors import MelayerError
+from melayer.util.errors import MelayerError
 from melayer.interventions.ablate import Edit, NeuronAblation, NormEdit, ablated, fingerprint, median_gain_edit
 from melayer.models.archmap import NORM_ROLES
 from melayer.models.loading import LM
-from melayer.report.console import track
+from melayer.util.console import track
 
 ABLATIONS = ("none", "norm", "ffn", "both")
 DEFAULT_PROMPTS = 16

@@ -33,9 +33,9 @@ from melayer.analysis.criterion import Criterion
 from melayer.analysis.explain import TokenTracker, _first_arg, _special_prefix, massive_dims_at, massive_positions
 from melayer.analysis.scan import ScanResult, batches, default_prompts, forward_body, scan
 from melayer.capture.hooks import Hooks, layer_output
-from melayer.errors import MelayerError
+from melayer.util.errors import MelayerError
 from melayer.models.loading import LM
-from melayer.report.console import track
+from melayer.util.console import track
 
 DEFAULT_PROMPTS = 32
 

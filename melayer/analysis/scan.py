@@ -16,9 +16,9 @@ import torch
 
 from melayer.analysis.criterion import Criterion
 from melayer.capture.hooks import Hooks, layer_output
-from melayer.errors import MelayerError, NumericOverflow
+from melayer.util.errors import MelayerError, NumericOverflow
 from melayer.models.loading import LM
-from melayer.report.console import track
+from melayer.util.console import track
 
 TOP_K = 8  # top |a| entries kept per layer and prompt
 MAX_MASSIVE = 256  # massive entries kept per layer and prompt (a sane model has a handful)

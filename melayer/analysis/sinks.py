@@ -41,9 +41,9 @@ import torch
 
 from melayer.analysis.scan import default_prompts, forward_body
 from melayer.capture.hooks import Hooks
-from melayer.errors import MelayerError
+from melayer.util.errors import MelayerError
 from melayer.models.loading import LM
-from melayer.report.console import track
+from melayer.util.console import track
 
 DEFAULT_EPSILON = 0.3
 DEFAULT_MAX_TOKENS = 64

@@ -12,7 +12,7 @@ import sys
 
 import typer
 
-from melayer.errors import MelayerError
+from melayer.util.errors import MelayerError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Find where massive activations are born (the ME layer), explain them, measure sinks, fix them.")

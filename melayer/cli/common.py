@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from melayer.errors import MelayerError
+from melayer.util.errors import MelayerError
 
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="gemma-3-270m (default), smollm2-135m, a HF dir, a .gguf file or a hub id")]
 PromptOpt = Annotated[Optional[str], typer.Option("--prompt", "-p", help="a single prompt")]

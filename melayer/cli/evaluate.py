@@ -9,7 +9,7 @@ import typer
 
 from melayer.cli import app
 from melayer.cli.common import ArchOpt, DtypeOpt, ModelOpt
-from melayer.errors import MelayerError
+from melayer.util.errors import MelayerError
 
 TaskOpt = Annotated[str, typer.Option("--task", "-t", help="ppl, gsm8k, math500, ifeval, arc_easy, arc_challenge, hellaswag, lambada, winogrande")]
 LimitOpt = Annotated[Optional[int], typer.Option("--limit", "-n", help="evaluate only the first N samples")]
@@ -77,7 +77,7 @@ def eval_cmd(
             raise MelayerError(f"--wemask rate {wemask:g} is out of range: it is a fraction of the hidden size in [0, 1]")
     import melayer
     from melayer.eval import run
-    from melayer.eval.report import print_eval
+    from melayer.report.eval import print_eval
 
     out = output or Path("out/eval") / task
     lm = melayer.load(model, dtype=dtype, arch=arch)
@@ -132,7 +132,7 @@ def compare_cmd(
     _check_wemask(select, gamma)
     import melayer
     from melayer.eval.compare import compare
-    from melayer.eval.report import print_compare
+    from melayer.report.eval import dose_response_plot, print_compare
 
     out = output or Path("out/compare") / task
     lm = melayer.load(model, dtype=dtype, arch=arch)
@@ -140,4 +140,5 @@ def compare_cmd(
                      layers=layers, gamma=gamma, me_layer=me_layer, max_new_tokens=max_new_tokens, chat=chat_mode,
                      sinks=sinks, overwrite=overwrite, **options)
     print_compare(result.to_dict())
+    dose_response_plot(result.to_dict(), out / "dose_response.png")
     typer.echo(f"wrote {out / 'compare.json'} and {out / 'dose_response.png'}")

@@ -16,7 +16,7 @@ PlotsOpt = Annotated[bool, typer.Option(help="write PNG plots")]
 
 
 def _n(value: int | None, default: int | None) -> int | None:
-    from melayer.errors import MelayerError
+    from melayer.util.errors import MelayerError
 
     if value is None:
         return default
@@ -47,9 +47,9 @@ def explain(
     import melayer
     from melayer.analysis.explain import DEFAULT_PROMPTS
     from melayer.analysis.explain import explain as run_explain
-    from melayer.errors import MelayerError
+    from melayer.util.errors import MelayerError
     from melayer.report import plots_analysis as P
-    from melayer.report.io import write_json
+    from melayer.util.io import write_json
     from melayer.report.summary_analysis import print_explain
 
     if ppl_tokens < 0:
@@ -84,7 +84,7 @@ def rigidity(
     from melayer.analysis.rigidity import DEFAULT_PROMPTS
     from melayer.analysis.rigidity import rigidity as run_rigidity
     from melayer.report import plots_analysis as P
-    from melayer.report.io import write_json
+    from melayer.util.io import write_json
     from melayer.report.summary_analysis import print_rigidity
 
     texts = prompts_from(None, prompts)
@@ -118,9 +118,9 @@ def sinks(
     import melayer
     from melayer.analysis.explain import massive_dims_at, massive_positions
     from melayer.analysis.sinks import measure_sinks, text_windows
-    from melayer.errors import MelayerError
+    from melayer.util.errors import MelayerError
     from melayer.report import plots_analysis as P
-    from melayer.report.io import write_json
+    from melayer.util.io import write_json
     from melayer.report.summary_analysis import print_sinks
 
     if max_tokens < 0 or min_tokens < 0:

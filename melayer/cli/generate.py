@@ -28,10 +28,10 @@ def generate(
 ) -> None:
     """Greedy generation (KV cache) printed to stdout; with --wemask under WeMask (settings on stderr)."""
     import melayer
-    from melayer.errors import MelayerError
+    from melayer.util.errors import MelayerError
     from melayer.interventions.wemask import SELECT_RULES, WeMask, chat_prompt, format_layers, greedy_generate
-    from melayer.report.console import err, status
-    from melayer.report.io import write_json
+    from melayer.util.console import err, status
+    from melayer.util.io import write_json
 
     if not prompt.strip():
         raise MelayerError("empty prompt: --prompt must contain text")

@@ -31,7 +31,7 @@ def scan(
     import melayer
     from melayer.analysis.criterion import Criterion
     from melayer.report import plots as P
-    from melayer.report.io import write_json
+    from melayer.util.io import write_json
     from melayer.report.summary import print_scan
 
     check_output(output)

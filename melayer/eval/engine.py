@@ -15,7 +15,7 @@ import torch
 
 from melayer.analysis.scan import position_ids
 from melayer.capture.hooks import Hooks
-from melayer.errors import MelayerError
+from melayer.util.errors import MelayerError
 from melayer.models.loading import LM
 
 Intervention = Callable[[], ContextManager[Any]] | None

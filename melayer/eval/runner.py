@@ -19,13 +19,13 @@ from typing import Any
 
 import torch
 
-from melayer.errors import MelayerError
+from melayer.util.errors import MelayerError
 from melayer.eval import engine as E
 from melayer.eval.stats import Metric, aggregate, bootstrap_ci
 from melayer.eval.tasks import RunContext, Task, get_task
 from melayer.models.loading import LM
-from melayer.report.console import track
-from melayer.report.io import append_jsonl, read_jsonl, write_atomic, write_json
+from melayer.util.console import track
+from melayer.util.io import append_jsonl, read_jsonl, write_atomic, write_json
 
 SCHEMA = "melayer.eval/1"
 SAMPLES = "samples.jsonl"

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from melayer.errors import MelayerError
+from melayer.util.errors import MelayerError
 from melayer.eval import answers, data
 from melayer.eval import engine as E
 from melayer.eval.stats import Metric

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from melayer.capture.hooks import Hooks
-from melayer.errors import MelayerError
+from melayer.util.errors import MelayerError
 from melayer.models.archmap import NORM_ROLES
 from melayer.models.loading import LM
 

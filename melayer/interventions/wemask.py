@@ -31,7 +31,7 @@ import torch
 
 from melayer.analysis.criterion import Criterion
 from melayer.capture.hooks import Hooks
-from melayer.errors import MelayerError
+from melayer.util.errors import MelayerError
 from melayer.models.loading import LM
 
 SELECT_RULES = ("activation", "weight")

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from melayer.errors import MelayerError, UnsupportedArchitecture
+from melayer.util.errors import MelayerError, UnsupportedArchitecture
 
 # Layer-level roles, in the order they act inside a decoder layer.
 LAYER_ROLES = (

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from melayer.errors import MelayerError
+from melayer.util.errors import MelayerError
 from melayer.models.archmap import ArchSpec, arch_for, resolve
 
 DEFAULT_MODEL = "gemma-3-270m"
@@ -188,7 +188,7 @@ def _convert_gguf(path: Path, progress: bool = True) -> Path:
     check_gguf(path)  # a full header parse: seconds for a large vocabulary, so only before converting
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from melayer.report.console import status
+    from melayer.util.console import status
 
     with status(f"converting {path.name} once (cached in {out.parent}) ..." if progress else None), _library_bars_off():
         try:

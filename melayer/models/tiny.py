@@ -145,13 +145,16 @@ def _plant_precursor(lm: LM, precursor: tuple[int, int], carrier: int, neuron: i
     _set_neuron(lm, layer + 1, cancel, carrier, gain=2.0)
     _set_down(lm, layer + 1, cancel, dim, 0.0)
     # measure the residual entering layer p+1's FFN and the cancel neuron's activation, then cancel exactly
-    from melayer.capture.hooks import Hooks
-
     seen: dict[str, torch.Tensor] = {}
-    with Hooks() as hooks:
-        hooks.pre(lm.module(layer + 1, "down"), lambda m, a: seen.__setitem__("act", a[0][0, 0].clone()))
-        hooks.pre(lm.module(layer + 1, "pre_ffn_norm"), lambda m, a: seen.__setitem__("x", a[0][0, 0].clone()))
+    handles = [  # models/ sits below capture/, so plain PyTorch hooks, removed in the finally
+        lm.module(layer + 1, "down").register_forward_pre_hook(lambda m, a: seen.__setitem__("act", a[0][0, 0].clone())),
+        lm.module(layer + 1, "pre_ffn_norm").register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0][0, 0].clone())),
+    ]
+    try:
         lm.model(input_ids=torch.tensor([[BOS]]))
+    finally:
+        for h in handles:
+            h.remove()
     _set_down(lm, layer + 1, cancel, dim, float(-seen["x"][dim] / seen["act"][cancel]))
 
 

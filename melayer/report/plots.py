@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
-from melayer.report.io import write_atomic  # noqa: E402
+from melayer.util.io import write_atomic  # noqa: E402
 
 
 def save(fig: Any, path: str | Path) -> Path:

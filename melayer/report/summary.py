@@ -6,7 +6,7 @@ from typing import Any
 
 from rich.table import Table
 
-from melayer.report.console import out
+from melayer.util.console import out
 
 
 def print_scan(d: dict[str, Any]) -> None:

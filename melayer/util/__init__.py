@@ -1,0 +1,1 @@
+"""Plumbing below every stage: errors, console progress, atomic file io."""

@@ -1,0 +1,17 @@
+"""One exception type for every user-facing failure.
+
+The CLI turns a :class:`MelayerError` into one line on stderr and a non-zero exit; anything else is a bug
+and keeps its traceback.
+"""
+
+
+class MelayerError(Exception):
+    """A problem with the user's input or environment, reported as one clear line."""
+
+
+class UnsupportedArchitecture(MelayerError):
+    """The model's modules could not be mapped onto melayer's architecture roles."""
+
+
+class NumericOverflow(MelayerError):
+    """A forward pass produced inf/nan, typically float16 overflow of massive activations."""
