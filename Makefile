@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.melayer-installed
 # users keep an open torch range.
 TORCH   ?= torch==2.13.0
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo lint test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -24,10 +24,13 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(BIN)/melayer scan --output out/demo
 
-test: setup
+lint: setup
+	$(BIN)/ruff check melayer tests bench
+
+test: setup lint
 	$(BIN)/python -m pytest
 
-test-fast: setup
+test-fast: setup lint
 	$(BIN)/python -m pytest -m "not slow"
 
 bench: setup

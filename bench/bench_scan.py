@@ -42,12 +42,13 @@ def main() -> None:
     import torch
 
     import melayer
-    from melayer.analysis.scan import batches, default_prompts, forward_body
+    from melayer.analysis.scan import default_prompts
+    from melayer.capture import batches, encode, forward_body
 
     env = {**os.environ, "MELAYER_QUIET": "1"}
     lm = melayer.load(progress=False)  # make sure the cache exists
     prompts = default_prompts()
-    encoded = [lm.encode(chunk) for _, chunk in batches(prompts, 8)]
+    encoded = [encode(lm, chunk) for _, chunk in batches(prompts, 8)]
 
     def bare() -> None:
         with torch.no_grad():

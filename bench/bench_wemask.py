@@ -51,7 +51,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     import melayer
-    from melayer.interventions.wemask import WeMask, format_layers, greedy_generate
+    from melayer.interventions.generate import greedy_generate
+    from melayer.interventions.wemask import WeMask, format_layers
 
     lm = melayer.load(args.model, progress=False)
     wm = WeMask(lm, args.rate, me_layer=None if args.me_layer < 0 else args.me_layer)
@@ -114,10 +115,11 @@ def main() -> None:
 @torch.no_grad()
 def effect(lm, wm, args) -> None:
     """How much WeMask changes the model: next-token KL per prompt, top-1 agreement, and generated text."""
-    from melayer.analysis.scan import position_ids
-    from melayer.interventions.wemask import WeMask, greedy_generate
+    from melayer.capture import encode, position_ids
+    from melayer.interventions.generate import greedy_generate
+    from melayer.interventions.wemask import WeMask
 
-    batch = lm.encode(PROMPTS)
+    batch = encode(lm, PROMPTS)
     pos = position_ids(batch["attention_mask"])
 
     def next_logp():

@@ -7,16 +7,30 @@ import json
 
 import pytest
 import torch
+from conftest import NEOX_ARCH, unsupported_model
 from torch import nn
 from transformers.activations import ACT2FN
 
 import melayer
-from melayer.capture.hooks import Hooks, layer_output
+from melayer.capture import Hooks, encode, layer_output
 from melayer.errors import MelayerError, UnsupportedArchitecture
-from melayer.models.archmap import ARCHITECTURES, LAYER_ROLES, MODEL_ROLES, NORM_ROLES, ArchSpec, arch_for, resolve
-from melayer.models.tiny import INTER, MODEL_TYPES, VOCAB, plant_massive, tiny_lm, tiny_tokenizer
-
-from conftest import NEOX_ARCH, unsupported_model
+from melayer.models.archmap import (
+    ARCHITECTURES,
+    LAYER_ROLES,
+    MODEL_ROLES,
+    NORM_ROLES,
+    ArchSpec,
+    arch_for,
+    resolve,
+)
+from melayer.models.tiny import (
+    INTER,
+    MODEL_TYPES,
+    VOCAB,
+    plant_massive,
+    tiny_lm,
+    tiny_tokenizer,
+)
 
 PROMPTS = ["The capital of France is Paris.", "Hello world, this is a test!", "1 2 3 4 5 6 7 8"]
 
@@ -108,7 +122,7 @@ def test_roles_match_the_data_flow(model_type):
         hooks.forward(final, lambda m, a, o: keep((-1, "final_out"), o))
         hooks.pre(head, lambda m, a: keep((-1, "head_in"), a[0]))
         with torch.no_grad():
-            lm.model(**lm.encode(["The quick brown fox jumps."]))
+            lm.model(**encode(lm, ["The quick brown fox jumps."]))
 
     def close(a, b, what):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m: f"{model_type} {what}: {m}")
@@ -170,7 +184,7 @@ def test_roles_match_the_data_flow(model_type):
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_body_is_the_decoder_stack_without_head(model_type):
     lm = tiny_lm(model_type, plant=False)
-    batch = lm.encode(PROMPTS[:1])
+    batch = encode(lm, PROMPTS[:1])
     with torch.no_grad():
         body = lm.body(**batch).last_hidden_state
         full = lm.model(**batch, output_hidden_states=True)

@@ -171,7 +171,7 @@ def test_intervention_is_applied_and_recorded(lm, tmp_path):
 
     base = run(lm, "lambada", limit=4, batch_size=4, progress=False)
     masked = run(lm, "lambada", limit=4, batch_size=4, output=tmp_path, progress=False,
-                 intervention=lambda: wemask(lm, 0.5, me_layer=1))
+                 intervention=wemask(lm, 0.5, me_layer=1))
     assert [a["loglik"] for a in base.records] != [b["loglik"] for b in masked.records]
     d = json.loads((tmp_path / "eval.json").read_text())
     assert d["settings"]["intervention"]["rate"] == 0.5 and d["settings"]["intervention"]["layers"] == [2, 3]

@@ -8,16 +8,25 @@ import json
 import pytest
 import torch
 
-from melayer.analysis.explain import control_layers, explain, ffn_in_weights, perplexity
+from melayer.analysis.attribution import ffn_in_weights
+from melayer.analysis.perplexity import perplexity
+from melayer.capture import encode
 from melayer.errors import MelayerError
-from melayer.interventions.ablate import NeuronAblation, NormEdit, ablated, fingerprint, median_gain_edit
+from melayer.interventions.ablate import (
+    NeuronAblation,
+    NormEdit,
+    ablated,
+    fingerprint,
+    median_gain_edit,
+)
+from melayer.interventions.explain import control_layers, explain
 from melayer.models.tiny import tiny_lm
 
 PROMPTS = ["The cat sat on the mat.", "Hello world, a test.", "Numbers: 1 2 3 4 5", "Another prompt here!"]
 PLANT = dict(me_layer=1, neuron=5, dim=7, num_layers=6)  # controls: before 0, after 2, middle 3
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _run(model_type: str):
     """One explain run per model type, shared by the tests below (each run is ~12 forward sweeps)."""
     lm = tiny_lm(model_type, **PLANT)
@@ -94,7 +103,7 @@ def test_ablations_are_restored_exactly_even_on_error():
     before = fingerprint(lm)
     edit = median_gain_edit(lm, 1, "post_ffn_norm", [7])
     assert isinstance(edit, NormEdit) and edit.original[0] == pytest.approx(500.0)
-    batch = lm.encode(["abc"])
+    batch = encode(lm, ["abc"])
     with torch.no_grad():
         ref = lm.model(**batch).logits
     with pytest.raises(RuntimeError):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import melayer
+from melayer.capture import encode
 from melayer.errors import MelayerError
 from melayer.models import loading as L
 from melayer.models.tiny import tiny_lm
@@ -28,7 +29,7 @@ def test_saved_directory_loads_and_keeps_its_plant(planted_dir):
     assert lm.name == "tiny-planted" and lm.source == str(planted_dir)
     assert lm.arch.name == "llama" and lm.num_layers == 5 and lm.hidden_size == 64
     assert lm.dtype == torch.float32 and not lm.model.training
-    assert lm.encode(["ab"])["input_ids"].tolist() == [[0, *lm.tokenizer("ab", add_special_tokens=False)["input_ids"]]]
+    assert encode(lm, ["ab"])["input_ids"].tolist() == [[0, *lm.tokenizer("ab", add_special_tokens=False)["input_ids"]]]
     r = melayer.scan(lm, ["The capital of France is Paris.", "Hello world!"], progress=False)
     assert (r.me_layer, r.massive_dims, r.massive_tokens()[0]["token"]) == (2, [7], "<bos>")
 
@@ -139,9 +140,9 @@ def test_gguf_round_trip_is_converted_once_into_melayer_cache(tmp_path, monkeypa
     # the same weights and tokenizer as the model the file was written from
     ref = tiny_lm("llama", me_layer=2)
     text = ["The capital of France is Paris."]
-    assert lm.encode(text)["input_ids"].tolist() == ref.encode(text)["input_ids"].tolist()
+    assert encode(lm, text)["input_ids"].tolist() == encode(ref, text)["input_ids"].tolist()
     with torch.no_grad():
-        torch.testing.assert_close(lm.model(**lm.encode(text)).logits, ref.model(**ref.encode(text)).logits,
+        torch.testing.assert_close(lm.model(**encode(lm, text)).logits, ref.model(**encode(ref, text)).logits,
                                    rtol=1e-4, atol=1e-4)
     r = melayer.scan(lm, text, progress=False)
     assert (r.me_layer, r.massive_dims) == (2, [7])

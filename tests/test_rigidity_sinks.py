@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from melayer.analysis.rigidity import effective_rank, mean_pairwise_cos, rigidity
-from melayer.analysis.scan import forward_body
-from melayer.analysis.sinks import encode_truncated, measure_sinks
+from melayer.analysis.sinks import measure_sinks
+from melayer.capture import encode
 from melayer.capture.hooks import Hooks
 from melayer.errors import MelayerError
 from melayer.models.tiny import MODEL_TYPES, tiny_lm
@@ -21,7 +21,7 @@ PROMPTS = ["The cat sat on the mat.", "Hello world", "Numbers: 1 2 3 4 5 6 7 8 9
 
 def _reference_alpha(lm, prompt: str, max_tokens: int, k: int) -> np.ndarray:
     """alpha_k from transformers' own eager ``output_attentions`` on the unpadded prompt: (layers, heads)."""
-    batch = encode_truncated(lm, [prompt], max_tokens)
+    batch = encode(lm, [prompt], max_tokens=max_tokens)
     with torch.no_grad():
         out = lm.model(**batch, output_attentions=True)
     alphas = []
@@ -97,7 +97,7 @@ def test_sinks_measure_the_model_as_it_runs():
             hooks.pre(lm.module(i, "attn"), scale_first, with_kwargs=True)
         hooked = measure_sinks(lm, PROMPTS[:3], min_tokens=None)
         lm.model.set_attn_implementation("eager")
-        batch = encode_truncated(lm, PROMPTS[:1], 64)
+        batch = encode(lm, PROMPTS[:1], max_tokens=64)
         with torch.no_grad():
             ref = lm.model(**batch, output_attentions=True).attentions
     assert not np.allclose(plain.alpha_first, hooked.alpha_first)

@@ -12,7 +12,8 @@ import torch
 
 import melayer
 from melayer.analysis.criterion import Criterion
-from melayer.analysis.scan import MAX_MASSIVE, N_CANDIDATES, TOP_K, PromptScan, position_ids
+from melayer.analysis.scan import MAX_MASSIVE, N_CANDIDATES, TOP_K, PromptScan
+from melayer.capture import encode, position_ids
 from melayer.errors import MelayerError, NumericOverflow
 from melayer.models.archmap import resolve
 from melayer.models.tiny import MODEL_TYPES, plant_massive, tiny_lm
@@ -38,7 +39,7 @@ def plant_on_token(lm, token: str, layer: int, neuron: int, dim: int, carrier: i
     embed.weight[:, carrier] = 0.0
     embed.weight[tok_id, carrier] = 1.0
     for block in lm.layers:
-        for name, sub in block.named_modules():
+        for sub in block.modules():
             if isinstance(sub, torch.nn.Linear) and sub.out_features == lm.hidden_size:
                 sub.weight[carrier] = 0.0
     for role in ("gate", "up"):
@@ -120,7 +121,7 @@ def test_position_ids_are_left_padding_aware():
 def test_left_padding_gives_the_same_per_prompt_results_as_batch_size_1(model_type):
     lm = tiny_lm(model_type, me_layer=1)
     prompts = ["Hi there", "The capital of France is Paris, a city on the Seine river.", "1 2 3", "Another one."]
-    batch = lm.encode(prompts)
+    batch = encode(lm, prompts)
     assert (batch["attention_mask"] == 0).any(), "the batch must really be left padded"
     assert (batch["attention_mask"][:, -1] == 1).all()
     together = melayer.scan(lm, prompts, batch_size=len(prompts), progress=False)
@@ -294,7 +295,7 @@ def test_per_prompt_state_does_not_grow_with_tokens():
     lm = tiny_lm("llama", me_layer=1, num_layers=6)
     short, long = "Hello there, world.", " ".join(["Long prompts cost no extra memory."] * 6)
     r = melayer.scan(lm, [short, long], progress=False)
-    (n_short, sizes_short), (n_long, sizes_long) = _state(r.prompts[0]), _state(r.prompts[1])
+    (n_short, _), (n_long, sizes_long) = _state(r.prompts[0]), _state(r.prompts[1])
     tokens, hidden, layers = r.prompts[1].n_tokens, lm.hidden_size, lm.num_layers
     assert tokens > 200
     assert r.prompts[1].rows == []  # candidate rows are dropped once the profile is built

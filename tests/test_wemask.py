@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from melayer.analysis.scan import position_ids
+from melayer.capture import encode, position_ids
 from melayer.capture.hooks import Hooks
 from melayer.errors import MelayerError
-from melayer.interventions.wemask import WeMask, format_layers, greedy_generate, parse_layers, wemask
-from melayer.models.tiny import BOS, MODEL_TYPES, tiny_lm
+from melayer.interventions.generate import greedy_generate
+from melayer.interventions.wemask import WeMask, format_layers, parse_layers, wemask
+from melayer.models.tiny import MODEL_TYPES, tiny_lm
 
 PROMPTS = ["hello there, friend", "hi"]  # the second row is left-padded
 LAYERS = [2, 3]  # tiny models: 4 layers, massive activation planted at layer 1
@@ -83,7 +84,7 @@ def instrument(lm, layer: int, wm: WeMask):
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_cache_equals_recompute_and_exact_restore(tiny, model_type):
     lm = tiny(model_type)
-    batch = lm.encode(PROMPTS)
+    batch = encode(lm, PROMPTS)
     hooks_before = all_hook_counts(lm.model)
     params_before = {k: v.clone() for k, v in lm.model.state_dict().items()}
     base = logits(lm, batch)
@@ -119,7 +120,7 @@ def test_cache_equals_recompute_and_exact_restore(tiny, model_type):
 @pytest.mark.parametrize("model_type", ["llama", "olmo2", "gpt2"])
 def test_only_first_real_token_masked_never_decode_steps(tiny, model_type):
     lm = tiny(model_type)
-    batch = lm.encode(PROMPTS)
+    batch = encode(lm, PROMPTS)
     first = batch["attention_mask"].argmax(dim=1).tolist()
     assert first[0] == 0 and first[1] > 0  # row 1 is left-padded
     wm = WeMask(lm, RATE, layers=LAYERS)
@@ -139,7 +140,7 @@ def test_only_first_real_token_masked_never_decode_steps(tiny, model_type):
 
 def test_masked_dims_are_the_top_abs_activation_dims(tiny):
     lm = tiny("llama")
-    batch = lm.encode(["abc"])
+    batch = encode(lm, ["abc"])
     seen = {}
 
     def grab(mod, args, kwargs):
@@ -158,7 +159,7 @@ def test_masked_dims_are_the_top_abs_activation_dims(tiny):
 
 def test_gamma_scales_instead_of_zeroing(tiny):
     lm = tiny("llama")
-    batch = lm.encode(["abc"])
+    batch = encode(lm, ["abc"])
     got = {}
 
     def grab(key):
@@ -181,7 +182,7 @@ def test_gamma_scales_instead_of_zeroing(tiny):
 
 def test_token_rule_massive(tiny):
     lm = tiny("llama")
-    batch = lm.encode(PROMPTS)
+    batch = encode(lm, PROMPTS)
     first = batch["attention_mask"].argmax(dim=1).tolist()
     wm = WeMask(lm, RATE, layers=LAYERS, token="massive")
     with instrument(lm, 2, wm) as log, torch.no_grad():
@@ -206,7 +207,7 @@ def test_select_weight_picks_top_gain_dims():
         norm.weight[top] = torch.tensor([4.0, -5.0, 3.0, 6.0, -3.5, 2.5])  # |gain| decides, sign does not
     wm = WeMask(lm, RATE, layers=[2, 3], select="weight")
     assert wm.masked_dims()[2] == sorted(top)
-    batch = lm.encode(["abcd"])
+    batch = encode(lm, ["abcd"])
     with instrument(lm, 2, wm) as log:
         logits(lm, batch)
     assert set(log[0][1][(0, 0)]) <= set(top) and len(log[0][1][(0, 0)]) >= 5
@@ -253,7 +254,7 @@ def test_validation(tiny, kwargs, message):
 
 def test_rate_zero_is_a_noop(tiny):
     lm = tiny("llama")
-    batch = lm.encode(PROMPTS)
+    batch = encode(lm, PROMPTS)
     base = logits(lm, batch)
     hooks_before = all_hook_counts(lm.model)
     with wemask(lm, 0.0, me_layer=1) as wm:
@@ -272,7 +273,7 @@ def test_default_layers_follow_the_me_layer(tiny):
 
 def test_apply_remove_persistent_and_double_apply(tiny):
     lm = tiny("llama")
-    batch = lm.encode(PROMPTS)
+    batch = encode(lm, PROMPTS)
     base = logits(lm, batch)
     wm = wemask(lm, RATE, layers=LAYERS).apply()
     try:
@@ -416,7 +417,7 @@ def test_real_gemma_wemask(gemma, gemma_scan, tmp_path):
     assert gemma_scan.me_layer == 3  # melayer.scan on the shipped prompts (what WeMask runs by default)
     wm = WeMask(lm, 0.01, me_layer=gemma_scan.me_layer)
     assert wm.me_layer == 3 and wm.layers == list(range(4, 18)) and wm.k == 6
-    batch = lm.encode(["The capital of France is", "Water boils at a temperature of"])
+    batch = encode(lm, ["The capital of France is", "Water boils at a temperature of"])
     base = logits(lm, batch)
     n_new = 6
     with wm:

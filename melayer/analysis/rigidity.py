@@ -30,12 +30,22 @@ import numpy as np
 import torch
 
 from melayer.analysis.criterion import Criterion
-from melayer.analysis.explain import TokenTracker, _first_arg, _special_prefix, massive_dims_at, massive_positions
-from melayer.analysis.scan import ScanResult, batches, default_prompts, forward_body, scan
-from melayer.capture.hooks import Hooks, layer_output
-from melayer.util.errors import MelayerError
+from melayer.analysis.me_layer import massive_dims_at, massive_positions
+from melayer.analysis.perplexity import special_prefix
+from melayer.analysis.scan import ScanResult, default_prompts, scan
+from melayer.capture import (
+    Hooks,
+    TokenTracker,
+    batches,
+    encode,
+    first_real,
+    forward_body,
+    hidden_arg,
+    layer_output,
+)
 from melayer.models.loading import LM
 from melayer.util.console import track
+from melayer.util.errors import MelayerError
 
 DEFAULT_PROMPTS = 32
 
@@ -101,12 +111,12 @@ class _Recorder:
 
     def _pre(self, layer: int):
         def fn(module, args, kwargs):
-            self.inputs[layer] = _first_arg(args, kwargs)
+            self.inputs[layer] = hidden_arg(args, kwargs)
         return fn
 
     def _others(self, b: int) -> torch.Tensor:
         real = self.tracker.real[b].clone()
-        first = int(real.float().argmax())
+        first = int(first_real(real[None])[0])
         real[int(self.tracker.cols[b])] = False
         if self.exclude_first:
             real[first] = False
@@ -132,7 +142,7 @@ class _Recorder:
 
     def _attn(self, layer: int):
         def fn(module, args, kwargs):
-            x = _first_arg(args, kwargs).detach().float()
+            x = hidden_arg(args, kwargs).detach().float()
             d = self.div[layer]
             for b in range(x.shape[0]):
                 real = self.tracker.real[b]
@@ -166,7 +176,7 @@ def _run(lm: LM, prompts: Sequence[str], positions: Sequence[int], dims: Sequenc
         rec.install(hooks, diversity=diversity)
         chunks = batches(list(prompts), batch_size)
         for _, chunk in track(chunks, desc, enabled=progress):
-            batch = lm.encode(chunk, add_special_tokens=add_special_tokens)
+            batch = encode(lm, chunk, add_special_tokens=add_special_tokens)
             for b in range(len(chunk)):
                 ids.append(batch["input_ids"][b][batch["attention_mask"][b].bool()].tolist())
             forward_body(lm, batch)
@@ -297,7 +307,7 @@ def rigidity(
 
     # second pass without the special prefix
     no_bos = None
-    prefix = _special_prefix(lm.tokenizer)
+    prefix = special_prefix(lm.tokenizer)
     if prefix:
         rec2, ids2 = _run(lm, prompts, [0] * m, dims, batch_size, False, False, progress, "rigidity (no BOS)")
         first_ids = [row[0] for row in ids2]

@@ -15,10 +15,17 @@ import numpy as np
 import torch
 
 from melayer.analysis.criterion import Criterion
-from melayer.capture.hooks import Hooks, layer_output
-from melayer.util.errors import MelayerError, NumericOverflow
+from melayer.capture import (
+    Hooks,
+    batches,
+    encode,
+    first_real,
+    forward_body,
+    layer_output,
+)
 from melayer.models.loading import LM
 from melayer.util.console import track
+from melayer.util.errors import MelayerError, NumericOverflow
 
 TOP_K = 8  # top |a| entries kept per layer and prompt
 MAX_MASSIVE = 256  # massive entries kept per layer and prompt (a sane model has a handful)
@@ -82,7 +89,7 @@ class _Reducer:
 
     def start(self, mask: torch.Tensor) -> None:
         self.mask = mask.bool()
-        self.offsets = (~self.mask).sum(1)  # left padding per row
+        self.offsets = first_real(self.mask)  # left padding per row
         self.offsets_list = self.offsets.tolist()
         self.per_row: list[list[dict[str, Any]]] = [[] for _ in range(mask.shape[0])]
         self.watch: list[dict[tuple[int, int], None]] = [{} for _ in range(mask.shape[0])]
@@ -294,21 +301,6 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
-def position_ids(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that start at 0 on each row's first real token (left padding aware)."""
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def forward_body(lm: LM, batch: dict[str, torch.Tensor]) -> Any:
-    """The decoder stack only: no LM head, no hidden-state outputs, no KV cache."""
-    return lm.body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=position_ids(batch["attention_mask"]), use_cache=False)
-
-
-def batches(prompts: Sequence[str], batch_size: int) -> list[tuple[int, list[str]]]:
-    return [(i, list(prompts[i : i + batch_size])) for i in range(0, len(prompts), batch_size)]
-
-
 @torch.no_grad()
 def scan(
     lm: LM,
@@ -334,7 +326,7 @@ def scan(
             hooks.forward(layer, reducer.hook(i))
         chunks = batches(prompts, batch_size)
         for start, chunk in track(chunks, f"scanning {lm.name}", total=len(chunks), enabled=progress):
-            batch = lm.encode(chunk)
+            batch = encode(lm, chunk)
             reducer.start(batch["attention_mask"])
             forward_body(lm, batch)
             for b, text in enumerate(chunk):

@@ -32,18 +32,20 @@ SDPA on long prompts and differs from it only by floating-point rounding.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from melayer.analysis.scan import default_prompts, forward_body
-from melayer.capture.hooks import Hooks
-from melayer.util.errors import MelayerError
+from melayer.analysis.perplexity import ppl_text, special_prefix
+from melayer.analysis.scan import default_prompts
+from melayer.capture import Hooks, encode, forward_body
+from melayer.models.hf_internals import attention_implementation
 from melayer.models.loading import LM
 from melayer.util.console import track
+from melayer.util.errors import MelayerError
 
 DEFAULT_EPSILON = 0.3
 DEFAULT_MAX_TOKENS = 64
@@ -58,11 +60,9 @@ def uniform_alpha_first(length: int) -> float:
 def text_windows(lm: LM, n: int = 32, length: int = DEFAULT_MAX_TOKENS) -> list[str]:
     """Up to ``n`` consecutive windows of the shipped WikiText-2 excerpt, each ``length`` tokens long once the
     tokenizer's special prefix is added (decoded back to text, so they can be fed like prompts)."""
-    from melayer.analysis.explain import _special_prefix, ppl_text
-
     tok = lm.tokenizer
     ids = tok(ppl_text(), add_special_tokens=False)["input_ids"]
-    body = max(1, length - len(_special_prefix(tok)))
+    body = max(1, length - len(special_prefix(tok)))
     out = []
     for start in range(0, len(ids) - body + 1, body):
         out.append(tok.decode(ids[start : start + body]))
@@ -71,44 +71,10 @@ def text_windows(lm: LM, n: int = 32, length: int = DEFAULT_MAX_TOKENS) -> list[
     return out
 
 
-@contextlib.contextmanager
-def eager_attention(lm: LM) -> Iterator[None]:
+def eager_attention(lm: LM) -> contextlib.AbstractContextManager[None]:
     """Run the model with transformers' eager attention inside the block; the previous implementation is
     restored on exit."""
-    model = lm.model
-    prev = getattr(model.config, "_attn_implementation", None)
-    if prev == "eager":
-        yield
-        return
-    try:
-        model.set_attn_implementation("eager")
-    except Exception as exc:  # transformers raises ValueError / ImportError for unsupported models
-        raise MelayerError(f"cannot switch {lm.name} to eager attention to read attention probabilities: {exc}") from None
-    try:
-        yield
-    finally:
-        try:
-            model.set_attn_implementation(prev)
-        except Exception:
-            model.config._attn_implementation = prev
-
-
-def encode_truncated(lm: LM, prompts: Sequence[str], max_tokens: int | None) -> dict[str, torch.Tensor]:
-    """Tokenise each prompt (with the tokenizer's special prefix), keep its first ``max_tokens`` tokens,
-    and left-pad the batch."""
-    tok = lm.tokenizer
-    rows = [tok(p)["input_ids"] for p in prompts]
-    if max_tokens:
-        rows = [r[:max_tokens] for r in rows]
-    width = max(len(r) for r in rows)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    ids = torch.full((len(rows), width), int(pad), dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, width - len(r):] = torch.tensor(r)
-            mask[i, width - len(r):] = 1
-    return {"input_ids": ids.to(lm.device), "attention_mask": mask.to(lm.device)}
+    return attention_implementation(lm.model, "eager", f"{lm.name} (to read attention probabilities)")
 
 
 PROBS_BUDGET = 32 * 2**20  # attention probabilities held at once (floats): one layer's (batch, heads, T, T)
@@ -348,7 +314,7 @@ def measure_sinks(
             hooks.pre(attn, reducer.pre(i), with_kwargs=True)
             hooks.forward(attn, reducer.post(i), with_kwargs=True)
         for chunk in track(chunks, f"attention sinks of {lm.name}", enabled=progress):
-            batch = encode_truncated(lm, chunk, max_tokens)
+            batch = encode(lm, chunk, max_tokens=max_tokens)
             reducer.start(batch["attention_mask"])
             forward_body(lm, batch)
             reducer.offset += len(chunk)
@@ -360,3 +326,34 @@ def measure_sinks(
                       tokens_per_prompt=[int(x) for x in lengths], alpha_first=first, top_is_first=top,
                       alpha_massive=massive, massive_positions=list(massive_positions) if massive_positions is not None else None,
                       me_layer=me_layer, min_tokens=min_tokens, skipped=skipped)
+
+
+def sinks(lm: LM, prompts: Sequence[str] | None = None, *, windows: int = 32, epsilon: float = DEFAULT_EPSILON,
+          max_tokens: int | None = DEFAULT_MAX_TOKENS, min_tokens: int | None = DEFAULT_MIN_TOKENS,
+          n_prompts: int | None = None, batch_size: int = 8, progress: bool = True) -> SinkResult:
+    """``melayer sinks``: without ``prompts``, ``windows`` windows of the shipped WikiText-2 excerpt (Gu et al.'s
+    T=64 setting); locate the ME layer and the massive token with one scan, then measure the sinks for both."""
+    from melayer.analysis.me_layer import massive_dims_at, massive_positions
+    from melayer.analysis.scan import scan
+
+    if max_tokens is not None and max_tokens < 0 or min_tokens is not None and min_tokens < 0:
+        raise MelayerError("--max-tokens and --min-tokens must be >= 0")
+    if windows < 1:
+        raise MelayerError("--windows must be >= 1")
+    source = "prompts"
+    texts = list(prompts) if prompts is not None else None
+    if texts is None:
+        texts = text_windows(lm, windows, max_tokens or DEFAULT_MAX_TOKENS)
+        source = (f"{len(texts)} windows of {max_tokens or DEFAULT_MAX_TOKENS} tokens of melayer/data/ppl_text.txt "
+                  "(WikiText-2 test excerpt)")
+    texts = texts[:n_prompts] if n_prompts else texts
+    found = scan(lm, texts, batch_size=batch_size, progress=progress)
+    positions = None
+    if found.me_layer is not None:
+        dims, _ = massive_dims_at(found, found.me_layer)
+        positions = massive_positions(found, found.me_layer, dims)
+    result = measure_sinks(lm, texts, epsilon, massive_positions=positions, max_tokens=max_tokens or None,
+                           min_tokens=min_tokens or None, batch_size=batch_size, me_layer=found.me_layer,
+                           progress=progress)
+    result.extra["source"] = source
+    return result

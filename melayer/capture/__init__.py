@@ -1,5 +1,26 @@
-"""Capture: hook context managers and streaming reductions."""
+"""Capture: encoding, token tracking, named hook sites and forward control. Every analysis and intervention
+asks here; nothing else re-derives padding, first real tokens or module hooks."""
 
-from melayer.capture.hooks import Hooks, layer_output
+from melayer.capture.encoding import (
+           batches,
+           encode,
+           eos_ids,
+           first_real,
+           left_pad,
+           pad_id,
+           position_ids,
+)
+from melayer.capture.hooks import Hooks, StopForward, layer_output, run_until
+from melayer.capture.sites import (
+           SITES,
+           edit_site,
+           forward_body,
+           forward_until,
+           read_site,
+           site_module,
+)
+from melayer.capture.tokens import TokenTracker, body_call, hidden_arg
 
-__all__ = ["Hooks", "layer_output"]
+__all__ = ["SITES", "Hooks", "StopForward", "TokenTracker", "batches", "body_call", "edit_site", "encode", "eos_ids",
+           "first_real", "forward_body", "forward_until", "hidden_arg", "layer_output", "left_pad", "pad_id",
+           "position_ids", "read_site", "run_until", "site_module"]

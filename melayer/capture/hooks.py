@@ -39,7 +39,7 @@ class Hooks:
             handle.remove()
         self._handles.clear()
 
-    def __enter__(self) -> "Hooks":
+    def __enter__(self) -> Hooks:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -24,7 +24,7 @@ def _root() -> None:
 
 
 for _mod in pkgutil.iter_modules(__path__):
-    if _mod.name != "common":
+    if _mod.name not in ("common", "eval_options"):  # helpers; every other module is one command
         importlib.import_module(f"{__name__}.{_mod.name}")
 
 

@@ -1,10 +1,12 @@
-"""Options and helpers shared by the CLI commands."""
+"""Options and the steps every command shares: check the output target (before loading anything), load the
+model, run, write the JSON atomically, render (summary + plots). Commands are thin shells over the Python API."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -16,6 +18,11 @@ PromptsOpt = Annotated[Optional[Path], typer.Option("--prompts", help="a text fi
 OutputOpt = Annotated[Path, typer.Option("--output", "-o", help="output directory")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32 (default), bfloat16 or float16")]
 ArchOpt = Annotated[Optional[str], typer.Option("--arch", help="architecture-map override: a mapped family name or a JSON file of role -> module path")]
+NPromptsOpt = Annotated[Optional[int], typer.Option("--n-prompts", help="use the first N prompts (0 = all)")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="prompts per forward pass")]
+PlotsOpt = Annotated[bool, typer.Option(help="write PNG plots")]
+
+Plot = tuple[Callable[[dict[str, Any], Path], Any], str]  # (renderer, file name inside the output directory)
 
 
 def prompts_from(prompt: str | None, prompts: Path | None) -> list[str] | None:
@@ -32,6 +39,15 @@ def prompts_from(prompt: str | None, prompts: Path | None) -> list[str] | None:
     return None
 
 
+def n_prompts(value: int | None, default: int | None) -> int | None:
+    """--n-prompts: None -> the command's default, 0 -> all."""
+    if value is None:
+        return default
+    if value < 0:
+        raise MelayerError("--n-prompts must be >= 0")
+    return value or None
+
+
 def check_output(path: Path) -> Path:
     """Fail before any work if --output cannot become a directory (it is created when results are written)."""
     existing = next((p for p in (path, *path.parents) if p.exists()), None)
@@ -41,3 +57,43 @@ def check_output(path: Path) -> Path:
     if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
         raise MelayerError(f"--output {path}: {existing} is not writable")
     return path
+
+
+def check_output_file(path: Path) -> Path:
+    """Like :func:`check_output` for a single output file."""
+    if path.exists() and path.is_dir():
+        raise MelayerError(f"--output {path} is a directory; give a file name")
+    check_output(path.parent)
+    return path
+
+
+def load_model(model: str | None, dtype: str, arch: str | None) -> Any:
+    import melayer
+
+    return melayer.load(model, dtype=dtype, arch=arch)
+
+
+def finish(data: dict[str, Any], output: Path, json_name: str, render: Callable[[dict[str, Any]], None],
+           plots: Sequence[Plot] = (), write: bool = True, announce_plots: bool = False) -> None:
+    """Render the summary, write ``output/json_name`` atomically (unless the API already did), draw the plots,
+    and say what was written."""
+    from melayer.util.io import write_json
+
+    render(data)
+    if write:
+        write_json(output / json_name, data)
+    for draw, name in plots:
+        draw(data, output / name)
+    extra = "".join(f" and {output / name}" for _, name in plots) if announce_plots else ""
+    typer.echo(f"wrote {output / json_name}{extra}")
+
+
+def run_analysis(*, output: Path, model: str | None, dtype: str, arch: str | None, json_name: str,
+                 run: Callable[[Any], Any], render: Callable[[dict[str, Any]], None],
+                 plots: Sequence[Plot] = ()) -> dict[str, Any]:
+    """check output -> load -> run (returns a result with ``to_dict()``) -> render -> write -> plots."""
+    check_output(output)
+    lm = load_model(model, dtype, arch)
+    data = run(lm).to_dict()
+    finish(data, output, json_name, render, plots)
+    return data

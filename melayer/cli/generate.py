@@ -27,10 +27,11 @@ def generate(
     arch: ArchOpt = None,
 ) -> None:
     """Greedy generation (KV cache) printed to stdout; with --wemask under WeMask (settings on stderr)."""
-    import melayer
-    from melayer.util.errors import MelayerError
-    from melayer.interventions.wemask import SELECT_RULES, WeMask, chat_prompt, format_layers, greedy_generate
+    from melayer.cli.common import check_output_file, load_model
+    from melayer.interventions.generate import chat_prompt, greedy_generate
+    from melayer.interventions.wemask import WeMask, WeMaskSpec, format_layers
     from melayer.util.console import err, status
+    from melayer.util.errors import MelayerError
     from melayer.util.io import write_json
 
     if not prompt.strip():
@@ -40,13 +41,10 @@ def generate(
     if wemask is None and (layers is not None or me_layer is not None):
         raise MelayerError("--layers/--me-layer only apply with --wemask RATE")
     if wemask is not None:  # cheap checks before loading the model
-        if not 0.0 <= wemask <= 1.0:
-            raise MelayerError(f"--wemask RATE must be in [0, 1] (a fraction of the hidden size), got {wemask:g}")
-        if not 0.0 <= gamma <= 1.0:
-            raise MelayerError(f"--gamma must be in [0, 1] (1 zeroes the dims), got {gamma:g}")
-        if select not in SELECT_RULES:
-            raise MelayerError(f"--select must be one of {', '.join(SELECT_RULES)}, got {select!r}")
-    lm = melayer.load(model, dtype=dtype, arch=arch)
+        WeMaskSpec(wemask, select=select, gamma=gamma)
+    if output is not None:
+        check_output_file(output)
+    lm = load_model(model, dtype, arch)
     _, used_chat = chat_prompt(lm, prompt, chat)
     mask: WeMask | None = None
     if wemask is not None:

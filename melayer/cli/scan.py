@@ -8,8 +8,17 @@ from typing import Annotated
 import typer
 
 from melayer.cli import app
-from melayer.cli.common import (ArchOpt, DtypeOpt, ModelOpt, OutputOpt, PromptOpt, PromptsOpt, check_output,
-                                prompts_from)
+from melayer.cli.common import (
+    ArchOpt,
+    DtypeOpt,
+    ModelOpt,
+    OutputOpt,
+    PlotsOpt,
+    PromptOpt,
+    PromptsOpt,
+    prompts_from,
+    run_analysis,
+)
 
 
 @app.command()
@@ -25,25 +34,18 @@ def scan(
     median_ratio: Annotated[float, typer.Option(help="... and |a| > this x the layer's median |a|")] = 1000.0,
     persist_ratio: Annotated[float, typer.Option(help="a massive (token, dim) persists while |a| > this x the median")] = 100.0,
     persist_frac: Annotated[float, typer.Option(help="share of later layers a massive (token, dim) must persist in")] = 0.75,
-    plots: Annotated[bool, typer.Option(help="write PNG plots")] = True,
+    plots: PlotsOpt = True,
 ) -> None:
     """Scan a model for massive activations and locate its ME layer -> DIR/scan.json + PNGs."""
     import melayer
     from melayer.analysis.criterion import Criterion
     from melayer.report import plots as P
-    from melayer.util.io import write_json
     from melayer.report.summary import print_scan
 
-    check_output(output)
     texts = prompts_from(prompt, prompts)
     crit = Criterion(abs_min=abs_min, median_ratio=median_ratio, persist_ratio=persist_ratio,
                      persist_frac=persist_frac)
-    lm = melayer.load(model, dtype=dtype, arch=arch)
-    result = melayer.scan(lm, texts, criterion=crit, batch_size=batch_size)
-    data = result.to_dict()
-    print_scan(data)
-    write_json(output / "scan.json", data)
-    if plots:
-        P.layer_magnitudes(data, output / "layer_magnitudes.png")
-        P.token_surface(data, output / "massive_token_surface.png")
-    typer.echo(f"wrote {output / 'scan.json'}")
+    run_analysis(output=output, model=model, dtype=dtype, arch=arch, json_name="scan.json",
+                 run=lambda lm: melayer.scan(lm, texts, criterion=crit, batch_size=batch_size), render=print_scan,
+                 plots=[(P.layer_magnitudes, "layer_magnitudes.png"), (P.token_surface, "massive_token_surface.png")]
+                 if plots else [])

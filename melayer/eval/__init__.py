@@ -1,7 +1,7 @@
 """Offline evaluation with paired statistics: ``run`` (one task) and ``compare`` (WeMask rates vs baseline).
 
-Tasks (``TASKS``): ppl (WikiText-2), gsm8k, math500, ifeval, arc_easy, arc_challenge, hellaswag, lambada,
-winogrande. All data ships in ``melayer/data/eval``; nothing is downloaded.
+Tasks (the typed ``REGISTRY`` in :mod:`melayer.eval.tasks`, also ``TASKS``): ppl (WikiText-2), gsm8k, math500,
+ifeval, arc_easy, arc_challenge, hellaswag, lambada, winogrande. All data ships in ``melayer/data/eval``; nothing is downloaded.
 """
 
 from melayer.eval.runner import EvalResult, run
@@ -10,7 +10,7 @@ from melayer.eval.tasks import TASKS, Task, get_task
 __all__ = ["TASKS", "EvalResult", "Task", "compare", "get_task", "run"]
 
 
-def compare(*args, **kwargs):  # noqa: D103 - re-exported lazily (imports plotting)
+def compare(*args, **kwargs):
     from melayer.eval.compare import compare as _compare
 
     return _compare(*args, **kwargs)

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from melayer.util.errors import MelayerError
 from melayer.eval.runner import EvalResult, run
 from melayer.eval.stats import N_BOOT, SEED, mcnemar, paired_bootstrap
 from melayer.eval.tasks import get_task
 from melayer.models.loading import LM
+from melayer.util.errors import MelayerError
 
 SCHEMA = "melayer.compare/1"
 DEFAULT_RATES = (0.0, 0.001, 0.01, 0.05)
@@ -53,7 +53,7 @@ def _sinks(lm: LM, prompts: list[str], intervention: Any = None) -> tuple[float,
     """(sink rate, prompts skipped as too short) of ``lm`` on ``prompts``, under ``intervention`` if given."""
     from melayer.analysis.sinks import measure_sinks
 
-    with intervention() if intervention is not None else contextlib.nullcontext():
+    with intervention if intervention is not None else contextlib.nullcontext():
         res = measure_sinks(lm, prompts, epsilon=SINK_EPSILON)
     return float(res.sink_rate), len(getattr(res, "skipped", []) or [])
 
@@ -125,7 +125,8 @@ def compare(
     **task_options: Any,
 ) -> CompareResult:
     """Evaluate ``task`` at each WeMask rate on the same samples and compare every rate with rate 0."""
-    from melayer.interventions.wemask import parse_layers, wemask
+    from melayer.analysis.me_layer import find_me_layer
+    from melayer.interventions.wemask import WeMaskSpec, parse_layers
 
     t0 = time.time()
     rates = parse_rates(rates)
@@ -137,22 +138,16 @@ def compare(
     source = "given" if me_layer is not None else "not needed"
     if me_layer is None and layer_list is None and any(r > 0 for r in rates):
         source = "scan"
-        from melayer.analysis.scan import scan
-
-        found = scan(lm, progress=progress).me_layer
-        if found is None:
-            raise MelayerError(f"no ME layer found in {lm.name}; pass --me-layer or --layers")
-        me_layer = int(found)
-
-    def factory(rate: float):
-        return lambda: wemask(lm, rate, layers=layer_list, select=select, gamma=gamma, me_layer=me_layer)
+        me_layer = find_me_layer(lm, progress=progress, hint="; pass --me-layer or --layers")
+    masks = {rate: WeMaskSpec(rate, layers=layer_list, select=select, gamma=gamma, me_layer=me_layer).bind(lm)
+             for rate in rates if rate > 0}
 
     out_dir = Path(output) if output is not None else None
     runs: dict[float, EvalResult] = {}
     for rate in rates:
         runs[rate] = run(lm, the_task, limit=limit, batch_size=batch_size,
                          output=out_dir / rate_dir(rate) if out_dir else None, max_new_tokens=max_new_tokens,
-                         chat=chat, intervention=None if rate == 0 else factory(rate), overwrite=overwrite,
+                         chat=chat, intervention=masks.get(rate), overwrite=overwrite,
                          progress=progress, samples=samples)
 
     base = runs[0.0]
@@ -165,7 +160,7 @@ def compare(
     if sink_note is None:
         try:
             for rate in rates:
-                sink_rates[rate], sink_skipped = _sinks(lm, prompts, None if rate == 0 else factory(rate))
+                sink_rates[rate], sink_skipped = _sinks(lm, prompts, masks.get(rate))
         except MelayerError as exc:  # e.g. every task prompt is too short for a meaningful sink score
             sink_rates, sink_note = {}, f"not measured: {exc}"
 

@@ -1,75 +1,36 @@
 """Model calls for evaluation: batched greedy generation and batched tail log-likelihoods.
 
-Every model call runs inside ``intervention()`` when one is given (a callable returning a context manager,
-e.g. ``lambda: wemask(lm, rate=0.01, me_layer=3)``), so the intervention is active for exactly the forward passes
-that produce the scores.
+Every model call runs inside ``intervention`` when one is given (a re-enterable context manager such as a
+:class:`~melayer.interventions.wemask.WeMask` instance, or a callable returning one), so the intervention is active
+for exactly the forward passes that produce the scores.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from typing import Any, ContextManager
+from contextlib import AbstractContextManager as ContextManager
+from typing import Any
 
 import torch
 
-from melayer.analysis.scan import position_ids
-from melayer.capture.hooks import Hooks
-from melayer.util.errors import MelayerError
+from melayer.capture import Hooks, eos_ids, left_pad, pad_id, position_ids
+from melayer.capture.sites import final_hidden
+from melayer.interventions.generate import greedy
+from melayer.models.hf_internals import reindex_cache
 from melayer.models.loading import LM
+from melayer.util.errors import MelayerError
 
-Intervention = Callable[[], ContextManager[Any]] | None
+Intervention = ContextManager[Any] | Callable[[], ContextManager[Any]] | None
 LOGIT_BUDGET = 1 << 26  # floats of logits materialised at once (256 MiB in float32)
 
 
 def _ctx(intervention: Intervention) -> ContextManager[Any]:
-    return intervention() if intervention is not None else contextlib.nullcontext()
-
-
-def eos_ids(lm: LM) -> list[int]:
-    ids: list[int] = []
-    for source in (lm.tokenizer.eos_token_id, getattr(lm.model.generation_config, "eos_token_id", None)):
-        for i in source if isinstance(source, (list, tuple)) else [source]:
-            if i is not None and int(i) not in ids:
-                ids.append(int(i))
-    return ids
-
-
-def pad_id(lm: LM) -> int:
-    tok = lm.tokenizer
-    if tok.pad_token_id is not None:
-        return int(tok.pad_token_id)
-    ids = eos_ids(lm)
-    if not ids:
-        raise MelayerError(f"{lm.name}: the tokenizer has neither a pad nor an eos token")
-    return ids[0]
-
-
-def left_pad(rows: Sequence[Sequence[int]], pad: int, device: torch.device) -> dict[str, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        if row:
-            ids[i, width - len(row):] = torch.tensor(list(row), dtype=torch.long)
-            mask[i, width - len(row):] = 1
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-
-
-class _StopStrings:
-    """Stopping criterion: a row is done once its generated text contains one of ``stop``."""
-
-    def __init__(self, tokenizer: Any, stop: Sequence[str], prompt_len: int) -> None:
-        self.tokenizer, self.stop, self.prompt_len = tokenizer, list(stop), prompt_len
-
-    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        if not self.stop:
-            return done
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len:], skip_special_tokens=True)
-        for i, text in enumerate(texts):
-            done[i] = any(s in text for s in self.stop)
-        return done
+    if intervention is None:
+        return contextlib.nullcontext()
+    if hasattr(intervention, "__enter__"):
+        return intervention  # type: ignore[return-value]
+    return intervention()  # type: ignore[operator]
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
@@ -86,16 +47,11 @@ def generate(lm: LM, rows: Sequence[Sequence[int]], *, max_new_tokens: int, stop
              intervention: Intervention = None) -> list[dict[str, Any]]:
     """Greedy decoding of a batch of tokenised prompts (left padded). Returns, per row, the generated text cut at
     the first stop string, the number of new tokens and why it stopped."""
-    from transformers import GenerationConfig, StoppingCriteriaList
-
     batch = left_pad(rows, pad_id(lm), lm.device)
     eos = eos_ids(lm)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad_id(lm),
-                              eos_token_id=eos or None)
     prompt_len = batch["input_ids"].shape[1]
-    criteria = StoppingCriteriaList([_StopStrings(lm.tokenizer, stop, prompt_len)]) if stop else None
     with _ctx(intervention):
-        out = lm.model.generate(**batch, generation_config=config, stopping_criteria=criteria)
+        out = greedy(lm, batch, max_new_tokens, stop=stop)
     results = []
     for i in range(len(rows)):
         new = out[i, prompt_len:].tolist()
@@ -143,12 +99,8 @@ def score_tails(lm: LM, rows: Sequence[tuple[Sequence[int], int]], *,
     batch = left_pad([r for r, _ in rows], pad_id(lm), lm.device)
     width = batch["input_ids"].shape[1]
     captured: dict[str, torch.Tensor] = {}
-
-    def grab(_mod: Any, _args: Any, output: Any) -> None:
-        captured["h"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
-
     with Hooks() as hooks, _ctx(intervention):
-        hooks.forward(lm.body, grab)
+        final_hidden(hooks, lm, captured)
         out = lm.model(**batch, position_ids=position_ids(batch["attention_mask"]), use_cache=False,
                        logits_to_keep=1)
     hidden = captured["h"]
@@ -192,10 +144,6 @@ def score_continuations(lm: LM, contexts: Sequence[Sequence[int]], pairs: Sequen
     batch = left_pad(contexts, pad, lm.device)
     mask = batch["attention_mask"]
     captured: dict[str, torch.Tensor] = {}
-
-    def grab(_mod: Any, _args: Any, output: Any) -> None:
-        captured["h"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
-
     head = _head(lm)
     with _ctx(intervention):
         out = lm.model(**batch, position_ids=position_ids(mask), use_cache=True, logits_to_keep=1)
@@ -204,10 +152,8 @@ def score_continuations(lm: LM, contexts: Sequence[Sequence[int]], pairs: Sequen
         rest = max(len(c) for _, c in pairs) - 1
         hidden = None
         if rest > 0:
-            if not hasattr(cache, "batch_select_indices"):
-                raise MelayerError(f"{lm.name}: its KV cache cannot be re-indexed for context reuse")
             idx = torch.tensor([ci for ci, _ in pairs], device=lm.device)
-            cache.batch_select_indices(idx)
+            reindex_cache(cache, idx, lm.name)
             ids = torch.full((len(pairs), rest), pad, dtype=torch.long)
             cmask = torch.zeros((len(pairs), rest), dtype=torch.long)
             for r, (_, cont) in enumerate(pairs):
@@ -219,7 +165,7 @@ def score_continuations(lm: LM, contexts: Sequence[Sequence[int]], pairs: Sequen
             full = torch.cat([mask[idx], cmask], dim=1)
             pos = mask[idx].sum(dim=1, keepdim=True) + torch.arange(rest, device=lm.device)[None, :]
             with Hooks() as hooks:
-                hooks.forward(lm.body, grab)
+                final_hidden(hooks, lm, captured)
                 out2 = lm.model(input_ids=ids, attention_mask=full, position_ids=pos, past_key_values=cache,
                                 use_cache=True, logits_to_keep=1)
             hidden = captured["h"]

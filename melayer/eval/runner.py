@@ -19,12 +19,12 @@ from typing import Any
 
 import torch
 
-from melayer.util.errors import MelayerError
 from melayer.eval import engine as E
 from melayer.eval.stats import Metric, aggregate, bootstrap_ci
 from melayer.eval.tasks import RunContext, Task, get_task
 from melayer.models.loading import LM
 from melayer.util.console import track
+from melayer.util.errors import MelayerError
 from melayer.util.io import append_jsonl, read_jsonl, write_atomic, write_json
 
 SCHEMA = "melayer.eval/1"
@@ -33,27 +33,15 @@ SUMMARY = "eval.json"
 
 
 def describe_intervention(intervention: E.Intervention) -> dict[str, Any] | None:
-    """The intervention's settings: ``.to_dict()`` of the callable itself or of a context manager it returns
-    (not entered)."""
+    """The intervention's settings: ``.to_dict()`` of the instance (or of what a factory returns, not entered)."""
     if intervention is None:
         return None
     to_dict = getattr(intervention, "to_dict", None)
-    if not callable(to_dict):
-        to_dict = getattr(intervention(), "to_dict", None)
+    if not callable(to_dict) and not hasattr(intervention, "__enter__"):
+        to_dict = getattr(intervention(), "to_dict", None)  # type: ignore[operator]
     if callable(to_dict):
         return to_dict()
     return {"intervention": getattr(intervention, "__name__", repr(intervention))}
-
-
-class _Tracked:
-    """Wraps an intervention factory and keeps the last context manager it made (for its final settings)."""
-
-    def __init__(self, factory: Callable[[], Any]) -> None:
-        self.factory, self.last = factory, None
-
-    def __call__(self) -> Any:
-        self.last = self.factory()
-        return self.last
 
 
 @dataclass
@@ -123,6 +111,13 @@ def summarize(task: Task, records: list[dict[str, Any]], n_boot: int = 2000, see
     return out
 
 
+def _instance(intervention: E.Intervention) -> Any:
+    """One context manager for the whole run: an instance as given, a factory called once."""
+    if intervention is None or hasattr(intervention, "__enter__"):
+        return intervention
+    return intervention()  # type: ignore[operator]
+
+
 def check_run_args(limit: int | None, batch_size: int, max_new_tokens: int | None) -> None:
     """One-line errors for run settings (the CLI calls this before loading a model)."""
     if limit is not None and limit < 1:
@@ -150,8 +145,8 @@ def run(
 ) -> EvalResult:
     """Evaluate ``lm`` on ``task`` (name or :class:`Task`); see the module docstring for resume semantics.
 
-    ``intervention`` is a callable returning a context manager applied around every model call (e.g.
-    ``lambda: wemask(lm, rate=0.01, me_layer=3)``). ``on_batch`` is called with each batch's new records after
+    ``intervention`` is a re-enterable context manager applied around every model call (e.g.
+    ``wemask(lm, rate=0.01, me_layer=3)``; a callable returning one is called once). ``on_batch`` is called with each batch's new records after
     they are written. ``samples`` overrides the task's own sample list (``task.load(limit)``).
     """
     t0 = time.time()
@@ -198,8 +193,7 @@ def run(
             done.setdefault(rec["id"], rec)
 
     todo = [s for s in todo_all if s.id not in done]
-    tracked = _Tracked(intervention) if intervention is not None else None
-    ctx = RunContext(chat=use_chat, max_new_tokens=max_new_tokens, intervention=tracked)
+    ctx = RunContext(chat=use_chat, max_new_tokens=max_new_tokens, intervention=_instance(intervention))
     batches = [todo[i: i + batch_size] for i in range(0, len(todo), batch_size)]
     label = f"eval {task.name} ({len(todo_all) - len(todo)}/{len(todo_all)} samples already done; batches)"
     for batch in track(batches, label, total=len(batches), enabled=progress):
@@ -214,8 +208,8 @@ def run(
 
     records = [done[i] for i in ids]
     after = None
-    if tracked is not None and callable(getattr(tracked.last, "to_dict", None)):
-        after = tracked.last.to_dict()
+    if ctx.intervention is not None and callable(getattr(ctx.intervention, "to_dict", None)):
+        after = ctx.intervention.to_dict()  # type: ignore[union-attr]
     result = EvalResult(task=task.name, model=lm.name, settings=settings, metrics=summarize(task, records),
                         primary=task.metrics[0].name, n_samples=len(records), records=records,
                         metric_specs=task.metrics, output=str(out_dir) if out_dir else None,

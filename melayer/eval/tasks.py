@@ -12,11 +12,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from melayer.util.errors import MelayerError
 from melayer.eval import answers, data
 from melayer.eval import engine as E
 from melayer.eval.stats import Metric
 from melayer.models.loading import LM
+from melayer.util.errors import MelayerError
 
 
 @dataclass
@@ -139,7 +139,7 @@ class GSM8K(GenerationTask):
     stop_plain: tuple[str, ...] = ("Question:", "</s>", "<|im_end|>")
 
     def __post_init__(self) -> None:
-        k = int(self.options.setdefault("num_fewshot", 0))
+        k = int(self.options.setdefault("num_fewshot", FEWSHOT.default))
         if not 0 <= k <= 8:
             raise MelayerError("gsm8k --num-fewshot must be between 0 and 8 (exemplars: first 8 train problems)")
 
@@ -426,8 +426,8 @@ class WikiText2(Task):
     _cache: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        w = int(self.options.setdefault("window", 1024))
-        s = int(self.options.setdefault("stride", 512))
+        w = int(self.options.setdefault("window", PPL_WINDOW.default))
+        s = int(self.options.setdefault("stride", PPL_STRIDE.default))
         if w < 2 or not 1 <= s <= w - 1:
             raise MelayerError(f"ppl needs window >= 2 and 1 <= stride < window (got window {w}, stride {s})")
 
@@ -478,35 +478,71 @@ class WikiText2(Task):
 
 
 # ---------------------------------------------------------------------------------------------------
-# registry
+# registry: one typed entry per task; options are declared here once (name, type, default, help) and the CLI
+# builds its task list and task options from it
 
-TASKS: dict[str, Any] = {
-    "ppl": WikiText2,
-    "gsm8k": GSM8K,
-    "math500": Math500,
-    "ifeval": IFEval,
-    "arc_easy": lambda **o: ARC(name="arc_easy", subset="easy", options=o),
-    "arc_challenge": lambda **o: ARC(name="arc_challenge", subset="challenge", options=o,
-                                     description="ARC-Challenge test (1,172 questions), log-likelihood of each answer text"),
-    "hellaswag": HellaSwag,
-    "lambada": Lambada,
-    "winogrande": Winogrande,
-}
-# tasks that take options
-TASK_OPTIONS = {"gsm8k": {"num_fewshot"}, "ppl": {"window", "stride"}}
+
+@dataclass(frozen=True)
+class TaskOption:
+    """An option a task takes (``--NAME`` on the command line, ``NAME=`` in ``run``/``get_task``)."""
+
+    name: str
+    type: type
+    default: Any
+    help: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A registered task: how to build it and which options it takes."""
+
+    name: str
+    cls: type[Task]
+    options: tuple[TaskOption, ...] = ()
+    fields: dict[str, Any] = field(default_factory=dict)  # fixed constructor fields (e.g. the ARC subset)
+
+    def make(self, **options: Any) -> Task:
+        options = {k: v for k, v in options.items() if v is not None}
+        known = {o.name for o in self.options}
+        extra = set(options) - known
+        if extra:
+            raise MelayerError(f"task {self.name} takes no option {', '.join(sorted(extra))}")
+        values = {o.name: o.type(options.get(o.name, o.default)) for o in self.options}
+        return self.cls(name=self.name, options=values, **self.fields)
+
+
+FEWSHOT = TaskOption("num_fewshot", int, 0, "gsm8k only: k exemplars (0-8) from the first train problems")
+PPL_WINDOW = TaskOption("window", int, 1024, "ppl only: tokens per window (incl. BOS)")
+PPL_STRIDE = TaskOption("stride", int, 512, "ppl only: tokens each window advances (its new, scored tokens)")
+
+REGISTRY: dict[str, TaskSpec] = {spec.name: spec for spec in (
+    TaskSpec("ppl", WikiText2, (PPL_WINDOW, PPL_STRIDE)),
+    TaskSpec("gsm8k", GSM8K, (FEWSHOT,)),
+    TaskSpec("math500", Math500),
+    TaskSpec("ifeval", IFEval),
+    TaskSpec("arc_easy", ARC, fields={"subset": "easy"}),
+    TaskSpec("arc_challenge", ARC, fields={"subset": "challenge", "description":
+                                            "ARC-Challenge test (1,172 questions), log-likelihood of each answer text"}),
+    TaskSpec("hellaswag", HellaSwag),
+    TaskSpec("lambada", Lambada),
+    TaskSpec("winogrande", Winogrande),
+)}
+TASKS = REGISTRY  # the task names, in registry order
+
+
+def task_options() -> dict[str, TaskOption]:
+    """Every task option by name (shared options are one entry)."""
+    return {o.name: o for spec in REGISTRY.values() for o in spec.options}
 
 
 def get_task(name: str | Task, **options: Any) -> Task:
-    """A task by name (``TASKS``), with its options (gsm8k: num_fewshot; ppl: window, stride)."""
+    """A task by name (see :data:`REGISTRY`), with its options (gsm8k: num_fewshot; ppl: window, stride)."""
     if isinstance(name, Task):
         return name
-    if name not in TASKS:
-        raise MelayerError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
-    options = {k: v for k, v in options.items() if v is not None}
-    extra = set(options) - TASK_OPTIONS.get(name, set())
-    if extra:
-        raise MelayerError(f"task {name} takes no option {', '.join(sorted(extra))}")
-    factory = TASKS[name]
-    if isinstance(factory, type):
-        return factory(options=options)
-    return factory(**options)
+    if name not in REGISTRY:
+        raise MelayerError(f"unknown task {name!r}; choose one of {', '.join(REGISTRY)}")
+    return REGISTRY[name].make(**options)

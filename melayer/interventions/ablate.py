@@ -24,9 +24,10 @@ import numpy as np
 import torch
 
 from melayer.capture.hooks import Hooks
-from melayer.util.errors import MelayerError
 from melayer.models.archmap import NORM_ROLES
+from melayer.models.hf_internals import hook_count
 from melayer.models.loading import LM
+from melayer.util.errors import MelayerError
 
 
 @dataclass(frozen=True)
@@ -137,5 +138,5 @@ def fingerprint(lm: LM) -> dict[str, Any]:
         if arr.dtype == torch.bfloat16:
             arr = arr.view(torch.int16)
         h.update(np.ascontiguousarray(arr.numpy()).view(np.uint8).data)
-    n_hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in lm.model.modules())
+    n_hooks = hook_count(lm.model)
     return {"params_blake2b": h.hexdigest(), "hooks": n_hooks}

@@ -30,9 +30,10 @@ from typing import Any
 import torch
 
 from melayer.analysis.criterion import Criterion
-from melayer.capture.hooks import Hooks
-from melayer.util.errors import MelayerError
+from melayer.analysis.me_layer import find_me_layer
+from melayer.capture import Hooks, body_call, edit_site, hidden_arg
 from melayer.models.loading import LM
+from melayer.util.errors import MelayerError
 
 SELECT_RULES = ("activation", "weight")
 TOKEN_RULES = ("first", "massive")
@@ -107,8 +108,53 @@ class _Chunk:
     targets: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # massive: per layer
 
 
+@dataclass(frozen=True)
+class WeMaskSpec:
+    """WeMask settings, validated once (the Python API, the CLI pre-checks and lm-eval's wrapper all build one).
+
+    ``bind(lm)`` resolves the layers against a model and returns the :class:`WeMask` instance to apply.
+    """
+
+    rate: float
+    layers: str | tuple[int, ...] | None = None
+    select: str = "activation"
+    gamma: float = 1.0
+    token: str = "first"
+    me_layer: int | None = None
+
+    def __post_init__(self) -> None:
+        try:
+            rate, gamma = float(self.rate), float(self.gamma)
+        except (TypeError, ValueError):
+            raise MelayerError(f"WeMask rate and gamma must be numbers (got rate={self.rate!r}, "
+                               f"gamma={self.gamma!r})") from None
+        if not 0.0 <= rate <= 1.0:
+            raise MelayerError(f"WeMask rate {rate:g} is out of range: rate must be in [0, 1] (a fraction of the "
+                               "hidden size)")
+        if not 0.0 <= gamma <= 1.0:
+            raise MelayerError(f"WeMask gamma must be in [0, 1] (1 zeroes the dims), got {gamma:g}")
+        if self.select not in SELECT_RULES:
+            raise MelayerError(f"unknown --select / WeMask select rule {self.select!r}; use one of "
+                               f"{', '.join(SELECT_RULES)}")
+        if self.token not in TOKEN_RULES:
+            raise MelayerError(f"unknown WeMask token rule {self.token!r}; use one of {', '.join(TOKEN_RULES)}")
+        object.__setattr__(self, "rate", rate)
+        object.__setattr__(self, "gamma", gamma)
+        if self.layers is not None and not isinstance(self.layers, (str, int)):
+            object.__setattr__(self, "layers", tuple(self.layers))
+
+    def k(self, hidden_size: int) -> int:
+        """Dims masked per token: ``int(rate x hidden_size)``."""
+        return int(self.rate * hidden_size)
+
+    def bind(self, lm: LM, criterion: Criterion | None = None, scan_prompts: Sequence[str] | None = None) -> WeMask:
+        return WeMask(lm, self.rate, layers=self.layers, select=self.select, gamma=self.gamma, token=self.token,
+                      me_layer=self.me_layer, criterion=criterion, scan_prompts=scan_prompts)
+
+
 class WeMask:
-    """A WeMask intervention bound to one model. Use as a context manager or ``apply()`` / ``remove()``."""
+    """A WeMask intervention bound to one model. Use as a context manager (re-enterable: each ``with`` applies
+    and removes the hooks) or ``apply()`` / ``remove()``."""
 
     def __init__(
         self,
@@ -122,27 +168,16 @@ class WeMask:
         criterion: Criterion | None = None,
         scan_prompts: Sequence[str] | None = None,
     ) -> None:
-        try:
-            rate = float(rate)
-            gamma = float(gamma)
-        except (TypeError, ValueError):
-            raise MelayerError(f"WeMask rate and gamma must be numbers (got rate={rate!r}, gamma={gamma!r})") from None
-        if not 0.0 <= rate <= 1.0:
-            raise MelayerError(f"WeMask rate must be in [0, 1] (a fraction of the hidden size), got {rate:g}")
-        if not 0.0 <= gamma <= 1.0:
-            raise MelayerError(f"WeMask gamma must be in [0, 1] (1 zeroes the dims), got {gamma:g}")
-        if select not in SELECT_RULES:
-            raise MelayerError(f"unknown WeMask select rule {select!r}; use one of {', '.join(SELECT_RULES)}")
-        if token not in TOKEN_RULES:
-            raise MelayerError(f"unknown WeMask token rule {token!r}; use one of {', '.join(TOKEN_RULES)}")
+        spec = WeMaskSpec(rate, layers=layers, select=select, gamma=gamma, token=token, me_layer=me_layer)  # type: ignore[arg-type]
+        self.spec = spec
         self.lm = lm
-        self.rate = rate
-        self.gamma = gamma
+        self.rate = spec.rate
+        self.gamma = spec.gamma
         self.select = select
         self.token = token
         self.criterion = criterion or Criterion()
         self.hidden_size = lm.hidden_size
-        self.k = int(rate * self.hidden_size)
+        self.k = spec.k(self.hidden_size)
         n = lm.num_layers
         if me_layer is not None and not 0 <= int(me_layer) < n:
             raise MelayerError(f"ME layer {me_layer} is out of range: the model has layers 0-{n - 1}")
@@ -150,7 +185,8 @@ class WeMask:
         self.me_layer_source = "given" if me_layer is not None else None
         if parsed is None:
             if me_layer is None and self.k > 0:
-                me_layer = self._scan_me_layer(scan_prompts)
+                me_layer = find_me_layer(lm, scan_prompts, criterion=self.criterion,
+                                         hint=" (no persistent massive activation); pass layers= or me_layer= explicitly")
                 self.me_layer_source = "scan"
             if me_layer is None:  # rate too small to mask anything: no layers needed
                 parsed = []
@@ -172,15 +208,6 @@ class WeMask:
         self.forwards_masked = 0  # forward passes of the decoder stack in which something was masked
 
     # -- setup -----------------------------------------------------------------------------------------
-    def _scan_me_layer(self, prompts: Sequence[str] | None) -> int:
-        from melayer.analysis.scan import scan
-
-        result = scan(self.lm, prompts, criterion=self.criterion, progress=False)
-        if result.me_layer is None:
-            raise MelayerError(f"no ME layer found in {self.lm.name} (no persistent massive activation); "
-                               "pass layers= or me_layer= explicitly")
-        return int(result.me_layer)
-
     def _top_gain_dims(self, layer: int) -> torch.Tensor:
         if self.lm.arch.pre_attn_norm is None:
             raise MelayerError(
@@ -202,7 +229,7 @@ class WeMask:
     def is_noop(self) -> bool:
         return self.k == 0 or self.gamma == 0.0 or not self.layers
 
-    def apply(self) -> "WeMask":
+    def apply(self) -> WeMask:
         """Install the hooks (persistent until :meth:`remove`)."""
         if self._active:
             raise MelayerError("this WeMask is already applied")
@@ -215,10 +242,9 @@ class WeMask:
         for layer in self.layers:
             if self.token == "massive":
                 self._hooks.pre(self.lm.layers[layer], self._massive_hook(layer), with_kwargs=True)
-            attn = self.lm.module(layer, "attn")
-            if attn is None:
+            if self.lm.module(layer, "attn") is None:
                 raise MelayerError(f"layer {layer} of {self.lm.name} has no attention module")
-            self._hooks.pre(attn, self._attn_hook(layer), with_kwargs=True)
+            edit_site(self._hooks, self.lm, layer, "attn_in", self._attn_hook(layer))
         return self
 
     def remove(self) -> None:
@@ -227,7 +253,7 @@ class WeMask:
         self._chunk = None
         self._active = False
 
-    def __enter__(self) -> "WeMask":
+    def __enter__(self) -> WeMask:
         return self.apply()
 
     def __exit__(self, *exc: object) -> None:
@@ -235,40 +261,28 @@ class WeMask:
 
     # -- hooks -----------------------------------------------------------------------------------------
     def _on_body(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        x = ids if ids is not None else kwargs.get("inputs_embeds")
-        if x is None:
+        call = body_call(args, kwargs)
+        if call is None:
             self._chunk = None
             return
-        batch, length = int(x.shape[0]), int(x.shape[1])
-        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-        mask2d = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-        past = _past_length(kwargs, mask2d, length)
-        chunk = _Chunk(past=past, length=length)
+        chunk = _Chunk(past=call.past, length=call.length)
         if self.token == "first":
-            if past > 0 and mask2d is None:
+            if call.past > 0 and call.mask2d is None:
                 # a cached decode step without a mask: the first token (position 0) lies in the past
                 self._chunk = None
                 return
-            if mask2d is not None:
-                first = (mask2d != 0).to(torch.int8).argmax(dim=1).to(torch.long)  # first real column per row
-            else:
-                first = torch.zeros(batch, dtype=torch.long, device=x.device)
-            local = first - past
-            inside = (local >= 0) & (local < length)
+            local = call.first_real() - call.past
+            inside = (local >= 0) & (local < call.length)
             rows = inside.nonzero().flatten()
             if rows.numel() == 0:  # decode step: nothing to mask
                 self._chunk = None
                 return
             chunk.rows, chunk.positions = rows, local[rows]
         else:
-            if past > 0:  # never mask tokens seen in cached decode steps
+            if call.past > 0:  # never mask tokens seen in cached decode steps
                 self._chunk = None
                 return
-            if mask2d is not None and mask2d.shape[1] >= length:
-                chunk.real = mask2d[:, mask2d.shape[1] - length:] != 0
-            else:
-                chunk.real = torch.ones(batch, length, dtype=torch.bool, device=x.device)
+            chunk.real = call.real()
         self._chunk = chunk
         self._record = {}
         self.forwards_masked += 1
@@ -283,7 +297,7 @@ class WeMask:
             chunk = self._chunk
             if chunk is None:
                 return
-            h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            h = hidden_arg(args, kwargs)
             a = h.detach().abs().float()
             peak = a.amax(dim=-1)  # (B, T)
             rows, positions = [], []
@@ -301,9 +315,10 @@ class WeMask:
         return fn
 
     def _attn_hook(self, layer: int):
+        """The edit at the attention input: scale the chosen dims of the chosen tokens (never in place)."""
         keep = 1.0 - self.gamma
 
-        def fn(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        def fn(h: torch.Tensor) -> torch.Tensor | None:
             chunk = self._chunk
             if chunk is None:
                 return None
@@ -314,8 +329,6 @@ class WeMask:
                 if target is None:
                     return None
                 rows, positions = target
-            in_kwargs = "hidden_states" in kwargs
-            h = kwargs["hidden_states"] if in_kwargs else args[0]
             sel = h[rows, positions]  # (n, D)
             if self.select == "activation":
                 idx = sel.abs().topk(self.k, dim=-1).indices
@@ -328,11 +341,7 @@ class WeMask:
                 {"row": int(r), "position": int(p) + chunk.past, "dims": sorted(d)}
                 for r, p, d in zip(rows.tolist(), positions.tolist(), idx.tolist())
             ]
-            if in_kwargs:
-                kwargs = {**kwargs, "hidden_states": new}
-            else:
-                args = (new, *args[1:])
-            return args, kwargs
+            return new
 
         return fn
 
@@ -377,22 +386,6 @@ class WeMask:
         }
 
 
-def _past_length(kwargs: dict, mask2d: torch.Tensor | None, length: int) -> int:
-    """Absolute position of the chunk's first token: cache_position, else the KV cache length, else the mask."""
-    cache_position = kwargs.get("cache_position")
-    if isinstance(cache_position, torch.Tensor) and cache_position.numel():
-        return int(cache_position.flatten()[0])
-    cache = kwargs.get("past_key_values")
-    if cache is not None:
-        if hasattr(cache, "get_seq_length"):
-            return int(cache.get_seq_length())
-        if isinstance(cache, (tuple, list)) and cache and cache[0] is not None:  # legacy tuple cache
-            return int(cache[0][0].shape[-2])
-    if mask2d is not None:
-        return max(int(mask2d.shape[1]) - length, 0)
-    return 0
-
-
 def wemask(
     lm: LM,
     rate: float,
@@ -413,45 +406,3 @@ def wemask(
     :func:`melayer.scan` on the shipped prompts unless ``me_layer`` is given.
     """
     return WeMask(lm, rate, layers=layers, select=select, gamma=gamma, token=token, me_layer=me_layer, **kwargs)
-
-
-# ----------------------------------------------------------------------------------------------------
-# greedy generation (used by ``melayer generate`` and bench/bench_wemask.py)
-
-
-def chat_prompt(lm: LM, text: str, chat: bool | None = None) -> tuple[str, bool]:
-    """Wrap ``text`` in the tokenizer's chat template when asked (``chat=None``: when it has one)."""
-    has_template = bool(getattr(lm.tokenizer, "chat_template", None))
-    if chat and not has_template:
-        raise MelayerError(f"--chat: the tokenizer of {lm.name} has no chat template")
-    if chat is False or not has_template:
-        return text, False
-    rendered = lm.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                add_generation_prompt=True)
-    return rendered, True
-
-
-@torch.no_grad()
-def greedy_generate(lm: LM, texts: Sequence[str], max_new_tokens: int = 32, chat: bool | None = None,
-                    stop_at_eos: bool = True) -> tuple[list[str], dict[str, torch.Tensor], torch.Tensor]:
-    """Greedy KV-cached generation for a batch (left padding). Returns (new texts, encoded batch, output ids)."""
-    from transformers import GenerationConfig
-
-    if max_new_tokens < 1:
-        raise MelayerError("--max-new-tokens must be >= 1")
-    if not texts or any(not t.strip() for t in texts):
-        raise MelayerError("empty prompt: every prompt must contain text")
-    prompts = [chat_prompt(lm, t, chat) for t in texts]
-    templated = any(used for _, used in prompts)
-    # a rendered chat template already starts with the BOS text; do not add a second one
-    batch = lm.encode([p for p, _ in prompts], add_special_tokens=not templated)
-    eos = lm.model.generation_config.eos_token_id
-    if eos is None:
-        eos = lm.tokenizer.eos_token_id
-    # stop_at_eos=False: exactly max_new_tokens tokens (EOS is suppressed), e.g. for timing
-    config = GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=0 if stop_at_eos else max_new_tokens,
-                              do_sample=False, num_beams=1, use_cache=True, pad_token_id=lm.tokenizer.pad_token_id,
-                              eos_token_id=eos, bos_token_id=lm.tokenizer.bos_token_id)
-    out = lm.model.generate(**batch, generation_config=config)
-    new = out[:, batch["input_ids"].shape[1]:]
-    return lm.tokenizer.batch_decode(new, skip_special_tokens=True), batch, out

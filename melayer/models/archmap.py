@@ -123,7 +123,7 @@ class ArchSpec:
         """The stored norm weight that gives effective gain ``gain``."""
         return gain - self.norm_gain_offset
 
-    def with_overrides(self, **overrides: Any) -> "ArchSpec":
+    def with_overrides(self, **overrides: Any) -> ArchSpec:
         unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise MelayerError(f"unknown architecture-map keys: {', '.join(sorted(unknown))}")

@@ -21,8 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from melayer.util.errors import MelayerError
 from melayer.models.archmap import ArchSpec, arch_for, resolve
+from melayer.models.hf_internals import drop_gguf_quantizer
+from melayer.util.errors import MelayerError
 
 DEFAULT_MODEL = "gemma-3-270m"
 GGUF_MAGIC = b"GGUF"
@@ -59,7 +60,7 @@ class LM:
     @property
     def hidden_size(self) -> int:
         cfg = self.model.config
-        return int(getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd"))
+        return int(getattr(cfg, "hidden_size", None) or cfg.n_embd)
 
     @property
     def body(self) -> nn.Module:
@@ -93,19 +94,6 @@ class LM:
     def ffn_in_weights(self, layer: int) -> dict[str, torch.Tensor]:
         """The FFN input projections of ``layer`` as (intermediate, hidden) matrices keyed ``gate`` / ``up``."""
         return {k: w.detach() for k, w in self.arch.ffn_in_matrices(self.layers[layer]).items()}
-
-    def encode(self, texts: list[str], add_special_tokens: bool = True) -> dict[str, torch.Tensor]:
-        """Tokenise with left padding (so the last position is every row's last real token)."""
-        tok = self.tokenizer
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
-        old_side = tok.padding_side
-        tok.padding_side = "left"
-        try:
-            batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
-        finally:
-            tok.padding_side = old_side
-        return {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -197,9 +185,7 @@ def _convert_gguf(path: Path, progress: bool = True) -> Path:
         except Exception as exc:
             raise MelayerError(f"transformers could not load {path}: {type(exc).__name__}: {_one_line(exc)}") from None
         # the tensors are already dense; drop the GGUF "quantizer" marker so the model can be saved
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
+        drop_gguf_quantizer(model)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
         try:

@@ -18,8 +18,6 @@ grow with prompt length beyond one layer's activations.
 
 from __future__ import annotations
 
-import math
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,302 +25,35 @@ from typing import Any
 import numpy as np
 import torch
 
+from melayer.analysis.attribution import (
+    decompose,
+    driving_dims,
+    driving_inputs,
+    neuron_contributions,
+    norm_report,
+    rank_neurons,
+    record_layers,
+    select_neurons,
+)
 from melayer.analysis.criterion import Criterion
-from melayer.analysis.scan import ScanResult, batches, default_prompts, forward_body, scan
-from melayer.capture.hooks import Hooks, StopForward, layer_output, run_until
-from melayer.util.errors import MelayerError
-from melayer.interventions.ablate import Edit, NeuronAblation, NormEdit, ablated, fingerprint, median_gain_edit
-from melayer.models.archmap import NORM_ROLES
+from melayer.analysis.me_layer import massive_dims_at, massive_positions
+from melayer.analysis.perplexity import PPL_WINDOW, perplexity
+from melayer.analysis.scan import default_prompts, scan
+from melayer.capture import Hooks, TokenTracker, layer_output
+from melayer.interventions.ablate import (
+    Edit,
+    NeuronAblation,
+    NormEdit,
+    ablated,
+    fingerprint,
+    median_gain_edit,
+)
 from melayer.models.loading import LM
 from melayer.util.console import track
+from melayer.util.errors import MelayerError
 
 ABLATIONS = ("none", "norm", "ffn", "both")
 DEFAULT_PROMPTS = 16
-PPL_WINDOW = 256
-
-
-# ----------------------------------------------------------------------------------------------------
-# where the massive token is
-
-
-def massive_dims_at(result: ScanResult, layer: int, min_support: float = 0.5) -> tuple[list[int], dict[int, float]]:
-    """Dims that are massive *and persistent* at ``layer`` in at least ``min_support`` of the prompts
-    (falls back to the best-supported dim), and every such dim's support."""
-    counts: Counter[int] = Counter()
-    for p in result.prompts:
-        if layer < len(p.massive):
-            counts.update({d for _, pos, d in p.massive[layer] if (pos, d) in p.persistent})
-    n = max(1, len(result.prompts))
-    support = {d: c / n for d, c in sorted(counts.items())}
-    dims = sorted(d for d, s in support.items() if s >= min_support)
-    if not dims and counts:
-        dims = [counts.most_common(1)[0][0]]
-    return dims, support
-
-
-def massive_positions(result: ScanResult, layer: int, dims: Sequence[int] | None = None) -> list[int]:
-    """Per prompt, the position (index among its real tokens) of its massive token at ``layer``: the
-    persistent massive entry with the largest |a| (on ``dims`` if given), else the most common massive
-    position over all prompts (if the prompt is long enough), else 0."""
-    common = Counter()
-    best: list[int | None] = []
-    for p in result.prompts:
-        entries = [(abs(v), pos) for v, pos, d in (p.massive[layer] if layer < len(p.massive) else [])
-                   if (pos, d) in p.persistent and (dims is None or d in dims)]
-        pos = max(entries)[1] if entries else None
-        best.append(pos)
-        if pos is not None:
-            common[pos] += 1
-    fallback = common.most_common(1)[0][0] if common else 0
-    return [b if b is not None else (fallback if fallback < p.n_tokens else 0) for b, p in zip(best, result.prompts)]
-
-
-class TokenTracker:
-    """A pre-hook on the decoder stack that maps each batch row to its prompt and to the column of that
-    prompt's tracked token. Prompts must be fed in order (any batching); left padding is handled from the
-    2-D attention mask the stack receives."""
-
-    def __init__(self, positions: Sequence[int]) -> None:
-        self.positions = list(positions)
-        self.next = 0
-        self.prompt_idx: list[int] = []
-        self.cols: torch.Tensor | None = None
-        self.real: torch.Tensor | None = None  # (B, T) bool
-
-    def install(self, hooks: Hooks, lm: LM) -> "TokenTracker":
-        hooks.pre(lm.body, self._hook, with_kwargs=True)
-        return self
-
-    def _hook(self, module, args, kwargs) -> None:
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is None:
-            ids = kwargs["inputs_embeds"]
-        b, t = int(ids.shape[0]), int(ids.shape[1])
-        mask = kwargs.get("attention_mask")
-        if not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
-            mask = torch.ones(b, t, dtype=torch.long, device=ids.device)
-        real = mask.bool()
-        first = real.float().argmax(dim=1)  # first real column (left padding)
-        self.prompt_idx = list(range(self.next, self.next + b))
-        if self.prompt_idx[-1] >= len(self.positions):
-            raise MelayerError("internal: more rows than tracked prompts")
-        pos = torch.tensor([self.positions[i] for i in self.prompt_idx], device=ids.device)
-        self.cols = (first.long() + pos).clamp(max=t - 1)
-        self.real = real
-        self.next += b
-
-    def rows(self, x: torch.Tensor) -> torch.Tensor:
-        """The tracked token's row of a (B, T, ...) tensor -> (B, ...), float32 on CPU."""
-        assert self.cols is not None
-        return x[torch.arange(x.shape[0], device=x.device), self.cols.to(x.device)].detach().float().cpu()
-
-
-def _first_arg(args: tuple, kwargs: dict) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
-
-
-# ----------------------------------------------------------------------------------------------------
-# recording the inside of chosen layers at the massive token
-
-
-SITES = ("resid_in", "attn_out", "post_attn_out", "mlp_in", "mlp_out", "post_ffn_out", "down_in", "resid_out")
-
-
-@torch.no_grad()
-def record_layers(lm: LM, prompts: Sequence[str], positions: Sequence[int], layers: Sequence[int],
-                  batch_size: int = 8) -> dict[int, dict[str, Any]]:
-    """For each layer in ``layers``: the massive token's vectors at every site (prompts x dim), and for each
-    norm the token's 1/scale (1/rms for RMSNorm, 1/std for LayerNorm) against the median over the other
-    real tokens."""
-    data: dict[int, dict[str, list[torch.Tensor]]] = {l: {s: [] for s in SITES} for l in layers}
-    scales: dict[int, dict[str, dict[str, list[float]]]] = {l: {} for l in layers}
-    tracker = TokenTracker(positions)
-    layer_norm = lm.arch.norm_kind == "layer"
-
-    def site(layer: int, name: str, out: bool):
-        def fn(module, args, kwargs, output=None):
-            x = (output[0] if isinstance(output, (tuple, list)) else output) if out else _first_arg(args, kwargs)
-            data[layer][name].append(tracker.rows(x))
-        if out:
-            return lambda m, a, k, o: fn(m, a, k, o)
-        return lambda m, a, k: fn(m, a, k)
-
-    def norm_scale(layer: int, role: str):
-        def fn(module, args, kwargs):
-            x = _first_arg(args, kwargs).float()
-            s = x.std(dim=-1, unbiased=False) if layer_norm else x.pow(2).mean(-1).sqrt()
-            inv = 1.0 / s.clamp_min(1e-12)
-            rec = scales[layer].setdefault(role, {"massive": [], "others": []})
-            for b in range(x.shape[0]):
-                col = int(tracker.cols[b])
-                real = tracker.real[b].clone()
-                real[col] = False
-                rec["massive"].append(float(inv[b, col]))
-                if real.any():
-                    rec["others"].append(float(inv[b][real].median()))
-        return fn
-
-    with Hooks() as hooks:
-        tracker.install(hooks, lm)
-        for l in layers:
-            layer = lm.layers[l]
-            hooks.pre(layer, site(l, "resid_in", False), with_kwargs=True)
-            hooks.forward(layer, site(l, "resid_out", True), with_kwargs=True)
-            hooks.forward(lm.module(l, "attn"), site(l, "attn_out", True), with_kwargs=True)
-            hooks.pre(lm.module(l, "mlp"), site(l, "mlp_in", False), with_kwargs=True)
-            hooks.forward(lm.module(l, "mlp"), site(l, "mlp_out", True), with_kwargs=True)
-            hooks.pre(lm.module(l, "down"), site(l, "down_in", False), with_kwargs=True)
-            for role, name in (("post_attn_norm", "post_attn_out"), ("post_ffn_norm", "post_ffn_out")):
-                if lm.module(l, role) is not None:
-                    hooks.forward(lm.module(l, role), site(l, name, True), with_kwargs=True)
-            for role in NORM_ROLES:
-                if lm.module(l, role) is not None:
-                    hooks.pre(lm.module(l, role), norm_scale(l, role), with_kwargs=True)
-        stop = max(layers)
-        for _, chunk in batches(list(prompts), batch_size):
-            batch = lm.encode(chunk)
-            _run_until(lm, batch, stop)
-    out: dict[int, dict[str, Any]] = {}
-    for l in layers:
-        out[l] = {s: torch.cat(v) for s, v in data[l].items() if v}
-        out[l]["norm_scale"] = {
-            role: {"massive_inv_scale": float(np.mean(r["massive"])),
-                   "others_median_inv_scale": float(np.median(r["others"])) if r["others"] else None}
-            for role, r in scales[l].items()
-        }
-    return out
-
-
-def _run_until(lm: LM, batch: dict[str, torch.Tensor], last_layer: int) -> None:
-    """Run the decoder stack and stop right after ``last_layer`` (nothing later is needed)."""
-    def stop(module, args, output):
-        raise StopForward
-
-    with Hooks() as hooks:
-        if last_layer < lm.num_layers - 1:
-            hooks.forward(lm.layers[last_layer], stop)
-        run_until(lambda: forward_body(lm, batch))
-
-
-# ----------------------------------------------------------------------------------------------------
-# attribution
-
-
-def ffn_in_weights(lm: LM, layer: int) -> dict[str, torch.Tensor]:
-    """The FFN input projections of ``layer`` as (intermediate, hidden) matrices (see ``ArchSpec.ffn_in_matrices``)."""
-    return lm.ffn_in_weights(layer)
-
-
-def neuron_contributions(lm: LM, layer: int, down_in: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
-    """Mean over prompts of activation x ``down`` weight: (len(dims), intermediate)."""
-    w = lm.down_weight(layer).float().cpu()[list(dims)]  # (D, I)
-    return down_in.mean(0)[None, :] * w
-
-
-def rank_neurons(contrib: torch.Tensor) -> torch.Tensor:
-    """Neurons ordered by their largest signed share of any massive dim's FFN output."""
-    total = contrib.sum(1, keepdim=True)
-    share = contrib * torch.sign(total) / total.abs().clamp_min(1e-30)
-    return share.max(0).values.argsort(descending=True)
-
-
-def select_neurons(contrib: torch.Tensor, share: float, max_neurons: int) -> tuple[list[int], list[float]]:
-    """Per massive dim, the fewest neurons whose contributions (same sign as the total) reach ``share`` of
-    the FFN output on that dim; the union over dims, at most ``max_neurons``, strongest first. Returns the
-    neurons and the share of each dim's FFN output they cover."""
-    total = contrib.sum(1)
-    chosen: dict[int, float] = {}
-    for i in range(contrib.shape[0]):
-        signed = contrib[i] * torch.sign(total[i])
-        order = signed.argsort(descending=True)
-        acc = 0.0
-        for n in order.tolist():
-            if signed[n] <= 0:
-                break
-            s = float(signed[n] / total[i].abs().clamp_min(1e-30))
-            chosen[n] = max(chosen.get(n, 0.0), s)
-            acc += s
-            if acc >= share:
-                break
-    neurons = [n for n, _ in sorted(chosen.items(), key=lambda kv: -kv[1])][:max_neurons]
-    covered = [float(contrib[i, neurons].sum() / total[i]) if float(total[i]) != 0 else 0.0
-               for i in range(contrib.shape[0])]
-    return neurons, covered
-
-
-def driving_inputs(lm: LM, layer: int, mlp_in: torch.Tensor, neuron: int, top: int = 5) -> list[dict[str, Any]]:
-    """The FFN-input dims with the largest |x_i * W[neuron, i]| through each input projection."""
-    x = mlp_in.mean(0)
-    rows = []
-    scores = torch.zeros_like(x)
-    contribs: dict[str, torch.Tensor] = {}
-    for name, w in ffn_in_weights(lm, layer).items():
-        c = x * w[neuron].float().cpu()
-        contribs[name] = c
-        scores = torch.maximum(scores, c.abs() / c.abs().sum().clamp_min(1e-30))
-    for i in scores.argsort(descending=True)[:top].tolist():
-        rows.append({"dim": i, "x": float(x[i]), "share": float(scores[i]),
-                     **{f"{name}_contribution": float(c[i]) for name, c in contribs.items()},
-                     **{f"{name}_preact": float(c.sum()) for name, c in contribs.items()}})
-    return rows
-
-
-def driving_dims(rows_per_neuron: dict[int, list[dict[str, Any]]], min_share: float = 0.1, per_neuron: int = 3) -> list[int]:
-    """Input dims that carry at least ``min_share`` of a top neuron's input (at most ``per_neuron`` each;
-    at least the strongest one)."""
-    dims: set[int] = set()
-    for rows in rows_per_neuron.values():
-        picked = [r["dim"] for r in rows[:per_neuron] if r["share"] >= min_share] or [rows[0]["dim"]]
-        dims.update(picked)
-    return sorted(dims)
-
-
-# ----------------------------------------------------------------------------------------------------
-# perplexity on the shipped text
-
-
-def ppl_text() -> str:
-    from importlib.resources import files
-
-    return files("melayer.data").joinpath("ppl_text.txt").read_text()
-
-
-def _special_prefix(tok) -> list[int]:
-    """Token ids the tokenizer puts in front of every text (e.g. <bos>), [] if none."""
-    with_sp = tok("a b", add_special_tokens=True)["input_ids"]
-    without = tok("a b", add_special_tokens=False)["input_ids"]
-    n = len(with_sp) - len(without)
-    return list(with_sp[:n]) if n > 0 and with_sp[n:] == without else []
-
-
-@torch.no_grad()
-def perplexity(lm: LM, text: str | None = None, *, max_tokens: int | None = None, window: int = PPL_WINDOW) -> dict[str, Any]:
-    """Perplexity of ``text`` (default: the shipped WikiText-2 excerpt) in non-overlapping windows of
-    ``window`` tokens, each preceded by the tokenizer's special prefix (e.g. <bos>), as the model sees text."""
-    text = ppl_text() if text is None else text
-    tok = lm.tokenizer
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    if max_tokens:
-        ids = ids[:max_tokens]
-    prefix = _special_prefix(tok)
-    max_pos = getattr(lm.config, "max_position_embeddings", None) or getattr(lm.config, "n_positions", None)
-    if max_pos:
-        window = max(8, min(window, int(max_pos) - len(prefix)))
-    nll, count = 0.0, 0
-    for start in range(0, len(ids), window):
-        chunk = ids[start : start + window]
-        if len(chunk) < 2 and not prefix:
-            continue
-        inp = torch.tensor([prefix + chunk], device=lm.device)
-        labels = inp.clone()
-        labels[0, : len(prefix)] = -100
-        out = lm.model(input_ids=inp, labels=labels, use_cache=False)
-        n = int((labels[0, 1:] != -100).sum())
-        nll += float(out.loss) * n
-        count += n
-    if count == 0:
-        raise MelayerError("perplexity text is too short")
-    return {"ppl": math.exp(nll / count), "tokens": count, "window": window, "prefix": prefix}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -528,75 +259,6 @@ class ExplainResult:
         }
 
 
-# ----------------------------------------------------------------------------------------------------
-# the analysis
-
-
-def _decompose(lm: LM, rec: dict[str, Any], dims: Sequence[int]) -> list[dict[str, Any]]:
-    rows = []
-    has_pa = "post_attn_out" in rec
-    has_pf = "post_ffn_out" in rec
-    for d in dims:
-        r_in = rec["resid_in"][:, d]
-        attn = rec["post_attn_out"][:, d] if has_pa else rec["attn_out"][:, d]
-        ffn = rec["post_ffn_out"][:, d] if has_pf else rec["mlp_out"][:, d]
-        out = rec["resid_out"][:, d]
-        row: dict[str, Any] = {
-            "dim": d,
-            "residual_in": float(r_in.mean()),
-            "attn_branch": float(attn.mean()),
-            "ffn_branch": float(ffn.mean()),
-            "residual_out": float(out.mean()),
-            "residual_out_min_abs": float(out.abs().min()),
-            "sum_check_error": float((r_in + attn + ffn - out).abs().max()),
-        }
-        delta = float((out - r_in).mean())
-        row["update"] = delta
-        row["ffn_share_of_update"] = float(ffn.mean()) / delta if delta else None
-        row["attn_share_of_update"] = float(attn.mean()) / delta if delta else None
-        if has_pa:
-            row["attn_raw"] = float(rec["attn_out"][:, d].mean())
-            row["post_attn_norm_realised_gain"] = float((attn / rec["attn_out"][:, d]).mean())
-        if has_pf:
-            row["mlp_raw"] = float(rec["mlp_out"][:, d].mean())
-            row["post_ffn_norm_realised_gain"] = float((ffn / rec["mlp_out"][:, d]).mean())
-        rows.append(row)
-    return rows
-
-
-def _norm_report(lm: LM, layer: int, rec: dict[str, Any], dims: Sequence[int], drive: Sequence[int]) -> list[dict[str, Any]]:
-    out = []
-    arch = lm.arch
-    for role in NORM_ROLES:
-        gain = lm.norm_gain(layer, role)
-        if gain is None:
-            continue
-        g = gain.float().cpu()
-        median = float(g.median())
-        order = g.abs().argsort(descending=True)
-        rank = torch.empty_like(order)
-        rank[order] = torch.arange(len(order))
-        entries = []
-        for kind, ds in (("massive", dims), ("driving", drive)):
-            for d in ds:
-                entries.append({"dim": int(d), "kind": kind, "gain": float(g[d]),
-                                "ratio_to_median": float(g[d]) / median if median else None,
-                                "rank_by_abs_gain": int(rank[d]) + 1})
-        scale = rec.get("norm_scale", {}).get(role, {})
-        ms, os_ = scale.get("massive_inv_scale"), scale.get("others_median_inv_scale")
-        out.append({
-            "role": role, "module": f"{arch.layers}.{layer}.{arch.path(role)}", "median_gain": median,
-            "max_abs_gain": float(g.abs().max()), "max_abs_gain_dim": int(order[0]),
-            "top_dims": [{"dim": int(i), "gain": float(g[i])} for i in order[:5].tolist()],
-            "dims": entries,
-            "token_inv_scale": {"massive": ms, "others_median": os_,
-                                "ratio": (ms / os_) if ms is not None and os_ else None,
-                                "meaning": "1/rms (RMSNorm) or 1/std (LayerNorm) of this norm's input; the norm's "
-                                           "output on dim d is gain[d] x this x input[d]"},
-        })
-    return out
-
-
 def _norm_edits(lm: LM, layer: int, dims: Sequence[int], drive: Sequence[int]) -> list[NormEdit]:
     edits = []
     e = median_gain_edit(lm, layer, "pre_ffn_norm", drive, reason="gain on the dims driving the top FFN neurons")
@@ -649,7 +311,7 @@ def explain(
     rec = record_layers(lm, prompts, positions, sorted({L, *[l for _, l in controls]}), batch_size)
 
     # 2-3. decomposition and attribution at the ME layer
-    decomposition = _decompose(lm, rec[L], dims)
+    decomposition = decompose(lm, rec[L], dims)
     contrib = neuron_contributions(lm, L, rec[L]["down_in"], dims)
     total = contrib.sum(1)
     selected, covered = select_neurons(contrib, share, max_neurons)
@@ -679,7 +341,7 @@ def explain(
             })
     driving = {n: driving_inputs(lm, L, rec[L]["mlp_in"], n) for n in selected}
     drive = driving_dims(driving)
-    norm_gains = _norm_report(lm, L, rec[L], dims, drive)
+    norm_gains = norm_report(lm, L, rec[L], dims, drive)
 
     # 5. ablations
     def edits_for(layer: int, kind: str, neurons: list[int], drv: list[int]) -> list[Edit]:

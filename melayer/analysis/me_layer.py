@@ -1,0 +1,55 @@
+"""The ME layer and the massive token, located once for every user (explain, rigidity, sinks, WeMask, compare, CLI)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+from melayer.analysis.criterion import Criterion
+from melayer.analysis.scan import ScanResult, scan
+from melayer.models.loading import LM
+from melayer.util.errors import MelayerError
+
+
+def find_me_layer(lm: LM, prompts: Sequence[str] | None = None, *, criterion: Criterion | None = None,
+                  batch_size: int = 8, progress: bool = False, hint: str | None = None) -> int | None:
+    """The consensus ME layer of ``lm`` on ``prompts`` (default: the shipped prompt set) by one :func:`scan`.
+
+    With ``hint`` a model without an ME layer is a :class:`MelayerError` ending in that hint; without it, None.
+    """
+    found = scan(lm, prompts, criterion=criterion, batch_size=batch_size, progress=progress).me_layer
+    if found is None and hint is not None:
+        raise MelayerError(f"no ME layer found in {lm.name}{hint}")
+    return None if found is None else int(found)
+
+
+def massive_dims_at(result: ScanResult, layer: int, min_support: float = 0.5) -> tuple[list[int], dict[int, float]]:
+    """Dims that are massive *and persistent* at ``layer`` in at least ``min_support`` of the prompts
+    (falls back to the best-supported dim), and every such dim's support."""
+    counts: Counter[int] = Counter()
+    for p in result.prompts:
+        if layer < len(p.massive):
+            counts.update({d for _, pos, d in p.massive[layer] if (pos, d) in p.persistent})
+    n = max(1, len(result.prompts))
+    support = {d: c / n for d, c in sorted(counts.items())}
+    dims = sorted(d for d, s in support.items() if s >= min_support)
+    if not dims and counts:
+        dims = [counts.most_common(1)[0][0]]
+    return dims, support
+
+
+def massive_positions(result: ScanResult, layer: int, dims: Sequence[int] | None = None) -> list[int]:
+    """Per prompt, the position (index among its real tokens) of its massive token at ``layer``: the
+    persistent massive entry with the largest |a| (on ``dims`` if given), else the most common massive
+    position over all prompts (if the prompt is long enough), else 0."""
+    common = Counter()
+    best: list[int | None] = []
+    for p in result.prompts:
+        entries = [(abs(v), pos) for v, pos, d in (p.massive[layer] if layer < len(p.massive) else [])
+                   if (pos, d) in p.persistent and (dims is None or d in dims)]
+        pos = max(entries)[1] if entries else None
+        best.append(pos)
+        if pos is not None:
+            common[pos] += 1
+    fallback = common.most_common(1)[0][0] if common else 0
+    return [b if b is not None else (fallback if fallback < p.n_tokens else 0) for b, p in zip(best, result.prompts)]

@@ -1,0 +1,112 @@
+"""Named capture sites, built from the architecture map, and the forward pass of the decoder stack.
+
+A site is ``(layer, name)``; :data:`SITES` maps each name to the role module that carries it and whether it is
+read before (``pre``: the module's input) or after (``out``: its output) that module runs. Analyses ask for
+sites by name and never for module paths:
+
+=================  ===========================================================================
+``resid_in``       residual stream entering the decoder layer
+``resid_out``      residual stream leaving it (the layer output)
+``attn_in``        attention input (after the pre-attention norm; raw residual for post-norm)
+``attn_out``       attention output (before any post-attention norm)
+``post_attn_out``  output of the post-attention norm (Gemma 2/3, OLMo2)
+``mlp_in``         FFN input
+``mlp_out``        FFN output (before any post-FFN norm)
+``down_in``        intermediate activations entering the down projection
+``post_ffn_out``   output of the post-FFN norm (Gemma 2/3, OLMo2)
+``<norm>_in``      input of each norm role (``pre_attn_norm_in`` ...)
+=================  ===========================================================================
+
+Norm gains are read with ``LM.norm_gain`` (the ArchSpec's weight -> gain mapping).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from melayer.capture.encoding import position_ids
+from melayer.capture.hooks import Hooks, StopForward, layer_output, run_until
+from melayer.capture.tokens import hidden_arg
+from melayer.models.archmap import NORM_ROLES
+from melayer.models.loading import LM
+
+SITES: dict[str, tuple[str, str]] = {
+    "resid_in": ("layer", "pre"),
+    "resid_out": ("layer", "out"),
+    "attn_in": ("attn", "pre"),
+    "attn_out": ("attn", "out"),
+    "post_attn_out": ("post_attn_norm", "out"),
+    "mlp_in": ("mlp", "pre"),
+    "mlp_out": ("mlp", "out"),
+    "down_in": ("down", "pre"),
+    "post_ffn_out": ("post_ffn_norm", "out"),
+    **{f"{role}_in": (role, "pre") for role in NORM_ROLES},
+}
+
+
+def site_module(lm: LM, layer: int, site: str) -> nn.Module | None:
+    """The module whose input or output is ``site`` in ``layer`` (None if the family has no such role)."""
+    role, _ = SITES[site]
+    return lm.layers[layer] if role == "layer" else lm.module(layer, role)
+
+
+def read_site(hooks: Hooks, lm: LM, layer: int, site: str, fn: Callable[[torch.Tensor], None]) -> bool:
+    """Call ``fn(tensor)`` with the site's activation on every forward; False if the model has no such site."""
+    module = site_module(lm, layer, site)
+    if module is None:
+        return False
+    if SITES[site][1] == "pre":
+        hooks.pre(module, lambda m, args, kwargs: fn(hidden_arg(args, kwargs)), with_kwargs=True)
+    else:
+        hooks.forward(module, lambda m, args, kwargs, out: fn(layer_output(out)), with_kwargs=True)
+    return True
+
+
+def edit_site(hooks: Hooks, lm: LM, layer: int, site: str,
+              fn: Callable[[torch.Tensor], torch.Tensor | None]) -> None:
+    """Replace an input site (``pre``) with ``fn(tensor)`` when it returns a tensor (never edits in place)."""
+    if SITES[site][1] != "pre":
+        raise ValueError(f"only input sites can be edited, not {site!r}")
+    module = site_module(lm, layer, site)
+    if module is None:
+        raise ValueError(f"layer {layer} of {lm.name} has no {site} site")
+
+    def hook(m: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        in_kwargs = "hidden_states" in kwargs
+        new = fn(kwargs["hidden_states"] if in_kwargs else args[0])
+        if new is None:
+            return None
+        if in_kwargs:
+            return args, {**kwargs, "hidden_states": new}
+        return (new, *args[1:]), kwargs
+
+    hooks.pre(module, hook, with_kwargs=True)
+
+
+def forward_body(lm: LM, batch: dict[str, torch.Tensor]) -> Any:
+    """The decoder stack only: no LM head, no hidden-state outputs, no KV cache."""
+    return lm.body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   position_ids=position_ids(batch["attention_mask"]), use_cache=False)
+
+
+def forward_until(lm: LM, batch: dict[str, torch.Tensor], last_layer: int | None = None) -> None:
+    """Run the decoder stack and stop right after ``last_layer`` (nothing later runs; None: run it all)."""
+    def stop(module: Any, args: Any, output: Any) -> None:
+        raise StopForward
+
+    with Hooks() as hooks:
+        if last_layer is not None and last_layer < lm.num_layers - 1:
+            hooks.forward(lm.layers[last_layer], stop)
+        run_until(lambda: forward_body(lm, batch))
+
+
+def final_hidden(hooks: Hooks, lm: LM, into: dict[str, torch.Tensor]) -> None:
+    """Keep the decoder stack's final hidden states (after the final norm) in ``into["h"]`` on every forward."""
+    def grab(_mod: Any, _args: Any, output: Any) -> None:
+        into["h"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+    hooks.forward(lm.body, grab)

@@ -1,0 +1,77 @@
+"""``melayer compare``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from melayer.cli import app
+from melayer.cli.common import (
+    ArchOpt,
+    DtypeOpt,
+    ModelOpt,
+    check_output,
+    finish,
+    load_model,
+)
+from melayer.cli.eval_options import (
+    BatchOpt,
+    ChatOpt,
+    FewshotOpt,
+    GammaOpt,
+    LayersOpt,
+    LimitOpt,
+    MaxNewOpt,
+    MeLayerOpt,
+    OverwriteOpt,
+    SelectOpt,
+    StrideOpt,
+    TaskOpt,
+    WindowOpt,
+    check_task,
+)
+
+
+@app.command("compare")
+def compare_cmd(
+    task: TaskOpt,
+    rates: Annotated[str, typer.Option("--rates", help="comma-separated WeMask rates in [0, 1]; 0 (baseline) is always added")] = "0,0.001,0.01,0.05",
+    model: ModelOpt = None,
+    limit: LimitOpt = None,
+    select: SelectOpt = "activation",
+    layers: LayersOpt = None,
+    me_layer: MeLayerOpt = None,
+    gamma: GammaOpt = 1.0,
+    batch_size: BatchOpt = 8,
+    max_new_tokens: MaxNewOpt = None,
+    chat: ChatOpt = "auto",
+    num_fewshot: FewshotOpt = None,
+    window: WindowOpt = None,
+    stride: StrideOpt = None,
+    sinks: Annotated[bool, typer.Option(help="measure the attention-sink rate at every rate")] = True,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="output directory (default out/compare/<task>)")] = None,
+    overwrite: OverwriteOpt = False,
+    dtype: DtypeOpt = "float32",
+    arch: ArchOpt = None,
+) -> None:
+    """Same samples at several WeMask rates: paired differences vs rate 0, bootstrap CIs, McNemar, sinks
+    -> DIR/compare.json + DIR/dose_response.png (+ one resumable eval per rate in DIR/rate_<r>/)."""
+    from melayer.eval.compare import parse_rates
+    from melayer.interventions.wemask import WeMaskSpec
+
+    chat_mode, options = check_task(task, limit, batch_size, max_new_tokens, chat, num_fewshot=num_fewshot,
+                                    window=window, stride=stride)
+    rate_list = parse_rates(rates)
+    WeMaskSpec(max(rate_list), select=select, gamma=gamma)  # validated before loading
+    out = check_output(output or Path("out/compare") / task)
+    from melayer.eval.compare import compare
+    from melayer.report.eval import dose_response_plot, print_compare
+
+    lm = load_model(model, dtype, arch)
+    result = compare(lm, task, rate_list, limit=limit, batch_size=batch_size, output=out, select=select,
+                     layers=layers, gamma=gamma, me_layer=me_layer, max_new_tokens=max_new_tokens, chat=chat_mode,
+                     sinks=sinks, overwrite=overwrite, **options)
+    finish(result.to_dict(), out, "compare.json", print_compare, plots=[(dose_response_plot, "dose_response.png")],
+           write=False, announce_plots=True)

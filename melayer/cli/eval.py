@@ -1,0 +1,79 @@
+"""``melayer eval``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from melayer.cli import app
+from melayer.cli.common import (
+    ArchOpt,
+    DtypeOpt,
+    ModelOpt,
+    check_output,
+    finish,
+    load_model,
+)
+from melayer.cli.eval_options import (
+    BatchOpt,
+    ChatOpt,
+    FewshotOpt,
+    GammaOpt,
+    LayersOpt,
+    LimitOpt,
+    MaxNewOpt,
+    MeLayerOpt,
+    OverwriteOpt,
+    SelectOpt,
+    StrideOpt,
+    TaskOpt,
+    WindowOpt,
+    check_task,
+)
+
+
+@app.command("eval")
+def eval_cmd(
+    task: TaskOpt,
+    model: ModelOpt = None,
+    limit: LimitOpt = None,
+    wemask: Annotated[Optional[float], typer.Option("--wemask", help="apply WeMask at this rate (fraction of hidden dims, 0-1)")] = None,
+    select: SelectOpt = "activation",
+    layers: LayersOpt = None,
+    me_layer: MeLayerOpt = None,
+    gamma: GammaOpt = 1.0,
+    batch_size: BatchOpt = 8,
+    max_new_tokens: MaxNewOpt = None,
+    chat: ChatOpt = "auto",
+    num_fewshot: FewshotOpt = None,
+    window: WindowOpt = None,
+    stride: StrideOpt = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="output directory (default out/eval/<task>)")] = None,
+    overwrite: OverwriteOpt = False,
+    dtype: DtypeOpt = "float32",
+    arch: ArchOpt = None,
+) -> None:
+    """Evaluate a model on one task -> DIR/eval.json + DIR/samples.jsonl (a killed run resumes)."""
+    from melayer.interventions.wemask import WeMaskSpec
+
+    chat_mode, options = check_task(task, limit, batch_size, max_new_tokens, chat, num_fewshot=num_fewshot,
+                                    window=window, stride=stride)
+    spec = WeMaskSpec(wemask, select=select, gamma=gamma) if wemask is not None else None  # validated before loading
+    out = check_output(output or Path("out/eval") / task)
+    from melayer.analysis.me_layer import find_me_layer
+    from melayer.eval import run
+    from melayer.interventions.wemask import parse_layers
+    from melayer.report.eval import print_eval
+
+    lm = load_model(model, dtype, arch)
+    mask = None
+    if spec is not None:
+        layer_list = parse_layers(layers, lm.num_layers)
+        if me_layer is None and layer_list is None and spec.k(lm.hidden_size) > 0:
+            me_layer = find_me_layer(lm, progress=True, hint="; pass --me-layer or --layers")
+        mask = WeMaskSpec(spec.rate, layers=layer_list, select=select, gamma=gamma, me_layer=me_layer).bind(lm)
+    result = run(lm, task, limit=limit, batch_size=batch_size, output=out, max_new_tokens=max_new_tokens,
+                 chat=chat_mode, intervention=mask, overwrite=overwrite, **options)
+    finish(result.to_dict(), out, "eval.json", print_eval, write=False)

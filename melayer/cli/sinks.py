@@ -1,0 +1,58 @@
+"""``melayer sinks``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from melayer.cli import app
+from melayer.cli.common import (
+    ArchOpt,
+    BatchOpt,
+    DtypeOpt,
+    ModelOpt,
+    NPromptsOpt,
+    OutputOpt,
+    PlotsOpt,
+    PromptOpt,
+    PromptsOpt,
+    n_prompts,
+    prompts_from,
+    run_analysis,
+)
+from melayer.util.errors import MelayerError
+
+
+@app.command()
+def sinks(
+    model: ModelOpt = None,
+    prompt: PromptOpt = None,
+    prompts: PromptsOpt = None,
+    output: OutputOpt = Path("out/sinks"),
+    n_prompts_: NPromptsOpt = None,
+    windows: Annotated[int, typer.Option(help="without --prompts: this many 64-token windows of the shipped WikiText-2 excerpt (Gu et al.'s T=64 setting)")] = 32,
+    epsilon: Annotated[float, typer.Option(help="a head sinks on a token if its mean attention to it exceeds this")] = 0.3,
+    max_tokens: Annotated[int, typer.Option(help="truncate prompts to this many tokens (Gu et al.: 64; 0 = no limit)")] = 64,
+    min_tokens: Annotated[int, typer.Option(help="skip prompts shorter than this (short prompts inflate the score; 0 = keep all)")] = 16,
+    batch_size: BatchOpt = 8,
+    dtype: DtypeOpt = "float32",
+    arch: ArchOpt = None,
+    plots: PlotsOpt = True,
+) -> None:
+    """Attention sinks per layer and head (Gu et al. metric), first sink layer vs the ME layer -> DIR/sinks.json + PNG."""
+    from melayer.analysis.sinks import sinks as run_sinks
+    from melayer.report import plots_analysis as P
+    from melayer.report.summary_analysis import print_sinks
+
+    if max_tokens < 0 or min_tokens < 0:
+        raise MelayerError("--max-tokens and --min-tokens must be >= 0")
+    if windows < 1:
+        raise MelayerError("--windows must be >= 1")
+    texts = prompts_from(prompt, prompts)
+    n = n_prompts(n_prompts_, None)
+    run_analysis(output=output, model=model, dtype=dtype, arch=arch, json_name="sinks.json",
+                 run=lambda lm: run_sinks(lm, texts, windows=windows, epsilon=epsilon, max_tokens=max_tokens,
+                                          min_tokens=min_tokens, n_prompts=n, batch_size=batch_size),
+                 render=print_sinks, plots=[(P.sinks_heatmap, "sinks_heatmap.png")] if plots else [])
