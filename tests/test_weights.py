@@ -1,0 +1,214 @@
+"""melayer weights: data-free ME-layer candidates, read lazily from safetensors and GGUF files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, save_lm
+
+import melayer
+from melayer.analysis.weights import candidates, confirm
+from melayer.errors import MelayerError
+from melayer.models.lazy import GGUFWeights, open_weights
+from melayer.models.tiny import MODEL_TYPES, tiny_lm
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_planted_checkpoint_of_every_family(tmp_path, model_type):
+    """Predicted == planted == scanned (layer, dim, neuron), for two different plants per family."""
+    for me_layer, neuron, dim in ((1, 5, 7), (2, 40, 30)):
+        lm = tiny_lm(model_type, me_layer=me_layer, neuron=neuron, dim=dim, num_layers=4)
+        path = save_lm(lm, tmp_path / f"{model_type}-{me_layer}")
+        r = candidates(str(path))
+        assert (r.me_layer, r.massive_dim, r.top_neuron) == (me_layer, dim, neuron)
+        assert melayer.scan(lm, ["The capital of France is Paris.", "Hello world!"], progress=False).me_layer == me_layer
+        # the super weight's stored index addresses the planted entry in the stored (possibly Conv1D) tensor
+        stored = lm.model.state_dict()[r.super_weight["tensor"]]
+        assert float(stored[tuple(r.super_weight["stored_index"])]) == pytest.approx(r.super_weight["value"])
+        assert r.super_weight["value"] == pytest.approx(float(lm.arch.down_matrix(lm.module(me_layer, "down")).detach()[dim, neuron]))
+        assert r.cost["max_live_tensors"] == 1
+
+
+def test_result_dict_and_parts(planted_dir):
+    r = candidates(str(planted_dir), top_k=3)
+    d = r.to_dict()
+    assert d["schema"] == "melayer.weights/1" and d["format"] == "safetensors" and d["model_type"] == "llama"
+    assert len(d["layers"]) == 5 and len(d["candidates"]) == 3 and d["candidates"][0]["layer"] == 2
+    for row in d["layers"]:  # the score is the product of its stated parts
+        assert row["score"] == pytest.approx(row["down"] * row["post"] * row["drive"], rel=1e-4)
+    json.dumps(d)  # plain JSON
+
+
+def _write_weights_only(path: Path, hidden: int, inter: int, layers: int) -> Path:
+    """A real safetensors checkpoint holding only what the ranking reads (a few hundred MB)."""
+    from safetensors.torch import save_file
+
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": layers, "hidden_size": hidden}))
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        tensors[p + "post_attention_layernorm.weight"] = torch.ones(hidden)
+        tensors[p + "mlp.gate_proj.weight"] = torch.randn(inter, hidden, generator=g) * 0.02
+        tensors[p + "mlp.up_proj.weight"] = torch.randn(inter, hidden, generator=g) * 0.02
+        tensors[p + "mlp.down_proj.weight"] = torch.randn(hidden, inter, generator=g) * 0.02
+    tensors["model.layers.2.mlp.down_proj.weight"][11, 99] = 5.0
+    save_file(tensors, str(path / "model.safetensors"))
+    return path
+
+
+def test_lazy_reading_keeps_memory_at_one_tensor(tmp_path):
+    """Peak RSS growth while ranking a 302 MB checkpoint stays near one tensor (25 MB), far below the file."""
+    hidden, inter, layers = 1024, 6144, 4
+    path = _write_weights_only(tmp_path / "big", hidden, inter, layers)
+    tensor_mb = hidden * inter * 4 / 2**20
+    file_mb = path.joinpath("model.safetensors").stat().st_size / 2**20
+    code = ("import json, resource, torch; torch.set_num_threads(1); from melayer.analysis.weights import candidates;"
+            "a = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
+            f"r = candidates({str(path)!r});"
+            "b = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
+            "print(json.dumps([(b - a) / 1024, r.me_layer, r.massive_dim, r.top_neuron, r.cost['max_live_tensors'], r.cost['tensors_read']]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True,
+                         env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)})
+    growth, me, dim, neuron, live, read = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (me, dim, neuron) == (2, 11, 99)
+    assert live == 1 and read == layers * 4 + 1  # 4 tensors per layer, plus the ME layer's down once more
+    assert file_mb > 10 * tensor_mb
+    assert growth < 3 * tensor_mb, f"RSS grew {growth:.0f} MB for {tensor_mb:.0f} MB tensors ({file_mb:.0f} MB file)"
+
+
+def test_gguf_path_agrees_with_safetensors(tiny_gguf, tmp_path):
+    """The tiny F32 GGUF (a planted Llama, layer 2, dim 7, neuron 5) ranks like its safetensors twin."""
+    r = candidates(str(tiny_gguf))
+    assert r.format == "gguf" and (r.me_layer, r.massive_dim, r.top_neuron) == (2, 7, 5)
+    twin = candidates(str(save_lm(tiny_lm("llama", me_layer=2), tmp_path / "twin")))
+    for a, b in zip(r.layers, twin.layers):
+        assert (a.dim, a.neuron) == (b.dim, b.neuron) and a.score == pytest.approx(b.score, rel=1e-5)
+
+
+def _write_gemma3_gguf(lm, path: Path) -> Path:
+    """A tiny Gemma-3 GGUF laid out as llama.cpp's converter writes one: names from gguf's own tensor-name map,
+    norm weights stored as 1 + weight (llama.cpp multiplies by the stored value), FFN matrices in Q8_0."""
+    import gguf
+
+    cfg = lm.config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3, cfg.num_hidden_layers)
+    w = gguf.GGUFWriter(str(path), "gemma3")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_embedding_length(cfg.hidden_size)
+    for key, t in lm.model.state_dict().items():
+        base = key.rsplit(".", 1)[0]
+        gname = names.get_name(base)
+        if gname is None or ".layers." not in key:
+            continue
+        a = t.detach().float().numpy()
+        if key.endswith("norm.weight"):
+            a = a + 1.0
+        if a.ndim == 2:
+            q = gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q8_0)
+            w.add_tensor(gname + ".weight", q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            w.add_tensor(gname + ".weight", np.ascontiguousarray(a))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_quantised_gemma3_gguf_norm_offset(tmp_path):
+    lm = tiny_lm("gemma3_text", me_layer=2, neuron=9, dim=20, num_layers=4)
+    path = _write_gemma3_gguf(lm, tmp_path / "tiny-gemma3.gguf")
+    lazy = open_weights(str(path))
+    assert isinstance(lazy, GGUFWeights) and lazy.model_type == "gemma3_text" and lazy.arch.post_ffn_norm
+    for layer in range(4):  # gains read from the GGUF are the model's effective gains
+        for role in ("pre_ffn_norm", "post_ffn_norm"):
+            assert torch.allclose(lazy.norm_gain(layer, role), lm.norm_gain(layer, role), atol=1e-6)
+    down = lazy.role_weight(2, "down")  # Q8_0: within one quantisation step
+    assert torch.allclose(down, lm.arch.down_matrix(lm.module(2, "down")), atol=float(down.abs().max()) / 100)
+    r = candidates(lazy)
+    assert (r.me_layer, r.massive_dim, r.top_neuron) == (2, 20, 9)
+
+
+def test_confirm_on_a_planted_model(tmp_path):
+    lm = tiny_lm("llama", me_layer=2, num_layers=5)
+    r = candidates(str(save_lm(lm, tmp_path / "planted")))
+    texts = ["The capital of France is Paris.", "Hello world, how are you?"]
+    c = confirm(lm, r, texts)
+    assert c.held and c.layers == [1, 2, 3] and c.massive_share == {1: 0.0, 2: 1.0, 3: 1.0} and c.top_dim[2] == 7
+    r.me_layer = 1  # a wrong prediction is reported as such
+    wrong = confirm(lm, r, texts)
+    assert not wrong.held and "not held" in wrong.verdict
+
+
+def test_cli_writes_json_and_plot(run_cli, planted_dir, tmp_path):
+    res = run_cli("weights", str(planted_dir), "-o", tmp_path / "out", "--confirm", "--prompts", "2")
+    assert res.returncode == 0, res.stderr
+    data = json.loads((tmp_path / "out" / "weights.json").read_text())
+    assert data["schema"] == "melayer.weights/1" and (data["me_layer"], data["massive_dim"], data["neurons"][0]) == (2, 7, 5)
+    assert data["confirm"]["held"] is True
+    assert (tmp_path / "out" / "weights_scores.png").stat().st_size > 0
+
+
+def test_cli_bad_input(run_cli, tmp_path, planted_dir, unsupported_dir, tiny_gguf):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (tmp_path / "file").write_text("x")
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "config.json").write_text((planted_dir / "config.json").read_text())
+    data = (planted_dir / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(data[: len(data) // 2])
+    gguf_cut = tmp_path / "cut.gguf"
+    gguf_cut.write_bytes(tiny_gguf.read_bytes()[:-4096])
+    cases = [
+        ((str(empty),), "holds no model weights"),
+        ((str(cut),), "truncated or corrupt"),
+        ((str(gguf_cut),), "truncated GGUF"),
+        ((str(unsupported_dir),), "'gpt_neox' is not in melayer's architecture map"),
+        ((str(planted_dir), "-o", str(tmp_path / "file")), "exists and is not a directory"),
+    ]
+    for args, message in cases:
+        if "-o" not in args:
+            args = (*args, "-o", str(tmp_path / "o"))
+        res = run_cli("weights", *args)
+        assert res.returncode == 2, (args, res.stderr)
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("melayer: error: ") and message in lines[0], (args, res.stderr)
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_arguments(planted_dir):
+    with pytest.raises(MelayerError):
+        candidates(str(planted_dir), persist_frac=0)
+    with pytest.raises(MelayerError, match="no such file"):
+        candidates("surely/not/here")
+
+
+@pytest.mark.slow
+def test_embedded_models(gemma, smollm2):
+    """What the README reports: Gemma right (layer, dim, neuron, precursor), SmolLM2 right dim, wrong layer."""
+    from melayer.models.loading import resolve_source
+
+    g = candidates("gemma-3-270m")
+    assert g.format == "gguf" and (g.me_layer, g.massive_dim, g.top_neuron) == (3, 163, 1414)
+    assert [(p["layer"], p["dim"]) for p in g.precursors] == [(0, 400), (1, 400), (2, 400)]
+    assert g.precursors[0]["neuron"] == 1405 and g.cost["max_live_tensors"] == 1
+    g_st = candidates(resolve_source("gemma-3-270m")[1])  # the dequantised safetensors directory
+    assert g_st.format == "safetensors"
+    assert [(r.dim, r.neuron) for r in g_st.layers] == [(r.dim, r.neuron) for r in g.layers]
+    assert confirm(gemma, g).held
+
+    s = candidates("smollm2-135m")
+    assert (s.me_layer, s.massive_dim, s.top_neuron) == (1, 507, 49)  # the scan says layer 11 (layer 2: precursor)
+    assert s.layers[11].dim == 507 and s.layers[11].neurons[:2] == [1229, 1487]
+    ranked = [c["layer"] for c in s.candidates]
+    assert ranked[:3] == [28, 11, 2]
+    assert not confirm(smollm2, s).held
