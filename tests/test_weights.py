@@ -70,11 +70,10 @@ def test_lazy_reading_keeps_memory_at_one_tensor(tmp_path):
     path = _write_weights_only(tmp_path / "big", hidden, inter, layers)
     tensor_mb = hidden * inter * 4 / 2**20
     file_mb = path.joinpath("model.safetensors").stat().st_size / 2**20
-    code = ("import json, resource, torch; torch.set_num_threads(1); from melayer.analysis.weights import candidates;"
-            "a = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
-            f"r = candidates({str(path)!r});"
-            "b = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
-            "print(json.dumps([(b - a) / 1024, r.me_layer, r.massive_dim, r.top_neuron, r.cost['max_live_tensors'], r.cost['tensors_read']]))")
+    code = ("import json, torch; torch.set_num_threads(1); from melayer.analysis import weights as W;"
+            "a = W._peak_rss_mb();"  # VmHWM: this process's own peak (ru_maxrss would carry over pytest's)
+            f"r = W.candidates({str(path)!r});"
+            "print(json.dumps([W._peak_rss_mb() - a, r.me_layer, r.massive_dim, r.top_neuron, r.cost['max_live_tensors'], r.cost['tensors_read']]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True,
                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)})
     growth, me, dim, neuron, live, read = json.loads(out.stdout.strip().splitlines()[-1])

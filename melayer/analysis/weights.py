@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import resource
 import time
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -35,7 +36,7 @@ import torch
 from melayer.models.lazy import LazyWeights, open_weights
 
 SCHEMA = "melayer.weights/1"
-EXACT_MEDIAN_MAX = 1 << 24  # larger tensors: median of an evenly strided sample of this many entries
+EXACT_MEDIAN_MAX = 1 << 21  # larger tensors: the median of an evenly strided sample of at least this many entries
 PRECURSOR_SHARE = 0.1
 
 SCORE = ("score(l, d, n) = down x post x drive; down = |W_down[d,n]| / median|W_down|; post = |g_post[d]| / "
@@ -111,6 +112,29 @@ class WeightsResult:
                 **d}
 
 
+def _proc_status_mb(field: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _rss_mb() -> float:
+    """Resident memory now (Linux), else the peak so far."""
+    now = _proc_status_mb("VmRSS")
+    return now if now is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM, not ru_maxrss: the latter carries over the parent's peak
+    into a process started by fork + exec."""
+    peak = _proc_status_mb("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _median(t: torch.Tensor) -> float:
     flat = t.reshape(-1)
     if flat.numel() > EXACT_MEDIAN_MAX:
@@ -181,7 +205,7 @@ def candidates(
     if top_k < 1 or top_neurons < 1:
         raise MelayerError("top_k and top_neurons must be >= 1")
     t0 = time.perf_counter()
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss0 = _rss_mb()
     w = model if isinstance(model, LazyWeights) else open_weights(model, arch)
     if w.num_layers < 1:
         raise MelayerError(f"{w.source}: the config gives no number of layers")
@@ -204,10 +228,10 @@ def candidates(
                   if r.dim != dim and r.score >= PRECURSOR_SHARE * me_row.score]
     ranked = sorted(rows, key=lambda r: -r.score)[:top_k]
     cands = [{"rank": i + 1, "layer": r.layer, "dim": r.dim, "neuron": r.neuron, "score": r.score} for i, r in enumerate(ranked)]
-    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _peak_rss_mb()
     cost = {"seconds": round(time.perf_counter() - t0, 3), "tensors_read": w.tensors_read,
             "bytes_read_mb": round(w.bytes_read / 2**20, 1), "max_live_tensors": w.max_live,
-            "peak_rss_mb": round(rss1 / 1024, 1), "rss_growth_mb": round((rss1 - rss0) / 1024, 1)}
+            "peak_rss_mb": round(peak, 1), "peak_rss_above_start_mb": round(peak - rss0, 1)}
     return WeightsResult(model=w.name, source=w.source, format=w.format, arch=w.arch.name, model_type=w.model_type,
                          num_layers=w.num_layers, hidden_size=w.hidden_size, intermediate_size=inter, me_layer=me,
                          massive_dim=dim, neurons=me_row.neurons, super_weight=sw, precursors=precursors, layers=rows,

@@ -152,7 +152,6 @@ class SafetensorsWeights(LazyWeights):
         if "num_hidden_layers" not in config and "n_layer" not in config and isinstance(config.get("text_config"), dict):
             config = config["text_config"]  # a multimodal checkpoint: rank its language model
         super().__init__(directory.name, str(directory), config, arch)
-        self._handles: dict[Path, Any] = {}
         index = directory / "model.safetensors.index.json"
         if index.exists():
             try:
@@ -166,18 +165,17 @@ class SafetensorsWeights(LazyWeights):
                 raise MelayerError(f"{directory} holds no weights (no *.safetensors file)")
             self._files = {}
             for f in files:
-                for k in self._open(f).keys():  # noqa: SIM118 (a safe_open handle is not a dict)
-                    self._files[k] = f
+                with self._open(f) as handle:
+                    self._files.update({k: f for k in handle.keys()})  # noqa: SIM118 (a safe_open handle is not a dict)
 
-    def _open(self, path: Path) -> Any:
+    @staticmethod
+    def _open(path: Path) -> Any:
         from safetensors import SafetensorError, safe_open
 
-        if path not in self._handles:
-            try:
-                self._handles[path] = safe_open(str(path), framework="pt")
-            except (SafetensorError, OSError) as exc:
-                raise MelayerError(f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}") from None
-        return self._handles[path]
+        try:
+            return safe_open(str(path), framework="pt")
+        except (SafetensorError, OSError) as exc:
+            raise MelayerError(f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}") from None
 
     def keys(self) -> list[str]:
         return list(self._files)
@@ -186,9 +184,12 @@ class SafetensorsWeights(LazyWeights):
         from safetensors import SafetensorError
 
         try:
-            # an owned copy: safe_open hands out views of its (copy-on-write) memory map, through which the
-            # in-place reductions of the ranking would otherwise show up in the next read of the same tensor
-            return self._open(self._files[name]).get_tensor(name).clone()
+            # opened per read and copied out: safe_open hands out views of a (copy-on-write) memory map of the
+            # whole file; kept open, every page read so far would stay mapped (and count in RSS), and the
+            # in-place reductions of the ranking would show up in the next read of the same tensor
+            with self._open(self._files[name]) as handle:
+                t = handle.get_tensor(name)
+                return t.clone() if t.dtype == torch.float32 else t.float()
         except (SafetensorError, OSError, RuntimeError) as exc:
             raise MelayerError(f"cannot read tensor {name} from {self._files[name]} (truncated or corrupt?): {exc}") from None
 
