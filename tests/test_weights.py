@@ -14,7 +14,7 @@ from conftest import REPO, save_lm
 
 import melayer
 from melayer.analysis.weights import candidates, confirm
-from melayer.errors import MelayerError
+from melayer.util.errors import MelayerError
 from melayer.models.lazy import GGUFWeights, open_weights
 from melayer.models.tiny import MODEL_TYPES, tiny_lm
 

@@ -198,7 +198,7 @@ def candidates(
     ``model``: an embedded name (``gemma-3-270m``, ``smollm2-135m``), a ``.gguf`` file, a local Hugging Face
     directory (safetensors), or an opened :class:`~melayer.models.lazy.LazyWeights`.
     """
-    from melayer.errors import MelayerError
+    from melayer.util.errors import MelayerError
 
     if not 0 < persist_frac <= 1:
         raise MelayerError(f"persist_frac must be in (0, 1], got {persist_frac}")
@@ -259,7 +259,7 @@ def confirm(lm: Any, result: WeightsResult, prompts: list[str] | None = None, *,
     from melayer.analysis.criterion import Criterion
     from melayer.analysis.scan import default_prompts
     from melayer.capture.hooks import Hooks, StopForward, layer_output, run_until
-    from melayer.errors import MelayerError
+    from melayer.util.errors import MelayerError
 
     crit = criterion or Criterion()
     if lm.num_layers != result.num_layers or lm.hidden_size != result.hidden_size:

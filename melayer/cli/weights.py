@@ -27,7 +27,7 @@ def weights(
     import melayer
     from melayer.analysis.weights import candidates
     from melayer.analysis.weights import confirm as confirm_fn
-    from melayer.report.io import write_json
+    from melayer.util.io import write_json
     from melayer.report.weights import print_weights, score_plot
 
     check_output(output)

@@ -8,7 +8,7 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
-from melayer.report.console import out
+from melayer.util.console import out
 
 
 def print_weights(d: dict[str, Any]) -> None:
