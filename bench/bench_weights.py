@@ -50,7 +50,7 @@ print(json.dumps({"seconds": seconds, "peak_mb": _peak_rss_mb(), "base_mb": base
 def measure(what: str, spec: str, dtype: str = "float32") -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
            "HF_HUB_OFFLINE": "1", "MELAYER_QUIET": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    out = subprocess.run([sys.executable, "-c", MEASURE, what, spec, dtype], env=env, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", MEASURE, what, spec, dtype], env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise SystemExit(f"{what} {spec} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

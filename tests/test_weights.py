@@ -14,9 +14,9 @@ from conftest import REPO, save_lm
 
 import melayer
 from melayer.analysis.weights import candidates, confirm
-from melayer.util.errors import MelayerError
 from melayer.models.lazy import GGUFWeights, open_weights
 from melayer.models.tiny import MODEL_TYPES, tiny_lm
+from melayer.util.errors import MelayerError
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)

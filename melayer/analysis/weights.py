@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import resource
 import time
-from pathlib import Path
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch

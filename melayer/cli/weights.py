@@ -27,8 +27,8 @@ def weights(
     import melayer
     from melayer.analysis.weights import candidates
     from melayer.analysis.weights import confirm as confirm_fn
-    from melayer.util.io import write_json
     from melayer.report.weights import print_weights, score_plot
+    from melayer.util.io import write_json
 
     check_output(output)
     result = candidates(model, arch=arch, top_k=top_k, persist_frac=persist_frac)

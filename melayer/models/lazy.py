@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from melayer.util.errors import MelayerError, UnsupportedArchitecture
 from melayer.models.archmap import ARCHITECTURES, ArchSpec, load_override
+from melayer.util.errors import MelayerError, UnsupportedArchitecture
 
 
 class LazyWeights:
