@@ -141,10 +141,12 @@ def test_confirm_on_a_planted_model(tmp_path):
     r = candidates(str(save_lm(lm, tmp_path / "planted")))
     texts = ["The capital of France is Paris.", "Hello world, how are you?"]
     c = confirm(lm, r, texts)
-    assert c.held and c.layers == [1, 2, 3] and c.massive_share == {1: 0.0, 2: 1.0, 3: 1.0} and c.top_dim[2] == 7
-    r.me_layer = 1  # a wrong prediction is reported as such
+    assert c.held and c.first_held == 2 and c.emerges == {2: 1.0} and c.layers == [1, 2, 3]
+    assert c.massive_share == {1: 0.0, 2: 1.0, 3: 1.0} and c.top_dim[2] == 7
+    r.me_layer = 0  # a wrong prediction is reported as such, with the candidate that does hold
     wrong = confirm(lm, r, texts)
-    assert not wrong.held and "not held" in wrong.verdict
+    assert not wrong.held and wrong.first_held == 2 and wrong.emerges == {0: 0.0, 2: 1.0}
+    assert "not held at layer 0" in wrong.verdict and "first at layer 2" in wrong.verdict
 
 
 def test_cli_writes_json_and_plot(run_cli, planted_dir, tmp_path):
@@ -210,4 +212,5 @@ def test_embedded_models(gemma, smollm2):
     assert s.layers[11].dim == 507 and s.layers[11].neurons[:2] == [1229, 1487]
     ranked = [c["layer"] for c in s.candidates]
     assert ranked[:3] == [28, 11, 2]
-    assert not confirm(smollm2, s).held
+    c = confirm(smollm2, s)  # the candidates on dim 507 are layers 1, 2, 11, 28 (+ others in the top 10)
+    assert not c.held and c.first_held == 11 and c.emerges[11] > 0.5

@@ -64,18 +64,22 @@ class LayerScore:
 
 @dataclass
 class Confirmation:
-    """A short scan of the layers around the predicted ME layer (the forward stops after the last one)."""
+    """A short scan of the layers around the candidate layers (the forward stops after the last one)."""
 
-    layers: list[int]
+    layers: list[int]  # the hooked layers: each candidate layer on the massive dim, the one before and after
     prompts: int
     dim: int
-    # per checked layer: median over prompts of max|a| on the dim, of the layer median, and the share of
-    # prompts where the dim is massive (emergence thresholds at the ME layer and before, persistence after)
+    # per hooked layer: median over prompts of max|a| on the dim, of the layer's median |a|, the share of prompts
+    # where the dim is massive there (emergence thresholds), and the most common top dim
     dim_max: dict[int, float]
     layer_median: dict[int, float]
     massive_share: dict[int, float]
-    top_dim: dict[int, int]  # the dim with the largest |a| at each checked layer (most common over prompts)
-    held: bool
+    top_dim: dict[int, int]
+    # per candidate layer: the share of prompts where the dim becomes massive there (massive at the layer, not
+    # in the layer before, persisting into the next layer)
+    emerges: dict[int, float]
+    held: bool  # the predicted ME layer emerges in more than half of the prompts
+    first_held: int | None  # the first candidate layer that does
     verdict: str
     seconds: float
 
@@ -252,25 +256,29 @@ def _predict(rows: list[LayerScore], persist_frac: float) -> tuple[int, int, lis
 
 def confirm(lm: Any, result: WeightsResult, prompts: list[str] | None = None, *, n_prompts: int = 8,
             criterion: Any = None) -> Confirmation:
-    """Check the prediction with a short scan: hooks on the layers before, at and after the predicted ME layer
-    only, and the forward stops after the last of them. The prediction holds when, in most prompts, the
-    predicted dim is massive at the ME layer (emergence thresholds), was not before it, and persists in the
-    next layer (persistence thresholds)."""
+    """Check the prediction with a short scan that hooks only the candidate layers on the massive dim (the
+    predicted ME layer and the other ranked candidates writing that dim), each with the layer before and after;
+    the forward stops after the last hooked layer. A candidate holds when, in most prompts, the dim is massive
+    at its output (emergence thresholds), was not in the layer before, and persists into the next layer
+    (persistence thresholds)."""
     from melayer.analysis.criterion import Criterion
     from melayer.analysis.scan import default_prompts
     from melayer.capture.hooks import Hooks, StopForward, layer_output, run_until
     from melayer.util.errors import MelayerError
 
     crit = criterion or Criterion()
+    if n_prompts < 1:
+        raise MelayerError("--prompts must be >= 1")
     if lm.num_layers != result.num_layers or lm.hidden_size != result.hidden_size:
         raise MelayerError(f"the loaded model ({lm.num_layers} layers, hidden {lm.hidden_size}) is not the ranked "
                            f"checkpoint ({result.num_layers} layers, hidden {result.hidden_size})")
     texts = list(prompts or default_prompts())[:n_prompts]
     me, dim = result.me_layer, result.massive_dim
-    layers = [layer for layer in (me - 1, me, me + 1) if 0 <= layer < lm.num_layers]
+    cands = sorted({me} | {c["layer"] for c in result.candidates if c["dim"] == dim})
+    layers = sorted({x for c in cands for x in (c - 1, c, c + 1) if 0 <= x < lm.num_layers})
     last = layers[-1]
     t0 = time.perf_counter()
-    # per layer, per prompt: (max |a| on dim over real tokens, median |a| over real tokens and dims, argmax dim)
+    # per hooked layer, per prompt: (max |a| on dim over real tokens, median |a| over real tokens and dims, top dim)
     seen: dict[int, list[tuple[float, float, int]]] = {layer: [] for layer in layers}
     mask: torch.Tensor | None = None
 
@@ -293,32 +301,34 @@ def confirm(lm: Any, result: WeightsResult, prompts: list[str] | None = None, *,
             mask = batch["attention_mask"]
             run_until(lambda batch=batch: lm.model(**batch))
     n = len(texts)
-    share: dict[int, float] = {}
-    for layer in layers:  # emergence thresholds up to the ME layer, persistence thresholds after it
-        hits = [crit.persists(v, m) if layer > me else v > crit.cutoff(m) for v, m, _ in seen[layer]]
-        share[layer] = sum(hits) / n
-    held_rows = 0
-    for i in range(n):
-        before = me - 1 in seen and seen[me - 1][i][0] > crit.cutoff(seen[me - 1][i][1])
-        at = seen[me][i][0] > crit.cutoff(seen[me][i][1])
-        after = me + 1 not in seen or crit.persists(*seen[me + 1][i][:2])
-        held_rows += at and after and not before
-    held = held_rows > n / 2
-    top = {layer: max({d for *_, d in seen[layer]}, key=[d for *_, d in seen[layer]].count) for layer in layers}
+
+    def massive(layer: int, i: int) -> bool:
+        v, m, _ = seen[layer][i]
+        return v > crit.cutoff(m)
+
+    emerges = {}
+    for c in cands:
+        rows = [massive(c, i) and not (c - 1 in seen and massive(c - 1, i))
+                and (c + 1 not in seen or crit.persists(*seen[c + 1][i][:2])) for i in range(n)]
+        emerges[c] = sum(rows) / n
+    held = emerges[me] > 0.5
+    first = next((c for c in cands if emerges[c] > 0.5), None)
     if held:
-        verdict = (f"held: dim {dim} becomes massive at layer {me} in {held_rows}/{n} prompts "
-                   f"(not before, and it persists into the next layer)")
-    elif share.get(me - 1, 0) > 0.5 and share[me] > 0.5:
-        verdict = f"not held: dim {dim} is already massive before layer {me}; the ME layer is earlier"
+        verdict = f"held: dim {dim} becomes massive at layer {me} in {emerges[me]:.0%} of {n} prompts"
+    elif first is not None:
+        verdict = (f"not held at layer {me} ({emerges[me]:.0%} of {n} prompts); among the candidates, dim {dim} "
+                   f"becomes massive first at layer {first} ({emerges[first]:.0%})")
     else:
-        verdict = (f"not held: dim {dim} is massive at layer {me} in only {share[me]:.0%} of prompts "
-                   f"(top dim there: {top[me]}); run `melayer scan` for the ME layer")
+        verdict = (f"not held: dim {dim} becomes massive at none of the candidate layers {cands}; "
+                   "run `melayer scan` for the ME layer")
 
     def med(xs: list[float]) -> float:
         return float(torch.tensor(xs).median())
 
+    top = {layer: max({d for *_, d in seen[layer]}, key=[d for *_, d in seen[layer]].count) for layer in layers}
     return Confirmation(layers=layers, prompts=n, dim=dim,
                         dim_max={layer: med([v for v, _, _ in seen[layer]]) for layer in layers},
                         layer_median={layer: med([m for _, m, _ in seen[layer]]) for layer in layers},
-                        massive_share=share, top_dim=top, held=held, verdict=verdict,
+                        massive_share={layer: sum(massive(layer, i) for i in range(n)) / n for layer in layers},
+                        top_dim=top, emerges=emerges, held=held, first_held=first, verdict=verdict,
                         seconds=round(time.perf_counter() - t0, 3))
