@@ -45,6 +45,29 @@ def test_result_dict_and_parts(planted_dir):
     json.dumps(d)  # plain JSON
 
 
+def test_sharded_and_hub_style_checkpoints(tmp_path):
+    """A sharded directory (index + shards), and GPT-2 keys without the ``transformer.`` prefix (hub files)."""
+    from safetensors.torch import save_file
+
+    lm = tiny_lm("llama", me_layer=2, neuron=9, dim=20, num_layers=4)
+    lm.model.save_pretrained(tmp_path / "sharded", max_shard_size="200KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    r = candidates(str(tmp_path / "sharded"))
+    assert (r.me_layer, r.massive_dim, r.top_neuron) == (2, 20, 9)
+
+    gpt2 = tiny_lm("gpt2", me_layer=1, neuron=9, dim=20, num_layers=3)
+    hub = tmp_path / "gpt2-hub"
+    hub.mkdir()
+    gpt2.config.to_json_file(hub / "config.json")
+    sd = {k.removeprefix("transformer."): v.detach().contiguous() for k, v in gpt2.model.state_dict().items()
+          if k.startswith("transformer.") and not k.endswith(".attn.bias")}
+    save_file(sd, str(hub / "model.safetensors"))
+    lazy = open_weights(str(hub))
+    assert lazy.layers_prefix() == "h"
+    r = candidates(lazy)
+    assert (r.me_layer, r.massive_dim, r.top_neuron) == (1, 20, 9) and r.super_weight["tensor"] == "h.1.mlp.c_proj.weight"
+
+
 def _write_weights_only(path: Path, hidden: int, inter: int, layers: int) -> Path:
     """A real safetensors checkpoint holding only what the ranking reads (a few hundred MB)."""
     from safetensors.torch import save_file

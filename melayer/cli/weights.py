@@ -8,12 +8,14 @@ from typing import Annotated
 import typer
 
 from melayer.cli import app
-from melayer.cli.common import ArchOpt, DtypeOpt, OutputOpt, check_output
+from melayer.util.errors import MelayerError
+from melayer.cli.common import ArchOpt, DtypeOpt, ModelOpt, OutputOpt, check_output
 
 
 @app.command()
 def weights(
     model: Annotated[str | None, typer.Argument(help="gemma-3-270m (default), smollm2-135m, a .gguf file or a local HF directory")] = None,
+    model_opt: ModelOpt = None,
     output: OutputOpt = Path("out/weights"),
     arch: ArchOpt = None,
     top_k: Annotated[int, typer.Option(help="candidates listed (best layer each)")] = 10,
@@ -30,6 +32,9 @@ def weights(
     from melayer.report.weights import print_weights, score_plot
     from melayer.util.io import write_json
 
+    if model is not None and model_opt is not None and model != model_opt:
+        raise MelayerError("give the model once: as MODEL or as --model")
+    model = model or model_opt
     check_output(output)
     result = candidates(model, arch=arch, top_k=top_k, persist_frac=persist_frac)
     if confirm:
