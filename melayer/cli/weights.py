@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 
 from melayer.cli import app
-from melayer.util.errors import MelayerError
 from melayer.cli.common import ArchOpt, DtypeOpt, ModelOpt, OutputOpt, check_output
+from melayer.util.errors import MelayerError
 
 
 @app.command()
