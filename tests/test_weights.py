@@ -173,7 +173,7 @@ def test_confirm_on_a_planted_model(tmp_path):
 
 
 def test_cli_writes_json_and_plot(run_cli, planted_dir, tmp_path):
-    res = run_cli("weights", str(planted_dir), "-o", tmp_path / "out", "--confirm", "--prompts", "2")
+    res = run_cli("weights", str(planted_dir), "-o", tmp_path / "out", "--confirm", "--n-prompts", "2")
     assert res.returncode == 0, res.stderr
     data = json.loads((tmp_path / "out" / "weights.json").read_text())
     assert data["schema"] == "melayer.weights/1" and (data["me_layer"], data["massive_dim"], data["neurons"][0]) == (2, 7, 5)

@@ -263,12 +263,14 @@ def confirm(lm: Any, result: WeightsResult, prompts: list[str] | None = None, *,
     (persistence thresholds)."""
     from melayer.analysis.criterion import Criterion
     from melayer.analysis.scan import default_prompts
-    from melayer.capture.hooks import Hooks, StopForward, layer_output, run_until
+    from melayer.capture.encoding import batches, encode
+    from melayer.capture.hooks import Hooks
+    from melayer.capture.sites import forward_until, read_site
     from melayer.util.errors import MelayerError
 
     crit = criterion or Criterion()
     if n_prompts < 1:
-        raise MelayerError("--prompts must be >= 1")
+        raise MelayerError("--n-prompts must be >= 1")
     if lm.num_layers != result.num_layers or lm.hidden_size != result.hidden_size:
         raise MelayerError(f"the loaded model ({lm.num_layers} layers, hidden {lm.hidden_size}) is not the ranked "
                            f"checkpoint ({result.num_layers} layers, hidden {result.hidden_size})")
@@ -276,30 +278,27 @@ def confirm(lm: Any, result: WeightsResult, prompts: list[str] | None = None, *,
     me, dim = result.me_layer, result.massive_dim
     cands = sorted({me} | {c["layer"] for c in result.candidates if c["dim"] == dim})
     layers = sorted({x for c in cands for x in (c - 1, c, c + 1) if 0 <= x < lm.num_layers})
-    last = layers[-1]
     t0 = time.perf_counter()
     # per hooked layer, per prompt: (max |a| on dim over real tokens, median |a| over real tokens and dims, top dim)
     seen: dict[int, list[tuple[float, float, int]]] = {layer: [] for layer in layers}
-    mask: torch.Tensor | None = None
+    real_mask: list[torch.Tensor] = []
 
-    def hook(layer: int) -> Any:
-        def fn(module: Any, args: Any, output: Any) -> None:
-            h = layer_output(output).detach().float().abs()
+    def reader(layer: int) -> Any:
+        def fn(h: torch.Tensor) -> None:
+            h = h.detach().float().abs()
             for row in range(h.shape[0]):
-                real = h[row][mask[row].bool()]  # type: ignore[index]
+                real = h[row][real_mask[0][row]]
                 seen[layer].append((float(real[:, dim].max()), float(real.median()), int(real.max(dim=0).values.argmax())))
-            if layer == last:
-                raise StopForward
 
         return fn
 
     with torch.no_grad(), Hooks() as hooks:
         for layer in layers:
-            hooks.forward(lm.layers[layer], hook(layer))
-        for text in texts:
-            batch = lm.encode([text])
-            mask = batch["attention_mask"]
-            run_until(lambda batch=batch: lm.model(**batch))
+            read_site(hooks, lm, layer, "resid_out", reader(layer))
+        for _, chunk in batches(texts, 8):
+            batch = encode(lm, chunk)
+            real_mask[:] = [batch["attention_mask"].bool()]
+            forward_until(lm, batch, last_layer=layers[-1])
     n = len(texts)
 
     def massive(layer: int, i: int) -> bool:

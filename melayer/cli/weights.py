@@ -8,7 +8,21 @@ from typing import Annotated
 import typer
 
 from melayer.cli import app
-from melayer.cli.common import ArchOpt, DtypeOpt, ModelOpt, OutputOpt, check_output
+from melayer.cli.common import (
+    ArchOpt,
+    DtypeOpt,
+    ModelOpt,
+    NPromptsOpt,
+    OutputOpt,
+    PlotsOpt,
+    PromptOpt,
+    PromptsOpt,
+    check_output,
+    finish,
+    load_model,
+    n_prompts,
+    prompts_from,
+)
 from melayer.util.errors import MelayerError
 
 
@@ -18,31 +32,29 @@ def weights(
     model_opt: ModelOpt = None,
     output: OutputOpt = Path("out/weights"),
     arch: ArchOpt = None,
-    top_k: Annotated[int, typer.Option(help="candidates listed (best layer each)")] = 10,
+    top_k: Annotated[int, typer.Option(help="candidates listed (the best of each layer)")] = 10,
     persist_frac: Annotated[float, typer.Option(help="the ME layer's top dim must be the top dim of this share of later layers")] = 0.75,
-    confirm: Annotated[bool, typer.Option("--confirm", help="load the model and check the prediction with a short scan of the layers around it")] = False,
-    prompts: Annotated[int, typer.Option(help="prompts for --confirm")] = 8,
+    confirm: Annotated[bool, typer.Option("--confirm", help="load the model and check the candidates with a short scan of their layers")] = False,
+    prompt: PromptOpt = None,
+    prompts: PromptsOpt = None,
+    n_prompts_: NPromptsOpt = None,
     dtype: DtypeOpt = "float32",
-    plots: Annotated[bool, typer.Option(help="write the PNG plot")] = True,
+    plots: PlotsOpt = True,
 ) -> None:
     """Rank (layer, dim, neuron) candidates for the ME layer from the weights alone -> DIR/weights.json + PNG."""
-    import melayer
     from melayer.analysis.weights import candidates
-    from melayer.analysis.weights import confirm as confirm_fn
+    from melayer.analysis.weights import confirm as confirm_candidates
     from melayer.report.weights import print_weights, score_plot
-    from melayer.util.io import write_json
 
     if model is not None and model_opt is not None and model != model_opt:
         raise MelayerError("give the model once: as MODEL or as --model")
     model = model or model_opt
     check_output(output)
+    texts = prompts_from(prompt, prompts)
+    count = n_prompts(n_prompts_, 8)
     result = candidates(model, arch=arch, top_k=top_k, persist_frac=persist_frac)
     if confirm:
-        lm = melayer.load(model, dtype=dtype, arch=arch)
-        result.confirm = confirm_fn(lm, result, n_prompts=prompts)
-    data = result.to_dict()
-    print_weights(data)
-    write_json(output / "weights.json", data)
-    if plots:
-        score_plot(data, output / "weights_scores.png")
-    typer.echo(f"wrote {output / 'weights.json'}")
+        lm = load_model(model, dtype, arch)
+        result.confirm = confirm_candidates(lm, result, texts, n_prompts=count or 10**9)
+    finish(result.to_dict(), output, "weights.json", print_weights,
+           [(score_plot, "weights_scores.png")] if plots else [])

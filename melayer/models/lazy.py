@@ -190,7 +190,7 @@ class SafetensorsWeights(LazyWeights):
             self._files = {}
             for f in files:
                 with self._open(f) as handle:
-                    self._files.update({k: f for k in handle.keys()})  # noqa: SIM118 (a safe_open handle is not a dict)
+                    self._files.update({k: f for k in handle.keys()})
 
     @staticmethod
     def _open(path: Path) -> Any:

@@ -35,13 +35,19 @@ def layer_magnitudes(scan: dict[str, Any], path: str | Path) -> Path:
     ax.plot(layers, [max(r["median"], 1e-6) for r in rows], "-", color="gray", label="median")
     if scan.get("me_layer") is not None:
         ax.axvline(scan["me_layer"], color="red", ls="--", lw=1, label=f"ME layer {scan['me_layer']}")
+    return save(log_layer_axes(ax, "decoder layer (output)", "|activation| (mean over prompts)",
+                               f"{scan['model']}: layer-wise magnitudes", fig), path)
+
+
+def log_layer_axes(ax: Any, xlabel: str, ylabel: str, title: str, fig: Any, legend_size: int = 8) -> Any:
+    """Finish a per-layer plot: log y axis, integer layer ticks, labels, title and legend; returns ``fig``."""
     ax.set_yscale("log")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("decoder layer (output)")
-    ax.set_ylabel("|activation| (mean over prompts)")
-    ax.set_title(f"{scan['model']}: layer-wise magnitudes")
-    ax.legend(fontsize=8)
-    return save(fig, path)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=legend_size)
+    return fig
 
 
 def token_surface(scan: dict[str, Any], path: str | Path) -> Path | None:

@@ -43,9 +43,7 @@ def print_weights(d: dict[str, Any]) -> None:
 
 def score_plot(d: dict[str, Any], path: str | Path) -> Path:
     """Best score per layer (log scale), each point labelled with its dim; the ME layer and precursors marked."""
-    from matplotlib.ticker import MaxNLocator
-
-    from melayer.report.plots import plt, save
+    from melayer.report.plots import log_layer_axes, plt, save
 
     rows = d["layers"]
     layers = [r["layer"] for r in rows]
@@ -59,12 +57,11 @@ def score_plot(d: dict[str, Any], path: str | Path) -> Path:
                     fontsize=7, color=colour)
     ax.axvline(d["me_layer"], color="red", ls="--", lw=1,
                label=f"predicted ME layer {d['me_layer']} (dim {d['massive_dim']}, neuron {d['neurons'][0]})")
+    conf = d.get("confirm") or {}
+    if conf.get("first_held") is not None and conf["first_held"] != d["me_layer"]:
+        ax.axvline(conf["first_held"], color="green", ls=":", lw=1.5,
+                   label=f"--confirm: dim {d['massive_dim']} becomes massive at layer {conf['first_held']}")
     if pre:
         ax.plot(sorted(pre), [scores[i] for i in sorted(pre)], "o", color="tab:orange", ms=6, label="precursor candidates")
-    ax.set_yscale("log")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("decoder layer (labels: the top dim)")
-    ax.set_ylabel("down x post x drive (ratios to the layer medians)")
-    ax.set_title(f"{d['model']}: data-free ME-layer candidates")
-    ax.legend(fontsize=7)
-    return save(fig, path)
+    return save(log_layer_axes(ax, "decoder layer (labels: the top dim)", "down x post x drive (ratios to the layer medians)",
+                               f"{d['model']}: data-free ME-layer candidates", fig, legend_size=7), path)
