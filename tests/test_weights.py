@@ -209,6 +209,17 @@ def test_cli_bad_input(run_cli, tmp_path, planted_dir, unsupported_dir, tiny_ggu
     assert not (tmp_path / "o").exists()
 
 
+def test_checkpoint_missing_a_tensor(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = _write_weights_only(tmp_path / "holed", hidden=64, inter=128, layers=3)
+    tensors = load_file(str(path / "model.safetensors"))
+    del tensors["model.layers.1.mlp.down_proj.weight"]
+    save_file(tensors, str(path / "model.safetensors"))
+    with pytest.raises(MelayerError, match=r"no down projection \(mlp.down_proj\) for layer 1"):
+        candidates(str(path))
+
+
 def test_bad_arguments(planted_dir):
     with pytest.raises(MelayerError):
         candidates(str(planted_dir), persist_frac=0)

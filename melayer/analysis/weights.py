@@ -34,6 +34,8 @@ from typing import Any
 import torch
 
 from melayer.models.lazy import LazyWeights, open_weights
+from melayer.util.console import track
+from melayer.util.errors import MelayerError
 
 SCHEMA = "melayer.weights/1"
 EXACT_MEDIAN_MAX = 1 << 21  # larger tensors: the median of an evenly strided sample of at least this many entries
@@ -170,7 +172,7 @@ def _layer(w: LazyWeights, layer: int, top_neurons: int) -> tuple[LayerScore, in
     post_r = _ratio(post.abs()) if post is not None else None
     score = w.role_weight(layer, "down")
     if score is None:
-        raise ValueError(f"layer {layer} has no down projection")
+        raise MelayerError(f"{w.source}: no down projection ({w.arch.down}) for layer {layer}")
     inter = score.shape[1]
     drive = (log_drive / count).exp() if log_drive is not None else torch.ones(inter)
     score.abs_()
@@ -195,15 +197,13 @@ def candidates(
     top_k: int = 10,
     top_neurons: int = 3,
     persist_frac: float = 0.75,
-    progress: Any = None,
+    progress: bool = True,
 ) -> WeightsResult:
     """Rank (layer, dim, neuron) candidates for the ME layer, massive dim and super weight from the weights alone.
 
     ``model``: an embedded name (``gemma-3-270m``, ``smollm2-135m``), a ``.gguf`` file, a local Hugging Face
     directory (safetensors), or an opened :class:`~melayer.models.lazy.LazyWeights`.
     """
-    from melayer.util.errors import MelayerError
-
     if not 0 < persist_frac <= 1:
         raise MelayerError(f"persist_frac must be in (0, 1], got {persist_frac}")
     if top_k < 1 or top_neurons < 1:
@@ -215,11 +215,9 @@ def candidates(
         raise MelayerError(f"{w.source}: the config gives no number of layers")
     rows: list[LayerScore] = []
     inter = 0
-    for layer in range(w.num_layers):
+    for layer in track(range(w.num_layers), f"ranking {w.name}", enabled=progress):
         row, inter = _layer(w, layer, top_neurons)
         rows.append(row)
-        if progress is not None:
-            progress(layer + 1, w.num_layers)
     me, dim, notes = _predict(rows, persist_frac)
     me_row = rows[me]
     down = w.role_weight(me, "down")
@@ -266,7 +264,6 @@ def confirm(lm: Any, result: WeightsResult, prompts: list[str] | None = None, *,
     from melayer.capture.encoding import batches, encode
     from melayer.capture.hooks import Hooks
     from melayer.capture.sites import forward_until, read_site
-    from melayer.util.errors import MelayerError
 
     crit = criterion or Criterion()
     if n_prompts < 1:
