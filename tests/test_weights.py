@@ -35,6 +35,18 @@ def test_planted_checkpoint_of_every_family(tmp_path, model_type):
         assert r.cost["max_live_tensors"] == 1
 
 
+def test_planted_precursor_misleads_the_weights(tmp_path):
+    """What the README reports: with a planted precursor (a spike at layer 0 that layer 1 cancels), the neuron
+    that cancels it has the largest score and the rule picks it; --confirm says so; the real plant ranks second."""
+    lm = tiny_lm("llama", me_layer=2, num_layers=5, precursor=(0, 20))
+    r = candidates(str(save_lm(lm, tmp_path / "precursor")))
+    assert (r.me_layer, r.massive_dim, r.top_neuron) == (1, 20, 7)  # the cancelling neuron (plant neuron + 2)
+    assert (r.candidates[1]["layer"], r.candidates[1]["dim"], r.candidates[1]["neuron"]) == (2, 7, 5)
+    assert melayer.scan(lm, ["The capital of France is Paris.", "Hello world!"], progress=False).me_layer == 2
+    c = confirm(lm, r, ["The capital of France is Paris.", "Hello world, how are you?"])
+    assert not c.held and c.first_held is None and c.massive_share[0] == 1.0 and c.massive_share[1] == 0.0
+
+
 def test_result_dict_and_parts(planted_dir):
     r = candidates(str(planted_dir), top_k=3)
     d = r.to_dict()
