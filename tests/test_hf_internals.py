@@ -51,3 +51,16 @@ def test_drop_gguf_quantizer_makes_the_model_saveable(tmp_path):
     assert lm.model.hf_quantizer is None and not hasattr(lm.model.config, "quantization_config")
     lm.model.save_pretrained(tmp_path)
     assert (tmp_path / "config.json").exists()
+
+
+def test_gguf_tensor_processors_undo_llama_cpp_conventions():
+    """melayer.models.lazy relies on these: Gemma norms stored as 1 + weight, GPT-2 FFN weights transposed."""
+    import numpy as np
+
+    norm = np.full(4, 3.0, dtype=np.float32)
+    gemma = H.gguf_tensor_processor("gemma3", {}).process(weights=norm, name="blk.0.post_ffw_norm.weight")
+    assert np.allclose(gemma.weights, 2.0)
+    llama = H.gguf_tensor_processor("llama", {}).process(weights=norm, name="blk.0.ffn_norm.weight")
+    assert np.allclose(llama.weights, 3.0)
+    down = np.arange(6, dtype=np.float32).reshape(2, 3)
+    assert H.gguf_tensor_processor("gpt2", {}).process(weights=down, name="blk.0.ffn_down.weight").weights.shape == (3, 2)

@@ -66,3 +66,12 @@ def cache_length(cache: Any) -> int | None:
     if isinstance(cache, (tuple, list)) and cache and cache[0] is not None:
         return int(cache[0][0].shape[-2])
     return None
+
+
+def gguf_tensor_processor(gguf_arch: str, config: dict[str, Any]) -> Any:
+    """transformers' per-architecture GGUF tensor processor (``modeling_gguf_pytorch_utils.TENSOR_PROCESSORS``):
+    ``.process(weights=array, name=gguf_name).weights`` turns one GGUF tensor into the layout transformers loads
+    (e.g. Gemma's norm weights - 1, GPT-2's Conv1D transposes)."""
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+
+    return TENSOR_PROCESSORS.get(gguf_arch, TensorProcessor)(config=config)

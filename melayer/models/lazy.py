@@ -249,16 +249,14 @@ class GGUFWeights(LazyWeights):
         super().__init__(path.name, str(path), config, arch)
         self.gguf_arch = gguf_arch
         import gguf
-        from transformers.modeling_gguf_pytorch_utils import (
-            TENSOR_PROCESSORS,
-            TensorProcessor,
-        )
+
+        from melayer.models.hf_internals import gguf_tensor_processor
 
         arch_enum = next((k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == gguf_arch), None)
         if arch_enum is None:
             raise UnsupportedArchitecture(f"{path}: GGUF architecture {gguf_arch!r} is unknown to the gguf package")
         self._name_map = gguf.get_tensor_name_map(arch_enum, self.num_layers)
-        self._processor = TENSOR_PROCESSORS.get(gguf_arch, TensorProcessor)(config=config)
+        self._processor = gguf_tensor_processor(gguf_arch, config)
         self._hf_to_gguf: dict[str, str] = {}
 
     def gguf_name(self, hf_name: str) -> str | None:
