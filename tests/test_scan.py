@@ -12,7 +12,7 @@ import torch
 
 import melayer
 from melayer.analysis.criterion import Criterion
-from melayer.analysis.scan import MAX_MASSIVE, N_CANDIDATES, TOP_K, PromptScan
+from melayer.analysis.scan import MAX_MASSIVE, N_CANDIDATES, TOP_K, PromptScan, locate_me_layer
 from melayer.capture import encode, position_ids
 from melayer.errors import MelayerError, NumericOverflow
 from melayer.models.archmap import resolve
@@ -213,12 +213,94 @@ def test_criterion_persistence_fraction():
 def test_criterion_describes_itself():
     c = Criterion(abs_min=50, median_ratio=500, persist_ratio=20, persist_frac=0.5, min_tokens=3)
     text = c.describe()
-    for piece in ("50", "500", "20", "50%", "3"):
-        assert piece in text
+    assert text == ("|a| > 50 and |a| > 500 x median|a| of the layer output; ME layer = first layer with a massive "
+                    "(token, dim) that stays > 50 and > 20 x median in the next layer and in >= 50% of later layers; "
+                    "prompts < 3 tokens do not vote")
     d = c.to_dict()
     assert d["abs_min"] == 50 and d["min_tokens"] == 3 and d["rule"] == text
     assert c.cutoff(0.01) == 50 and c.cutoff(1.0) == 500
     assert c.persists(-60, 1.0) and not c.persists(60, 10.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# the ME-layer rule on made-up per-layer tables (what locate_me_layer sees from the scan's reduction)
+
+
+def _tables(n_layers: int, born: int, values: dict[int, float], pos: int = 0, dim: int = 7, median: float = 1.0):
+    """One (pos, dim) massive at layer ``born``; ``values[j]`` is its value at later layer j (absent: 0)."""
+    massive = [[] for _ in range(n_layers)]
+    massive[born] = [(5000.0, pos, dim)]
+    watched = [{} for _ in range(n_layers)]
+    for j in range(born + 1, n_layers):
+        watched[j] = {(pos, dim): values.get(j, 0.0)}
+    return massive, watched, [median] * n_layers
+
+
+def test_me_layer_needs_the_value_in_the_very_next_layer():
+    """Gone one layer later and back afterwards (4 of 5 later layers = 80 % >= 75 %): not persistent, because
+    the rule asks for the next layer *and* the fraction."""
+    crit = Criterion()
+    gap = _tables(6, 0, {1: 0.0, 2: 5000.0, 3: 5000.0, 4: 5000.0, 5: 5000.0})
+    assert locate_me_layer(*gap, crit) == (None, set())
+    # the same table without the gap persists
+    full = _tables(6, 0, {j: 5000.0 for j in range(1, 6)})
+    assert locate_me_layer(*full, crit) == (0, {(0, 7)})
+    # a value below abs_min or below persist_ratio x median in the next layer is a gap too
+    assert locate_me_layer(*_tables(6, 0, {1: 99.0, **{j: 5000.0 for j in range(2, 6)}}), crit) == (None, set())
+    assert locate_me_layer(*_tables(6, 0, {1: 150.0, **{j: 5000.0 for j in range(2, 6)}}, median=2.0),
+                           crit) == (None, set())  # 150 > 100 but not > 100 x 2
+    # the sign does not matter
+    neg = _tables(6, 0, {j: -5000.0 for j in range(1, 6)})
+    assert locate_me_layer(*neg, crit) == (0, {(0, 7)})
+
+
+def test_me_layer_persistence_fraction_is_inclusive():
+    """4 later layers, the last one missing: exactly 3/4 = persist_frac 0.75 persists; 2/4 does not."""
+    crit = Criterion()
+    exactly = _tables(5, 0, {1: 5000.0, 2: 5000.0, 3: 5000.0})
+    assert locate_me_layer(*exactly, crit) == (0, {(0, 7)})
+    below = _tables(5, 0, {1: 5000.0, 2: 5000.0})
+    assert locate_me_layer(*below, crit) == (None, set())
+    assert locate_me_layer(*exactly, Criterion(persist_frac=0.8)) == (None, set())
+    assert locate_me_layer(*below, Criterion(persist_frac=0.5)) == (0, {(0, 7)})
+
+
+def test_me_layer_is_the_first_persistent_layer_and_collects_later_persistent_entries():
+    crit = Criterion()
+    n = 6
+    massive = [[] for _ in range(n)]
+    watched = [{} for _ in range(n)]
+    massive[0] = [(800.0, 0, 3)]  # a precursor: gone at layer 1
+    massive[2] = [(4000.0, 0, 7), (-3000.0, 2, 9)]  # both persist
+    massive[3] = [(4100.0, 0, 7), (500.0, 1, 1)]  # (0, 7) seen again; (1, 1) is transient
+    for j in range(1, n):
+        watched[j][(0, 3)] = 0.0
+    for j in range(3, n):
+        watched[j].update({(0, 7): 4000.0, (2, 9): -3000.0})
+    for j in range(4, n):
+        watched[j][(1, 1)] = 1.0
+    assert locate_me_layer(massive, watched, [1.0] * n, crit) == (2, {(0, 7), (2, 9)})
+    # nothing is decided by the last layer alone (no later layer to persist into)
+    last = [[] for _ in range(n)]
+    last[n - 1] = [(9000.0, 0, 7)]
+    assert locate_me_layer(last, [{} for _ in range(n)], [1.0] * n, crit) == (None, set())
+
+
+def test_consensus_tie_prefers_a_real_layer_over_none():
+    """Two prompts with a 'Z' (massive from layer 0) and two without (no ME layer): the vote is tied 2:2 and
+    the consensus is layer 0, whichever comes first; consistency is the share that agrees with it."""
+    lm = tiny_lm("llama", plant=False, num_layers=4)
+    plant_on_token(lm, "Z", layer=0, neuron=9, dim=20, carrier=50)
+    plain = ["The capital of France is Paris.", "Hello world, this is a test."]
+    with_z = ["Zebras graze in the Zambezi.", "Zero is a number, Z a letter."]
+    for prompts in (plain + with_z, with_z + plain):
+        r = melayer.scan(lm, prompts, progress=False)
+        assert sorted([p.me_layer for p in r.prompts], key=str) == [0, 0, None, None]
+        assert r.me_layer == 0 and r.me_layer_consistency == 0.5
+        assert r.massive_dims == [20]
+    # a majority for "none" still wins
+    r = melayer.scan(lm, plain + with_z[:1], progress=False)
+    assert r.me_layer is None and r.me_layer_consistency == pytest.approx(2 / 3)
 
 
 @pytest.mark.parametrize("bad", [dict(persist_frac=0), dict(persist_frac=1.5), dict(median_ratio=0),
