@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import argmax_decode
 
 from melayer.capture import encode, position_ids
 from melayer.capture.hooks import Hooks
@@ -306,15 +307,6 @@ def test_parse_layers():
 # CLI
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    lm = tiny_lm("llama")
-    path = tmp_path_factory.mktemp("tiny-llama")
-    lm.model.save_pretrained(path)
-    lm.tokenizer.save_pretrained(path)
-    return path
-
-
 def test_cli_generate(tiny_dir, tmp_path, capsys, monkeypatch):
     from melayer.cli import main
 
@@ -333,11 +325,16 @@ def test_cli_generate(tiny_dir, tmp_path, capsys, monkeypatch):
     assert code == 0 and "k=6" in masked.err and "layers 2-3" in masked.err
     data = json.loads(out_json.read_text())
     assert data["wemask"]["layers"] == [2, 3] and data["text"] == masked.out.rstrip("\n")
-    # the same text as greedy_generate under the same mask
+    # the same texts as an independent greedy decode (full forward per step, no cache), without and with the mask
     lm = tiny_lm("llama")
+    ids = lm.tokenizer("hello")["input_ids"]
+    eos = (lm.tokenizer.eos_token_id,)
+    assert plain.out.rstrip("\n") == lm.tokenizer.decode(argmax_decode(lm, ids, 6, eos)[0])
     with wemask(lm, 0.1, layers="2-3"):
-        texts, _, _ = greedy_generate(lm, ["hello"], max_new_tokens=6)
-    assert texts[0] == data["text"]
+        masked_ref, _ = argmax_decode(lm, ids, 6, eos)
+        texts, batch, out = greedy_generate(lm, ["hello"], max_new_tokens=6)
+    assert out[0, batch["input_ids"].shape[1]:].tolist() == masked_ref
+    assert data["text"] == lm.tokenizer.decode(masked_ref) == texts[0]
     code, bad = run("--prompt", "hello", "--wemask", "2")
     assert code == 2 and bad.err.startswith("melayer: error:") and len(bad.err.strip().splitlines()) == 1
 
@@ -449,3 +446,76 @@ def test_real_gemma_wemask(gemma, gemma_scan, tmp_path):
     results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())
     assert results["config"]["wemask"]["layers"] == list(range(4, 18))
     assert "acc,none" in results["results"][tasks[0]]
+
+
+# ----------------------------------------------------------------------------------------------------
+# per-row selection: a batch whose rows start with different tokens (no <bos>), and padding that looks massive
+
+
+def _masked_run(lm, texts, layer: int, add_special_tokens: bool = True, **kwargs):
+    """Logits of ``texts`` (one left-padded batch) under WeMask, and what the mask changed at ``layer``."""
+    batch = lm.encode(texts, add_special_tokens=add_special_tokens)
+    wm = WeMask(lm, RATE, layers=LAYERS, **kwargs)
+    with instrument(lm, layer, wm) as log:
+        out = logits(lm, batch)
+    assert len(log) == 1
+    return batch, out, log[0][1]
+
+
+def test_activation_dims_are_chosen_per_row_on_a_no_bos_batch(tiny):
+    """Without <bos> each row's first token differs, so does its attention input: every row must get the top-k
+    dims of its own first token, exactly as if it ran alone (averaging |a| over the batch, as the released code
+    does, gives every row the same dims)."""
+    lm = tiny("llama")
+    texts = ["hello there, friend", "Zq", "12345 678", "what?"]
+    batch, together, changed = _masked_run(lm, texts, 2, add_special_tokens=False)
+    first = batch["attention_mask"].argmax(dim=1).tolist()
+    assert (batch["input_ids"] != BOS).all()
+    assert sorted(changed) == [(row, first[row]) for row in range(len(texts))]
+    assert len({tuple(sorted(d)) for d in changed.values()}) == len(texts), "the rows need different dims"
+    for row, text in enumerate(texts):
+        _, alone, alone_changed = _masked_run(lm, [text], 2, add_special_tokens=False)
+        assert {k: sorted(v) for k, v in alone_changed.items()} == {(0, 0): sorted(changed[(row, first[row])])}
+        real = batch["attention_mask"][row].bool()
+        torch.testing.assert_close(together[row][real], alone[0], rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def _loud_padding(lm, value: float = 1e4):
+    """Make the pad token's embedding huge (except the carrier dim, so no planted neuron fires on it)."""
+    from melayer.models.archmap import resolve
+
+    embed = resolve(lm.model, lm.arch.embed).weight
+    embed[lm.tokenizer.pad_token_id] = value
+    embed[lm.tokenizer.pad_token_id, lm.plant.carrier] = 0.0
+
+
+def test_token_massive_median_ignores_padding():
+    """token='massive': the cutoff uses the median of each row's *real* tokens. Here the pads of the short row
+    are huge (|a| ~ 1e4 > the massive <bos>); were they counted, the short row's median would be ~1e4 and its
+    <bos> would not be masked. Each row must be masked exactly as when it runs alone."""
+    lm = tiny_lm("llama")
+    _loud_padding(lm)
+    texts = ["hello there, friend", "hi"]
+    batch, together, changed = _masked_run(lm, texts, 2, token="massive")
+    first = batch["attention_mask"].argmax(dim=1).tolist()
+    assert first[1] > len(texts[1]) + 1 - first[1]  # the padded row is mostly padding
+    assert sorted(changed) == [(0, 0), (1, first[1])]
+    for row, text in enumerate(texts):
+        _, alone, alone_changed = _masked_run(lm, [text], 2, token="massive")
+        assert list(alone_changed) == [(0, 0)]
+        assert sorted(alone_changed[(0, 0)]) == sorted(changed[(row, first[row])])
+        real = batch["attention_mask"][row].bool()
+        torch.testing.assert_close(together[row][real], alone[0], rtol=1e-4, atol=1e-4)
+
+
+def test_token_massive_without_a_mask_and_before_the_me_layer(tiny):
+    """No attention mask: every token is real. A layer whose input has no massive token yet is left alone."""
+    lm = tiny("llama")
+    ids = lm.encode(["abcdef"])["input_ids"]
+    wm = WeMask(lm, RATE, layers=[1, 2], token="massive")  # planted at layer 1: layer 1's input has none yet
+    for layer, expected in ((1, {}), (2, {(0, 0)})):
+        with instrument(lm, layer, wm) as log, torch.no_grad():
+            lm.model(input_ids=ids)
+        assert {k: len(v) for k, v in log[0][1].items()} == {k: wm.k for k in expected}
+    assert set(wm.to_dict()["masked_tokens"]) == {"2"}
