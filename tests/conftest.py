@@ -23,6 +23,10 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
+# One thread for the whole suite, set once: the tiny models run far faster on one thread on a small shared CPU
+# (no oversubscription), and results do not depend on the thread count. MELAYER_TEST_THREADS overrides it.
+torch.set_num_threads(int(os.environ.get("MELAYER_TEST_THREADS", "1")))
+
 # The architecture map that makes an unmapped GPT-NeoX model work (used as --arch override).
 NEOX_ARCH = {
     "name": "gpt_neox",
@@ -118,8 +122,31 @@ def write_tiny_llama_gguf(lm, path: Path) -> Path:
     return path
 
 
+def argmax_decode(lm, ids, n: int, eos=()) -> tuple[list[int], bool]:
+    """Independent greedy decoding of one unpadded row: no KV cache, no ``generate``, the argmax of a full forward
+    per step. Returns the new tokens before the first of ``eos`` and whether one was met."""
+    seq, new = list(ids), []
+    for _ in range(n):
+        with torch.no_grad():
+            token = int(lm.model(torch.tensor([seq], device=lm.device)).logits[0, -1].argmax())
+        if token in eos:
+            return new, True
+        new.append(token)
+        seq.append(token)
+    return new, False
+
+
 # ------------------------------------------------------------------------------------------------
 # tiny checkpoints on disk (session-scoped: built once)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """``tiny_lm("llama")`` saved as a Hugging Face directory (4 layers, massive activation at layer 1, dim 7,
+    neuron 5, on <bos>): the checkpoint the CLI tests load."""
+    from melayer.models.tiny import tiny_lm
+
+    return save_lm(tiny_lm("llama"), tmp_path_factory.mktemp("ckpt") / "tiny-llama")
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import argmax_decode
 
 from melayer.errors import MelayerError
 from melayer.eval import engine as E
@@ -14,15 +15,6 @@ from melayer.eval.compare import compare, parse_rates, sinks_available
 from melayer.eval.tasks import get_task
 from melayer.models.tiny import tiny_lm
 from melayer.util.io import read_jsonl
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run ~50x faster on one thread on a busy shared CPU (no thread oversubscription)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +66,27 @@ def test_batched_generation_equals_one_by_one(lm):
     assert [o["text"] for o in together] == [o["text"] for o in alone]
 
 
+def test_generation_equals_an_independent_greedy_decode_and_stops_at_eos():
+    lm = tiny_lm("llama")
+    rows = [lm.tokenizer(t)["input_ids"] for t in ("Question: 2+2?\nAnswer:", "hi", "a longer prompt here")]
+    n = 8
+    free = [argmax_decode(lm, r, n)[0] for r in rows]
+    out = E.generate(lm, rows, max_new_tokens=n)
+    for o, ref in zip(out, free):
+        assert (o["text"], o["new_tokens"], o["finish"]) == (lm.tokenizer.decode(ref), n, "length")
+    # make the token that row 0 first produces at step >= 2 an end-of-sequence token: row 0 must stop there,
+    # the others wherever they meet it (or run to the length limit)
+    step = next(j for j in range(2, n) if free[0][j] not in free[0][:j] and free[0][j] > 2)
+    stop_token = free[0][step]
+    lm.model.generation_config.eos_token_id = [lm.tokenizer.eos_token_id, stop_token]
+    out = E.generate(lm, rows, max_new_tokens=n)
+    for i, (o, r) in enumerate(zip(out, rows)):
+        ref, hit = argmax_decode(lm, r, n, eos=(lm.tokenizer.eos_token_id, stop_token))
+        assert (o["text"], o["new_tokens"], o["finish"]) == (lm.tokenizer.decode(ref), len(ref),
+                                                              "eos" if hit else "length")
+    assert (out[0]["new_tokens"], out[0]["finish"]) == (step, "eos")
+
+
 def test_stop_strings_cut_the_output():
     assert E.cut_at_stop("42\nQuestion: next", ["Question:"]) == "42\n"
     assert E.cut_at_stop("no stop", ["Question:"]) == "no stop"
@@ -121,6 +134,28 @@ def test_resume_after_a_kill_loses_and_repeats_nothing(lm, tmp_path):
     fresh = run(lm, "hellaswag", limit=10, batch_size=3, output=tmp_path / "fresh", progress=False)
     for a, b in zip(r.records, fresh.records):
         assert a["id"] == b["id"] and a["logliks"] == pytest.approx(b["logliks"], abs=1e-3)
+
+
+def test_resume_with_a_smaller_limit_and_duplicate_lines(lm, tmp_path):
+    """A folder holding 4 samples, asked for 2: the first 2 are reported (not all 4), nothing runs. A duplicated
+    line (two writers, or a copy) does not count twice: the first record of an id is the one used."""
+    full = run(lm, "arc_easy", limit=4, batch_size=4, output=tmp_path, progress=False)
+    calls = []
+    small = run(lm, "arc_easy", limit=2, batch_size=4, output=tmp_path, progress=False, on_batch=calls.append)
+    assert calls == []
+    assert small.n_samples == 2 and small.ids() == full.ids()[:2] and small.records == full.records[:2]
+    acc = [rec["metrics"]["acc"] for rec in full.records[:2]]
+    assert small.metrics["acc"]["value"] == sum(acc) / 2 and small.metrics["acc"]["n"] == 2
+    assert json.loads((tmp_path / "eval.json").read_text())["n_samples"] == 2
+    # duplicate the first line with the opposite outcome; the original (first) line wins
+    path = tmp_path / "samples.jsonl"
+    first = json.loads(path.read_text().splitlines()[0])
+    dup = {**first, "metrics": {**first["metrics"], "acc": 1.0 - first["metrics"]["acc"]}}
+    with open(path, "a") as fh:
+        fh.write(json.dumps(dup) + "\n")
+    again = run(lm, "arc_easy", limit=4, batch_size=4, output=tmp_path, progress=False, on_batch=calls.append)
+    assert calls == [] and again.n_samples == 4 and again.ids() == full.ids()
+    assert again.records == full.records and again.metrics == full.metrics
 
 
 def test_resume_refuses_different_settings_and_overwrite_works(lm, tmp_path):
@@ -186,9 +221,8 @@ def test_compare_pairs_rates_against_baseline(lm, tmp_path):
     base, *others = d["per_rate"]
     assert "vs_baseline" not in base["metrics"]["acc"]
     for row in others:
-        acc = row["metrics"]["acc"]
-        assert acc["vs_baseline"]["diff"] == pytest.approx(acc["value"] - base["metrics"]["acc"]["value"])
-        assert 0 <= acc["mcnemar"]["p"] <= 1
+        for name in ("acc", "acc_norm"):
+            _check_paired(row["metrics"][name], r.runs[0.0].values(name), r.runs[row["rate"]].values(name))
         assert row["wemask"]["k"] == int(row["rate"] * lm.hidden_size)
     if sinks_available() is None:  # melayer.analysis.sinks present: sink rate with and without the mask
         assert d["sinks"]["note"] is None and d["sinks"]["epsilon"] == 0.3
@@ -206,6 +240,59 @@ def test_compare_pairs_rates_against_baseline(lm, tmp_path):
     again = compare(lm, "arc_easy", "0.5,0.05", limit=8, batch_size=4, output=tmp_path, me_layer=1, progress=False,
                     n_boot=200)
     assert again.to_dict()["per_rate"] == r.to_dict()["per_rate"]
+
+
+def _check_paired(entry, base, new):
+    """compare's numbers for one metric against an independent computation from the per-sample outcomes."""
+    from scipy.stats import binomtest
+
+    diff = sum(new) / len(new) - sum(base) / len(base)
+    gained = sum(1 for a, b in zip(base, new) if a == 0 and b == 1)
+    lost = sum(1 for a, b in zip(base, new) if a == 1 and b == 0)
+    assert entry["vs_baseline"]["diff"] == pytest.approx(diff, abs=1e-12)
+    lo, hi = entry["vs_baseline"]["ci95"]
+    assert lo <= diff <= hi
+    assert (entry["mcnemar"]["gained"], entry["mcnemar"]["lost"]) == (gained, lost)
+    assert entry["mcnemar"]["p"] == pytest.approx(binomtest(gained, gained + lost).pvalue if gained + lost else 1.0)
+
+
+def test_compare_statistics_on_a_known_paired_effect(lm, tmp_path):
+    """compare on stored per-sample outcomes with a known effect (resumed through the normal run path): 1 question
+    gained, 6 lost, 13 unchanged -> diff -0.25, McNemar gained 1 / lost 6, p = 2 (1 + 7) / 128 = 0.125, and the
+    paired 95 % CI equal (to one sample) to scipy's percentile bootstrap of the per-sample differences."""
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    from melayer.report.io import write_atomic
+
+    kw = dict(limit=20, batch_size=10, output=tmp_path, me_layer=1, progress=False, n_boot=2000, sinks=False)
+    first = compare(lm, "arc_easy", "0.5", **kw)
+    ids = first.runs[0.0].ids()
+    base = [0] * 1 + [1] * 6 + [1] * 8 + [0] * 5
+    new = [1] * 1 + [0] * 6 + [1] * 8 + [0] * 5
+    for rate, outcome in (("0", base), ("0.5", new)):
+        path = tmp_path / f"rate_{rate}" / "samples.jsonl"
+        recs = {rec["id"]: rec for rec in read_jsonl(path)}
+        for i, v in zip(ids, outcome):
+            recs[i]["metrics"]["acc"] = float(v)
+            recs[i]["metrics"]["acc_norm"] = float(base[ids.index(i)])  # acc_norm: no effect at all
+        text = "".join(json.dumps(recs[i]) + "\n" for i in ids)
+        write_atomic(path, lambda p, text=text: p.write_text(text))
+    r = compare(lm, "arc_easy", "0.5", **kw)
+    row = r.to_dict()["per_rate"][1]
+    acc = row["metrics"]["acc"]
+    assert acc["value"] == pytest.approx(9 / 20) and r.to_dict()["per_rate"][0]["metrics"]["acc"]["value"] == 0.7
+    assert acc["vs_baseline"]["diff"] == pytest.approx(-0.25)
+    assert acc["mcnemar"] == {"gained": 1, "lost": 6, "discordant": 7, "p": pytest.approx(0.125)}
+    _check_paired(acc, base, new)
+    d = np.array(new, float) - np.array(base, float)
+    ref = bootstrap((d,), np.mean, confidence_level=0.95, method="percentile", n_resamples=2000,
+                    random_state=np.random.default_rng(0)).confidence_interval
+    lo, hi = acc["vs_baseline"]["ci95"]
+    assert lo == pytest.approx(ref.low, abs=1 / 20 + 1e-9) and hi == pytest.approx(ref.high, abs=1 / 20 + 1e-9)
+    assert hi < 0.1 and lo < -0.4  # a loss of 0.25 with a 95 % interval of about +-0.23
+    norm = row["metrics"]["acc_norm"]
+    assert norm["vs_baseline"] == {"diff": 0.0, "ci95": [0.0, 0.0]} and norm["mcnemar"]["discordant"] == 0
 
 
 def test_parse_rates():

@@ -56,8 +56,14 @@ def test_gsm8k_gold_of_the_real_data():
     first = data.gsm8k_test()[0]
     assert "Janet" in first["question"]
     assert A.gsm8k_gold(first["answer"]) == "18"
-    golds = [A.gsm8k_gold(d["answer"]) for d in data.gsm8k_test()]
-    assert len(golds) == 1319 and all(g is not None for g in golds)
+    rows = data.gsm8k_test()
+    golds = [A.gsm8k_gold(d["answer"]) for d in rows]
+    assert len(golds) == 1319
+    # every gold is the integer after the reference's '####', read independently (GSM8K answers are integers)
+    raw = [d["answer"].rsplit("####", 1)[1].strip().replace(",", "") for d in rows]
+    assert [int(g) for g in golds] == [int(r) for r in raw]
+    with pytest.raises(ValueError, match="no numeric answer"):
+        A.gsm8k_gold("a reference without a final number")
 
 
 # ------------------------------------------------------------------------------------------------- MATH
@@ -149,10 +155,60 @@ def test_aggregate_kinds():
     assert stats.aggregate("ratio", [[1, 2], [3, 4]]) == pytest.approx(4 / 6)
     assert stats.aggregate("exp_ratio", [[2.0, 1.0], [4.0, 2.0]]) == pytest.approx(np.exp(2.0))
     assert stats.aggregate("exp_neg_mean", [-1.0, -3.0]) == pytest.approx(np.exp(2.0))
-    lo, hi = stats.bootstrap_ci("mean", [0, 1] * 50)
-    assert lo < 0.5 < hi
     with pytest.raises(ValueError):
         stats.aggregate("ratio", [1, 2])
+
+
+def test_bootstrap_interval_has_the_stated_95_percent_level():
+    """The percentile interval of a mean of n normal draws is ~ mean +- 1.96 s / sqrt(n) (a 90 % interval would
+    be 16 % narrower), and agrees with scipy's percentile bootstrap at the same level."""
+    from scipy.stats import bootstrap, norm
+
+    rng = np.random.default_rng(7)
+    x = rng.normal(3.0, 2.0, size=400)
+    se = x.std() / np.sqrt(len(x))  # the bootstrap's standard error uses the plug-in (population) sd
+    lo, hi = stats.bootstrap_ci("mean", x, n_boot=4000, seed=1)
+    z = norm.ppf(0.975)
+    assert (hi - lo) / (2 * z * se) == pytest.approx(1.0, abs=0.05)
+    assert (lo + hi) / 2 == pytest.approx(x.mean(), abs=0.1 * se)
+    ref = bootstrap((x,), np.mean, confidence_level=0.95, method="percentile", n_resamples=4000,
+                    random_state=np.random.default_rng(2)).confidence_interval
+    assert lo == pytest.approx(ref.low, abs=0.1 * se) and hi == pytest.approx(ref.high, abs=0.1 * se)
+    # the level argument is honoured
+    lo90, hi90 = stats.bootstrap_ci("mean", x, n_boot=4000, seed=1, level=0.90)
+    assert (hi90 - lo90) / (2 * norm.ppf(0.95) * se) == pytest.approx(1.0, abs=0.05)
+
+
+def test_paired_bootstrap_interval_has_the_stated_95_percent_level():
+    """Paired: the interval of mean(new) - mean(base) is ~ diff +- 1.96 sd(new - base) / sqrt(n), far narrower
+    than the unpaired one because base and new are strongly correlated."""
+    from scipy.stats import norm
+
+    rng = np.random.default_rng(11)
+    base = rng.normal(0.0, 5.0, size=500)
+    new = base + rng.normal(0.3, 0.5, size=500)
+    d = new - base
+    se = d.std() / np.sqrt(len(d))
+    r = stats.paired_bootstrap("mean", base, new, n_boot=4000, seed=3)
+    assert r["diff"] == pytest.approx(d.mean())
+    lo, hi = r["ci95"]
+    assert (hi - lo) / (2 * norm.ppf(0.975) * se) == pytest.approx(1.0, abs=0.05)
+    assert (lo + hi) / 2 == pytest.approx(d.mean(), abs=0.1 * se)
+
+
+def test_mcnemar_is_two_sided_and_names_the_direction():
+    """gained = wrong at baseline, right after; lost = the reverse. The exact p is symmetric in the two."""
+    from scipy.stats import binomtest
+
+    base = [1] * 9 + [0] * 2 + [1] * 5 + [0] * 4
+    new = [0] * 9 + [1] * 2 + [1] * 5 + [0] * 4
+    r = stats.mcnemar(base, new)
+    assert (r["gained"], r["lost"], r["discordant"]) == (2, 9, 11)
+    # two-sided: 2 * P(X <= 2 | n=11, 1/2) = 2 * (1 + 11 + 55) / 2048
+    assert r["p"] == pytest.approx(2 * 67 / 2048)
+    assert r["p"] == pytest.approx(binomtest(2, 11).pvalue)
+    swapped = stats.mcnemar(new, base)
+    assert (swapped["gained"], swapped["lost"], swapped["p"]) == (9, 2, r["p"])
 
 
 # ------------------------------------------------------------------------------------------------- data
