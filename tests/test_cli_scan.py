@@ -1,5 +1,7 @@
-"""``melayer scan`` as a real process: bad input gives one ``melayer: error:`` line, a non-zero exit, no
-traceback and no scan.json; a good run writes scan.json and both plots."""
+"""``melayer scan``: bad input gives one ``melayer: error:`` line, exit code 2, no traceback and no scan.json; a
+good run writes scan.json and both plots. The bad-input cases run in-process (``melayer.cli.main``, what both
+entry points call); one good run goes through ``python -m melayer`` and one bad one through the console script,
+each as a real process."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import json
 import shutil
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -64,19 +66,38 @@ def bad_inputs(tmp_path_factory, planted_dir, overflow_dir, unsupported_dir, tin
     ]
 
 
-def test_bad_input_gives_one_error_line_and_no_output(bad_inputs, run_cli, tmp_path):
-    def one(case):
-        name, args, expected = case
-        if "-o" in args:
-            return case, Path(args[args.index("-o") + 1]), run_cli("scan", *args)
-        out = tmp_path / name.replace(" ", "_")
-        return case, out, run_cli("scan", *args, "-o", out)
+@dataclass
+class InProcess:
+    returncode: int
+    stdout: str
+    stderr: str
 
-    # two at a time: each case is its own Python process (import time dominates)
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        results = list(pool.map(one, bad_inputs))
-    for (name, _, expected), out, res in results:
+
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """``melayer ARGS`` in this process, through the same ``main()`` as the console script and ``python -m``."""
+    from melayer.cli import main
+
+    def run(*args) -> InProcess:
+        monkeypatch.setattr(sys, "argv", ["melayer", *map(str, args)])
+        capsys.readouterr()
         try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        out = capsys.readouterr()
+        return InProcess(code, out.out, out.err)
+
+    return run
+
+
+def test_bad_input_gives_one_error_line_and_no_output(bad_inputs, cli, tmp_path):
+    for name, args, expected in bad_inputs:
+        out = Path(args[args.index("-o") + 1]) if "-o" in args else tmp_path / name.replace(" ", "_")
+        res = cli("scan", *args, *([] if "-o" in args else ["-o", out]))
+        try:
+            assert res.returncode == 2, res
             _assert_clean_failure(res, out, *expected)
         except AssertionError as exc:
             raise AssertionError(f"case {name!r}: {exc}") from None
@@ -107,9 +128,9 @@ def test_successful_scan_writes_json_and_plots(run_cli, planted_dir, tmp_path):
     assert api["peak"]["value"] == pytest.approx(d["peak"]["value"], rel=1e-5)
 
 
-def test_criterion_options_reach_scan_json(run_cli, planted_dir, tmp_path):
+def test_criterion_options_reach_scan_json(cli, planted_dir, tmp_path):
     out = tmp_path / "out"
-    res = run_cli("scan", "-m", planted_dir, "-p", "Hello world, this is a test!", "-o", out, "--no-plots",
+    res = cli("scan", "-m", planted_dir, "-p", "Hello world, this is a test!", "-o", out, "--no-plots",
                   "--abs-min", "1e9", "--persist-frac", "0.5")
     assert res.returncode == 0, res.stderr
     assert [p.name for p in out.iterdir()] == ["scan.json"]
@@ -119,11 +140,11 @@ def test_criterion_options_reach_scan_json(run_cli, planted_dir, tmp_path):
     assert "no persistent massive activations" in res.stdout
 
 
-def test_arch_override_file_makes_an_unsupported_model_scan(run_cli, unsupported_dir, tmp_path):
+def test_arch_override_file_makes_an_unsupported_model_scan(cli, unsupported_dir, tmp_path):
     arch = tmp_path / "neox.json"
     arch.write_text(json.dumps(NEOX_ARCH))
     out = tmp_path / "out"
-    res = run_cli("scan", "-m", unsupported_dir, "--arch", arch, "-p", "Hello world, this is a test!", "-o", out,
+    res = cli("scan", "-m", unsupported_dir, "--arch", arch, "-p", "Hello world, this is a test!", "-o", out,
                   "--no-plots")
     assert res.returncode == 0, res.stderr
     d = json.loads((out / "scan.json").read_text())

@@ -62,22 +62,6 @@ def test_real_gemma_arc_easy_end_to_end(monkeypatch, capsys, tmp_path):
     assert "acc_norm" in capsys.readouterr().out
 
 
-@pytest.fixture
-def tiny_dir(tmp_path):
-    import torch
-
-    from melayer.models.tiny import tiny_lm
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    lm = tiny_lm("llama")
-    path = tmp_path / "tiny-llama"
-    lm.model.save_pretrained(path)
-    lm.tokenizer.save_pretrained(path)
-    yield path
-    torch.set_num_threads(before)
-
-
 def test_eval_and_compare_commands_on_a_tiny_checkpoint(monkeypatch, capsys, tiny_dir, tmp_path):
     monkeypatch.setenv("MELAYER_QUIET", "1")
     out = tmp_path / "eval"

