@@ -138,7 +138,7 @@ def locate(pkg: Path, original: str) -> tuple[Path | None, int]:
 
 
 def pytest_cmd(m: Mutant, whole_files: bool) -> list[str]:
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "not slow", *m.tests]
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-rfE", "-p", "no:cacheprovider", "-m", "not slow", *m.tests]
     return cmd + (["-k", m.k] if m.k and not whole_files else [])
 
 
@@ -152,8 +152,9 @@ def run_tests(root: Path, m: Mutant, timeout: float, whole_files: bool) -> tuple
                               timeout=timeout)
     except subprocess.TimeoutExpired:
         return -1, time.perf_counter() - t0, "timeout"
-    tail = (proc.stdout + proc.stderr).strip().splitlines()[-1:] or [""]
-    return proc.returncode, time.perf_counter() - t0, tail[0]
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    failed = [line for line in lines if line.startswith(("FAILED", "ERROR"))]
+    return proc.returncode, time.perf_counter() - t0, (failed or lines[-1:] or [""])[0]
 
 
 def main(argv: list[str] | None = None) -> int:
