@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.melayer-installed
 # users keep an open torch range.
 TORCH   ?= torch==2.13.0
 
-.PHONY: setup demo lint test test-fast bench clean
+.PHONY: setup demo lint test test-fast bench mutate clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,10 @@ test-fast: setup lint
 
 bench: setup
 	$(BIN)/python bench/bench_scan.py
+
+# one-line bugs planted in a temporary copy of the rule modules; prints which ones the tests miss (not a CI gate)
+mutate: setup
+	OMP_NUM_THREADS=1 $(BIN)/python tools/mutants.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -122,6 +122,11 @@ def write_tiny_llama_gguf(lm, path: Path) -> Path:
     return path
 
 
+def sig(x: float, digits: int) -> float:
+    """``x`` rounded to ``digits`` significant digits: how the README writes its figures (1.04e4, 5,200x)."""
+    return float(f"{x:.{digits - 1}e}")
+
+
 def argmax_decode(lm, ids, n: int, eos=()) -> tuple[list[int], bool]:
     """Independent greedy decoding of one unpadded row: no KV cache, no ``generate``, the argmax of a full forward
     per step. Returns the new tokens before the first of ``eos`` and whether one was met."""

@@ -45,21 +45,19 @@ def test_bad_input_is_one_line_and_writes_nothing(monkeypatch, capsys, tmp_path,
 
 
 @pytest.mark.slow
-def test_real_gemma_arc_easy_end_to_end(monkeypatch, capsys, tmp_path):
-    """The embedded Gemma-3-270M base on the first 20 ARC-Easy questions, through the CLI."""
+def test_real_gemma_arc_easy_first_20(gemma, tmp_path):
+    """The embedded Gemma-3-270M base on the first 20 ARC-Easy questions (what `melayer eval --task arc_easy
+    --limit 20` runs): 9 right by acc, 12 by acc_norm, as measured when this test was written."""
+    from melayer.eval import run
+
     out = tmp_path / "arc"
-    monkeypatch.setenv("MELAYER_QUIET", "1")
-    monkeypatch.setattr(sys, "argv", ["melayer", "eval", "--task", "arc_easy", "--limit", "20", "--output", str(out)])
-    with pytest.raises(SystemExit) as exc:
-        main()
-    assert exc.value.code in (0, None)
+    r = run(gemma, "arc_easy", limit=20, output=out, progress=False)
     d = json.loads((out / "eval.json").read_text())
     assert d["schema"] == "melayer.eval/1" and d["n_samples"] == 20
     assert d["settings"]["chat"] is False  # Gemma base has no chat template
-    acc = d["metrics"]["acc"]["value"]
-    assert 0.25 <= acc <= 1.0  # a real model beats chance-level nonsense on ARC-Easy
+    assert (d["metrics"]["acc"]["value"], d["metrics"]["acc_norm"]["value"]) == (9 / 20, 12 / 20)
+    assert sum(rec["pred"] == rec["gold"] for rec in r.records) == 9
     assert len((out / "samples.jsonl").read_text().splitlines()) == 20
-    assert "acc_norm" in capsys.readouterr().out
 
 
 def test_eval_and_compare_commands_on_a_tiny_checkpoint(monkeypatch, capsys, tiny_dir, tmp_path):

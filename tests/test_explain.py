@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from conftest import sig
 
 from melayer.analysis.attribution import ffn_in_weights
 from melayer.analysis.perplexity import perplexity
@@ -210,13 +211,45 @@ def test_cli_explain_on_a_saved_tiny_checkpoint(tiny_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_explain_gemma_270m():
-    import melayer
-
-    lm = melayer.load("gemma-3-270m", progress=False)
-    d = explain(lm, n_prompts=6, random_draws=1, ppl_tokens=128, progress=False).to_dict()
-    assert d["me_layer"] == 3 and 163 in d["massive_dims"]
-    assert d["massive_tokens"][0]["position"] == 0
+def test_explain_gemma_270m_readme_figures(gemma):
+    """`melayer explain --ppl-tokens 1024` (16 prompts, 3 random draws) on Gemma-3-270M: the README's figures."""
+    d = explain(gemma, progress=False).to_dict()
+    assert d["settings"]["prompts"] == 16 and d["settings"]["perplexity"]["tokens"] == 1024
+    assert d["me_layer"] == 3 and d["massive_dims"] == [163]
+    assert d["massive_tokens"] == [{"position": 0, "token": "<bos>", "prompts": 16}]
+    # residual in 91 + attention -17 + FFN 10,350 = 10,430; the FFN's raw output on dim 163 is only 0.63
+    dec = d["decomposition"][0]
+    assert dec["dim"] == 163
+    assert (round(dec["residual_in"]), round(dec["attn_branch"])) == (91, -17)
+    assert (round(dec["ffn_branch"], -1), round(dec["residual_out"], -1)) == (10350, 10430)
+    assert round(dec["mlp_raw"], 2) == 0.63
+    # the post-FFN norm's gain of 585 on dim 163 (132x its median gain, the largest of the layer)
+    post = next(g for g in d["norm_gains"] if g["role"] == "post_ffn_norm")
+    on_163 = next(x for x in post["dims"] if x["dim"] == 163)
+    assert (on_163["gain"], round(on_163["ratio_to_median"]), on_163["rank_by_abs_gain"]) == (585.0, 132, 1)
+    # one neuron (1414) gives 97.3 % of the FFN output on dim 163; super weight down_proj[163, 1414]; input dim 97
+    assert d["selected_neurons"] == [1414]
+    assert round(100 * d["selected_share_of_ffn_output"]["163"], 1) == 97.3
+    sw = d["super_weights"][0]
+    assert (sw["tensor"], sw["stored_index"]) == ("model.layers.3.mlp.down_proj.weight", [163, 1414])
+    assert d["driving_dims"] == [97]
+    # the ablation table: downstream max (share), ME layer after, perplexity
     runs = {r["ablate"]: r for r in d["ablations"]}
-    assert runs["none"]["downstream_max"] > 1e4
+    assert (sig(runs["none"]["downstream_max"], 3), runs["none"]["me_layer_after"]) == (1.04e5, 3)
+    assert round(runs["none"]["ppl"], 1) == 27.2
+    table = {k: (sig(runs[k]["downstream_max"], 2), round(100 * runs[k]["downstream_ratio"]), runs[k]["outcome"])
+             for k in ("norm", "ffn", "both")}
+    assert table == {"norm": (2.7e4, 26, "moves to 4"), "ffn": (4.6e4, 44, "moves to 4"),
+                     "both": (2.6e4, 25, "no ME layer")}
+    assert runs["both"]["me_layer_after"] is None
+    assert (round(runs["norm"]["ppl"]), round(runs["ffn"]["ppl"], 1), round(runs["both"]["ppl"])) == (818, 36.9, 1000)
+    # controls at layers 2, 4 and 9 keep 64-99 % and the ME layer stays at 3; 1 random neuron (3 draws) keeps 100 %
+    controls = d["controls"]["layers"]
+    assert sorted({r["layer"] for r in controls}) == [2, 4, 9]
+    assert all(r["me_layer_after"] == 3 for r in controls)
+    ratios = [100 * r["downstream_mean_ratio"] for r in controls]
+    assert (math.floor(min(ratios)), math.floor(max(ratios))) == (64, 99)
+    rnd = d["controls"]["random"]
+    assert rnd["me_layer_after"] == [3, 3, 3] and rnd["neurons_per_draw"] == 1
+    assert round(100 * rnd["downstream_ratio_mean"]) == 100
     assert d["model_check"]["bit_identical"]

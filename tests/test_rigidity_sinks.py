@@ -227,3 +227,32 @@ def test_sinks_gemma_270m_readme_figures(gemma):
     assert round(d["uniform_attention_alpha_first"], 3) == 0.074
     assert d["first_sink_layer"] == 0 and d["first_sink_layer_minus_me_layer"] == -3
     assert gemma.model.config._attn_implementation == "sdpa"  # the eager switch for measuring was temporary
+
+
+@pytest.mark.slow
+def test_rigidity_smollm2_readme_figures(smollm2):
+    """`melayer rigidity --model smollm2-135m`: the massive first token is rigid even across different tokens."""
+    r = rigidity(smollm2, progress=False).to_dict()
+    assert r["me_layer"] == 11 and r["massive_dims"] == [507] and not r["cross_input_trivially_identical"]
+    s = r["summary"]
+    assert round(s["after_me_layer_consecutive_cos_massive"], 3) == 0.981
+    assert round(s["after_me_layer_consecutive_cos_ordinary"], 3) == 0.943
+    assert round(s["cross_input_massive_nontrivial_pairs"], 3) == 0.998  # between different first tokens
+    assert round(s["cross_input_last_token_baseline"], 2) == 0.81
+    erank = (s["after_me_layer_erank_with"], s["after_me_layer_erank_without"], s["after_me_layer_erank_drop_other"])
+    assert tuple(round(x, 1) for x in erank) == (12.5, 11.7, 11.8)
+
+
+@pytest.mark.slow
+def test_sinks_smollm2_readme_figures(smollm2):
+    """`melayer sinks --model smollm2-135m`: 71.1 %; sinks from layer 3 (60-70 % of heads), none at layers 10-11,
+    86-100 % at layers 12-15 right after the ME layer (the sink follows the massive activation here)."""
+    from melayer.analysis.sinks import text_windows
+
+    s = measure_sinks(smollm2, text_windows(smollm2, 32, 64), 0.3, max_tokens=64, min_tokens=16, me_layer=11)
+    assert round(100 * s.sink_rate, 1) == 71.1
+    per_layer = s.to_dict()["sink_rate_per_layer"]
+    assert per_layer[2] < 0.2 and all(0.6 <= x < 0.7 for x in per_layer[3:10])
+    assert per_layer[10] == per_layer[11] == 0.0
+    assert all(0.86 <= x <= 1.0 for x in per_layer[12:16])
+    assert min(per_layer[12:]) > 0.74
