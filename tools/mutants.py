@@ -3,7 +3,7 @@
 Usage (from the repository root, with the project's Python)::
 
     OMP_NUM_THREADS=1 python tools/mutants.py              # every mutant below
-    OMP_NUM_THREADS=1 python tools/mutants.py -k wemask    # only mutants whose name contains "wemask"
+    OMP_NUM_THREADS=1 python tools/mutants.py -k wemask    # only mutants whose name contains "wemask" (repeatable)
     python tools/mutants.py --list                         # show the mutants, run nothing
 
 Each mutant is (name, original text, mutated text, tests). The original text must occur exactly once in the
@@ -159,7 +159,8 @@ def run_tests(root: Path, m: Mutant, timeout: float, whole_files: bool) -> tuple
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("-k", dest="select", help="only mutants whose name contains this text (case-insensitive)")
+    ap.add_argument("-k", dest="select", action="append",
+                    help="only mutants whose name contains this text (case-insensitive; repeat for several)")
     ap.add_argument("--list", action="store_true", help="list the mutants and where they apply; run nothing")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per test run (default 900)")
     ap.add_argument("--whole-files", action="store_true",
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repo", type=Path, default=REPO,
                     help="the checkout whose melayer/ and tests/ are copied (default: this one), e.g. an older one")
     args = ap.parse_args(argv)
-    chosen = [m for m in MUTANTS if not args.select or args.select.lower() in m.name.lower()]
+    chosen = [m for m in MUTANTS if not args.select or any(k.lower() in m.name.lower() for k in args.select)]
     if not chosen:
         print(f"no mutant matches {args.select!r}", file=sys.stderr)
         return 2
