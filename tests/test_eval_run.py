@@ -80,7 +80,7 @@ def test_generation_equals_an_independent_greedy_decode_and_stops_at_eos():
     stop_token = free[0][step]
     lm.model.generation_config.eos_token_id = [lm.tokenizer.eos_token_id, stop_token]
     out = E.generate(lm, rows, max_new_tokens=n)
-    for i, (o, r) in enumerate(zip(out, rows)):
+    for o, r in zip(out, rows, strict=True):
         ref, hit = argmax_decode(lm, r, n, eos=(lm.tokenizer.eos_token_id, stop_token))
         assert (o["text"], o["new_tokens"], o["finish"]) == (lm.tokenizer.decode(ref), len(ref),
                                                               "eos" if hit else "length")
@@ -263,7 +263,7 @@ def test_compare_statistics_on_a_known_paired_effect(lm, tmp_path):
     import numpy as np
     from scipy.stats import bootstrap
 
-    from melayer.report.io import write_atomic
+    from melayer.util.io import write_atomic
 
     kw = dict(limit=20, batch_size=10, output=tmp_path, me_layer=1, progress=False, n_boot=2000, sinks=False)
     first = compare(lm, "arc_easy", "0.5", **kw)

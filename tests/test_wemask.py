@@ -18,7 +18,7 @@ from melayer.capture.hooks import Hooks
 from melayer.errors import MelayerError
 from melayer.interventions.generate import greedy_generate
 from melayer.interventions.wemask import WeMask, format_layers, parse_layers, wemask
-from melayer.models.tiny import MODEL_TYPES, tiny_lm
+from melayer.models.tiny import BOS, MODEL_TYPES, tiny_lm
 
 PROMPTS = ["hello there, friend", "hi"]  # the second row is left-padded
 LAYERS = [2, 3]  # tiny models: 4 layers, massive activation planted at layer 1
@@ -454,7 +454,7 @@ def test_real_gemma_wemask(gemma, gemma_scan, tmp_path):
 
 def _masked_run(lm, texts, layer: int, add_special_tokens: bool = True, **kwargs):
     """Logits of ``texts`` (one left-padded batch) under WeMask, and what the mask changed at ``layer``."""
-    batch = lm.encode(texts, add_special_tokens=add_special_tokens)
+    batch = encode(lm, texts, add_special_tokens=add_special_tokens)
     wm = WeMask(lm, RATE, layers=LAYERS, **kwargs)
     with instrument(lm, layer, wm) as log:
         out = logits(lm, batch)
@@ -512,7 +512,7 @@ def test_token_massive_median_ignores_padding():
 def test_token_massive_without_a_mask_and_before_the_me_layer(tiny):
     """No attention mask: every token is real. A layer whose input has no massive token yet is left alone."""
     lm = tiny("llama")
-    ids = lm.encode(["abcdef"])["input_ids"]
+    ids = encode(lm, ["abcdef"])["input_ids"]
     wm = WeMask(lm, RATE, layers=[1, 2], token="massive")  # planted at layer 1: layer 1's input has none yet
     for layer, expected in ((1, {}), (2, {(0, 0)})):
         with instrument(lm, layer, wm) as log, torch.no_grad():
