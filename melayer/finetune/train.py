@@ -1,0 +1,298 @@
+"""``melayer.finetune``: SFT / DPO / GRPO on TRL + peft with WeMask on every training forward.
+
+WeMask's hooks are installed on the model before TRL builds its trainer and stay on for the whole run: every
+training forward (and, for DPO, the reference forward, which is the same model with its adapters disabled;
+for GRPO, the prefill of each rollout) is masked. The ME layer and massive token are found on training
+examples formatted exactly as the trainer sees them (chat template included), unless given.
+
+Output directory: the adapter (peft; the whole model with ``full=True``), ``wemask.json`` (exact settings),
+``train_log.jsonl`` (one record per logging step), ``finetune.json`` (schema ``melayer.finetune/1``: config,
+data hashes, ME layer, massive token, final loss, speed) and ``checkpoints/`` (for ``resume``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from melayer.errors import MelayerError
+from melayer.finetune.config import FinetuneConfig
+from melayer.finetune.data import load_records, plain_rows, trainer_rows, training_texts, use_chat
+from melayer.models.loading import LM
+
+SCHEMA = "melayer.finetune/1"
+RESULT_FILE = "finetune.json"
+LOG_FILE = "train_log.jsonl"
+WEMASK_FILE = "wemask.json"
+
+
+@dataclass
+class FinetuneResult:
+    """What a run did (written as ``finetune.json``)."""
+
+    model: str
+    method: str
+    config: dict[str, Any]
+    data: dict[str, Any]
+    wemask: dict[str, Any] | None
+    massive_token: dict[str, Any] | None
+    steps: int
+    train_loss: float | None
+    final_loss: float | None
+    runtime_s: float
+    tokens: int | None
+    resumed_from: str | None
+    output: str
+    adapter: bool
+    versions: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": SCHEMA, "model": self.model, "method": self.method, "config": self.config,
+                "data": self.data, "wemask": self.wemask, "massive_token": self.massive_token, "steps": self.steps,
+                "train_loss": self.train_loss, "final_loss": self.final_loss, "runtime_s": self.runtime_s,
+                "tokens": self.tokens, "tokens_per_s": (self.tokens / self.runtime_s
+                                                        if self.tokens and self.runtime_s > 0 else None),
+                "resumed_from": self.resumed_from, "output": self.output, "adapter": self.adapter,
+                "versions": self.versions, **self.extra}
+
+
+def _versions() -> dict[str, str]:
+    import peft
+    import transformers
+    import trl
+
+    import melayer
+
+    return {"melayer": melayer.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "trl": trl.__version__, "peft": peft.__version__, "python": platform.python_version()}
+
+
+def check_output(cfg: FinetuneConfig) -> Path | None:
+    """Refuse to overwrite a finished run or to mix runs; return the checkpoint to resume from, if any."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    out = cfg.output_dir
+    if out.exists() and not out.is_dir():
+        raise MelayerError(f"--output {out} exists and is not a directory")
+    ckpt_dir = out / "checkpoints"
+    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    if cfg.resume:
+        saved = out / "finetune_config.json"
+        if last is not None and saved.is_file():
+            before = FinetuneConfig.from_dict(json.loads(saved.read_text()))
+            changed = [k for k, v in before.to_dict().items()
+                       if k not in ("resume", "output", "schema") and cfg.to_dict().get(k) != v]
+            if changed:
+                raise MelayerError(f"--resume: settings differ from the interrupted run ({', '.join(changed)}); "
+                                   "resume with the same options or use another --output")
+        return Path(last) if last else None
+    if (out / RESULT_FILE).exists() or last is not None:
+        raise MelayerError(f"--output {out} already holds a fine-tuning run; use --resume to continue it or "
+                           "another --output")
+    return None
+
+
+def find_massive_token(lm: LM, texts: list[str]) -> tuple[int | None, dict[str, Any]]:
+    """Scan training-format texts: the ME layer and the massive token the way training sees them."""
+    import melayer
+
+    result = melayer.scan(lm, texts, progress=False)
+    first = lm.tokenizer(texts[0], add_special_tokens=True)["input_ids"]
+    tokens = result.massive_tokens()[:3] if hasattr(result, "massive_tokens") else []
+    info = {"me_layer": result.me_layer, "me_layer_consistency": getattr(result, "me_layer_consistency", None),
+            "first_token": lm.tokenizer.convert_ids_to_tokens(first[:1])[0] if first else None,
+            "massive_tokens": tokens, "texts": len(texts), "format": "training format (as the trainer tokenises)"}
+    return result.me_layer, info
+
+
+class _LogCallback:
+    """Appends each log record to train_log.jsonl (drops records past the resumed step first)."""
+
+    def __init__(self, path: Path, resume_step: int) -> None:
+        from melayer.report.io import read_jsonl, write_atomic
+
+        self.path = path
+        if path.exists():
+            kept = [r for r in read_jsonl(path) if r.get("step", 0) <= resume_step]
+            text = "".join(json.dumps(r) + "\n" for r in kept)
+            write_atomic(path, lambda p: p.write_text(text))
+
+    def callback(self) -> Any:
+        from transformers import TrainerCallback
+
+        from melayer.report.io import append_jsonl
+
+        path = self.path
+
+        class LogToJsonl(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
+                if logs:
+                    append_jsonl(path, {"step": state.global_step, "epoch": state.epoch, "time": time.time(),
+                                        **{k: v for k, v in logs.items() if isinstance(v, (int, float))}})
+
+        return LogToJsonl()
+
+
+def _training_args(cfg: FinetuneConfig, ckpt_dir: Path, progress: bool) -> dict[str, Any]:
+    cuda = torch.cuda.is_available()
+    return dict(
+        output_dir=str(ckpt_dir), per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps, logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.save_steps,
+        seed=cfg.seed, data_seed=cfg.seed, bf16=cuda and cfg.dtype == "bfloat16", fp16=False, use_cpu=not cuda,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        report_to="none", disable_tqdm=not progress, dataloader_num_workers=0, warmup_steps=0,
+        lr_scheduler_type="linear", full_determinism=False, save_total_limit=2)
+
+
+def build_trainer(cfg: FinetuneConfig, lm: LM, rows: list[dict[str, Any]], ckpt_dir: Path,
+                  callbacks: list[Any], progress: bool = True) -> Any:
+    """The TRL trainer for ``cfg.method`` on ``lm`` (LoRA unless ``cfg.full``)."""
+    from datasets import Dataset
+
+    args = _training_args(cfg, ckpt_dir, progress)
+    peft_config = None
+    if not cfg.full:
+        from peft import LoraConfig
+
+        target: Any = cfg.target if cfg.target == "all-linear" else [t.strip() for t in cfg.target.split(",")
+                                                                      if t.strip()]
+        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                 target_modules=target, task_type="CAUSAL_LM")
+    dataset = Dataset.from_list(rows)
+    common = dict(model=lm.model, train_dataset=dataset, processing_class=lm.tokenizer, peft_config=peft_config,
+                  callbacks=callbacks)
+    try:
+        if cfg.method == "sft":
+            from trl import SFTConfig, SFTTrainer
+
+            return SFTTrainer(args=SFTConfig(max_length=cfg.max_length, packing=False, padding_free=False, **args),
+                              **common)
+        if cfg.method == "dpo":
+            from trl import DPOConfig, DPOTrainer
+
+            return DPOTrainer(args=DPOConfig(max_length=cfg.max_length, beta=cfg.beta, **args), **common)
+        from trl import GRPOConfig, GRPOTrainer
+
+        grpo = GRPOConfig(num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_length,
+                          temperature=cfg.temperature, beta=0.0, **args)
+        return GRPOTrainer(reward_funcs=[gsm8k_reward], args=grpo, **common)
+    except ValueError as exc:  # TRL's own checks of the settings
+        raise MelayerError(f"{cfg.method}: {' '.join(str(exc).split())[:300]}") from None
+
+
+def gsm8k_reward(completions: list[Any], gold: list[str], **kwargs: Any) -> list[float]:
+    """GRPO reward: 1.0 for a strict numeric match with the gold answer (melayer's GSM8K scorer), else 0.0."""
+    from melayer.eval.answers import gsm8k_score
+
+    texts = [c[-1]["content"] if isinstance(c, list) else str(c) for c in completions]
+    return [gsm8k_score(t, g)["exact_match_strict"] for t, g in zip(texts, gold)]
+
+
+def _save_final(trainer: Any, cfg: FinetuneConfig, out: Path) -> None:
+    """Save the adapter (or full model) through a temp dir, then move the files into ``out``."""
+    tmp = Path(tempfile.mkdtemp(prefix=".save-", dir=out))
+    try:
+        trainer.save_model(str(tmp))
+        for item in tmp.iterdir():
+            dest = out / item.name
+            if dest.is_dir():
+                shutil.rmtree(dest)
+            os.replace(item, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def finetune(config: FinetuneConfig | None = None, *, lm: LM | None = None, progress: bool = True,
+             callbacks: list[Any] | None = None, **overrides: Any) -> FinetuneResult:
+    """Fine-tune with WeMask on every training forward. ``finetune(model="smollm2-135m", wemask=0.01, ...)``
+    or ``finetune(FinetuneConfig(...))``; pass ``lm`` to reuse a loaded model (it is modified in place)."""
+    import melayer
+    from melayer.report.io import write_json
+
+    cfg = FinetuneConfig(**overrides) if config is None else (
+        FinetuneConfig.from_dict({**config.to_dict(), **overrides}) if overrides else config)
+    cfg.validate()
+    resume_from = check_output(cfg)
+    records = load_records(cfg.data, cfg.method, cfg.limit)
+    if cfg.method == "dpo" and records.kind == "gsm8k" and cfg.limit is None and cfg.data == "gsm8k":
+        raise MelayerError("dpo on gsm8k generates a rejected answer per problem: give --limit N (e.g. 64)")
+    rows = plain_rows(records, cfg.method)
+    if lm is None:
+        lm = melayer.load(cfg.model, dtype=cfg.dtype, progress=progress)
+    torch.manual_seed(cfg.seed)
+    chat = use_chat(lm.tokenizer, cfg.chat)
+    extra: dict[str, Any] = {"chat_template": chat}
+    if cfg.method == "dpo" and records.kind == "gsm8k":
+        from melayer.finetune.pairs import dpo_pairs
+
+        rows, extra["pairs"] = dpo_pairs(lm, rows, chat, cfg.rejected_max_new_tokens, progress=progress)
+    rows = [{k: v for k, v in r.items() if cfg.method == "grpo" or k != "gold"} for r in rows]
+
+    out = cfg.output_dir
+    wm = None
+    massive = None
+    if cfg.wemask > 0:
+        me_layer = cfg.me_layer
+        texts = training_texts(lm.tokenizer, rows, chat)
+        found, massive = find_massive_token(lm, texts)
+        if cfg.layers is None and me_layer is None:
+            if found is None:
+                raise MelayerError(f"no ME layer found in {lm.name} on training-format text; pass --layers or "
+                                   "--me-layer")
+            me_layer = found
+        wm = melayer.wemask(lm, cfg.wemask, layers=cfg.layers, select=cfg.select, gamma=cfg.gamma,
+                            me_layer=me_layer)
+        if cfg.me_layer is None and cfg.layers is None:
+            wm.me_layer_source = "scan of training-format examples"
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "finetune_config.json", cfg.to_dict())
+    ckpt_dir = out / "checkpoints"
+    resume_step = int(resume_from.name.rsplit("-", 1)[-1]) if resume_from else 0
+    log = _LogCallback(out / LOG_FILE, resume_step)
+    trainer = build_trainer(cfg, lm, trainer_rows(rows, chat), ckpt_dir, [log.callback(), *(callbacks or [])],
+                            progress=progress)
+    start = time.time()
+    if wm is not None:
+        wm.apply()
+    try:
+        output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    finally:
+        if wm is not None:
+            wm.remove()
+    runtime = time.time() - start
+
+    from melayer.report.io import read_jsonl
+
+    logged = [r for r in read_jsonl(out / LOG_FILE) if "loss" in r]
+    tokens = next((int(r["num_tokens"]) for r in reversed(logged) if "num_tokens" in r), None)
+    if wm is not None:
+        wm_dict = {**wm.to_dict(), "active": False, "massive_token": massive}
+        wm_dict.pop("masked_tokens", None)
+    else:
+        wm_dict = None
+    result = FinetuneResult(
+        model=lm.name, method=cfg.method, config=cfg.to_dict(), data=records.to_dict(), wemask=wm_dict,
+        massive_token=massive, steps=int(trainer.state.global_step),
+        train_loss=float(output.training_loss) if output is not None else None,
+        final_loss=float(logged[-1]["loss"]) if logged else None, runtime_s=runtime, tokens=tokens,
+        resumed_from=str(resume_from) if resume_from else None, output=str(out), adapter=not cfg.full,
+        versions=_versions(), extra=extra)
+    _save_final(trainer, cfg, out)
+    write_json(out / WEMASK_FILE, wm_dict if wm_dict is not None else {"schema": "melayer.wemask/1", "rate": 0.0,
+                                                                       "rule": "WeMask off (rate 0)"})
+    write_json(out / RESULT_FILE, result.to_dict())
+    result.extra["trainer"] = trainer  # not serialised: the trained model for the caller
+    return result

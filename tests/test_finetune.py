@@ -1,0 +1,273 @@
+"""Fine-tuning with WeMask: settings and data checks, gradients under gradient checkpointing, SFT/DPO/GRPO steps
+on tiny real checkpoints, agreement with plain TRL at rate 0, resume after a kill, the output directory."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from melayer.errors import MelayerError
+from melayer.finetune import FinetuneConfig, finetune
+from melayer.finetune.data import (
+    gsm8k_solution,
+    gsm8k_train_file,
+    load_records,
+    plain_rows,
+    trainer_rows,
+    training_texts,
+)
+from melayer.interventions.wemask import wemask
+from melayer.models.tiny import tiny_lm
+
+RATE = 0.1  # hidden 64 -> k = 6
+FAST = dict(max_length=256, batch_size=2, logging_steps=1, progress=False, gradient_checkpointing=True)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture()
+def sft_file(tmp_path) -> Path:
+    rows = [{"prompt": f"Q{i}: {i} plus {i}?", "completion": f"{i} + {i} = {2 * i}. #### {2 * i}"} for i in range(8)]
+    return write_jsonl(tmp_path / "sft.jsonl", rows)
+
+
+# ----------------------------------------------------------------------------------------------------
+# settings and data: checked before any model is loaded
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(wemask=1.5), "--wemask must be in [0, 1]"),
+    (dict(wemask="x"), "--wemask must be a number"),
+    (dict(gamma=-0.1), "--gamma must be in [0, 1]"),
+    (dict(method="ppo"), "unknown fine-tuning method"),
+    (dict(lr=0), "--lr must be in (0"),
+    (dict(batch_size=0), "--batch-size must be >= 1"),
+    (dict(max_steps=0), "--max-steps must be >= 1"),
+    (dict(data="/nonexistent.jsonl"), "no such file"),
+    (dict(select="random"), "unknown --select"),
+    (dict(method="grpo", batch_size=3, num_generations=2), "multiple of --num-generations"),
+])
+def test_config_validation(kwargs, message):
+    with pytest.raises(MelayerError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        FinetuneConfig(**kwargs).validate()
+
+
+def test_bad_data_fails_before_anything_is_written(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    missing = write_jsonl(tmp_path / "missing.jsonl", [{"prompt": "a", "chosen": "b"}])
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "a", "completion": "b"}\n{not json\n')
+    for data, method, message in ((empty, "sft", "no examples"), (missing, "dpo", "lacks rejected"),
+                                  (missing, "sft", "lacks completion"), (broken, "sft", "line 2 is not JSON")):
+        out = tmp_path / f"out-{method}-{data.stem}"
+        with pytest.raises(MelayerError, match=message):
+            finetune(data=str(data), method=method, output=str(out), progress=False)
+        assert not out.exists()
+
+
+def test_vendored_gsm8k_train_matches_its_notice():
+    raw = gzip.decompress(gsm8k_train_file().read_bytes())
+    notice = (gsm8k_train_file().parent / "NOTICE.md").read_text()
+    assert hashlib.sha256(raw).hexdigest() in notice
+    assert len(raw.splitlines()) == 7473
+    data = load_records("gsm8k", "sft", limit=3)
+    rows = plain_rows(data, "sft")
+    assert rows[0]["prompt"].startswith("Question: Natalia sold clips") and rows[0]["prompt"].endswith("Answer:")
+    assert rows[0]["completion"] == "Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips " \
+                                    "altogether in April and May.\n#### 72"
+    assert gsm8k_solution("a <<1+1=2>>2 #### 2") == "a 2 #### 2"
+    grpo = plain_rows(load_records("gsm8k", "grpo", limit=2), "grpo")
+    assert grpo[0]["gold"] == "72"
+
+
+def test_chat_format_and_training_texts():
+    lm = tiny_lm("llama")
+    lm.tokenizer.chat_template = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
+                                  "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    rows = [{"prompt": "2+2?", "completion": "4 #### 4"}]
+    conv = trainer_rows(rows, chat=True)
+    assert conv[0]["prompt"] == [{"role": "user", "content": "2+2?"}]
+    assert conv[0]["completion"] == [{"role": "assistant", "content": "4 #### 4"}]
+    text = training_texts(lm.tokenizer, rows, chat=True)[0]
+    ids = lm.tokenizer(text)["input_ids"]
+    assert ids.count(lm.tokenizer.bos_token_id) == 1 and ids[0] == lm.tokenizer.bos_token_id  # one BOS, not two
+    plain = trainer_rows(rows, chat=False)
+    assert plain[0]["completion"] == " 4 #### 4"
+
+
+# ----------------------------------------------------------------------------------------------------
+# gradient checkpointing: the recomputed forward must mask exactly what the first pass masked
+
+
+def _grads(lm, batch, checkpointing: str | None) -> dict[str, torch.Tensor]:
+    model = lm.model
+    model.train()
+    if checkpointing is None:
+        model.gradient_checkpointing_disable()
+    else:
+        reentrant = checkpointing == "reentrant"
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)  # the same dropout draws (GPT-2 has dropout on) in every run
+    out = model(**batch, labels=batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100), use_cache=False)
+    out.loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.gradient_checkpointing_disable()
+    model.eval()
+    return grads
+
+
+def _rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys() and a
+    num = sum(float((a[k] - b[k]).pow(2).sum()) for k in a)
+    den = sum(float(a[k].pow(2).sum()) for k in a)
+    return (num / den) ** 0.5
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text", "olmo2", "gpt2", "qwen3"])
+@pytest.mark.parametrize("mode", ["non-reentrant", "reentrant"])
+def test_wemask_gradients_equal_with_and_without_checkpointing(model_type, mode):
+    lm = tiny_lm(model_type)
+    tok = lm.tokenizer
+    tok.padding_side = "right"  # TRL's collators pad on the right
+    batch = dict(tok(["hello there, friend", "hi you"], return_tensors="pt", padding=True))
+    with wemask(lm, RATE, layers=[2, 3]):
+        plain = _grads(lm, batch, None)
+        checkpointed = _grads(lm, batch, mode)
+    unmasked = _grads(lm, batch, None)
+    assert _rel(plain, checkpointed) <= 1e-6
+    assert _rel(plain, unmasked) > 1e-3  # the mask really acts in this step
+
+
+# ----------------------------------------------------------------------------------------------------
+# the three trainers, a few steps each, on tiny real checkpoints
+
+
+def test_sft_with_wemask_writes_the_output_directory(sft_file, tmp_path):
+    lm = tiny_lm("llama")
+    out = tmp_path / "sft"
+    result = finetune(lm=lm, data=str(sft_file), output=str(out), wemask=RATE, max_steps=3, **FAST)
+    assert result.steps == 3
+    for name in ("adapter_config.json", "adapter_model.safetensors", "wemask.json", "train_log.jsonl",
+                 "finetune.json", "finetune_config.json"):
+        assert (out / name).is_file(), name
+    saved = json.loads((out / "finetune.json").read_text())
+    assert saved["schema"] == "melayer.finetune/1"
+    assert saved["data"]["file_sha256"] == hashlib.sha256(sft_file.read_bytes()).hexdigest()
+    mask = json.loads((out / "wemask.json").read_text())
+    assert mask["rate"] == RATE and mask["k"] == 6 and mask["me_layer"] == 1 and mask["layers"] == [2, 3]
+    assert mask["massive_token"]["first_token"] == "<bos>"
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3]
+    with pytest.raises(MelayerError, match="already holds a fine-tuning run"):
+        finetune(lm=lm, data=str(sft_file), output=str(out), max_steps=3, **FAST)
+
+
+def test_dpo_steps(tmp_path):
+    rows = [{"prompt": f"{i} plus {i} is", "chosen": f" {2 * i}", "rejected": f" {2 * i + 1}"} for i in range(4)]
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    result = finetune(lm=tiny_lm("llama"), method="dpo", data=str(data), output=str(tmp_path / "dpo"),
+                      wemask=RATE, max_steps=2, **FAST)
+    assert result.steps == 2 and result.final_loss is not None
+
+
+def test_grpo_steps(tmp_path):
+    rows = [{"prompt": f"{i} plus {i} is", "answer": str(2 * i)} for i in range(4)]
+    data = write_jsonl(tmp_path / "grpo.jsonl", rows)
+    result = finetune(lm=tiny_lm("llama"), method="grpo", data=str(data), output=str(tmp_path / "grpo"),
+                      wemask=RATE, max_steps=2, num_generations=2, max_completion_length=8,
+                      **{**FAST, "batch_size": 2})
+    assert result.steps == 2
+    log = [json.loads(line) for line in (tmp_path / "grpo" / "train_log.jsonl").read_text().splitlines()]
+    assert any("reward" in r for r in log)
+
+
+# ----------------------------------------------------------------------------------------------------
+# agreement with the peer: WeMask rate 0 = plain TRL, same data and seed
+
+
+def test_rate_zero_equals_plain_trl(sft_file, tmp_path):
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    result = finetune(lm=tiny_lm("llama"), data=str(sft_file), output=str(tmp_path / "ours"), wemask=0.0,
+                      max_steps=3, seed=3, **FAST)
+    ours = [json.loads(line)["loss"] for line in (tmp_path / "ours" / "train_log.jsonl").read_text().splitlines()
+            if "loss" in json.loads(line)]
+    lm = tiny_lm("llama")
+    rows = trainer_rows(plain_rows(load_records(str(sft_file), "sft"), "sft"), chat=False)
+    args = SFTConfig(output_dir=str(tmp_path / "peer"), per_device_train_batch_size=2, learning_rate=2e-4,
+                     max_steps=3, logging_steps=1, seed=3, data_seed=3, use_cpu=True, bf16=False,
+                     max_length=256, report_to="none", save_strategy="no", disable_tqdm=True,
+                     gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
+    peer = SFTTrainer(model=lm.model, args=args, train_dataset=Dataset.from_list(rows), processing_class=lm.tokenizer,
+                      peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
+                                             task_type="CAUSAL_LM"))
+    peer.train()
+    theirs = [r["loss"] for r in peer.state.log_history if "loss" in r]
+    assert len(ours) == len(theirs) == 3 and result.steps == 3
+    assert ours == pytest.approx(theirs, rel=1e-6, abs=1e-7)
+
+
+# ----------------------------------------------------------------------------------------------------
+# resume: a run killed after a checkpoint continues with no step lost or repeated, and ends where an
+# uninterrupted run ends
+
+
+class _Kill(Exception):
+    pass
+
+
+def test_killed_run_resumes(sft_file, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    settings = dict(data=str(sft_file), wemask=RATE, max_steps=4, save_steps=2, seed=1, **FAST)
+
+    class KillAfter3(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise _Kill()
+
+    with pytest.raises(_Kill):
+        finetune(lm=tiny_lm("llama"), output=str(tmp_path / "run"), callbacks=[KillAfter3()], **settings)
+    assert not (tmp_path / "run" / "finetune.json").exists()
+    resumed = finetune(lm=tiny_lm("llama"), output=str(tmp_path / "run"), resume=True, **settings)
+    assert resumed.resumed_from and resumed.resumed_from.endswith("checkpoint-2")
+    straight = finetune(lm=tiny_lm("llama"), output=str(tmp_path / "straight"), **settings)
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    ref = [json.loads(line) for line in (tmp_path / "straight" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
+    assert [r["loss"] for r in log if "loss" in r] == pytest.approx([r["loss"] for r in ref if "loss" in r],
+                                                                    rel=1e-5)
+    a = load_file(tmp_path / "run" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "straight" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert resumed.steps == straight.steps == 4
+    with pytest.raises(MelayerError, match="settings differ"):
+        finetune(lm=tiny_lm("llama"), output=str(tmp_path / "run"), resume=True, **{**settings, "lr": 1e-3})
+
+
+# ----------------------------------------------------------------------------------------------------
+# the real embedded model: the massive token under the training format
+
+
+@pytest.mark.slow
+def test_smollm2_massive_token_under_chat_template(smollm2):
+    from melayer.finetune.train import find_massive_token
+
+    rows = plain_rows(load_records("gsm8k", "sft", limit=4), "sft")
+    texts = training_texts(smollm2.tokenizer, rows, chat=True, n=4)
+    me_layer, info = find_massive_token(smollm2, texts)
+    assert info["first_token"] == "<|im_start|>"
+    assert me_layer == 11 and info["massive_tokens"][0]["position"] == 0
