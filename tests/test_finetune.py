@@ -148,6 +148,23 @@ def test_wemask_gradients_equal_with_and_without_checkpointing(model_type, mode)
     assert _rel(plain, unmasked) > 1e-3  # the mask really acts in this step
 
 
+def test_packed_batches_mask_every_sequence_start_or_are_refused():
+    lm = tiny_lm("llama")
+    first, second = [0, 10, 11, 12], [0, 20, 21]
+    packed = torch.tensor([first + second])
+    positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2]])
+    # eager attention: transformers builds no block-diagonal mask, the second sequence would see the first
+    with wemask(lm, RATE, layers=[2, 3]), pytest.raises(MelayerError, match="packed batch"):
+        lm.model(input_ids=packed, position_ids=positions)
+    lm.model.set_attn_implementation("sdpa")  # block-diagonal mask from the restarting positions
+    with wemask(lm, RATE, layers=[2, 3]) as wm, torch.no_grad():
+        together = lm.model(input_ids=packed, position_ids=positions).logits[0]
+        assert [r["position"] for r in wm.to_dict()["masked_tokens"]["2"]] == [0, 4]
+        alone = lm.model(input_ids=torch.tensor([first])).logits[0]
+        assert [r["position"] for r in wm.to_dict()["masked_tokens"]["2"]] == [0]
+    torch.testing.assert_close(together[: len(first)], alone, rtol=1e-4, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------------
 # the three trainers, a few steps each, on tiny real checkpoints
 
