@@ -32,7 +32,7 @@ from melayer.eval.stats import mcnemar, paired_bootstrap  # noqa: E402
 from melayer.finetune import finetune  # noqa: E402
 from melayer.finetune.data import gsm8k_prompt, gsm8k_solution  # noqa: E402
 from melayer.interventions.wemask import greedy_generate  # noqa: E402
-from melayer.report.io import write_json  # noqa: E402
+from melayer.util.io import write_json  # noqa: E402
 
 
 @torch.no_grad()

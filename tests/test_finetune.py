@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from melayer.errors import MelayerError
+from melayer.util.errors import MelayerError
 from melayer.finetune import FinetuneConfig, finetune
 from melayer.finetune.data import (
     gsm8k_solution,

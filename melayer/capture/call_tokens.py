@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from melayer.errors import MelayerError
+from melayer.util.errors import MelayerError
 
 
 @dataclass

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from melayer.errors import MelayerError
+from melayer.util.errors import MelayerError
 
 METHODS = ("sft", "dpo", "grpo")
 DTYPES = ("float32", "bfloat16", "float16")

@@ -22,7 +22,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from melayer.errors import MelayerError
+from melayer.util.errors import MelayerError
 
 COLUMNS = {"sft": ("prompt", "completion"), "dpo": ("prompt", "chosen", "rejected"), "grpo": ("prompt", "answer")}
 _CALC = re.compile(r"<<[^<>]*>>")

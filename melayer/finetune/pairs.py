@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from melayer.errors import MelayerError
+from melayer.util.errors import MelayerError
 from melayer.models.loading import LM, cache_dir
 
 
@@ -28,8 +28,8 @@ def greedy_answers(lm: LM, rows: list[dict[str, Any]], chat: bool, max_new_token
     from filelock import FileLock
 
     from melayer.interventions.wemask import greedy_generate
-    from melayer.report.console import track
-    from melayer.report.io import read_jsonl, write_atomic
+    from melayer.util.console import track
+    from melayer.util.io import read_jsonl, write_atomic
 
     path = _cache_file(lm, rows, chat, max_new_tokens)
     path.parent.mkdir(parents=True, exist_ok=True)

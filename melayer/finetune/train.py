@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from melayer.errors import MelayerError
+from melayer.util.errors import MelayerError
 from melayer.finetune.config import FinetuneConfig
 from melayer.finetune.data import load_records, plain_rows, trainer_rows, training_texts, use_chat
 from melayer.models.loading import LM
@@ -119,7 +119,7 @@ class _LogCallback:
     """Appends each log record to train_log.jsonl (drops records past the resumed step first)."""
 
     def __init__(self, path: Path, resume_step: int) -> None:
-        from melayer.report.io import read_jsonl, write_atomic
+        from melayer.util.io import read_jsonl, write_atomic
 
         self.path = path
         if path.exists():
@@ -130,7 +130,7 @@ class _LogCallback:
     def callback(self) -> Any:
         from transformers import TrainerCallback
 
-        from melayer.report.io import append_jsonl
+        from melayer.util.io import append_jsonl
 
         path = self.path
 
@@ -219,7 +219,7 @@ def finetune(config: FinetuneConfig | None = None, *, lm: LM | None = None, prog
     """Fine-tune with WeMask on every training forward. ``finetune(model="smollm2-135m", wemask=0.01, ...)``
     or ``finetune(FinetuneConfig(...))``; pass ``lm`` to reuse a loaded model (it is modified in place)."""
     import melayer
-    from melayer.report.io import write_json
+    from melayer.util.io import write_json
 
     cfg = FinetuneConfig(**overrides) if config is None else (
         FinetuneConfig.from_dict({**config.to_dict(), **overrides}) if overrides else config)
@@ -274,7 +274,7 @@ def finetune(config: FinetuneConfig | None = None, *, lm: LM | None = None, prog
             wm.remove()
     runtime = time.time() - start
 
-    from melayer.report.io import read_jsonl
+    from melayer.util.io import read_jsonl
 
     logged = [r for r in read_jsonl(out / LOG_FILE) if "loss" in r]
     tokens = next((int(r["num_tokens"]) for r in reversed(logged) if "num_tokens" in r), None)
