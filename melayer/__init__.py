@@ -7,9 +7,24 @@ from melayer.analysis.scan import ScanResult, scan
 from melayer.capture.encoding import encode
 from melayer.interventions.wemask import WeMask, WeMaskSpec, wemask
 from melayer.models.archmap import ARCHITECTURES, ArchSpec
-from melayer.models.loading import LM, from_model, load
+from melayer.models.loading import LM, from_model
+from melayer.models.loading import load as _load_base
 from melayer.util.errors import MelayerError
 
 __version__ = "0.1.0"
+
+
+def load(spec: str | None = None, *, adapter: str | None = None, adapter_mask: bool = True, **kwargs) -> LM:
+    """Load a causal LM (see :func:`melayer.models.loading.load`). ``adapter=DIR``: a ``melayer finetune`` output
+    directory, merged into the model; its saved WeMask is re-applied (``lm.adapter_wemask``) unless
+    ``adapter_mask=False``. An adapter trained on another base model is refused."""
+    lm = _load_base(spec, **kwargs)
+    if adapter is not None:
+        from melayer.finetune.adapter import attach_adapter
+
+        lm.adapter_wemask = attach_adapter(lm, adapter, mask=adapter_mask)
+    return lm
+
+
 __all__ = ["ARCHITECTURES", "ArchSpec", "Criterion", "LM", "MelayerError", "ScanResult", "WeMask", "WeMaskSpec",
            "encode", "find_me_layer", "from_model", "load", "scan", "weights", "wemask"]

@@ -288,3 +288,49 @@ def test_smollm2_massive_token_under_chat_template(smollm2):
     me_layer, info = find_massive_token(smollm2, texts)
     assert info["first_token"] == "<|im_start|>"
     assert me_layer == 11 and info["massive_tokens"][0]["position"] == 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# the adapter + its mask round trip, and the command line
+
+
+def test_adapter_and_mask_round_trip(planted_dir, sft_file, tmp_path):
+    import melayer
+    from melayer.models.tiny import tiny_lm as make
+
+    out = tmp_path / "run"
+    result = finetune(model=str(planted_dir), data=str(sft_file), output=str(out), wemask=RATE, max_steps=2,
+                      **FAST)
+    trained = result.lm
+    saved = json.loads((out / "wemask.json").read_text())
+    batch = trained.encode(["hello there, friend", "hi"])
+    with torch.no_grad(), wemask(trained, saved["rate"], layers=saved["layers"]):
+        want = trained.model(**batch).logits
+    lm = melayer.load(str(planted_dir), adapter=str(out), progress=False)
+    assert lm.adapter_wemask is not None and lm.adapter_wemask.active and lm.adapter_wemask.layers == saved["layers"] == [3, 4]
+    with torch.no_grad():
+        got = lm.model(**batch).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    bare = melayer.load(str(planted_dir), adapter=str(out), adapter_mask=False, progress=False)
+    with torch.no_grad():
+        unmasked = bare.model(**batch).logits
+    assert bare.adapter_wemask is None and (unmasked - want).abs().max() > 1e-3
+    other = tmp_path / "other-base"
+    make("qwen3").model.save_pretrained(other)
+    trained.tokenizer.save_pretrained(other)
+    with pytest.raises(MelayerError, match="was trained on"):
+        melayer.load(str(other), adapter=str(out), progress=False)
+
+
+def test_cli_finetune(planted_dir, sft_file, tmp_path, run_cli):
+    out = tmp_path / "cli"
+    run = run_cli("finetune", "sft", "--model", planted_dir, "--data", sft_file, "--wemask", str(RATE),
+                  "--max-steps", "2", "--batch-size", "2", "--max-length", "256", "--output", out)
+    assert run.returncode == 0, run.stderr
+    for name in ("adapter_model.safetensors", "wemask.json", "train_log.jsonl", "loss_curve.png", "finetune.json"):
+        assert (out / name).is_file(), name
+    assert "Traceback" not in run.stderr
+    bad = run_cli("finetune", "sft", "--model", planted_dir, "--data", tmp_path / "none.jsonl", "--output",
+                  tmp_path / "bad")
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("melayer: error:") and "Traceback" not in bad.stderr
+    assert not (tmp_path / "bad").exists()

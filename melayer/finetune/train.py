@@ -55,6 +55,8 @@ class FinetuneResult:
     adapter: bool
     versions: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    lm: Any = field(default=None, repr=False)  # the trained model (not serialised)
+    trainer: Any = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema": SCHEMA, "model": self.model, "method": self.method, "config": self.config,
@@ -143,6 +145,42 @@ class _LogCallback:
         return LogToJsonl()
 
 
+def _progress_callback() -> Any:
+    """A rich progress bar on stderr: optimiser steps, elapsed / remaining time, the last loss."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from transformers import TrainerCallback
+
+    from melayer.util.console import err
+
+    class RichProgress(TrainerCallback):
+        def __init__(self) -> None:
+            self.progress: Progress | None = None
+            self.task: Any = None
+
+        def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+            self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[loss]}"),
+                                     console=err)
+            self.progress.start()
+            self.task = self.progress.add_task("training", total=state.max_steps, completed=state.global_step,
+                                               loss="")
+
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+            if self.progress is not None:
+                self.progress.update(self.task, completed=state.global_step)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
+            if self.progress is not None and logs and "loss" in logs:
+                self.progress.update(self.task, loss=f"loss {logs['loss']:.4f}")
+
+        def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
+            if self.progress is not None:
+                self.progress.stop()
+                self.progress = None
+
+    return RichProgress()
+
+
 def _training_args(cfg: FinetuneConfig, ckpt_dir: Path, progress: bool) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     return dict(
@@ -152,7 +190,7 @@ def _training_args(cfg: FinetuneConfig, ckpt_dir: Path, progress: bool) -> dict[
         seed=cfg.seed, data_seed=cfg.seed, bf16=cuda and cfg.dtype == "bfloat16", fp16=False, use_cpu=not cuda,
         gradient_checkpointing=cfg.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
-        report_to="none", disable_tqdm=not progress, dataloader_num_workers=0, warmup_steps=0,
+        report_to="none", disable_tqdm=True, dataloader_num_workers=0, warmup_steps=0,
         lr_scheduler_type="linear", full_determinism=False, save_total_limit=2)
 
 
@@ -229,6 +267,9 @@ def finetune(config: FinetuneConfig | None = None, *, lm: LM | None = None, prog
     if cfg.method == "dpo" and records.kind == "gsm8k" and cfg.limit is None and cfg.data == "gsm8k":
         raise MelayerError("dpo on gsm8k generates a rejected answer per problem: give --limit N (e.g. 64)")
     rows = plain_rows(records, cfg.method)
+    import datasets
+
+    datasets.disable_progress_bars()  # the run has its own progress bar
     if lm is None:
         lm = melayer.load(cfg.model, dtype=cfg.dtype, progress=progress)
     torch.manual_seed(cfg.seed)
@@ -262,8 +303,12 @@ def finetune(config: FinetuneConfig | None = None, *, lm: LM | None = None, prog
     ckpt_dir = out / "checkpoints"
     resume_step = int(resume_from.name.rsplit("-", 1)[-1]) if resume_from else 0
     log = _LogCallback(out / LOG_FILE, resume_step)
-    trainer = build_trainer(cfg, lm, trainer_rows(rows, chat), ckpt_dir, [log.callback(), *(callbacks or [])],
+    shown = [_progress_callback()] if progress and not os.environ.get("MELAYER_QUIET") else []
+    trainer = build_trainer(cfg, lm, trainer_rows(rows, chat), ckpt_dir, [log.callback(), *shown, *(callbacks or [])],
                             progress=progress)
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # the log goes to train_log.jsonl and the progress bar, not stdout
     start = time.time()
     if wm is not None:
         wm.apply()
@@ -294,5 +339,5 @@ def finetune(config: FinetuneConfig | None = None, *, lm: LM | None = None, prog
     write_json(out / WEMASK_FILE, wm_dict if wm_dict is not None else {"schema": "melayer.wemask/1", "rate": 0.0,
                                                                        "rule": "WeMask off (rate 0)"})
     write_json(out / RESULT_FILE, result.to_dict())
-    result.extra["trainer"] = trainer  # not serialised: the trained model for the caller
+    result.lm, result.trainer = lm, trainer
     return result

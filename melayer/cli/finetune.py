@@ -1,0 +1,69 @@
+"""``melayer finetune sft|dpo|grpo``: fine-tuning on TRL + peft with WeMask on every training forward."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from melayer.cli import app
+from melayer.cli.common import DtypeOpt, ModelOpt, check_output
+
+
+@app.command()
+def finetune(
+    method: Annotated[str, typer.Argument(help="sft, dpo or grpo")],
+    model: ModelOpt = None,
+    data: Annotated[str, typer.Option("--data", help="'gsm8k' (vendored train split) or a JSONL file: prompt/completion (sft), prompt/chosen/rejected (dpo), prompt/answer (grpo), or question/answer")] = "gsm8k",
+    limit: Annotated[Optional[int], typer.Option("--limit", help="use the first N examples")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="output directory (adapter, wemask.json, train_log.jsonl, loss_curve.png, finetune.json, checkpoints/)")] = Path("out/finetune"),
+    wemask: Annotated[float, typer.Option("--wemask", help="WeMask rate during training (0: off): mask k = int(RATE x hidden) dims")] = 0.0,
+    layers: Annotated[Optional[str], typer.Option("--layers", help="layers to mask, e.g. 12-29 (default: every layer after the ME layer)")] = None,
+    me_layer: Annotated[Optional[int], typer.Option("--me-layer", help="skip the ME-layer scan of training-format text and use this layer")] = None,
+    select: Annotated[str, typer.Option("--select", help="dims by 'activation' or 'weight'")] = "activation",
+    gamma: Annotated[float, typer.Option("--gamma", help="masked dims are scaled by 1 - gamma")] = 1.0,
+    full: Annotated[bool, typer.Option("--full", help="full fine-tuning instead of a LoRA adapter")] = False,
+    lora_r: Annotated[int, typer.Option("--lora-r")] = 16,
+    lora_alpha: Annotated[int, typer.Option("--lora-alpha")] = 32,
+    lora_dropout: Annotated[float, typer.Option("--lora-dropout")] = 0.0,
+    target: Annotated[str, typer.Option("--target", help="LoRA target modules: all-linear or a comma list")] = "all-linear",
+    epochs: Annotated[float, typer.Option("--epochs")] = 1.0,
+    max_steps: Annotated[int, typer.Option("--max-steps", help="optimiser steps (-1: run --epochs)")] = -1,
+    lr: Annotated[float, typer.Option("--lr")] = 2e-4,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 4,
+    grad_accum: Annotated[int, typer.Option("--grad-accum")] = 1,
+    max_length: Annotated[int, typer.Option("--max-length")] = 512,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing")] = True,
+    save_steps: Annotated[int, typer.Option("--save-steps", help="checkpoint every N steps (for --resume)")] = 50,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the interrupted run in --output")] = False,
+    chat: Annotated[Optional[bool], typer.Option("--chat/--no-chat", help="chat template (default: when the tokenizer has one)")] = None,
+    beta: Annotated[float, typer.Option("--beta", help="dpo: KL weight")] = 0.1,
+    rejected_max_new_tokens: Annotated[int, typer.Option("--rejected-max-new-tokens", help="dpo on gsm8k: length of the model's own (rejected) answers")] = 256,
+    num_generations: Annotated[int, typer.Option("--num-generations", help="grpo: completions per prompt")] = 4,
+    max_completion_length: Annotated[int, typer.Option("--max-completion-length", help="grpo: completion tokens")] = 128,
+    dtype: DtypeOpt = "float32",
+) -> None:
+    """Fine-tune (LoRA by default) with WeMask on every training forward; see the README."""
+    from melayer.finetune import FinetuneConfig
+    from melayer.finetune import finetune as run
+    from melayer.report.finetune import loss_curve, summary
+    from melayer.util.console import err
+    from melayer.util.io import read_jsonl
+
+    cfg = FinetuneConfig(
+        method=method, model=model, data=data, limit=limit, output=str(output), wemask=wemask, layers=layers,
+        me_layer=me_layer, select=select, gamma=gamma, full=full, lora_r=lora_r, lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout, target=target, epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size,
+        grad_accum=grad_accum, max_length=max_length, seed=seed, gradient_checkpointing=gradient_checkpointing,
+        save_steps=save_steps, resume=resume, dtype=dtype, chat=chat, beta=beta,
+        rejected_max_new_tokens=rejected_max_new_tokens, num_generations=num_generations,
+        max_completion_length=max_completion_length).validate()
+    check_output(output)
+    result = run(cfg).to_dict()
+    loss_curve(read_jsonl(output / "train_log.jsonl"), output / "loss_curve.png",
+               title=f"{method} {result['model']} (WeMask {wemask:g})")
+    for line in summary(result):
+        err.print(line, highlight=False)
+    err.print(f"wrote {output}", highlight=False)

@@ -1,0 +1,62 @@
+"""Load a fine-tuned adapter onto its base model and re-apply the WeMask it was trained with.
+
+``melayer finetune`` writes the peft adapter, ``wemask.json`` and ``finetune.json`` into one directory.
+:func:`attach_adapter` merges the adapter into the loaded base model and, unless told otherwise, applies the
+saved mask (persistent hooks), so a WeMask-trained adapter is never evaluated without its mask by accident. An
+adapter trained on another base model is refused.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from melayer.interventions.wemask import WeMask
+from melayer.models.loading import LM
+from melayer.util.errors import MelayerError
+
+
+def read_adapter_dir(path: str | Path) -> tuple[Path, dict[str, Any], dict[str, Any] | None]:
+    """(directory, finetune.json, wemask.json or None) after checking the directory is a melayer adapter."""
+    d = Path(path).expanduser()
+    if not d.is_dir():
+        raise MelayerError(f"--adapter {d}: not a directory")
+    if not (d / "adapter_config.json").is_file():
+        if (d / "finetune.json").is_file():
+            raise MelayerError(f"--adapter {d}: a full fine-tune (no adapter); load it as the model: --model {d}")
+        raise MelayerError(f"--adapter {d}: no adapter_config.json (not a fine-tuning output directory)")
+    info: dict[str, Any] = {}
+    if (d / "finetune.json").is_file():
+        info = json.loads((d / "finetune.json").read_text())
+    mask = json.loads((d / "wemask.json").read_text()) if (d / "wemask.json").is_file() else None
+    return d, info, mask
+
+
+def _check_base(lm: LM, d: Path, info: dict[str, Any], mask: dict[str, Any] | None) -> None:
+    trained_on = info.get("model")
+    if trained_on is not None and trained_on != lm.name:
+        raise MelayerError(f"--adapter {d} was trained on {trained_on}, not on {lm.name}: load its base model")
+    if mask and mask.get("hidden_size") not in (None, lm.hidden_size):
+        raise MelayerError(f"--adapter {d}: trained on a model of hidden size {mask['hidden_size']}, "
+                           f"this one has {lm.hidden_size}")
+
+
+def attach_adapter(lm: LM, path: str | Path, mask: bool = True) -> WeMask | None:
+    """Merge the adapter at ``path`` into ``lm.model`` (in place) and apply its saved WeMask (returned, already
+    applied; ``.remove()`` takes it off). ``mask=False`` loads the adapter alone."""
+    from peft import PeftModel
+
+    d, info, saved = read_adapter_dir(path)
+    _check_base(lm, d, info, saved)
+    try:
+        merged = PeftModel.from_pretrained(lm.model, str(d)).merge_and_unload()
+    except (ValueError, RuntimeError, KeyError) as exc:
+        raise MelayerError(f"--adapter {d}: does not fit {lm.name} ({' '.join(str(exc).split())[:200]})") from None
+    merged.eval()
+    lm.model = merged
+    if not mask or not saved or not saved.get("rate"):
+        return None
+    wm = WeMask(lm, saved["rate"], layers=saved["layers"], select=saved.get("select", "activation"),
+                gamma=saved.get("gamma", 1.0), token=saved.get("token", "first"), me_layer=saved.get("me_layer"))
+    return wm.apply()
