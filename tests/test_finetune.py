@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from melayer.util.errors import MelayerError
 from melayer.finetune import FinetuneConfig, finetune
 from melayer.finetune.data import (
     gsm8k_solution,
@@ -23,6 +22,7 @@ from melayer.finetune.data import (
 )
 from melayer.interventions.wemask import wemask
 from melayer.models.tiny import tiny_lm
+from melayer.util.errors import MelayerError
 
 RATE = 0.1  # hidden 64 -> k = 6
 FAST = dict(max_length=256, batch_size=2, logging_steps=1, progress=False, gradient_checkpointing=True)

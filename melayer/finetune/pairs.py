@@ -12,8 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from melayer.util.errors import MelayerError
 from melayer.models.loading import LM, cache_dir
+from melayer.util.errors import MelayerError
 
 
 def _cache_file(lm: LM, rows: list[dict[str, Any]], chat: bool, max_new_tokens: int) -> Path:

@@ -24,10 +24,16 @@ from typing import Any
 
 import torch
 
-from melayer.util.errors import MelayerError
 from melayer.finetune.config import FinetuneConfig
-from melayer.finetune.data import load_records, plain_rows, trainer_rows, training_texts, use_chat
+from melayer.finetune.data import (
+    load_records,
+    plain_rows,
+    trainer_rows,
+    training_texts,
+    use_chat,
+)
 from melayer.models.loading import LM
+from melayer.util.errors import MelayerError
 
 SCHEMA = "melayer.finetune/1"
 RESULT_FILE = "finetune.json"
@@ -147,7 +153,14 @@ class _LogCallback:
 
 def _progress_callback() -> Any:
     """A rich progress bar on stderr: optimiser steps, elapsed / remaining time, the last loss."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
     from transformers import TrainerCallback
 
     from melayer.util.console import err

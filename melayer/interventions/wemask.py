@@ -6,11 +6,13 @@ What it does (the released reference code is described in shared/research/paper.
   ``hidden_states`` argument, i.e. the attention input *after* the pre-attention norm (for post-norm
   families such as OLMo2 the attention reads the raw residual stream, and that is what is masked).
   The residual stream, the FFN and every other token are untouched; only the massive token's Q/K/V change.
-* Only the massive token is masked: by default the sequence's first *real* token, per row, found from the
-  2-D ``attention_mask`` handed to the decoder stack (left padding is respected). Tokens seen in cached
-  decode steps are never masked: a chunk covers absolute positions ``[past, past + len)`` and the first
-  real token lies in it only during prefill. So ``generate()`` with a KV cache equals a no-cache
-  recompute of the whole sequence under the same mask.
+* Only the massive token is masked: by default each sequence's first *real* token. Which tokens those are is
+  a pure function of each attention call's own arguments (``melayer.capture.call_tokens``: the token that may
+  attend only to itself under the call's attention mask, or position 0 when there is no mask), never state
+  kept between hooks. So left padding is respected, tokens of cached decode steps are never masked
+  (``generate()`` with a KV cache equals a no-cache recompute under the same mask), every sequence start of a
+  packed batch with a block-diagonal mask is masked (a packed batch without one is refused), and gradient
+  checkpointing, which re-runs each layer during backward, masks exactly what the first pass masked.
 * ``k = int(rate * hidden_size)`` dims are scaled by ``1 - gamma`` (``gamma = 1``: zeroed), chosen by
   |value| of that token's attention input (``select="activation"``, the released code's rule, but per row
   instead of averaged over the batch) or by |effective gain| of the pre-attention norm (``select="weight"``,
