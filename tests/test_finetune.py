@@ -197,6 +197,19 @@ def test_dpo_steps(tmp_path):
     assert result.steps == 2 and result.final_loss is not None
 
 
+def test_dpo_on_gsm8k_builds_pairs_from_the_models_own_answers(tmp_path, monkeypatch):
+    monkeypatch.setenv("MELAYER_CACHE", str(tmp_path / "cache"))
+    settings = dict(method="dpo", data="gsm8k", limit=2, rejected_max_new_tokens=4, max_steps=1, **FAST)
+    result = finetune(lm=tiny_lm("llama"), output=str(tmp_path / "dpo"), **settings)
+    pairs = result.to_dict()["pairs"]
+    assert pairs["pairs"] == 2 and Path(pairs["cache"]).is_file()  # a random tiny model answers nothing right
+    cached = Path(pairs["cache"]).read_text()
+    again = finetune(lm=tiny_lm("llama"), output=str(tmp_path / "dpo2"), **settings)  # reads the cache
+    assert again.to_dict()["pairs"]["cache"] == pairs["cache"] and Path(pairs["cache"]).read_text() == cached
+    with pytest.raises(MelayerError, match="give --limit"):
+        finetune(lm=tiny_lm("llama"), output=str(tmp_path / "dpo3"), **{**settings, "limit": None})
+
+
 def test_grpo_steps(tmp_path):
     rows = [{"prompt": f"{i} plus {i} is", "answer": str(2 * i)} for i in range(4)]
     data = write_jsonl(tmp_path / "grpo.jsonl", rows)
