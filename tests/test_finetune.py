@@ -328,6 +328,15 @@ def test_adapter_and_mask_round_trip(planted_dir, sft_file, tmp_path):
     with torch.no_grad():
         unmasked = bare.model(**batch).logits
     assert bare.adapter_wemask is None and (unmasked - want).abs().max() > 1e-3
+    from melayer.eval.lm_eval_model import MelayerLM
+
+    wrapped = MelayerLM(pretrained=str(planted_dir), peft=str(out), batch_size=1)
+    assert wrapped.wemask.active and wrapped.wemask.layers == [3, 4]
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped.model(**batch).logits, want, rtol=1e-4, atol=1e-5)
+    wrapped.wemask.remove()
+    with pytest.raises(MelayerError, match="give no wemask="):
+        MelayerLM(pretrained=str(planted_dir), peft=str(out), wemask=0.1)
     other = tmp_path / "other-base"
     make("qwen3").model.save_pretrained(other)
     trained.tokenizer.save_pretrained(other)

@@ -13,7 +13,8 @@ Three ways to use it:
 model_args: ``pretrained=SPEC`` (default gemma-3-270m), ``wemask=RATE``, ``wemask_layers=4-17`` (ranges; several
 items separated by ``;`` or ``+`` because lm-eval splits model_args on commas), ``wemask_select=activation|weight``,
 ``wemask_gamma=1.0``, ``wemask_me_layer=N`` (skip the ME-layer scan), ``wemask_token=first|massive``,
-``dtype=float32``, ``arch=...``; every other HFLM argument (``batch_size``, ``max_length``, ``add_bos_token``...)
+``dtype=float32``, ``arch=...``; ``peft=DIR`` (a ``melayer finetune`` output: the adapter is merged and its saved
+WeMask re-applied; ``peft_mask=false`` loads the adapter without it); every other HFLM argument (``batch_size``, ``max_length``, ``add_bos_token``...)
 is passed through to lm-eval's ``HFLM``.
 """
 
@@ -44,6 +45,8 @@ class MelayerLM(HFLM):
         dtype: str = "float32",
         arch: str | None = None,
         device: str | None = None,
+        peft: str | None = None,
+        peft_mask: Any = True,
         **kwargs: Any,
     ) -> None:
         import melayer
@@ -55,17 +58,25 @@ class MelayerLM(HFLM):
         else:
             if pretrained is not None and not isinstance(pretrained, str):
                 raise melayer.MelayerError("model 'melayer' needs pretrained=SPEC (a melayer.load spec) or a melayer LM")
-            lm = melayer.load(pretrained, dtype=dtype, arch=arch, device=_device(device), progress=False)
+            use_mask = str(peft_mask).lower() not in ("false", "0", "no")
+            lm = melayer.load(pretrained, dtype=dtype, arch=arch, device=_device(device), progress=False,
+                              adapter=peft, adapter_mask=use_mask)
+        saved = getattr(lm, "adapter_wemask", None)
+        if saved is not None and wemask is not None:
+            raise melayer.MelayerError("peft=: the adapter re-applies the WeMask it was trained with; give no wemask= "
+                                       "(or peft_mask=false to choose another mask)")
         if lm.tokenizer.pad_token is None:
             lm.tokenizer.pad_token = lm.tokenizer.eos_token
         self.melayer_lm = lm
         rate = float(wemask) if wemask is not None else 0.0
         # build (and validate, scan if needed) before handing the model to HFLM
-        self.wemask = WeMask(lm, rate, layers=wemask_layers, select=str(wemask_select), gamma=float(wemask_gamma),
-                             token=str(wemask_token), me_layer=wemask_me_layer)
+        self.wemask = saved if saved is not None else WeMask(
+            lm, rate, layers=wemask_layers, select=str(wemask_select), gamma=float(wemask_gamma),
+            token=str(wemask_token), me_layer=wemask_me_layer)
         kwargs.pop("tokenizer", None)
         super().__init__(pretrained=lm.model, tokenizer=lm.tokenizer, **kwargs)
-        self.wemask.apply()
+        if not self.wemask.active:
+            self.wemask.apply()
         log.info("melayer: %s on %s", self.wemask.describe(), lm.name)
 
     def get_model_info(self) -> dict:
