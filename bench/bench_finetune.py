@@ -19,9 +19,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import melayer  # noqa: E402
-from melayer.finetune.data import load_records, plain_rows, training_texts  # noqa: E402
-from melayer.finetune.train import find_massive_token  # noqa: E402
+import melayer
+from melayer.finetune.data import load_records, plain_rows, training_texts
+from melayer.finetune.train import find_massive_token
 
 
 def main() -> None:

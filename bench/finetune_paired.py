@@ -25,14 +25,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import melayer  # noqa: E402
-from melayer.eval.answers import gsm8k_gold, gsm8k_score  # noqa: E402
-from melayer.eval.data import gsm8k_test  # noqa: E402
-from melayer.eval.stats import mcnemar, paired_bootstrap  # noqa: E402
-from melayer.finetune import finetune  # noqa: E402
-from melayer.finetune.data import gsm8k_prompt, gsm8k_solution  # noqa: E402
-from melayer.interventions.wemask import greedy_generate  # noqa: E402
-from melayer.util.io import write_json  # noqa: E402
+import melayer
+from melayer.eval.answers import gsm8k_gold, gsm8k_score
+from melayer.eval.data import gsm8k_test
+from melayer.eval.stats import mcnemar, paired_bootstrap
+from melayer.finetune import finetune
+from melayer.finetune.data import gsm8k_prompt, gsm8k_solution
+from melayer.interventions.generate import greedy_generate
+from melayer.util.io import write_json
 
 
 @torch.no_grad()
@@ -162,7 +162,7 @@ def main() -> None:
     if len(acc) == 2:
         result["accuracy_mcnemar"] = mcnemar(acc["plain/nomask"], acc["wemask/mask"])
     with open(out / "items.jsonl", "w") as fh:
-        for i, it in enumerate(items):
+        for i in range(len(items)):
             fh.write(json.dumps({"index": i, **{k: v[i] for k, v in nll.items()}}) + "\n")
     write_json(out / "paired.json", result)
     print(json.dumps({k: result[k] for k in ("nll_means", "comparisons", "accuracy", "wall_s")}, indent=1, default=str))

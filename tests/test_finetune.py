@@ -316,7 +316,7 @@ def test_adapter_and_mask_round_trip(planted_dir, sft_file, tmp_path):
                       **FAST)
     trained = result.lm
     saved = json.loads((out / "wemask.json").read_text())
-    batch = trained.encode(["hello there, friend", "hi"])
+    batch = melayer.encode(trained, ["hello there, friend", "hi"])
     with torch.no_grad(), wemask(trained, saved["rate"], layers=saved["layers"]):
         want = trained.model(**batch).logits
     lm = melayer.load(str(planted_dir), adapter=str(out), progress=False)
@@ -352,6 +352,10 @@ def test_cli_finetune(planted_dir, sft_file, tmp_path, run_cli):
     for name in ("adapter_model.safetensors", "wemask.json", "train_log.jsonl", "loss_curve.png", "finetune.json"):
         assert (out / name).is_file(), name
     assert "Traceback" not in run.stderr
+    gen = run_cli("generate", "--model", planted_dir, "--adapter", out, "-p", "hi", "-n", "3")
+    assert gen.returncode == 0 and "saved mask" in gen.stderr, gen.stderr
+    twice = run_cli("generate", "--model", planted_dir, "--adapter", out, "-p", "hi", "--wemask", "0.1")
+    assert twice.returncode == 2 and "drop --wemask" in twice.stderr
     bad = run_cli("finetune", "sft", "--model", planted_dir, "--data", tmp_path / "none.jsonl", "--output",
                   tmp_path / "bad")
     assert bad.returncode == 2 and bad.stderr.strip().startswith("melayer: error:") and "Traceback" not in bad.stderr

@@ -19,8 +19,8 @@ from melayer.capture.sites import (
            read_site,
            site_module,
 )
-from melayer.capture.tokens import TokenTracker, body_call, hidden_arg
+from melayer.capture.tokens import CallTokens, TokenTracker, body_call, call_tokens, hidden_arg
 
-__all__ = ["SITES", "Hooks", "StopForward", "TokenTracker", "batches", "body_call", "edit_site", "encode", "eos_ids",
+__all__ = ["SITES", "CallTokens", "Hooks", "StopForward", "TokenTracker", "batches", "body_call", "call_tokens", "edit_site", "encode", "eos_ids",
            "first_real", "forward_body", "forward_until", "hidden_arg", "layer_output", "left_pad", "pad_id",
            "position_ids", "read_site", "run_until", "site_module"]

@@ -66,9 +66,11 @@ def read_site(hooks: Hooks, lm: LM, layer: int, site: str, fn: Callable[[torch.T
     return True
 
 
-def edit_site(hooks: Hooks, lm: LM, layer: int, site: str,
-              fn: Callable[[torch.Tensor], torch.Tensor | None]) -> None:
-    """Replace an input site (``pre``) with ``fn(tensor)`` when it returns a tensor (never edits in place)."""
+def edit_site(hooks: Hooks, lm: LM, layer: int, site: str, fn: Callable[..., torch.Tensor | None],
+              with_call: bool = False) -> None:
+    """Replace an input site (``pre``) with ``fn(tensor)`` when it returns a tensor (never edits in place).
+    ``with_call=True``: ``fn(tensor, kwargs)`` also gets the module call's keyword arguments (attention mask,
+    position ids), so an edit can be a function of each call alone (as gradient checkpointing needs)."""
     if SITES[site][1] != "pre":
         raise ValueError(f"only input sites can be edited, not {site!r}")
     module = site_module(lm, layer, site)
@@ -77,7 +79,8 @@ def edit_site(hooks: Hooks, lm: LM, layer: int, site: str,
 
     def hook(m: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         in_kwargs = "hidden_states" in kwargs
-        new = fn(kwargs["hidden_states"] if in_kwargs else args[0])
+        h = kwargs["hidden_states"] if in_kwargs else args[0]
+        new = fn(h, kwargs) if with_call else fn(h)
         if new is None:
             return None
         if in_kwargs:

@@ -20,6 +20,8 @@ DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32 (default), bfloa
 ArchOpt = Annotated[Optional[str], typer.Option("--arch", help="architecture-map override: a mapped family name or a JSON file of role -> module path")]
 NPromptsOpt = Annotated[Optional[int], typer.Option("--n-prompts", help="use the first N prompts (0 = all)")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="prompts per forward pass")]
+AdapterOpt = Annotated[Optional[Path], typer.Option("--adapter", help="a melayer finetune output directory: its adapter is merged into --model and the WeMask it was trained with is re-applied")]
+AdapterMaskOpt = Annotated[bool, typer.Option("--adapter-mask/--no-adapter-mask", help="re-apply the adapter's saved WeMask (default) or not")]
 PlotsOpt = Annotated[bool, typer.Option(help="write PNG plots")]
 
 Plot = tuple[Callable[[dict[str, Any], Path], Any], str]  # (renderer, file name inside the output directory)
@@ -67,10 +69,29 @@ def check_output_file(path: Path) -> Path:
     return path
 
 
-def load_model(model: str | None, dtype: str, arch: str | None) -> Any:
+def load_model(model: str | None, dtype: str, arch: str | None, adapter: Path | None = None) -> Any:
+    """Load ``--model`` (and merge ``--adapter``; its saved mask is returned by :func:`adapter_mask`)."""
     import melayer
 
-    return melayer.load(model, dtype=dtype, arch=arch)
+    if adapter is not None:
+        from melayer.finetune.adapter import read_adapter_dir
+
+        read_adapter_dir(adapter)  # a bad --adapter fails before the model is loaded
+    return melayer.load(model, dtype=dtype, arch=arch, adapter=adapter, adapter_mask=False)
+
+
+def adapter_mask(lm: Any, adapter: Path | None, use: bool, wemask: float | None) -> Any:
+    """The WeMask ``--adapter`` was trained with (not applied), unless ``--no-adapter-mask``; refuses a second
+    mask from ``--wemask``."""
+    if adapter is None or not use:
+        return None
+    from melayer.finetune.adapter import saved_mask
+
+    mask = saved_mask(lm, adapter)
+    if mask is not None and wemask is not None:
+        raise MelayerError("--adapter re-applies the WeMask it was trained with; drop --wemask or add "
+                           "--no-adapter-mask")
+    return mask
 
 
 def finish(data: dict[str, Any], output: Path, json_name: str, render: Callable[[dict[str, Any]], None],

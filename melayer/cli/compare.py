@@ -55,6 +55,7 @@ def compare_cmd(
     overwrite: OverwriteOpt = False,
     dtype: DtypeOpt = "float32",
     arch: ArchOpt = None,
+    adapter: Annotated[Optional[Path], typer.Option("--adapter", help="a melayer finetune output directory, merged into --model; --rates decide the mask (its saved mask is not added)")] = None,
 ) -> None:
     """Same samples at several WeMask rates: paired differences vs rate 0, bootstrap CIs, McNemar, sinks
     -> DIR/compare.json + DIR/dose_response.png (+ one resumable eval per rate in DIR/rate_<r>/)."""
@@ -69,7 +70,7 @@ def compare_cmd(
     from melayer.eval.compare import compare
     from melayer.report.eval import dose_response_plot, print_compare
 
-    lm = load_model(model, dtype, arch)
+    lm = load_model(model, dtype, arch, adapter)
     result = compare(lm, task, rate_list, limit=limit, batch_size=batch_size, output=out, select=select,
                      layers=layers, gamma=gamma, me_layer=me_layer, max_new_tokens=max_new_tokens, chat=chat_mode,
                      sinks=sinks, overwrite=overwrite, **options)

@@ -9,9 +9,12 @@ import typer
 
 from melayer.cli import app
 from melayer.cli.common import (
+    AdapterMaskOpt,
+    AdapterOpt,
     ArchOpt,
     DtypeOpt,
     ModelOpt,
+    adapter_mask,
     check_output,
     finish,
     load_model,
@@ -54,6 +57,8 @@ def eval_cmd(
     overwrite: OverwriteOpt = False,
     dtype: DtypeOpt = "float32",
     arch: ArchOpt = None,
+    adapter: AdapterOpt = None,
+    use_adapter_mask: AdapterMaskOpt = True,
 ) -> None:
     """Evaluate a model on one task -> DIR/eval.json + DIR/samples.jsonl (a killed run resumes)."""
     from melayer.interventions.wemask import WeMaskSpec
@@ -67,8 +72,8 @@ def eval_cmd(
     from melayer.interventions.wemask import parse_layers
     from melayer.report.eval import print_eval
 
-    lm = load_model(model, dtype, arch)
-    mask = None
+    lm = load_model(model, dtype, arch, adapter)
+    mask = adapter_mask(lm, adapter, use_adapter_mask, wemask)
     if spec is not None:
         layer_list = parse_layers(layers, lm.num_layers)
         if me_layer is None and layer_list is None and spec.k(lm.hidden_size) > 0:

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from melayer.cli import app
-from melayer.cli.common import ArchOpt, DtypeOpt, ModelOpt
+from melayer.cli.common import AdapterMaskOpt, AdapterOpt, ArchOpt, DtypeOpt, ModelOpt
 
 
 @app.command()
@@ -25,9 +25,11 @@ def generate(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="also write prompt, text and WeMask settings to this JSON file")] = None,
     dtype: DtypeOpt = "float32",
     arch: ArchOpt = None,
+    adapter: AdapterOpt = None,
+    use_adapter_mask: AdapterMaskOpt = True,
 ) -> None:
     """Greedy generation (KV cache) printed to stdout; with --wemask under WeMask (settings on stderr)."""
-    from melayer.cli.common import check_output_file, load_model
+    from melayer.cli.common import adapter_mask, check_output_file, load_model
     from melayer.interventions.generate import chat_prompt, greedy_generate
     from melayer.interventions.wemask import WeMask, WeMaskSpec, format_layers
     from melayer.util.console import err, status
@@ -44,9 +46,12 @@ def generate(
         WeMaskSpec(wemask, select=select, gamma=gamma)
     if output is not None:
         check_output_file(output)
-    lm = load_model(model, dtype, arch)
+    lm = load_model(model, dtype, arch, adapter)
     _, used_chat = chat_prompt(lm, prompt, chat)
-    mask: WeMask | None = None
+    mask: WeMask | None = adapter_mask(lm, adapter, use_adapter_mask, wemask)
+    if mask is not None:
+        err.print(f"[bold]adapter[/]: {adapter}, with its saved mask: {mask.describe()}", highlight=False)
+        mask.apply()
     if wemask is not None:
         with status(None if layers or me_layer is not None else f"scanning {lm.name} for its ME layer ..."):
             mask = WeMask(lm, wemask, layers=layers, select=select, gamma=gamma, me_layer=me_layer)

@@ -42,6 +42,15 @@ def _check_base(lm: LM, d: Path, info: dict[str, Any], mask: dict[str, Any] | No
                            f"this one has {lm.hidden_size}")
 
 
+def saved_mask(lm: LM, path: str | Path) -> WeMask | None:
+    """The WeMask an adapter was trained with, bound to ``lm`` and not applied (None when trained without)."""
+    _, _, saved = read_adapter_dir(path)
+    if not saved or not saved.get("rate"):
+        return None
+    return WeMask(lm, saved["rate"], layers=saved["layers"], select=saved.get("select", "activation"),
+                  gamma=saved.get("gamma", 1.0), token=saved.get("token", "first"), me_layer=saved.get("me_layer"))
+
+
 def attach_adapter(lm: LM, path: str | Path, mask: bool = True) -> WeMask | None:
     """Merge the adapter at ``path`` into ``lm.model`` (in place) and apply its saved WeMask (returned, already
     applied; ``.remove()`` takes it off). ``mask=False`` loads the adapter alone."""
@@ -55,8 +64,5 @@ def attach_adapter(lm: LM, path: str | Path, mask: bool = True) -> WeMask | None
         raise MelayerError(f"--adapter {d}: does not fit {lm.name} ({' '.join(str(exc).split())[:200]})") from None
     merged.eval()
     lm.model = merged
-    if not mask or not saved or not saved.get("rate"):
-        return None
-    wm = WeMask(lm, saved["rate"], layers=saved["layers"], select=saved.get("select", "activation"),
-                gamma=saved.get("gamma", 1.0), token=saved.get("token", "first"), me_layer=saved.get("me_layer"))
-    return wm.apply()
+    wm = saved_mask(lm, d) if mask else None
+    return wm.apply() if wm is not None else None

@@ -61,7 +61,7 @@ class FinetuneConfig:
     max_completion_length: int = 128
     temperature: float = 1.0
 
-    def validate(self) -> "FinetuneConfig":
+    def validate(self) -> FinetuneConfig:
         """Check every field; raise :class:`MelayerError` with one line naming the option at the first error."""
         if self.method not in METHODS:
             raise MelayerError(f"unknown fine-tuning method {self.method!r}; use one of {', '.join(METHODS)}")
@@ -111,7 +111,7 @@ class FinetuneConfig:
         return {"schema": "melayer.finetune_config/1", **asdict(self)}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "FinetuneConfig":
+    def from_dict(cls, data: dict[str, Any]) -> FinetuneConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 

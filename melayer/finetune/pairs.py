@@ -27,7 +27,7 @@ def greedy_answers(lm: LM, rows: list[dict[str, Any]], chat: bool, max_new_token
     """The model's greedy answer to every prompt (cached). Returns (answers, cache file)."""
     from filelock import FileLock
 
-    from melayer.interventions.wemask import greedy_generate
+    from melayer.interventions.generate import greedy_generate
     from melayer.util.console import track
     from melayer.util.io import read_jsonl, write_atomic
 

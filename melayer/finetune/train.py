@@ -143,7 +143,7 @@ class _LogCallback:
         path = self.path
 
         class LogToJsonl(TrainerCallback):
-            def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
+            def on_log(self, args, state, control, logs=None, **kwargs):
                 if logs:
                     append_jsonl(path, {"step": state.global_step, "epoch": state.epoch, "time": time.time(),
                                         **{k: v for k, v in logs.items() if isinstance(v, (int, float))}})
@@ -170,7 +170,7 @@ def _progress_callback() -> Any:
             self.progress: Progress | None = None
             self.task: Any = None
 
-        def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+        def on_train_begin(self, args, state, control, **kwargs):
             self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                      TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[loss]}"),
                                      console=err)
@@ -178,15 +178,15 @@ def _progress_callback() -> Any:
             self.task = self.progress.add_task("training", total=state.max_steps, completed=state.global_step,
                                                loss="")
 
-        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+        def on_step_end(self, args, state, control, **kwargs):
             if self.progress is not None:
                 self.progress.update(self.task, completed=state.global_step)
 
-        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
+        def on_log(self, args, state, control, logs=None, **kwargs):
             if self.progress is not None and logs and "loss" in logs:
                 self.progress.update(self.task, loss=f"loss {logs['loss']:.4f}")
 
-        def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
+        def on_train_end(self, args, state, control, **kwargs):
             if self.progress is not None:
                 self.progress.stop()
                 self.progress = None

@@ -26,14 +26,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from melayer.analysis.criterion import Criterion
 from melayer.analysis.me_layer import find_me_layer
-from melayer.capture import Hooks, body_call, edit_site, hidden_arg
+from melayer.capture import Hooks, call_tokens, edit_site, hidden_arg
 from melayer.models.loading import LM
 from melayer.util.errors import MelayerError
 
@@ -96,18 +96,6 @@ def format_layers(layers: Sequence[int]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Chunk:
-    """What the current forward pass of the decoder stack looks like (set by the body pre-hook)."""
-
-    past: int  # absolute position of the chunk's first column
-    length: int
-    rows: torch.Tensor | None = None  # token="first": rows whose first real token lies in the chunk
-    positions: torch.Tensor | None = None  # ... and its index inside the chunk
-    real: torch.Tensor | None = None  # token="massive": (B, T) bool, real (non-pad) tokens of the chunk
-    targets: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # massive: per layer
 
 
 @dataclass(frozen=True)
@@ -205,7 +193,7 @@ class WeMask:
                 self._weight_idx[layer] = self._top_gain_dims(layer)
         self._hooks = Hooks()
         self._active = False
-        self._chunk: _Chunk | None = None
+        self._peaks: dict[int, torch.Tensor] = {}  # token="massive": per layer, |layer input| of the current call
         self._record: dict[int, list[dict[str, Any]]] = {}
         self.forwards_masked = 0  # forward passes of the decoder stack in which something was masked
 
@@ -238,21 +226,18 @@ class WeMask:
         self._active = True
         if self.is_noop:
             return self
-        body = self.lm.body
-        self._hooks.pre(body, self._on_body, with_kwargs=True)
-        self._hooks.forward(body, self._on_body_end)
         for layer in self.layers:
             if self.token == "massive":
                 self._hooks.pre(self.lm.layers[layer], self._massive_hook(layer), with_kwargs=True)
             if self.lm.module(layer, "attn") is None:
                 raise MelayerError(f"layer {layer} of {self.lm.name} has no attention module")
-            edit_site(self._hooks, self.lm, layer, "attn_in", self._attn_hook(layer))
+            edit_site(self._hooks, self.lm, layer, "attn_in", self._attn_hook(layer), with_call=True)
         return self
 
     def remove(self) -> None:
         """Remove every hook; the model is exactly as before :meth:`apply`."""
         self._hooks.remove()
-        self._chunk = None
+        self._peaks = {}
         self._active = False
 
     def __enter__(self) -> WeMask:
@@ -262,75 +247,43 @@ class WeMask:
         self.remove()
 
     # -- hooks -----------------------------------------------------------------------------------------
-    def _on_body(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        call = body_call(args, kwargs)
-        if call is None:
-            self._chunk = None
-            return
-        chunk = _Chunk(past=call.past, length=call.length)
-        if self.token == "first":
-            if call.past > 0 and call.mask2d is None:
-                # a cached decode step without a mask: the first token (position 0) lies in the past
-                self._chunk = None
-                return
-            local = call.first_real() - call.past
-            inside = (local >= 0) & (local < call.length)
-            rows = inside.nonzero().flatten()
-            if rows.numel() == 0:  # decode step: nothing to mask
-                self._chunk = None
-                return
-            chunk.rows, chunk.positions = rows, local[rows]
-        else:
-            if call.past > 0:  # never mask tokens seen in cached decode steps
-                self._chunk = None
-                return
-            chunk.real = call.real()
-        self._chunk = chunk
-        self._record = {}
-        self.forwards_masked += 1
-
-    def _on_body_end(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
-        self._chunk = None
-
     def _massive_hook(self, layer: int):
-        crit = self.criterion
-
         def fn(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-            chunk = self._chunk
-            if chunk is None:
-                return
-            h = hidden_arg(args, kwargs)
-            a = h.detach().abs().float()
-            peak = a.amax(dim=-1)  # (B, T)
-            rows, positions = [], []
-            for b in range(a.shape[0]):
-                real = chunk.real[b]
-                if not bool(real.any()):
-                    continue
-                cut = crit.cutoff(a[b][real].median())
-                hit = ((peak[b] > cut) & real).nonzero().flatten()
-                rows.extend([b] * hit.numel())
-                positions.append(hit)
-            if rows:
-                chunk.targets[layer] = (torch.tensor(rows, device=h.device), torch.cat(positions))
+            # a function of this call's input only: a recomputation (gradient checkpointing) gets the same
+            self._peaks[layer] = hidden_arg(args, kwargs).detach().abs().float()
 
         return fn
+
+    def _targets(self, layer: int, h: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """(rows, positions, past) to mask in this attention call, from the call's own arguments only."""
+        tokens = call_tokens(h, kwargs)
+        if self.token == "first":
+            hit = tokens.starts.nonzero()
+        else:
+            a = self._peaks.pop(layer, None)
+            if tokens.past > 0 or a is None or a.shape[:2] != h.shape[:2]:  # never mask cached decode steps
+                return None
+            peak = a.amax(dim=-1)  # (B, T)
+            found = []
+            for b in range(a.shape[0]):
+                real = tokens.real[b]
+                if bool(real.any()):
+                    cut = self.criterion.cutoff(a[b][real].median())
+                    found.extend((b, t) for t in ((peak[b] > cut) & real).nonzero().flatten().tolist())
+            hit = torch.tensor(found, dtype=torch.long, device=h.device).view(-1, 2)
+        if hit.numel() == 0:
+            return None
+        return hit[:, 0], hit[:, 1], tokens.past
 
     def _attn_hook(self, layer: int):
         """The edit at the attention input: scale the chosen dims of the chosen tokens (never in place)."""
         keep = 1.0 - self.gamma
 
-        def fn(h: torch.Tensor) -> torch.Tensor | None:
-            chunk = self._chunk
-            if chunk is None:
+        def fn(h: torch.Tensor, kwargs: dict) -> torch.Tensor | None:
+            target = self._targets(layer, h, kwargs)
+            if target is None:
                 return None
-            if self.token == "first":
-                rows, positions = chunk.rows, chunk.positions
-            else:
-                target = chunk.targets.get(layer)
-                if target is None:
-                    return None
-                rows, positions = target
+            rows, positions, past = target
             sel = h[rows, positions]  # (n, D)
             if self.select == "activation":
                 idx = sel.abs().topk(self.k, dim=-1).indices
@@ -339,8 +292,11 @@ class WeMask:
             scaled = sel.scatter(1, idx, sel.gather(1, idx) * keep)
             new = h.clone()  # never in place: for post-norm families h IS the residual stream
             new[rows, positions] = scaled
+            if layer == self.layers[0]:  # the first masked layer of a new forward pass
+                self._record = {}
+                self.forwards_masked += 1
             self._record[layer] = [
-                {"row": int(r), "position": int(p) + chunk.past, "dims": sorted(d)}
+                {"row": int(r), "position": int(p) + past, "dims": sorted(d)}
                 for r, p, d in zip(rows.tolist(), positions.tolist(), idx.tolist())
             ]
             return new
