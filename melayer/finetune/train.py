@@ -153,17 +153,10 @@ class _LogCallback:
 
 def _progress_callback() -> Any:
     """A rich progress bar on stderr: optimiser steps, elapsed / remaining time, the last loss."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from rich.progress import Progress, TextColumn
     from transformers import TrainerCallback
 
-    from melayer.util.console import err
+    from melayer.util.console import progress_bar
 
     class RichProgress(TrainerCallback):
         def __init__(self) -> None:
@@ -171,9 +164,7 @@ def _progress_callback() -> Any:
             self.task: Any = None
 
         def on_train_begin(self, args, state, control, **kwargs):
-            self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[loss]}"),
-                                     console=err)
+            self.progress = progress_bar(TextColumn("{task.fields[loss]}"))
             self.progress.start()
             self.task = self.progress.add_task("training", total=state.max_steps, completed=state.global_step,
                                                loss="")
@@ -311,8 +302,6 @@ def finetune(config: FinetuneConfig | None = None, *, lm: LM | None = None, prog
         if cfg.me_layer is None and cfg.layers is None:
             wm.me_layer_source = "scan of training-format examples"
 
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "finetune_config.json", cfg.to_dict())
     ckpt_dir = out / "checkpoints"
     resume_step = int(resume_from.name.rsplit("-", 1)[-1]) if resume_from else 0
     log = _LogCallback(out / LOG_FILE, resume_step)
@@ -322,6 +311,8 @@ def finetune(config: FinetuneConfig | None = None, *, lm: LM | None = None, prog
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # the log goes to train_log.jsonl and the progress bar, not stdout
+    out.mkdir(parents=True, exist_ok=True)  # only now: every check (data, model, mask, TRL's settings) passed
+    write_json(out / "finetune_config.json", cfg.to_dict())
     start = time.time()
     if wm is not None:
         wm.apply()

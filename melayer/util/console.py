@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
@@ -27,6 +26,12 @@ def _quiet() -> bool:
     return bool(os.environ.get("MELAYER_QUIET"))
 
 
+def progress_bar(*extra: TextColumn) -> Progress:
+    """melayer's progress bar on stderr: description, bar, n/total, elapsed, remaining (+ ``extra`` columns)."""
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), *extra, console=err)
+
+
 def track(items: Iterable[T], description: str, total: int | None = None, enabled: bool = True) -> Iterator[T]:
     """Iterate with a progress bar on stderr (disabled when quiet or not wanted)."""
     if not enabled or _quiet():
@@ -34,9 +39,7 @@ def track(items: Iterable[T], description: str, total: int | None = None, enable
         return
     if total is None and hasattr(items, "__len__"):
         total = len(items)  # type: ignore[arg-type]
-    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TimeRemainingColumn()]
-    with Progress(*columns, console=err, transient=not sys.stderr.isatty() and False) as progress:
+    with progress_bar() as progress:
         task = progress.add_task(description, total=total)
         for item in items:
             yield item
