@@ -90,6 +90,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-length", type=int, default=384)
     ap.add_argument("--output", default="out/paired")
+    ap.add_argument("--baseline-only", action="store_true",
+                    help="train only the run without WeMask (with another --seed: the noise floor)")
+    ap.add_argument("--against", help="items.jsonl of an earlier run: compare this run's plain/nomask NLL with its "
+                                      "plain/nomask, item by item (seed-to-seed noise floor)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     out = Path(args.output)
@@ -101,7 +105,8 @@ def main() -> None:
     nll: dict[str, list[float]] = {}
     acc: dict[str, list[float]] = {}
     mask_settings = None
-    for name, rate in (("plain", 0.0), ("wemask", args.rate)):
+    plan = (("plain", 0.0),) if args.baseline_only else (("plain", 0.0), ("wemask", args.rate))
+    for name, rate in plan:
         lm = melayer.load(args.model, progress=False)
         res = finetune(lm=lm, model=args.model, data="gsm8k", limit=args.train, wemask=rate, select=args.select,
                        lr=args.lr, batch_size=args.batch_size, seed=args.seed, max_length=args.max_length,
@@ -134,25 +139,31 @@ def main() -> None:
                 acc[f"{name}/{ev}"] = accuracy(lm, test[: args.acc], args.max_new_tokens)
             print(f"[{time.time() - t0:6.0f}s] acc {name}/{ev}: {np.mean(acc[f'{name}/{ev}']):.3f}", flush=True)
         runs[name]["model"] = lm
-    # the plain model evaluated with the mask (settings known only after the WeMask run's scan)
     lm_plain = runs["plain"].pop("model")
-    lm_plain.model.eval()
-    with melayer.wemask(lm_plain, **mask_settings):
-        nll["plain/mask"] = solution_nll(lm_plain, items)
-    runs["wemask"].pop("model")
-    print(f"[{time.time() - t0:6.0f}s] NLL plain/mask: {np.mean(nll['plain/mask']):.4f}", flush=True)
+    if not args.baseline_only:  # the plain model evaluated with the mask (settings known after the WeMask scan)
+        lm_plain.model.eval()
+        with melayer.wemask(lm_plain, **mask_settings):
+            nll["plain/mask"] = solution_nll(lm_plain, items)
+        runs["wemask"].pop("model")
+        print(f"[{time.time() - t0:6.0f}s] NLL plain/mask: {np.mean(nll['plain/mask']):.4f}", flush=True)
+    if args.against:
+        earlier = [json.loads(line) for line in Path(args.against).read_text().splitlines()]
+        nll["earlier/plain/nomask"] = [r["plain/nomask"] for r in earlier][: len(items)]
 
     def compare(a: str, b: str) -> dict:
         return {"a": a, "b": b, "mean_a": float(np.mean(nll[a])), "mean_b": float(np.mean(nll[b])),
                 **paired_bootstrap("mean", nll[a], nll[b]), "wilcoxon_p": wilcoxon_p(nll[a], nll[b]),
                 "b_better_share": float(np.mean(np.asarray(nll[b]) < np.asarray(nll[a])))}
 
-    comparisons = {
+    comparisons = {} if args.baseline_only else {
         "train effect, matched eval (wemask/mask vs plain/nomask)": compare("plain/nomask", "wemask/mask"),
         "train effect, eval without mask (wemask/nomask vs plain/nomask)": compare("plain/nomask", "wemask/nomask"),
         "train effect, eval with mask (wemask/mask vs plain/mask)": compare("plain/mask", "wemask/mask"),
         "eval mask on the plain-trained model (plain/mask vs plain/nomask)": compare("plain/nomask", "plain/mask"),
     }
+    if args.against:
+        comparisons["seed noise floor (this run's plain vs the earlier run's plain)"] = compare(
+            "earlier/plain/nomask", "plain/nomask")
     result = {"schema": "melayer.finetune_paired/1", "model": args.model, "args": vars(args),
               "endpoint": "mean NLL per token (nats) of the reference solution, teacher-forced; lower is better",
               "test_items": len(items), "runs": runs,
