@@ -46,6 +46,10 @@ def finetune(
     dtype: DtypeOpt = "float32",
 ) -> None:
     """Fine-tune (LoRA by default) with WeMask on every training forward; see the README."""
+    import warnings
+
+    # transformers 5 renames gradient_checkpointing -> activation_checkpointing; TRL still uses the old names
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
     from melayer.finetune import FinetuneConfig
     from melayer.finetune import finetune as run
     from melayer.report.finetune import loss_curve, summary
