@@ -25,7 +25,7 @@ def save(fig: Any, path: str | Path) -> Path:
         plt.close(fig)
 
 
-def layer_magnitudes(scan: dict[str, Any], path: str | Path) -> Path:
+def layer_magnitudes_figure(scan: dict[str, Any]) -> Any:
     """Per-layer mean top-1/2/3 |a| vs the median |a| (log scale), ME layer marked."""
     rows = scan["per_layer"]
     layers = [r["layer"] for r in rows]
@@ -35,8 +35,12 @@ def layer_magnitudes(scan: dict[str, Any], path: str | Path) -> Path:
     ax.plot(layers, [max(r["median"], 1e-6) for r in rows], "-", color="gray", label="median")
     if scan.get("me_layer") is not None:
         ax.axvline(scan["me_layer"], color="red", ls="--", lw=1, label=f"ME layer {scan['me_layer']}")
-    return save(log_layer_axes(ax, "decoder layer (output)", "|activation| (mean over prompts)",
-                               f"{scan['model']}: layer-wise magnitudes", fig), path)
+    return log_layer_axes(ax, "decoder layer (output)", "|activation| (mean over prompts)",
+                          f"{scan['model']}: layer-wise magnitudes", fig)
+
+
+def layer_magnitudes(scan: dict[str, Any], path: str | Path) -> Path:
+    return save(layer_magnitudes_figure(scan), path)
 
 
 def log_layer_axes(ax: Any, xlabel: str, ylabel: str, title: str, fig: Any, legend_size: int = 8) -> Any:

@@ -18,7 +18,7 @@ def _floor(values: list[float | None], eps: float = 1e-3) -> list[float]:
     return [max(eps, v) if v is not None else np.nan for v in values]
 
 
-def explain_mechanism(d: dict[str, Any], path: str | Path) -> Path:
+def explain_mechanism_figure(d: dict[str, Any]) -> Any:
     """ME-layer decomposition (residual in / attention / FFN / out) and the top neurons' contributions."""
     dims = d["decomposition"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -45,10 +45,15 @@ def explain_mechanism(d: dict[str, Any], path: str | Path) -> Path:
     ax.set_title("per-neuron attribution (activation x down column)")
     fig.suptitle(d["model"])
     fig.tight_layout()
+    return fig
+
+
+def explain_mechanism(d: dict[str, Any], path: str | Path) -> Path:
+    fig = explain_mechanism_figure(d)
     return save(fig, path)
 
 
-def explain_norm_gains(d: dict[str, Any], path: str | Path) -> Path | None:
+def explain_norm_gains_figure(d: dict[str, Any]) -> Any | None:
     """Each ME-layer norm's gain on the relevant dims, as a multiple of its median gain."""
     norms = d["norm_gains"]
     if not norms:
@@ -69,10 +74,15 @@ def explain_norm_gains(d: dict[str, Any], path: str | Path) -> Path | None:
     ax.set_ylabel("|gain| / median gain of that norm")
     ax.set_title(f"{d['model']}: norm gains in ME layer {d['me_layer']} (red: massive dims, blue: driving dims)")
     fig.tight_layout()
-    return save(fig, path)
+    return fig
 
 
-def explain_ablations(d: dict[str, Any], path: str | Path) -> Path:
+def explain_norm_gains(d: dict[str, Any], path: str | Path) -> Path | None:
+    fig = explain_norm_gains_figure(d)
+    return None if fig is None else save(fig, path)
+
+
+def explain_ablations_figure(d: dict[str, Any]) -> Any:
     """Massive-token magnitude per layer under each ablation, and downstream max / perplexity per run."""
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     ax = axes[0]
@@ -116,10 +126,15 @@ def explain_ablations(d: dict[str, Any], path: str | Path) -> Path:
     ax.set_title("full-factorial ablation + controls")
     fig.suptitle(d["model"])
     fig.tight_layout()
+    return fig
+
+
+def explain_ablations(d: dict[str, Any], path: str | Path) -> Path:
+    fig = explain_ablations_figure(d)
     return save(fig, path)
 
 
-def rigidity_plot(d: dict[str, Any], path: str | Path) -> Path:
+def rigidity_figure(d: dict[str, Any]) -> Any:
     me = d["me_layer"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     ax = axes[0]
@@ -169,10 +184,15 @@ def rigidity_plot(d: dict[str, Any], path: str | Path) -> Path:
         a.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(f"{d['model']}: rigidity (ME layer {me})")
     fig.tight_layout()
+    return fig
+
+
+def rigidity_plot(d: dict[str, Any], path: str | Path) -> Path:
+    fig = rigidity_figure(d)
     return save(fig, path)
 
 
-def sinks_heatmap(d: dict[str, Any], path: str | Path) -> Path:
+def sinks_heatmap_figure(d: dict[str, Any]) -> Any:
     """Layer x head heatmap of the first token's importance score, ME layer and first sink layer marked."""
     a = np.array(d["alpha_first"], dtype=float)
     show_massive = "alpha_massive" in d and d.get("massive_token_positions") and any(p != 0 for p in d["massive_token_positions"])
@@ -215,4 +235,9 @@ def sinks_heatmap(d: dict[str, Any], path: str | Path) -> Path:
         ax.set_xlabel("head")
     fig.suptitle(d["model"])
     fig.tight_layout()
+    return fig
+
+
+def sinks_heatmap(d: dict[str, Any], path: str | Path) -> Path:
+    fig = sinks_heatmap_figure(d)
     return save(fig, path)

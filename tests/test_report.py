@@ -1,0 +1,272 @@
+"""The HTML report: built from real melayer outputs of a tiny planted checkpoint, checked as text and in a real
+headless browser (Debian's chromium driven by Playwright), plus bad input and the new figures' data."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from melayer.errors import MelayerError
+
+KINDS = ("scan", "explain", "rigidity", "sinks", "eval", "compare")
+
+
+@pytest.fixture(scope="session")
+def outputs(tmp_path_factory, planted_dir, run_cli) -> Path:
+    """Every analysis command run once on the tiny planted checkpoint (me layer 2, dim 7), as a user would."""
+    root = tmp_path_factory.mktemp("report-inputs")
+    m = ["--model", str(planted_dir)]
+    commands = [
+        ["scan", *m, "--no-plots", "-o", root / "scan"],
+        ["explain", *m, "--no-plots", "--n-prompts", "2", "--ppl-tokens", "64", "--random-draws", "1", "-o",
+         root / "explain"],
+        ["rigidity", *m, "--no-plots", "--n-prompts", "3", "-o", root / "rigidity"],
+        ["sinks", *m, "--no-plots", "--windows", "2", "-o", root / "sinks"],
+        ["eval", *m, "--task", "arc_easy", "--limit", "4", "-o", root / "eval"],
+        ["compare", *m, "--task", "arc_easy", "--limit", "6", "--rates", "0,0.3", "-o", root / "compare"],
+    ]
+    for cmd in commands:
+        r = run_cli(*cmd)
+        assert r.returncode == 0, (cmd, r.stderr[-2000:])
+    return root
+
+
+@pytest.fixture(scope="session")
+def finetune_output(tmp_path_factory) -> Path:
+    """A real (3-step) SFT run with WeMask on the tiny model, when the fine-tuning stage is installed."""
+    ft = pytest.importorskip("melayer.finetune", reason="melayer.finetune is not on this branch")
+    from melayer.models.tiny import tiny_lm
+
+    root = tmp_path_factory.mktemp("report-ft")
+    data = root / "sft.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Q{i}: {i} plus {i}?", "completion": f"{2 * i}"}) + "\n"
+                            for i in range(6)))
+    ft.finetune(lm=tiny_lm("llama"), data=str(data), output=str(root / "sft"), wemask=0.1, max_steps=3,
+                max_length=128, batch_size=2, logging_steps=1, progress=False)
+    return root / "sft"
+
+
+def _html(*sources, **kw) -> str:
+    from melayer.report.page import html
+
+    return html(*sources, **kw)
+
+
+def _kinds(page: str) -> set[str]:
+    return set(re.findall(r'<section id="[^"]+" class="section section-(\w+)" data-kind=', page))
+
+
+# --------------------------------------------------------------------------------------------------
+# the page as text
+
+
+def test_every_section_for_its_input_and_only_then(outputs, tmp_path):
+    full = _html(outputs, output=tmp_path / "all.html")
+    assert (tmp_path / "all.html").read_text() == full
+    assert _kinds(full) == set(KINDS)
+    # a compare directory's per-rate eval.json files belong to the comparison, not to their own sections
+    assert full.count('class="section section-eval"') == 1
+    only_scan = _html(outputs / "scan")
+    assert _kinds(only_scan) == {"scan"}
+    assert "Full-factorial ablation" not in only_scan and "dose-response" not in only_scan
+    two = _html(outputs / "sinks", outputs / "compare" / "compare.json")
+    assert _kinds(two) == {"sinks", "compare"}
+    # what the sections say comes from the files
+    scan = json.loads((outputs / "scan" / "scan.json").read_text())
+    assert scan["me_layer"] == 2 and f"ME layer {scan['me_layer']}</b>" in full
+    assert "Massive dims (persistent)" in full and "<td>7</td>" in full
+    explain = json.loads((outputs / "explain" / "explain.json").read_text())
+    for run in explain["ablations"]:
+        assert f"<td>{run['outcome']}</td>" in full
+    assert "McNemar p" in full and "difference to rate 0" in full
+
+
+def test_raw_json_is_embedded_verbatim_and_ids_are_unique(outputs):
+    page = _html(outputs)
+    blobs = re.findall(r'<script type="application/json" id="raw-\d+" data-kind="(\w+)" data-source="([^"]+)">(.*?)'
+                       r"</script>", page, flags=re.DOTALL)
+    assert sorted(k for k, _, _ in blobs) == sorted(KINDS)
+    for _, source, text in blobs:
+        assert json.loads(text) == json.loads(Path(source).read_text())
+    ids = re.findall(r'\bid="([^"]+)"', page)
+    assert len(ids) == len(set(ids)), [i for i in ids if ids.count(i) > 1][:5]
+    assert page.count("<svg ") == page.count("<figure ") >= 6
+    assert not re.search(r'(src|href)="(https?:)?//', page)  # nothing external
+    for fig in re.findall(r"<figure .*?</figure>", page, flags=re.DOTALL):
+        assert re.search(r'<svg role="img" aria-label="[^"]{20,}"', fig) and "<figcaption>" in fig
+
+
+def test_text_from_the_inputs_is_escaped(outputs, tmp_path):
+    data = json.loads((outputs / "scan" / "scan.json").read_text())
+    data["model"] = "<script>alert('x')</script> & $5 model"
+    data["massive_tokens"][0]["token"] = "</script><b>"
+    (tmp_path / "scan.json").write_text(json.dumps(data))
+    page = _html(tmp_path)
+    assert "<script>alert" not in page and "</script><b>" not in page
+    assert "&lt;script&gt;alert(" in page
+    raw = re.search(r'<script type="application/json" id="raw-0"[^>]*>(.*?)</script>', page, flags=re.DOTALL).group(1)
+    assert json.loads(raw)["model"] == data["model"]
+
+
+def test_dose_response_plots_the_paired_difference(outputs):
+    from melayer.report.figures import dose_response
+
+    data = json.loads((outputs / "compare" / "compare.json").read_text())
+    fig = dose_response(data)
+    names = list(data["per_rate"][0]["metrics"])
+    for ax, name in zip(fig.axes, names):
+        line = [ln for ln in ax.get_lines() if len(ln.get_xdata()) == len(data["per_rate"])][-1]
+        want = [0.0] + [r["metrics"][name]["vs_baseline"]["diff"] for r in data["per_rate"][1:]]
+        assert list(line.get_ydata()) == pytest.approx(want)
+    assert fig.axes[len(names)].get_title().startswith("sink rate")
+
+
+def test_interactive_inlines_plotly_and_keeps_the_static_figures(outputs):
+    page = _html(outputs / "scan", outputs / "compare", interactive=True)
+    assert len(page) > 3_000_000 and "Plotly.newPlot" in page
+    assert page.count('class="plotly-fig"') == 2
+    assert page.count("<svg ") >= 3  # printed pages keep the SVG figures
+
+
+@pytest.mark.parametrize("case", ["empty dir", "missing", "truncated", "foreign", "wrong kind", "malformed",
+                                  "newer schema"])
+def test_bad_input_is_one_line_and_writes_nothing(outputs, tmp_path, case):
+    src = tmp_path / "in"
+    src.mkdir()
+    scan = (outputs / "scan" / "scan.json").read_text()
+    if case == "truncated":
+        (src / "scan.json").write_text(scan[: len(scan) // 2])
+    elif case == "foreign":
+        (src / "sinks.json").write_text(json.dumps({"schema": "someone.else/1", "sink_rate": 0.5}))
+    elif case == "wrong kind":
+        (src / "sinks.json").write_text(scan)
+    elif case == "malformed":
+        (src / "scan.json").write_text(json.dumps({"schema": "melayer.scan/1", "model": "x"}))
+    elif case == "newer schema":
+        (src / "scan.json").write_text(scan.replace('"melayer.scan/1"', '"melayer.scan/2"'))
+    target = src / "nope" if case == "missing" else src
+    out = tmp_path / "report.html"
+    out.write_text("previous report")
+    with pytest.raises(MelayerError) as exc:
+        _html(target, output=out)
+    msg = str(exc.value)
+    assert "\n" not in msg and str(target) in msg
+    assert out.read_text() == "previous report"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "report.html"]  # no temp file left
+
+
+def test_output_that_cannot_be_written_fails_before_any_work(outputs, tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for bad in (tmp_path, a_file / "report.html"):
+        with pytest.raises(MelayerError, match="-o"):
+            _html(outputs / "scan", output=bad)
+    deep = tmp_path / "new" / "dir" / "report.html"
+    _html(outputs / "scan", output=deep)
+    assert deep.read_text().startswith("<!DOCTYPE html>")
+
+
+def test_training_section_from_a_finetune_run(finetune_output):
+    page = _html(finetune_output.parent)
+    assert _kinds(page) == {"finetune"} and "Training curves per optimizer step" in page
+    assert page.count("<svg ") == 1
+
+
+@pytest.mark.slow
+def test_magnitude_view_shows_gemma_precursor_and_persistent_dim(gemma_scan):
+    from melayer.report.figures import magnitude_map, profile_dims
+
+    d = gemma_scan.to_dict()
+    dims = dict(profile_dims(d))
+    assert dims[163] == "persistent" and dims[400] == "precursor"  # README: dim 400 ~3e3 before layer 3
+    fig = magnitude_map(d)
+    lines = {ln.get_label(): ln.get_ydata() for ln in fig.axes[-1].get_lines()}
+    assert max(lines["dim 400 (precursor)"]) > 1e3 and max(lines["dim 163 (persistent)"]) > 5e4
+
+
+# --------------------------------------------------------------------------------------------------
+# in a real browser
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+browser_reason = ("Debian's chromium is not installed (make setup installs it with apt where it can): the browser "
+                  "checks of the HTML report are skipped")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if CHROMIUM is None:
+        pytest.skip(browser_reason)
+    sync = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install 'melayer[report]')")
+    with sync.sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+def _shots_dir(tmp_path: Path) -> Path:
+    d = Path(os.environ.get("MELAYER_SCREENSHOTS", tmp_path))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def check_in_browser(browser, path: Path, kinds: set[str], shot: Path, interactive: bool = False) -> None:
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    problems, requests = [], []
+    page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type in ("error", "warning") else None)
+    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    page.on("requestfailed", lambda r: problems.append(f"failed request: {r.url}"))
+    page.on("request", lambda r: requests.append(r.url))
+    page.goto(path.resolve().as_uri(), wait_until="load")
+    page.wait_for_timeout(300)
+    assert problems == []
+    assert requests == [path.resolve().as_uri()]  # the page itself, nothing else
+    assert set(page.eval_on_selector_all("section[data-kind]", "els => els.map(e => e.dataset.kind)")) - {
+        "settings", "raw"} == kinds
+    sizes = page.eval_on_selector_all("figure .svg-fig > svg", "els => els.map(e => [e.getBoundingClientRect().width, "
+                                                    "e.getBoundingClientRect().height])")
+    assert sizes and all(w > 100 and h > 100 for w, h in sizes), sizes
+    assert page.eval_on_selector_all("table", "els => els.filter(e => e.offsetParent !== null).length") > 0
+    if interactive:
+        plots = page.eval_on_selector_all(".plotly-fig .main-svg", "els => els.map(e => e.getBoundingClientRect().width)")
+        assert plots and min(plots) > 100
+    # the raw JSON opens into a readable view
+    page.click("details.raw summary")
+    assert len(page.inner_text("details.raw pre")) > 100
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    # printed: the figures stay, navigation and raw JSON go
+    page.emulate_media(media="print")
+    assert all(w > 100 for w, _ in page.eval_on_selector_all(
+        "figure .svg-fig > svg", "els => els.map(e => [e.getBoundingClientRect().width, 0])"))
+    assert page.eval_on_selector("nav", "e => getComputedStyle(e).display") == "none"
+    pdf = page.pdf(format="A4")
+    assert pdf[:4] == b"%PDF" and len(pdf) > 20_000
+    page.close()
+
+
+def test_report_in_a_real_browser(browser, outputs, tmp_path):
+    shots = _shots_dir(tmp_path)
+    path = tmp_path / "report.html"
+    _html(outputs, output=path)
+    check_in_browser(browser, path, set(KINDS), shots / "report.png")
+    path = tmp_path / "scan-only.html"
+    _html(outputs / "scan", output=path)
+    check_in_browser(browser, path, {"scan"}, shots / "report-scan.png")
+
+
+def test_interactive_report_in_a_real_browser(browser, outputs, tmp_path):
+    path = tmp_path / "interactive.html"
+    _html(outputs / "scan", outputs / "compare", output=path, interactive=True)
+    check_in_browser(browser, path, {"scan", "compare"}, _shots_dir(tmp_path) / "report-interactive.png",
+                     interactive=True)
+
+
+def test_finetune_report_in_a_real_browser(browser, finetune_output, tmp_path):
+    path = tmp_path / "finetune.html"
+    _html(finetune_output, output=path)
+    check_in_browser(browser, path, {"finetune"}, _shots_dir(tmp_path) / "report-finetune.png")
