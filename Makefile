@@ -23,6 +23,7 @@ $(STAMP): pyproject.toml Makefile
 
 demo: setup
 	$(BIN)/melayer scan --output out/demo
+	$(BIN)/melayer report out/demo -o out/demo/report.html
 
 lint: setup
 	$(BIN)/ruff check melayer tests bench

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from melayer.errors import MelayerError
+from melayer.util.errors import MelayerError
 
 KINDS = ("scan", "explain", "rigidity", "sinks", "eval", "compare")
 
@@ -169,6 +169,19 @@ def test_output_that_cannot_be_written_fails_before_any_work(outputs, tmp_path):
     deep = tmp_path / "new" / "dir" / "report.html"
     _html(outputs / "scan", output=deep)
     assert deep.read_text().startswith("<!DOCTYPE html>")
+
+
+def test_cli_writes_the_page_and_refuses_bad_input_in_one_line(outputs, run_cli, tmp_path):
+    out = tmp_path / "r" / "report.html"
+    r = run_cli("report", outputs / "scan", outputs / "sinks", "-o", out)
+    assert r.returncode == 0, r.stderr
+    assert _kinds(out.read_text()) == {"scan", "sinks"} and str(out) in r.stdout
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for args in ([empty, "-o", tmp_path / "x.html"], [outputs / "scan", "-o", tmp_path]):
+        r = run_cli("report", *args)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("melayer: error: "), r.stderr
+    assert not (tmp_path / "x.html").exists()
 
 
 def test_training_section_from_a_finetune_run(finetune_output):

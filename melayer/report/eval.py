@@ -57,40 +57,11 @@ def print_compare(d: dict[str, Any]) -> None:
 
 
 def dose_response_plot(data: dict[str, Any], path: str | Path) -> Path:
-    """One panel per metric (value with bootstrap 95% CI at each WeMask rate, baseline dashed), plus the sink
-    rate when it was measured. Rates are evenly spaced and labelled with k, the number of masked dims."""
-    from melayer.report.plots import plt, save
+    """The dose-response as the paired difference of each metric to rate 0 with its bootstrap 95% CI and
+    McNemar's p, plus the sink rate per rate (see :func:`melayer.report.figures.dose_response`)."""
+    from melayer.report.figures import dose_response
+    from melayer.report.page import metric_directions
+    from melayer.report.plots import save
 
-    rows = data["per_rate"]
-    names = list(rows[0]["metrics"])
-    with_sinks = all(r.get("sink_rate") is not None for r in rows)
-    panels = names + (["sink rate"] if with_sinks else [])
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.8 * len(panels), 3.6), squeeze=False)
-    x = list(range(len(rows)))
-    labels = [f"{r['rate']:g}\nk={r['wemask'].get('k', 0)}" for r in rows]
-    for ax, name in zip(axes[0], panels):
-        if name == "sink rate":
-            ax.plot(x, [r["sink_rate"] for r in rows], "-s", color="tab:red", ms=4)
-            ax.set_ylim(0, 1.05)
-            used = data["sinks"]["prompts"] - data["sinks"].get("prompts_skipped_too_short", 0)
-            ax.set_title(f"sink rate (eps={data['sinks']['epsilon']:g}, {used} prompts)", fontsize=9)
-        else:
-            vals = [r["metrics"][name]["value"] for r in rows]
-            y = [float("nan") if v is None else v for v in vals]
-            lo = [r["metrics"][name]["ci95"][0] for r in rows]
-            hi = [r["metrics"][name]["ci95"][1] for r in rows]
-            err = [[max(0.0, v - a) if v == v and a is not None else 0.0 for v, a in zip(y, lo)],
-                   [max(0.0, b - v) if v == v and b is not None else 0.0 for v, b in zip(y, hi)]]
-            ax.errorbar(x, y, yerr=err, fmt="-o", capsize=3, ms=4)
-            if y and y[0] == y[0]:
-                ax.axhline(y[0], color="gray", ls="--", lw=0.8, label="rate 0 (baseline)")
-                ax.legend(fontsize=7)
-            if name.endswith("ppl") and all(v == v and v > 0 for v in y):
-                ax.set_yscale("log")
-            ax.set_title(f"{name} (95% CI)", fontsize=9)
-        ax.set_xticks(x, labels, fontsize=8)
-        ax.set_xlabel("WeMask rate", fontsize=8)
-    fig.suptitle(f"{data['model']} - {data['task']} (n={data['settings']['n_samples']}, select={data['select']}, "
-                 f"ME layer {data['me_layer']})", fontsize=9)
-    fig.tight_layout()
-    return save(fig, path)
+    kinds = metric_directions(Path(data["output"])) if data.get("output") else None
+    return save(dose_response(data, kinds), path)

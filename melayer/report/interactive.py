@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from melayer.errors import MelayerError
 from melayer.report import figures as F
+from melayer.util.errors import MelayerError
 
 
 def _go():

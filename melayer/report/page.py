@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 import platform
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from melayer.errors import MelayerError
+from melayer.util.errors import MelayerError
 
 KINDS = ("scan", "explain", "rigidity", "sinks", "eval", "compare", "finetune")
 FILES = {f"{k}.json": k for k in KINDS}
@@ -69,15 +70,15 @@ def read_input(path: Path) -> Input:
     if kind == "finetune":
         log = path.parent / "train_log.jsonl"
         if log.is_file():
-            from melayer.report.io import read_jsonl
+            from melayer.util.io import read_jsonl
 
             extra["log"] = read_jsonl(log)
     if kind == "compare":
-        extra["kinds"] = _metric_directions(path.parent)
+        extra["kinds"] = metric_directions(path.parent)
     return Input(kind, str(path), data, extra)
 
 
-def _metric_directions(compare_dir: Path) -> dict[str, bool]:
+def metric_directions(compare_dir: Path) -> dict[str, bool]:
     """higher_is_better per metric, from the baseline run's eval.json when it is there."""
     base = compare_dir / "rate_0" / "eval.json"
     try:
@@ -136,11 +137,12 @@ def as_input(obj: Any) -> Input:
 # building
 
 
-def build_sections(inputs: list[Input], interactive: bool = False) -> list[dict[str, Any]]:
-    """All sections of the page, in the order scan, explain, rigidity, sinks, eval, compare, finetune."""
+def build_sections(inputs: list[Input], interactive: bool = False, prefix: str = "") -> list[dict[str, Any]]:
+    """All sections of the page, in the order scan, explain, rigidity, sinks, eval, compare, finetune.
+    ``prefix`` starts every element id (figures and sections), for fragments that share a notebook page."""
     from melayer.report.sections import BUILDERS, Figures
 
-    figs = Figures(interactive)
+    figs = Figures(interactive, prefix=f"{prefix}fig")
     models = {i.data.get("model") for i in inputs}
     out: list[dict[str, Any]] = []
     counts: dict[str, int] = {}
@@ -157,7 +159,7 @@ def build_sections(inputs: list[Input], interactive: bool = False) -> list[dict[
             raise MelayerError(f"{inp.source}: malformed {inp.kind} output ({what})") from None
         for s in secs:
             n = counts[inp.kind] = counts.get(inp.kind, 0) + 1
-            s["id"] = f"{inp.kind}-{n}"
+            s["id"] = f"{prefix}{inp.kind}-{n}"
             s["kind"] = inp.kind
             s["source"] = inp.source
             if len(models) > 1 and inp.data.get("model"):
@@ -225,9 +227,9 @@ def render(inputs: list[Input], interactive: bool = False, title: str | None = N
     """The page (or, with ``fragment``, one ``<div>`` for a notebook) for ``inputs``."""
     from importlib.resources import files
 
-    from melayer.report.io import _clean
+    from melayer.util.io import _clean
 
-    sections = build_sections(inputs, interactive)
+    sections = build_sections(inputs, interactive, prefix=f"m{uuid.uuid4().hex[:8]}-" if fragment else "")
     models = sorted({str(i.data.get("model")) for i in inputs if i.data.get("model")})
     css = files("melayer.report").joinpath("templates/report.css").read_text()
     js = None
@@ -281,7 +283,7 @@ def html(*sources: Any, output: str | Path | None = None, interactive: bool = Fa
     inputs.sort(key=lambda i: KINDS.index(i.kind))
     text = render(inputs, interactive=interactive, title=title)
     if out is not None:
-        from melayer.report.io import write_atomic
+        from melayer.util.io import write_atomic
 
         try:
             write_atomic(out, lambda p: p.write_text(text, encoding="utf-8"))

@@ -9,7 +9,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-import numpy as np
 from matplotlib.ticker import MaxNLocator
 
 from melayer.util.io import write_atomic
@@ -55,20 +54,10 @@ def log_layer_axes(ax: Any, xlabel: str, ylabel: str, title: str, fig: Any, lege
 
 
 def token_surface(scan: dict[str, Any], path: str | Path) -> Path | None:
-    """3-D surface of the massive token's |a| over dims x layers."""
-    prof = scan.get("massive_token_profile")
-    if not prof:
+    """The massive token's |a| over layers x dims on a log scale, next to the dims that matter against the
+    criterion (see :func:`melayer.report.figures.magnitude_map`); None without a profile."""
+    if not scan.get("massive_token_profile"):
         return None
-    grid = np.array([[np.nan if v is None else v for v in row] for row in prof["abs"]], dtype=float)
-    grid = np.nan_to_num(grid, nan=0.0)
-    layers, dims = np.meshgrid(np.arange(grid.shape[0]), np.arange(grid.shape[1]), indexing="ij")
-    fig = plt.figure(figsize=(8, 5))
-    ax = fig.add_subplot(111, projection="3d")
-    ax.plot_surface(dims, layers, grid, cmap="viridis", linewidth=0, antialiased=False, rstride=1,
-                    cstride=max(1, grid.shape[1] // 256))
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("hidden dim")
-    ax.set_ylabel("layer")
-    ax.set_zlabel("|a|")
-    ax.set_title(f"massive token {prof['token']!r} (prompt {prof['prompt']}, position {prof['position']})")
-    return save(fig, path)
+    from melayer.report.figures import magnitude_map
+
+    return save(magnitude_map(scan), path)

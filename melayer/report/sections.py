@@ -67,14 +67,15 @@ def table(caption: str, header: list[str], rows: list[list[Any]], note: str | No
 class Figures:
     """Renders figures to inline SVG with ids unique in the page; keeps plotly specs when interactive."""
 
-    def __init__(self, interactive: bool = False) -> None:
+    def __init__(self, interactive: bool = False, prefix: str = "fig") -> None:
         self.n = 0
         self.interactive = interactive
+        self.prefix = prefix  # notebook fragments get a unique one: many may share one page
 
     def figure(self, build: Callable[[], Any], caption: str, alt: str, plotly: Callable[[], Any] | None = None,
                wide: bool = True) -> dict[str, Any]:
         self.n += 1
-        fig_id = f"fig{self.n}"
+        fig_id = f"{self.prefix}{self.n}"
         spec = None
         if self.interactive and plotly is not None:
             from melayer.report import interactive as I
