@@ -198,7 +198,8 @@ def test_magnitude_view_shows_gemma_precursor_and_persistent_dim(gemma_scan):
     dims = dict(profile_dims(d))
     assert dims[163] == "persistent" and dims[400] == "precursor"  # README: dim 400 ~3e3 before layer 3
     fig = magnitude_map(d)
-    lines = {ln.get_label(): ln.get_ydata() for ln in fig.axes[-1].get_lines()}
+    ax = next(a for a in fig.axes if a.get_title().startswith("dims that matter"))
+    lines = {ln.get_label(): ln.get_ydata() for ln in ax.get_lines()}
     assert max(lines["dim 400 (precursor)"]) > 1e3 and max(lines["dim 163 (persistent)"]) > 5e4
 
 
