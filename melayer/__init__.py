@@ -9,6 +9,7 @@ from melayer.interventions.wemask import WeMask, WeMaskSpec, wemask
 from melayer.models.archmap import ARCHITECTURES, ArchSpec
 from melayer.models.loading import LM, from_model
 from melayer.models.loading import load as _load_base
+from melayer.util import display as _display
 from melayer.util.errors import MelayerError
 
 __version__ = "0.1.0"
@@ -25,6 +26,14 @@ def load(spec: str | None = None, *, adapter: str | None = None, adapter_mask: b
         lm.adapter_wemask = attach_adapter(lm, adapter, mask=adapter_mask)
     return lm
 
+
+def _repr_html(result: object) -> str:
+    from melayer.report.page import repr_html
+
+    return repr_html(result)
+
+
+_display.set_renderer(_repr_html)  # results display as the HTML report's sections in a notebook
 
 __all__ = ["ARCHITECTURES", "ArchSpec", "Criterion", "LM", "MelayerError", "ScanResult", "WeMask", "WeMaskSpec",
            "encode", "find_me_layer", "from_model", "load", "scan", "weights", "wemask"]

@@ -171,7 +171,7 @@ def test_output_that_cannot_be_written_fails_before_any_work(outputs, tmp_path):
     assert deep.read_text().startswith("<!DOCTYPE html>")
 
 
-def test_cli_writes_the_page_and_refuses_bad_input_in_one_line(outputs, run_cli, tmp_path):
+def test_cli_writes_the_page_and_refuses_bad_input_in_one_line(outputs, run_cli, planted_dir, tmp_path):
     out = tmp_path / "r" / "report.html"
     r = run_cli("report", outputs / "scan", outputs / "sinks", "-o", out)
     assert r.returncode == 0, r.stderr
@@ -182,6 +182,26 @@ def test_cli_writes_the_page_and_refuses_bad_input_in_one_line(outputs, run_cli,
         r = run_cli("report", *args)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("melayer: error: "), r.stderr
     assert not (tmp_path / "x.html").exists()
+    # --report refreshes a page next to a command's outputs
+    r = run_cli("scan", "--model", planted_dir, "--no-plots", "--report", "-o", tmp_path / "scan")
+    assert r.returncode == 0, r.stderr
+    assert _kinds((tmp_path / "scan" / "report.html").read_text()) == {"scan"}
+
+
+def test_results_display_as_report_sections_in_a_notebook(planted_dir):
+    import melayer
+    from melayer.analysis.sinks import sinks
+
+    lm = melayer.load(str(planted_dir), progress=False)
+    texts = ["The cat sat on the mat and looked at the birds outside.", "Hello world, this is a longer test prompt."]
+    result = melayer.scan(lm, texts, progress=False)
+    a, b = result._repr_html_(), result._repr_html_()
+    assert a.startswith('<div class="melayer-report">') and 'data-kind="scan"' in a and "ME layer 2</b>" in a
+    assert a.count("<svg ") == 2  # per-layer magnitudes, the massive token over layers x dims
+    ids_a, ids_b = (set(re.findall(r'\bid="([^"]+)"', h)) for h in (a, b))
+    assert ids_a and not ids_a & ids_b  # two results shown in one notebook do not share element ids
+    page = sinks(lm, texts, min_tokens=0, progress=False)._repr_html_()
+    assert 'data-kind="sinks"' in page and "<svg " in page
 
 
 def test_training_section_from_a_finetune_run(finetune_output):

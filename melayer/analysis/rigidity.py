@@ -45,6 +45,7 @@ from melayer.capture import (
 )
 from melayer.models.loading import LM
 from melayer.util.console import track
+from melayer.util.display import HtmlRepr
 from melayer.util.errors import MelayerError
 
 DEFAULT_PROMPTS = 32
@@ -189,7 +190,7 @@ def _nanmean(values: Sequence[float]) -> float | None:
 
 
 @dataclass
-class RigidityResult:
+class RigidityResult(HtmlRepr):
     model: str
     num_layers: int
     me_layer: int

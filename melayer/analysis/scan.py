@@ -25,6 +25,7 @@ from melayer.capture import (
 )
 from melayer.models.loading import LM
 from melayer.util.console import track
+from melayer.util.display import HtmlRepr
 from melayer.util.errors import MelayerError, NumericOverflow
 
 TOP_K = 8  # top |a| entries kept per layer and prompt
@@ -149,7 +150,7 @@ class _Reducer:
 
 
 @dataclass
-class ScanResult:
+class ScanResult(HtmlRepr):
     """Result of :func:`scan`; ``to_dict()`` is exactly what ``scan.json`` holds."""
 
     model: str

@@ -45,6 +45,7 @@ from melayer.capture import Hooks, encode, forward_body
 from melayer.models.hf_internals import attention_implementation
 from melayer.models.loading import LM
 from melayer.util.console import track
+from melayer.util.display import HtmlRepr
 from melayer.util.errors import MelayerError
 
 DEFAULT_EPSILON = 0.3
@@ -160,7 +161,7 @@ class _SinkReducer:
 
 
 @dataclass
-class SinkResult:
+class SinkResult(HtmlRepr):
     """Attention-sink measurement; ``to_dict()`` is what ``sinks.json`` holds."""
 
     model: str

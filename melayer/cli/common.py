@@ -23,6 +23,7 @@ BatchOpt = Annotated[int, typer.Option("--batch-size", help="prompts per forward
 AdapterOpt = Annotated[Optional[Path], typer.Option("--adapter", help="a melayer finetune output directory: its adapter is merged into --model and the WeMask it was trained with is re-applied")]
 AdapterMaskOpt = Annotated[bool, typer.Option("--adapter-mask/--no-adapter-mask", help="re-apply the adapter's saved WeMask (default) or not")]
 PlotsOpt = Annotated[bool, typer.Option(help="write PNG plots")]
+ReportOpt = Annotated[bool, typer.Option("--report", help="also (re)write DIR/report.html from every melayer output in DIR")]
 
 Plot = tuple[Callable[[dict[str, Any], Path], Any], str]  # (renderer, file name inside the output directory)
 
@@ -95,9 +96,9 @@ def adapter_mask(lm: Any, adapter: Path | None, use: bool, wemask: float | None)
 
 
 def finish(data: dict[str, Any], output: Path, json_name: str, render: Callable[[dict[str, Any]], None],
-           plots: Sequence[Plot] = (), write: bool = True, announce_plots: bool = False) -> None:
+           plots: Sequence[Plot] = (), write: bool = True, announce_plots: bool = False, report: bool = False) -> None:
     """Render the summary, write ``output/json_name`` atomically (unless the API already did), draw the plots,
-    and say what was written."""
+    refresh ``output/report.html`` if asked, and say what was written."""
     from melayer.util.io import write_json
 
     render(data)
@@ -107,14 +108,19 @@ def finish(data: dict[str, Any], output: Path, json_name: str, render: Callable[
         draw(data, output / name)
     extra = "".join(f" and {output / name}" for _, name in plots) if announce_plots else ""
     typer.echo(f"wrote {output / json_name}{extra}")
+    if report:
+        from melayer.report.page import html
+
+        html(output, output=output / "report.html")
+        typer.echo(f"wrote {output / 'report.html'}")
 
 
 def run_analysis(*, output: Path, model: str | None, dtype: str, arch: str | None, json_name: str,
                  run: Callable[[Any], Any], render: Callable[[dict[str, Any]], None],
-                 plots: Sequence[Plot] = ()) -> dict[str, Any]:
-    """check output -> load -> run (returns a result with ``to_dict()``) -> render -> write -> plots."""
+                 plots: Sequence[Plot] = (), report: bool = False) -> dict[str, Any]:
+    """check output -> load -> run (returns a result with ``to_dict()``) -> render -> write -> plots (-> report)."""
     check_output(output)
     lm = load_model(model, dtype, arch)
     data = run(lm).to_dict()
-    finish(data, output, json_name, render, plots)
+    finish(data, output, json_name, render, plots, report=report)
     return data

@@ -12,6 +12,7 @@ from melayer.cli.common import (
     ArchOpt,
     DtypeOpt,
     ModelOpt,
+    ReportOpt,
     check_output,
     finish,
     load_model,
@@ -56,6 +57,7 @@ def compare_cmd(
     dtype: DtypeOpt = "float32",
     arch: ArchOpt = None,
     adapter: Annotated[Optional[Path], typer.Option("--adapter", help="a melayer finetune output directory, merged into --model; --rates decide the mask (its saved mask is not added)")] = None,
+    report: ReportOpt = False,
 ) -> None:
     """Same samples at several WeMask rates: paired differences vs rate 0, bootstrap CIs, McNemar, sinks
     -> DIR/compare.json + DIR/dose_response.png (+ one resumable eval per rate in DIR/rate_<r>/)."""
@@ -75,4 +77,4 @@ def compare_cmd(
                      layers=layers, gamma=gamma, me_layer=me_layer, max_new_tokens=max_new_tokens, chat=chat_mode,
                      sinks=sinks, overwrite=overwrite, **options)
     finish(result.to_dict(), out, "compare.json", print_compare, plots=[(dose_response_plot, "dose_response.png")],
-           write=False, announce_plots=True)
+           write=False, announce_plots=True, report=report)

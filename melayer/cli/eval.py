@@ -14,6 +14,7 @@ from melayer.cli.common import (
     ArchOpt,
     DtypeOpt,
     ModelOpt,
+    ReportOpt,
     adapter_mask,
     check_output,
     finish,
@@ -59,6 +60,7 @@ def eval_cmd(
     arch: ArchOpt = None,
     adapter: AdapterOpt = None,
     use_adapter_mask: AdapterMaskOpt = True,
+    report: ReportOpt = False,
 ) -> None:
     """Evaluate a model on one task -> DIR/eval.json + DIR/samples.jsonl (a killed run resumes)."""
     from melayer.interventions.wemask import WeMaskSpec
@@ -81,4 +83,4 @@ def eval_cmd(
         mask = WeMaskSpec(spec.rate, layers=layer_list, select=select, gamma=gamma, me_layer=me_layer).bind(lm)
     result = run(lm, task, limit=limit, batch_size=batch_size, output=out, max_new_tokens=max_new_tokens,
                  chat=chat_mode, intervention=mask, overwrite=overwrite, **options)
-    finish(result.to_dict(), out, "eval.json", print_eval, write=False)
+    finish(result.to_dict(), out, "eval.json", print_eval, write=False, report=report)

@@ -18,6 +18,7 @@ from melayer.cli.common import (
     PlotsOpt,
     PromptOpt,
     PromptsOpt,
+    ReportOpt,
     n_prompts,
     prompts_from,
     run_analysis,
@@ -41,6 +42,7 @@ def explain(
     dtype: DtypeOpt = "float32",
     arch: ArchOpt = None,
     plots: PlotsOpt = True,
+    report: ReportOpt = False,
 ) -> None:
     """Explain the ME layer causally: branch decomposition, neuron attribution, norm gains, full-factorial
     ablation with controls -> DIR/explain.json + PNGs."""
@@ -59,4 +61,4 @@ def explain(
                                             batch_size=batch_size),
                  render=print_explain,
                  plots=[(P.explain_mechanism, "explain_mechanism.png"), (P.explain_norm_gains, "explain_norm_gains.png"),
-                        (P.explain_ablations, "explain_ablations.png")] if plots else [])
+                        (P.explain_ablations, "explain_ablations.png")] if plots else [], report=report)

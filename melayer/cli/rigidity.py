@@ -14,6 +14,7 @@ from melayer.cli.common import (
     OutputOpt,
     PlotsOpt,
     PromptsOpt,
+    ReportOpt,
     n_prompts,
     prompts_from,
     run_analysis,
@@ -30,6 +31,7 @@ def rigidity(
     dtype: DtypeOpt = "float32",
     arch: ArchOpt = None,
     plots: PlotsOpt = True,
+    report: ReportOpt = False,
 ) -> None:
     """Rigidity of the massive token, cross-input invariance, diversity of attention inputs -> DIR/rigidity.json + PNG."""
     from melayer.analysis.rigidity import DEFAULT_PROMPTS
@@ -41,4 +43,4 @@ def rigidity(
     n = n_prompts(n_prompts_, DEFAULT_PROMPTS)
     run_analysis(output=output, model=model, dtype=dtype, arch=arch, json_name="rigidity.json",
                  run=lambda lm: run_rigidity(lm, texts, n_prompts=n, batch_size=batch_size), render=print_rigidity,
-                 plots=[(P.rigidity_plot, "rigidity.png")] if plots else [])
+                 plots=[(P.rigidity_plot, "rigidity.png")] if plots else [], report=report)

@@ -16,6 +16,7 @@ from melayer.cli.common import (
     PlotsOpt,
     PromptOpt,
     PromptsOpt,
+    ReportOpt,
     prompts_from,
     run_analysis,
 )
@@ -35,6 +36,7 @@ def scan(
     persist_ratio: Annotated[float, typer.Option(help="a massive (token, dim) persists while |a| > this x the median")] = 100.0,
     persist_frac: Annotated[float, typer.Option(help="share of later layers a massive (token, dim) must persist in")] = 0.75,
     plots: PlotsOpt = True,
+    report: ReportOpt = False,
 ) -> None:
     """Scan a model for massive activations and locate its ME layer -> DIR/scan.json + PNGs."""
     import melayer
@@ -48,4 +50,4 @@ def scan(
     run_analysis(output=output, model=model, dtype=dtype, arch=arch, json_name="scan.json",
                  run=lambda lm: melayer.scan(lm, texts, criterion=crit, batch_size=batch_size), render=print_scan,
                  plots=[(P.layer_magnitudes, "layer_magnitudes.png"), (P.token_surface, "massive_token_surface.png")]
-                 if plots else [])
+                 if plots else [], report=report)

@@ -18,6 +18,7 @@ from melayer.cli.common import (
     PlotsOpt,
     PromptOpt,
     PromptsOpt,
+    ReportOpt,
     n_prompts,
     prompts_from,
     run_analysis,
@@ -40,6 +41,7 @@ def sinks(
     dtype: DtypeOpt = "float32",
     arch: ArchOpt = None,
     plots: PlotsOpt = True,
+    report: ReportOpt = False,
 ) -> None:
     """Attention sinks per layer and head (Gu et al. metric), first sink layer vs the ME layer -> DIR/sinks.json + PNG."""
     from melayer.analysis.sinks import sinks as run_sinks
@@ -55,4 +57,4 @@ def sinks(
     run_analysis(output=output, model=model, dtype=dtype, arch=arch, json_name="sinks.json",
                  run=lambda lm: run_sinks(lm, texts, windows=windows, epsilon=epsilon, max_tokens=max_tokens,
                                           min_tokens=min_tokens, n_prompts=n, batch_size=batch_size),
-                 render=print_sinks, plots=[(P.sinks_heatmap, "sinks_heatmap.png")] if plots else [])
+                 render=print_sinks, plots=[(P.sinks_heatmap, "sinks_heatmap.png")] if plots else [], report=report)

@@ -19,6 +19,7 @@ from melayer.eval.runner import EvalResult, run
 from melayer.eval.stats import N_BOOT, SEED, mcnemar, paired_bootstrap
 from melayer.eval.tasks import get_task
 from melayer.models.loading import LM
+from melayer.util.display import HtmlRepr
 from melayer.util.errors import MelayerError
 
 SCHEMA = "melayer.compare/1"
@@ -68,7 +69,7 @@ def sinks_available() -> str | None:
 
 
 @dataclass
-class CompareResult:
+class CompareResult(HtmlRepr):
     task: str
     model: str
     rates: list[float]

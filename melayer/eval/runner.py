@@ -24,6 +24,7 @@ from melayer.eval.stats import Metric, aggregate, bootstrap_ci
 from melayer.eval.tasks import RunContext, Task, get_task
 from melayer.models.loading import LM
 from melayer.util.console import track
+from melayer.util.display import HtmlRepr
 from melayer.util.errors import MelayerError
 from melayer.util.io import append_jsonl, read_jsonl, write_atomic, write_json
 
@@ -45,7 +46,7 @@ def describe_intervention(intervention: E.Intervention) -> dict[str, Any] | None
 
 
 @dataclass
-class EvalResult:
+class EvalResult(HtmlRepr):
     """Summary of one task run (``records`` holds the per-sample records, in sample order)."""
 
     task: str

@@ -50,6 +50,7 @@ from melayer.interventions.ablate import (
 )
 from melayer.models.loading import LM
 from melayer.util.console import track
+from melayer.util.display import HtmlRepr
 from melayer.util.errors import MelayerError
 
 ABLATIONS = ("none", "norm", "ffn", "both")
@@ -154,7 +155,7 @@ def control_layers(me_layer: int, num_layers: int) -> list[tuple[str, int]]:
 
 
 @dataclass
-class ExplainResult:
+class ExplainResult(HtmlRepr):
     model: str
     arch: str
     num_layers: int

@@ -32,15 +32,6 @@ def plotly_js() -> str:
     return get_plotlyjs()
 
 
-def plotly_version() -> str | None:
-    try:
-        from importlib.metadata import version
-
-        return version("plotly")
-    except Exception:  # noqa: BLE001 - only for the versions table
-        return None
-
-
 def to_json(fig: Any) -> str:
     """The figure's JSON, safe inside an HTML ``<script>`` element."""
     return fig.to_json().replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
