@@ -288,6 +288,36 @@ def test_killed_run_resumes(sft_file, tmp_path):
         finetune(lm=tiny_lm("llama"), output=str(tmp_path / "run"), resume=True, **{**settings, "lr": 1e-3})
 
 
+def test_cli_run_killed_with_sigkill_resumes(planted_dir, sft_file, tmp_path):
+    """A real kill (SIGKILL, mid-run, possibly mid-save) of the command, then --resume: every step once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "killed"
+    args = [sys.executable, "-m", "melayer", "finetune", "sft", "--model", str(planted_dir), "--data", str(sft_file),
+            "--wemask", str(RATE), "--max-steps", "60", "--save-steps", "3", "--batch-size", "2", "--max-length",
+            "256", "--output", str(out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MELAYER_QUIET": "1"}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (out / "checkpoints" / "checkpoint-6" / "trainer_state.json").exists() and time.time() < deadline:
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "finetune.json").exists()
+    done = subprocess.run([*args, "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == list(range(1, 61))
+    result = json.loads((out / "finetune.json").read_text())
+    assert result["steps"] == 60 and result["resumed_from"]
+
+
 # ----------------------------------------------------------------------------------------------------
 # the real embedded model: the massive token under the training format
 

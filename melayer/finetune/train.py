@@ -85,15 +85,22 @@ def _versions() -> dict[str, str]:
             "trl": trl.__version__, "peft": peft.__version__, "python": platform.python_version()}
 
 
+def last_complete_checkpoint(ckpt_dir: Path) -> str | None:
+    """The newest checkpoint whose save finished (transformers writes ``trainer_state.json`` last; a run killed
+    while saving leaves a newer, incomplete folder, which is skipped)."""
+    done = [p for p in ckpt_dir.glob("checkpoint-*")
+            if p.name.rsplit("-", 1)[-1].isdigit() and (p / "trainer_state.json").is_file()]
+    return str(max(done, key=lambda p: int(p.name.rsplit("-", 1)[-1]))) if done else None
+
+
 def check_output(cfg: FinetuneConfig) -> Path | None:
     """Refuse to overwrite a finished run or to mix runs; return the checkpoint to resume from, if any."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     out = cfg.output_dir
     if out.exists() and not out.is_dir():
         raise MelayerError(f"--output {out} exists and is not a directory")
     ckpt_dir = out / "checkpoints"
-    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    started = ckpt_dir.is_dir() and any(ckpt_dir.glob("checkpoint-*"))
+    last = last_complete_checkpoint(ckpt_dir)
     if cfg.resume:
         saved = out / "finetune_config.json"
         if last is not None and saved.is_file():
@@ -104,7 +111,7 @@ def check_output(cfg: FinetuneConfig) -> Path | None:
                 raise MelayerError(f"--resume: settings differ from the interrupted run ({', '.join(changed)}); "
                                    "resume with the same options or use another --output")
         return Path(last) if last else None
-    if (out / RESULT_FILE).exists() or last is not None:
+    if (out / RESULT_FILE).exists() or started:
         raise MelayerError(f"--output {out} already holds a fine-tuning run; use --resume to continue it or "
                            "another --output")
     return None
