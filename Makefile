@@ -26,7 +26,7 @@ demo: setup
 	$(BIN)/melayer report out/demo -o out/demo/report.html
 
 lint: setup
-	$(BIN)/ruff check melayer tests bench
+	$(BIN)/ruff check melayer tests bench tools
 
 test: setup lint
 	$(BIN)/python -m pytest
