@@ -13,7 +13,7 @@ import pytest
 
 from melayer.util.errors import MelayerError
 
-KINDS = ("scan", "explain", "rigidity", "sinks", "eval", "compare")
+KINDS = ("scan", "weights", "explain", "rigidity", "sinks", "eval", "compare")
 
 
 @pytest.fixture(scope="session")
@@ -23,6 +23,7 @@ def outputs(tmp_path_factory, planted_dir, run_cli) -> Path:
     m = ["--model", str(planted_dir)]
     commands = [
         ["scan", *m, "--no-plots", "-o", root / "scan"],
+        ["weights", str(planted_dir), "--confirm", "--no-plots", "-o", root / "weights"],
         ["explain", *m, "--no-plots", "--n-prompts", "2", "--ppl-tokens", "64", "--random-draws", "1", "-o",
          root / "explain"],
         ["rigidity", *m, "--no-plots", "--n-prompts", "3", "-o", root / "rigidity"],

@@ -35,6 +35,7 @@ import torch
 
 from melayer.models.lazy import LazyWeights, open_weights
 from melayer.util.console import track
+from melayer.util.display import HtmlRepr
 from melayer.util.errors import MelayerError
 
 SCHEMA = "melayer.weights/1"
@@ -87,7 +88,7 @@ class Confirmation:
 
 
 @dataclass
-class WeightsResult:
+class WeightsResult(HtmlRepr):
     model: str
     source: str
     format: str

@@ -17,6 +17,7 @@ from melayer.cli.common import (
     PlotsOpt,
     PromptOpt,
     PromptsOpt,
+    ReportOpt,
     check_output,
     finish,
     load_model,
@@ -40,6 +41,7 @@ def weights(
     n_prompts_: NPromptsOpt = None,
     dtype: DtypeOpt = "float32",
     plots: PlotsOpt = True,
+    report: ReportOpt = False,
 ) -> None:
     """Rank (layer, dim, neuron) candidates for the ME layer from the weights alone -> DIR/weights.json + PNG."""
     from melayer.analysis.weights import candidates
@@ -57,4 +59,4 @@ def weights(
         lm = load_model(model, dtype, arch)
         result.confirm = confirm_candidates(lm, result, texts, n_prompts=count or 10**9)
     finish(result.to_dict(), output, "weights.json", print_weights,
-           [(score_plot, "weights_scores.png")] if plots else [])
+           [(score_plot, "weights_scores.png")] if plots else [], report=report)

@@ -33,6 +33,7 @@ from melayer.finetune.data import (
     use_chat,
 )
 from melayer.models.loading import LM
+from melayer.util.display import HtmlRepr
 from melayer.util.errors import MelayerError
 
 SCHEMA = "melayer.finetune/1"
@@ -42,7 +43,7 @@ WEMASK_FILE = "wemask.json"
 
 
 @dataclass
-class FinetuneResult:
+class FinetuneResult(HtmlRepr):
     """What a run did (written as ``finetune.json``)."""
 
     model: str

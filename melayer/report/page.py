@@ -1,6 +1,6 @@
 """One self-contained HTML report from the JSON outputs of melayer's commands.
 
-``html(dirs, output=...)`` finds ``scan.json``, ``explain.json``, ``rigidity.json``, ``sinks.json``,
+``html(dirs, output=...)`` finds ``scan.json``, ``weights.json``, ``explain.json``, ``rigidity.json``, ``sinks.json``,
 ``eval.json``, ``compare.json`` and ``finetune.json`` (+ ``train_log.jsonl``) in the given directories (and
 up to two levels below them), checks each one's ``"schema"``, builds one section per input and renders them
 with jinja2 into a single page: figures inline as SVG, CSS inline, the raw JSON embedded, no external asset
@@ -19,7 +19,7 @@ from typing import Any
 
 from melayer.util.errors import MelayerError
 
-KINDS = ("scan", "explain", "rigidity", "sinks", "eval", "compare", "finetune")
+KINDS = ("scan", "weights", "explain", "rigidity", "sinks", "eval", "compare", "finetune")
 FILES = {f"{k}.json": k for k in KINDS}
 SCHEMA_VERSION = "1"
 MAX_DEPTH = 2  # DIR, DIR/*, DIR/*/*

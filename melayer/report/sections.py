@@ -20,6 +20,7 @@ Section = dict[str, Any]
 
 TITLES = {
     "scan": "ME layer",
+    "weights": "The ME layer read off the weights",
     "explain": "Why the ME layer: branches, neurons, norms, ablations",
     "rigidity": "Rigidity of the massive token",
     "sinks": "Attention sinks",
@@ -460,8 +461,41 @@ def finetune_sections(d: dict[str, Any], figs: Figures, log: list[dict[str, Any]
     return [{"id": "", "title": f"{TITLES['finetune']}: {d.get('method', '')}", "blocks": blocks}]
 
 
+# --------------------------------------------------------------------------------------------------
+# weights (the ME layer read off the weights, no forward pass)
+
+
+def weights_sections(d: dict[str, Any], figs: Figures) -> list[Section]:
+    from melayer.report.weights import score_figure
+
+    sw = d.get("super_weight") or {}
+    blocks: list[dict[str, Any]] = [
+        p("Model: {}. From the weights alone: predicted ME layer <b>{}</b>, massive dim <b>{}</b>, top neurons {}; "
+          "super weight {}[{}, {}] = {} ({}&times; the median |w|).", model_line(d), d["me_layer"], d["massive_dim"],
+          ", ".join(map(str, d["neurons"])), sw.get("tensor", "-"), sw.get("row", "-"), sw.get("col", "-"),
+          num(sw.get("value")), num(sw.get("ratio_to_median"), 3)),
+        {"kind": "dl", "items": [("score", d.get("score", "")), ("rule", d.get("rule", ""))]},
+    ]
+    conf = d.get("confirm")
+    if conf:
+        blocks.append(p("Checked with a short scan ({} prompts, layers {}): <b>{}</b>.", conf["prompts"],
+                        ", ".join(map(str, conf["layers"])), conf["verdict"]))
+    rows = [[c["rank"], c["layer"], c["dim"], c["neuron"], num(c["score"])] for c in d["candidates"]]
+    blocks.append(table("Candidates (the best of each layer)", ["rank", "layer", "dim", "neuron", "score"], rows,
+                        highlight={i for i, c in enumerate(d["candidates"]) if c["layer"] == d["me_layer"]}))
+    if d.get("precursors"):
+        blocks.append(p("Precursor candidates at layers {}.", ", ".join(str(x["layer"]) for x in d["precursors"])))
+    blocks.append({"kind": "list", "items": list(d.get("notes") or [])})
+    blocks.append(figs.figure(lambda: score_figure(d),
+                              "Best weight score per layer (log scale), each point labelled with its top dim; the "
+                              "predicted ME layer dashed.",
+                              f"Line chart of the best weight-only score per layer of {d['model']} with the top dim "
+                              "of each layer as labels."))
+    return [{"id": "", "title": TITLES["weights"], "blocks": blocks}]
+
+
 BUILDERS: dict[str, Callable[..., list[Section]]] = {
-    "scan": scan_sections, "explain": explain_sections, "rigidity": rigidity_sections, "sinks": sinks_sections,
+    "scan": scan_sections, "weights": weights_sections, "explain": explain_sections, "rigidity": rigidity_sections, "sinks": sinks_sections,
     "eval": eval_sections, "compare": compare_sections, "finetune": finetune_sections,
 }
 ORDER = list(BUILDERS)

@@ -41,9 +41,9 @@ def print_weights(d: dict[str, Any]) -> None:
         out.print(f"[bold {colour}]confirm ({conf['prompts']} prompts, layers {conf['layers']}): {escape(conf['verdict'])}[/]")
 
 
-def score_plot(d: dict[str, Any], path: str | Path) -> Path:
+def score_figure(d: dict[str, Any]) -> Any:
     """Best score per layer (log scale), each point labelled with its dim; the ME layer and precursors marked."""
-    from melayer.report.plots import log_layer_axes, plt, save
+    from melayer.report.plots import log_layer_axes, plt
 
     rows = d["layers"]
     layers = [r["layer"] for r in rows]
@@ -63,5 +63,11 @@ def score_plot(d: dict[str, Any], path: str | Path) -> Path:
                    label=f"--confirm: dim {d['massive_dim']} becomes massive at layer {conf['first_held']}")
     if pre:
         ax.plot(sorted(pre), [scores[i] for i in sorted(pre)], "o", color="tab:orange", ms=6, label="precursor candidates")
-    return save(log_layer_axes(ax, "decoder layer (labels: the top dim)", "down x post x drive (ratios to the layer medians)",
-                               f"{d['model']}: data-free ME-layer candidates", fig, legend_size=7), path)
+    return log_layer_axes(ax, "decoder layer (labels: the top dim)", "down x post x drive (ratios to the layer medians)",
+                          f"{d['model']}: data-free ME-layer candidates", fig, legend_size=7)
+
+
+def score_plot(d: dict[str, Any], path: str | Path) -> Path:
+    from melayer.report.plots import save
+
+    return save(score_figure(d), path)
