@@ -1,85 +1,137 @@
-"""Benchmark: melayer.scan vs the bare decoder forward, and cold vs warm start, on the embedded default.
+"""Benchmark: melayer.scan vs the bare decoder forward (and TransformerLens) on short and real-length prompts.
 
-    .venv/bin/python bench/bench_scan.py [--reps 5] [--skip-cold]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_scan.py [--sets short,wiki,long] [--reps 3] [--threads 1]
+        [--long 1024,2048,4096] [--no-tl] [--profile SET]
 
-* scan / bare: the same prompts (the 111 shipped ones), the same batches (8, left padded), the same
-  process; bare = the decoder stack alone (no LM head, no hidden-state outputs, no hooks). Runs are
-  interleaved and the median of ``--reps`` is reported. Target: ratio <= 1.10.
-* warm start: a fresh Python process that loads Gemma-3-270M from melayer's cache and scans one prompt,
-  timed from process start to the printed result. Target: <= 5 s.
-* cold start: the same with an empty MELAYER_CACHE (assembles the GGUF, rebuilds the tokenizer,
-  dequantises, saves the cache).
+Prompt sets (token counts include BOS):
+* ``short``: the 111 shipped prompts (5-40 tokens);
+* ``wiki``: the first 8 WikiText-2 test paragraphs of 300-4,096 tokens (file order);
+* ``long``: running WikiText-2 text cut to ``--long`` tokens (one prompt per length; 4,096 is the sequence
+  length Sun et al. scan).
+WikiText-2 is read from ``$MELAYER_WIKITEXT`` or ``shared/data/wikitext2/wiki.test.raw``; without it the
+excerpt melayer ships (~2.7k tokens) is used and ``long`` lengths beyond it fail.
+
+Paths, all on the same prompts in one process, interleaved (the order rotates every round), median of ``--reps``:
+* bare forward, one prompt at a time: the decoder stack alone (no LM head, no hooks, no hidden-state outputs);
+* bare forward, left-padded batches of 8 in input order (what scan did before issue 9);
+* bare forward over melayer's own batches (``melayer.capture.plan_batches``, when present);
+* ``melayer.scan`` with its defaults, and with ``batch_size=1``;
+* TransformerLens ``run_with_cache`` keeping only ``hook_resid_post`` (+ the per-token max |a|), one prompt at a
+  time, when TransformerLens is importable (``$MELAYER_BENCH_TL``, see benchlib.transformer_lens).
+Ratios are to the fastest bare forward of that set. Targets (issue 9): scan <= 1.10x; TransformerLens >= 3x scan.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
-import subprocess
 import sys
-import tempfile
-import time
 
-FIRST_RESULT = (
-    "import melayer; lm = melayer.load(progress=False); "
-    "r = melayer.scan(lm, 'My favorite color is Dark Blue.', progress=False); print('me_layer', r.me_layer)"
-)
+import benchlib as B
 
-
-def start_time(env: dict[str, str]) -> tuple[float, str]:
-    t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", FIRST_RESULT], env=env, capture_output=True, text=True, check=True)
-    return time.perf_counter() - t0, out.stdout.strip().splitlines()[-1]
+THREADS = B.pin_threads()
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--skip-cold", action="store_true")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sets", default="short,wiki,long")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1, help="torch/OMP threads (default 1)")
+    ap.add_argument("--long", default="1024,2048,4096", help="token lengths of the 'long' set")
+    ap.add_argument("--model", default="gemma-3-270m")
+    ap.add_argument("--no-tl", action="store_true", help="skip TransformerLens")
+    ap.add_argument("--profile", metavar="SET", help="instead of timing: cProfile melayer.scan on SET")
     args = ap.parse_args()
 
     import torch
 
     import melayer
-    from melayer.analysis.scan import default_prompts
-    from melayer.capture import batches, encode, forward_body
 
-    env = {**os.environ, "MELAYER_QUIET": "1"}
-    lm = melayer.load(progress=False)  # make sure the cache exists
-    prompts = default_prompts()
-    encoded = [encode(lm, chunk) for _, chunk in batches(prompts, 8)]
+    lm = melayer.load(args.model, progress=False)
+    tok = lm.tokenizer
+    sets = {}
+    for name in args.sets.split(","):
+        if name == "short":
+            from melayer.analysis.scan import default_prompts
 
-    def bare() -> None:
-        with torch.no_grad():
-            for batch in encoded:
-                forward_body(lm, batch)
+            sets[name] = default_prompts()
+        elif name == "wiki":
+            sets[name] = B.wiki_paragraphs(tok, 8)
+        elif name == "long":
+            sets[name] = B.wiki_long(tok, [int(x) for x in args.long.split(",")])
+        else:
+            raise SystemExit(f"unknown set {name!r}")
 
-    def scan() -> None:
-        melayer.scan(lm, prompts, batch_size=8, progress=False)
+    if args.profile:
+        profile(lm, sets[args.profile])
+        return
 
-    bare(), scan()  # warm-up
-    t_bare, t_scan = [], []
-    for _ in range(args.reps):
-        for fn, acc in ((bare, t_bare), (scan, t_scan)):
-            t0 = time.perf_counter()
-            fn()
-            acc.append(time.perf_counter() - t0)
-    mb, ms = statistics.median(t_bare), statistics.median(t_scan)
-    print(f"model: {lm.name}; {len(prompts)} prompts, batch 8, torch threads {torch.get_num_threads()}")
-    print("| measurement | seconds | ratio |")
-    print("|---|---|---|")
-    print(f"| bare decoder forward (median of {args.reps}) | {mb:.2f} | 1.00 |")
-    print(f"| melayer.scan (median of {args.reps}) | {ms:.2f} | {ms / mb:.3f} (target <= 1.10) |", flush=True)
+    plan = None
+    try:  # melayer's batching helper (issue 9); absent before it
+        from melayer.capture.batching import plan_batches as plan
+    except ImportError:
+        pass
+    bridge, tl_note = (None, "skipped (--no-tl)") if args.no_tl else B.transformer_lens(lm.source)
+    print(f"model {lm.name}; torch threads {torch.get_num_threads()}; {B.wikitext_path()}; "
+          f"TransformerLens: {tl_note if bridge is None else tl_note + ' (TransformerBridge, eager attention)'}")
+    print(f"command: {B.command_line()}\n")
 
-    warm = [start_time(env) for _ in range(3)]
-    w = statistics.median(t for t, _ in warm)
-    print(f"| warm start to first scan result (median of 3 processes) | {w:.2f} | target <= 5 s |", flush=True)
-    if not args.skip_cold:
-        with tempfile.TemporaryDirectory() as tmp:
-            cold = start_time({**env, "MELAYER_CACHE": tmp})
-        print(f"| cold start to first scan result (empty cache) | {cold[0]:.2f} | {cold[0] / w:.1f}x warm |")
-    print(f"first result: {warm[0][1]}")
+    for name, prompts in sets.items():
+        lens = B.n_tokens(tok, prompts)
+        rows = B.encode_rows(lm, prompts)
+        padded = B.encode_padded(lm, prompts, 8)
+        fns = {
+            "bare, one prompt at a time": lambda rows=rows: B.bare_forward(lm, rows),
+            "bare, left-padded batches of 8 (input order)": lambda padded=padded: B.bare_forward(lm, padded),
+        }
+        if plan is not None:
+            planned = list(_planned(lm, prompts, plan))
+            fns["bare, melayer's batches (plan_batches)"] = lambda planned=planned: B.bare_forward(lm, planned)
+        fns["melayer.scan (defaults)"] = lambda prompts=prompts: melayer.scan(lm, prompts, progress=False)
+        fns["melayer.scan(batch_size=1)"] = lambda prompts=prompts: melayer.scan(lm, prompts, batch_size=1,
+                                                                                   progress=False)
+        if bridge is not None:
+            fns["TransformerLens run_with_cache (resid_post)"] = lambda rows=rows: B.tl_resid_scan(bridge, rows)
+        B.say(f"[{name}] {len(prompts)} prompts, {sum(lens)} tokens")
+        times = B.interleaved(fns, args.reps, log=lambda m, name=name: B.say(f"[{name}] {m}"),
+                              warmup=max(lens) <= 1024)
+        meds = {k: B.med(v) for k, v in times.items()}
+        fastest_bare = min(v for k, v in meds.items() if k.startswith("bare"))
+        print(f"### {name}: {len(prompts)} prompts of {min(lens)}-{max(lens)} tokens ({sum(lens)} in all), "
+              f"median of {args.reps}")
+        table_rows = [[k, f"{v:.2f}", f"{v / fastest_bare:.2f}"] for k, v in meds.items()]
+        print(B.table(["path", "seconds", "ratio to the fastest bare forward"], table_rows))
+        scan = meds["melayer.scan (defaults)"]
+        verdict = f"melayer.scan / fastest bare = {scan / fastest_bare:.3f} (target <= 1.10: " \
+                  f"{'PASS' if scan / fastest_bare <= 1.10 else 'FAIL'})"
+        if bridge is not None:
+            tl = meds["TransformerLens run_with_cache (resid_post)"]
+            verdict += f"; TransformerLens / melayer.scan = {tl / scan:.2f}x (target >= 3: {'PASS' if tl / scan >= 3 else 'FAIL'})"
+        print(verdict + "\n", flush=True)
+
+
+def _planned(lm, prompts, plan):
+    """Encode ``prompts`` into the batches melayer's planner picks (bare forward over melayer's batching)."""
+    from melayer.capture.batching import left_pad
+
+    rows = [lm.tokenizer(p)["input_ids"] for p in prompts]
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    for idx in plan([len(r) for r in rows], device=lm.device):
+        b = left_pad([rows[i] for i in idx], pad)
+        yield {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
+
+
+def profile(lm, prompts) -> None:
+    import cProfile
+    import pstats
+
+    import melayer
+
+    melayer.scan(lm, prompts[:2], progress=False)
+    prof = cProfile.Profile()
+    prof.enable()
+    melayer.scan(lm, prompts, progress=False)
+    prof.disable()
+    pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(30)
 
 
 if __name__ == "__main__":

@@ -15,18 +15,13 @@ import numpy as np
 import torch
 
 from melayer.analysis.criterion import Criterion
-from melayer.capture import (
-    Hooks,
-    batches,
-    encode,
-    first_real,
-    forward_body,
-    layer_output,
-)
+from melayer.capture import Hooks, forward_body, left_pad, pad_id
+from melayer.capture.batching import plan_batches
+from melayer.capture.reduce import LayerReducer
 from melayer.models.loading import LM
 from melayer.util.console import track
 from melayer.util.display import HtmlRepr
-from melayer.util.errors import MelayerError, NumericOverflow
+from melayer.util.errors import MelayerError
 
 TOP_K = 8  # top |a| entries kept per layer and prompt
 MAX_MASSIVE = 256  # massive entries kept per layer and prompt (a sane model has a handful)
@@ -76,77 +71,6 @@ def locate_me_layer(
                 me_layer = layer if me_layer is None else me_layer
                 persistent.add((pos, dim))
     return me_layer, persistent
-
-
-class _Reducer:
-    """Forward hooks that reduce each layer's output, whole batch at once, to a few numbers per row.
-
-    Rows are left padded; positions are reported relative to each row's first real token.
-    """
-
-    def __init__(self, num_layers: int, crit: Criterion) -> None:
-        self.crit = crit
-        self.num_layers = num_layers
-
-    def start(self, mask: torch.Tensor) -> None:
-        self.mask = mask.bool()
-        self.offsets = first_real(self.mask)  # left padding per row
-        self.offsets_list = self.offsets.tolist()
-        self.per_row: list[list[dict[str, Any]]] = [[] for _ in range(mask.shape[0])]
-        self.watch: list[dict[tuple[int, int], None]] = [{} for _ in range(mask.shape[0])]
-
-    def hook(self, layer: int):
-        def fn(module, args, output):
-            self._reduce(layer, layer_output(output).detach())
-
-        return fn
-
-    def _reduce(self, layer: int, h: torch.Tensor) -> None:
-        B, T, H = h.shape
-        if not torch.isfinite(h).all():
-            raise NumericOverflow(
-                f"layer {layer} produced inf/nan in {str(h.dtype).replace('torch.', '')}: massive activations "
-                "exceed this dtype's range; rerun with --dtype float32 (or bfloat16)"
-            )
-        a = h.float().abs()
-        if not bool(self.mask.all()):
-            a = a.masked_fill(~self.mask[..., None], -1.0)  # pads never win a top-k or pass a cutoff
-        flat = a.view(B, T * H)
-        medians = torch.stack([flat[b, off * H :].median() for b, off in enumerate(self.offsets_list)])
-        k = min(TOP_K, (T - max(self.offsets_list)) * H)
-        top_v, top_i = flat.topk(k, dim=1)
-        signed = h.reshape(B, T * H)
-        top_s = signed.gather(1, top_i)
-        cut = (medians * self.crit.median_ratio).clamp(min=self.crit.abs_min)
-        n_massive = (top_v[:, 0] > cut).any() and int((flat > cut[:, None]).sum(1).max())
-        if n_massive:
-            m_v, m_i = flat.topk(min(n_massive, MAX_MASSIVE), dim=1)
-            m_s, m_keep = signed.gather(1, m_i).tolist(), (m_v > cut[:, None]).tolist()
-            m_i = m_i.tolist()
-        per_pos = a.amax(-1)
-        cands = per_pos.topk(min(N_CANDIDATES, T - max(self.offsets_list)), dim=1).indices
-        cands = torch.cat([cands, self.offsets[:, None]], dim=1)
-        rows = a.gather(1, cands[..., None].expand(-1, -1, H)).cpu().numpy()
-        cands_l = cands.tolist()
-        med_l, top_i_l, top_s_l = medians.tolist(), top_i.tolist(), top_s.tolist()
-        for b in range(B):
-            off = self.offsets_list[b]
-            top = [(v, i // H - off, i % H) for v, i in zip(top_s_l[b], top_i_l[b])]
-            massive = []
-            if n_massive:
-                massive = [(v, i // H - off, i % H) for v, i, keep in zip(m_s[b], m_i[b], m_keep[b]) if keep]
-            watch = self.watch[b]
-            watched = {}
-            if watch:
-                pos = torch.tensor([p + off for p, _ in watch])
-                dim = torch.tensor([d for _, d in watch])
-                watched = dict(zip(watch, h[b, pos, dim].float().tolist()))
-            for _, p, d in massive:
-                if len(watch) < MAX_MASSIVE:
-                    watch.setdefault((p, d))
-            row_map = {c - off: rows[b, j] for j, c in enumerate(cands_l[b])}
-            self.per_row[b].append({"median": med_l[b], "top": top, "massive": massive, "rows": row_map,
-                                    "watched": watched})
 
 
 @dataclass
@@ -308,36 +232,77 @@ def scan(
     prompts: Sequence[str] | str | None = None,
     *,
     criterion: Criterion | None = None,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     progress: bool = True,
 ) -> ScanResult:
-    """Scan ``prompts`` (default: the shipped prompt set) and locate the ME layer."""
+    """Scan ``prompts`` (default: the shipped prompt set) and locate the ME layer.
+
+    Prompts go through the model in length-sorted batches picked for the device
+    (:func:`melayer.capture.batching.plan_batches`); ``batch_size`` caps the prompts per batch. Results are
+    in input order and do not depend on the batching.
+    """
     crit = criterion or Criterion()
     if isinstance(prompts, str):
         prompts = [prompts]
     prompts = list(prompts) if prompts is not None else default_prompts()
     if not prompts or any(not p.strip() for p in prompts):
         raise MelayerError("empty prompt: every prompt must contain text")
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise MelayerError("batch size must be >= 1")
-    reducer = _Reducer(lm.num_layers, crit)
-    results: list[PromptScan] = []
+    ids = lm.tokenizer(prompts)["input_ids"]
+    plan = plan_batches([len(r) for r in ids], device=lm.device, max_batch=batch_size)
+    reducer = LayerReducer(median_ratio=crit.median_ratio, abs_min=crit.abs_min, top_k=TOP_K,
+                           max_massive=MAX_MASSIVE, n_candidates=N_CANDIDATES)
+    results: list[PromptScan | None] = [None] * len(prompts)
+    keeper = _ProfileKeeper()
+    pad = pad_id(lm)
     with Hooks() as hooks:
         for i, layer in enumerate(lm.layers):
             hooks.forward(layer, reducer.hook(i))
-        chunks = batches(prompts, batch_size)
-        for start, chunk in track(chunks, f"scanning {lm.name}", total=len(chunks), enabled=progress):
-            batch = encode(lm, chunk)
+        for idx in track(plan, f"scanning {lm.name}", total=len(plan), enabled=progress):
+            batch = left_pad([ids[i] for i in idx], pad, lm.device)
             reducer.start(batch["attention_mask"])
             forward_body(lm, batch)
-            for b, text in enumerate(chunk):
-                ids = batch["input_ids"][b][batch["attention_mask"][b].bool()].tolist()
-                results.append(_finish(start + b, text, ids, reducer.per_row[b], lm, crit))
-    return _summarise(lm, results, crit)
+            for b, i in enumerate(idx):
+                results[i] = keeper.offer(_finish(i, prompts[i], ids[i], reducer.per_row[b], lm, crit))
+    return _summarise(lm, results, crit, keeper)  # type: ignore[arg-type]
+
+
+class _ProfileKeeper:
+    """Keeps the candidate |a| rows only of the prompts that may end up as the profile's reference (per ME
+    layer, the strongest persistent massive value among voters and among all prompts; the first in input order
+    on a tie), so the scan's memory does not grow with the number of prompts."""
+
+    def __init__(self) -> None:
+        self.best: dict[tuple[bool, int], tuple[float, int, PromptScan]] = {}
+
+    def offer(self, p: PromptScan) -> PromptScan:
+        keep = False
+        if p.me_layer is not None:
+            L = p.me_layer
+            strength = max(abs(v) for v, pos, d in p.massive[L] if (pos, d) in p.persistent)
+            for eligible_only in (True, False):
+                if eligible_only and not p.eligible:
+                    continue
+                old = self.best.get((eligible_only, L))
+                if old is None or strength > old[0] or (strength == old[0] and p.index < old[1]):
+                    if old is not None and not self._held(old[2], (eligible_only, L)):
+                        old[2].rows = []
+                    self.best[(eligible_only, L)] = (strength, p.index, p)
+                    keep = True
+        if not keep:
+            p.rows = []
+        return p
+
+    def _held(self, p: PromptScan, other_than: tuple[bool, int]) -> bool:
+        return any(q is p for k, (_, _, q) in self.best.items() if k != other_than)
+
+    def reference(self, me_layer: int, eligible_only: bool) -> PromptScan:
+        return self.best[(eligible_only, me_layer)][2]
 
 
 def _finish(index: int, text: str, ids: list[int], layers: list[dict[str, Any]], lm: LM, crit: Criterion) -> PromptScan:
-    tokens = [lm.tokenizer.decode([t]) for t in ids]
+    tokens = lm.tokenizer.batch_decode([[t] for t in ids])
     p = PromptScan(
         index=index, text=text, tokens=tokens,
         medians=[r["median"] for r in layers], top=[r["top"] for r in layers],
@@ -356,7 +321,8 @@ def _profile(p: PromptScan, layer: int) -> dict[str, Any]:
     return {"prompt": p.index, "position": pos, "token": p.tokens[pos], "abs": grid}
 
 
-def _summarise(lm: LM, results: list[PromptScan], crit: Criterion) -> ScanResult:
+def _summarise(lm: LM, results: list[PromptScan], crit: Criterion, keeper: _ProfileKeeper) -> ScanResult:
+    any_eligible = any(p.eligible for p in results)
     voters = [p for p in results if p.eligible] or results
     votes = Counter(p.me_layer for p in voters)
     me_layer, n_agree = votes.most_common(1)[0]
@@ -367,9 +333,7 @@ def _summarise(lm: LM, results: list[PromptScan], crit: Criterion) -> ScanResult
     consistency = votes[me_layer] / len(voters)
     profile = None
     if me_layer is not None:
-        ref = max((p for p in voters if p.me_layer == me_layer),
-                  key=lambda p: max(abs(v) for v, pos, d in p.massive[me_layer] if (pos, d) in p.persistent))
-        profile = _profile(ref, me_layer)
+        profile = _profile(keeper.reference(me_layer, any_eligible), me_layer)
     for p in results:  # candidate rows are only needed for the profile
         p.rows = []
     return ScanResult(

@@ -11,8 +11,6 @@ import contextlib
 import hashlib
 import importlib.util
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +20,6 @@ import torch
 from torch import nn
 
 from melayer.models.archmap import ArchSpec, arch_for, resolve
-from melayer.models.hf_internals import drop_gguf_quantizer
 from melayer.util.errors import MelayerError
 
 DEFAULT_MODEL = "gemma-3-270m"
@@ -173,29 +170,14 @@ def _convert_gguf(path: Path, progress: bool = True) -> Path:
     out = cache_dir() / "hf" / f"{path.stem}-{_file_key(path)}"
     if (out / "config.json").exists():  # converted before from this very file (path, size, mtime)
         return out
-    check_gguf(path)  # a full header parse: seconds for a large vocabulary, so only before converting
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from melayer.models.convert import convert_gguf
 
-    from melayer.util.console import status
-
-    with status(f"converting {path.name} once (cached in {out.parent}) ..." if progress else None), _library_bars_off():
-        try:
-            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-        except Exception as exc:
-            raise MelayerError(f"transformers could not load {path}: {type(exc).__name__}: {_one_line(exc)}") from None
-        # the tensors are already dense; drop the GGUF "quantizer" marker so the model can be saved
-        drop_gguf_quantizer(model)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
-        try:
-            model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-            os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    model, _ = convert_gguf(path, out, progress=progress)
+    _FRESH[str(out)] = model  # load() takes it instead of reading back what was just written
     return out
+
+
+_FRESH: dict[str, nn.Module] = {}
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -292,10 +274,11 @@ def load(
     from transformers import AutoModelForCausalLM
 
     is_hub = not Path(source).exists()
+    fresh = _FRESH.pop(source, None)
     try:
         with _library_bars_off():
             tokenizer = _load_tokenizer(source)
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+            model = fresh.to(torch_dtype) if fresh is not None else AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
     except OSError as exc:
         where = "the Hugging Face hub (are you offline?)" if is_hub else source
         raise MelayerError(f"cannot load {spec!r} from {where}: {_one_line(exc)}") from None

@@ -1,0 +1,157 @@
+"""GGUF -> a regular Hugging Face directory, once: read the metadata, rebuild the tokenizer, dequantise, save.
+
+transformers' own entry points each parse the whole GGUF again (``AutoTokenizer`` parses it to pick the
+tokenizer class, ``AutoModelForCausalLM`` once for the config and once for the tensors); for a 262k-entry
+vocabulary every parse walks ~800k metadata items in Python. Here the same library functions run in an order
+that parses the file twice instead of four times: the metadata once (config, and the integrity check: the
+parse fails on a truncated file), the tokenizer through its class's own GGUF reader, and the tensors once
+with the config passed in. transformers' per-tensor progress bar (plain tqdm, which
+``transformers.utils.logging.disable_progress_bar`` does not reach) is kept off stderr; melayer shows one
+status line per phase instead.
+
+The phases' wall-clock seconds of the last conversion in this process are in :data:`convert_timings`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Self
+
+import torch
+
+from melayer.models.hf_internals import drop_gguf_quantizer
+from melayer.util.errors import MelayerError
+
+convert_timings: dict[str, float] = {}
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class _Steps:
+    """One status line on the real stderr, updated per phase, and the phases' timings."""
+
+    def __init__(self, title: str | None) -> None:
+        self.title = title
+        self.t = time.perf_counter()
+        self.name: str | None = None
+        self.status: Any = None
+
+    def __enter__(self) -> Self:
+        convert_timings.clear()
+        if self.title is not None and not os.environ.get("MELAYER_QUIET"):
+            from rich.console import Console
+
+            # bound to the stream as it is now, so it still shows while the library's stderr is muted
+            self.status = Console(file=sys.stderr).status(self.title)
+            self.status.__enter__()
+        return self
+
+    def step(self, name: str) -> None:
+        self._close()
+        self.name = name
+        if self.status is not None:
+            self.status.update(f"{self.title} {name} ...")
+
+    def _close(self) -> None:
+        now = time.perf_counter()
+        if self.name is not None:
+            convert_timings[self.name] = now - self.t
+        self.t = now
+
+    def __exit__(self, *exc: object) -> None:
+        self._close()
+        if self.status is not None:
+            self.status.__exit__(*exc)
+
+
+@contextlib.contextmanager
+def _library_output_muted() -> Iterator[None]:
+    """transformers' GGUF tensor loop writes a tqdm bar to ``sys.stderr``; melayer reports progress itself."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
+def _tokenizer_class(config: Any) -> Any:
+    """The tokenizer class ``AutoTokenizer`` would pick for this config (None: let AutoTokenizer decide)."""
+    from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING
+
+    try:
+        cls = TOKENIZER_MAPPING[type(config)]
+    except KeyError:
+        return None
+    if isinstance(cls, (tuple, list)):
+        cls = cls[1] or cls[0]
+    return cls
+
+
+def convert_gguf(path: Path, out: Path, progress: bool = True) -> tuple[Any, Any]:
+    """Dequantise ``path`` into the HF directory ``out`` (written atomically); returns (model, tokenizer), ready to use."""
+    with path.open("rb") as fh:
+        magic = fh.read(4)
+    if magic != b"GGUF":
+        raise MelayerError(f"{path} is not a GGUF file (bad magic {magic!r})")
+    title = f"converting {path.name} once (cached in {out.parent}):" if progress else None
+    with _Steps(title) as steps:
+        steps.step("reading the GGUF metadata")
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+        try:
+            meta = load_gguf_checkpoint(str(path), return_tensors=False)
+        except Exception as exc:  # gguf raises assorted errors on truncated/corrupt files
+            raise MelayerError(f"{path} is a corrupt or truncated GGUF file ({type(exc).__name__}: "
+                               f"{_one_line(exc)})") from None
+        try:
+            config = AutoConfig.for_model(**meta["config"])
+            steps.step("rebuilding the tokenizer")
+            cls = _tokenizer_class(config)
+            if cls is not None:
+                tok = cls.from_pretrained(str(path.parent), gguf_file=path.name)
+            else:
+                tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            steps.step("dequantising the weights")
+            with _library_output_muted():
+                model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, config=config,
+                                                             dtype=torch.float32)
+        except MelayerError:
+            raise
+        except Exception as exc:  # any library failure becomes one line
+            raise MelayerError(f"transformers could not load {path}: {type(exc).__name__}: {_one_line(exc)}") from None
+        # the tensors are already dense; drop the GGUF "quantizer" marker so the model can be saved
+        drop_gguf_quantizer(model)
+        steps.step("saving")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+        try:
+            with _library_output_muted():
+                model.save_pretrained(tmp)
+                tok.save_pretrained(tmp)
+            os.replace(tmp, out)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (out / "config.json").exists():  # else another process has just converted the same file
+                raise
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    model.eval()
+    return model, tok
