@@ -52,7 +52,7 @@ def main() -> None:
 
     import melayer
     from melayer.capture.batching import GENERATE, plan_batches
-    from melayer.interventions.wemask import greedy_generate
+    from melayer.interventions.generate import greedy_generate
 
     lm = melayer.load(args.model, progress=False)
     prompts = gsm8k_questions(args.prompts)

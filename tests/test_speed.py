@@ -9,8 +9,8 @@ import torch
 from melayer.capture import Hooks, encode, forward_body, left_pad
 from melayer.capture.batching import CPU, GPU, in_input_order, plan_batches, policy_for
 from melayer.capture.reduce import LayerReducer, lower_median
-from melayer.util.errors import NumericOverflow
 from melayer.models.tiny import tiny_lm
+from melayer.util.errors import NumericOverflow
 
 TEXTS = [
     "The capital of France is Paris, a city on the Seine.",
