@@ -9,7 +9,8 @@ of the measured call alone (Linux: ``/proc/self/clear_refs`` resets the high-wat
 
 1. one prompt of ``--tokens`` tokens (running WikiText-2 text): bare forward vs ``melayer.scan``
    (target: scan's peak within 10 % of the bare forward's);
-2. ``melayer.scan`` of ``--counts`` WikiText-2 paragraphs of 300+ tokens: peak vs number of prompts (target: flat).
+2. the bare forward and ``melayer.scan`` of ``--counts`` WikiText-2 paragraphs of 300+ tokens: peak vs number of
+   prompts (target: scan flat, i.e. no more growth than the bare forward's).
 """
 
 from __future__ import annotations
@@ -122,13 +123,18 @@ def main() -> None:
 
     rows = []
     for count in [int(c) for c in args.counts.split(",")]:
-        B.say(f"scan of {count} WikiText-2 paragraphs")
-        r = run_child_wait4("scan", 0, count, args.model, args.threads)
-        rows.append([r["prompts"], r["tokens"], f"{r['maxrss_kb'] / mib:.0f}",
-                     f"{(r['peak_kb'] - r['before_kb']) / mib:.0f}" if r["reset"] else "n/a"])
+        got = {}
+        for mode in ("bare", "scan"):
+            B.say(f"{mode}: {count} WikiText-2 paragraphs")
+            got[mode] = run_child_wait4(mode, 0, count, args.model, args.threads)
+        b, s = got["bare"], got["scan"]
+        rows.append([s["prompts"], s["tokens"], f"{b['maxrss_kb'] / mib:.0f}", f"{s['maxrss_kb'] / mib:.0f}",
+                     f"{s['maxrss_kb'] / b['maxrss_kb']:.3f}",
+                     f"{(b['peak_kb'] - b['before_kb']) / mib:.0f} / {(s['peak_kb'] - s['before_kb']) / mib:.0f}"
+                     if s["reset"] and b["reset"] else "n/a"])
     print()
-    print(B.table(["prompts (WikiText-2 paragraphs, 300+ tokens)", "tokens", "peak RSS (MiB)",
-                   "added by the scan (MiB)"], rows))
+    print(B.table(["prompts (WikiText-2 paragraphs, 300+ tokens)", "tokens", "bare peak RSS (MiB)",
+                   "scan peak RSS (MiB)", "scan / bare", "added by the call, bare / scan (MiB)"], rows))
 
 
 if __name__ == "__main__":

@@ -198,3 +198,47 @@ def test_generation_plan_sorts_by_length_and_fills_batches():
     lengths = [30, 5, 29, 6, 31, 4, 28, 7]
     plan = plan_batches(lengths, policy=GENERATE, max_batch=4)
     assert plan == [[4, 0, 2, 6], [7, 3, 1, 5]]
+
+
+def _close_tree(a, b, path="$"):
+    """Nested JSON-like values equal, floats to 1e-4 relative."""
+    if isinstance(a, dict):
+        assert set(a) == set(b), path
+        for k in a:
+            _close_tree(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _close_tree(x, y, f"{path}[{i}]")
+    elif isinstance(a, float):
+        assert (np.isnan(a) and np.isnan(b)) or a == pytest.approx(b, rel=1e-4, abs=1e-6), path
+    else:
+        assert a == b, path
+
+
+MIXED = ["The cat sat on the mat.", "Hello world, hello again", "Numbers: 1 2 3 4 5 6 7 8 9 10 11 12",
+         "Another prompt here!", "x" * 90, "The cat sat on the hat.", "A much longer prompt " * 6]
+
+
+def test_sinks_rigidity_and_attribution_do_not_depend_on_the_batching():
+    """Sinks, rigidity and explain's per-layer recording run through the shared planner (prompts out of input
+    order, padded or not); their results equal one prompt at a time, in input order."""
+    from melayer.analysis.attribution import record_layers
+    from melayer.analysis.rigidity import rigidity
+    from melayer.analysis.sinks import measure_sinks
+
+    lm = tiny_lm("llama", me_layer=1, num_layers=4)
+    a = measure_sinks(lm, MIXED, massive_positions=[0] * len(MIXED), min_tokens=None, max_tokens=None)
+    b = measure_sinks(lm, MIXED, massive_positions=[0] * len(MIXED), min_tokens=None, max_tokens=None, batch_size=1)
+    assert a.tokens_per_prompt == b.tokens_per_prompt == [len(lm.tokenizer(p)["input_ids"]) for p in MIXED]
+    np.testing.assert_allclose(a.alpha_first, b.alpha_first, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(a.alpha_massive, b.alpha_massive, rtol=1e-4, atol=1e-6)
+    _close_tree(rigidity(lm, MIXED, progress=False).to_dict(), rigidity(lm, MIXED, batch_size=1, progress=False).to_dict())
+    positions = [1, 2, 0, 3, 5, 1, 4]
+    ra = record_layers(lm, MIXED, positions, [1, 2])
+    rb = record_layers(lm, MIXED, positions, [1, 2], batch_size=1)
+    for layer in (1, 2):
+        for site, x in ra[layer].items():
+            if isinstance(x, torch.Tensor):
+                torch.testing.assert_close(x, rb[layer][site], rtol=1e-4, atol=1e-5)
+        _close_tree(ra[layer]["norm_scale"], rb[layer]["norm_scale"])

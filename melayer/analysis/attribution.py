@@ -16,11 +16,11 @@ import torch
 from melayer.capture import (
     Hooks,
     TokenTracker,
-    batches,
-    encode,
     forward_until,
     read_site,
 )
+from melayer.capture.batching import planned
+from melayer.capture.encoding import tokenize
 from melayer.models.archmap import NORM_ROLES
 from melayer.models.loading import LM
 
@@ -29,7 +29,7 @@ RECORDED = ("resid_in", "attn_out", "post_attn_out", "mlp_in", "mlp_out", "post_
 
 @torch.no_grad()
 def record_layers(lm: LM, prompts: Sequence[str], positions: Sequence[int], layers: Sequence[int],
-                  batch_size: int = 8) -> dict[int, dict[str, Any]]:
+                  batch_size: int | None = None) -> dict[int, dict[str, Any]]:
     """For each layer in ``layers``: the massive token's vectors at every recorded site (prompts x dim), and for
     each norm the token's 1/scale (1/rms for RMSNorm, 1/std for LayerNorm) against the median over the other
     real tokens."""
@@ -64,11 +64,15 @@ def record_layers(lm: LM, prompts: Sequence[str], positions: Sequence[int], laye
                 read_site(hooks, lm, l, name, keep(l, name))
             for role in NORM_ROLES:
                 read_site(hooks, lm, l, f"{role}_in", norm_scale(l, role))
-        for _, chunk in batches(list(prompts), batch_size):
-            forward_until(lm, encode(lm, chunk), max(layers))
+        order: list[int] = []
+        for idx, batch in planned(lm, [tokenize(lm, p) for p in prompts], max_batch=batch_size):
+            tracker.expect(idx)
+            order.extend(idx)
+            forward_until(lm, batch, max(layers))
+    back = torch.tensor(order).argsort()  # fed order -> input order
     out: dict[int, dict[str, Any]] = {}
     for l in layers:
-        out[l] = {s: torch.cat(v) for s, v in data[l].items() if v}
+        out[l] = {s: torch.cat(v)[back] for s, v in data[l].items() if v}
         out[l]["norm_scale"] = {
             role: {"massive_inv_scale": float(np.mean(r["massive"])),
                    "others_median_inv_scale": float(np.median(r["others"])) if r["others"] else None}

@@ -12,7 +12,7 @@ from melayer.util.errors import MelayerError
 
 
 def find_me_layer(lm: LM, prompts: Sequence[str] | None = None, *, criterion: Criterion | None = None,
-                  batch_size: int = 8, progress: bool = False, hint: str | None = None) -> int | None:
+                  batch_size: int | None = None, progress: bool = False, hint: str | None = None) -> int | None:
     """The consensus ME layer of ``lm`` on ``prompts`` (default: the shipped prompt set) by one :func:`scan`.
 
     With ``hint`` a model without an ME layer is a :class:`MelayerError` ending in that hint; without it, None.

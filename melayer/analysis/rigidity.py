@@ -36,13 +36,13 @@ from melayer.analysis.scan import ScanResult, default_prompts, scan
 from melayer.capture import (
     Hooks,
     TokenTracker,
-    batches,
-    encode,
     first_real,
     forward_body,
     hidden_arg,
     layer_output,
 )
+from melayer.capture.batching import planned
+from melayer.capture.encoding import tokenize
 from melayer.models.loading import LM
 from melayer.util.console import track
 from melayer.util.display import HtmlRepr
@@ -102,6 +102,23 @@ class _Recorder:
         self.div: list[dict[str, list[float]]] = [{"cos_with": [], "cos_without": [], "erank_with": [],
                                                    "erank_without": [], "cos_drop_other": [], "erank_drop_other": [],
                                                    "tokens": []} for _ in range(n)]
+
+    def in_input_order(self, order: Sequence[int]) -> None:
+        """Rows were recorded in the order the prompts were fed (``order``: their input indices); put every
+        per-prompt record back in input order."""
+        back = [int(i) for i in np.argsort(order, kind="stable")]
+
+        def sort(xs: list) -> list:
+            return [xs[i] for i in back] if len(xs) == len(back) else xs
+
+        for l in range(len(self.cos_massive)):
+            self.cos_massive[l], self.cos_ordinary[l] = sort(self.cos_massive[l]), sort(self.cos_ordinary[l])
+            self.massive_abs[l], self.median_abs[l] = sort(self.massive_abs[l]), sort(self.median_abs[l])
+            for name in ("state", "last"):
+                store = getattr(self, name)
+                if store[l]:
+                    store[l] = [torch.cat(store[l])[torch.tensor(back)]]
+            self.div[l] = {k: sort(v) for k, v in self.div[l].items()}
 
     def install(self, hooks: Hooks, diversity: bool = True) -> None:
         for i, layer in enumerate(self.lm.layers):
@@ -171,16 +188,17 @@ def _run(lm: LM, prompts: Sequence[str], positions: Sequence[int], dims: Sequenc
          add_special_tokens: bool, diversity: bool, progress: bool, desc: str) -> tuple[_Recorder, list[list[int]]]:
     tracker = TokenTracker(positions)
     rec = _Recorder(lm, tracker, dims, exclude_first=True)
-    ids: list[list[int]] = []
+    ids = [tokenize(lm, p, add_special_tokens) for p in prompts]
+    order: list[int] = []
     with Hooks() as hooks:
         tracker.install(hooks, lm)
         rec.install(hooks, diversity=diversity)
-        chunks = batches(list(prompts), batch_size)
-        for _, chunk in track(chunks, desc, enabled=progress):
-            batch = encode(lm, chunk, add_special_tokens=add_special_tokens)
-            for b in range(len(chunk)):
-                ids.append(batch["input_ids"][b][batch["attention_mask"][b].bool()].tolist())
+        for idx, batch in track(planned(lm, ids, max_batch=batch_size), desc, total=len(ids), enabled=progress,
+                                advance=lambda item: len(item[0])):
+            tracker.expect(idx)
+            order.extend(idx)
             forward_body(lm, batch)
+    rec.in_input_order(order)
     return rec, ids
 
 
@@ -255,7 +273,7 @@ def rigidity(
     n_prompts: int | None = DEFAULT_PROMPTS,
     criterion: Criterion | None = None,
     scan_result: ScanResult | None = None,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     progress: bool = True,
 ) -> RigidityResult:
     """Rigidity, cross-input invariance and attention-input diversity around the ME layer (module docstring)."""

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from melayer.analysis.criterion import Criterion
-from melayer.capture import Hooks, forward_body, left_pad, pad_id
-from melayer.capture.batching import plan_batches
+from melayer.capture import Hooks, forward_body
+from melayer.capture.batching import planned
 from melayer.capture.reduce import LayerReducer
 from melayer.models.loading import LM
 from melayer.util.console import track
@@ -250,17 +250,15 @@ def scan(
     if batch_size is not None and batch_size < 1:
         raise MelayerError("batch size must be >= 1")
     ids = lm.tokenizer(prompts)["input_ids"]
-    plan = plan_batches([len(r) for r in ids], device=lm.device, max_batch=batch_size)
     reducer = LayerReducer(median_ratio=crit.median_ratio, abs_min=crit.abs_min, top_k=TOP_K,
                            max_massive=MAX_MASSIVE, n_candidates=N_CANDIDATES)
     results: list[PromptScan | None] = [None] * len(prompts)
     keeper = _ProfileKeeper()
-    pad = pad_id(lm)
     with Hooks() as hooks:
         for i, layer in enumerate(lm.layers):
             hooks.forward(layer, reducer.hook(i))
-        for idx in track(plan, f"scanning {lm.name}", total=len(plan), enabled=progress):
-            batch = left_pad([ids[i] for i in idx], pad, lm.device)
+        for idx, batch in track(planned(lm, ids, max_batch=batch_size), f"scanning {lm.name}", total=len(prompts),
+                                enabled=progress, advance=lambda item: len(item[0])):
             reducer.start(batch["attention_mask"])
             forward_body(lm, batch)
             for b, i in enumerate(idx):

@@ -41,7 +41,9 @@ import torch
 
 from melayer.analysis.perplexity import ppl_text, special_prefix
 from melayer.analysis.scan import default_prompts
-from melayer.capture import Hooks, encode, forward_body
+from melayer.capture import Hooks, forward_body
+from melayer.capture.batching import planned
+from melayer.capture.encoding import tokenize
 from melayer.models.hf_internals import attention_implementation
 from melayer.models.loading import LM
 from melayer.util.console import track
@@ -81,26 +83,9 @@ def eager_attention(lm: LM) -> contextlib.AbstractContextManager[None]:
 PROBS_BUDGET = 32 * 2**20  # attention probabilities held at once (floats): one layer's (batch, heads, T, T)
 
 
-def _chunks(lm: LM, prompts: Sequence[str], batch_size: int, max_tokens: int | None) -> list[list[str]]:
-    """Consecutive batches of at most ``batch_size`` prompts whose (batch x heads x T x T) probabilities
-    stay under :data:`PROBS_BUDGET` (long prompts go in smaller batches, down to one)."""
+def _heads(lm: LM) -> int:
     cfg = lm.config
-    heads = int(getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None) or 32)
-    out: list[list[str]] = []
-    cur: list[str] = []
-    longest = 0
-    for p in prompts:
-        n = len(lm.tokenizer(p)["input_ids"])
-        n = min(n, max_tokens) if max_tokens else n
-        width = max(longest, n)
-        if cur and (len(cur) >= batch_size or (len(cur) + 1) * heads * width * width > PROBS_BUDGET):
-            out.append(cur)
-            cur, width = [], n
-        cur.append(p)
-        longest = width
-    if cur:
-        out.append(cur)
-    return out
+    return int(getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None) or 32)
 
 
 def _visible(mask4: Any, b: int, real: torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
@@ -118,17 +103,19 @@ class _SinkReducer:
         self.num_layers = num_layers
         self.targets = targets  # per prompt: massive-token position (among real tokens) or None
         self.mask2: torch.Tensor | None = None
-        self.offset = 0
+        self.indices: list[int] = []
         self.masks4: dict[int, Any] = {}
         self.first: list[list[np.ndarray | None]] = []  # prompt -> layer -> (H,)
         self.massive: list[list[np.ndarray | None]] = []
         self.top_is_first: list[list[np.ndarray | None]] = []
 
-    def start(self, mask2: torch.Tensor) -> None:
+    def start(self, mask2: torch.Tensor, indices: Sequence[int]) -> None:
+        """Before each batch: its 2-D mask and the input indices of its rows (any order)."""
         self.mask2 = mask2.bool()
-        b = mask2.shape[0]
+        self.indices = list(indices)
+        need = max(self.indices) + 1
         for store in (self.first, self.massive, self.top_is_first):
-            store.extend([[None] * self.num_layers for _ in range(b)])
+            store.extend([[None] * self.num_layers for _ in range(need - len(store))])
 
     def pre(self, layer: int):
         def fn(module, args, kwargs):
@@ -150,7 +137,7 @@ class _SinkReducer:
                 vis = _visible(mask4, b, real, n, w.device).to(a.dtype)
                 seen = vis.sum(0).clamp_min(1.0)  # per key: how many queries see it
                 alpha = (a * vis).sum(1) / seen  # (H, n): mean attention each key receives
-                row = self.offset + b
+                row = self.indices[b]
                 self.first[row][layer] = alpha[:, 0].cpu().numpy()
                 self.top_is_first[row][layer] = (alpha.argmax(dim=1) == 0).cpu().numpy()
                 if self.targets is not None:
@@ -273,7 +260,7 @@ def measure_sinks(
     massive_positions: Sequence[int] | None = None,
     max_tokens: int | None = DEFAULT_MAX_TOKENS,
     min_tokens: int | None = DEFAULT_MIN_TOKENS,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     me_layer: int | None = None,
     progress: bool = False,
 ) -> SinkResult:
@@ -307,19 +294,21 @@ def measure_sinks(
         if massive_positions is not None:
             massive_positions = [massive_positions[i] for i in keep]
     reducer = _SinkReducer(lm.num_layers, massive_positions)
-    lengths: list[int] = []
-    chunks = _chunks(lm, prompts, batch_size, max_tokens)
+    rows = [tokenize(lm, p)[:max_tokens] if max_tokens else tokenize(lm, p) for p in prompts]
+    lengths = [len(r) for r in rows]
+    heads = _heads(lm)
+    # at most PROBS_BUDGET attention probabilities at once: one layer's (batch x heads x T x T)
+    plan = planned(lm, rows, max_batch=batch_size, cost=lambda n, width: n * heads * width * width,
+                   max_cost=PROBS_BUDGET)
     with eager_attention(lm), Hooks() as hooks:
         for i in range(lm.num_layers):
             attn = lm.module(i, "attn")
             hooks.pre(attn, reducer.pre(i), with_kwargs=True)
             hooks.forward(attn, reducer.post(i), with_kwargs=True)
-        for chunk in track(chunks, f"attention sinks of {lm.name}", enabled=progress):
-            batch = encode(lm, chunk, max_tokens=max_tokens)
-            reducer.start(batch["attention_mask"])
+        for idx, batch in track(plan, f"attention sinks of {lm.name}", total=len(rows), enabled=progress,
+                                advance=lambda item: len(item[0])):
+            reducer.start(batch["attention_mask"], idx)
             forward_body(lm, batch)
-            reducer.offset += len(chunk)
-            lengths.extend(batch["attention_mask"].sum(1).tolist())
     first = np.stack([np.stack(r) for r in reducer.first])
     top = np.stack([np.stack(r) for r in reducer.top_is_first])
     massive = np.stack([np.stack(r) for r in reducer.massive]) if massive_positions is not None else None
@@ -331,7 +320,7 @@ def measure_sinks(
 
 def sinks(lm: LM, prompts: Sequence[str] | None = None, *, windows: int = 32, epsilon: float = DEFAULT_EPSILON,
           max_tokens: int | None = DEFAULT_MAX_TOKENS, min_tokens: int | None = DEFAULT_MIN_TOKENS,
-          n_prompts: int | None = None, batch_size: int = 8, progress: bool = True) -> SinkResult:
+          n_prompts: int | None = None, batch_size: int | None = None, progress: bool = True) -> SinkResult:
     """``melayer sinks``: without ``prompts``, ``windows`` windows of the shipped WikiText-2 excerpt (Gu et al.'s
     T=64 setting); locate the ME layer and the massive token with one scan, then measure the sinks for both."""
     from melayer.analysis.me_layer import massive_dims_at, massive_positions

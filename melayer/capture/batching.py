@@ -13,11 +13,14 @@ input order (:func:`in_input_order`), so nothing a caller returns depends on the
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
+
+from melayer.capture.encoding import left_pad, pad_id
+from melayer.models.loading import LM
 
 T = TypeVar("T")
 
@@ -98,3 +101,20 @@ def plan_batches(
 def in_input_order(pairs: Sequence[tuple[int, T]]) -> list[T]:
     """Results keyed by input index, back in input order."""
     return [v for _, v in sorted(pairs, key=lambda p: p[0])]
+
+
+def planned(
+    lm: LM,
+    rows: Sequence[Sequence[int]],
+    *,
+    policy: BatchPolicy | None = None,
+    max_batch: int | None = None,
+    cost: Callable[[int, int], float] | None = None,
+    max_cost: float | None = None,
+) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+    """The one batching loop: token ``rows`` as (input indices, left-padded batch on the model's device), in the
+    order :func:`plan_batches` picks for ``lm``'s device. Callers key what they keep by the indices."""
+    pad = pad_id(lm)
+    for idx in plan_batches([len(r) for r in rows], device=lm.device, policy=policy, max_batch=max_batch,
+                            cost=cost, max_cost=max_cost):
+        yield idx, left_pad([rows[i] for i in idx], pad, lm.device)

@@ -76,8 +76,9 @@ def past_length(kwargs: dict, mask2d: torch.Tensor | None, length: int) -> int:
 
 class TokenTracker:
     """A pre-hook on the decoder stack that maps each batch row to its prompt and to the column of that
-    prompt's tracked token (``positions``: index among the prompt's real tokens). Prompts must be fed in order
-    (any batching); left padding is handled from the 2-D attention mask the stack receives."""
+    prompt's tracked token (``positions``: index among the prompt's real tokens). Prompts are fed in order (any
+    batching), or in any order when :meth:`expect` names each batch's prompts first; left padding is handled
+    from the 2-D attention mask the stack receives."""
 
     def __init__(self, positions: Sequence[int]) -> None:
         self.positions = list(positions)
@@ -86,6 +87,11 @@ class TokenTracker:
         self.cols: torch.Tensor | None = None
         self.real: torch.Tensor | None = None  # (B, T) bool
         self.first: torch.Tensor | None = None  # (B,) first real column
+        self._expected: list[int] | None = None
+
+    def expect(self, indices: Sequence[int]) -> None:
+        """The prompts (input indices) of the next forward's rows, e.g. from :func:`melayer.capture.batching.planned`."""
+        self._expected = list(indices)
 
     def install(self, hooks: Hooks, lm: LM) -> TokenTracker:
         hooks.pre(lm.body, self._hook, with_kwargs=True)
@@ -97,8 +103,13 @@ class TokenTracker:
         b, t = call.batch, call.length
         real = call.mask2d.bool() if call.mask2d is not None else torch.ones(b, t, dtype=torch.bool, device=call.device)
         self.first = first_real(real)
-        self.prompt_idx = list(range(self.next, self.next + b))
-        if self.prompt_idx[-1] >= len(self.positions):
+        if self._expected is not None:
+            self.prompt_idx, self._expected = self._expected, None
+            if len(self.prompt_idx) != b:
+                raise MelayerError("internal: the expected prompts do not match the batch")
+        else:
+            self.prompt_idx = list(range(self.next, self.next + b))
+        if max(self.prompt_idx) >= len(self.positions):
             raise MelayerError("internal: more rows than tracked prompts")
         pos = torch.tensor([self.positions[i] for i in self.prompt_idx], device=call.device)
         self.cols = (self.first + pos).clamp(max=t - 1)

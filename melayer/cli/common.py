@@ -22,6 +22,8 @@ NPromptsOpt = Annotated[Optional[int], typer.Option("--n-prompts", help="use the
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="prompts per forward pass")]
 AdapterOpt = Annotated[Optional[Path], typer.Option("--adapter", help="a melayer finetune output directory: its adapter is merged into --model and the WeMask it was trained with is re-applied")]
 AdapterMaskOpt = Annotated[bool, typer.Option("--adapter-mask/--no-adapter-mask", help="re-apply the adapter's saved WeMask (default) or not")]
+AutoBatchOpt = Annotated[Optional[int], typer.Option(
+    "--batch-size", help="at most this many prompts per forward pass (default: length-sorted batches picked for the device)")]
 PlotsOpt = Annotated[bool, typer.Option(help="write PNG plots")]
 ReportOpt = Annotated[bool, typer.Option("--report", help="also (re)write DIR/report.html from every melayer output in DIR")]
 

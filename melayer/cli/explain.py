@@ -10,7 +10,7 @@ import typer
 from melayer.cli import app
 from melayer.cli.common import (
     ArchOpt,
-    BatchOpt,
+    AutoBatchOpt,
     DtypeOpt,
     ModelOpt,
     NPromptsOpt,
@@ -38,7 +38,7 @@ def explain(
     random_draws: Annotated[int, typer.Option(help="random-neuron control ablations (same size, fixed seed)")] = 3,
     seed: Annotated[int, typer.Option(help="seed of the random-neuron control")] = 0,
     ppl_tokens: Annotated[int, typer.Option(help="perplexity on the first N tokens of the shipped text (0 = all of it, ~2.7k)")] = 1024,
-    batch_size: BatchOpt = 8,
+    batch_size: AutoBatchOpt = None,
     dtype: DtypeOpt = "float32",
     arch: ArchOpt = None,
     plots: PlotsOpt = True,

@@ -7,7 +7,7 @@ from pathlib import Path
 from melayer.cli import app
 from melayer.cli.common import (
     ArchOpt,
-    BatchOpt,
+    AutoBatchOpt,
     DtypeOpt,
     ModelOpt,
     NPromptsOpt,
@@ -27,7 +27,7 @@ def rigidity(
     prompts: PromptsOpt = None,
     output: OutputOpt = Path("out/rigidity"),
     n_prompts_: NPromptsOpt = None,
-    batch_size: BatchOpt = 8,
+    batch_size: AutoBatchOpt = None,
     dtype: DtypeOpt = "float32",
     arch: ArchOpt = None,
     plots: PlotsOpt = True,

@@ -10,6 +10,7 @@ import typer
 from melayer.cli import app
 from melayer.cli.common import (
     ArchOpt,
+    AutoBatchOpt,
     DtypeOpt,
     ModelOpt,
     OutputOpt,
@@ -30,7 +31,7 @@ def scan(
     output: OutputOpt = Path("out/scan"),
     dtype: DtypeOpt = "float32",
     arch: ArchOpt = None,
-    batch_size: Annotated[int, typer.Option(help="prompts per forward pass")] = 8,
+    batch_size: AutoBatchOpt = None,
     abs_min: Annotated[float, typer.Option(help="massive if |a| > this ...")] = 100.0,
     median_ratio: Annotated[float, typer.Option(help="... and |a| > this x the layer's median |a|")] = 1000.0,
     persist_ratio: Annotated[float, typer.Option(help="a massive (token, dim) persists while |a| > this x the median")] = 100.0,

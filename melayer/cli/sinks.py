@@ -10,7 +10,7 @@ import typer
 from melayer.cli import app
 from melayer.cli.common import (
     ArchOpt,
-    BatchOpt,
+    AutoBatchOpt,
     DtypeOpt,
     ModelOpt,
     NPromptsOpt,
@@ -37,7 +37,7 @@ def sinks(
     epsilon: Annotated[float, typer.Option(help="a head sinks on a token if its mean attention to it exceeds this")] = 0.3,
     max_tokens: Annotated[int, typer.Option(help="truncate prompts to this many tokens (Gu et al.: 64; 0 = no limit)")] = 64,
     min_tokens: Annotated[int, typer.Option(help="skip prompts shorter than this (short prompts inflate the score; 0 = keep all)")] = 16,
-    batch_size: BatchOpt = 8,
+    batch_size: AutoBatchOpt = None,
     dtype: DtypeOpt = "float32",
     arch: ArchOpt = None,
     plots: PlotsOpt = True,

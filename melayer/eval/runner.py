@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from melayer.capture.batching import GENERATE, plan_batches
 from melayer.eval import engine as E
 from melayer.eval.stats import Metric, aggregate, bootstrap_ci
 from melayer.eval.tasks import RunContext, Task, get_task
@@ -195,7 +196,9 @@ def run(
 
     todo = [s for s in todo_all if s.id not in done]
     ctx = RunContext(chat=use_chat, max_new_tokens=max_new_tokens, intervention=_instance(intervention))
-    batches = [todo[i: i + batch_size] for i in range(0, len(todo), batch_size)]
+    # length-sorted batches (the shared planner; lengths estimated from the text): little padding per batch
+    sizes = [task.size_hint(s) for s in todo]
+    batches = [[todo[i] for i in idx] for idx in plan_batches(sizes, policy=GENERATE, max_batch=batch_size)]
     label = f"eval {task.name} ({len(todo_all) - len(todo)}/{len(todo_all)} samples already done; batches)"
     for batch in track(batches, label, total=len(batches), enabled=progress):
         new = task.run_batch(lm, batch, ctx)

@@ -71,6 +71,13 @@ class Task:
         """A plain-text prompt for attention-sink measurements."""
         raise NotImplementedError
 
+    def size_hint(self, sample: Sample) -> int:
+        """A cheap estimate of the sample's prompt length (characters), to batch samples of similar length."""
+        try:
+            return len(self.sink_text(sample))
+        except NotImplementedError:
+            return 0
+
     def run_batch(self, lm: LM, samples: Sequence[Sample], ctx: RunContext) -> list[dict[str, Any]]:
         raise NotImplementedError
 
@@ -465,6 +472,9 @@ class WikiText2(Task):
 
     def sink_text(self, sample: Sample) -> str:
         return data.wikitext2_test()[:2000].strip()
+
+    def size_hint(self, sample: Sample) -> int:
+        return int(sample.doc["end"]) - int(sample.doc["begin"])  # the window's tokens
 
     def run_batch(self, lm: LM, samples: Sequence[Sample], ctx: RunContext) -> list[dict[str, Any]]:
         ids, bos = self._tokens(lm)

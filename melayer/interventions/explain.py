@@ -283,7 +283,7 @@ def explain(
     random_draws: int = 3,
     seed: int = 0,
     ppl_tokens: int | None = 1024,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     progress: bool = True,
 ) -> ExplainResult:
     """Explain the ME layer of ``lm`` causally (see the module docstring)."""

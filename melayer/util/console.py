@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 from rich.console import Console
@@ -32,8 +32,10 @@ def progress_bar(*extra: TextColumn) -> Progress:
                     TimeRemainingColumn(), *extra, console=err)
 
 
-def track(items: Iterable[T], description: str, total: int | None = None, enabled: bool = True) -> Iterator[T]:
-    """Iterate with a progress bar on stderr (disabled when quiet or not wanted)."""
+def track(items: Iterable[T], description: str, total: int | None = None, enabled: bool = True,
+          advance: Callable[[T], int] | None = None) -> Iterator[T]:
+    """Iterate with a progress bar on stderr (disabled when quiet or not wanted); ``advance(item)`` says how many
+    units of ``total`` an item counts for (default 1), e.g. the prompts in a batch."""
     if not enabled or _quiet():
         yield from items
         return
@@ -43,7 +45,7 @@ def track(items: Iterable[T], description: str, total: int | None = None, enable
         task = progress.add_task(description, total=total)
         for item in items:
             yield item
-            progress.advance(task)
+            progress.advance(task, advance(item) if advance is not None else 1)
 
 
 @contextlib.contextmanager
