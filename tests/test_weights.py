@@ -105,8 +105,12 @@ def test_lazy_reading_keeps_memory_at_one_tensor(tmp_path):
     path = _write_weights_only(tmp_path / "big", hidden, inter, layers)
     tensor_mb = hidden * inter * 4 / 2**20
     file_mb = path.joinpath("model.safetensors").stat().st_size / 2**20
+    small = _write_weights_only(tmp_path / "small", 64, 128, layers)
+    # A first ranking of a small checkpoint imports (and, on a fresh clone, byte-compiles) every module the
+    # ranking needs, so the peak measured next is the reading alone. VmHWM: this process's own peak
+    # (ru_maxrss would carry over pytest's).
     code = ("import json, torch; torch.set_num_threads(1); from melayer.analysis import weights as W;"
-            "a = W._peak_rss_mb();"  # VmHWM: this process's own peak (ru_maxrss would carry over pytest's)
+            f"W.candidates({str(small)!r}); a = W._peak_rss_mb();"
             f"r = W.candidates({str(path)!r});"
             "print(json.dumps([W._peak_rss_mb() - a, r.me_layer, r.massive_dim, r.top_neuron, r.cost['max_live_tensors'], r.cost['tensors_read']]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True,
