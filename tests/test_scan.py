@@ -390,3 +390,24 @@ def test_per_prompt_state_does_not_grow_with_tokens():
     prof = r.profile
     assert np.array(prof["abs"]).shape == (layers, hidden)
     assert N_CANDIDATES < tokens
+
+
+def test_scan_json_does_not_depend_on_the_hash_seed(tiny_dir, run_cli, tmp_path):
+    """scan.json is identical under two PYTHONHASHSEEDs. A loose criterion makes many (position, token) pairs
+    massive, so massive_tokens has ties whose order used to follow a set of token strings."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(["The cat sat on the mat.", "What is the capital of France?", "A b c d e f g.",
+                                  "Numbers: 1 2 3 4 5 6.", "The quick brown fox jumps.", "Why is the sky blue?"]))
+    outs = []
+    for seed in ("0", "12345"):
+        out = tmp_path / f"scan-{seed}"
+        r = run_cli("scan", "--model", tiny_dir, "--prompts", prompts, "--output", out, "--no-plots",
+                    "--abs-min", "0", "--median-ratio", "2", "--persist-ratio", "1", "--persist-frac", "0.5",
+                    env={"PYTHONHASHSEED": seed, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0, r.stderr
+        outs.append((out / "scan.json").read_text())
+    d = json.loads(outs[0])
+    counts = [t["prompts"] for t in d["massive_tokens"]]
+    assert len(counts) > len(set(counts)), "the criterion should leave tied entries to order"
+    assert counts == sorted(counts, reverse=True)
+    assert outs[0] == outs[1]

@@ -34,7 +34,7 @@ def massive_dims_at(result: ScanResult, layer: int, min_support: float = 0.5) ->
     support = {d: c / n for d, c in sorted(counts.items())}
     dims = sorted(d for d, s in support.items() if s >= min_support)
     if not dims and counts:
-        dims = [counts.most_common(1)[0][0]]
+        dims = [min(counts, key=lambda d: (-counts[d], d))]  # best supported; ties to the lowest dim
     return dims, support
 
 
@@ -51,5 +51,5 @@ def massive_positions(result: ScanResult, layer: int, dims: Sequence[int] | None
         best.append(pos)
         if pos is not None:
             common[pos] += 1
-    fallback = common.most_common(1)[0][0] if common else 0
+    fallback = min(common, key=lambda q: (-common[q], q)) if common else 0  # ties to the earliest position
     return [b if b is not None else (fallback if fallback < p.n_tokens else 0) for b, p in zip(best, result.prompts)]

@@ -142,7 +142,9 @@ class ScanResult(HtmlRepr):
         for p in self.prompts:
             if p.me_layer is not None and self.me_layer < len(p.massive):
                 counts.update({(pos, p.tokens[pos]) for _, pos, d in p.massive[self.me_layer] if (pos, d) in p.persistent})
-        return [{"position": pos, "token": tok, "prompts": n} for (pos, tok), n in counts.most_common()]
+        # most prompts first, ties by position then token text (not by the set's hash-seeded iteration order)
+        order = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0][0], kv[0][1]))
+        return [{"position": pos, "token": tok, "prompts": n} for (pos, tok), n in order]
 
     def per_layer(self) -> list[dict[str, Any]]:
         rows = []

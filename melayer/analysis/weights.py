@@ -322,7 +322,11 @@ def confirm(lm: Any, result: WeightsResult, prompts: list[str] | None = None, *,
     def med(xs: list[float]) -> float:
         return float(torch.tensor(xs).median())
 
-    top = {layer: max({d for *_, d in seen[layer]}, key=[d for *_, d in seen[layer]].count) for layer in layers}
+    def top_dim(layer: int) -> int:  # the dim most often on top; ties to the lowest dim
+        dims = [d for *_, d in seen[layer]]
+        return min(set(dims), key=lambda d: (-dims.count(d), d))
+
+    top = {layer: top_dim(layer) for layer in layers}
     return Confirmation(layers=layers, prompts=n, dim=dim,
                         dim_max={layer: med([v for v, _, _ in seen[layer]]) for layer in layers},
                         layer_median={layer: med([m for _, m, _ in seen[layer]]) for layer in layers},
