@@ -190,8 +190,8 @@ def test_generation_tasks_score_every_sample(lm):
 def test_perplexity_windows_cover_every_token_once(lm):
     task = get_task("ppl", window=64, stride=48)
     windows = task.load(lm=lm)
-    ids, bos = task._tokens(lm)
-    assert bos == 0  # the tiny tokenizer prepends <bos>
+    ids, prefix = task._tokens(lm)
+    assert prefix == [0]  # the tiny tokenizer prepends <bos>
     assert sum(w.doc["scored"] for w in windows) == len(ids)
     assert all(w.doc["end"] - w.doc["begin"] <= 63 for w in windows)
     r = run(lm, task, limit=3, batch_size=3, progress=False)

@@ -73,10 +73,10 @@ def test_explain_finds_the_planted_neuron_and_ffn_ablation_removes_it(model_type
     assert d["verdict"][f"ffn@before({p.me_layer - 1})"]["outcome"] == "stays"
     assert set(d["verdict"][f"random_ffn@me({p.me_layer})"]["outcomes"]) == {"stays"}
     # perplexity without and with the FFN ablation, against an independent NLL computation
-    window = d["settings"]["perplexity"]["window"]
-    assert runs["none"]["ppl"] == pytest.approx(reference_ppl(lm, 24, window), rel=1e-5)
+    stride = d["settings"]["perplexity"]["stride"]
+    assert runs["none"]["ppl"] == pytest.approx(reference_ppl(lm, 24, stride), rel=1e-5)
     with ablated(lm, [NeuronAblation(p.me_layer, (p.neuron,))]):
-        assert runs["ffn"]["ppl"] == pytest.approx(reference_ppl(lm, 24, window), rel=1e-5)
+        assert runs["ffn"]["ppl"] == pytest.approx(reference_ppl(lm, 24, stride), rel=1e-5)
     # nothing left behind
     assert d["model_check"]["bit_identical"] and fingerprint(lm) == before
     json.dumps(d)
@@ -189,8 +189,8 @@ def reference_ppl(lm, max_tokens: int, window: int) -> float:
 
 def test_perplexity_windows_and_prefix():
     lm = tiny_lm("llama", plant=False)
-    r = perplexity(lm, max_tokens=40, window=16)
-    assert r["prefix"] == [0] and r["tokens"] == 40 and r["window"] == 16
+    r = perplexity(lm, max_tokens=40, stride=16)  # <bos> + 16 fresh tokens per window, all scored
+    assert r["prefix"] == [0] and r["tokens"] == 40 and (r["window"], r["stride"]) == (17, 16)
     assert r["ppl"] == pytest.approx(reference_ppl(lm, 40, 16), rel=1e-5)
 
 
@@ -275,14 +275,14 @@ def test_explain_smollm2_readme_figures(smollm2):
     assert sw[1229]["ratio_to_median_abs_weight"] == pytest.approx(46, rel=0.05)
     assert sw[1487]["ratio_to_median_abs_weight"] == pytest.approx(46, rel=0.05)
     assert d["driving_dims"] == [247, 260]
-    # the ablation table (baseline ppl 34.9)
+    # the ablation table (baseline ppl 34.7)
     runs = {r["ablate"]: r for r in d["ablations"]}
-    assert round(runs["none"]["ppl"], 1) == 34.9
+    assert round(runs["none"]["ppl"], 1) == 34.7
     table = {k: (round(100 * runs[k]["downstream_ratio"], 1), runs[k]["me_layer_after"], round(runs[k]["ppl"], 1))
              for k in ("ffn", "both")}
-    assert table == {"ffn": (1.2, None, 111.8), "both": (1.2, None, 110.0)}
+    assert table == {"ffn": (1.2, None, 110.9), "both": (1.2, None, 109.1)}
     norm = runs["norm"]
-    assert (round(100 * norm["downstream_ratio"]), norm["me_layer_after"], round(norm["ppl"], 1)) == (100, 11, 39.0)
+    assert (round(100 * norm["downstream_ratio"]), norm["me_layer_after"], round(norm["ppl"], 1)) == (100, 11, 38.7)
     assert [(e["role"], e["dims"]) for e in runs["norm"]["norm_edits"]] == [("pre_ffn_norm", [247, 260])]
     # controls at layers 10, 12, 15 keep 74-100 %; 2 random neurons at layer 11 keep 100 %
     controls = d["controls"]["layers"]

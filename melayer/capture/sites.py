@@ -33,6 +33,9 @@ from melayer.capture.hooks import Hooks, StopForward, layer_output, run_until
 from melayer.capture.tokens import hidden_arg
 from melayer.models.archmap import NORM_ROLES
 from melayer.models.loading import LM
+from melayer.util.errors import MelayerError
+
+LOGIT_BUDGET = 1 << 26  # floats of logits materialised at once (256 MiB in float32)
 
 SITES: dict[str, tuple[str, str]] = {
     "resid_in": ("layer", "pre"),
@@ -113,3 +116,19 @@ def final_hidden(hooks: Hooks, lm: LM, into: dict[str, torch.Tensor]) -> None:
         into["h"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
 
     hooks.forward(lm.body, grab)
+
+
+def output_head(lm: LM) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Final hidden states -> float32 logits: the LM head plus any final logit soft-capping (Gemma 2)."""
+    head = lm.model.get_output_embeddings()
+    if head is None:
+        raise MelayerError(f"{lm.name}: the model has no output embedding (LM head)")
+    cap = getattr(lm.config, "final_logit_softcapping", None)
+
+    def apply(h: torch.Tensor) -> torch.Tensor:
+        logits = head(h).float()
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    return apply

@@ -14,15 +14,15 @@ from typing import Any
 
 import torch
 
+from melayer.analysis.perplexity import tail_logliks
 from melayer.capture import Hooks, eos_ids, left_pad, pad_id, position_ids
-from melayer.capture.sites import final_hidden
+from melayer.capture.sites import LOGIT_BUDGET, final_hidden, output_head
 from melayer.interventions.generate import greedy
 from melayer.models.hf_internals import reindex_cache
 from melayer.models.loading import LM
 from melayer.util.errors import MelayerError
 
 Intervention = ContextManager[Any] | Callable[[], ContextManager[Any]] | None
-LOGIT_BUDGET = 1 << 26  # floats of logits materialised at once (256 MiB in float32)
 
 
 def _ctx(intervention: Intervention) -> ContextManager[Any]:
@@ -68,63 +68,11 @@ def generate(lm: LM, rows: Sequence[Sequence[int]], *, max_new_tokens: int, stop
     return results
 
 
-def _head(lm: LM) -> Callable[[torch.Tensor], torch.Tensor]:
-    head = lm.model.get_output_embeddings()
-    if head is None:
-        raise MelayerError(f"{lm.name}: the model has no output embedding (LM head)")
-    cap = getattr(lm.config, "final_logit_softcapping", None)
-
-    def apply(h: torch.Tensor) -> torch.Tensor:
-        logits = head(h).float()
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
-
-    return apply
-
-
-@torch.no_grad()
 def score_tails(lm: LM, rows: Sequence[tuple[Sequence[int], int]], *,
                 intervention: Intervention = None) -> list[tuple[float, bool]]:
-    """For each ``(tokens, k)``: sum of log p(token) over the last ``k`` tokens given everything before them, and
-    whether every one of those tokens is the greedy (argmax) prediction.
-
-    One padded forward for all rows. Logits are only computed where they are needed (the tails), in chunks,
-    from the final hidden states; the last position is cross-checked against the model's own logits so any
-    model-specific output processing would be caught.
-    """
-    for tokens, k in rows:
-        if k < 1 or k >= len(tokens):
-            raise ValueError(f"tail of {k} tokens in a row of {len(tokens)}: need 1 <= k < len(row)")
-    batch = left_pad([r for r, _ in rows], pad_id(lm), lm.device)
-    width = batch["input_ids"].shape[1]
-    captured: dict[str, torch.Tensor] = {}
-    with Hooks() as hooks, _ctx(intervention):
-        final_hidden(hooks, lm, captured)
-        out = lm.model(**batch, position_ids=position_ids(batch["attention_mask"]), use_cache=False,
-                       logits_to_keep=1)
-    hidden = captured["h"]
-    head = _head(lm)
-    check = head(hidden[:, -1:, :])
-    ref = out.logits[:, -1:, :].float()
-    if not torch.allclose(check, ref, rtol=1e-3, atol=1e-3 * float(ref.abs().max().clamp(min=1.0))):
-        raise MelayerError(f"{lm.name}: cannot reproduce the model's logits from its final hidden states "
-                           "(unsupported output processing)")
-    vocab = ref.shape[-1]
-    chunk = max(1, LOGIT_BUDGET // vocab)
-    ids = batch["input_ids"]
-    results = []
-    for i, (_tokens, k) in enumerate(rows):
-        total, greedy = 0.0, True
-        start = width - k  # first target position
-        for s in range(start, width, chunk):
-            e = min(width, s + chunk)
-            logp = torch.log_softmax(head(hidden[i, s - 1: e - 1, :]), dim=-1)
-            target = ids[i, s:e]
-            total += float(logp.gather(-1, target[:, None]).sum())
-            greedy = greedy and bool((logp.argmax(-1) == target).all())
-        results.append((total, greedy))
-    return results
+    """:func:`melayer.analysis.perplexity.tail_logliks` with ``intervention`` active."""
+    with _ctx(intervention):
+        return tail_logliks(lm, rows)
 
 
 @torch.no_grad()
@@ -144,7 +92,7 @@ def score_continuations(lm: LM, contexts: Sequence[Sequence[int]], pairs: Sequen
     batch = left_pad(contexts, pad, lm.device)
     mask = batch["attention_mask"]
     captured: dict[str, torch.Tensor] = {}
-    head = _head(lm)
+    head = output_head(lm)
     with _ctx(intervention):
         out = lm.model(**batch, position_ids=position_ids(mask), use_cache=True, logits_to_keep=1)
         first = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)  # predicts each continuation's 1st token

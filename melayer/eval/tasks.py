@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from melayer.analysis.perplexity import Window, rolling_windows, special_prefix, window_rows
 from melayer.eval import answers, data
 from melayer.eval import engine as E
 from melayer.eval.stats import Metric
@@ -438,37 +439,27 @@ class WikiText2(Task):
         if w < 2 or not 1 <= s <= w - 1:
             raise MelayerError(f"ppl needs window >= 2 and 1 <= stride < window (got window {w}, stride {s})")
 
-    def _tokens(self, lm: LM) -> tuple[list[int], int | None]:
+    def _tokens(self, lm: LM) -> tuple[list[int], list[int]]:
         key = id(lm.tokenizer)
         if key not in self._cache:
-            tok = lm.tokenizer
-            ids = _encode(lm, data.wikitext2_test(), special=False)
-            probe = _encode(lm, "a", special=True)
-            bos = tok.bos_token_id if tok.bos_token_id is not None and probe[:1] == [tok.bos_token_id] else None
-            self._cache[key] = (ids, bos)
+            self._cache[key] = (_encode(lm, data.wikitext2_test(), special=False), special_prefix(lm.tokenizer))
         return self._cache[key]
 
     def _load(self, lm: LM | None) -> list[Sample]:
         if lm is None:
             raise MelayerError("ppl windows depend on the tokenizer: load(limit, lm=...)")
-        ids, bos = self._tokens(lm)
-        w, s = self.options["window"], self.options["stride"]
-        content = w - (1 if bos is not None else 0)
-        samples, prev_end, begin, k = [], 0, 0, 0
-        while prev_end < len(ids):
-            end = min(begin + content, len(ids))
-            first = 0 if bos is not None else 1
-            scored = end - prev_end if k else end - first
-            if scored > 0:
-                samples.append(Sample(f"ppl-w{k}", {"begin": begin, "end": end, "scored": scored}))
-            prev_end, begin, k = end, begin + s, k + 1
-        return samples
+        ids, prefix = self._tokens(lm)
+        windows = rolling_windows(len(ids), window=self.options["window"], stride=self.options["stride"],
+                                  prefix_len=len(prefix))
+        return [Sample(f"ppl-w{k}", {"begin": w.begin, "end": w.end, "scored": w.scored})
+                for k, w in enumerate(windows)]
 
     def prompt_format(self, chat: bool) -> str:
         w, s = self.options["window"], self.options["stride"]
         return (f"wiki.test.raw as one string, tokenised once without special tokens; windows of {w} tokens "
-                f"(incl. a BOS token when the tokenizer adds one) advancing by {s}; the first window scores all its "
-                f"tokens, later windows only their last {s} (new) tokens; ppl = exp(total NLL / scored tokens)")
+                f"(incl. the tokenizer's special prefix, e.g. BOS, which starts every window) advancing by {s}; the first "
+                f"window scores all its tokens (without a prefix all but the first), later windows only the tokens "
+                f"no earlier window scored; ppl = exp(total NLL / scored tokens) (melayer.analysis.perplexity)")
 
     def sink_text(self, sample: Sample) -> str:
         return data.wikitext2_test()[:2000].strip()
@@ -477,11 +468,8 @@ class WikiText2(Task):
         return int(sample.doc["end"]) - int(sample.doc["begin"])  # the window's tokens
 
     def run_batch(self, lm: LM, samples: Sequence[Sample], ctx: RunContext) -> list[dict[str, Any]]:
-        ids, bos = self._tokens(lm)
-        rows = []
-        for s in samples:
-            row = ids[s.doc["begin"]: s.doc["end"]]
-            rows.append(([bos, *row] if bos is not None else row, s.doc["scored"]))
+        ids, prefix = self._tokens(lm)
+        rows = window_rows(ids, [Window(**s.doc) for s in samples], prefix)
         scores = E.score_tails(lm, rows, intervention=ctx.intervention)
         return [{"id": s.id, "metrics": {"ppl": [-ll, float(s.doc["scored"])]}, "tokens": s.doc["scored"]}
                 for s, (ll, _) in zip(samples, scores)]
@@ -526,7 +514,7 @@ class TaskSpec:
 
 
 FEWSHOT = TaskOption("num_fewshot", int, 0, "gsm8k only: k exemplars (0-8) from the first train problems")
-PPL_WINDOW = TaskOption("window", int, 1024, "ppl only: tokens per window (incl. BOS)")
+PPL_WINDOW = TaskOption("window", int, 1024, "ppl only: tokens per window (incl. the BOS prefix, if any)")
 PPL_STRIDE = TaskOption("stride", int, 512, "ppl only: tokens each window advances (its new, scored tokens)")
 
 REGISTRY: dict[str, TaskSpec] = {spec.name: spec for spec in (

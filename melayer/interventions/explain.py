@@ -37,7 +37,7 @@ from melayer.analysis.attribution import (
 )
 from melayer.analysis.criterion import Criterion
 from melayer.analysis.me_layer import massive_dims_at, massive_positions
-from melayer.analysis.perplexity import PPL_WINDOW, perplexity
+from melayer.analysis.perplexity import perplexity
 from melayer.analysis.scan import default_prompts, scan
 from melayer.capture import Hooks, TokenTracker, layer_output
 from melayer.interventions.ablate import (
@@ -137,6 +137,7 @@ def _measure(lm: LM, prompts: Sequence[str], positions: Sequence[int], dims: Seq
         "massive_dims_after": result.massive_dims,
         "ppl": ppl["ppl"],
         "ppl_tokens": ppl["tokens"],
+        "ppl_windows": {"window": ppl["window"], "stride": ppl["stride"]},
     }
 
 
@@ -378,6 +379,7 @@ def explain(
                                     me_layer_after=m["me_layer_after"], me_layer_after_consistency=m["consistency"],
                                     massive_dims_after=m["massive_dims_after"], ppl=m["ppl"],
                                     ppl_tokens=m["ppl_tokens"]))
+            ppl_windows = m["ppl_windows"]
     finally:
         after = fingerprint(lm)
     if after != before:
@@ -389,7 +391,8 @@ def explain(
         r.me_layer = L
 
     ppl_info = {"text": "melayer/data/ppl_text.txt (WikiText-2 test excerpt, CC BY-SA 3.0)",
-                "max_tokens": ppl_tokens, "window": PPL_WINDOW, "tokens": runs[0].ppl_tokens}
+                "max_tokens": ppl_tokens, **ppl_windows, "tokens": runs[0].ppl_tokens,
+                "semantics": "melayer.analysis.perplexity.rolling_windows"}
     return ExplainResult(
         model=lm.name, arch=lm.arch.name, num_layers=lm.num_layers, hidden_size=lm.hidden_size,
         me_layer=L, me_layer_consistency=base.me_layer_consistency, massive_dims=dims, massive_dim_support=support,
