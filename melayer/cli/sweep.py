@@ -1,0 +1,91 @@
+"""``melayer sweep`` and ``melayer aggregate``: thin shells over :mod:`melayer.sweep`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from melayer.cli import app
+from melayer.errors import MelayerError
+
+
+def _write_table(root: Path, out: Path | None, plot: bool) -> None:
+    from melayer.sweep.table import aggregate, write
+
+    table = aggregate(root)
+    paths = write(table, out or root / "table")
+    if plot:
+        from melayer.report.plots_sweep import sweep_differences
+
+        png = sweep_differences(table, paths["csv"].with_suffix(".png"))
+        if png is not None:
+            paths["png"] = png
+    note = table["multiple_comparisons"]
+    typer.echo(f"{len(table['rows'])} rows from {root}; {note['tests']} McNemar tests, BH-adjusted (q = "
+               f"{note['alpha']}); {len(table['unfinished_cells'])} cells unfinished")
+    for path in paths.values():
+        typer.echo(f"wrote {path}")
+
+
+@app.command()
+def sweep(
+    spec: Annotated[Path, typer.Argument(help="the sweep spec (YAML): models and run blocks, see examples/sweep.yaml")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="sweep directory (default: the spec's 'output')")] = None,
+    executor: Annotated[str, typer.Option("--executor", "-x", help="local (process pool), slurm (submitit job arrays) or ray")] = "local",
+    workers: Annotated[int | None, typer.Option("--workers", help="local: processes (default cores // threads); slurm: array parallelism")] = None,
+    threads: Annotated[int, typer.Option("--threads", help="torch threads per cell")] = 1,
+    gpus: Annotated[float, typer.Option("--gpus", help="GPUs per cell (slurm, ray)")] = 0,
+    ray_address: Annotated[str | None, typer.Option("--ray-address", help="ray: the cluster to join (default: start Ray on this machine)")] = None,
+    slurm_cluster: Annotated[str | None, typer.Option("--slurm-cluster", help="slurm: submitit cluster (default: detect Slurm; 'local' or 'debug' run here)")] = None,
+    partition: Annotated[str | None, typer.Option("--partition", help="slurm: partition")] = None,
+    timeout_min: Annotated[int, typer.Option("--timeout-min", help="slurm: time limit per cell, minutes")] = 240,
+    retries: Annotated[int, typer.Option("--retries", help="ray: retries of a cell whose worker died")] = 0,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="list the cells and which are finished; run nothing")] = False,
+    table: Annotated[bool, typer.Option(help="write DIR/table.csv/.json/.png when done")] = True,
+) -> None:
+    """Run a grid of scan / eval / compare / finetune cells; finished cells are skipped, partial ones resume."""
+    import melayer.sweep as S
+    from melayer.cli.common import check_output
+
+    if threads < 1:
+        raise MelayerError(f"--threads must be >= 1 (got {threads})")
+    if workers is not None and workers < 1:
+        raise MelayerError(f"--workers must be >= 1 (got {workers})")
+    if output is not None:
+        check_output(output)
+    opts = S.ExecutorOptions(workers=workers, threads=threads, gpus=gpus, ray_address=ray_address,
+                             slurm_cluster=slurm_cluster, timeout_min=timeout_min, retries=retries,
+                             slurm={"slurm_partition": partition} if partition else {})
+
+    def report(rec: dict) -> None:
+        state = "skipped (finished before)" if rec.get("skipped") else rec.get("status")
+        extra = f": {rec.get('error')}" if rec.get("status") != "done" else f" in {rec.get('elapsed_s', 0):.1f} s"
+        typer.echo(f"cell {rec['id']}: {state}{extra}", err=True)
+
+    res = S.run(spec, output, executor, options=opts, report=report, dry_run=dry_run)
+    if dry_run:
+        for cell in res.cells:
+            state = "finished" if cell["id"] in res.skipped else "to run"
+            typer.echo(f"stage {cell['stage']}  {state:8s}  {cell['id']}")
+        typer.echo(f"{len(res.cells)} cells, {len(res.skipped)} finished")
+        return
+    typer.echo(f"{len(res.cells)} cells: {len(res.skipped)} finished before, {len(res.ran)} ran, "
+               f"{len(res.failed)} failed ({res.elapsed_s:.1f} s) -> {res.output}")
+    if table and len(res.failed) < len(res.cells):
+        _write_table(Path(res.output), None, plot=True)
+    if res.failed:
+        first = next(iter(res.failed.items()))
+        raise MelayerError(f"{len(res.failed)} cell(s) failed, e.g. {first[0]}: {first[1]}; rerun the same command "
+                           "to retry only the missing cells")
+
+
+@app.command()
+def aggregate(
+    directory: Annotated[Path, typer.Argument(help="a sweep's output directory")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="table path without suffix (default DIR/table)")] = None,
+    plot: Annotated[bool, typer.Option(help="write a PNG of the paired differences")] = True,
+) -> None:
+    """One table across a sweep's finished cells -> TABLE.csv + TABLE.json (+ TABLE.png), BH-adjusted."""
+    _write_table(directory, output, plot)

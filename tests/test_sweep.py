@@ -1,0 +1,262 @@
+"""``melayer sweep`` / ``melayer aggregate``: real cells on a saved tiny checkpoint, under each executor.
+
+Every cell is a real run (scan, eval, compare) of a tiny planted Llama; nothing is mocked. The local pool,
+submitit's local cluster and a Ray instance started on this machine must give the identical table; a sweep
+killed mid-way and a cell torn mid-write are finished by re-running, which redoes only what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from melayer.errors import MelayerError
+from melayer.report.io import read_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "MELAYER_QUIET": "1",
+       "PYTHONPATH": str(REPO)}
+
+
+@pytest.fixture(autouse=True)
+def _env(monkeypatch):
+    for k, v in ENV.items():
+        monkeypatch.setenv(k, v)
+
+
+def grid(model: Path, rates=(0.05, 0.1, 0.2)) -> dict:
+    """3 rates x 2 select rules on one task: 6 compare cells + 1 baseline + 1 scan."""
+    return {"models": [str(model)], "runs": [{"command": "compare", "tasks": ["lambada"], "rates": list(rates),
+                                              "select": ["activation", "weight"], "limit": 4, "batch_size": 4,
+                                              "n_boot": 200}]}
+
+
+def rows(table_dir: Path) -> list[dict]:
+    return json.loads((table_dir / "table.json").read_text())["rows"]
+
+
+def cli(*args, timeout=900):
+    proc = subprocess.run([sys.executable, "-m", "melayer", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, **ENV}, cwd=REPO, timeout=timeout, check=False)
+    return proc
+
+
+@pytest.fixture(scope="module")
+def spec_file(planted_dir, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("spec") / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid(planted_dir)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def local_run(spec_file, tmp_path_factory):
+    """The grid under the local process pool (2 workers, 1 thread each), through the CLI."""
+    out = tmp_path_factory.mktemp("local") / "sweep"
+    proc = cli("sweep", spec_file, "-o", out, "--executor", "local", "--workers", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+# ------------------------------------------------------------------------------------------------
+# the spec
+
+
+def test_expansion_shares_the_scan_and_baseline_and_orders_stages(planted_dir):
+    from melayer.sweep import expand
+
+    cells = expand(grid(planted_dir))
+    kinds = [c.command for c in cells]
+    assert kinds.count("compare") == 6 and kinds.count("eval") == 1 and kinds.count("scan") == 1
+    assert [c.stage for c in cells] == sorted(c.stage for c in cells)
+    scan = next(c for c in cells if c.command == "scan")
+    base = next(c for c in cells if c.command == "eval")
+    assert base.settings["rate"] == 0.0 and base.stage == 1
+    for c in cells:
+        if c.command == "compare":
+            assert c.needs == {"baseline": base.id, "scan": scan.id} and c.stage == 2
+    assert len({c.id for c in cells}) == len(cells)
+    # the same spec expands to the same ids; the limit may grow without a new directory (the run extends)
+    again = expand(grid(planted_dir))
+    assert [c.id for c in again] == [c.id for c in cells]
+    bigger = grid(planted_dir)
+    bigger["runs"][0]["limit"] = 8
+    assert [c.id for c in expand(bigger)] == [c.id for c in cells]
+    # a given ME layer needs no scan cell
+    given = grid(planted_dir)
+    given["runs"][0]["me_layer"] = 2
+    assert "scan" not in [c.command for c in expand(given)]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"runs": [{"command": "nope"}]}, "'command' must be one of"),
+    ({"runs": [{"command": "compare", "tasks": ["nope"], "rates": [0.1]}]}, "unknown task 'nope'"),
+    ({"runs": [{"command": "compare", "tasks": ["lambada"], "rates": [1.5]}]}, "out of range"),
+    ({"runs": [{"command": "compare", "tasks": ["lambada"], "rates": [0.0]}]}, "at least one rate > 0"),
+    ({"runs": [{"command": "compare", "tasks": ["lambada"], "rates": [0.1], "select": ["max"]}]}, "select rule"),
+    ({"runs": [{"command": "scan", "tasks": ["lambada"]}]}, "unknown key 'tasks'"),
+    ({"runs": [{"command": "eval", "tasks": ["lambada"], "limit": 0}]}, "positive integer"),
+    ({"runs": []}, "non-empty list"),
+    ({"modles": ["x"]}, "unknown key 'modles'"),
+])
+def test_bad_specs_are_one_line_errors(planted_dir, change, message):
+    from melayer.sweep import expand
+
+    spec = {"models": [str(planted_dir)], "runs": [{"command": "scan"}], **change}
+    with pytest.raises(MelayerError, match=message):
+        expand(spec)
+
+
+def test_fingerprint_is_the_model_not_the_path(planted_dir, tmp_path, monkeypatch):
+    from melayer.sweep.fingerprint import model_fingerprint
+
+    copy = tmp_path / "m"
+    shutil.copytree(planted_dir, copy)
+    monkeypatch.chdir(tmp_path)
+    assert model_fingerprint("m") == model_fingerprint(str(copy.resolve()))
+    before = model_fingerprint("m")["digest"]
+    weights = next(copy.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # other weights at the same path: a new fingerprint, so new cells
+    weights.write_bytes(bytes(data))
+    assert model_fingerprint("m")["digest"] != before
+    with pytest.raises(MelayerError, match="no such file"):
+        model_fingerprint("./missing")
+
+
+def test_benjamini_hochberg_adjustment():
+    from melayer.sweep.table import adjust
+
+    table = [{"mcnemar_p": 0.01}, {"mcnemar_p": 0.04}, {"mcnemar_p": None}, {"mcnemar_p": 0.03}]
+    adjust(table)
+    # sorted 0.01, 0.03, 0.04 (m = 3): 0.04 * 3/3, min(0.03 * 3/2, 0.04), 0.01 * 3/1
+    assert [r.get("p_bh") for r in table] == pytest.approx([0.03, 0.04, None, 0.04])
+    assert [r.get("significant_bh") for r in table] == [True, True, None, True]
+
+
+# ------------------------------------------------------------------------------------------------
+# running: each executor, identical tables
+
+
+def test_local_pool_runs_every_cell_and_writes_the_table(local_run, planted_dir):
+    out, _ = local_run
+    state = json.loads((out / "sweep.json").read_text())
+    assert state["schema"] == "melayer.sweep/1" and len(state["ran"]) == 8 and not state["failed"]
+    table = json.loads((out / "table.json").read_text())
+    assert table["schema"] == "melayer.sweep_table/1" and table["multiple_comparisons"]["method"] == "benjamini-hochberg"
+    cmp_rows = [r for r in table["rows"] if r["command"] == "compare"]
+    assert len(cmp_rows) == 12  # 6 cells x (acc, ppl)
+    assert {r["rate"] for r in cmp_rows} == {0.05, 0.1, 0.2} and {r["select"] for r in cmp_rows} == {"activation", "weight"}
+    for r in cmp_rows:  # the cell's own paired statistics, read back unchanged
+        cell = out / "cells" / r["cell"]
+        d = json.loads((cell / "compare.json").read_text())
+        m = d["per_rate"][1]["metrics"][r["metric"]]
+        assert r["diff"] == m["vs_baseline"]["diff"] and r["value"] == m["value"] and r["me_layer"] == 2
+        assert r["k"] == int(r["rate"] * 64) and r["sink_rate"] == d["per_rate"][1]["sink_rate"]
+        if r["metric"] == "acc":
+            assert r["mcnemar_p"] == m["mcnemar"]["p"] and r["p_bh"] >= r["mcnemar_p"]
+        # the shared baseline was reused, not recomputed: the rate-0 records are the baseline cell's
+        base = next(p for p in (out / "cells").iterdir() if p.name.startswith("eval_"))
+        assert read_jsonl(cell / "rate_0" / "samples.jsonl") == read_jsonl(base / "samples.jsonl")
+    assert any(r["diff"] != 0 for r in cmp_rows if r["metric"] == "ppl")  # the mask does something
+    assert (out / "table.csv").read_text().startswith("cell,command,model")
+    assert (out / "table.png").stat().st_size > 1000
+
+
+def test_a_second_run_skips_every_finished_cell(local_run, spec_file):
+    out, _ = local_run
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*/cell.json")}
+    proc = cli("sweep", spec_file, "-o", out, "--workers", "2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "8 finished before, 0 ran" in proc.stdout
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_submitit_local_cluster_gives_the_identical_table(local_run, spec_file, tmp_path):
+    pytest.importorskip("submitit")
+    from melayer.sweep import ExecutorOptions, run
+    from melayer.sweep.table import aggregate
+
+    res = run(spec_file, tmp_path / "sweep", "slurm", options=ExecutorOptions(slurm_cluster="local", timeout_min=20))
+    assert not res.failed and len(res.ran) == 8
+    assert list((tmp_path / "sweep" / "logs" / "submitit").iterdir())  # submitit's own logs
+    assert aggregate(tmp_path / "sweep")["rows"] == rows(local_run[0])
+
+
+def test_ray_gives_the_identical_table(local_run, spec_file, tmp_path):
+    pytest.importorskip("ray")
+    out = tmp_path / "sweep"
+    proc = cli("sweep", spec_file, "-o", out, "--executor", "ray", "--workers", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert rows(out) == rows(local_run[0])
+
+
+# ------------------------------------------------------------------------------------------------
+# kills and torn cells
+
+
+def test_a_killed_sweep_finishes_only_the_missing_cells(local_run, spec_file, tmp_path):
+    out = tmp_path / "sweep"
+    proc = subprocess.Popen([sys.executable, "-m", "melayer", "sweep", str(spec_file), "-o", str(out),
+                             "--workers", "1", "--no-table"], env={**os.environ, **ENV}, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline and len(list(out.glob("cells/compare_*/cell.json"))) < 2:
+            assert proc.poll() is None, "the sweep ended before it could be killed"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and its pool workers, mid-way
+        proc.wait()
+    done_before = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("cells/*/cell.json")}
+    assert 4 <= len(done_before) < 8  # scan + baseline + at least 2 of the 6 compare cells
+    # tear one unfinished cell the way a kill mid-write leaves it: no cell.json, half a record at the end
+    torn = next(p for p in (local_run[0] / "cells").iterdir() if p.name not in done_before)
+    shutil.rmtree(out / "cells" / torn.name, ignore_errors=True)
+    shutil.copytree(torn, out / "cells" / torn.name)
+    (out / "cells" / torn.name / "cell.json").unlink()
+    log = next((out / "cells" / torn.name).glob("rate_0.*/samples.jsonl"))
+    lines = log.read_text().splitlines(keepends=True)
+    log.write_text("".join(lines[:2]) + lines[2][: len(lines[2]) // 2])
+
+    proc2 = cli("sweep", spec_file, "-o", out, "--workers", "1")
+    assert proc2.returncode == 0, proc2.stderr[-2000:]
+    state = json.loads((out / "sweep.json").read_text())
+    assert sorted(state["skipped"]) == sorted(done_before) and len(state["ran"]) == 8 - len(done_before)
+    assert {p: (out / "cells" / p / "cell.json").stat().st_mtime_ns for p in done_before} == done_before
+    recs = read_jsonl(log)
+    assert len(recs) == 4 and len({r["id"] for r in recs}) == 4  # nothing lost, nothing repeated
+    assert rows(out) == rows(local_run[0])
+
+
+# ------------------------------------------------------------------------------------------------
+# the CLI's bad input and the Python entry point
+
+
+@pytest.mark.parametrize("args, message", [
+    (["sweep", "missing.yaml"], "no such sweep spec"),
+    (["sweep", "{spec}", "--executor", "k8s"], "unknown executor 'k8s'"),
+    (["sweep", "{spec}", "--threads", "0"], "--threads must be >= 1"),
+    (["aggregate", "{tmp}"], "not a sweep output directory"),
+])
+def test_cli_bad_input_is_one_line(spec_file, tmp_path, args, message):
+    args = [a.format(spec=spec_file, tmp=tmp_path) for a in args]
+    proc = cli(*args, "-o", tmp_path / "out") if args[0] == "sweep" else cli(*args)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("melayer: error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and message in errors[0] and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_melayer_sweep_is_callable_and_dry_runs(local_run, spec_file):
+    import melayer.sweep
+
+    res = melayer.sweep(spec_file, local_run[0], dry_run=True)
+    assert len(res.cells) == 8 and len(res.skipped) == 8 and not res.records
