@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from melayer.errors import MelayerError
-from melayer.report.io import read_jsonl
+from melayer.util.errors import MelayerError
+from melayer.util.io import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "MELAYER_QUIET": "1",

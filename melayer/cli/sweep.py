@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
 from melayer.cli import app
-from melayer.errors import MelayerError
+from melayer.util.errors import MelayerError
 
 
 def _write_table(root: Path, out: Path | None, plot: bool) -> None:
@@ -32,14 +32,14 @@ def _write_table(root: Path, out: Path | None, plot: bool) -> None:
 @app.command()
 def sweep(
     spec: Annotated[Path, typer.Argument(help="the sweep spec (YAML): models and run blocks, see examples/sweep.yaml")],
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="sweep directory (default: the spec's 'output')")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="sweep directory (default: the spec's 'output')")] = None,
     executor: Annotated[str, typer.Option("--executor", "-x", help="local (process pool), slurm (submitit job arrays) or ray")] = "local",
-    workers: Annotated[int | None, typer.Option("--workers", help="local: processes (default cores // threads); slurm: array parallelism")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="local: processes (default cores // threads); slurm: array parallelism")] = None,
     threads: Annotated[int, typer.Option("--threads", help="torch threads per cell")] = 1,
     gpus: Annotated[float, typer.Option("--gpus", help="GPUs per cell (slurm, ray)")] = 0,
-    ray_address: Annotated[str | None, typer.Option("--ray-address", help="ray: the cluster to join (default: start Ray on this machine)")] = None,
-    slurm_cluster: Annotated[str | None, typer.Option("--slurm-cluster", help="slurm: submitit cluster (default: detect Slurm; 'local' or 'debug' run here)")] = None,
-    partition: Annotated[str | None, typer.Option("--partition", help="slurm: partition")] = None,
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="ray: the cluster to join (default: start Ray on this machine)")] = None,
+    slurm_cluster: Annotated[Optional[str], typer.Option("--slurm-cluster", help="slurm: submitit cluster (default: detect Slurm; 'local' or 'debug' run here)")] = None,
+    partition: Annotated[Optional[str], typer.Option("--partition", help="slurm: partition")] = None,
     timeout_min: Annotated[int, typer.Option("--timeout-min", help="slurm: time limit per cell, minutes")] = 240,
     retries: Annotated[int, typer.Option("--retries", help="ray: retries of a cell whose worker died")] = 0,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="list the cells and which are finished; run nothing")] = False,
@@ -84,7 +84,7 @@ def sweep(
 @app.command()
 def aggregate(
     directory: Annotated[Path, typer.Argument(help="a sweep's output directory")],
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="table path without suffix (default DIR/table)")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="table path without suffix (default DIR/table)")] = None,
     plot: Annotated[bool, typer.Option(help="write a PNG of the paired differences")] = True,
 ) -> None:
     """One table across a sweep's finished cells -> TABLE.csv + TABLE.json (+ TABLE.png), BH-adjusted."""

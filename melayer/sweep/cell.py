@@ -65,7 +65,7 @@ def _me_layer(root: Path, cell: dict[str, Any]) -> int | None:
     """The ME layer from the block (given) or from the model's scan cell (stage 1)."""
     import json
 
-    from melayer.errors import MelayerError
+    from melayer.util.errors import MelayerError
 
     s = cell["settings"]
     if s.get("me_layer") is not None or s.get("layers") is not None:
@@ -86,7 +86,7 @@ def _me_layer(root: Path, cell: dict[str, Any]) -> int | None:
 def _seed_baseline(root: Path, cell: dict[str, Any], out: Path) -> None:
     """Give a compare cell the shared baseline's finished samples, so its rate-0 run has nothing left to do."""
     from melayer.eval.compare import rate_dir
-    from melayer.report.io import read_jsonl, write_atomic
+    from melayer.util.io import read_jsonl, write_atomic
 
     src = cell_dir(root, cell["needs"]["baseline"]) / "samples.jsonl"
     dst = out / rate_dir(0.0) / "samples.jsonl"
@@ -97,7 +97,7 @@ def _seed_baseline(root: Path, cell: dict[str, Any], out: Path) -> None:
 def _run(root: Path, cell: dict[str, Any], out: Path) -> dict[str, Any]:
     """Run the cell's command; returns a small summary for cell.json."""
     import melayer
-    from melayer.report.io import write_json
+    from melayer.util.io import write_json
 
     s = cell["settings"]
     lm = _load(cell)
@@ -113,7 +113,7 @@ def _run(root: Path, cell: dict[str, Any], out: Path) -> dict[str, Any]:
         try:
             from melayer import finetune as ft
         except ImportError:
-            from melayer.errors import MelayerError
+            from melayer.util.errors import MelayerError
 
             raise MelayerError("finetune cells need melayer.finetune, which this installation does not have") from None
         me = _me_layer(root, cell) if s["rate"] > 0 else None
@@ -130,8 +130,8 @@ def _run(root: Path, cell: dict[str, Any], out: Path) -> dict[str, Any]:
         intervention = None
         if s["rate"] > 0:
             me = _me_layer(root, cell)
-            intervention = (lambda: melayer.wemask(lm, s["rate"], layers=s.get("layers"), select=s["select"],
-                                                   gamma=s["gamma"], me_layer=me))
+            intervention = melayer.wemask(lm, s["rate"], layers=s.get("layers"), select=s["select"],
+                                          gamma=s["gamma"], me_layer=me)  # re-entered around every model call
         res = run(lm, s["task"], limit=s.get("limit"), batch_size=s["batch_size"], output=out,
                   intervention=intervention, progress=False, **run_kwargs, **s.get("task_options", {}))
         return {"primary_metric": res.primary, "value": res.metrics[res.primary]["value"], "result": "eval.json"}
@@ -147,11 +147,11 @@ def _run(root: Path, cell: dict[str, Any], out: Path) -> dict[str, Any]:
 def run_cell(cell: dict[str, Any], root: str, threads: int | None = None) -> dict[str, Any]:
     """Run one cell unless it has finished already; returns its ``cell.json`` (status done / failed).
 
-    A :class:`melayer.errors.MelayerError` (bad input for this cell) is reported as a failed cell; anything
+    A :class:`melayer.MelayerError` (bad input for this cell) is reported as a failed cell; anything
     else propagates, so the engine records it (and retries it where it is configured to).
     """
-    from melayer.errors import MelayerError
-    from melayer.report.io import write_json
+    from melayer.util.errors import MelayerError
+    from melayer.util.io import write_json
 
     if threads:
         set_threads(threads)

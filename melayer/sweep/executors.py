@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from melayer.errors import MelayerError
 from melayer.sweep.cell import run_cell, set_threads
+from melayer.util.errors import MelayerError
 
 EXECUTORS = ("local", "slurm", "ray")
 
@@ -49,7 +49,7 @@ def _collect(outcomes, report: Report) -> list[dict[str, Any]]:
     for cell, get, log in outcomes:
         try:
             rec = get()
-        except Exception as exc:  # noqa: BLE001 - recorded with its message; the engine keeps the traceback
+        except Exception as exc:
             rec = _failed(cell, exc, log)
         report(rec)
         results.append(rec)

@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from melayer.errors import MelayerError
 from melayer.sweep.cell import finished
 from melayer.sweep.executors import EXECUTORS, RUNNERS, ExecutorOptions
 from melayer.sweep.spec import SCHEMA, expand, read_spec
+from melayer.util.errors import MelayerError
 
 STATE = "sweep.json"
 
@@ -52,7 +52,7 @@ def run(
     Stage 1 (scans, rate-0 baselines) runs before stage 2 (everything that uses them). A failed cell does not
     stop the others; :attr:`SweepResult.failed` lists them, and the next run retries only what is missing.
     """
-    from melayer.report.io import write_json
+    from melayer.util.io import write_json
 
     t0 = time.time()
     if executor not in EXECUTORS:

@@ -29,7 +29,7 @@ from itertools import product
 from pathlib import Path
 from typing import Any
 
-from melayer.errors import MelayerError
+from melayer.util.errors import MelayerError
 
 SCHEMA = "melayer.sweep/1"
 COMMANDS = ("scan", "eval", "compare", "finetune")

@@ -14,8 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from melayer.errors import MelayerError
 from melayer.sweep.cell import DONE
+from melayer.util.errors import MelayerError
 
 SCHEMA = "melayer.sweep_table/1"
 COLUMNS = ("cell", "command", "model", "model_digest", "dtype", "task", "select", "seed", "rate", "k", "metric",
@@ -122,7 +122,7 @@ def to_csv(table: dict[str, Any]) -> str:
 
 def write(table: dict[str, Any], out: str | Path) -> dict[str, Path]:
     """``OUT.csv`` and ``OUT.json`` (atomic); ``out`` is a path without suffix, e.g. ``DIR/table``."""
-    from melayer.report.io import write_atomic, write_json
+    from melayer.util.io import write_atomic, write_json
 
     out = Path(out)
     csv_path = write_atomic(out.with_suffix(".csv"), lambda p: p.write_text(to_csv(table)))
