@@ -64,6 +64,8 @@ class LayerReducer:
         B, T, H = h.shape
         a = h.float().abs()
         if self.padded:
+            if self.mask.device != h.device:  # a split model: this layer sits on another device than the inputs
+                self.mask = self.mask.to(h.device)
             a = a.masked_fill(~self.mask[..., None], -1.0)  # pads never win a top-k or pass a cutoff
         per_pos = a.amax(-1)  # (B, T); NaN propagates, so this also catches inf/nan anywhere real
         if not bool(torch.isfinite(per_pos).all()):

@@ -18,6 +18,8 @@ PromptsOpt = Annotated[Optional[Path], typer.Option("--prompts", help="a text fi
 OutputOpt = Annotated[Path, typer.Option("--output", "-o", help="output directory")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32 (default), bfloat16 or float16")]
 ArchOpt = Annotated[Optional[str], typer.Option("--arch", help="architecture-map override: a mapped family name or a JSON file of role -> module path")]
+DeviceMapOpt = Annotated[Optional[str], typer.Option("--device-map", help="split the model with accelerate: auto, balanced, sequential, a device (cuda:0) or a JSON file of module -> device ('cpu'/'disk' offload)")]
+MaxMemoryOpt = Annotated[Optional[str], typer.Option("--max-memory", help="memory per device for the device map, e.g. 0=20GiB,1=20GiB,cpu=64GiB (implies --device-map auto)")]
 NPromptsOpt = Annotated[Optional[int], typer.Option("--n-prompts", help="use the first N prompts (0 = all)")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="prompts per forward pass")]
 AdapterOpt = Annotated[Optional[Path], typer.Option("--adapter", help="a melayer finetune output directory: its adapter is merged into --model and the WeMask it was trained with is re-applied")]
@@ -72,15 +74,18 @@ def check_output_file(path: Path) -> Path:
     return path
 
 
-def load_model(model: str | None, dtype: str, arch: str | None, adapter: Path | None = None) -> Any:
-    """Load ``--model`` (and merge ``--adapter``; its saved mask is returned by :func:`adapter_mask`)."""
+def load_model(model: str | None, dtype: str, arch: str | None, adapter: Path | None = None,
+               device_map: str | None = None, max_memory: str | None = None) -> Any:
+    """Load ``--model`` (and merge ``--adapter``; its saved mask is returned by :func:`adapter_mask`), split
+    across devices by ``--device-map`` / ``--max-memory``."""
     import melayer
 
     if adapter is not None:
         from melayer.finetune.adapter import read_adapter_dir
 
         read_adapter_dir(adapter)  # a bad --adapter fails before the model is loaded
-    return melayer.load(model, dtype=dtype, arch=arch, adapter=adapter, adapter_mask=False)
+    return melayer.load(model, dtype=dtype, arch=arch, adapter=adapter, adapter_mask=False, device_map=device_map,
+                        max_memory=max_memory)
 
 
 def adapter_mask(lm: Any, adapter: Path | None, use: bool, wemask: float | None) -> Any:
@@ -118,11 +123,12 @@ def finish(data: dict[str, Any], output: Path, json_name: str, render: Callable[
 
 
 def run_analysis(*, output: Path, model: str | None, dtype: str, arch: str | None, json_name: str,
+                 placement: tuple[str | None, str | None] = (None, None),
                  run: Callable[[Any], Any], render: Callable[[dict[str, Any]], None],
                  plots: Sequence[Plot] = (), report: bool = False) -> dict[str, Any]:
     """check output -> load -> run (returns a result with ``to_dict()``) -> render -> write -> plots (-> report)."""
     check_output(output)
-    lm = load_model(model, dtype, arch)
+    lm = load_model(model, dtype, arch, device_map=placement[0], max_memory=placement[1])
     data = run(lm).to_dict()
     finish(data, output, json_name, render, plots, report=report)
     return data

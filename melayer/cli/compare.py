@@ -10,7 +10,9 @@ import typer
 from melayer.cli import app
 from melayer.cli.common import (
     ArchOpt,
+    DeviceMapOpt,
     DtypeOpt,
+    MaxMemoryOpt,
     ModelOpt,
     ReportOpt,
     check_output,
@@ -58,6 +60,8 @@ def compare_cmd(
     arch: ArchOpt = None,
     adapter: Annotated[Optional[Path], typer.Option("--adapter", help="a melayer finetune output directory, merged into --model; --rates decide the mask (its saved mask is not added)")] = None,
     report: ReportOpt = False,
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
 ) -> None:
     """Same samples at several WeMask rates: paired differences vs rate 0, bootstrap CIs, McNemar, sinks
     -> DIR/compare.json + DIR/dose_response.png (+ one resumable eval per rate in DIR/rate_<r>/)."""
@@ -72,7 +76,7 @@ def compare_cmd(
     from melayer.eval.compare import compare
     from melayer.report.eval import dose_response_plot, print_compare
 
-    lm = load_model(model, dtype, arch, adapter)
+    lm = load_model(model, dtype, arch, adapter, device_map, max_memory)
     result = compare(lm, task, rate_list, limit=limit, batch_size=batch_size, output=out, select=select,
                      layers=layers, gamma=gamma, me_layer=me_layer, max_new_tokens=max_new_tokens, chat=chat_mode,
                      sinks=sinks, overwrite=overwrite, **options)

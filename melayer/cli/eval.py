@@ -12,7 +12,9 @@ from melayer.cli.common import (
     AdapterMaskOpt,
     AdapterOpt,
     ArchOpt,
+    DeviceMapOpt,
     DtypeOpt,
+    MaxMemoryOpt,
     ModelOpt,
     ReportOpt,
     adapter_mask,
@@ -61,6 +63,8 @@ def eval_cmd(
     adapter: AdapterOpt = None,
     use_adapter_mask: AdapterMaskOpt = True,
     report: ReportOpt = False,
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
 ) -> None:
     """Evaluate a model on one task -> DIR/eval.json + DIR/samples.jsonl (a killed run resumes)."""
     from melayer.interventions.wemask import WeMaskSpec
@@ -74,7 +78,7 @@ def eval_cmd(
     from melayer.interventions.wemask import parse_layers
     from melayer.report.eval import print_eval
 
-    lm = load_model(model, dtype, arch, adapter)
+    lm = load_model(model, dtype, arch, adapter, device_map, max_memory)
     mask = adapter_mask(lm, adapter, use_adapter_mask, wemask)
     if spec is not None:
         layer_list = parse_layers(layers, lm.num_layers)

@@ -11,7 +11,9 @@ from melayer.cli import app
 from melayer.cli.common import (
     ArchOpt,
     AutoBatchOpt,
+    DeviceMapOpt,
     DtypeOpt,
+    MaxMemoryOpt,
     ModelOpt,
     NPromptsOpt,
     OutputOpt,
@@ -41,6 +43,8 @@ def explain(
     batch_size: AutoBatchOpt = None,
     dtype: DtypeOpt = "float32",
     arch: ArchOpt = None,
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
     plots: PlotsOpt = True,
     report: ReportOpt = False,
 ) -> None:
@@ -55,7 +59,7 @@ def explain(
         raise MelayerError("--ppl-tokens must be >= 0")
     texts = prompts_from(prompt, prompts)
     n = n_prompts(n_prompts_, DEFAULT_PROMPTS)
-    run_analysis(output=output, model=model, dtype=dtype, arch=arch, json_name="explain.json",
+    run_analysis(output=output, model=model, dtype=dtype, arch=arch, placement=(device_map, max_memory), json_name="explain.json",
                  run=lambda lm: run_explain(lm, texts, n_prompts=n, share=share, max_neurons=max_neurons,
                                             random_draws=random_draws, seed=seed, ppl_tokens=ppl_tokens or None,
                                             batch_size=batch_size),

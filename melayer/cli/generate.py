@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from melayer.cli import app
-from melayer.cli.common import AdapterMaskOpt, AdapterOpt, ArchOpt, DtypeOpt, ModelOpt
+from melayer.cli.common import AdapterMaskOpt, AdapterOpt, ArchOpt, DeviceMapOpt, DtypeOpt, MaxMemoryOpt, ModelOpt
 
 
 @app.command()
@@ -27,6 +27,8 @@ def generate(
     arch: ArchOpt = None,
     adapter: AdapterOpt = None,
     use_adapter_mask: AdapterMaskOpt = True,
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
 ) -> None:
     """Greedy generation (KV cache) printed to stdout; with --wemask under WeMask (settings on stderr)."""
     from melayer.cli.common import adapter_mask, check_output_file, load_model
@@ -46,7 +48,7 @@ def generate(
         WeMaskSpec(wemask, select=select, gamma=gamma)
     if output is not None:
         check_output_file(output)
-    lm = load_model(model, dtype, arch, adapter)
+    lm = load_model(model, dtype, arch, adapter, device_map, max_memory)
     _, used_chat = chat_prompt(lm, prompt, chat)
     mask: WeMask | None = adapter_mask(lm, adapter, use_adapter_mask, wemask)
     if mask is not None:

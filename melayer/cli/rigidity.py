@@ -8,7 +8,9 @@ from melayer.cli import app
 from melayer.cli.common import (
     ArchOpt,
     AutoBatchOpt,
+    DeviceMapOpt,
     DtypeOpt,
+    MaxMemoryOpt,
     ModelOpt,
     NPromptsOpt,
     OutputOpt,
@@ -30,6 +32,8 @@ def rigidity(
     batch_size: AutoBatchOpt = None,
     dtype: DtypeOpt = "float32",
     arch: ArchOpt = None,
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
     plots: PlotsOpt = True,
     report: ReportOpt = False,
 ) -> None:
@@ -41,6 +45,6 @@ def rigidity(
 
     texts = prompts_from(None, prompts)
     n = n_prompts(n_prompts_, DEFAULT_PROMPTS)
-    run_analysis(output=output, model=model, dtype=dtype, arch=arch, json_name="rigidity.json",
+    run_analysis(output=output, model=model, dtype=dtype, arch=arch, placement=(device_map, max_memory), json_name="rigidity.json",
                  run=lambda lm: run_rigidity(lm, texts, n_prompts=n, batch_size=batch_size), render=print_rigidity,
                  plots=[(P.rigidity_plot, "rigidity.png")] if plots else [], report=report)

@@ -11,7 +11,9 @@ from melayer.cli import app
 from melayer.cli.common import (
     ArchOpt,
     AutoBatchOpt,
+    DeviceMapOpt,
     DtypeOpt,
+    MaxMemoryOpt,
     ModelOpt,
     OutputOpt,
     PlotsOpt,
@@ -31,6 +33,8 @@ def scan(
     output: OutputOpt = Path("out/scan"),
     dtype: DtypeOpt = "float32",
     arch: ArchOpt = None,
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
     batch_size: AutoBatchOpt = None,
     abs_min: Annotated[float, typer.Option(help="massive if |a| > this ...")] = 100.0,
     median_ratio: Annotated[float, typer.Option(help="... and |a| > this x the layer's median |a|")] = 1000.0,
@@ -48,7 +52,7 @@ def scan(
     texts = prompts_from(prompt, prompts)
     crit = Criterion(abs_min=abs_min, median_ratio=median_ratio, persist_ratio=persist_ratio,
                      persist_frac=persist_frac)
-    run_analysis(output=output, model=model, dtype=dtype, arch=arch, json_name="scan.json",
+    run_analysis(output=output, model=model, dtype=dtype, arch=arch, placement=(device_map, max_memory), json_name="scan.json",
                  run=lambda lm: melayer.scan(lm, texts, criterion=crit, batch_size=batch_size), render=print_scan,
                  plots=[(P.layer_magnitudes, "layer_magnitudes.png"), (P.token_surface, "massive_token_surface.png")]
                  if plots else [], report=report)

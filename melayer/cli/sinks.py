@@ -11,7 +11,9 @@ from melayer.cli import app
 from melayer.cli.common import (
     ArchOpt,
     AutoBatchOpt,
+    DeviceMapOpt,
     DtypeOpt,
+    MaxMemoryOpt,
     ModelOpt,
     NPromptsOpt,
     OutputOpt,
@@ -40,6 +42,8 @@ def sinks(
     batch_size: AutoBatchOpt = None,
     dtype: DtypeOpt = "float32",
     arch: ArchOpt = None,
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
     plots: PlotsOpt = True,
     report: ReportOpt = False,
 ) -> None:
@@ -54,7 +58,7 @@ def sinks(
         raise MelayerError("--windows must be >= 1")
     texts = prompts_from(prompt, prompts)
     n = n_prompts(n_prompts_, None)
-    run_analysis(output=output, model=model, dtype=dtype, arch=arch, json_name="sinks.json",
+    run_analysis(output=output, model=model, dtype=dtype, arch=arch, placement=(device_map, max_memory), json_name="sinks.json",
                  run=lambda lm: run_sinks(lm, texts, windows=windows, epsilon=epsilon, max_tokens=max_tokens,
                                           min_tokens=min_tokens, n_prompts=n, batch_size=batch_size),
                  render=print_sinks, plots=[(P.sinks_heatmap, "sinks_heatmap.png")] if plots else [], report=report)

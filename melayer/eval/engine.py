@@ -100,7 +100,7 @@ def score_continuations(lm: LM, contexts: Sequence[Sequence[int]], pairs: Sequen
         rest = max(len(c) for _, c in pairs) - 1
         hidden = None
         if rest > 0:
-            idx = torch.tensor([ci for ci, _ in pairs], device=lm.device)
+            idx = torch.tensor([ci for ci, _ in pairs])  # on the CPU: indexes a cache spread over devices
             reindex_cache(cache, idx, lm.name)
             ids = torch.full((len(pairs), rest), pad, dtype=torch.long)
             cmask = torch.zeros((len(pairs), rest), dtype=torch.long)
@@ -125,7 +125,7 @@ def score_continuations(lm: LM, contexts: Sequence[Sequence[int]], pairs: Sequen
     results = []
     chunk = max(1, LOGIT_BUDGET // first.shape[-1])
     for r, (ci, cont) in enumerate(pairs):
-        target = torch.tensor(list(cont), device=lm.device)
+        target = torch.tensor(list(cont), device=first.device)  # the LM head's device
         total = float(first[ci, target[0]])
         greedy = bool(first[ci].argmax() == target[0])
         for s in range(1, len(cont), chunk):

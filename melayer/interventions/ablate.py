@@ -25,6 +25,7 @@ import torch
 
 from melayer.capture.hooks import Hooks
 from melayer.models.archmap import NORM_ROLES
+from melayer.models.devices import edited_offloaded_param, is_offloaded, materialized, read_param
 from melayer.models.hf_internals import hook_count
 from melayer.models.loading import LM
 from melayer.util.errors import MelayerError
@@ -109,6 +110,7 @@ def ablated(lm: LM, edits: Sequence[Edit]) -> Iterator[None]:
         _check(lm, e)
     saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     hooks = Hooks()
+    overlays = contextlib.ExitStack()  # offloaded norms: an edited copy is what their hook loads
     try:
         with torch.no_grad():
             for e in edits:
@@ -116,7 +118,13 @@ def ablated(lm: LM, edits: Sequence[Edit]) -> Iterator[None]:
                     if e.neurons:
                         hooks.pre(lm.module(e.layer, "down"), _zero_hook(tuple(e.neurons)))
                     continue
-                weight = lm.module(e.layer, e.role).weight  # type: ignore[union-attr]
+                norm = lm.module(e.layer, e.role)
+                if is_offloaded(norm):  # type: ignore[arg-type]
+                    weight = read_param(norm).clone()  # type: ignore[arg-type, union-attr]
+                    weight[torch.tensor(e.dims, dtype=torch.long)] = lm.arch.weight_for_gain(e.gain)
+                    overlays.enter_context(edited_offloaded_param(norm, "weight", weight))  # type: ignore[arg-type]
+                    continue
+                weight = norm.weight  # type: ignore[union-attr]
                 idx = torch.tensor(e.dims, dtype=torch.long, device=weight.device)
                 saved.append((weight, idx, weight[idx].clone()))
                 weight[idx] = torch.as_tensor(lm.arch.weight_for_gain(e.gain), dtype=weight.dtype,
@@ -124,15 +132,27 @@ def ablated(lm: LM, edits: Sequence[Edit]) -> Iterator[None]:
         yield
     finally:
         hooks.remove()
+        overlays.close()
         with torch.no_grad():
             for weight, idx, values in reversed(saved):
                 weight[idx] = values
 
 
+def _tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every parameter and buffer with its data (an offloaded module's weights are read through accelerate)."""
+    for mod_name, mod in model.named_modules():
+        own = [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]
+        if not own:
+            continue
+        with materialized(mod, recurse=False):
+            for name, t in [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]:
+                yield f"{mod_name}.{name}" if mod_name else name, t
+
+
 def fingerprint(lm: LM) -> dict[str, Any]:
     """A hash of every parameter and buffer (exact bytes) plus the number of hooks installed on the model."""
     h = hashlib.blake2b(digest_size=16)
-    for name, t in (*lm.model.named_parameters(), *lm.model.named_buffers()):
+    for name, t in _tensors(lm.model):
         h.update(name.encode())
         arr = t.detach().cpu().contiguous()
         if arr.dtype == torch.bfloat16:

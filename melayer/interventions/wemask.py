@@ -265,8 +265,9 @@ class WeMask:
                 return None
             peak = a.amax(dim=-1)  # (B, T)
             found = []
+            reals = tokens.real.to(a.device)  # on a split model the mask and h may sit on different devices
             for b in range(a.shape[0]):
-                real = tokens.real[b]
+                real = reals[b]
                 if bool(real.any()):
                     cut = self.criterion.cutoff(a[b][real].median())
                     found.extend((b, t) for t in ((peak[b] > cut) & real).nonzero().flatten().tolist())
@@ -284,6 +285,7 @@ class WeMask:
             if target is None:
                 return None
             rows, positions, past = target
+            rows, positions = rows.to(h.device), positions.to(h.device)  # the call's mask may sit elsewhere
             sel = h[rows, positions]  # (n, D)
             if self.select == "activation":
                 idx = sel.abs().topk(self.k, dim=-1).indices

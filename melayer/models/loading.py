@@ -11,6 +11,9 @@ import contextlib
 import hashlib
 import importlib.util
 import os
+import shutil
+import tempfile
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +23,7 @@ import torch
 from torch import nn
 
 from melayer.models.archmap import ArchSpec, arch_for, resolve
+from melayer.models.devices import execution_device, materialized, parse_device_map, parse_max_memory, read, read_param
 from melayer.util.errors import MelayerError
 
 DEFAULT_MODEL = "gemma-3-270m"
@@ -66,7 +70,9 @@ class LM:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the embedding's (execution) device. Under a ``device_map`` later layers may sit
+        elsewhere; hooks build their tensors on the device of the hidden state they touch."""
+        return execution_device(self.model.get_input_embeddings())
 
     @property
     def dtype(self) -> torch.dtype:
@@ -79,18 +85,21 @@ class LM:
     def norm_gain(self, layer: int, role: str) -> torch.Tensor | None:
         """The effective per-dim gain of a norm (weight + offset), or None if absent/unweighted."""
         norm = self.module(layer, role)
-        weight = getattr(norm, "weight", None) if norm is not None else None
+        weight = read_param(norm, "weight") if norm is not None else None
         if weight is None:
             return None
-        return self.arch.gain_from_weight(weight.detach().float())
+        return self.arch.gain_from_weight(weight.float())
 
+    # Weight reads go through models.devices.read: an offloaded layer's weights are materialised for the read.
     def down_weight(self, layer: int) -> torch.Tensor:
         """``down`` weight as (hidden_out, intermediate), whatever the storage layout."""
-        return self.arch.down_matrix(self.module(layer, "down")).detach()  # type: ignore[arg-type]
+        return read(self.module(layer, "down"), self.arch.down_matrix)  # type: ignore[arg-type]
 
     def ffn_in_weights(self, layer: int) -> dict[str, torch.Tensor]:
         """The FFN input projections of ``layer`` as (intermediate, hidden) matrices keyed ``gate`` / ``up``."""
-        return {k: w.detach() for k, w in self.arch.ffn_in_matrices(self.layers[layer]).items()}
+        with materialized(self.layers[layer]) as moved:
+            return {k: (w.detach().clone() if moved else w.detach())
+                    for k, w in self.arch.ffn_in_matrices(self.layers[layer]).items()}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -224,6 +233,16 @@ def _library_bars_off() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+@contextlib.contextmanager
+def _removed_on_error(folder: str | None) -> Iterator[None]:
+    try:
+        yield
+    except BaseException:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
 def _one_line(exc: BaseException, limit: int = 300) -> str:
     """An exception's message on one line (library messages often span several)."""
     text = " ".join(str(exc).split())
@@ -261,24 +280,45 @@ def load(
     device: str | None = None,
     arch: Any = None,
     progress: bool = True,
+    device_map: str | dict | None = None,
+    max_memory: str | dict | None = None,
+    offload_folder: str | Path | None = None,
 ) -> LM:
     """Load a causal LM by spec (embedded name, HF directory, .gguf file or hub id); see the README.
 
     ``arch`` overrides the architecture map: a mapped family name, a dict of role -> module path,
-    a JSON file, or an :class:`ArchSpec`.
+    a JSON file, or an :class:`ArchSpec`. ``device_map`` (``"auto"``, ``"balanced"``, ``"sequential"``, a dict
+    of module -> device, ``"cpu"``/``"disk"`` entries offload) and ``max_memory`` (``{0: "20GiB", "cpu":
+    "64GiB"}`` or ``"0=20GiB,cpu=64GiB"``; implies ``device_map="auto"``) split the model with accelerate;
+    layers offloaded to disk go to ``offload_folder`` (default: a fresh folder under the cache, removed when
+    the model is garbage-collected).
     """
     torch_dtype = _DTYPES.get(dtype, None) if isinstance(dtype, str) else dtype
     if torch_dtype is None:
         raise MelayerError(f"unknown dtype {dtype!r}; use one of {', '.join(sorted(_DTYPES))}")
+    device_map, max_memory = parse_device_map(device_map), parse_max_memory(max_memory)
+    if max_memory is not None and device_map is None:
+        device_map = "auto"
+    if device_map is not None and device:
+        raise MelayerError("give a device or a device map, not both")
     name, source = resolve_source(spec)
+    placement: dict[str, Any] = {}
+    own_folder: str | None = None  # an offload folder made here, removed with the model
+    if device_map is not None:
+        placement = {"device_map": device_map, "max_memory": max_memory}
+        if offload_folder is None:
+            (cache_dir() / "offload").mkdir(parents=True, exist_ok=True)
+            offload_folder = own_folder = tempfile.mkdtemp(prefix="run-", dir=cache_dir() / "offload")
+        placement["offload_folder"] = str(offload_folder)
     from transformers import AutoModelForCausalLM
 
     is_hub = not Path(source).exists()
     fresh = _FRESH.pop(source, None)
     try:
-        with _library_bars_off():
+        with _library_bars_off(), _removed_on_error(own_folder):
             tokenizer = _load_tokenizer(source)
-            model = fresh.to(torch_dtype) if fresh is not None else AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+            model = (fresh.to(torch_dtype) if fresh is not None and not placement
+                     else AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **placement))
     except OSError as exc:
         where = "the Hugging Face hub (are you offline?)" if is_hub else source
         raise MelayerError(f"cannot load {spec!r} from {where}: {_one_line(exc)}") from None
@@ -288,6 +328,8 @@ def load(
         raise MelayerError(f"cannot load {spec!r}: corrupt model files? ({type(exc).__name__}: {_one_line(exc)})") from None
     if device:
         model.to(device)
+    if own_folder is not None:
+        weakref.finalize(model, shutil.rmtree, own_folder, True)
     model.eval()
     return LM(model=model, tokenizer=tokenizer, name=name, arch=arch_for(model, arch), source=source)
 
