@@ -96,6 +96,20 @@ def test_expansion_shares_the_scan_and_baseline_and_orders_stages(planted_dir):
     assert "scan" not in [c.command for c in expand(given)]
 
 
+def test_finetune_cells_are_the_grid_of_rates_rules_and_seeds(planted_dir):
+    from melayer.sweep import expand
+
+    spec = {"models": [str(planted_dir)], "runs": [{"command": "finetune", "method": "sft", "rates": [0, 0.01],
+                                                   "select": ["activation", "weight"], "seeds": [0, 1],
+                                                   "options": {"max_steps": 2}}]}
+    cells = expand(spec)
+    # rate 0 ignores the select rule: 2 seeds x (1 unmasked + 2 rules at 0.01)
+    assert len(cells) == 6 and {c.command for c in cells} == {"finetune"} and all(not c.needs for c in cells)
+    assert {(c.settings["rate"], c.settings["select"], c.settings["seed"]) for c in cells} == {
+        (0.0, None, 0), (0.0, None, 1), (0.01, "activation", 0), (0.01, "weight", 0), (0.01, "activation", 1),
+        (0.01, "weight", 1)}
+
+
 @pytest.mark.parametrize("change, message", [
     ({"runs": [{"command": "nope"}]}, "'command' must be one of"),
     ({"runs": [{"command": "compare", "tasks": ["nope"], "rates": [0.1]}]}, "unknown task 'nope'"),

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from matplotlib.ticker import NullFormatter
+
 from melayer.report.plots import plt, save
 
 
@@ -33,6 +35,9 @@ def sweep_differences(table: dict[str, Any], path: str | Path, max_panels: int =
                 ax.plot(*zip(*sig), "o", ms=4, color=bars[0].get_color())
         ax.axhline(0.0, color="gray", ls="--", lw=0.8)
         ax.set_xscale("log")
+        rates = sorted({r["rate"] for r in mine})
+        ax.set_xticks(rates, [f"{r:g}" for r in rates], fontsize=8)
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("WeMask rate", fontsize=8)
         ax.set_title(f"{task}: {metric}, rate - baseline (95% CI)", fontsize=9)
         ax.legend(fontsize=6)

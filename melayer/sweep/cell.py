@@ -94,12 +94,35 @@ def _seed_baseline(root: Path, cell: dict[str, Any], out: Path) -> None:
         write_atomic(dst, lambda p: shutil.copyfile(src, p))
 
 
+def _finetune(cell: dict[str, Any], out: Path) -> dict[str, Any]:
+    """A ``melayer.finetune`` run in the cell directory; ``resume=True`` continues a killed cell from its last
+    checkpoint (or starts fresh). The run loads its own model (it trains it in place) and, unless the block
+    gives ``me_layer`` or ``layers``, finds the ME layer on the training text as the trainer formats it."""
+    from melayer.util.errors import MelayerError
+
+    try:
+        from melayer.finetune import finetune
+    except ImportError:
+        raise MelayerError("finetune cells need melayer.finetune, which this installation does not have") from None
+    s = cell["settings"]
+    layers = s.get("layers")
+    if isinstance(layers, list):
+        layers = ",".join(str(x) for x in layers)
+    res = finetune(model=cell["model"], method=s["method"], data=s.get("data") or "gsm8k", output=str(out),
+                   seed=s["seed"], wemask=s["rate"], select=s.get("select") or "activation", gamma=s["gamma"],
+                   layers=layers, me_layer=s.get("me_layer"), dtype=s.get("dtype", "float32"), resume=True, progress=False,
+                   **s.get("options", {}))
+    return {"result": "finetune.json", "final_loss": getattr(res, "final_loss", None)}
+
+
 def _run(root: Path, cell: dict[str, Any], out: Path) -> dict[str, Any]:
     """Run the cell's command; returns a small summary for cell.json."""
     import melayer
     from melayer.util.io import write_json
 
     s = cell["settings"]
+    if cell["command"] == "finetune":
+        return _finetune(cell, out)
     lm = _load(cell)
     if cell["command"] == "scan":
         from melayer.analysis.scan import read_prompts
@@ -109,19 +132,6 @@ def _run(root: Path, cell: dict[str, Any], out: Path) -> dict[str, Any]:
         data = result.to_dict()
         write_json(out / "scan.json", data)
         return {"me_layer": data.get("me_layer"), "result": "scan.json"}
-    if cell["command"] == "finetune":
-        try:
-            from melayer import finetune as ft
-        except ImportError:
-            from melayer.util.errors import MelayerError
-
-            raise MelayerError("finetune cells need melayer.finetune, which this installation does not have") from None
-        me = _me_layer(root, cell) if s["rate"] > 0 else None
-        result = ft.finetune(lm, s["method"], data=s.get("data"), output=out, seed=s["seed"], wemask=s["rate"],
-                             select=s.get("select") or "activation", gamma=s["gamma"], layers=s.get("layers"),
-                             me_layer=me, progress=False, **s.get("options", {}))
-        return {"result": getattr(result, "output", str(out))}
-
     from melayer.eval import run
     from melayer.eval.compare import compare
 

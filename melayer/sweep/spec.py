@@ -214,12 +214,11 @@ def expand(spec: dict[str, Any], fingerprint=None) -> list[Cell]:
                 continue
             if cmd == "finetune":
                 method = str(block.get("method", "sft"))
-                for rate, sel, seed in product(rates or [0.0], selects, seeds):
-                    needs = {"scan": add(scan).id} if rate > 0 and needs_scan else {}
+                for rate, sel, seed in product(rates or [0.0], selects, seeds):  # finds its own ME layer
                     add(Cell("finetune", model, fp, {**load, "method": method, "data": block.get("data"),
                                                       "rate": rate, "select": sel if rate > 0 else None,
                                                       "seed": seed, **mask, "options": dict(block.get("options") or {})},
-                             needs=needs, stage=2))
+                             stage=2))
                 continue
             for task in tasks:
                 common = {**load, "task": task, "limit": limit, **run_opts, "task_options": task_options}

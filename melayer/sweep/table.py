@@ -68,7 +68,8 @@ def _rows(cell_dir: Path, rec: dict[str, Any]) -> list[dict[str, Any]]:
                             "me_layer": d.get("me_layer"), "binary": kinds.get(m, {}).get("binary"),
                             "higher_is_better": kinds.get(m, {}).get("higher_is_better")})
         return out
-    return [{**base, "metric": "finished", "value": 1}]  # finetune: its own outputs live in the cell directory
+    # finetune: the run's own outputs (adapter, log, finetune.json) live in the cell directory
+    return [{**base, "metric": "final_loss", "value": (rec.get("summary") or {}).get("final_loss")}]
 
 
 def adjust(rows: list[dict[str, Any]], alpha: float = ALPHA) -> None:
