@@ -274,3 +274,21 @@ def test_melayer_sweep_is_callable_and_dry_runs(local_run, spec_file):
 
     res = melayer.sweep(spec_file, local_run[0], dry_run=True)
     assert len(res.cells) == 8 and len(res.skipped) == 8 and not res.records
+
+
+def test_finetune_cell_trains_with_its_mask_and_is_skipped_after(planted_dir, tmp_path):
+    pytest.importorskip("trl")
+    from melayer.sweep import ExecutorOptions, run
+    from melayer.sweep.table import aggregate
+
+    spec = {"models": [str(planted_dir)], "runs": [{"command": "finetune", "method": "sft", "rates": [0.1],
+                                                   "options": {"limit": 8, "max_steps": 1, "batch_size": 2,
+                                                               "max_length": 512}}]}
+    res = run(spec, tmp_path / "sweep", "local", options=ExecutorOptions(workers=1))
+    assert not res.failed and len(res.ran) == 1
+    cell = tmp_path / "sweep" / "cells" / res.ran[0]
+    done = json.loads((cell / "finetune.json").read_text())
+    assert done["wemask"]["rate"] == 0.1 and done["wemask"]["k"] == 6 and (cell / "adapter_model.safetensors").exists()
+    row = aggregate(tmp_path / "sweep")["rows"][0]
+    assert row["metric"] == "final_loss" and row["value"] == done["final_loss"]
+    assert run(spec, tmp_path / "sweep", "local").skipped == res.ran
