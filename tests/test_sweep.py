@@ -146,6 +146,23 @@ def test_fingerprint_is_the_model_not_the_path(planted_dir, tmp_path, monkeypatc
         model_fingerprint("./missing")
 
 
+def test_a_cell_is_finished_only_with_the_same_settings_and_model(planted_dir, tmp_path):
+    from melayer.sweep import expand
+    from melayer.sweep.cell import DONE, cell_dir, finished
+    from melayer.util.io import write_json
+
+    cell = expand(grid(planted_dir))[0].to_dict()
+    assert finished(tmp_path, cell) is None  # nothing there yet
+    record = {"status": "done", "settings": cell["settings"], "fingerprint": cell["fingerprint"]}
+    write_json(cell_dir(tmp_path, cell["id"]) / DONE, record)
+    assert finished(tmp_path, cell) == record
+    more = {**cell, "settings": {**cell["settings"], "batch_size": 2}}  # same directory, other settings: redo
+    other = {**cell, "fingerprint": {**cell["fingerprint"], "digest": "0" * 16}}
+    assert finished(tmp_path, more) is None and finished(tmp_path, other) is None
+    write_json(cell_dir(tmp_path, cell["id"]) / DONE, {**record, "status": "failed"})
+    assert finished(tmp_path, cell) is None
+
+
 def test_benjamini_hochberg_adjustment():
     from melayer.sweep.table import adjust
 

@@ -127,6 +127,16 @@ MUTANTS: tuple[Mutant, ...] = (
            (T_SCORING,), "gsm8k"),
     Mutant("layers: a range A-B excludes B",
            "items.extend(range(lo, hi + 1))", "items.extend(range(lo, hi))", (T_WEMASK,), "parse_layers"),
+    # --- sweeps and split models --------------------------------------------------------------------------
+    Mutant("sweep: McNemar p-values left unadjusted",
+           'adjusted = false_discovery_control([r["mcnemar_p"] for r in tested], method="bh")',
+           'adjusted = [r["mcnemar_p"] for r in tested]', ("tests/test_sweep.py",), "benjamini"),
+    Mutant("sweep: a cell counts as finished whatever its settings",
+           'same = done.get("settings") == cell["settings"] and done.get("fingerprint") == cell["fingerprint"]',
+           "same = True", ("tests/test_sweep.py",), "finished_only"),
+    Mutant("devices: an edit of an offloaded norm is dropped",
+           'overlays.enter_context(edited_offloaded_param(norm, "weight", weight))', "pass",
+           ("tests/test_offload.py",), "norm_edits"),
 )
 
 
