@@ -6,8 +6,12 @@ Rules (never substring matching):
   "The answer is" / "The final answer is". **Flexible**: the last number anywhere in the output. Both are compared
   with the gold number (after ``####`` in the reference) by exact numeric equality once commas, ``$`` and
   trailing zeros after the decimal point are removed (``1,000.00`` == ``1000``).
-* MATH-500: the content of the last ``\\boxed{...}`` (or ``\\fbox{...}``) of the output, compared with the gold
-  answer by math-verify (``verify(parse(gold), parse(pred))``).
+  A number is an optional sign right before it (``10 - 2`` is 2, ``-2`` is -2; as lm-eval's filters), an optional
+  ``$`` (and space), and digits with commas and a decimal part, or a bare decimal part (``$.50`` is 0.5).
+* MATH-500: the content of the last ``\\boxed{...}`` / ``\\fbox{...}`` of the output, or of an unbraced
+  ``\\boxed 5`` (up to ``$`` or the line's end, as lm-eval's minerva-math extraction); a last box cut off
+  before its closing brace gives no answer (an earlier box is not scored). Compared with the gold answer by
+  math-verify (``verify(parse(gold), parse(pred))``).
 * IFEval: lm-eval's copy of Google's official checker (``lm_eval.tasks.ifeval``), strict and loose.
 """
 
@@ -17,7 +21,7 @@ import re
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-_NUM = r"-?\$?\s?\d[\d,]*(?:\.\d+)?"
+_NUM = r"-?(?:\$\s?)?(?:\d[\d,]*(?:\.\d+)?|\.\d+)"
 _STRICT_HASH = re.compile(r"####\s*(" + _NUM + ")")
 _STRICT_PHRASE = re.compile(r"[Tt]he (?:final )?answer is\s*:?\s*(" + _NUM + ")")
 _ANY_NUM = re.compile(_NUM)
@@ -82,17 +86,27 @@ def gsm8k_score(output: str, gold: str) -> dict[str, Any]:
     }
 
 
+_BOX = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
+
+
 def last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` / ``\\fbox{...}`` (balanced braces), or None."""
-    best = None
-    for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text):
-        depth, i = 1, m.end()
-        while i < len(text) and depth:
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            i += 1
-        if depth == 0:
-            best = text[m.end(): i - 1]
-    return best
+    """Content of the last ``\\boxed{...}`` / ``\\fbox{...}`` (balanced braces) or unbraced ``\\boxed 5``;
+    None if there is no box or the last one is cut off before its closing brace."""
+    found = list(_BOX.finditer(text))
+    if not found:
+        return None
+    rest = text[found[-1].end():]
+    body = rest.lstrip()
+    if body.startswith("{"):
+        depth = 0
+        for i, ch in enumerate(body):
+            depth += {"{": 1, "}": -1}.get(ch, 0)
+            if depth == 0:
+                return body[1:i]
+        return None  # truncated: never fall back to an earlier box
+    # unbraced (TeX's \boxed 5): up to the closing '$' or the end of the line
+    value = re.split(r"[$\n]", rest, maxsplit=1)[0].strip().rstrip(".").strip()
+    return value or None
 
 
 def math_equivalent(gold: str, pred: str | None) -> bool:
