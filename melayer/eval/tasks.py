@@ -247,12 +247,13 @@ class Request:
     contexts: list[str]  # one per choice, or a single shared context
     continuations: list[str]  # one per choice, or a single shared continuation
     gold: int
+    choices: list[str] | None = None  # the answer texts without the " " delimiter (lm-eval's doc_to_choice)
 
 
 @dataclass
 class LoglikTask(Task):
     family: str = "loglik"
-    norm: bool = True  # report acc_norm (byte-length normalised)
+    norm: bool = True  # also report acc_norm and acc_bytes (length-normalised, as lm-eval defines them)
 
     def request(self, sample: Sample) -> Request:
         raise NotImplementedError
@@ -317,16 +318,21 @@ class LoglikTask(Task):
         metrics = {"acc": float(pred == req.gold)}
         rec: dict[str, Any] = {"logliks": ll, "pred": pred, "gold": req.gold}
         if self.norm:
-            # lm-eval acc_norm: loglik divided by the length of the choice text (here in UTF-8 bytes)
-            lens = [len(c.encode("utf-8")) for c in req.continuations]
-            normed = [x / max(n, 1) for x, n in zip(ll, lens)]
-            pred_n = max(range(len(normed)), key=lambda i: normed[i])
-            metrics["acc_norm"] = float(pred_n == req.gold)
-            rec["pred_norm"] = pred_n
+            # lm-eval: acc_norm divides by the choice's length in characters, acc_bytes by its UTF-8 bytes, both
+            # without the " " delimiter (lm_eval.api.task.ConfigurableTask.process_results)
+            choices = req.choices if req.choices is not None else req.continuations
+            for metric, key, lengths in (("acc_norm", "pred_norm", [len(c) for c in choices]),
+                                         ("acc_bytes", "pred_bytes", [len(c.encode("utf-8")) for c in choices])):
+                normed = [x / max(n, 1) for x, n in zip(ll, lengths)]
+                pred_n = max(range(len(normed)), key=lambda i: normed[i])
+                metrics[metric] = float(pred_n == req.gold)
+                rec[key] = pred_n
         return {"metrics": metrics, **rec}
 
 
-_ACC = (Metric("acc", binary=True), Metric("acc_norm", binary=True))
+_ACC = (Metric("acc", binary=True), Metric("acc_norm", binary=True), Metric("acc_bytes", binary=True))
+_NORMS = ("acc = argmax summed log-prob, acc_norm = argmax log-prob / characters of the choice, acc_bytes = "
+          "argmax log-prob / UTF-8 bytes of the choice (lm-eval's definitions; the choice without the ' ' delimiter)")
 
 
 @dataclass
@@ -343,12 +349,11 @@ class ARC(LoglikTask):
         q = sample.doc["question"]
         labels = [c["label"] for c in q["choices"]]
         return Request([f"Question: {q['stem']}\nAnswer:"], [f" {c['text']}" for c in q["choices"]],
-                       labels.index(sample.doc["answerKey"]))
+                       labels.index(sample.doc["answerKey"]), [c["text"] for c in q["choices"]])
 
     def prompt_format(self, chat: bool) -> str:
         return ("context 'Question: {question}\\nAnswer:', continuations ' {choice text}' (lm-eval arc_easy / "
-                "arc_challenge), 0-shot; acc = argmax summed log-prob, acc_norm = argmax log-prob / UTF-8 bytes of "
-                "the choice" + ("; context wrapped in the chat template" if chat else ""))
+                "arc_challenge), 0-shot; " + _NORMS + ("; context wrapped in the chat template" if chat else ""))
 
     def sink_text(self, sample: Sample) -> str:
         return f"Question: {sample.doc['question']['stem']}\nAnswer:"
@@ -365,13 +370,13 @@ class HellaSwag(LoglikTask):
 
     def request(self, sample: Sample) -> Request:
         d = sample.doc
-        return Request([d["ctx"]], [f" {e}" for e in d["endings"]], d["label"])
+        return Request([d["ctx"]], [f" {e}" for e in d["endings"]], d["label"], list(d["endings"]))
 
     def prompt_format(self, chat: bool) -> str:
         return ("context '{activity_label}: {ctx}', continuations ' {ending}' (lm-eval hellaswag layout; the vendored "
                 "llama.cpp text file is already preprocessed ([header]/[step]/[title] markers removed) and joins "
-                "ctx_a and ctx_b, so ctx_b is not capitalised as lm-eval does), 0-shot; acc and byte-length-"
-                "normalised acc_norm" + ("; context wrapped in the chat template" if chat else ""))
+                "ctx_a and ctx_b, so ctx_b is not capitalised as lm-eval does), 0-shot; " + _NORMS
+                + ("; context wrapped in the chat template" if chat else ""))
 
 
 @dataclass
