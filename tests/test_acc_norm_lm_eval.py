@@ -19,9 +19,6 @@ from melayer.models.tiny import tiny_lm
 N = 40
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 def _arc_docs(n: int) -> list[dict]:
     out = []
     for d in D.arc("easy")[:n]:

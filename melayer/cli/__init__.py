@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import shlex
 import sys
 
 import typer
 
-from melayer.util.errors import MelayerError
+from melayer.util.errors import Interrupted, MelayerError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Find where massive activations are born (the ME layer), explain them, measure sinks, fix them.")
@@ -34,6 +35,35 @@ def main() -> None:
     except MelayerError as exc:
         typer.echo(f"melayer: error: {exc}", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        typer.echo("melayer: interrupted", err=True)
+    except KeyboardInterrupt as exc:
+        typer.echo(interrupted_line(exc, sys.argv[1:]), err=True)
         sys.exit(130)
+    except SystemExit as exc:
+        # typer turns Ctrl-C into a silent exit 130; find the interrupt it came from and say what it left
+        interrupt = _chained_interrupt(exc)
+        if interrupt is None:
+            raise
+        typer.echo(interrupted_line(interrupt, sys.argv[1:]), err=True)
+        sys.exit(130)
+
+
+def _chained_interrupt(exc: BaseException) -> KeyboardInterrupt | None:
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, KeyboardInterrupt):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def interrupted_line(exc: KeyboardInterrupt, argv: list[str]) -> str:
+    """The one line printed on Ctrl-C: what is saved and, for a resumable run, the command that resumes it (the
+    same command without --overwrite, which would discard what was saved)."""
+    if not isinstance(exc, Interrupted):
+        return "melayer: interrupted; nothing was written (results are only written complete)"
+    line = f"melayer: interrupted; {exc.saved}"
+    if exc.resumable:
+        line += "; resume with: " + shlex.join(["melayer", *(a for a in argv if a != "--overwrite")])
+    return line

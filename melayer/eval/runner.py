@@ -4,7 +4,11 @@ Resume: every finished sample is appended (fsync'd) to ``samples.jsonl`` with a 
 determine its result. On start the file is read (a torn last line from a killed run is dropped), the key is
 checked (a mismatch is a :class:`MelayerError` asking for a new ``--output`` or ``--overwrite``), and samples
 already done are skipped, so no sample is lost or repeated. ``limit`` and ``batch_size`` are not part of the key:
-a later run may extend an earlier one to more samples.
+a later run may extend an earlier one to more samples. The model enters the key by its identity
+(:func:`melayer.models.fingerprint.fingerprint`: config and weights), not by its path.
+
+Ctrl-C during a run with an output directory raises :class:`melayer.errors.Interrupted`, which says what is
+saved; the CLI turns it into one line with the command that resumes the run.
 """
 
 from __future__ import annotations
@@ -23,10 +27,11 @@ from melayer.capture.batching import GENERATE, plan_batches
 from melayer.eval import engine as E
 from melayer.eval.stats import Metric, aggregate, bootstrap_ci
 from melayer.eval.tasks import RunContext, Task, get_task
+from melayer.models.fingerprint import fingerprint
 from melayer.models.loading import LM
 from melayer.util.console import track
 from melayer.util.display import HtmlRepr
-from melayer.util.errors import MelayerError
+from melayer.util.errors import Interrupted, MelayerError
 from melayer.util.io import append_jsonl, read_jsonl, write_atomic, write_json
 
 SCHEMA = "melayer.eval/1"
@@ -167,16 +172,20 @@ def run(
         raise MelayerError(f"task {task.name}: duplicate sample ids")
 
     wem = describe_intervention(intervention)
+    out_dir = Path(output) if output is not None else None
+    model_id = fingerprint(lm.model) if out_dir is not None else None  # only a resumable run needs it
     identity = {
-        "task": task.name, "task_options": task.settings(), "model": lm.name, "source": getattr(lm, "source", ""),
+        "task": task.name, "task_options": task.settings(), "model_fingerprint": model_id,
         "dtype": str(lm.dtype).replace("torch.", ""), "chat": use_chat, "max_new_tokens": max_new_tokens,
-        "prompt_format": task.prompt_format(use_chat), "intervention": wem, "greedy": True,
+        "prompt_format": task.prompt_format(use_chat), "greedy": True,
+        # the intervention's settings, without the model's display name (the fingerprint identifies the model)
+        "intervention": {k: v for k, v in wem.items() if k != "model"} if wem else wem,
     }
     key = _key(identity)
-    settings = {**identity, "batch_size": batch_size, "limit": limit, "settings_key": key,
-                "description": task.description, "torch": torch.__version__}
+    settings = {**identity, "intervention": wem, "model": lm.name, "source": getattr(lm, "source", ""),
+                "batch_size": batch_size, "limit": limit, "settings_key": key, "description": task.description,
+                "torch": torch.__version__}
 
-    out_dir = Path(output) if output is not None else None
     done: dict[str, dict[str, Any]] = {}
     samples_path = None
     if out_dir is not None:
@@ -188,6 +197,11 @@ def run(
             samples_path.unlink(missing_ok=True)
             (out_dir / SUMMARY).unlink(missing_ok=True)
         for rec in _existing(samples_path):
+            if rec.get("settings_key") != key and rec.get("model_fingerprint") not in (None, model_id):
+                raise MelayerError(
+                    f"{samples_path} was written by a different model (config or weights differ from "
+                    f"{lm.name}'s, fingerprint {rec.get('model_fingerprint')} vs {model_id}); use a new --output or "
+                    "--overwrite")
             if rec.get("settings_key") != key:
                 raise MelayerError(
                     f"{samples_path} was written with different settings (task/model/prompt/chat/max_new_tokens/"
@@ -200,15 +214,22 @@ def run(
     sizes = [task.size_hint(s) for s in todo]
     batches = [[todo[i] for i in idx] for idx in plan_batches(sizes, policy=GENERATE, max_batch=batch_size)]
     label = f"eval {task.name} ({len(todo_all) - len(todo)}/{len(todo_all)} samples already done; batches)"
-    for batch in track(batches, label, total=len(batches), enabled=progress):
-        new = task.run_batch(lm, batch, ctx)
-        for rec in new:
-            rec["settings_key"] = key
-            if samples_path is not None:
-                append_jsonl(samples_path, rec)
-            done[rec["id"]] = rec
-        if on_batch is not None:
-            on_batch(new)
+    try:
+        for batch in track(batches, label, total=len(batches), enabled=progress):
+            new = task.run_batch(lm, batch, ctx)
+            for rec in new:
+                rec["settings_key"] = key
+                rec["model_fingerprint"] = model_id
+                if samples_path is not None:
+                    append_jsonl(samples_path, rec)
+                done[rec["id"]] = rec
+            if on_batch is not None:
+                on_batch(new)
+    except KeyboardInterrupt:
+        if samples_path is None:
+            raise
+        saved = {r.get("id") for r in read_jsonl(samples_path)} & set(ids)  # what is on disk (a torn line is not)
+        raise Interrupted(f"{len(saved)}/{len(ids)} samples saved in {samples_path}", resumable=True) from None
 
     records = [done[i] for i in ids]
     after = None

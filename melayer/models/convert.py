@@ -29,6 +29,7 @@ import torch
 
 from melayer.models.hf_internals import drop_gguf_quantizer
 from melayer.util.errors import MelayerError
+from melayer.util.io import apply_umask
 
 convert_timings: dict[str, float] = {}
 
@@ -90,15 +91,6 @@ def _library_output_muted() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _as_umask_allows(folder: Path) -> None:
-    """mkdtemp makes a private (0700) folder; give it and its files the permissions the user's umask allows."""
-    mask = os.umask(0)
-    os.umask(mask)
-    folder.chmod(0o777 & ~mask)
-    for f in folder.iterdir():
-        f.chmod(0o666 & ~mask)
-
-
 def _tokenizer_class(config: Any) -> Any:
     """The tokenizer class ``AutoTokenizer`` would pick for this config (None: let AutoTokenizer decide)."""
     from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING
@@ -124,11 +116,12 @@ def convert_gguf(path: Path, out: Path, progress: bool = True) -> tuple[Any, Any
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
         from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
+        from melayer.models.loading import check_gguf, damaged_gguf
+
         try:
             meta = load_gguf_checkpoint(str(path), return_tensors=False)
-        except Exception as exc:  # gguf raises assorted errors on truncated/corrupt files
-            raise MelayerError(f"{path} is a corrupt or truncated GGUF file ({type(exc).__name__}: "
-                               f"{_one_line(exc)})") from None
+        except Exception:  # gguf raises assorted numpy errors on truncated/corrupt files
+            raise damaged_gguf(path) from None
         try:
             config = AutoConfig.for_model(**meta["config"])
             steps.step("rebuilding the tokenizer")
@@ -144,6 +137,7 @@ def convert_gguf(path: Path, out: Path, progress: bool = True) -> tuple[Any, Any
         except MelayerError:
             raise
         except Exception as exc:  # any library failure becomes one line
+            check_gguf(path)  # a file cut inside its tensor data: say so plainly (only parsed on this failure path)
             raise MelayerError(f"transformers could not load {path}: {type(exc).__name__}: {_one_line(exc)}") from None
         # the tensors are already dense; drop the GGUF "quantizer" marker so the model can be saved
         drop_gguf_quantizer(model)
@@ -154,7 +148,7 @@ def convert_gguf(path: Path, out: Path, progress: bool = True) -> tuple[Any, Any
             with _library_output_muted():
                 model.save_pretrained(tmp)
                 tok.save_pretrained(tmp)
-            _as_umask_allows(tmp)
+            apply_umask(tmp)
             os.replace(tmp, out)
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)

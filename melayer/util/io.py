@@ -1,4 +1,4 @@
-"""Atomic file writes: a reader never sees a half-written result."""
+"""Atomic file writes: a reader never sees a half-written result, and every file gets the user's umask."""
 
 from __future__ import annotations
 
@@ -24,14 +24,42 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
+def umask() -> int:
+    """The process's umask (read without changing it where Linux allows)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: str | Path) -> None:
+    """Give ``path`` (and, for a directory, everything below it) the modes a plain ``open``/``mkdir`` would have:
+    files 0666 and directories 0777 minus the umask. ``tempfile`` creates 0600 files and 0700 directories, which
+    would leave a shared cache or results directory unreadable to the rest of a team."""
+    mask = umask()
+    path = Path(path)
+    items = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for item in items:
+        if item.is_symlink():
+            continue
+        os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
+
+
 def write_atomic(path: str | Path, writer: Callable[[Path], None]) -> Path:
-    """Call ``writer(tmp_path)`` then rename over ``path`` in one step."""
+    """Call ``writer(tmp_path)`` then rename over ``path`` in one step (the file gets the umask's mode)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:
         writer(Path(tmp))
+        apply_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
