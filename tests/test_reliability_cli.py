@@ -14,7 +14,7 @@ import pytest
 
 from conftest import REPO, save_lm
 from melayer.cli import main
-from melayer.report.io import read_jsonl
+from melayer.util.io import read_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
