@@ -65,8 +65,9 @@ def test_acc_norm_agrees_with_lm_eval_hflm(name, yaml_rel, docs, tmp_path, monke
 
     lm = tiny_lm("llama")
     task = _lm_eval_task(name, yaml_rel, docs(N), tmp_path)
-    # max_length above the tiny config's 256 positions: no left truncation on either side
-    ref = HFLM(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=8, max_length=2048)
+    # HFLM's max_length is the config's 256 positions: longer inputs lose their start on both sides (lm-eval's rule)
+    ref = HFLM(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=8)
+    assert ref.max_length == lm.max_positions == 256
     res = lm_eval.simple_evaluate(model=ref, tasks=[task], log_samples=True, bootstrap_iters=0)
     theirs = sorted(res["samples"][task.config.task], key=lambda s: s["doc_id"])
     ours = run(lm, name, limit=N, batch_size=8, progress=False).records

@@ -3,6 +3,7 @@ asks here; nothing else re-derives padding, first real tokens or module hooks.""
 
 from melayer.capture.encoding import (
            batches,
+           check_length,
            encode,
            eos_ids,
            first_real,
@@ -21,6 +22,6 @@ from melayer.capture.sites import (
 )
 from melayer.capture.tokens import CallTokens, TokenTracker, body_call, call_tokens, hidden_arg
 
-__all__ = ["SITES", "CallTokens", "Hooks", "StopForward", "TokenTracker", "batches", "body_call", "call_tokens", "edit_site", "encode", "eos_ids",
+__all__ = ["SITES", "CallTokens", "Hooks", "StopForward", "TokenTracker", "batches", "body_call", "call_tokens", "check_length", "edit_site", "encode", "eos_ids",
            "first_real", "forward_body", "forward_until", "hidden_arg", "layer_output", "left_pad", "pad_id",
            "position_ids", "read_site", "run_until", "site_module"]

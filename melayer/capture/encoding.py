@@ -48,6 +48,22 @@ def left_pad(rows: Sequence[Sequence[int]], pad: int, device: torch.device | str
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
 
+def check_length(lm: LM, n_tokens: int, what: str = "the input") -> None:
+    """Inputs longer than the model's positions: an error for learned position embeddings (they have no row
+    for position >= the limit; PyTorch would fail with an IndexError deep inside), a warning for rotary/ALiBi
+    models (they run, but past what they were trained on)."""
+    limit = lm.max_positions
+    if limit is None or n_tokens <= limit:
+        return
+    if lm.learned_positions:
+        raise MelayerError(f"{what} needs {n_tokens} positions but {lm.name} has {limit} (learned position "
+                           "embeddings); shorten it")
+    from melayer.util.console import warn
+
+    warn(f"{what} runs to {n_tokens} positions, past {lm.name}'s {limit} (max_position_embeddings): results "
+         "beyond that extrapolate")
+
+
 def tokenize(lm: LM, text: str, add_special_tokens: bool = True) -> list[int]:
     return list(lm.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
@@ -61,6 +77,7 @@ def encode(lm: LM, texts: str | Sequence[str], add_special_tokens: bool = True,
     rows = [tokenize(lm, t, add_special_tokens) for t in texts]
     if max_tokens:
         rows = [r[:max_tokens] for r in rows]
+    check_length(lm, max(map(len, rows), default=0), "a prompt" if len(rows) == 1 else "the longest prompt")
     return left_pad(rows, pad_id(lm), lm.device)
 
 

@@ -14,6 +14,7 @@ import sys
 import typer
 
 from melayer.util.errors import Interrupted, MelayerError
+from melayer.util.io import DISK_ERRNOS, disk_error
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Find where massive activations are born (the ME layer), explain them, measure sinks, fix them.")
@@ -34,6 +35,12 @@ def main() -> None:
         app()
     except MelayerError as exc:
         typer.echo(f"melayer: error: {exc}", err=True)
+        sys.exit(2)
+    except OSError as exc:
+        # a full disk or read-only file system hit outside melayer's own writers (e.g. the model cache)
+        if exc.errno not in DISK_ERRNOS:
+            raise
+        typer.echo(f"melayer: error: {disk_error(exc.filename or '', exc)}", err=True)
         sys.exit(2)
     except KeyboardInterrupt as exc:
         typer.echo(interrupted_line(exc, sys.argv[1:]), err=True)

@@ -55,6 +55,12 @@ def n_prompts(value: int | None, default: int | None) -> int | None:
     return value or None
 
 
+def check_mask_options(wemask: float | None, layers: str | None, me_layer: int | None) -> None:
+    """--layers / --me-layer choose where WeMask acts: without --wemask they would be silently ignored."""
+    if wemask is None and (layers is not None or me_layer is not None):
+        raise MelayerError("--layers/--me-layer only apply with --wemask RATE")
+
+
 def check_output(path: Path) -> Path:
     """Fail before any work if --output cannot become a directory (it is created when results are written)."""
     existing = next((p for p in (path, *path.parents) if p.exists()), None)

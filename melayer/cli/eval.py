@@ -18,6 +18,7 @@ from melayer.cli.common import (
     ModelOpt,
     ReportOpt,
     adapter_mask,
+    check_mask_options,
     check_output,
     finish,
     load_model,
@@ -71,6 +72,7 @@ def eval_cmd(
 
     chat_mode, options = check_task(task, limit, batch_size, max_new_tokens, chat, num_fewshot=num_fewshot,
                                     window=window, stride=stride)
+    check_mask_options(wemask, layers, me_layer)
     spec = WeMaskSpec(wemask, select=select, gamma=gamma) if wemask is not None else None  # validated before loading
     out = check_output(output or Path("out/eval") / task)
     from melayer.analysis.me_layer import find_me_layer

@@ -31,7 +31,7 @@ def generate(
     max_memory: MaxMemoryOpt = None,
 ) -> None:
     """Greedy generation (KV cache) printed to stdout; with --wemask under WeMask (settings on stderr)."""
-    from melayer.cli.common import adapter_mask, check_output_file, load_model
+    from melayer.cli.common import adapter_mask, check_mask_options, check_output_file, load_model
     from melayer.interventions.generate import chat_prompt, greedy_generate
     from melayer.interventions.wemask import WeMask, WeMaskSpec, format_layers
     from melayer.util.console import err, status
@@ -42,8 +42,7 @@ def generate(
         raise MelayerError("empty prompt: --prompt must contain text")
     if max_new_tokens < 1:
         raise MelayerError("--max-new-tokens must be >= 1")
-    if wemask is None and (layers is not None or me_layer is not None):
-        raise MelayerError("--layers/--me-layer only apply with --wemask RATE")
+    check_mask_options(wemask, layers, me_layer)
     if wemask is not None:  # cheap checks before loading the model
         WeMaskSpec(wemask, select=select, gamma=gamma)
     if output is not None:

@@ -47,7 +47,10 @@ def parse_rates(rates: str | Sequence[float]) -> list[float]:
 
 
 def rate_dir(rate: float) -> str:
-    return f"rate_{rate:g}"
+    """``rate_0.01``: the short form when it reads back as the same number, else every digit (``%g`` alone maps
+    0.1234561 and 0.1234562 to one directory)."""
+    short = f"{rate:g}"
+    return f"rate_{short if float(short) == rate else repr(float(rate))}"
 
 
 def _sinks(lm: LM, prompts: list[str], intervention: Any = None) -> tuple[float, int]:

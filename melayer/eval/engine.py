@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from melayer.analysis.perplexity import tail_logliks
-from melayer.capture import Hooks, eos_ids, left_pad, pad_id, position_ids
+from melayer.capture import Hooks, check_length, eos_ids, left_pad, pad_id, position_ids
 from melayer.capture.sites import LOGIT_BUDGET, final_hidden, output_head
 from melayer.interventions.generate import greedy
 from melayer.models.hf_internals import reindex_cache
@@ -31,6 +31,30 @@ def _ctx(intervention: Intervention) -> ContextManager[Any]:
     if hasattr(intervention, "__enter__"):
         return intervention  # type: ignore[return-value]
     return intervention()  # type: ignore[operator]
+
+
+def truncate_left(contexts: Sequence[Sequence[int]], pairs: Sequence[tuple[int, Sequence[int]]], limit: int | None
+                  ) -> tuple[list[list[int]], list[tuple[int, list[int]]], list[int]]:
+    """lm-eval's rule for log-likelihood inputs longer than the model (``HFLM._loglikelihood_tokens``): keep the
+    last ``limit + 1`` tokens of context + continuation (the last token is only a target), i.e. cut the context
+    from the left. Returns the contexts actually used, the pairs re-pointed at them, and per pair the number of
+    context tokens cut."""
+    used: dict[tuple[int, ...], int] = {}
+    new_contexts: list[list[int]] = []
+    new_pairs, cuts = [], []
+    for ci, cont in pairs:
+        ctx = list(contexts[ci])
+        over = 0 if limit is None else len(ctx) + len(cont) - 1 - limit
+        if over >= len(ctx):
+            raise MelayerError(f"a continuation of {len(cont)} tokens does not fit the model's {limit} positions")
+        ctx = ctx[max(over, 0):]
+        key = tuple(ctx)
+        if key not in used:
+            used[key] = len(new_contexts)
+            new_contexts.append(ctx)
+        new_pairs.append((used[key], list(cont)))
+        cuts.append(max(over, 0))
+    return new_contexts, new_pairs, cuts
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
@@ -71,6 +95,8 @@ def generate(lm: LM, rows: Sequence[Sequence[int]], *, max_new_tokens: int, stop
 def score_tails(lm: LM, rows: Sequence[tuple[Sequence[int], int]], *,
                 intervention: Intervention = None) -> list[tuple[float, bool]]:
     """:func:`melayer.analysis.perplexity.tail_logliks` with ``intervention`` active."""
+    width = max((len(r) for r, _ in rows), default=0)
+    check_length(lm, width, f"a scored window of {width} tokens")
     with _ctx(intervention):
         return tail_logliks(lm, rows)
 
@@ -91,6 +117,7 @@ def score_continuations(lm: LM, contexts: Sequence[Sequence[int]], pairs: Sequen
     pad = pad_id(lm)
     batch = left_pad(contexts, pad, lm.device)
     mask = batch["attention_mask"]
+    check_length(lm, max(len(contexts[ci]) + len(c) - 1 for ci, c in pairs), "a context plus continuation")
     captured: dict[str, torch.Tensor] = {}
     head = output_head(lm)
     with _ctx(intervention):
@@ -112,6 +139,7 @@ def score_continuations(lm: LM, contexts: Sequence[Sequence[int]], pairs: Sequen
             ids, cmask = ids.to(lm.device), cmask.to(lm.device)
             full = torch.cat([mask[idx], cmask], dim=1)
             pos = mask[idx].sum(dim=1, keepdim=True) + torch.arange(rest, device=lm.device)[None, :]
+            pos = pos.masked_fill(cmask == 0, 0)  # padding (masked, never scored) must not index past the positions
             with Hooks() as hooks:
                 final_hidden(hooks, lm, captured)
                 out2 = lm.model(input_ids=ids, attention_mask=full, position_ids=pos, past_key_values=cache,

@@ -29,7 +29,7 @@ from melayer.eval.stats import Metric, aggregate, bootstrap_ci
 from melayer.eval.tasks import RunContext, Task, get_task
 from melayer.models.fingerprint import fingerprint
 from melayer.models.loading import LM
-from melayer.util.console import track
+from melayer.util.console import track, warn
 from melayer.util.display import HtmlRepr
 from melayer.util.errors import Interrupted, MelayerError
 from melayer.util.io import append_jsonl, read_jsonl, write_atomic, write_json
@@ -73,6 +73,14 @@ class EvalResult(HtmlRepr):
     def ids(self) -> list[str]:
         return [r["id"] for r in self.records]
 
+    def truncated(self) -> dict[str, Any]:
+        """Samples whose input was cut from the left to fit the model's positions (lm-eval's rule)."""
+        cut = [r["truncated_tokens"] for r in self.records if r.get("truncated_tokens")]
+        return {"samples": len(cut), "max_tokens_cut": max(cut, default=0),
+                "rule": "inputs longer than the model's positions lose their start (log-likelihood: the last "
+                        "positions + 1 tokens of context + continuation are kept; generation: the prompt keeps "
+                        "the last positions - max_new_tokens tokens), as lm-eval does"}
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "schema": SCHEMA,
@@ -83,6 +91,7 @@ class EvalResult(HtmlRepr):
             "metrics": self.metrics,
             "metric_kinds": {m.name: m.to_dict() for m in self.metric_specs},
             "n_samples": self.n_samples,
+            "truncated": self.truncated(),
             "intervention_after_run": self.intervention_after,
             "elapsed_s": round(self.elapsed_s, 2),
             "output": self.output,
@@ -235,6 +244,10 @@ def run(
     after = None
     if ctx.intervention is not None and callable(getattr(ctx.intervention, "to_dict", None)):
         after = ctx.intervention.to_dict()  # type: ignore[union-attr]
+    n_cut = sum(1 for r in records if r.get("truncated_tokens"))
+    if n_cut:
+        warn(f"{task.name}: {n_cut} of {len(records)} samples were cut from the left to fit {lm.name}'s "
+             f"{lm.max_positions} positions (as lm-eval does; see 'truncated' in eval.json)")
     result = EvalResult(task=task.name, model=lm.name, settings=settings, metrics=summarize(task, records),
                         primary=task.metrics[0].name, n_samples=len(records), records=records,
                         metric_specs=task.metrics, output=str(out_dir) if out_dir else None,

@@ -45,6 +45,7 @@ class Task:
     metrics: tuple[Metric, ...] = ()
     default_max_new_tokens: int | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    given: frozenset[str] = frozenset()  # the options the user set (the rest are defaults)
 
     def load(self, limit: int | None = None, lm: LM | None = None) -> list[Sample]:
         samples = self._load(lm)
@@ -123,14 +124,23 @@ class GenerationTask(Task):
             rows = [_encode(lm, _chat_text(lm, self.messages(s)), special=False) for s in samples]
         else:
             rows = [_encode(lm, self.plain(s), special=True) for s in samples]
-        outs = E.generate(lm, rows, max_new_tokens=int(ctx.max_new_tokens or self.default_max_new_tokens or 256),
-                          stop=self.stop(ctx.chat), intervention=ctx.intervention)
+        new_tokens = int(ctx.max_new_tokens or self.default_max_new_tokens or 256)
+        # like lm-eval's generate_until: a prompt longer than (positions - new tokens) loses its start
+        room = None if lm.max_positions is None else lm.max_positions - new_tokens
+        if room is not None and room < 1:
+            raise MelayerError(f"--max-new-tokens {new_tokens} leaves no room for a prompt in {lm.name}'s "
+                               f"{lm.max_positions} positions")
+        cuts = [max(0, len(r) - room) if room is not None else 0 for r in rows]
+        rows = [r[c:] for r, c in zip(rows, cuts)]
+        outs = E.generate(lm, rows, max_new_tokens=new_tokens, stop=self.stop(ctx.chat),
+                          intervention=ctx.intervention)
         records = []
-        for s, row, out in zip(samples, rows, outs):
+        for s, row, out, cut in zip(samples, rows, outs, cuts):
             scored = self.score(s, out["text"])
             metrics = {m.name: scored.pop(m.name) for m in self.metrics}
             records.append({"id": s.id, "metrics": metrics, "output": out["text"], "finish": out["finish"],
-                            "prompt_tokens": len(row), "new_tokens": out["new_tokens"], **scored})
+                            "prompt_tokens": len(row), "new_tokens": out["new_tokens"], **scored,
+                            **({"truncated_tokens": cut} if cut else {})})
         return records
 
 
@@ -304,12 +314,14 @@ class LoglikTask(Task):
         reqs = [self.request(s) for s in samples]
         pairs = [self._pairs(r) for r in reqs]
         contexts, toks = self._tokenize(lm, [p for ps in pairs for p in ps], ctx.chat)
+        contexts, toks, cuts = E.truncate_left(contexts, toks, lm.max_positions)
         scores = E.score_continuations(lm, contexts, toks, intervention=ctx.intervention)
         records, at = [], 0
         for s, req, ps in zip(samples, reqs, pairs):
             part = scores[at: at + len(ps)]
+            cut = max(cuts[at: at + len(ps)])
             at += len(ps)
-            records.append({"id": s.id, **self.score(req, ps, part)})
+            records.append({"id": s.id, **self.score(req, ps, part), **({"truncated_tokens": cut} if cut else {})})
         return records
 
     def score(self, req: Request, pairs: list[tuple[str, str]], scores: list[tuple[float, bool]]) -> dict[str, Any]:
@@ -453,11 +465,29 @@ class WikiText2(Task):
     def _load(self, lm: LM | None) -> list[Sample]:
         if lm is None:
             raise MelayerError("ppl windows depend on the tokenizer: load(limit, lm=...)")
+        self._fit(lm)
         ids, prefix = self._tokens(lm)
         windows = rolling_windows(len(ids), window=self.options["window"], stride=self.options["stride"],
                                   prefix_len=len(prefix))
         return [Sample(f"ppl-w{k}", {"begin": w.begin, "end": w.end, "scored": w.scored})
                 for k, w in enumerate(windows)]
+
+    def _fit(self, lm: LM) -> None:
+        """The default window shrinks to the model's positions (stride: half of it); a window the user chose
+        that is longer is refused for learned positions (and warned about otherwise, when it runs)."""
+        limit = lm.max_positions
+        if limit is None or self.options["window"] <= limit:
+            return
+        if "window" in self.given:
+            if lm.learned_positions:
+                raise MelayerError(f"--window {self.options['window']} is longer than {lm.name}'s {limit} positions")
+            return
+        self.options["window"] = limit
+        if self.options["stride"] >= limit:
+            if "stride" in self.given:
+                raise MelayerError(f"--stride {self.options['stride']} is not shorter than the window, which "
+                                   f"{lm.name}'s {limit} positions limit to {limit}")
+            self.options["stride"] = limit // 2
 
     def prompt_format(self, chat: bool) -> str:
         w, s = self.options["window"], self.options["stride"]
@@ -515,7 +545,7 @@ class TaskSpec:
         if extra:
             raise MelayerError(f"task {self.name} takes no option {', '.join(sorted(extra))}")
         values = {o.name: o.type(options.get(o.name, o.default)) for o in self.options}
-        return self.cls(name=self.name, options=values, **self.fields)
+        return self.cls(name=self.name, options=values, given=frozenset(options), **self.fields)
 
 
 FEWSHOT = TaskOption("num_fewshot", int, 0, "gsm8k only: k exemplars (0-8) from the first train problems")

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from melayer.capture import encode, eos_ids, pad_id
+from melayer.capture import check_length, encode, eos_ids, pad_id
 from melayer.models.loading import LM
 from melayer.util.errors import MelayerError
 
@@ -44,6 +44,7 @@ def greedy(lm: LM, batch: dict[str, torch.Tensor], max_new_tokens: int, *, stop:
                               do_sample=False, num_beams=1, use_cache=True, pad_token_id=pad_id(lm),
                               eos_token_id=eos or None, bos_token_id=lm.tokenizer.bos_token_id)
     prompt_len = batch["input_ids"].shape[1]
+    check_length(lm, prompt_len + max_new_tokens, f"the prompt ({prompt_len} tokens) plus {max_new_tokens} new tokens")
     criteria = StoppingCriteriaList([_StopStrings(lm.tokenizer, stop, prompt_len)]) if stop else None
     return lm.model.generate(**batch, generation_config=config, stopping_criteria=criteria)
 

@@ -13,6 +13,10 @@ What it does (the released reference code is described in shared/research/paper.
   (``generate()`` with a KV cache equals a no-cache recompute under the same mask), every sequence start of a
   packed batch with a block-diagonal mask is masked (a packed batch without one is refused), and gradient
   checkpointing, which re-runs each layer during backward, masks exactly what the first pass masked.
+* ``token="massive"`` masks, at each chosen layer, every real token whose largest |value| entering the layer
+  passes the :class:`Criterion` cutoff computed from *that token's own* median |value| (abs_min, median_ratio),
+  in every pass. The decision depends only on the token itself, so a massive token is masked alike in the
+  prompt, in a cached continuation and in decoding: cached and uncached scoring agree.
 * ``k = int(rate * hidden_size)`` dims are scaled by ``1 - gamma`` (``gamma = 1``: zeroed), chosen by
   |value| of that token's attention input (``select="activation"``, the released code's rule, but per row
   instead of averaged over the batch) or by |effective gain| of the pre-attention norm (``select="weight"``,
@@ -261,17 +265,12 @@ class WeMask:
             hit = tokens.starts.nonzero()
         else:
             a = self._peaks.pop(layer, None)
-            if tokens.past > 0 or a is None or a.shape[:2] != h.shape[:2]:  # never mask cached decode steps
+            if a is None or a.shape[:2] != h.shape[:2]:
                 return None
-            peak = a.amax(dim=-1)  # (B, T)
-            found = []
-            reals = tokens.real.to(a.device)  # on a split model the mask and h may sit on different devices
-            for b in range(a.shape[0]):
-                real = reals[b]
-                if bool(real.any()):
-                    cut = self.criterion.cutoff(a[b][real].median())
-                    found.extend((b, t) for t in ((peak[b] > cut) & real).nonzero().flatten().tolist())
-            hit = torch.tensor(found, dtype=torch.long, device=h.device).view(-1, 2)
+            # each token against its own median |a|: the decision depends on nothing but that token's state, so
+            # a token is masked alike in the prompt, in a cached continuation and in decoding
+            cut = (a.median(dim=-1).values * self.criterion.median_ratio).clamp(min=self.criterion.abs_min)
+            hit = ((a.amax(dim=-1) > cut) & tokens.real.to(a.device)).nonzero()
         if hit.numel() == 0:
             return None
         return hit[:, 0], hit[:, 1], tokens.past
@@ -319,7 +318,8 @@ class WeMask:
                                                    ("k = int(rate x hidden) = 0" if self.k == 0 else "no layers"))
             return f"WeMask off ({why})"
         scale = "zeroed" if self.gamma == 1 else f"scaled by {1 - self.gamma:g}"
-        who = "the first real token" if self.token == "first" else "massive tokens (Criterion cutoff)"
+        who = ("the first real token" if self.token == "first" else
+               "every token whose peak |a| passes the Criterion cutoff of its own median |a|")
         return (f"WeMask rate {self.rate:g}: top k={self.k} of {self.hidden_size} dims by {self.select} {scale} "
                 f"in the attention input of {who} at layers {format_layers(self.layers)}"
                 + (f" (after ME layer {self.me_layer})" if self.me_layer is not None else ""))

@@ -24,6 +24,7 @@ from torch import nn
 
 from melayer.models.archmap import ArchSpec, arch_for, resolve
 from melayer.models.devices import execution_device, materialized, parse_device_map, parse_max_memory, read, read_param
+from melayer.models.guard import install_overflow_guard
 from melayer.util.errors import MelayerError
 from melayer.util.io import apply_umask
 
@@ -46,6 +47,9 @@ class LM:
     name: str
     arch: ArchSpec
     source: str = ""
+
+    def __post_init__(self) -> None:
+        install_overflow_guard(self.model, self.layers)  # inf/nan is an error in every forward, never a result
 
     @property
     def config(self) -> Any:
@@ -74,6 +78,26 @@ class LM:
         """Where inputs go: the embedding's (execution) device. Under a ``device_map`` later layers may sit
         elsewhere; hooks build their tensors on the device of the hidden state they touch."""
         return execution_device(self.model.get_input_embeddings())
+
+    @property
+    def max_positions(self) -> int | None:
+        """How many positions the model was built for (the config keys lm-eval's HFLM reads, in its order)."""
+        for key in ("n_positions", "max_position_embeddings", "n_ctx"):
+            value = getattr(self.config, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
+    @property
+    def learned_positions(self) -> bool:
+        """True if positions are rows of an embedding table (GPT-2's ``wpe``): no input may be longer than
+        :attr:`max_positions`. Rotary and ALiBi models can run past it (extrapolating)."""
+        n = self.max_positions
+        if n is None:
+            return False
+        words = self.model.get_input_embeddings()
+        return any(isinstance(m, nn.Embedding) and m is not words and n <= m.num_embeddings <= n + 2
+                   for m in self.model.modules())
 
     @property
     def dtype(self) -> torch.dtype:

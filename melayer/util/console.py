@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
@@ -56,3 +57,13 @@ def status(message: str | None) -> Iterator[None]:
         return
     with err.status(message):
         yield
+
+
+_warned: set[str] = set()
+
+
+def warn(message: str) -> None:
+    """One ``melayer: warning: ...`` line on stderr, once per message and process."""
+    if message not in _warned:
+        _warned.add(message)
+        print(f"melayer: warning: {message}", file=sys.stderr, flush=True)

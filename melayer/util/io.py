@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -9,6 +10,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from melayer.util.errors import MelayerError
 
 
 def _clean(obj: Any) -> Any:
@@ -51,18 +54,37 @@ def apply_umask(path: str | Path) -> None:
         os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
 
 
+# a full disk, a file-size limit, a quota, a read-only file system, no permission: the user's environment, not a bug
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def disk_error(path: str | Path, exc: OSError) -> MelayerError:
+    """One line for an I/O error the user can fix (see :data:`DISK_ERRNOS`)."""
+    return MelayerError(f"cannot write {path}: {exc.strerror or exc} (nothing was left half-written)")
+
+
 def write_atomic(path: str | Path, writer: Callable[[Path], None]) -> Path:
-    """Call ``writer(tmp_path)`` then rename over ``path`` in one step (the file gets the umask's mode)."""
+    """Call ``writer(tmp_path)`` then rename over ``path`` in one step (the file gets the umask's mode). A full
+    disk, a read-only file system and the like raise a one-line :class:`MelayerError`; ``path`` is then as it
+    was before (the temporary file is removed)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
+    tmp: str | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+        os.close(fd)
         writer(Path(tmp))
         apply_umask(tmp)
         os.replace(tmp, path)
+    except OSError as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if exc.errno in DISK_ERRNOS:
+            raise disk_error(path, exc) from None
+        raise
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
     return path
 
@@ -73,11 +95,30 @@ def write_json(path: str | Path, data: Any) -> Path:
 
 
 def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
-    """Append one record and flush to disk (used for resumable per-sample logs)."""
-    with open(path, "a") as fh:
-        fh.write(json.dumps(_clean(record)) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    """Append one record and flush it to disk (resumable per-sample logs). All or nothing: if the write fails
+    (full disk, Ctrl-C mid-write), the file is cut back to its previous length, so it never ends in a torn
+    line; a full disk and the like raise a one-line :class:`MelayerError`."""
+    line = (json.dumps(_clean(record)) + "\n").encode()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    except OSError as exc:
+        if exc.errno in DISK_ERRNOS:
+            raise disk_error(path, exc) from None
+        raise
+    try:
+        start = os.fstat(fd).st_size
+        try:
+            view = memoryview(line)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except BaseException as exc:
+            os.ftruncate(fd, start)
+            if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
+                raise disk_error(path, exc) from None
+            raise
+    finally:
+        os.close(fd)
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
