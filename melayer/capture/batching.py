@@ -19,7 +19,7 @@ from typing import TypeVar
 
 import torch
 
-from melayer.capture.encoding import left_pad, pad_id
+from melayer.capture.encoding import check_length, left_pad, pad_id
 from melayer.models.loading import LM
 
 T = TypeVar("T")
@@ -115,6 +115,7 @@ def planned(
     """The one batching loop: token ``rows`` as (input indices, left-padded batch on the model's device), in the
     order :func:`plan_batches` picks for ``lm``'s device. Callers key what they keep by the indices."""
     pad = pad_id(lm)
+    check_length(lm, max(map(len, rows), default=0), "a prompt" if len(rows) == 1 else "the longest prompt")
     for idx in plan_batches([len(r) for r in rows], device=lm.device, policy=policy, max_batch=max_batch,
                             cost=cost, max_cost=max_cost):
         yield idx, left_pad([rows[i] for i in idx], pad, lm.device)
