@@ -85,20 +85,20 @@ def test_generate_output_that_is_a_directory_is_refused_before_loading(monkeypat
     assert "--output" in line and "is a directory" in line, line
 
 
-def _mount_tmpfs(path: Path, options: str) -> bool:
+def _tmpfs(path: Path, options: str):
+    """A real tmpfs mounted at ``path`` for the test (skipped where mounting is not allowed)."""
     path.mkdir(parents=True, exist_ok=True)
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, check=False)
-    return r.returncode == 0
+    if os.geteuid() != 0 or r.returncode != 0:
+        pytest.skip("mounting a tmpfs needs root with CAP_SYS_ADMIN")
+    yield path
+    subprocess.run(["umount", str(path)], check=False)
 
 
 @pytest.fixture
 def read_only_dir(tmp_path):
     """A read-only file system (root ignores permission bits, so a chmod-ed directory would not do)."""
-    path = tmp_path / "ro"
-    if os.geteuid() != 0 or not _mount_tmpfs(path, "ro,size=1m"):
-        pytest.skip("mounting a read-only tmpfs needs root with CAP_SYS_ADMIN")
-    yield path
-    subprocess.run(["umount", str(path)], check=False)
+    yield from _tmpfs(tmp_path / "ro", "ro,size=1m")
 
 
 def test_read_only_output_is_refused_before_loading(monkeypatch, capsys, read_only_dir):
@@ -142,11 +142,8 @@ def test_a_full_disk_mid_run_is_one_line_and_nothing_is_torn(planted_dir, tmp_pa
 
 @pytest.fixture
 def small_disk(tmp_path):
-    path = tmp_path / "small"
-    if os.geteuid() != 0 or not _mount_tmpfs(path, "size=64k"):
-        pytest.skip("mounting a tmpfs needs root with CAP_SYS_ADMIN")
-    yield path
-    subprocess.run(["umount", str(path)], check=False)
+    """A 64 kB file system: a real ENOSPC."""
+    yield from _tmpfs(tmp_path / "small", "size=64k")
 
 
 def test_enospc_on_a_real_full_disk(monkeypatch, capsys, planted_dir, small_disk):
