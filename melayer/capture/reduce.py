@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from melayer.util.errors import NumericOverflow
+
 
 def layer_output(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
@@ -65,7 +67,12 @@ class LayerReducer:
             if self.mask.device != h.device:  # a split model: this layer sits on another device than the inputs
                 self.mask = self.mask.to(h.device)
             a = a.masked_fill(~self.mask[..., None], -1.0)  # pads never win a top-k or pass a cutoff
-        per_pos = a.amax(-1)  # (B, T); inf/nan never gets here: every LM's overflow guard (models.guard) raises first
+        per_pos = a.amax(-1)  # (B, T); NaN propagates, so this also catches inf/nan anywhere real
+        if not bool(torch.isfinite(per_pos).all()):
+            raise NumericOverflow(
+                f"layer {layer} produced inf/nan in {str(h.dtype).replace('torch.', '')}: massive activations "
+                "exceed this dtype's range; rerun with --dtype float32 (or bfloat16)"
+            )
         medians = [lower_median(a[b, off:].reshape(-1)) for b, off in enumerate(self.offsets)]
         cut = (torch.tensor(medians, dtype=torch.float32) * self.median_ratio).clamp(min=self.abs_min)
         cut_l = cut.tolist()
