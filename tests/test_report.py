@@ -271,6 +271,8 @@ def check_in_browser(browser, path: Path, kinds: set[str], shot: Path, interacti
         assert plots and min(plots) > 100
     # the raw JSON opens into a readable view
     page.click("details.raw summary")
+    # the page fills the view from its "toggle" event, which the browser dispatches after the click returns
+    page.wait_for_function("document.querySelector('details.raw pre').textContent.length > 0", timeout=5000)
     assert len(page.inner_text("details.raw pre")) > 100
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
