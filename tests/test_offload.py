@@ -87,6 +87,22 @@ def test_weight_reads_see_the_offloaded_weights(full, split):
     assert split.model.model.layers[4].input_layernorm.weight.device.type == "meta"  # still offloaded afterwards
 
 
+def test_fingerprint_reads_the_offloaded_weights(full, split):
+    """The weights on disk count: the split model has the whole model's fingerprint, and what an offloaded
+    layer's hook loads changing (an edited copy, as explain's norm ablation does) changes it."""
+    from melayer.models.devices import edited_offloaded_param, read_param
+    from melayer.models.fingerprint import fingerprint
+
+    assert fingerprint(split.model) == fingerprint(full.model)
+    norm = split.model.model.layers[4].input_layernorm
+    edited = read_param(norm).clone()
+    edited[0] += 1
+    with edited_offloaded_param(norm, "weight", edited):
+        assert fingerprint(split.model) != fingerprint(full.model)
+    assert fingerprint(split.model) == fingerprint(full.model)
+    assert norm.weight.device.type == "meta"  # read, not loaded for good
+
+
 def test_explain_is_identical(full, split):
     from melayer.interventions.explain import explain
 
