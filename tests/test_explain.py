@@ -104,6 +104,21 @@ def test_llama_style_norm_ablation_edits_the_pre_ffn_norm_on_driving_dims():
     assert [(e["role"], e["dims"]) for e in norm["norm_edits"]] == [("pre_ffn_norm", [lm.plant.carrier])]
 
 
+def test_the_restore_check_is_the_model_fingerprint_computed_afresh():
+    """explain's before/after check is melayer's one weights fingerprint, recomputed each time: an edit through
+    ``.data`` (which no version counter sees, so the cached fingerprint misses it) is still caught."""
+    from melayer.models.fingerprint import fingerprint as weights_fingerprint
+
+    lm = tiny_lm("llama", me_layer=1)
+    before = fingerprint(lm)
+    assert before["weights"] == weights_fingerprint(lm.model)
+    weight = lm.model.model.layers[1].post_attention_layernorm.weight
+    weight.data[3] += 1
+    assert fingerprint(lm)["weights"] != before["weights"]
+    weight.data[3] -= 1
+    assert fingerprint(lm) == before
+
+
 def test_ablations_are_restored_exactly_even_on_error():
     lm = tiny_lm("gemma3_text", me_layer=1)
     before = fingerprint(lm)

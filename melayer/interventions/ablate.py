@@ -9,23 +9,22 @@ Two kinds, addressed through the architecture map's roles:
 
 :func:`ablated` applies a list of them and undoes everything in a ``finally``: hooks are removed and the
 edited weight entries are copied back from saved clones, so the model is bit-identical afterwards.
-:func:`fingerprint` hashes every parameter and buffer (and counts hooks) so callers can prove it.
+:func:`fingerprint` hashes every weight (and counts hooks) so callers can prove it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from melayer.capture.hooks import Hooks
 from melayer.models.archmap import NORM_ROLES
-from melayer.models.devices import edited_offloaded_param, is_offloaded, materialized, read_param
+from melayer.models.devices import edited_offloaded_param, is_offloaded, read_param
+from melayer.models.fingerprint import fingerprint as weights_fingerprint
 from melayer.models.hf_internals import hook_count
 from melayer.models.loading import LM
 from melayer.util.errors import MelayerError
@@ -138,25 +137,8 @@ def ablated(lm: LM, edits: Sequence[Edit]) -> Iterator[None]:
                 weight[idx] = values
 
 
-def _tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every parameter and buffer with its data (an offloaded module's weights are read through accelerate)."""
-    for mod_name, mod in model.named_modules():
-        own = [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]
-        if not own:
-            continue
-        with materialized(mod, recurse=False):
-            for name, t in [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]:
-                yield f"{mod_name}.{name}" if mod_name else name, t
-
-
 def fingerprint(lm: LM) -> dict[str, Any]:
-    """A hash of every parameter and buffer (exact bytes) plus the number of hooks installed on the model."""
-    h = hashlib.blake2b(digest_size=16)
-    for name, t in _tensors(lm.model):
-        h.update(name.encode())
-        arr = t.detach().cpu().contiguous()
-        if arr.dtype == torch.bfloat16:
-            arr = arr.view(torch.int16)
-        h.update(np.ascontiguousarray(arr.numpy()).view(np.uint8).data)
-    n_hooks = hook_count(lm.model)
-    return {"params_blake2b": h.hexdigest(), "hooks": n_hooks}
+    """The model's weights fingerprint (:func:`melayer.models.fingerprint.fingerprint`, computed afresh: config,
+    every parameter and persistent buffer, offloaded ones read from where accelerate keeps them) plus the number
+    of hooks on it."""
+    return {"weights": weights_fingerprint(lm.model, cached=False), "hooks": hook_count(lm.model)}
