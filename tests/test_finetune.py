@@ -104,6 +104,23 @@ def test_chat_format_and_training_texts():
     assert plain[0]["completion"] == " 4 #### 4"
 
 
+@pytest.mark.parametrize("method", ["sft", "dpo", "grpo"])
+@pytest.mark.parametrize("on", [True, False])
+def test_trainer_settings_use_no_deprecated_names(method, on, tmp_path):
+    """melayer's TRL config spells checkpointing the way the installed transformers wants (transformers 5 warns
+    about ``gradient_checkpointing*``), and the setting still reaches TRL, which reads the old attributes."""
+    import warnings
+
+    from melayer.finetune.train import trainer_config
+
+    cfg = FinetuneConfig(method=method, gradient_checkpointing=on, batch_size=2, num_generations=2).validate()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        args = trainer_config(cfg, tmp_path)
+    assert args.gradient_checkpointing is on  # what TRL's trainers read
+    assert args.gradient_checkpointing_kwargs == ({"use_reentrant": False} if on else None)
+
+
 # ----------------------------------------------------------------------------------------------------
 # gradient checkpointing: the recomputed forward must mask exactly what the first pass masked
 

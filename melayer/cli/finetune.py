@@ -48,7 +48,8 @@ def finetune(
     """Fine-tune (LoRA by default) with WeMask on every training forward; see the README."""
     import warnings
 
-    # transformers 5 renames gradient_checkpointing -> activation_checkpointing; TRL still uses the old names
+    # transformers 5 renames gradient_checkpointing -> activation_checkpointing; melayer's settings use the new
+    # name, but TRL 1.16 / peft 0.21 still call the model's old methods (is_gradient_checkpointing, ..._enable)
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
     from melayer.finetune import FinetuneConfig
     from melayer.finetune import finetune as run

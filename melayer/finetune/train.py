@@ -193,17 +193,48 @@ def _progress_callback() -> Any:
     return RichProgress()
 
 
-def _training_args(cfg: FinetuneConfig, ckpt_dir: Path, progress: bool) -> dict[str, Any]:
+def _checkpointing(on: bool) -> dict[str, Any]:
+    """Gradient checkpointing settings under the name the installed transformers uses: 5.x renamed
+    ``gradient_checkpointing*`` to ``activation_checkpointing*`` (the old names warn, and go in v6) and mirrors the
+    new values onto the old attributes, which TRL reads. Passing the new name also overrides TRL's default of
+    ``gradient_checkpointing=True`` without touching the deprecated field."""
+    from transformers import TrainingArguments
+
+    fields = TrainingArguments.__dataclass_fields__
+    name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    return {name: on, f"{name}_kwargs": {"use_reentrant": False} if on else None}
+
+
+def _training_args(cfg: FinetuneConfig, ckpt_dir: Path) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     return dict(
         output_dir=str(ckpt_dir), per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps, logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.save_steps,
         seed=cfg.seed, data_seed=cfg.seed, bf16=cuda and cfg.dtype == "bfloat16", fp16=False, use_cpu=not cuda,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        **_checkpointing(cfg.gradient_checkpointing),
         report_to="none", disable_tqdm=True, dataloader_num_workers=0, warmup_steps=0,
         lr_scheduler_type="linear", full_determinism=False, save_total_limit=2)
+
+
+def trainer_config(cfg: FinetuneConfig, ckpt_dir: Path) -> Any:
+    """The TRL config (``SFTConfig`` / ``DPOConfig`` / ``GRPOConfig``) for ``cfg``."""
+    args = _training_args(cfg, ckpt_dir)
+    try:
+        if cfg.method == "sft":
+            from trl import SFTConfig
+
+            return SFTConfig(max_length=cfg.max_length, packing=False, padding_free=False, **args)
+        if cfg.method == "dpo":
+            from trl import DPOConfig
+
+            return DPOConfig(max_length=cfg.max_length, beta=cfg.beta, **args)
+        from trl import GRPOConfig
+
+        return GRPOConfig(num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_length,
+                          temperature=cfg.temperature, beta=0.0, **args)
+    except ValueError as exc:  # TRL's own checks of the settings
+        raise MelayerError(f"{cfg.method}: {' '.join(str(exc).split())[:300]}") from None
 
 
 def build_trainer(cfg: FinetuneConfig, lm: LM, rows: list[dict[str, Any]], ckpt_dir: Path,
@@ -211,7 +242,7 @@ def build_trainer(cfg: FinetuneConfig, lm: LM, rows: list[dict[str, Any]], ckpt_
     """The TRL trainer for ``cfg.method`` on ``lm`` (LoRA unless ``cfg.full``)."""
     from datasets import Dataset
 
-    args = _training_args(cfg, ckpt_dir, progress)
+    args = trainer_config(cfg, ckpt_dir)
     peft_config = None
     if not cfg.full:
         from peft import LoraConfig
@@ -221,23 +252,20 @@ def build_trainer(cfg: FinetuneConfig, lm: LM, rows: list[dict[str, Any]], ckpt_
         peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                  target_modules=target, task_type="CAUSAL_LM")
     dataset = Dataset.from_list(rows)
-    common = dict(model=lm.model, train_dataset=dataset, processing_class=lm.tokenizer, peft_config=peft_config,
-                  callbacks=callbacks)
+    common = dict(model=lm.model, args=args, train_dataset=dataset, processing_class=lm.tokenizer,
+                  peft_config=peft_config, callbacks=callbacks)
     try:
         if cfg.method == "sft":
-            from trl import SFTConfig, SFTTrainer
+            from trl import SFTTrainer
 
-            return SFTTrainer(args=SFTConfig(max_length=cfg.max_length, packing=False, padding_free=False, **args),
-                              **common)
+            return SFTTrainer(**common)
         if cfg.method == "dpo":
-            from trl import DPOConfig, DPOTrainer
+            from trl import DPOTrainer
 
-            return DPOTrainer(args=DPOConfig(max_length=cfg.max_length, beta=cfg.beta, **args), **common)
-        from trl import GRPOConfig, GRPOTrainer
+            return DPOTrainer(**common)
+        from trl import GRPOTrainer
 
-        grpo = GRPOConfig(num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_length,
-                          temperature=cfg.temperature, beta=0.0, **args)
-        return GRPOTrainer(reward_funcs=[gsm8k_reward], args=grpo, **common)
+        return GRPOTrainer(reward_funcs=[gsm8k_reward], **common)
     except ValueError as exc:  # TRL's own checks of the settings
         raise MelayerError(f"{cfg.method}: {' '.join(str(exc).split())[:300]}") from None
 
