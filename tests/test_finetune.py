@@ -54,6 +54,8 @@ def sft_file(tmp_path) -> Path:
     (dict(data="/nonexistent.jsonl"), "no such file"),
     (dict(select="random"), "unknown --select"),
     (dict(method="grpo", batch_size=3, num_generations=2), "multiple of --num-generations"),
+    (dict(max_memory="cpu"), "--max-memory 'cpu': give DEVICE=SIZE"),
+    (dict(device_map="gpu-please"), "--device-map 'gpu-please'"),
 ])
 def test_config_validation(kwargs, message):
     with pytest.raises(MelayerError, match=message.replace("(", r"\(").replace("[", r"\[")):
@@ -389,6 +391,29 @@ def test_adapter_and_mask_round_trip(planted_dir, sft_file, tmp_path):
     trained.tokenizer.save_pretrained(other)
     with pytest.raises(MelayerError, match="was trained on"):
         melayer.load(str(other), adapter=str(out), progress=False)
+
+
+def test_device_map_trains_resident_weights_and_refuses_offloaded_ones(planted_dir, sft_file, tmp_path, run_cli):
+    """A device map that keeps every weight resident trains; one that offloads layers (whose weights accelerate
+    reloads each forward, so updates would be lost and LoRA would sit on meta placeholders) is refused with one
+    line before anything is written, through the API and the CLI."""
+    import melayer
+
+    done = finetune(model=str(planted_dir), data=str(sft_file), output=str(tmp_path / "auto"), device_map="auto",
+                    max_steps=1, **FAST)  # on this CPU-only machine: every layer on the CPU
+    assert done.steps == 1 and done.final_loss is not None and done.config["device_map"] == "auto"
+    assert {p.device.type for p in done.lm.model.parameters()} == {"cpu"}
+    split = melayer.load(str(planted_dir), device_map="auto", max_memory="cpu=300KB", progress=False)
+    assert "disk" in split.model.hf_device_map.values()
+    with pytest.raises(MelayerError, match="offloaded to the CPU or disk"):
+        finetune(lm=split, data=str(sft_file), output=str(tmp_path / "api"), max_steps=1, **FAST)
+    assert not (tmp_path / "api").exists()
+    r = run_cli("finetune", "sft", "--model", planted_dir, "--data", sft_file, "--max-memory", "cpu=300KB",
+                "--max-steps", "1", "--output", tmp_path / "cli")
+    lines = r.stderr.strip().splitlines()  # (accelerate logs where it offloaded, then melayer's one line)
+    assert r.returncode == 2 and lines[-1].startswith("melayer: error: cannot fine-tune"), r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and sum("melayer" in line for line in lines) == 1
+    assert not (tmp_path / "cli").exists()
 
 
 def test_cli_finetune(planted_dir, sft_file, tmp_path, run_cli):

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from melayer.cli import app
-from melayer.cli.common import DtypeOpt, ModelOpt, check_output
+from melayer.cli.common import DeviceMapOpt, DtypeOpt, MaxMemoryOpt, ModelOpt, check_output
 
 
 @app.command()
@@ -44,6 +44,8 @@ def finetune(
     num_generations: Annotated[int, typer.Option("--num-generations", help="grpo: completions per prompt")] = 4,
     max_completion_length: Annotated[int, typer.Option("--max-completion-length", help="grpo: completion tokens")] = 128,
     dtype: DtypeOpt = "float32",
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
 ) -> None:
     """Fine-tune (LoRA by default) with WeMask on every training forward; see the README."""
     import warnings
@@ -62,8 +64,8 @@ def finetune(
         me_layer=me_layer, select=select, gamma=gamma, full=full, lora_r=lora_r, lora_alpha=lora_alpha,
         lora_dropout=lora_dropout, target=target, epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size,
         grad_accum=grad_accum, max_length=max_length, seed=seed, gradient_checkpointing=gradient_checkpointing,
-        save_steps=save_steps, resume=resume, dtype=dtype, chat=chat, beta=beta,
-        rejected_max_new_tokens=rejected_max_new_tokens, num_generations=num_generations,
+        save_steps=save_steps, resume=resume, dtype=dtype, device_map=device_map, max_memory=max_memory, chat=chat,
+        beta=beta, rejected_max_new_tokens=rejected_max_new_tokens, num_generations=num_generations,
         max_completion_length=max_completion_length).validate()
     check_output(output)
     result = run(cfg).to_dict()

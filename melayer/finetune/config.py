@@ -52,6 +52,8 @@ class FinetuneConfig:
     logging_steps: int = 1
     resume: bool = False
     dtype: str = "float32"
+    device_map: str | None = None  # as melayer.load's: a split across GPUs; offloaded weights are refused
+    max_memory: str | None = None
     chat: bool | None = None  # None: use the chat template when the tokenizer has one
     # DPO
     beta: float = 0.1
@@ -96,6 +98,9 @@ class FinetuneConfig:
             raise MelayerError(f"unknown --select {self.select!r}; use activation or weight")
         if self.dtype not in DTYPES:
             raise MelayerError(f"unknown --dtype {self.dtype!r}; use one of {', '.join(DTYPES)}")
+        from melayer.models.devices import parse_device_map, parse_max_memory
+
+        parse_device_map(self.device_map), parse_max_memory(self.max_memory)
         if not str(self.target).strip():
             raise MelayerError("--target must name modules (e.g. all-linear or q_proj,v_proj)")
         if self.method == "grpo" and self.batch_size % self.num_generations:

@@ -131,6 +131,20 @@ def find_massive_token(lm: LM, texts: list[str]) -> tuple[int | None, dict[str, 
     return result.me_layer, info
 
 
+def check_trainable(lm: LM) -> None:
+    """Refuse a model whose device map offloads weights (to the CPU or disk): accelerate reloads those from
+    their offload copy on every forward, so an update would be lost (full fine-tuning) or a LoRA adapter would sit
+    on the ``meta`` placeholders (it yields inf/nan). A split across GPUs, or one device, trains."""
+    from melayer.models.devices import is_offloaded
+
+    offloaded = [name for name, mod in lm.model.named_modules() if is_offloaded(mod)]
+    if offloaded or any(p.device.type == "meta" for p in lm.model.parameters()):
+        example = offloaded[0] if offloaded else "meta parameters"
+        raise MelayerError(f"cannot fine-tune {lm.name} with weights offloaded to the CPU or disk by the device map "
+                           f"(e.g. {example}): training needs every weight resident; use a --device-map/--max-memory "
+                           "that keeps each layer on a GPU or the CPU")
+
+
 class _LogCallback:
     """Appends each log record to train_log.jsonl (drops records past the resumed step first)."""
 
@@ -311,7 +325,9 @@ def finetune(config: FinetuneConfig | None = None, *, lm: LM | None = None, prog
 
     datasets.disable_progress_bars()  # the run has its own progress bar
     if lm is None:
-        lm = melayer.load(cfg.model, dtype=cfg.dtype, progress=progress)
+        lm = melayer.load(cfg.model, dtype=cfg.dtype, device_map=cfg.device_map, max_memory=cfg.max_memory,
+                          progress=progress)
+    check_trainable(lm)
     torch.manual_seed(cfg.seed)
     chat = use_chat(lm.tokenizer, cfg.chat)
     extra: dict[str, Any] = {"chat_template": chat}
