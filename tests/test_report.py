@@ -211,6 +211,23 @@ def test_training_section_from_a_finetune_run(finetune_output):
     assert page.count("<svg ") == 1
 
 
+def test_finetune_png_is_the_reports_training_figure(tmp_path):
+    """``melayer finetune``'s loss_curve.png draws the report's training curves (every logged quantity), also for
+    a run that logged one step."""
+    from melayer.report.figures import training_curves
+    from melayer.report.finetune import loss_curve
+    from melayer.report.plots import plt
+
+    log = [{"step": i, "loss": 2 - 0.1 * i, "reward": 0.1 * i, "learning_rate": 2e-4 / i, "grad_norm": 1.0 + i}
+           for i in (1, 2, 3)]
+    many, one = training_curves(log, "t", min_points=1), training_curves(log[:1], "t", min_points=1)
+    titles = ["loss", "reward / accuracy", "learning rate", "gradient norm"]
+    assert [ax.get_title() for ax in many.axes] == [ax.get_title() for ax in one.axes] == titles
+    assert [len(ax.lines[0].get_xdata()) for ax in many.axes] == [3] * 4 and list(one.axes[0].get_xticks()) == [1]
+    plt.close(many), plt.close(one)
+    assert loss_curve(log[:1], tmp_path / "one.png").read_bytes()[:4] == b"\x89PNG"
+
+
 @pytest.mark.slow
 def test_magnitude_view_shows_gemma_precursor_and_persistent_dim(gemma_scan):
     from melayer.report.figures import magnitude_map, profile_dims

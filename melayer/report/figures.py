@@ -201,12 +201,13 @@ _SKIP = {"step", "epoch", "time", "total_flos", "train_runtime", "train_samples_
          "train_steps_per_second", "train_loss"}
 
 
-def curve_groups(records: list[dict[str, Any]]) -> dict[str, list[str]]:
-    """Numeric log keys with at least two values, grouped into panels (loss, rewards/accuracy, lr, grad norm)."""
+def curve_groups(records: list[dict[str, Any]], min_points: int = 2) -> dict[str, list[str]]:
+    """Numeric log keys with at least ``min_points`` values, grouped into panels (loss, rewards/accuracy, lr,
+    grad norm)."""
     counts: Counter[str] = Counter()
     for r in records:
         counts.update(k for k, v in r.items() if k not in _SKIP and _finite(v) and not isinstance(v, bool))
-    keys = [k for k in counts if counts[k] >= 2]
+    keys = [k for k in counts if counts[k] >= min_points]
     groups: dict[str, list[str]] = {"loss": [], "reward / accuracy": [], "learning rate": [], "gradient norm": []}
     for k in keys:
         low = k.lower()
@@ -221,16 +222,23 @@ def curve_groups(records: list[dict[str, Any]]) -> dict[str, list[str]]:
     return {g: ks[:6] for g, ks in groups.items() if ks}
 
 
-def training_curves(records: list[dict[str, Any]], title: str) -> Any:
-    groups = curve_groups(records)
+def training_curves(records: list[dict[str, Any]], title: str, min_points: int = 2) -> Any:
+    """One panel per group of :func:`curve_groups` (the report's figure and ``melayer finetune``'s
+    ``loss_curve.png``; a run of one logged step still shows its loss as one point with ``min_points=1``)."""
+    groups = curve_groups(records, min_points) or {"loss": []}
     fig, axes = plt.subplots(1, len(groups), figsize=(3.9 * len(groups), 3.4), squeeze=False)
     for ax, (group, keys) in zip(axes[0], groups.items()):
+        steps: set[Any] = set()
         for k in keys:
             pts = [(r.get("step", i), r[k]) for i, r in enumerate(records) if _finite(r.get(k))]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", ms=2.5, lw=1.2, label=tex_safe(k))
+            steps.update(p[0] for p in pts)
         ax.set_xlabel("optimizer step", fontsize=8)
         ax.set_title(group, fontsize=9)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if len(steps) == 1:  # one logged step: its number, not fractional ticks around it
+            ax.set_xticks(sorted(steps))
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if len(keys) > 1 or group in ("loss", "reward / accuracy"):
             ax.legend(fontsize=7)
     fig.suptitle(tex_safe(title), fontsize=9)

@@ -1,29 +1,18 @@
-"""Rendering of a fine-tuning run: the loss curve (PNG) and a one-screen summary (drawn by the CLI)."""
+"""Rendering of a fine-tuning run: the training curves (PNG) and a one-screen summary (drawn by the CLI)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from melayer.report.plots import plt, save
+from melayer.report.figures import training_curves
+from melayer.report.plots import save
 
 
 def loss_curve(log: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
-    """Training loss (and reward, for GRPO) per optimiser step, from ``train_log.jsonl`` records."""
-    steps = [r["step"] for r in log if "loss" in r]
-    losses = [r["loss"] for r in log if "loss" in r]
-    rewards = [(r["step"], r["reward"]) for r in log if "reward" in r]
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.plot(steps, losses, marker="o", ms=3, lw=1.2, label="loss")
-    ax.set_xlabel("optimiser step")
-    ax.set_ylabel("training loss")
-    if rewards:
-        ax2 = ax.twinx()
-        ax2.plot([s for s, _ in rewards], [v for _, v in rewards], color="tab:green", lw=1, label="reward")
-        ax2.set_ylabel("mean reward")
-    ax.set_title(title or "training loss", fontsize=10)
-    ax.grid(alpha=0.3)
-    return save(fig, path)
+    """The report's training curves (loss, rewards, learning rate, gradient norm per optimiser step, from
+    ``train_log.jsonl`` records) as a PNG."""
+    return save(training_curves(log, title or "training", min_points=1), path)
 
 
 def summary(result: dict[str, Any]) -> list[str]:
