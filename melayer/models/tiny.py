@@ -36,9 +36,13 @@ _CONFIGS = {
     "gemma2": {"query_pre_attn_scalar": HIDDEN // HEADS},
     "gemma3_text": {"query_pre_attn_scalar": HIDDEN // HEADS, "sliding_window": 64},
     "phi3": {}, "olmo2": {},
+    # GPT-2 is multi-head attention with its own size keys: no GQA / head_dim / intermediate_size keys
     "gpt2": {"n_embd": HIDDEN, "n_inner": INTER, "n_head": HEADS, "n_positions": 256},
 }
 MODEL_TYPES = tuple(_CONFIGS)
+# keys GPT2Config would keep as stray attributes though the model ignores them (a config claiming 2 KV heads on
+# a 4-head MHA model misleads readers of the config, e.g. TransformerLens, which then splits K/V wrongly)
+_NOT_GPT2 = ("num_key_value_heads", "head_dim", "intermediate_size")
 
 
 def tiny_tokenizer():
@@ -171,6 +175,8 @@ def tiny_lm(model_type: str = "llama", plant: bool = True, me_layer: int = 1, ne
     torch.manual_seed(seed)
     kwargs = {**_COMMON, **_CONFIGS[model_type]}
     if model_type == "gpt2":
+        for key in _NOT_GPT2:
+            kwargs.pop(key)
         kwargs.update(n_layer=num_layers)
     kwargs["num_hidden_layers"] = num_layers
     config = AutoConfig.for_model(model_type, **kwargs)
