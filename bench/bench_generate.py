@@ -11,6 +11,12 @@ work per prompt is the same in every condition. In one process, interleaved, med
 * batch ``--batch``, length-sorted: the batches :func:`melayer.capture.batching.plan_batches` picks for
   generation (similar lengths together, so little padding).
 tokens/s = generated tokens / seconds. Target (issue 9): batch 8 >= 4x batch 1.
+
+It also measures the ceiling that batching cannot pass on this machine: every ``nn.Linear`` of one decoding step
+(each layer's projections and the LM head, at their own shapes) timed with 1 row and with ``--batch`` rows; the
+ratio ``batch x time(1 row) / time(batch rows)`` is the most a decoding step at that batch can gain from sharing
+the weights, whatever the generation loop does (the prefill of the prompts gains less: it is already a
+matrix-matrix product at batch 1).
 """
 
 from __future__ import annotations
@@ -35,6 +41,37 @@ def gsm8k_questions(n: int) -> list[str]:
             if len(out) == n:
                 break
     return out
+
+
+def matmul_ceiling(model, rows: int, reps: int = 5) -> tuple[float, float, float]:
+    """(seconds of one decoding step's linear layers at 1 row, at ``rows`` rows, share of them in the LM head)."""
+    import collections
+    import time
+
+    import torch
+
+    shapes = collections.Counter(tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear))
+    head = tuple(model.get_output_embeddings().weight.shape)
+
+    def timed(w, x) -> float:
+        torch.nn.functional.linear(x, w)
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            torch.nn.functional.linear(x, w)
+            ts.append(time.perf_counter() - t0)
+        return sorted(ts)[len(ts) // 2]
+
+    one = many = head_one = 0.0
+    with torch.no_grad():
+        for shape, count in shapes.items():
+            w = torch.randn(shape)
+            t1, tn = timed(w, torch.randn(1, shape[1])), timed(w, torch.randn(rows, shape[1]))
+            one, many = one + count * t1, many + count * tn
+            if shape == head:
+                head_one = count * t1
+            del w
+    return one, many, head_one / one
 
 
 def main() -> None:
@@ -95,6 +132,10 @@ def main() -> None:
                   [[k, f"{v:.2f}", f"{v / base:.2f}", f"{pads[k]:.0%}"] for k, v in tps.items()]))
     best = max(v for k, v in tps.items() if k != "batch 1") / base
     print(f"\nbatch {args.batch} / batch 1: {best:.2f}x (target >= 4: {'PASS' if best >= 4 else 'FAIL'})")
+    one, many, head = matmul_ceiling(lm.model, args.batch)
+    print(f"matrix-product ceiling of one decoding step: 1 row {one * 1e3:.1f} ms ({head:.0%} in the LM head), "
+          f"{args.batch} rows {many * 1e3:.1f} ms -> at most {args.batch * one / many:.2f}x from batching "
+          f"{args.batch} rows on this machine with {torch.get_num_threads()} thread(s)")
 
 
 if __name__ == "__main__":

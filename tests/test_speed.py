@@ -192,6 +192,45 @@ def test_conversion_phases_one_progress_display_and_the_fresh_model(tmp_path, mo
     assert "de-quantizing" not in res.stderr and "it/s]" not in res.stderr
 
 
+def _trained_bpe(pre_tokenizer: bool):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    if pre_tokenizer:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    text = ["the cat sat on the mat", "the dog sat on the log", "a cat and a dog"] * 20
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>"], show_progress=False))
+    return tok
+
+
+@pytest.mark.parametrize("pre_tokenizer", [True, False])
+def test_compact_merges_is_lossless_or_left_alone(tmp_path, pre_tokenizer):
+    """The cache's tokenizer.json gets string merges only when no merged piece holds a space (a piece with a space
+    cannot be written as "a b"); the rewritten file tokenizes exactly like the original."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    from melayer.models.convert import compact_merges
+
+    path = tmp_path / "tokenizer.json"
+    _trained_bpe(pre_tokenizer).save(str(path))
+    before = path.read_text()
+    merges = json.loads(before)["model"]["merges"]
+    has_space = any(" " in piece for pair in merges for piece in pair)
+    assert has_space is (not pre_tokenizer)  # without a pre-tokenizer BPE merges across spaces
+    assert compact_merges(path) is (not has_space)
+    after = json.loads(path.read_text())["model"]["merges"]
+    if has_space:
+        assert path.read_text() == before
+    else:
+        assert after == [f"{a} {b}" for a, b in merges]
+        old, new = Tokenizer.from_str(before), Tokenizer.from_file(str(path))
+        for text in ["the cat sat on the log", "a dog and a mat, the end", "unseen words: zebra"]:
+            assert new.encode(text).ids == old.encode(text).ids
+        assert new.to_str() == old.to_str()
+
+
 def test_generation_plan_sorts_by_length_and_fills_batches():
     from melayer.capture.batching import GENERATE
 

@@ -104,6 +104,35 @@ def _tokenizer_class(config: Any) -> Any:
     return cls
 
 
+def compact_merges(path: Path) -> bool:
+    """Rewrite a BPE ``tokenizer.json``'s merges from ``["a", "b"]`` pairs to ``"a b"`` strings, in place, when
+    that is lossless (no merged piece contains a space); returns whether it did.
+
+    Both spellings are the ``tokenizers`` library's own format; the Rust parser reads the string one about a third
+    faster (Gemma-3's 515k merges: ~0.35 s of a ~5 s warm start). Lossless is checked, not assumed: the library's
+    canonical re-serialisation of the rewritten file must equal the original's.
+    """
+    import json
+
+    from tokenizers import Tokenizer
+
+    if not path.exists():
+        return False
+    text = path.read_text(encoding="utf-8")
+    data = json.loads(text)
+    merges = data.get("model", {}).get("merges")
+    if data["model"].get("type") != "BPE" or not merges or not isinstance(merges[0], list):
+        return False
+    if any(len(m) != 2 or " " in m[0] or " " in m[1] for m in merges):
+        return False
+    data["model"]["merges"] = [f"{a} {b}" for a, b in merges]
+    new = json.dumps(data, ensure_ascii=False, indent=2)
+    if Tokenizer.from_str(new).to_str() != Tokenizer.from_str(text).to_str():
+        return False
+    path.write_text(new, encoding="utf-8")  # inside the conversion's private temporary directory
+    return True
+
+
 def convert_gguf(path: Path, out: Path, progress: bool = True) -> tuple[Any, Any]:
     """Dequantise ``path`` into the HF directory ``out`` (written atomically); returns (model, tokenizer), ready to use."""
     with path.open("rb") as fh:
@@ -148,6 +177,7 @@ def convert_gguf(path: Path, out: Path, progress: bool = True) -> tuple[Any, Any
             with _library_output_muted():
                 model.save_pretrained(tmp)
                 tok.save_pretrained(tmp)
+            compact_merges(tmp / "tokenizer.json")
             apply_umask(tmp)
             os.replace(tmp, out)
         except OSError:
