@@ -92,17 +92,14 @@ class LayerReducer:
         hot = (per_pos > cut.to(per_pos.device)[:, None]) if bool((tok_v[:, 0].cpu() > cut).any()) else None
         top_l = (top_s.float().tolist(), top_pos.tolist(), top_dim.tolist(), top_v.tolist())
         cands_l = cands.tolist()
+        hot_rows = hot.any(1).tolist() if hot is not None else [False] * B
+        watched_rows = self._watched(h)
         for b in range(B):
             off, n = self.offsets[b], self.lengths[b]
             keep = min(self.top_k, n * H)
             top = [(v, p - off, d) for v, p, d in zip(top_l[0][b][:keep], top_l[1][b][:keep], top_l[2][b][:keep])]
-            massive = self._massive(h, a, b, hot, cut_l[b], off) if hot is not None else []
-            watch = self.watch[b]
-            watched = {}
-            if watch:
-                pos = torch.tensor([p + off for p, _ in watch], device=h.device)
-                dim = torch.tensor([d for _, d in watch], device=h.device)
-                watched = dict(zip(watch, h[b, pos, dim].float().tolist()))
+            massive = self._massive(h, a, b, hot, cut_l[b], off) if hot_rows[b] else []
+            watch, watched = self.watch[b], watched_rows[b]
             for _, p, d in massive:
                 if len(watch) < self.max_massive:
                     watch.setdefault((p, d))
@@ -110,6 +107,19 @@ class LayerReducer:
             row_map = {cands_l[b][j] - off: rows[b, j] for j in picks}
             self.per_row[b].append({"median": medians[b], "top": top, "massive": massive, "rows": row_map,
                                     "watched": watched})
+
+    def _watched(self, h: torch.Tensor) -> list[dict[tuple[int, int], float]]:
+        """Per row, the values at this layer of the (position, dim) entries found massive at earlier layers (one
+        indexing of the whole batch)."""
+        index = [(b, p + self.offsets[b], d) for b, watch in enumerate(self.watch) for p, d in watch]
+        out: list[dict[tuple[int, int], float]] = [{} for _ in self.watch]
+        if not index:
+            return out
+        b_i, p_i, d_i = torch.tensor(index, device=h.device).unbind(1)
+        values = iter(h[b_i, p_i, d_i].float().tolist())
+        for b, watch in enumerate(self.watch):
+            out[b] = {key: next(values) for key in watch}
+        return out
 
     def _massive(self, h: torch.Tensor, a: torch.Tensor, b: int, hot: torch.Tensor, cut: float,
                  off: int) -> list[tuple[float, int, int]]:
