@@ -156,12 +156,18 @@ def transformer_lens(source: str) -> tuple[Any, str]:
 
 def tl_resid_scan(bridge: Any, rows: Sequence[dict[str, Any]]) -> None:
     """``run_with_cache`` keeping only ``hook_resid_post`` of every block, then the per-token max |a| of each
-    (the least a massive-activation scan needs), one prompt at a time."""
+    (the least a massive-activation scan needs), one call per row of ``rows``: single prompts, or left-padded
+    batches (their attention mask and positions passed on, as :func:`bare_forward` does)."""
     import torch
 
     with torch.no_grad():
         for b in rows:
-            _, cache = bridge.run_with_cache(b["input_ids"], names_filter=lambda n: n.endswith("hook_resid_post"))
+            kw = {}
+            if "attention_mask" in b and not bool(b["attention_mask"].all()):
+                mask = b["attention_mask"]
+                kw = {"attention_mask": mask, "position_ids": (mask.long().cumsum(-1) - 1).clamp(min=0)}
+            _, cache = bridge.run_with_cache(b["input_ids"], names_filter=lambda n: n.endswith("hook_resid_post"),
+                                             **kw)
             for v in cache.values():
                 v.abs().amax(-1)
             del cache
