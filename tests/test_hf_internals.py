@@ -64,3 +64,24 @@ def test_gguf_tensor_processors_undo_llama_cpp_conventions():
     assert np.allclose(llama.weights, 3.0)
     down = np.arange(6, dtype=np.float32).reshape(2, 3)
     assert H.gguf_tensor_processor("gpt2", {}).process(weights=down, name="blk.0.ffn_down.weight").weights.shape == (3, 2)
+
+
+def test_cache_keywords_reach_the_model_without_deprecation_warnings():
+    """melayer passes and reads the KV cache under the keyword this transformers uses: continuing from a cache
+    gives the logits of the full forward, the attention call receives that cache, and no deprecation warning."""
+    import warnings
+
+    lm = tiny_lm("llama", plant=False)
+    ids = encode(lm, ["hello there, how are you"])["input_ids"]
+    seen = []
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        full = lm.model(input_ids=ids).logits
+        cache = H.output_cache(lm.model(input_ids=ids[:, :-2], use_cache=True))
+        assert H.cache_length(cache) == ids.shape[1] - 2
+        with Hooks() as hooks:
+            hooks.pre(lm.layers[0].self_attn, lambda m, a, kw: seen.append(H.call_cache(kw)), with_kwargs=True)
+            rest = lm.model(input_ids=ids[:, -2:], use_cache=True, **{H.cache_keyword(lm.model): cache}).logits
+    assert seen and seen[0] is cache  # the attention call got the cache under a keyword melayer reads
+    assert torch.allclose(rest, full[:, -2:], atol=1e-5)
+    assert not [w for w in caught if "deprecat" in str(w.message).lower()], [str(w.message) for w in caught]

@@ -15,7 +15,7 @@ import torch
 
 from melayer.capture.encoding import first_real
 from melayer.capture.hooks import Hooks
-from melayer.models.hf_internals import cache_length
+from melayer.models.hf_internals import cache_length, call_cache
 from melayer.models.loading import LM
 from melayer.util.errors import MelayerError
 
@@ -66,7 +66,7 @@ def past_length(kwargs: dict, mask2d: torch.Tensor | None, length: int) -> int:
     cache_position = kwargs.get("cache_position")
     if isinstance(cache_position, torch.Tensor) and cache_position.numel():
         return int(cache_position.flatten()[0])
-    cache = kwargs.get("past_key_values")
+    cache = call_cache(kwargs)
     if cache is not None and (n := cache_length(cache)) is not None:
         return n
     if mask2d is not None:

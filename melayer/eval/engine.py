@@ -18,7 +18,7 @@ from melayer.analysis.perplexity import tail_logliks
 from melayer.capture import Hooks, check_length, eos_ids, left_pad, pad_id, position_ids
 from melayer.capture.sites import LOGIT_BUDGET, final_hidden, output_head
 from melayer.interventions.generate import greedy
-from melayer.models.hf_internals import reindex_cache
+from melayer.models.hf_internals import cache_keyword, output_cache, reindex_cache
 from melayer.models.loading import LM
 from melayer.util.errors import MelayerError
 
@@ -123,7 +123,7 @@ def score_continuations(lm: LM, contexts: Sequence[Sequence[int]], pairs: Sequen
     with _ctx(intervention):
         out = lm.model(**batch, position_ids=position_ids(mask), use_cache=True, logits_to_keep=1)
         first = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)  # predicts each continuation's 1st token
-        cache = out.past_key_values
+        cache = output_cache(out)
         rest = max(len(c) for _, c in pairs) - 1
         hidden = None
         if rest > 0:
@@ -142,8 +142,8 @@ def score_continuations(lm: LM, contexts: Sequence[Sequence[int]], pairs: Sequen
             pos = pos.masked_fill(cmask == 0, 0)  # padding (masked, never scored) must not index past the positions
             with Hooks() as hooks:
                 final_hidden(hooks, lm, captured)
-                out2 = lm.model(input_ids=ids, attention_mask=full, position_ids=pos, past_key_values=cache,
-                                use_cache=True, logits_to_keep=1)
+                out2 = lm.model(input_ids=ids, attention_mask=full, position_ids=pos, use_cache=True, logits_to_keep=1,
+                                **{cache_keyword(lm.model): cache})
             hidden = captured["h"]
             ref = out2.logits[:, -1:, :].float()
             check = head(hidden[:, -1:, :])

@@ -59,6 +59,26 @@ def reindex_cache(cache: Any, index: Any, name: str = "model") -> None:
     cache.batch_select_indices(index)
 
 
+def cache_keyword(model: nn.Module) -> str:
+    """The forward keyword of the KV cache: ``cache`` (transformers >= 5.2x; ``past_key_values`` still accepted
+    there with a deprecation warning until 5.40) or ``past_key_values`` (older versions)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def call_cache(kwargs: dict[str, Any]) -> Any:
+    """The KV cache a module call received, under either keyword (None if none)."""
+    cache = kwargs.get("cache")
+    return kwargs.get("past_key_values") if cache is None else cache
+
+
+def output_cache(output: Any) -> Any:
+    """The KV cache a model returned (``.cache`` in newer transformers, ``.past_key_values`` before)."""
+    cache = output.get("cache") if hasattr(output, "get") else None
+    return getattr(output, "past_key_values", None) if cache is None else cache
+
+
 def cache_length(cache: Any) -> int | None:
     """Tokens already in a KV cache (``Cache.get_seq_length`` or a legacy tuple cache), None if unknown."""
     if hasattr(cache, "get_seq_length"):
