@@ -37,8 +37,9 @@ test: setup lint
 test-fast: setup lint
 	$(BIN)/python -m pytest -m "not slow"
 
+# every speed figure of the README (about 45 min on an idle 2-core CPU); tables also in out/bench/
 bench: setup
-	$(BIN)/python bench/bench_scan.py
+	bash bench/all.sh
 
 # one-line bugs planted in a temporary copy of the rule modules; prints which ones the tests miss (not a CI gate)
 mutate: setup
