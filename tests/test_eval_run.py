@@ -106,7 +106,12 @@ def test_eval_json_schema_and_settings(lm, tmp_path):
     assert r.metrics["acc"]["value"] == pytest.approx(sum(rec["pred"] == rec["gold"] for rec in r.records) / 5)
 
 
-def test_resume_after_a_kill_loses_and_repeats_nothing(lm, tmp_path):
+@pytest.mark.parametrize("task, opts", [("hellaswag", {}), ("gsm8k", {"max_new_tokens": 6})])
+def test_a_resumed_run_equals_an_uninterrupted_one_exactly(lm, tmp_path, task, opts):
+    """Killed after two batches, the second only half saved (a kill between two appends, then a torn line): the
+    resumed run reruns the half-saved batch whole (the plan covers every sample, done or not), writes only the
+    missing samples, and ends bit-identical to an uninterrupted run: records, samples.jsonl, eval.json metrics."""
+
     class Killed(Exception):
         pass
 
@@ -117,23 +122,25 @@ def test_resume_after_a_kill_loses_and_repeats_nothing(lm, tmp_path):
         if len(seen) == 2:
             raise Killed
 
+    args = dict(limit=10, batch_size=3, progress=False, **opts)
     with pytest.raises(Killed):
-        run(lm, "hellaswag", limit=10, batch_size=3, output=tmp_path, progress=False, on_batch=kill_after_two_batches)
-    assert not (tmp_path / "eval.json").exists()
-    assert len(read_jsonl(tmp_path / "samples.jsonl")) == 6
-    # a torn line, as a kill in the middle of a write leaves it
-    with open(tmp_path / "samples.jsonl", "a") as fh:
-        fh.write('{"id": "hellaswag-6", "metr')
+        run(lm, task, output=tmp_path, on_batch=kill_after_two_batches, **args)
+    assert seen == [3, 3] and not (tmp_path / "eval.json").exists()
+    log = tmp_path / "samples.jsonl"
+    lines = log.read_text().splitlines(keepends=True)
+    assert len(lines) == 6
+    log.write_text("".join(lines[:4]) + lines[4][: len(lines[4]) // 2])  # 4 whole records, then a torn one
     calls = []
-    r = run(lm, "hellaswag", limit=10, batch_size=3, output=tmp_path, progress=False, on_batch=calls.append)
-    assert sum(len(c) for c in calls) == 4  # only the 4 missing samples ran
-    ids = [rec["id"] for rec in read_jsonl(tmp_path / "samples.jsonl")]
-    assert sorted(ids) == sorted(f"hellaswag-{i}" for i in range(10)) and len(ids) == 10
-    assert r.n_samples == 10
-    # the resumed result equals an uninterrupted run (batch composition differs: float noise only)
-    fresh = run(lm, "hellaswag", limit=10, batch_size=3, output=tmp_path / "fresh", progress=False)
-    for a, b in zip(r.records, fresh.records):
-        assert a["id"] == b["id"] and a["logliks"] == pytest.approx(b["logliks"], abs=1e-3)
+    r = run(lm, task, output=tmp_path, on_batch=calls.append, **args)
+    assert [len(c) for c in calls] == [2, 3, 1]  # batch 2 rerun whole, only its 2 missing samples written
+    ids = [rec["id"] for rec in read_jsonl(log)]
+    assert sorted(ids) == sorted(f"{task}-{i}" for i in range(10)) and len(ids) == 10
+    fresh = run(lm, task, output=tmp_path / "fresh", **args)
+    assert r.records == fresh.records  # exact, every float
+    assert log.read_text() == (tmp_path / "fresh" / "samples.jsonl").read_text()  # same records, same order
+    got, want = (json.loads((d / "eval.json").read_text()) for d in (tmp_path, tmp_path / "fresh"))
+    assert got["metrics"] == want["metrics"] and got["n_samples"] == want["n_samples"] == 10
+    assert got["truncated"] == want["truncated"] and got["settings"]["settings_key"] == want["settings"]["settings_key"]
 
 
 def test_resume_with_a_smaller_limit_and_duplicate_lines(lm, tmp_path):

@@ -265,17 +265,9 @@ def test_a_killed_sweep_finishes_only_the_missing_cells(local_run, spec_file, tm
     assert {p: (out / "cells" / p / "cell.json").stat().st_mtime_ns for p in done_before} == done_before
     recs = read_jsonl(log)
     assert len(recs) == 4 and len({r["id"] for r in recs}) == 4  # nothing lost, nothing repeated
-    # the resumed samples ran in other batches (other padding) than in one go: equal up to float rounding, which
-    # the tiny random model's perplexity (~1e17, an exp of large sums) and its bootstrap CIs magnify
-    again, ref = rows(out), rows(local_run[0])
-    assert [(r["cell"], r["metric"]) for r in again] == [(r["cell"], r["metric"]) for r in ref]
-    for r, q in zip(again, ref):
-        scale = abs(q["baseline"] or q["value"] or 1.0)  # differences are judged against the values they subtract
-        for key, v in r.items():
-            if isinstance(v, float):
-                assert v == pytest.approx(q[key], rel=1e-2, abs=1e-2 * scale if key.startswith("diff") else 1e-9), key
-            else:
-                assert v == q[key], (r["cell"], key)
+    # the resumed samples ran in the same batches as in one go (the torn cell's half-saved batch is rerun whole):
+    # the table is identical, every float
+    assert rows(out) == rows(local_run[0])
 
 
 # ------------------------------------------------------------------------------------------------

@@ -3,9 +3,12 @@
 Resume: every finished sample is appended (fsync'd) to ``samples.jsonl`` with a key of the settings that
 determine its result. On start the file is read (a torn last line from a killed run is dropped), the key is
 checked (a mismatch is a :class:`MelayerError` asking for a new ``--output`` or ``--overwrite``), and samples
-already done are skipped, so no sample is lost or repeated. ``limit`` and ``batch_size`` are not part of the key:
-a later run may extend an earlier one to more samples. The model enters the key by its identity
-(:func:`melayer.models.fingerprint.fingerprint`: config and weights), not by its path.
+already done are skipped, so no sample is lost or repeated. The batches are planned over all the run's samples
+(the plan an uninterrupted run makes) and a resumed run reruns only the batches that still miss a sample, so
+every sample is computed in the same batch, with the same padding, as without the interruption: the records
+and metrics are bit-identical. ``limit`` and ``batch_size`` are not part of the key: a later run may extend an
+earlier one to more samples (the samples already there keep the results of the plan they ran in). The model
+enters the key by its identity (:func:`melayer.models.fingerprint.fingerprint`: config and weights), not by its path.
 
 Ctrl-C during a run with an output directory raises :class:`melayer.errors.Interrupted`, which says what is
 saved; the CLI turns it into one line with the command that resumes the run.
@@ -217,15 +220,19 @@ def run(
                     f"intervention); use a new --output or --overwrite")
             done.setdefault(rec["id"], rec)
 
-    todo = [s for s in todo_all if s.id not in done]
     ctx = RunContext(chat=use_chat, max_new_tokens=max_new_tokens, intervention=_instance(intervention))
-    # length-sorted batches (the shared planner; lengths estimated from the text): little padding per batch
-    sizes = [task.size_hint(s) for s in todo]
-    batches = [[todo[i] for i in idx] for idx in plan_batches(sizes, policy=GENERATE, max_batch=batch_size)]
-    label = f"eval {task.name} ({len(todo_all) - len(todo)}/{len(todo_all)} samples already done; batches)"
+    # length-sorted batches (the shared planner; lengths estimated from the text): little padding per batch.
+    # The plan covers every sample of the run, done or not, so a resumed run groups and pads each sample
+    # exactly as an uninterrupted one; it runs only the batches with a sample missing (all of such a batch,
+    # keeping only the missing samples' records).
+    sizes = [task.size_hint(s) for s in todo_all]
+    plan = [[todo_all[i] for i in idx] for idx in plan_batches(sizes, policy=GENERATE, max_batch=batch_size)]
+    batches = [b for b in plan if any(s.id not in done for s in b)]
+    n_done = sum(1 for i in ids if i in done)
+    label = f"eval {task.name} ({n_done}/{len(todo_all)} samples already done; batches)"
     try:
         for batch in track(batches, label, total=len(batches), enabled=progress):
-            new = task.run_batch(lm, batch, ctx)
+            new = [rec for rec in task.run_batch(lm, batch, ctx) if rec["id"] not in done]
             for rec in new:
                 rec["settings_key"] = key
                 rec["model_fingerprint"] = model_id
