@@ -4,10 +4,23 @@ Tasks (the typed ``REGISTRY`` in :mod:`melayer.eval.tasks`, also ``TASKS``): ppl
 ifeval, arc_easy, arc_challenge, hellaswag, lambada, winogrande. All data ships in ``melayer/data/eval``; nothing is downloaded.
 """
 
-from melayer.eval.runner import EvalResult, run
+from typing import TYPE_CHECKING, Any
+
 from melayer.eval.tasks import TASKS, Task, get_task
 
+if TYPE_CHECKING:
+    from melayer.eval.runner import EvalResult, run
+
 __all__ = ["TASKS", "EvalResult", "Task", "compare", "get_task", "run"]
+
+
+def __getattr__(name: str) -> Any:
+    # the runner imports torch: loaded on first use, so that the CLI's task options come without it
+    if name in ("EvalResult", "run"):
+        from melayer.eval import runner
+
+        return getattr(runner, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def compare(*args, **kwargs):

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from melayer.analysis.perplexity import Window, rolling_windows, special_prefix, window_rows
 from melayer.eval import answers, data
-from melayer.eval import engine as E
 from melayer.eval.stats import Metric
-from melayer.models.loading import LM
 from melayer.util.errors import MelayerError
+
+if TYPE_CHECKING:
+    from melayer.eval import engine as E
+    from melayer.models.loading import LM
+
+# the task registry feeds the CLI's options and help: the engine (torch) is imported when a batch runs
 
 
 @dataclass
@@ -132,6 +135,8 @@ class GenerationTask(Task):
                                f"{lm.max_positions} positions")
         cuts = [max(0, len(r) - room) if room is not None else 0 for r in rows]
         rows = [r[c:] for r, c in zip(rows, cuts)]
+        from melayer.eval import engine as E
+
         outs = E.generate(lm, rows, max_new_tokens=new_tokens, stop=self.stop(ctx.chat),
                           intervention=ctx.intervention)
         records = []
@@ -314,6 +319,8 @@ class LoglikTask(Task):
         reqs = [self.request(s) for s in samples]
         pairs = [self._pairs(r) for r in reqs]
         contexts, toks = self._tokenize(lm, [p for ps in pairs for p in ps], ctx.chat)
+        from melayer.eval import engine as E
+
         contexts, toks, cuts = E.truncate_left(contexts, toks, lm.max_positions)
         scores = E.score_continuations(lm, contexts, toks, intervention=ctx.intervention)
         records, at = [], 0
@@ -459,6 +466,8 @@ class WikiText2(Task):
     def _tokens(self, lm: LM) -> tuple[list[int], list[int]]:
         key = id(lm.tokenizer)
         if key not in self._cache:
+            from melayer.analysis.perplexity import special_prefix
+
             self._cache[key] = (_encode(lm, data.wikitext2_test(), special=False), special_prefix(lm.tokenizer))
         return self._cache[key]
 
@@ -467,6 +476,8 @@ class WikiText2(Task):
             raise MelayerError("ppl windows depend on the tokenizer: load(limit, lm=...)")
         self._fit(lm)
         ids, prefix = self._tokens(lm)
+        from melayer.analysis.perplexity import rolling_windows
+
         windows = rolling_windows(len(ids), window=self.options["window"], stride=self.options["stride"],
                                   prefix_len=len(prefix))
         return [Sample(f"ppl-w{k}", {"begin": w.begin, "end": w.end, "scored": w.scored})
@@ -504,6 +515,9 @@ class WikiText2(Task):
 
     def run_batch(self, lm: LM, samples: Sequence[Sample], ctx: RunContext) -> list[dict[str, Any]]:
         ids, prefix = self._tokens(lm)
+        from melayer.analysis.perplexity import Window, window_rows
+        from melayer.eval import engine as E
+
         rows = window_rows(ids, [Window(**s.doc) for s in samples], prefix)
         scores = E.score_tails(lm, rows, intervention=ctx.intervention)
         return [{"id": s.id, "metrics": {"ppl": [-ll, float(s.doc["scored"])]}, "tokens": s.doc["scored"]}
