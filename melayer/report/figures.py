@@ -24,7 +24,7 @@ import numpy as np
 from matplotlib.colors import LogNorm
 from matplotlib.ticker import MaxNLocator
 
-from melayer.report.plots import plt
+from melayer.report.plots import plain_log_labels, plt, tight_layout
 
 _SVG_START = re.compile(r"<svg\b")
 _SVG_REF = re.compile(r'(\bid="|url\(#|href="#)([^")]+)')
@@ -39,6 +39,7 @@ def to_svg(fig: Any, salt: str, alt: str = "") -> str:
     """The figure as one ``<svg>`` element (text kept as text, ids unique per ``salt``), then closed."""
     buf = io.StringIO()
     try:
+        plain_log_labels(fig)
         with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": salt}):
             fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None, "Creator": "melayer"})
     finally:
@@ -130,7 +131,7 @@ def magnitude_map(scan: dict[str, Any]) -> Any:
     ax.set_title("dims that matter vs the criterion" + (f" (ME layer {me})" if me is not None else ""), fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
     fig.suptitle(tex_safe(scan["model"]), fontsize=10)
-    fig.tight_layout()
+    tight_layout(fig)
     return fig
 
 
@@ -190,7 +191,7 @@ def dose_response(data: dict[str, Any], higher_is_better: dict[str, bool] | None
         ax.set_xlabel("WeMask rate", fontsize=8)
     fig.suptitle(f"{tex_safe(data['model'])} - {tex_safe(data['task'])} (n={data['settings']['n_samples']} paired "
                  f"samples, select={data['select']}, ME layer {data['me_layer']})", fontsize=9)
-    fig.tight_layout()
+    tight_layout(fig)
     return fig
 
 
@@ -242,5 +243,5 @@ def training_curves(records: list[dict[str, Any]], title: str, min_points: int =
         if len(keys) > 1 or group in ("loss", "reward / accuracy"):
             ax.legend(fontsize=7)
     fig.suptitle(tex_safe(title), fontsize=9)
-    fig.tight_layout()
+    tight_layout(fig)
     return fig

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-from melayer.report.plots import plt, save
+from melayer.report.plots import plt, save, tight_layout
 
 _KIND_STYLE = {"none": ("black", "-"), "norm": ("tab:blue", "--"), "ffn": ("tab:red", "-"), "both": ("tab:purple", ":"),
                "random": ("tab:gray", "-")}
@@ -44,7 +44,7 @@ def explain_mechanism_figure(d: dict[str, Any]) -> Any:
     ax.set_ylabel(f"share of FFN output on dim {d['massive_dims'][0]}")
     ax.set_title("per-neuron attribution (activation x down column)")
     fig.suptitle(d["model"])
-    fig.tight_layout()
+    tight_layout(fig)
     return fig
 
 
@@ -73,7 +73,7 @@ def explain_norm_gains_figure(d: dict[str, Any]) -> Any | None:
     ax.set_yscale("log")
     ax.set_ylabel("|gain| / median gain of that norm")
     ax.set_title(f"{d['model']}: norm gains in ME layer {d['me_layer']} (red: massive dims, blue: driving dims)")
-    fig.tight_layout()
+    tight_layout(fig)
     return fig
 
 
@@ -125,7 +125,7 @@ def explain_ablations_figure(d: dict[str, Any]) -> Any:
     ax2.legend(fontsize=7, loc="upper right")
     ax.set_title("full-factorial ablation + controls")
     fig.suptitle(d["model"])
-    fig.tight_layout()
+    tight_layout(fig)
     return fig
 
 
@@ -183,7 +183,7 @@ def rigidity_figure(d: dict[str, Any]) -> Any:
     for a in axes:
         a.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(f"{d['model']}: rigidity (ME layer {me})")
-    fig.tight_layout()
+    tight_layout(fig)
     return fig
 
 
@@ -234,7 +234,7 @@ def sinks_heatmap_figure(d: dict[str, Any]) -> Any:
         ax.set_title("massive-token score")
         ax.set_xlabel("head")
     fig.suptitle(d["model"])
-    fig.tight_layout()
+    tight_layout(fig)
     return fig
 
 

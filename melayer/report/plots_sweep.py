@@ -7,7 +7,7 @@ from typing import Any
 
 from matplotlib.ticker import NullFormatter
 
-from melayer.report.plots import plt, save
+from melayer.report.plots import plt, save, tight_layout
 
 
 def sweep_differences(table: dict[str, Any], path: str | Path, max_panels: int = 12) -> Path | None:
@@ -46,5 +46,5 @@ def sweep_differences(table: dict[str, Any], path: str | Path, max_panels: int =
     note = table.get("multiple_comparisons", {})
     fig.suptitle(f"filled markers: BH-adjusted McNemar p <= {note.get('alpha', 0.05)} "
                  f"({note.get('tests', 0)} tests)", fontsize=8)
-    fig.tight_layout()
+    tight_layout(fig)
     return save(fig, path)
