@@ -3,6 +3,9 @@
     melayer scan --output out/scan        # the embedded Gemma-3-270M, the default prompts
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_report.py out/scan [--reps 3] [--baseline DIR]
 
+Without a directory it scans first, into a temporary one (``melayer scan``: the embedded Gemma-3-270M, the
+default prompts; not timed).
+
 Each run is a fresh Python process that does what the ``melayer`` command does (import the CLI, run
 ``melayer report SCAN -o TMP/report.html``), timed by this script from the process start to its exit, less the
 second page below (median of ``--reps``). The child reports its phases: interpreter + ``import melayer.cli``
@@ -59,15 +62,24 @@ def run(scan: str, env: dict[str, str], code_dir: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("scan", help="a directory written by melayer scan")
+    ap.add_argument("scan", nargs="?", help="a directory written by melayer scan (default: scan now, untimed)")
     ap.add_argument("--reps", type=int, default=3, help="processes per checkout (median)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--baseline", metavar="DIR", help="also time the melayer checkout in DIR, alternating")
     args = ap.parse_args()
-    if not (Path(args.scan) / "scan.json").is_file():
-        raise SystemExit(f"bench: {args.scan}/scan.json not found (run melayer scan --output {args.scan})")
     env = {**os.environ, "MELAYER_QUIET": "1", "OMP_NUM_THREADS": str(args.threads),
            "MKL_NUM_THREADS": str(args.threads)}
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.scan is None:
+            args.scan = str(Path(tmp) / "scan")
+            subprocess.run([sys.executable, "-c", "from melayer.cli import main; main()", "scan", "--output", args.scan],
+                           env={**env, "PYTHONPATH": str(B.ROOT)}, cwd=B.ROOT, capture_output=True, check=False)
+        bench(args, env)
+
+
+def bench(args: argparse.Namespace, env: dict[str, str]) -> None:
+    if not (Path(args.scan) / "scan.json").is_file():
+        raise SystemExit(f"bench: {args.scan}/scan.json not found (run melayer scan --output {args.scan})")
     scan = str(Path(args.scan).resolve())
     checkouts = {"this checkout": str(B.ROOT)}
     if args.baseline:
