@@ -207,7 +207,7 @@ def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def command_line() -> str:
-    return "OMP_NUM_THREADS=1 .venv/bin/python " + " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
+    return f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')} .venv/bin/python " + " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
 
 
 def say(msg: str) -> None:

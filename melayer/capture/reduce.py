@@ -66,7 +66,7 @@ class LayerReducer:
         if self.padded:
             if self.mask.device != h.device:  # a split model: this layer sits on another device than the inputs
                 self.mask = self.mask.to(h.device)
-            a = a.masked_fill(~self.mask[..., None], -1.0)  # pads never win a top-k or pass a cutoff
+            a.masked_fill_(~self.mask[..., None], -1.0)  # pads never win a top-k or pass a cutoff (a is a fresh copy)
         per_pos = a.amax(-1)  # (B, T); NaN propagates, so this also catches inf/nan anywhere real
         if not bool(torch.isfinite(per_pos).all()):
             raise NumericOverflow(
@@ -75,7 +75,6 @@ class LayerReducer:
             )
         medians = [lower_median(a[b, off:].reshape(-1)) for b, off in enumerate(self.offsets)]
         cut = (torch.tensor(medians, dtype=torch.float32) * self.median_ratio).clamp(min=self.abs_min)
-        cut_l = cut.tolist()
         # the tokens that can hold a top entry: the top_k tokens by their maximum |a|
         n_tok = min(self.top_k, T)
         tok_v, tok_i = per_pos.topk(max(n_tok, min(self.n_candidates, T)), dim=1)
@@ -92,13 +91,13 @@ class LayerReducer:
         hot = (per_pos > cut.to(per_pos.device)[:, None]) if bool((tok_v[:, 0].cpu() > cut).any()) else None
         top_l = (top_s.float().tolist(), top_pos.tolist(), top_dim.tolist(), top_v.tolist())
         cands_l = cands.tolist()
-        hot_rows = hot.any(1).tolist() if hot is not None else [False] * B
+        massive_rows = self._massive(h, a, hot, cut) if hot is not None else [[] for _ in range(B)]
         watched_rows = self._watched(h)
         for b in range(B):
             off, n = self.offsets[b], self.lengths[b]
             keep = min(self.top_k, n * H)
             top = [(v, p - off, d) for v, p, d in zip(top_l[0][b][:keep], top_l[1][b][:keep], top_l[2][b][:keep])]
-            massive = self._massive(h, a, b, hot, cut_l[b], off) if hot_rows[b] else []
+            massive = massive_rows[b]
             watch, watched = self.watch[b], watched_rows[b]
             for _, p, d in massive:
                 if len(watch) < self.max_massive:
@@ -121,19 +120,24 @@ class LayerReducer:
             out[b] = {key: next(values) for key in watch}
         return out
 
-    def _massive(self, h: torch.Tensor, a: torch.Tensor, b: int, hot: torch.Tensor, cut: float,
-                 off: int) -> list[tuple[float, int, int]]:
-        """Entries of row ``b`` above ``cut``, largest first (at most ``max_massive``)."""
-        pos = hot[b].nonzero().squeeze(1)
-        if pos.numel() == 0:
-            return []
-        H = a.shape[-1]
-        vals = a[b, pos].reshape(-1)
-        count = int((vals > cut).sum())
-        if count == 0:
-            return []
-        _, j = vals.topk(min(count, self.max_massive))
-        p = pos[torch.div(j, H, rounding_mode="floor")]
-        d = j % H
-        signed = h[b, p, d].float().tolist()
-        return [(s, q - off, e) for s, q, e in zip(signed, p.tolist(), d.tolist())]
+    def _massive(self, h: torch.Tensor, a: torch.Tensor, hot: torch.Tensor,
+                 cut: torch.Tensor) -> list[list[tuple[float, int, int]]]:
+        """Per row, its entries above its cutoff, largest first (at most ``max_massive``; equal values in
+        (position, dim) order), found for the whole batch at once among the ``hot`` tokens."""
+        out: list[list[tuple[float, int, int]]] = [[] for _ in range(a.shape[0])]
+        b_i, t_i = hot.nonzero(as_tuple=True)
+        if b_i.numel() == 0:
+            return out
+        vals = a[b_i, t_i]  # (hot tokens, dims)
+        n_i, d_i = (vals > cut.to(vals.device)[b_i][:, None]).nonzero(as_tuple=True)
+        if n_i.numel() == 0:
+            return out
+        v, rows, pos = vals[n_i, d_i], b_i[n_i], t_i[n_i]
+        order = torch.argsort(v, descending=True, stable=True)
+        order = order[torch.argsort(rows[order], stable=True)]  # by row, largest first within a row
+        rows, pos, dims = rows[order], pos[order], d_i[order]
+        signed = h[rows, pos, dims].float().tolist()
+        for r, s, p, d in zip(rows.tolist(), signed, pos.tolist(), dims.tolist()):
+            if len(out[r]) < self.max_massive:
+                out[r].append((s, p - self.offsets[r], d))
+        return out
