@@ -170,6 +170,47 @@ def test_scan_results_do_not_depend_on_the_batching():
 # -- GGUF conversion -----------------------------------------------------------------------------------
 
 
+def _library_gguf_tensors(path):
+    """The state dict transformers' own ``from_pretrained(gguf_file=...)`` loads (the reference)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    return model.state_dict(), model.config
+
+
+def _melayer_gguf_tensors(path):
+    from transformers import AutoConfig
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    from melayer.models.convert import gguf_state_dict
+
+    meta = load_gguf_checkpoint(str(path), return_tensors=False)
+    return gguf_state_dict(path, AutoConfig.for_model(**meta["config"]), meta)
+
+
+def _assert_same_tensors(ours, ref):
+    ref = {k: v for k, v in ref.items() if k in ours or k != "lm_head.weight"}  # a tied head is not stored
+    assert sorted(ours) == sorted(ref)
+    assert [k for k in ref if not torch.equal(ours[k], ref[k])] == []
+
+
+def test_conversion_reads_the_same_tensors_as_transformers(tiny_gguf):
+    """melayer's tensor pass (its own header parse + transformers' processors and key map + gguf's dequantisation)
+    gives transformers' own GGUF loading bit for bit."""
+    ref, _ = _library_gguf_tensors(tiny_gguf)
+    _assert_same_tensors(_melayer_gguf_tensors(tiny_gguf), ref)
+
+
+@pytest.mark.slow
+def test_conversion_reads_the_same_tensors_as_transformers_on_a_quantised_file():
+    """The same on the embedded SmolLM2-135M GGUF (Q4_1 blocks, Llama's rotary permutation of q/k)."""
+    from melayer.models.loading import EMBEDDED
+
+    path = EMBEDDED["smollm2-135m"][1]()
+    ref, _ = _library_gguf_tensors(path)
+    _assert_same_tensors(_melayer_gguf_tensors(path), ref)
+
+
 def test_conversion_phases_one_progress_display_and_the_fresh_model(tmp_path, monkeypatch, tiny_gguf, run_cli):
     """The conversion reports its phases, the model it built is used as is for the first load (the same logits as
     reading the cache back), and transformers' own tqdm bar stays off stderr."""

@@ -231,13 +231,13 @@ class GGUFWeights(LazyWeights):
 
     def __init__(self, path: Path, arch: Any = None) -> None:
         self.path = path
-        meta, infos, data_start = _read_gguf_header(path)
+        meta, infos, data_start = read_gguf_header(path)
         gguf_arch = str(meta.get("general.architecture", ""))
         size = path.stat().st_size
         self._infos = {}
         for name, (dims, qtype, offset) in infos.items():
             self._infos[name] = (dims, qtype, data_start + offset)
-            if data_start + offset + _n_bytes(dims, qtype) > size:
+            if data_start + offset + gguf_n_bytes(dims, qtype) > size:
                 raise MelayerError(f"{path} is a truncated GGUF file: tensor {name} runs past the end of the file")
         model_type = gguf_arch  # llama.cpp names text-only Gemma 3 "gemma3"; transformers' model_type is gemma3_text
         if gguf_arch not in ARCHITECTURES and f"{gguf_arch}_text" in ARCHITECTURES:
@@ -290,7 +290,7 @@ class GGUFWeights(LazyWeights):
             raise MelayerError(f"{self.path}: no tensor for {name}")
         dims, qtype, start = self._infos[gname]
         rows = int(np.prod(dims[1:])) if len(dims) > 1 else 1
-        raw = np.memmap(self.path, dtype=np.uint8, mode="r", offset=start, shape=(rows, _n_bytes(dims, qtype) // rows))
+        raw = np.memmap(self.path, dtype=np.uint8, mode="r", offset=start, shape=(rows, gguf_n_bytes(dims, qtype) // rows))
         try:
             values = dequantize(raw, qtype)
         except NotImplementedError as exc:
@@ -303,14 +303,14 @@ class GGUFWeights(LazyWeights):
         return torch.from_numpy(values)
 
 
-def _n_bytes(dims: tuple[int, ...], qtype: Any) -> int:
+def gguf_n_bytes(dims: tuple[int, ...], qtype: Any) -> int:
     from gguf import GGML_QUANT_SIZES
 
     block, size = GGML_QUANT_SIZES[qtype]
     return int(np.prod(dims)) * size // block
 
 
-def _read_gguf_header(path: Path) -> tuple[dict[str, Any], dict[str, tuple[tuple[int, ...], Any, int]], int]:
+def read_gguf_header(path: Path) -> tuple[dict[str, Any], dict[str, tuple[tuple[int, ...], Any, int]], int]:
     """(scalar/string metadata, tensor infos name -> (dims, quant type, offset), start of the data section)."""
     from gguf import GGMLQuantizationType, GGUFValueType
 
