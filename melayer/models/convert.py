@@ -107,46 +107,39 @@ def _tokenizer_class(config: Any) -> Any:
     return cls
 
 
-def _legacy_gguf_arch(path: Path) -> bool:
-    """Whether transformers loads this file's architecture with its legacy GGUF loader (``load_gguf_checkpoint``),
+def _legacy_gguf_arch(arch: str) -> bool:
+    """Whether transformers loads the GGUF architecture ``arch`` with its legacy loader (``load_gguf_checkpoint``),
     the one :func:`gguf_state_dict` reproduces; its newer header-based path (a few architectures) is left to it."""
-    from melayer.models.lazy import read_gguf_header
-
     try:
         from transformers.integrations.gguf.utils import is_gguf_arch_supported
     except ImportError:  # transformers before the header-based path: everything goes through the legacy loader
         return True
-    meta, _, _ = read_gguf_header(path)
-    return not is_gguf_arch_supported(str(meta.get("general.architecture", "")))
+    return not is_gguf_arch_supported(arch)
 
 
-def gguf_state_dict(path: Path, config: Any, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+def gguf_state_dict(path: Path, config: Any, meta: dict[str, Any],
+                    header: tuple[dict[str, Any], dict[str, Any], int] | None = None) -> dict[str, torch.Tensor]:
     """The state dict transformers' legacy GGUF loader builds from ``path`` (its per-architecture tensor processor,
     its GGUF -> transformers key map, gguf's own dequantisation, float32), with the tensors located by melayer's
-    header parse (:mod:`melayer.models.lazy`) instead of a second ``gguf.GGUFReader`` pass: that reader builds a NumPy
-    view per vocabulary string, ~8 s for Gemma-3's 262k tokens and 515k merges, which ``meta`` (the metadata
-    ``load_gguf_checkpoint`` already returned) makes unnecessary. Equal to ``from_pretrained(gguf_file=...)``'s
-    tensors bit for bit (tested)."""
+    header parse (``header``: :func:`melayer.models.lazy.read_gguf_header`'s result, read here when not given)
+    instead of a second ``gguf.GGUFReader`` pass: that reader builds a NumPy view per vocabulary string, ~8 s for
+    Gemma-3's 262k tokens and 515k merges, which ``meta`` (the metadata ``load_gguf_checkpoint`` already returned)
+    makes unnecessary. Equal to ``from_pretrained(gguf_file=...)``'s tensors bit for bit (tested)."""
     import numpy as np
-    from gguf import dequantize
+    from transformers import AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
 
     from melayer.models.hf_internals import gguf_tensor_processor
-    from melayer.models.lazy import gguf_n_bytes, read_gguf_header
+    from melayer.models.lazy import read_gguf_header, read_gguf_tensor
 
-    header, infos, data_start = read_gguf_header(path)
+    info, infos, data_start = header or read_gguf_header(path)
     params = {**meta, "tensors": {}}
-    processor = gguf_tensor_processor(str(header.get("general.architecture", "")), params.get("config", {}))
-    from transformers import AutoModelForCausalLM
-
+    processor = gguf_tensor_processor(str(info.get("general.architecture", "")), params.get("config", {}))
     with torch.device("meta"):  # only its module names are needed
         skeleton = AutoModelForCausalLM.from_config(config)
     key_map = get_gguf_hf_weights_map(skeleton, processor)
     for name, (dims, qtype, offset) in infos.items():
-        rows = int(np.prod(dims[1:])) if len(dims) > 1 else 1
-        raw = np.memmap(path, dtype=np.uint8, mode="r", offset=data_start + offset,
-                        shape=(rows, gguf_n_bytes(dims, qtype) // rows))
-        values = dequantize(raw, qtype).reshape(tuple(reversed(dims)))
+        values = read_gguf_tensor(path, dims, qtype, data_start + offset)
         result = processor.process(weights=values, name=name, tensor_key_mapping=key_map, parsed_parameters=params)
         if result.name not in key_map:
             continue
@@ -196,6 +189,7 @@ def convert_gguf(path: Path, out: Path, progress: bool = True) -> tuple[Any, Any
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
         from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
+        from melayer.models.lazy import read_gguf_header
         from melayer.models.loading import check_gguf, damaged_gguf
 
         try:
@@ -212,11 +206,13 @@ def convert_gguf(path: Path, out: Path, progress: bool = True) -> tuple[Any, Any
                 tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
             steps.step("dequantising the weights")
             with _library_output_muted():
-                if _legacy_gguf_arch(path):
+                header = read_gguf_header(path)
+                if _legacy_gguf_arch(str(header[0].get("general.architecture", ""))):
                     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
 
                     model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].from_pretrained(
-                        None, config=config, dtype=torch.float32, state_dict=gguf_state_dict(path, config, meta))
+                        None, config=config, dtype=torch.float32,
+                        state_dict=gguf_state_dict(path, config, meta, header))
                 else:  # transformers' own GGUF path for this architecture (packed weights, its header reader)
                     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                                  config=config, dtype=torch.float32)

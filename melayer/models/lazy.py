@@ -283,24 +283,29 @@ class GGUFWeights(LazyWeights):
         return out
 
     def _read(self, name: str) -> torch.Tensor:
-        from gguf.quants import dequantize
-
         gname = self._hf_to_gguf.get(name) or self.gguf_name(name)
         if gname is None:
             raise MelayerError(f"{self.path}: no tensor for {name}")
         dims, qtype, start = self._infos[gname]
-        rows = int(np.prod(dims[1:])) if len(dims) > 1 else 1
-        raw = np.memmap(self.path, dtype=np.uint8, mode="r", offset=start, shape=(rows, gguf_n_bytes(dims, qtype) // rows))
         try:
-            values = dequantize(raw, qtype)
+            values = read_gguf_tensor(self.path, dims, qtype, start)
         except NotImplementedError as exc:
             raise MelayerError(f"{self.path}: cannot dequantise {gname}: {exc}") from None
-        values = values.reshape(tuple(reversed(dims)))
         values = self._processor.process(weights=values, name=gname).weights
         values = np.ascontiguousarray(values, dtype=np.float32)
         if not values.flags.writeable:  # F32 tensors come back as a view of the read-only memory map
             values = values.copy()
         return torch.from_numpy(values)
+
+
+def read_gguf_tensor(path: Path, dims: tuple[int, ...], qtype: Any, start: int) -> np.ndarray:
+    """One tensor of a GGUF file, dequantised by ``gguf.quants`` (float32), shaped as gguf's own reader shapes it
+    (the GGUF dims reversed). ``start``: its absolute byte offset in the file."""
+    from gguf.quants import dequantize
+
+    rows = int(np.prod(dims[1:])) if len(dims) > 1 else 1
+    raw = np.memmap(path, dtype=np.uint8, mode="r", offset=start, shape=(rows, gguf_n_bytes(dims, qtype) // rows))
+    return dequantize(raw, qtype).reshape(tuple(reversed(dims)))
 
 
 def gguf_n_bytes(dims: tuple[int, ...], qtype: Any) -> int:
