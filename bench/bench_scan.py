@@ -93,8 +93,8 @@ def main() -> None:
             fns["bare, one prompt at a time"] = lambda rows=rows: B.bare_forward(lm, rows)
         if "bare8" in want:
             fns["bare, left-padded batches of 8 (input order)"] = lambda padded=padded: B.bare_forward(lm, padded)
-        if plan is not None and "plan" in want:
-            planned = list(_planned(lm, prompts, plan))
+        planned = list(_planned(lm, prompts, plan)) if plan is not None and {"plan", "tlplan"} & want else None
+        if planned is not None and "plan" in want:
             fns["bare, melayer's batches (plan_batches)"] = lambda planned=planned: B.bare_forward(lm, planned)
         fns["melayer.scan (defaults)"] = lambda prompts=prompts: melayer.scan(lm, prompts, progress=False)
         if "scan1" in want:
@@ -102,10 +102,9 @@ def main() -> None:
                                                                                        progress=False)
         if bridge is not None and "tl" in want:
             fns["TransformerLens run_with_cache (resid_post)"] = lambda rows=rows: B.tl_resid_scan(bridge, rows)
-        if bridge is not None and "tlplan" in want and plan is not None:
-            planned_tl = list(_planned(lm, prompts, plan))
+        if bridge is not None and planned is not None and "tlplan" in want:
             fns["TransformerLens run_with_cache (resid_post), melayer's batches"] = (
-                lambda planned_tl=planned_tl: B.tl_resid_scan(bridge, planned_tl))
+                lambda planned=planned: B.tl_resid_scan(bridge, planned))
         B.say(f"[{name}] {len(prompts)} prompts, {sum(lens)} tokens")
         times = B.interleaved(fns, args.reps, log=lambda m, name=name: B.say(f"[{name}] {m}"),
                               warmup=max(lens) <= 1024)

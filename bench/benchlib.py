@@ -116,12 +116,13 @@ def bare_forward(lm: Any, batches: Sequence[dict[str, Any]]) -> None:
     """The decoder stack alone (no LM head, no hidden-state outputs, no KV cache, no hooks)."""
     import torch
 
+    from melayer.capture import position_ids
+
     with torch.no_grad():
         for b in batches:
             mask = b["attention_mask"]
-            pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
             lm.body(input_ids=b["input_ids"].to(lm.device), attention_mask=mask.to(lm.device),
-                    position_ids=pos.to(lm.device), use_cache=False)
+                    position_ids=position_ids(mask).to(lm.device), use_cache=False)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -160,12 +161,14 @@ def tl_resid_scan(bridge: Any, rows: Sequence[dict[str, Any]]) -> None:
     batches (their attention mask and positions passed on, as :func:`bare_forward` does)."""
     import torch
 
+    from melayer.capture import position_ids
+
     with torch.no_grad():
         for b in rows:
             kw = {}
             if "attention_mask" in b and not bool(b["attention_mask"].all()):
                 mask = b["attention_mask"]
-                kw = {"attention_mask": mask, "position_ids": (mask.long().cumsum(-1) - 1).clamp(min=0)}
+                kw = {"attention_mask": mask, "position_ids": position_ids(mask)}
             _, cache = bridge.run_with_cache(b["input_ids"], names_filter=lambda n: n.endswith("hook_resid_post"),
                                              **kw)
             for v in cache.values():
