@@ -1,6 +1,7 @@
 """Offline evaluation with paired statistics: ``run`` (one task) and ``compare`` (WeMask rates vs baseline).
 
-Tasks (the typed ``REGISTRY`` in :mod:`melayer.eval.tasks`, also ``TASKS``): ppl (WikiText-2), gsm8k, math500,
+Tasks (the registry ``REGISTRY`` in :mod:`melayer.eval.tasks`, also ``TASKS``; add your own with
+``register_task``): ppl (WikiText-2), gsm8k, math500,
 ifeval, arc_easy, arc_challenge, hellaswag, lambada, winogrande. All data ships in ``melayer/data/eval``; nothing is downloaded.
 """
 
