@@ -50,7 +50,7 @@ def unsupported_model(model_type: str = "gpt_neox", num_layers: int = 2):
     """A tiny random-weight model of a type that is not in melayer's architecture map."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from melayer.models.tiny import BOS, EOS, HEADS, HIDDEN, INTER, PAD, VOCAB
+    from melayer.testing import BOS, EOS, HEADS, HIDDEN, INTER, PAD, VOCAB
 
     torch.manual_seed(0)
     kwargs = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=num_layers, num_attention_heads=HEADS,
@@ -149,7 +149,7 @@ def argmax_decode(lm, ids, n: int, eos=()) -> tuple[list[int], bool]:
 def tiny_dir(tmp_path_factory) -> Path:
     """``tiny_lm("llama")`` saved as a Hugging Face directory (4 layers, massive activation at layer 1, dim 7,
     neuron 5, on <bos>): the checkpoint the CLI tests load."""
-    from melayer.models.tiny import tiny_lm
+    from melayer.testing import tiny_lm
 
     return save_lm(tiny_lm("llama"), tmp_path_factory.mktemp("ckpt") / "tiny-llama")
 
@@ -157,7 +157,7 @@ def tiny_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def planted_dir(tmp_path_factory) -> Path:
     """A saved tiny Llama (5 layers) with a massive activation planted at layer 2, dim 7, on <bos>."""
-    from melayer.models.tiny import tiny_lm
+    from melayer.testing import tiny_lm
 
     return save_lm(tiny_lm("llama", me_layer=2, num_layers=5), tmp_path_factory.mktemp("ckpt") / "tiny-planted")
 
@@ -165,7 +165,7 @@ def planted_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def overflow_dir(tmp_path_factory) -> Path:
     """A saved tiny Llama whose planted massive value (~3e7) overflows float16 (max 65504)."""
-    from melayer.models.tiny import plant_massive, tiny_lm
+    from melayer.testing import plant_massive, tiny_lm
 
     lm = tiny_lm("llama", plant=False)
     plant_massive(lm, me_layer=1, neuron=5, dim=7, strength=1e6)
@@ -175,7 +175,7 @@ def overflow_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def unsupported_dir(tmp_path_factory) -> Path:
     """A saved tiny GPT-NeoX (not in the architecture map) with a tokenizer."""
-    from melayer.models.tiny import tiny_tokenizer
+    from melayer.testing import tiny_tokenizer
 
     path = tmp_path_factory.mktemp("ckpt") / "tiny-neox"
     unsupported_model("gpt_neox").save_pretrained(path)
@@ -186,7 +186,7 @@ def unsupported_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_gguf(tmp_path_factory) -> Path:
     """A real GGUF file (F32) of a tiny planted Llama (me_layer 2, dim 7)."""
-    from melayer.models.tiny import tiny_lm
+    from melayer.testing import tiny_lm
 
     lm = tiny_lm("llama", me_layer=2)
     return write_tiny_llama_gguf(lm, tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf")

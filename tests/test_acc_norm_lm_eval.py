@@ -14,7 +14,7 @@ import pytest
 
 from melayer.eval import data as D
 from melayer.eval import run
-from melayer.models.tiny import tiny_lm
+from melayer.testing import tiny_lm
 
 N = 40
 

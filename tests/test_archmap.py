@@ -13,7 +13,6 @@ from transformers.activations import ACT2FN
 
 import melayer
 from melayer.capture import Hooks, encode, layer_output
-from melayer.errors import MelayerError, UnsupportedArchitecture
 from melayer.models.archmap import (
     ARCHITECTURES,
     LAYER_ROLES,
@@ -23,7 +22,7 @@ from melayer.models.archmap import (
     arch_for,
     resolve,
 )
-from melayer.models.tiny import (
+from melayer.testing import (
     INTER,
     MODEL_TYPES,
     VOCAB,
@@ -31,6 +30,7 @@ from melayer.models.tiny import (
     tiny_lm,
     tiny_tokenizer,
 )
+from melayer.util.errors import MelayerError, UnsupportedArchitecture
 
 PROMPTS = ["The capital of France is Paris.", "Hello world, this is a test!", "1 2 3 4 5 6 7 8"]
 
@@ -296,3 +296,23 @@ def test_load_with_json_override(unsupported_dir, tmp_path):
     assert lm.arch.name == "gpt_neox" and lm.num_layers == 2
     with pytest.raises(UnsupportedArchitecture):
         melayer.load(str(unsupported_dir), progress=False)
+
+
+def test_check_arch_accepts_a_fitting_map_and_flags_a_wrong_one():
+    from melayer.testing import check_arch
+
+    good = check_arch(unsupported_model("gpt_neox", num_layers=4), NEOX_ARCH, me_layer=2, dim=11)
+    assert good.ok and (good.me_layer, good.massive_dims, good.tokens) == (2, [11], ["<bos>"])
+    # down pointing at the attention output: the plant writes into a module the FFN never uses
+    bad = check_arch(unsupported_model("gpt_neox", num_layers=4), {**NEOX_ARCH, "down": "attention.dense"})
+    assert not bad.ok and "does not fit" in bad.message and bad.me_layer is None
+    with pytest.raises(MelayerError, match="vocab_size"):
+        check_arch(_small_vocab_neox(), NEOX_ARCH)
+
+
+def _small_vocab_neox():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("gpt_neox", vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=128)
+    return AutoModelForCausalLM.from_config(config)

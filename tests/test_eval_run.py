@@ -8,12 +8,12 @@ import pytest
 import torch
 from conftest import argmax_decode
 
-from melayer.errors import MelayerError
 from melayer.eval import engine as E
 from melayer.eval import run
 from melayer.eval.compare import compare, parse_rates, sinks_available
 from melayer.eval.tasks import get_task
-from melayer.models.tiny import tiny_lm
+from melayer.testing import tiny_lm
+from melayer.util.errors import MelayerError
 from melayer.util.io import read_jsonl
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from melayer.errors import MelayerError
 from melayer.eval import answers as A
 from melayer.eval import data, stats
 from melayer.eval.tasks import TASKS, get_task
+from melayer.util.errors import MelayerError
 
 # ------------------------------------------------------------------------------------------------- GSM8K
 

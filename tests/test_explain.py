@@ -13,7 +13,6 @@ from conftest import sig
 from melayer.analysis.attribution import ffn_in_weights
 from melayer.analysis.perplexity import perplexity
 from melayer.capture import encode
-from melayer.errors import MelayerError
 from melayer.interventions.ablate import (
     NeuronAblation,
     NormEdit,
@@ -22,7 +21,8 @@ from melayer.interventions.ablate import (
     median_gain_edit,
 )
 from melayer.interventions.explain import control_layers, explain
-from melayer.models.tiny import tiny_lm
+from melayer.testing import tiny_lm
+from melayer.util.errors import MelayerError
 
 PROMPTS = ["The cat sat on the mat.", "Hello world, a test.", "Numbers: 1 2 3 4 5", "Another prompt here!"]
 PLANT = dict(me_layer=1, neuron=5, dim=7, num_layers=6)  # controls: before 0, after 2, middle 3

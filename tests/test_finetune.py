@@ -21,7 +21,7 @@ from melayer.finetune.data import (
     training_texts,
 )
 from melayer.interventions.wemask import wemask
-from melayer.models.tiny import tiny_lm
+from melayer.testing import tiny_lm
 from melayer.util.errors import MelayerError
 
 RATE = 0.1  # hidden 64 -> k = 6
@@ -358,7 +358,7 @@ def test_smollm2_massive_token_under_chat_template(smollm2):
 
 def test_adapter_and_mask_round_trip(planted_dir, sft_file, tmp_path):
     import melayer
-    from melayer.models.tiny import tiny_lm as make
+    from melayer.testing import tiny_lm as make
 
     out = tmp_path / "run"
     result = finetune(model=str(planted_dir), data=str(sft_file), output=str(out), wemask=RATE, max_steps=2,

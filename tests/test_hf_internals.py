@@ -8,7 +8,7 @@ import transformers
 
 from melayer.capture import Hooks, encode
 from melayer.models import hf_internals as H
-from melayer.models.tiny import tiny_lm
+from melayer.testing import tiny_lm
 
 
 def test_attention_implementation_switch_and_restore():

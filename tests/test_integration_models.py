@@ -11,7 +11,7 @@ from conftest import sig
 
 import melayer
 from melayer.analysis.scan import default_prompts
-from melayer.models.loading import cache_dir
+from melayer.models.cache import cache_dir
 
 pytestmark = pytest.mark.slow
 

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 import melayer
 from melayer.capture import encode
-from melayer.errors import MelayerError
-from melayer.models import loading as L
-from melayer.models.tiny import tiny_lm
+from melayer.models import cache, embedded, gguf_file
+from melayer.testing import tiny_lm
+from melayer.util.errors import MelayerError
 
 
 def _one_line_error(spec, **kwargs) -> str:
@@ -75,7 +76,7 @@ def _truncated_copy(src, dst, n_bytes):
 
 @pytest.mark.parametrize("kb", [1, 64])
 def test_truncated_real_gemma_gguf(tmp_path, monkeypatch, kb):
-    real = L._embedded_gemma()  # the embedded model's GGUF (assembled into the default cache once)
+    real = embedded._embedded_gemma()  # the embedded model's GGUF (assembled into the default cache once)
     cut = _truncated_copy(real, tmp_path / "gemma-cut.gguf", kb * 1024)
     cache = tmp_path / "cache"
     monkeypatch.setenv("MELAYER_CACHE", str(cache))
@@ -94,7 +95,7 @@ def test_truncated_tiny_gguf(tmp_path, tiny_gguf):
         cut = _truncated_copy(tiny_gguf, tmp_path / f"cut-{n}.gguf", n)
         msg = _one_line_error(cut)
         assert "not a GGUF file" in msg if n < 4 else "corrupt or truncated GGUF" in msg, (n, msg)
-    L.check_gguf(tiny_gguf)  # the intact file passes
+    gguf_file.check_gguf(tiny_gguf)  # the intact file passes
 
 
 def test_hub_id_offline_fails_fast_in_one_line():
@@ -121,9 +122,9 @@ def test_corrupt_model_directories(tmp_path, planted_dir):
 
 def test_cache_dir_follows_melayer_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MELAYER_CACHE", str(tmp_path / "mc"))
-    assert L.cache_dir() == tmp_path / "mc"
+    assert cache.cache_dir() == tmp_path / "mc"
     monkeypatch.delenv("MELAYER_CACHE")
-    assert L.cache_dir() == L.Path.home() / ".cache" / "melayer"
+    assert cache.cache_dir() == Path.home() / ".cache" / "melayer"
 
 
 def test_gguf_round_trip_is_converted_once_into_melayer_cache(tmp_path, monkeypatch, tiny_gguf):

@@ -38,7 +38,7 @@ def half_on_disk(n: int = N_LAYERS) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    from melayer.models.tiny import tiny_lm
+    from melayer.testing import tiny_lm
 
     lm = tiny_lm("llama", me_layer=2, num_layers=N_LAYERS)
     path = tmp_path_factory.mktemp("ckpt") / "tiny-6"

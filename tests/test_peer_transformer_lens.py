@@ -30,7 +30,7 @@ from conftest import save_lm
 import melayer
 from melayer.capture import SITES, Hooks, forward_body, left_pad, pad_id, read_site, site_module
 from melayer.capture.batching import plan_batches
-from melayer.models.tiny import MODEL_TYPES, tiny_lm
+from melayer.testing import MODEL_TYPES, tiny_lm
 
 RTOL = 1e-5  # relative to the value and to the tensor's largest |a| (see the module docstring)
 RTOL_REAL = 3e-5  # the embedded models: 30 layers of batched vs single-prompt kernels (see the slow test)

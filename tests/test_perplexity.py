@@ -15,9 +15,9 @@ from melayer.analysis.perplexity import (
     tail_logliks,
     window_rows,
 )
-from melayer.errors import MelayerError
 from melayer.eval.tasks import RunContext, get_task
-from melayer.models.tiny import tiny_lm
+from melayer.testing import tiny_lm
+from melayer.util.errors import MelayerError
 
 
 @pytest.fixture(scope="module")

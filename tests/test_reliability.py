@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 import melayer
-from melayer.errors import MelayerError
 from melayer.eval import run
-from melayer.models import loading as L
-from melayer.models.tiny import tiny_lm
+from melayer.models import gguf_file
+from melayer.testing import tiny_lm
+from melayer.util.errors import MelayerError
 from melayer.util.io import read_jsonl, write_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,7 +101,7 @@ def test_truncated_gguf_message_is_plain(tiny_gguf, tmp_path):
         cut = tmp_path / f"cut-{n}.gguf"
         cut.write_bytes(raw[:n])
         with pytest.raises(MelayerError) as err:
-            L.check_gguf(cut)
+            gguf_file.check_gguf(cut)
         msg = str(err.value)
         assert "truncated" in msg and f"{n:,} bytes" in msg, msg
         for internal in ("dtype", "reshape", "divisor", "ValueError", "array", "axis"):

@@ -42,7 +42,7 @@ def _files(path: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def gpt2_dir(tmp_path_factory) -> Path:
     """A saved tiny GPT-2: learned absolute positions, 256 of them (byte-level tokenizer: 1 token per byte)."""
-    from melayer.models.tiny import tiny_lm
+    from melayer.testing import tiny_lm
 
     return save_lm(tiny_lm("gpt2"), tmp_path_factory.mktemp("ckpt") / "tiny-gpt2")
 
@@ -247,7 +247,7 @@ def test_massive_token_rule_is_the_same_with_and_without_a_kv_cache():
 
     from melayer.eval import engine as E
     from melayer.interventions.wemask import wemask
-    from melayer.models.tiny import BOS, tiny_lm
+    from melayer.testing import BOS, tiny_lm
 
     lm = tiny_lm("llama", me_layer=1)
     ctx = lm.tokenizer("The capital of France is")["input_ids"]

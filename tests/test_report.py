@@ -41,7 +41,7 @@ def outputs(tmp_path_factory, planted_dir, run_cli) -> Path:
 def finetune_output(tmp_path_factory) -> Path:
     """A real (3-step) SFT run with WeMask on the tiny model, when the fine-tuning stage is installed."""
     ft = pytest.importorskip("melayer.finetune", reason="melayer.finetune is not on this branch")
-    from melayer.models.tiny import tiny_lm
+    from melayer.testing import tiny_lm
 
     root = tmp_path_factory.mktemp("report-ft")
     data = root / "sft.jsonl"

@@ -12,8 +12,8 @@ from melayer.analysis.rigidity import effective_rank, mean_pairwise_cos, rigidit
 from melayer.analysis.sinks import measure_sinks
 from melayer.capture import encode
 from melayer.capture.hooks import Hooks
-from melayer.errors import MelayerError
-from melayer.models.tiny import MODEL_TYPES, tiny_lm
+from melayer.testing import MODEL_TYPES, tiny_lm
+from melayer.util.errors import MelayerError
 
 PROMPTS = ["The cat sat on the mat.", "Hello world", "Numbers: 1 2 3 4 5 6 7 8 9 10 11 12", "Another prompt here!",
            "x" * 90]

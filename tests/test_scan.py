@@ -14,9 +14,9 @@ import melayer
 from melayer.analysis.criterion import Criterion
 from melayer.analysis.scan import MAX_MASSIVE, N_CANDIDATES, TOP_K, PromptScan, locate_me_layer
 from melayer.capture import encode, position_ids
-from melayer.errors import MelayerError, NumericOverflow
 from melayer.models.archmap import resolve
-from melayer.models.tiny import MODEL_TYPES, plant_massive, tiny_lm
+from melayer.testing import MODEL_TYPES, plant_massive, tiny_lm
+from melayer.util.errors import MelayerError, NumericOverflow
 from melayer.util.io import write_json
 
 LONG = [

@@ -9,7 +9,7 @@ import torch
 from melayer.capture import Hooks, encode, forward_body, left_pad
 from melayer.capture.batching import CPU, GPU, in_input_order, plan_batches, policy_for
 from melayer.capture.reduce import LayerReducer, lower_median
-from melayer.models.tiny import tiny_lm
+from melayer.testing import tiny_lm
 from melayer.util.errors import NumericOverflow
 
 TEXTS = [
@@ -204,7 +204,7 @@ def test_conversion_reads_the_same_tensors_as_transformers(tiny_gguf):
 @pytest.mark.slow
 def test_conversion_reads_the_same_tensors_as_transformers_on_a_quantised_file():
     """The same on the embedded SmolLM2-135M GGUF (Q4_1 blocks, Llama's rotary permutation of q/k)."""
-    from melayer.models.loading import EMBEDDED
+    from melayer.models.embedded import EMBEDDED
 
     path = EMBEDDED["smollm2-135m"][1]()
     ref, _ = _library_gguf_tensors(path)

@@ -15,7 +15,7 @@ from conftest import REPO, save_lm
 import melayer
 from melayer.analysis.weights import candidates, confirm
 from melayer.models.lazy import GGUFWeights, open_weights
-from melayer.models.tiny import MODEL_TYPES, tiny_lm
+from melayer.testing import MODEL_TYPES, tiny_lm
 from melayer.util.errors import MelayerError
 
 

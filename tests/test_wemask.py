@@ -15,10 +15,10 @@ from conftest import argmax_decode
 
 from melayer.capture import encode, position_ids
 from melayer.capture.hooks import Hooks
-from melayer.errors import MelayerError
 from melayer.interventions.generate import greedy_generate
 from melayer.interventions.wemask import WeMask, format_layers, parse_layers, wemask
-from melayer.models.tiny import BOS, MODEL_TYPES, tiny_lm
+from melayer.testing import BOS, MODEL_TYPES, tiny_lm
+from melayer.util.errors import MelayerError
 
 PROMPTS = ["hello there, friend", "hi"]  # the second row is left-padded
 LAYERS = [2, 3]  # tiny models: 4 layers, massive activation planted at layer 1

@@ -1,7 +1,7 @@
 """The ``melayer`` command: a thin layer over the Python API.
 
 Each module in this package registers its commands on :data:`app`; they are all imported here.
-Every :class:`~melayer.errors.MelayerError` becomes one line on stderr and exit code 2.
+Every :class:`~melayer.util.errors.MelayerError` becomes one line on stderr and exit code 2.
 """
 
 from __future__ import annotations

@@ -46,6 +46,7 @@ def scan(
     """Scan a model for massive activations and locate its ME layer -> DIR/scan.json + PNGs."""
     import melayer
     from melayer.analysis.criterion import Criterion
+    from melayer.report import figures as F
     from melayer.report import plots as P
     from melayer.report.summary import print_scan
 
@@ -54,5 +55,5 @@ def scan(
                      persist_frac=persist_frac)
     run_analysis(output=output, model=model, dtype=dtype, arch=arch, placement=(device_map, max_memory), json_name="scan.json",
                  run=lambda lm: melayer.scan(lm, texts, criterion=crit, batch_size=batch_size), render=print_scan,
-                 plots=[(P.layer_magnitudes, "layer_magnitudes.png"), (P.token_surface, "massive_token_surface.png")]
+                 plots=[(P.layer_magnitudes, "layer_magnitudes.png"), (F.token_surface, "massive_token_surface.png")]
                  if plots else [], report=report)

@@ -10,7 +10,7 @@ and metrics are bit-identical. ``limit`` and ``batch_size`` are not part of the 
 earlier one to more samples (the samples already there keep the results of the plan they ran in). The model
 enters the key by its identity (:func:`melayer.models.fingerprint.fingerprint`: config and weights), not by its path.
 
-Ctrl-C during a run with an output directory raises :class:`melayer.errors.Interrupted`, which says what is
+Ctrl-C during a run with an output directory raises :class:`melayer.util.errors.Interrupted`, which says what is
 saved; the CLI turns it into one line with the command that resumes the run.
 """
 

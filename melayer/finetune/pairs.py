@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from melayer.models.loading import LM, cache_dir
+from melayer.models.cache import cache_dir
+from melayer.models.loading import LM
 from melayer.util.errors import MelayerError
 
 

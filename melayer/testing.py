@@ -1,4 +1,4 @@
-"""Tiny real checkpoints with a planted massive activation, for tests and architecture validation.
+"""Tiny real checkpoints with a planted massive activation: for tests, and to validate an architecture map.
 
 ``tiny_lm("llama")`` builds a random-weight transformers model of that ``model_type`` (a few layers,
 hidden 64) and plants a massive activation the way real models grow one: on the first token (BOS), at
@@ -7,19 +7,33 @@ value into one hidden dim, which then rides the residual stream to the last laye
 norm after the FFN (Gemma 2/3, OLMo2) also get a large gain on that dim in that norm, so there the norm
 and the FFN create it jointly.
 
-Everything is addressed through the architecture map (roles), so the same code validates the map:
-if a role points at the wrong module, the planted activation does not appear where expected.
+Everything is addressed through the architecture map (roles), so the same code validates a map: if a role
+points at the wrong module, the planted activation does not appear where it was planted. :func:`check_arch`
+does this for a family melayer does not map (or a map you wrote for ``--arch``): build a small random model of
+that family, plant, scan, and compare::
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from melayer.testing import check_arch
+
+    config = AutoConfig.for_model("gpt_neox", vocab_size=300, hidden_size=64, num_hidden_layers=4,
+                                  num_attention_heads=4, intermediate_size=128)
+    model = AutoModelForCausalLM.from_config(config)
+    result = check_arch(model, arch="my_neox_map.json")
+    assert result.ok, result.message
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from melayer.models.archmap import ARCHITECTURES, resolve
 from melayer.models.loading import LM, from_model
+from melayer.util.errors import MelayerError
 
 HIDDEN = 64
 INTER = 128
@@ -45,7 +59,7 @@ MODEL_TYPES = tuple(_CONFIGS)
 _NOT_GPT2 = ("num_key_value_heads", "head_dim", "intermediate_size")
 
 
-def tiny_tokenizer():
+def tiny_tokenizer() -> Any:
     """A real byte-level BPE tokenizer (no merges) that prepends <bos>; pads on the left when asked."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -185,3 +199,58 @@ def tiny_lm(model_type: str = "llama", plant: bool = True, me_layer: int = 1, ne
     lm.plant = plant_massive(lm, me_layer, neuron, dim, precursor=precursor) if plant else None  # type: ignore[attr-defined]
     assert model_type in ARCHITECTURES
     return lm
+
+
+PROMPTS = ("The capital of France is Paris.", "Hello world, this is a test!", "1 2 3 4 5 6 7 8")
+
+
+@dataclass(frozen=True)
+class ArchCheck:
+    """What :func:`check_arch` planted and what melayer's scan found; ``ok`` when they agree."""
+
+    plant: Plant
+    me_layer: int | None  # the scan's ME layer
+    massive_dims: list[int] = field(default_factory=list)  # the scan's massive dims
+    tokens: list[str] = field(default_factory=list)  # the tokens that carry them
+
+    @property
+    def ok(self) -> bool:
+        return self.me_layer == self.plant.me_layer and self.massive_dims == [self.plant.dim] and self.tokens == ["<bos>"]
+
+    @property
+    def message(self) -> str:
+        if self.ok:
+            return f"the map is consistent: the activation planted at layer {self.plant.me_layer}, dim {self.plant.dim} was found"
+        return (f"the map does not fit: planted layer {self.plant.me_layer}, dim {self.plant.dim} on <bos>; the scan "
+                f"found layer {self.me_layer}, dims {self.massive_dims} on {self.tokens or 'no token'}")
+
+
+def check_arch(model: Any, arch: Any = None, *, me_layer: int = 1, neuron: int = 5, dim: int = 7,
+               prompts: Sequence[str] = PROMPTS) -> ArchCheck:
+    """Validate an architecture map on a small random-weight model of its family.
+
+    Args:
+        model: a transformers causal LM with random weights, built from a small config of the family (a few layers,
+            ``vocab_size`` at least :data:`VOCAB`; the weights are changed in place by the plant).
+        arch: the architecture map to check, as ``--arch`` takes it (a mapped family name, a dict of role -> module
+            path, a JSON file, or an :class:`~melayer.models.archmap.ArchSpec`); None checks melayer's own map.
+        me_layer, neuron, dim: where to plant the massive activation (see :func:`plant_massive`).
+        prompts: the texts the scan reads.
+
+    Returns:
+        An :class:`ArchCheck`: ``ok`` is true when the scan finds the planted ME layer and dim on ``<bos>`` only.
+        A role that points at a module of the wrong shape raises
+        :class:`~melayer.util.errors.UnsupportedArchitecture` already when the map is bound.
+    """
+    from melayer.analysis.scan import scan
+
+    vocab = getattr(model.config, "vocab_size", 0) or 0
+    if vocab < VOCAB:
+        raise MelayerError(f"check_arch needs vocab_size >= {VOCAB} (the test tokenizer's bytes); the model has {vocab}")
+    lm = from_model(model.float(), tiny_tokenizer(), name=f"tiny-{model.config.model_type}", arch=arch)
+    if not 0 <= me_layer < lm.num_layers - 1:
+        raise MelayerError(f"me_layer must leave a layer after it: 0 <= me_layer < {lm.num_layers - 1}")
+    plant = plant_massive(lm, me_layer, neuron, dim)
+    result = scan(lm, list(prompts), progress=False)
+    return ArchCheck(plant=plant, me_layer=result.me_layer, massive_dims=list(result.massive_dims),
+                     tokens=sorted({t["token"] for t in result.massive_tokens()}))
