@@ -16,7 +16,7 @@ from melayer.eval.tasks import (
     register_task,
     unregister_task,
 )
-from melayer.models.tiny import tiny_lm
+from melayer.testing import tiny_lm
 from melayer.util.errors import MelayerError
 
 
