@@ -7,7 +7,7 @@ few numbers (median, top values, massive entries, |a| rows of a handful of candi
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -236,12 +236,15 @@ def scan(
     criterion: Criterion | None = None,
     batch_size: int | None = None,
     progress: bool = True,
+    on_batch: Callable[[list[int]], None] | None = None,
 ) -> ScanResult:
     """Scan ``prompts`` (default: the shipped prompt set) and locate the ME layer.
 
     Prompts go through the model in length-sorted batches picked for the device
     (:func:`melayer.capture.batching.plan_batches`); ``batch_size`` caps the prompts per batch. Results are
-    in input order and do not depend on the batching.
+    in input order and do not depend on the batching. ``on_batch(indices)`` is called before each batch's
+    forward pass with the input indices of its rows, so that hooks of the caller's own (e.g. a
+    :class:`melayer.capture.TokenTracker`) can key what they see by prompt.
     """
     crit = criterion or Criterion()
     if isinstance(prompts, str):
@@ -262,6 +265,8 @@ def scan(
         for idx, batch in track(planned(lm, ids, max_batch=batch_size), f"scanning {lm.name}", total=len(prompts),
                                 enabled=progress, advance=lambda item: len(item[0])):
             reducer.start(batch["attention_mask"])
+            if on_batch is not None:
+                on_batch(idx)
             forward_body(lm, batch)
             for b, i in enumerate(idx):
                 results[i] = keeper.offer(_finish(i, prompts[i], ids[i], reducer.per_row[b], lm, crit))

@@ -125,7 +125,9 @@ def _measure(lm: LM, prompts: Sequence[str], positions: Sequence[int], dims: Seq
             tracker.install(hooks, lm)
             for i, layer in enumerate(lm.layers):
                 hooks.forward(layer, hook(i))
-            result = scan(lm, list(prompts), criterion=crit, batch_size=batch_size, progress=False)
+            # the scan feeds the prompts longest first: the tracker must know which prompt each row is
+            result = scan(lm, list(prompts), criterion=crit, batch_size=batch_size, progress=False,
+                          on_batch=tracker.expect)
         ppl = perplexity(lm, max_tokens=ppl_tokens)
     arr = np.array(per_layer)  # (layers, prompts)
     later = arr[me_layer:].max(axis=0)
