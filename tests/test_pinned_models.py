@@ -18,7 +18,7 @@ from melayer.capture import encode
 from melayer.capture.encoding import tokenize
 from melayer.capture.hooks import Hooks
 from melayer.interventions.ablate import NeuronAblation, NormEdit, ablated, median_gain_edit
-from melayer.models.tiny import BOS, MODEL_TYPES, tiny_lm
+from melayer.testing import BOS, MODEL_TYPES, tiny_lm
 
 # one prompt has a second <bos> in the middle: two candidate massive tokens, the larger |a| is the massive token
 PROMPTS = ["The cat sat on the mat.", "Hi<bos> there, a second start", "Numbers: 1 2 3 4 5", "Another prompt!"]
