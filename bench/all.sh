@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Every speed figure in the README's Speed section, one bench after another (`make bench`), each table written to
-# out/bench/<name>.txt as it is printed. About 45 minutes on a quiet 2-core CPU; run it on an otherwise idle
+# Every speed figure of the docs' Speed page (docs/speed.md), one bench after another (`make bench`), each table
+# written to out/bench/<name>.txt as it is printed. About 25 minutes on a quiet 2-core CPU (the last line prints the
+# time the run took); run it on an otherwise idle
 # machine (the benches time paths interleaved in one process, but other jobs still widen the spread).
 # `bash bench/all.sh scan-wiki memory` runs only the benches named. BENCH_THREADS (default 1) is the torch/OMP thread count of every bench except the 2-thread generation run.
 set -euo pipefail
@@ -27,4 +28,4 @@ OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 run generate-2threads bench/bench_generate.p
 run wemask bench/bench_wemask.py --reps 3 --threads "$T"
 run finetune bench/bench_finetune.py --model smollm2-135m --reps 4 --threads "$T"
 if [ -f bench/bench_report.py ]; then run report bench/bench_report.py; fi
-echo "== done: tables in $OUT/"
+echo "== done in $((SECONDS / 60)) min $((SECONDS % 60)) s: tables in $OUT/"

@@ -47,7 +47,7 @@ def finetune(
     device_map: DeviceMapOpt = None,
     max_memory: MaxMemoryOpt = None,
 ) -> None:
-    """Fine-tune (LoRA by default) with WeMask on every training forward; see the README."""
+    """Fine-tune (LoRA by default) with WeMask on every training forward -> DIR/ adapter, wemask.json, finetune.json."""
     import warnings
 
     # transformers 5 renames gradient_checkpointing -> activation_checkpointing; melayer's settings use the new

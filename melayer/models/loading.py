@@ -214,7 +214,7 @@ def load(
     max_memory: str | dict | None = None,
     offload_folder: str | Path | None = None,
 ) -> LM:
-    """Load a causal LM by spec (embedded name, HF directory, .gguf file or hub id); see the README.
+    """Load a causal LM by spec (embedded name, HF directory, .gguf file or hub id).
 
     ``arch`` overrides the architecture map: a mapped family name, a dict of role -> module path,
     a JSON file, or an :class:`ArchSpec`. ``device_map`` (``"auto"``, ``"balanced"``, ``"sequential"``, a dict

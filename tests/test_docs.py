@@ -1,0 +1,223 @@
+"""The documentation site: `mkdocs build --strict` is clean, every command has a page whose examples use options the
+command has, and the built site works in a real browser (Debian's chromium driven by Playwright, as for the HTML
+report): no console error, no request leaving the site, every page reachable from the navigation, every internal
+link and anchor resolves, code blocks rendered."""
+
+from __future__ import annotations
+
+import html.parser
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import threading
+import urllib.parse
+import urllib.request
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+
+
+def _commands() -> dict:
+    import typer
+
+    from melayer.cli import app
+
+    return typer.main.get_command(app).commands
+
+
+def _doc_files() -> list[Path]:
+    return [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted(DOCS.rglob("*.md"))]
+
+
+# --------------------------------------------------------------------------------------------------
+# the pages against the CLI (no build needed)
+
+
+def test_every_command_has_a_page_in_the_nav():
+    nav = (ROOT / "mkdocs.yml").read_text()
+    pages = {m.group(1): p for p in (DOCS / "commands").glob("*.md")
+             for m in re.finditer(r"^<!-- melayer-cli (\S+) -->$", p.read_text(), re.M)}
+    assert set(_commands()) <= set(pages), f"commands without a page: {set(_commands()) - set(pages)}"
+    for page in set(pages.values()):
+        assert f"commands/{page.name}" in nav, f"{page} is not in mkdocs.yml's nav"
+
+
+def _melayer_lines(text: str):
+    """Every `melayer COMMAND ...` line inside a fenced code block (continuation lines joined)."""
+    for block in re.findall(r"```[a-z]*\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line.startswith("melayer "):
+                yield line
+
+
+def test_documented_command_lines_use_existing_commands_and_options():
+    commands = _commands()
+    checked = 0
+    for path in _doc_files():
+        for line in _melayer_lines(path.read_text()):
+            words = shlex.split(line)
+            name = next((w for w in words[1:] if not w.startswith("-")), None)
+            assert name in commands, f"{path.name}: `{line}`: melayer has no command {name!r}"
+            known = {o for p in commands[name].params for o in (*p.opts, *p.secondary_opts)} | {"--help"}
+            for word in words[1:]:
+                if word.startswith("-") and not re.fullmatch(r"-\d.*", word):
+                    assert word.split("=")[0] in known, f"{path.name}: `{line}`: melayer {name} has no option {word}"
+            checked += 1
+    assert checked >= 30, checked
+
+
+# --------------------------------------------------------------------------------------------------
+# the build
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    pytest.importorskip("mkdocs", reason="the docs extra is not installed (pip install -e '.[docs]')")
+    out = tmp_path_factory.mktemp("site")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "NO_MKDOCS_2_WARNING": "1"}
+    r = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(out)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    warnings = [ln for ln in r.stderr.splitlines() if "WARNING" in ln]
+    assert warnings == []
+    return out
+
+
+def _html_pages(site: Path) -> set[str]:
+    return {p.relative_to(site).as_posix() for p in site.rglob("*.html") if p.name != "404.html"}
+
+
+def test_every_page_is_built_with_its_generated_parts(site):
+    pages = _html_pages(site)
+    assert {"index.html", "getting-started/index.html", "commands/scan/index.html", "reference/index.html",
+            "architectures/index.html", "tutorials/quickstart/index.html"} <= pages
+    scan = (site / "commands/scan/index.html").read_text()
+    assert "--persist-frac" in scan and "melayer scan [OPTIONS]" in scan  # the option table, from the command
+    arch = (site / "architectures/index.html").read_text()
+    assert all(f"<code>{t}</code>" in arch for t in ("llama", "gemma3_text", "gpt2"))
+    ref = (site / "reference/index.html").read_text()
+    assert 'id="melayer.analysis.scan.scan"' in ref  # mkdocstrings rendered the API
+    assert (site / "assets/layer_magnitudes.png").stat().st_size > 10_000
+
+
+# --------------------------------------------------------------------------------------------------
+# in a real browser, over HTTP (the site uses directory URLs)
+
+
+class _Links(html.parser.HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.hrefs: list[str] = []
+        self.ids: set[str] = set()
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if a.get("id"):
+            self.ids.add(a["id"])
+        if tag == "a" and a.get("href"):
+            self.hrefs.append(a["href"])
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def served(site):
+    handler = partial(_QuietHandler, directory=str(site))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if CHROMIUM is None:
+        pytest.skip("Debian's chromium is not installed (make setup installs it with apt where it can)")
+    sync = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install 'melayer[report]')")
+    with sync.sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+def _page_path(base: str, url: str) -> str | None:
+    """The site-relative HTML file a same-site URL points at (None for other sites)."""
+    if not url.startswith(base):
+        return None
+    path = urllib.parse.urlparse(url).path[len(urllib.parse.urlparse(base).path):]
+    return path + "index.html" if path == "" or path.endswith("/") else path
+
+
+def test_site_in_chromium(site, served, browser):
+    pages = _html_pages(site)
+    base = served
+    home = browser.new_page(viewport={"width": 1280, "height": 900})
+    home.goto(base, wait_until="load")
+    nav = home.eval_on_selector_all("nav.md-nav--primary a.md-nav__link[href]", "els => els.map(e => e.href)")
+    home.close()
+    in_nav = {_page_path(base, u.split("#")[0]) for u in nav} - {None}
+    assert pages - in_nav == set(), f"pages not reachable from the navigation: {sorted(pages - in_nav)}"
+
+    ids: dict[str, set[str]] = {}
+    code_blocks = {}
+    for rel in sorted(pages):
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        problems: list[str] = []
+        page.on("console", lambda m, p=problems: p.append(f"console {m.type}: {m.text}")
+                if m.type in ("error", "warning") else None)
+        page.on("pageerror", lambda e, p=problems: p.append(f"page error: {e}"))
+        page.on("requestfailed", lambda r, p=problems: p.append(f"failed request: {r.url}"))
+        page.on("request", lambda r, p=problems: None if r.url.startswith(base) or r.url.startswith("data:")
+                else p.append(f"request leaving the site: {r.url}"))
+        url = base + (rel[: -len("index.html")] if rel.endswith("index.html") else rel)
+        response = page.goto(url, wait_until="load")
+        page.wait_for_timeout(100)
+        assert response is not None and response.ok, (rel, response and response.status)
+        assert problems == [], (rel, problems)
+        assert page.inner_text("article").strip(), rel
+        code_blocks[rel] = page.eval_on_selector_all("article pre code", "els => els.length")
+        page.close()
+        parser = _Links()
+        parser.feed((site / rel).read_text())
+        ids[rel] = parser.ids
+
+    broken = []
+    for rel in sorted(pages):
+        parser = _Links()
+        parser.feed((site / rel).read_text())
+        page_url = base + rel
+        for href in parser.hrefs:
+            target = urllib.parse.urljoin(page_url, href)
+            path = _page_path(base, target.split("#")[0])
+            if path is None:
+                continue
+            if not (site / path).exists():
+                broken.append(f"{rel}: {href} (no {path})")
+                continue
+            anchor = urllib.parse.urlparse(target).fragment
+            if anchor and path in ids and anchor not in ids[path]:
+                broken.append(f"{rel}: {href} (no #{anchor} in {path})")
+    assert broken == []
+
+    # code blocks: every command page and the pages that teach by example show some
+    must = [p for p in pages if p.startswith("commands/") or p in (
+        "index.html", "getting-started/index.html", "api/index.html", "findings/index.html",
+        "tutorials/quickstart/index.html", "scaling/index.html")]
+    assert all(code_blocks[p] > 0 for p in must if p != "index.html"), {p: code_blocks[p] for p in must}
+    assert sum(code_blocks.values()) > 60
