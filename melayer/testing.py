@@ -234,7 +234,9 @@ def check_arch(model: Any, arch: Any = None, *, me_layer: int = 1, neuron: int =
             ``vocab_size`` at least :data:`VOCAB`; the weights are changed in place by the plant).
         arch: the architecture map to check, as ``--arch`` takes it (a mapped family name, a dict of role -> module
             path, a JSON file, or an :class:`~melayer.models.archmap.ArchSpec`); None checks melayer's own map.
-        me_layer, neuron, dim: where to plant the massive activation (see :func:`plant_massive`).
+        me_layer: the decoder layer (0-based) where the massive activation is planted (see :func:`plant_massive`).
+        neuron: the FFN neuron that writes it.
+        dim: the hidden dim it is written to.
         prompts: the texts the scan reads.
 
     Returns:
