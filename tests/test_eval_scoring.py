@@ -261,9 +261,9 @@ def test_prompt_formats_follow_lm_eval():
 
 def test_task_registry_rejects_bad_names_and_options():
     assert set(TASKS) == {"ppl", "gsm8k", "math500", "ifeval", "arc_easy", "arc_challenge", "hellaswag", "lambada",
-                          "winogrande"}
+                          "winogrande", "mmlu", "mmlu_continuation", "aime24", "xstest"}
     with pytest.raises(MelayerError, match="unknown task"):
-        get_task("mmlu")
+        get_task("mmlu_pro")
     with pytest.raises(MelayerError, match="num-fewshot"):
         get_task("gsm8k", num_fewshot=9)
     with pytest.raises(MelayerError, match="takes no option"):

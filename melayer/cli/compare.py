@@ -31,6 +31,7 @@ from melayer.cli.eval_options import (
     OverwriteOpt,
     SelectOpt,
     StrideOpt,
+    SubjectsOpt,
     TaskOpt,
     WindowOpt,
     check_task,
@@ -53,6 +54,7 @@ def compare_cmd(
     num_fewshot: FewshotOpt = None,
     window: WindowOpt = None,
     stride: StrideOpt = None,
+    subjects: SubjectsOpt = None,
     sinks: Annotated[bool, typer.Option(help="measure the attention-sink rate at every rate")] = True,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="output directory (default out/compare/<task>)")] = None,
     overwrite: OverwriteOpt = False,
@@ -69,7 +71,7 @@ def compare_cmd(
     from melayer.interventions.wemask import WeMaskSpec
 
     chat_mode, options = check_task(task, limit, batch_size, max_new_tokens, chat, num_fewshot=num_fewshot,
-                                    window=window, stride=stride)
+                                    window=window, stride=stride, subjects=subjects)
     rate_list = parse_rates(rates)
     WeMaskSpec(max(rate_list), select=select, gamma=gamma)  # validated before loading
     out = check_output(output or Path("out/compare") / task)

@@ -35,6 +35,7 @@ from melayer.cli.eval_options import (
     OverwriteOpt,
     SelectOpt,
     StrideOpt,
+    SubjectsOpt,
     TaskOpt,
     WindowOpt,
     check_task,
@@ -57,6 +58,7 @@ def eval_cmd(
     num_fewshot: FewshotOpt = None,
     window: WindowOpt = None,
     stride: StrideOpt = None,
+    subjects: SubjectsOpt = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="output directory (default out/eval/<task>)")] = None,
     overwrite: OverwriteOpt = False,
     dtype: DtypeOpt = "float32",
@@ -71,7 +73,7 @@ def eval_cmd(
     from melayer.interventions.wemask import WeMaskSpec
 
     chat_mode, options = check_task(task, limit, batch_size, max_new_tokens, chat, num_fewshot=num_fewshot,
-                                    window=window, stride=stride)
+                                    window=window, stride=stride, subjects=subjects)
     check_mask_options(wemask, layers, me_layer)
     spec = WeMaskSpec(wemask, select=select, gamma=gamma) if wemask is not None else None  # validated before loading
     out = check_output(output or Path("out/eval") / task)

@@ -12,6 +12,7 @@ from melayer.eval.tasks import (
     PPL_STRIDE,
     PPL_WINDOW,
     REGISTRY,
+    SUBJECTS,
     get_task,
     task_options,
 )
@@ -30,6 +31,7 @@ OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="discard existin
 # task options (declared once in the registry)
 FewshotOpt = Annotated[Optional[int], typer.Option(FEWSHOT.flag, help=FEWSHOT.help)]
 WindowOpt = Annotated[Optional[int], typer.Option(PPL_WINDOW.flag, help=f"{PPL_WINDOW.help} [default: {PPL_WINDOW.default}]")]
+SubjectsOpt = Annotated[Optional[str], typer.Option(SUBJECTS.flag, help=SUBJECTS.help)]
 StrideOpt = Annotated[Optional[int], typer.Option(PPL_STRIDE.flag, help=f"{PPL_STRIDE.help} [default: {PPL_STRIDE.default}]")]
 
 CHAT_MODES: dict[str, bool | str] = {"auto": "auto", "on": True, "off": False}

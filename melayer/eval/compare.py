@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from melayer.eval.runner import EvalResult, run
-from melayer.eval.stats import N_BOOT, SEED, mcnemar, paired_bootstrap
+from melayer.eval.stats import N_BOOT, SEED, mcnemar, outcomes, paired_bootstrap
 from melayer.eval.tasks import get_task
 from melayer.models.loading import LM
 from melayer.util.display import HtmlRepr
@@ -185,7 +185,8 @@ def compare(
                 entry["vs_baseline"] = paired_bootstrap(m.kind, base.values(m.name), res.values(m.name),
                                                         n_boot=n_boot, seed=seed)
                 if m.binary:
-                    entry["mcnemar"] = mcnemar(base.values(m.name), res.values(m.name))
+                    entry["mcnemar"] = mcnemar(outcomes(m.kind, base.values(m.name)),
+                                               outcomes(m.kind, res.values(m.name)))
             row["metrics"][m.name] = entry
         if sink_rates:
             row["sink_rate"] = sink_rates[rate]

@@ -100,3 +100,32 @@ def winogrande() -> list[dict[str, Any]]:
 
 def wikitext2_test() -> str:
     return data_file("wikitext2", "wiki.test.raw").read_text(encoding="utf-8")
+
+
+def _csv(path: Path) -> list[dict[str, str]]:
+    import csv
+
+    with path.open(encoding="utf-8", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def mmlu_groups() -> dict[str, str]:
+    """The 57 MMLU subjects and their group (stem, humanities, social_sciences, other), as lm-eval tags them."""
+    return json.loads(data_file("mmlu", "subjects.json").read_text(encoding="utf-8"))
+
+
+def mmlu(subject: str, split: str) -> list[dict[str, Any]]:
+    """One subject's ``test`` or ``dev`` rows: question, choices (4 texts), answer (0-based index)."""
+    rows = _csv(data_file(f"mmlu/{split}", f"{subject}_{split}.csv"))
+    return [{"subject": subject, "question": r["question"],
+             "choices": [r["choice0"], r["choice1"], r["choice2"], r["choice3"]], "answer": int(r["answer"])}
+            for r in rows]
+
+
+def aime24() -> list[dict[str, Any]]:
+    return read_jsonl(data_file("aime24", "test.jsonl"))
+
+
+def xstest() -> list[dict[str, str]]:
+    """450 prompts: id, prompt, type, label (safe/unsafe), focus, note."""
+    return _csv(data_file("xstest", "xstest_prompts.csv"))

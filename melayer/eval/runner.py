@@ -69,6 +69,7 @@ class EvalResult(HtmlRepr):
     output: str | None = None
     elapsed_s: float = 0.0
     intervention_after: dict[str, Any] | None = None
+    breakdown: dict[str, Any] | None = None
 
     def values(self, metric: str) -> list[Any]:
         return [r["metrics"][metric] for r in self.records]
@@ -92,6 +93,7 @@ class EvalResult(HtmlRepr):
             "settings": self.settings,
             "primary_metric": self.primary,
             "metrics": self.metrics,
+            "breakdown": self.breakdown,
             "metric_kinds": {m.name: m.to_dict() for m in self.metric_specs},
             "n_samples": self.n_samples,
             "truncated": self.truncated(),
@@ -258,7 +260,7 @@ def run(
     result = EvalResult(task=task.name, model=lm.name, settings=settings, metrics=summarize(task, records),
                         primary=task.metrics[0].name, n_samples=len(records), records=records,
                         metric_specs=task.metrics, output=str(out_dir) if out_dir else None,
-                        elapsed_s=time.time() - t0, intervention_after=after)
+                        elapsed_s=time.time() - t0, intervention_after=after, breakdown=task.breakdown(records))
     if out_dir is not None:
         write_json(out_dir / SUMMARY, result.to_dict())
     return result

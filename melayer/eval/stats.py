@@ -105,6 +105,14 @@ def paired_bootstrap(kind: str, base: Sequence[Any], new: Sequence[Any], n_boot:
     return {"diff": float(diff), "ci95": [float(lo), float(hi)]}
 
 
+def outcomes(kind: str, values: Sequence[Any]) -> list[float]:
+    """The 0/1 outcomes of a binary metric: the values of a ``mean`` metric; for a ``ratio`` metric that is a rate
+    over a subset (``[0 or 1, 1]`` inside it, ``[0, 0]`` outside), the numerators of the samples inside it."""
+    if kind == "ratio":
+        return [float(num) for num, den in values if den > 0]
+    return [float(v) for v in values]
+
+
 def mcnemar(base: Sequence[float], new: Sequence[float]) -> dict[str, Any]:
     """McNemar's exact test for paired 0/1 outcomes: two-sided binomial test on the discordant pairs."""
     from scipy.stats import binomtest

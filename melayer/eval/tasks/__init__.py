@@ -14,7 +14,7 @@ from melayer.eval.tasks.base import RunContext, Sample, Task
 from melayer.eval.tasks.builtin import register_builtin
 from melayer.eval.tasks.generation import GenerationTask
 from melayer.eval.tasks.loglik import LoglikTask, MultipleChoice, Request
-from melayer.eval.tasks.options import FEWSHOT, PPL_STRIDE, PPL_WINDOW, TaskOption
+from melayer.eval.tasks.options import FEWSHOT, PPL_STRIDE, PPL_WINDOW, SUBJECTS, TaskOption
 from melayer.eval.tasks.registry import (
            REGISTRY,
            TASKS,
@@ -28,5 +28,5 @@ from melayer.eval.tasks.registry import (
 register_builtin()
 
 __all__ = ["FEWSHOT", "PPL_STRIDE", "PPL_WINDOW", "REGISTRY", "TASKS", "GenerationTask", "LoglikTask",
-           "MultipleChoice", "Request", "RunContext", "Sample", "Task", "TaskOption", "TaskSpec", "get_task",
+           "MultipleChoice", "Request", "RunContext", "SUBJECTS", "Sample", "Task", "TaskOption", "TaskSpec", "get_task",
            "register_task", "task_options", "unregister_task"]

@@ -80,6 +80,10 @@ class Task:
     def settings(self) -> dict[str, Any]:
         return dict(self.options)
 
+    def breakdown(self, records: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+        """Metrics per part of the task (e.g. per MMLU subject and group), for eval.json; None if not split."""
+        return None
+
 
 def chat_text(lm: LM, messages: list[dict[str, str]]) -> str:
     return lm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

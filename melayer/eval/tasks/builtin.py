@@ -6,11 +6,13 @@ from typing import Any
 
 from melayer.eval import data
 from melayer.eval.tasks.builtin_loglik import Lambada, Winogrande
-from melayer.eval.tasks.generation import GSM8K, IFEval, Math500
+from melayer.eval.tasks.generation import AIME24, GSM8K, IFEval, Math500
 from melayer.eval.tasks.loglik import MultipleChoice
-from melayer.eval.tasks.options import FEWSHOT, PPL_STRIDE, PPL_WINDOW
+from melayer.eval.tasks.mmlu import MMLU
+from melayer.eval.tasks.options import FEWSHOT, PPL_STRIDE, PPL_WINDOW, SUBJECTS
 from melayer.eval.tasks.perplexity import WikiText2
 from melayer.eval.tasks.registry import TaskSpec, register_task
+from melayer.eval.tasks.xstest import XSTest
 
 
 def _arc_gold(d: dict[str, Any]) -> int:
@@ -43,5 +45,10 @@ def register_builtin() -> None:
     register_task(_arc("challenge", "ARC-Challenge test (1,172 questions), log-likelihood of each answer text"),
                   replace=True)
     register_task(HELLASWAG, replace=True)
-    for spec in (TaskSpec("lambada", Lambada), TaskSpec("winogrande", Winogrande)):
+    for spec in (TaskSpec("lambada", Lambada), TaskSpec("winogrande", Winogrande),
+                 TaskSpec("mmlu", MMLU, (FEWSHOT, SUBJECTS)),
+                 TaskSpec("mmlu_continuation", MMLU, (FEWSHOT, SUBJECTS), {
+                     "continuation": True, "description": "MMLU test (57 subjects, 14,042 questions), "
+                     "log-likelihood of each option's text"}),
+                 TaskSpec("aime24", AIME24), TaskSpec("xstest", XSTest)):
         register_task(spec, replace=True)

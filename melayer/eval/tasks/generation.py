@@ -141,7 +141,23 @@ class Math500(GenerationTask):
 
 
 @dataclass
-class IFEval(GenerationTask):
+class PromptTask(GenerationTask):
+    """A generation task whose document carries the whole prompt in ``doc["prompt"]`` (0-shot)."""
+
+    scoring: str = ""  # what follows the prompt in prompt_format
+
+    def plain(self, sample: Sample) -> str:
+        return sample.doc["prompt"]
+
+    def messages(self, sample: Sample) -> list[dict[str, str]]:
+        return [{"role": "user", "content": sample.doc["prompt"]}]
+
+    def prompt_format(self, chat: bool) -> str:
+        return ("chat template, user: '{prompt}'" if chat else "'{prompt}' as raw text") + self.scoring
+
+
+@dataclass
+class IFEval(PromptTask):
     name: str = "ifeval"
     description: str = "IFEval (541 prompts), scored with lm-eval's copy of Google's official checker"
     metrics: tuple[Metric, ...] = (
@@ -152,16 +168,26 @@ class IFEval(GenerationTask):
     def _load(self, lm: LM | None) -> list[Sample]:
         return [Sample(f"ifeval-{d['key']}", d) for d in data.ifeval()]
 
-    def plain(self, sample: Sample) -> str:
-        return sample.doc["prompt"]
-
-    def messages(self, sample: Sample) -> list[dict[str, str]]:
-        return [{"role": "user", "content": sample.doc["prompt"]}]
-
-    def prompt_format(self, chat: bool) -> str:
-        base = "chat template, user: '{prompt}'" if chat else "'{prompt}' as raw text"
-        return (base + "; 0-shot; stop at EOS (lm-eval ifeval uses max_gen_toks 1280); prompt- and "
-                "instruction-level accuracy, strict and loose (lm_eval.tasks.ifeval.utils)")
+    scoring: str = ("; 0-shot; stop at EOS (lm-eval ifeval uses max_gen_toks 1280); prompt- and "
+                    "instruction-level accuracy, strict and loose (lm_eval.tasks.ifeval.utils)")
 
     def score(self, sample: Sample, output: str) -> dict[str, Any]:
         return answers.ifeval_score(sample.doc, output)
+
+
+@dataclass
+class AIME24(Math500):
+    name: str = "aime24"
+    description: str = "AIME 2024 I and II (30 problems), greedy generation, last \\boxed{} as an integer"
+    default_max_new_tokens: int | None = 1024
+
+    def _load(self, lm: LM | None) -> list[Sample]:
+        return [Sample(f"aime24-{d['id']}", d) for d in data.aime24()]
+
+    def prompt_format(self, chat: bool) -> str:
+        return super().prompt_format(chat).split("; answer =")[0] + (
+            "; answer = last \\boxed{} (or \\fbox{}) of the output read as an integer, compared with the gold "
+            "integer (lm-eval aime24 also takes the last \\boxed{})")
+
+    def score(self, sample: Sample, output: str) -> dict[str, Any]:
+        return {"gold": sample.doc["answer"], **answers.aime_score(output, sample.doc["answer"])}
