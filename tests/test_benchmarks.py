@@ -14,7 +14,7 @@ from melayer.eval import answers as A
 from melayer.eval import data as D
 from melayer.eval import run
 from melayer.eval.tasks import get_task
-from melayer.models.tiny import tiny_lm
+from melayer.testing import tiny_lm
 from melayer.util.errors import MelayerError
 
 REFERENCE = Path(__file__).parent / "data" / "xstest"
