@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.melayer-installed
 TORCH   ?= torch==2.13.0
 export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: help setup demo lint test test-fast docs dist bench mutate clean
+.PHONY: help setup demo lint test test-fast docs notebook dist bench mutate clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | awk -F'\t' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -43,6 +43,9 @@ test-fast: setup lint  ## ruff + the tests not marked slow
 
 docs: setup  ## build the documentation site into site/ (warnings are errors)
 	$(BIN)/mkdocs build --strict
+
+notebook: setup  ## re-run examples/quickstart.ipynb in place (its outputs are what the docs show)
+	OMP_NUM_THREADS=1 $(BIN)/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=1200 examples/quickstart.ipynb
 
 dist: setup  ## build the wheel and the sdist into dist/ and check the wheel's contents
 	rm -rf dist

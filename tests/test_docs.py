@@ -50,6 +50,26 @@ def test_every_command_has_a_page_in_the_nav():
         assert f"commands/{page.name}" in nav, f"{page} is not in mkdocs.yml's nav"
 
 
+def test_every_page_is_in_the_nav():
+    import yaml
+
+    def pages(node):
+        if isinstance(node, str):
+            yield node
+        elif isinstance(node, dict):
+            for v in node.values():
+                yield from pages(v)
+        elif isinstance(node, list):
+            for v in node:
+                yield from pages(v)
+
+    config = yaml.load((ROOT / "mkdocs.yml").read_text(), Loader=yaml.BaseLoader)
+    in_nav = set(pages(config["nav"]))
+    on_disk = {p.relative_to(DOCS).as_posix() for p in DOCS.rglob("*") if p.suffix in (".md", ".ipynb")}
+    assert on_disk - in_nav == set(), "add these pages to the nav in mkdocs.yml"
+    assert in_nav - on_disk == set()
+
+
 def _melayer_lines(text: str):
     """Every `melayer COMMAND ...` line inside a fenced code block (continuation lines joined)."""
     for block in re.findall(r"```[a-z]*\n(.*?)```", text, re.S):

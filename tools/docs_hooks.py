@@ -73,3 +73,24 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
     if ARCH_MARKER in markdown:
         markdown = markdown.replace(ARCH_MARKER, architectures_markdown())
     return markdown
+
+
+# --------------------------------------------------------------------------------------------------
+# the API reference: melayer's docstrings cite names with Sphinx roles (:func:`melayer.scan`), which Markdown shows
+# verbatim; griffe (mkdocstrings' reader) runs this extension and turns them into inline code
+
+
+def _griffe_extension():
+    import griffe
+
+    role = re.compile(r":(?:func|class|mod|meth|attr|data|exc|obj):`~?([^`]+)`")
+
+    class SphinxRoles(griffe.Extension):
+        def on_instance(self, *, obj, **kwargs) -> None:
+            if obj.docstring is not None:
+                obj.docstring.value = role.sub(lambda m: f"`{m.group(1)}`", obj.docstring.value)
+
+    return SphinxRoles
+
+
+SphinxRoles = _griffe_extension()
