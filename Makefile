@@ -56,8 +56,9 @@ dist: setup  ## build the wheel and the sdist into dist/ and check the wheel's c
 bench: setup  ## run every speed bench of docs/speed.md (about 25 minutes on an idle 2-core CPU)
 	bash bench/all.sh
 
-# one-line bugs planted in a temporary copy of the rule modules; prints which ones the tests miss (not a CI gate)
-mutate: setup  ## mutation check of the rule modules (tools/mutants.py)
+# one-line bugs planted in a temporary copy of every module that computes a published number; prints which ones
+# the tests miss and the score per module (docs/development.md; not a CI gate)
+mutate: setup  ## mutation check of every module that computes a published number (tools/mutants.py)
 	OMP_NUM_THREADS=1 $(BIN)/python tools/mutants.py
 
 clean:  ## remove .venv/, out/, site/, dist/ and caches

@@ -134,6 +134,15 @@ def test_explain_downstream_window_equals_hand_ablations(model_type):
         assert r["downstream_max"] == pytest.approx(float(prof[L:].max(axis=0).mean()), rel=1e-4, abs=1e-4)
         ratios = [a / b for a, b in zip(prof.mean(axis=1)[L:], base.mean(axis=1)[L:])]
         assert r["downstream_mean_ratio"] == pytest.approx(float(np.mean(ratios)), rel=1e-4)
+    # the control layers ablate their own strongest neurons: ranked here by hand, signed share of the FFN output
+    for r in d["controls"]["layers"]:
+        if r["ablate"] != "ffn":
+            continue
+        acts = [_hand_run(lm, prompt, r["layer"])["act"][p].double() for prompt, p in zip(PROMPTS, pos)]
+        w = lm.model.model.layers[r["layer"]].mlp.down_proj.weight[dims].detach().double()  # (dims, neurons)
+        contrib = torch.stack(acts).mean(0)[None, :] * w
+        share = contrib * contrib.sum(1, keepdim=True).sign() / contrib.sum(1, keepdim=True).abs()
+        assert r["neurons"] == share.max(0).values.argsort(descending=True)[: len(d["selected_neurons"])].tolist()
     me_ffn = next(r for r in d["ablations"] if r["ablate"] == "ffn")
     assert me_ffn["downstream_max"] < 0.01 * d["ablations"][0]["downstream_max"]
 
@@ -213,7 +222,7 @@ def test_rigidity_on_a_left_padded_batch_equals_one_prompt_at_a_time(model_type)
     _assert_close_tree(together, alone)
     # and against hand hooks: the massive token's consecutive-layer cosine at the ME layer
     L, pos = together["me_layer"], together["massive_token_positions"]
-    cos = []
+    cos, last = [], []
     for p, prompt in zip(pos, PROMPTS):
         seen: dict[str, torch.Tensor] = {}
         layer = lm.model.get_decoder().layers[L] if model_type != "gpt2" else lm.model.transformer.h[L]
@@ -225,7 +234,12 @@ def test_rigidity_on_a_left_padded_batch_equals_one_prompt_at_a_time(model_type)
         for h in hs:
             h.remove()
         cos.append(float(torch.nn.functional.cosine_similarity(seen["in"][p], seen["out"][p], dim=0)))
+        last.append(seen["out"][-1].double())
     assert together["consecutive"][L]["massive_cos"] == pytest.approx(float(np.mean(cos)), rel=1e-4)
+    # cross-input similarity of the last token: the mean cosine over the distinct pairs of prompts
+    pairs = [float(torch.nn.functional.cosine_similarity(last[i], last[j], dim=0))
+             for i in range(len(last)) for j in range(i + 1, len(last))]
+    assert together["cross_input"][L]["last_token_pairs"] == pytest.approx(float(np.mean(pairs)), rel=1e-4)
 
 
 def test_scan_medians_equal_torch_median_of_each_unpadded_prompt():

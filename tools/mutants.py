@@ -18,8 +18,13 @@ between files (only a changed line needs its entry edited). For every mutant the
 4. reports ``killed`` (the tests failed), ``SURVIVED`` (they passed), ``not found`` / ``ambiguous`` (the original
    text is not in the package exactly once: the entry needs updating) or ``invalid`` (the mutant does not compile).
 
+At the end it prints the score per module (the file each mutant landed in) as a Markdown table, the one in
+docs/development.md. Each mutant runs only the tests that cover its module (its files, narrowed with ``-k``), so the
+whole set runs in minutes rather than hours.
+
 Exit status: 0 if every mutant was killed, 1 otherwise. This is a habit, not a CI gate: run it when you change a
-rule or its tests, and add a mutant for every rule you add.
+rule or its tests, and add a mutant for every rule you add (the likeliest one-line slips of a function that
+computes a published number, each with a test that compares that number against an independent computation).
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ class Mutant:
 
 
 T_SCAN = "tests/test_scan.py"
+T_RULES = "tests/test_pinned_rules.py"  # pure rules against NumPy / loops / torch.median / a hand-written BH
+T_MODELS = "tests/test_pinned_models.py"  # tiny planted checkpoints against plain PyTorch hooks and hand edits
 T_WEMASK = "tests/test_wemask.py"
 T_RUN = "tests/test_eval_run.py"
 T_SCORING = "tests/test_eval_scoring.py"
@@ -78,13 +85,13 @@ MUTANTS: tuple[Mutant, ...] = (
            "idx = sel.abs().topk(self.k, dim=-1).indices",
            "idx = sel.abs().mean(0, keepdim=True).topk(self.k, dim=-1).indices.expand(sel.shape[0], -1)",
            (T_WEMASK,), "per_row or no_bos"),
-    Mutant("wemask: token='massive' median counts padding",
-           "cut = crit.cutoff(a[b][real].median())", "cut = crit.cutoff(a[b].median())",
-           (T_WEMASK,), "massive"),
+    Mutant("wemask: token='massive' compares each token with the whole call's median (padding included)",
+           "cut = (a.median(dim=-1).values * self.criterion.median_ratio)",
+           "cut = (a.median() * self.criterion.median_ratio)", (T_WEMASK,), "massive"),
     Mutant("capture: first real token is column 0",
            "return (mask != 0).to(torch.int8).argmax(dim=1).to(torch.long)",
-           "return torch.zeros(mask.shape[0], dtype=torch.long, device=mask.device)", (T_WEMASK,),
-           "first_real or per_row"),
+           "return torch.zeros(mask.shape[0], dtype=torch.long, device=mask.device)", (T_RULES, T_MODELS),
+           "first_real or rigidity"),
     Mutant("wemask: gamma ignored",
            "keep = 1.0 - self.gamma", "keep = 0.0", (T_WEMASK,), "gamma"),
     Mutant("wemask: select=weight uses the smallest gains",
@@ -137,6 +144,87 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("devices: an edit of an offloaded norm is dropped",
            'overlays.enter_context(edited_offloaded_param(norm, "weight", weight))', "pass",
            ("tests/test_offload.py",), "norm_edits"),
+    # --- capture: padding, positions, the streaming reduction, the tracked token -----------------------------
+    Mutant("capture: position ids start at 1",
+           "return (mask.long().cumsum(-1) - 1).clamp(min=0)", "return mask.long().cumsum(-1).clamp(min=0)",
+           (T_RULES,), "position_ids"),
+    Mutant("capture: the attention mask marks the left end of each row",
+           "mask[i, width - len(row):] = 1", "mask[i, :len(row)] = 1", (T_RULES,), "first_real"),
+    Mutant("reduce: the upper of the two middle values",
+           "k = (arr.size - 1) // 2", "k = arr.size // 2", (T_RULES, T_MODELS), "median"),
+    Mutant("reduce: the median counts the padding",
+           "medians = [lower_median(a[b, off:].reshape(-1)) for b, off in enumerate(self.offsets)]",
+           "medians = [lower_median(a[b].reshape(-1)) for b, off in enumerate(self.offsets)]",
+           (T_MODELS,), "median"),
+    Mutant("tracker: the massive token's column ignores left padding",
+           "self.cols = (self.first + pos).clamp(max=t - 1)", "self.cols = pos.clamp(max=t - 1)",
+           (T_MODELS,), "rigidity or decomposition"),
+    Mutant("tokens: the token that sees the fewest keys is a sequence start (so is every decode step)",
+           "starts = real & (count == 1)", "starts = real & (count == count.amin(dim=-1, keepdim=True))",
+           (T_MODELS,), "wemask_masks"),
+    # --- explain: attribution, ranking, the massive token, the downstream window ------------------------------
+    Mutant("attribution: FFN contributions from the first prompt only",
+           "return down_in.mean(0)[None, :] * w", "return down_in[0][None, :] * w", (T_MODELS,), "decomposition"),
+    Mutant("attribution: control neurons ranked weakest first",
+           "return share.max(0).values.argsort(descending=True)", "return share.max(0).values.argsort()",
+           (T_MODELS,), "downstream"),
+    Mutant("attribution: the attention branch read before the post-attention norm",
+           'attn = rec["post_attn_out"][:, d] if has_pa else rec["attn_out"][:, d]', 'attn = rec["attn_out"][:, d]',
+           (T_MODELS,), "decomposition"),
+    Mutant("explain: top neurons ranked by |contribution|",
+           "order = (contrib[i] * torch.sign(total[i])).argsort(descending=True)[: max(10, max_neurons)]",
+           "order = contrib[i].abs().argsort(descending=True)[: max(10, max_neurons)]", (T_MODELS,), "decomposition"),
+    Mutant("explain: downstream window starts after the ME layer",
+           "later = arr[me_layer:].max(axis=0)", "later = arr[me_layer + 1:].max(axis=0)", (T_MODELS,), "downstream"),
+    Mutant("explain: mean ratio window starts after the ME layer",
+           "zip(self.downstream_profile[self.me_layer:], self.baseline_profile[self.me_layer:])",
+           "zip(self.downstream_profile[self.me_layer + 1:], self.baseline_profile[self.me_layer + 1:])",
+           (T_MODELS,), "downstream"),
+    Mutant("explain: the tracker assumes the scan feeds prompts in input order",
+           "on_batch=tracker.expect)", "on_batch=None)", (T_MODELS,), "downstream"),
+    Mutant("massive token: the smallest persistent entry instead of the largest",
+           "pos = max(entries)[1] if entries else None", "pos = min(entries)[1] if entries else None",
+           (T_MODELS,), "decomposition"),
+    Mutant("ablate: overlapping edits restored first to last",
+           "for weight, idx, values in reversed(saved):", "for weight, idx, values in saved:",
+           (T_MODELS,), "overlapping"),
+    # --- rigidity and sinks ----------------------------------------------------------------------------------
+    Mutant("rigidity: ordinary tokens exclude column 0 instead of the first real token",
+           "first = int(first_real(real[None])[0])", "first = 0", (T_MODELS,), "rigidity"),
+    Mutant("rigidity: pairwise similarity counts each prompt with itself",
+           "iu = np.triu_indices(n, 1)", "iu = np.triu_indices(n)", (T_MODELS,), "rigidity"),
+    Mutant("sinks: a score equal to epsilon is a sink",
+           "return float((self.alpha_first > self.epsilon).mean())",
+           "return float((self.alpha_first >= self.epsilon).mean())", (T_RULES,), "sink_threshold"),
+    Mutant("sinks: per-layer and massive-token rates count equality",
+           "return np.where(np.isnan(a), np.nan, a > self.epsilon)",
+           "return np.where(np.isnan(a), np.nan, a >= self.epsilon)", (T_RULES,), "sink_threshold"),
+    Mutant("sinks: alpha averaged over the keys a query sees, not the queries that see the key",
+           "seen = vis.sum(0).clamp_min(1.0)", "seen = vis.sum(1).clamp_min(1.0)",
+           ("tests/test_rigidity_sinks.py",), "eager_output_attentions"),
+    # --- weights: the persistence window ---------------------------------------------------------------------
+    Mutant("weights: a layer counts itself among the later layers",
+           "later = dims[r.layer + 1:]", "later = dims[r.layer:]", (T_RULES,), "weights"),
+    Mutant("weights: persistence fraction exclusive",
+           "if sum(d == r.dim for d in later) >= persist_frac * len(later):",
+           "if sum(d == r.dim for d in later) > persist_frac * len(later):", (T_RULES,), "weights"),
+    Mutant("weights: the last layer (no later layers) always persists",
+           "for r in rows[:-1]:", "for r in rows:", (T_RULES,), "weights"),
+    # --- statistics, WeMask's k, compare's sinks, the sweep table, fine-tuning --------------------------------
+    Mutant("stats: bootstrap never resamples the last index",
+           "yield rng.integers(0, n, size=(m, n))", "yield rng.integers(0, n - 1, size=(m, n))",
+           (T_RULES,), "bootstrap"),
+    Mutant("wemask: k rounded instead of floored",
+           "return int(self.rate * hidden_size)", "return round(self.rate * hidden_size)", (T_RULES,), "wemask_k"),
+    Mutant("compare: sink rate measured without the mask",
+           "_sinks(lm, prompts, masks.get(rate))", "_sinks(lm, prompts)", ("tests/test_pinned_compare.py",), None),
+    Mutant("sweep: BH p-values handed out in sorted order",
+           "for r, p in zip(tested, adjusted):", "for r, p in zip(tested, sorted(adjusted)):", (T_RULES,), "bh"),
+    Mutant("sweep: significance from the unadjusted p",
+           'r["significant_bh"] = bool(p <= alpha)', 'r["significant_bh"] = bool(r["mcnemar_p"] <= alpha)',
+           (T_RULES,), "bh"),
+    Mutant("finetune: WeMask built but never applied during training",
+           "    if wm is not None:\n        wm.apply()\n    try:", "    try:", ("tests/test_pinned_finetune.py",), None),
 )
 
 
@@ -183,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     if not chosen:
         print(f"no mutant matches {args.select!r}", file=sys.stderr)
         return 2
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="melayer-mutants-") as tmp:
         root = Path(tmp)
         for name in ("melayer", "tests"):
@@ -237,11 +326,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         return 0
     killed = sum(1 for r in results if r[1] == "killed")
-    print(f"\n{killed}/{len(results)} mutants killed")
+    print(f"\n{killed}/{len(results)} mutants killed in {time.perf_counter() - started:.0f} s\n")
+    print(score_table([(where, status) for _, status, where, _, _ in results]))
     for m, status, where, _, tail in results:
         if status != "killed":
             print(f"  {status}: {m.name} [{where}] {tail}")
     return 0 if killed == len(results) else 1
+
+
+def score_table(rows: list[tuple[str, str]]) -> str:
+    """A Markdown table of the score per module from (module file, status) pairs (``-`` = the original text was not
+    found: counted under "unlocated")."""
+    per: dict[str, list[str]] = {}
+    for where, status in rows:
+        per.setdefault(where if where != "-" else "unlocated", []).append(status)
+    lines = ["| module | mutants | killed | score |", "|---|---:|---:|---:|"]
+    for module in sorted(per):
+        statuses = per[module]
+        k = statuses.count("killed")
+        lines.append(f"| `{module}` | {len(statuses)} | {k} | {k / len(statuses):.0%} |")
+    total = sum(len(v) for v in per.values())
+    k = sum(v.count("killed") for v in per.values())
+    lines.append(f"| **all** | {total} | {k} | {k / total:.0%} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
