@@ -241,19 +241,82 @@ def pytest_cmd(m: Mutant, whole_files: bool) -> list[str]:
     return cmd + (["-k", m.k] if m.k and not whole_files else [])
 
 
-def run_tests(root: Path, m: Mutant, timeout: float, whole_files: bool) -> tuple[int, float, str]:
+ENV = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "MKL_NUM_THREADS": os.environ.get("MKL_NUM_THREADS", "1"),
+       "HF_HUB_OFFLINE": "1", "MELAYER_QUIET": "1"}
+# third-party modules every test run needs: imported once by the parent when runs are forked (``--fork``), so that
+# each mutant's run starts from them instead of importing torch and transformers afresh (the bulk of a short run)
+PRELOAD = ("numpy", "scipy.stats", "torch", "transformers", "tokenizers", "safetensors.torch", "hypothesis",
+           "transformers.models.llama.modeling_llama", "transformers.models.gemma3.modeling_gemma3",
+           "transformers.models.gpt2.modeling_gpt2", "transformers.generation.utils", "_pytest.python")
+
+
+def preload() -> None:
+    """Import :data:`PRELOAD` (never ``melayer``: each forked run imports the mutated copy)."""
+    import importlib
+
+    os.environ.update(ENV)
+    for name in PRELOAD:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+
+
+def _summary(rc: int, output: str, secs: float) -> tuple[int, float, str]:
+    lines = output.strip().splitlines()
+    failed = [line for line in lines if line.startswith(("FAILED", "ERROR"))]
+    return rc, secs, (failed or lines[-1:] or [""])[0]
+
+
+def _run_forked(root: Path, args: list[str], timeout: float) -> tuple[int, str]:
+    """pytest ``args`` in a forked child of this process (which has :func:`preload`-ed), with ``root`` first on the
+    path; (exit code, output). A child past ``timeout`` is killed (exit code -1)."""
+    import signal
+
+    with tempfile.TemporaryFile(mode="w+") as out:
+        pid = os.fork()
+        if pid == 0:  # the child: never returns
+            code = 3
+            try:
+                os.chdir(root)
+                os.dup2(out.fileno(), 1)
+                os.dup2(out.fileno(), 2)
+                sys.path.insert(0, str(root))
+                os.environ["PYTHONPATH"] = str(root)  # for the test's own subprocesses (the CLI)
+                import pytest
+
+                code = int(pytest.main(args))
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(code)
+        deadline = time.monotonic() + timeout
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                return -1, "timeout"
+            time.sleep(0.1)
+        out.seek(0)
+        return os.waitstatus_to_exitcode(status), out.read()
+
+
+def run_tests(root: Path, m: Mutant, timeout: float, whole_files: bool, fork: bool) -> tuple[int, float, str]:
     """(pytest's exit code, seconds, last line of its output)."""
-    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-           "MKL_NUM_THREADS": os.environ.get("MKL_NUM_THREADS", "1"), "HF_HUB_OFFLINE": "1", "MELAYER_QUIET": "1"}
+    cmd = pytest_cmd(m, whole_files)
     t0 = time.perf_counter()
+    if fork:
+        rc, output = _run_forked(root, cmd[3:], timeout)  # drop "python -m pytest"
+        return _summary(rc, output, time.perf_counter() - t0)
+    env = {**os.environ, "PYTHONPATH": str(root), **ENV}
     try:
-        proc = subprocess.run(pytest_cmd(m, whole_files), cwd=root, env=env, capture_output=True, text=True,
-                              timeout=timeout)
+        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return -1, time.perf_counter() - t0, "timeout"
-    lines = (proc.stdout + proc.stderr).strip().splitlines()
-    failed = [line for line in lines if line.startswith(("FAILED", "ERROR"))]
-    return proc.returncode, time.perf_counter() - t0, (failed or lines[-1:] or [""])[0]
+    return _summary(proc.returncode, proc.stdout + proc.stderr, time.perf_counter() - t0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -262,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="only mutants whose name contains this text (case-insensitive; repeat for several)")
     ap.add_argument("--list", action="store_true", help="list the mutants and where they apply; run nothing")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per test run (default 900)")
+    ap.add_argument("--no-fork", dest="fork", action="store_false", default=hasattr(os, "fork"),
+                    help="start every test run as a fresh interpreter instead of forking one that has imported "
+                         "torch and transformers once (slower; the default where os.fork is missing)")
     ap.add_argument("--whole-files", action="store_true",
                     help="run each mutant's whole test files, ignoring its -k selection (slower, for scoring)")
     ap.add_argument("--repo", type=Path, default=REPO,
@@ -272,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no mutant matches {args.select!r}", file=sys.stderr)
         return 2
     started = time.perf_counter()
+    if args.fork and not args.list:
+        preload()
     with tempfile.TemporaryDirectory(prefix="melayer-mutants-") as tmp:
         root = Path(tmp)
         for name in ("melayer", "tests"):
@@ -295,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             key = (m.tests, None if args.whole_files else m.k)
             if key not in baselines:
-                rc, secs, tail = run_tests(root, m, args.timeout, args.whole_files)
+                rc, secs, tail = run_tests(root, m, args.timeout, args.whole_files, args.fork)
                 baselines[key] = rc
                 if rc not in (0, 5):
                     print(f"baseline FAILS for {' '.join(m.tests)} -k {m.k}: {tail}", flush=True)
@@ -317,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             path.write_text(mutated)
             try:
-                rc, secs, tail = run_tests(root, m, args.timeout, args.whole_files)
+                rc, secs, tail = run_tests(root, m, args.timeout, args.whole_files, args.fork)
             finally:
                 path.write_text(text)
             status = "SURVIVED" if rc == 0 else "killed"
