@@ -43,6 +43,7 @@ test-fast: setup lint  ## ruff + the tests not marked slow
 
 docs: setup  ## build the documentation site into site/ (warnings are errors)
 	$(BIN)/mkdocs build --strict
+	@echo "site/: $$(find site -name '*.html' ! -name 404.html | wc -l) pages, built with --strict (0 warnings)"
 
 notebook: setup  ## re-run examples/quickstart.ipynb in place (its outputs are what the docs show)
 	OMP_NUM_THREADS=1 $(BIN)/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=1200 examples/quickstart.ipynb
