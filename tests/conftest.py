@@ -216,6 +216,29 @@ def run_cli():
     return run
 
 
+def cli_in_process(monkeypatch, capsys, *args):
+    """Run ``melayer ARGS`` in this process (quiet); returns (exit code, stdout, stderr)."""
+    from melayer.cli import main
+
+    monkeypatch.setenv("MELAYER_QUIET", "1")
+    monkeypatch.setattr(sys, "argv", ["melayer", *map(str, args)])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    cap = capsys.readouterr()
+    code = exc.value.code
+    return (0 if code is None else code), cap.out, cap.err
+
+
+def cli_error(monkeypatch, capsys, *args, alone: bool = False) -> str:
+    """Run ``melayer ARGS``, which must fail with exactly one ``melayer: error:`` line (exit 2, no traceback);
+    ``alone``: and nothing else on stderr (no library report either)."""
+    code, out, err = cli_in_process(monkeypatch, capsys, *args)
+    assert code == 2 and "Traceback" not in err + out, err
+    lines = [line for line in err.splitlines() if line.strip() if alone or line.startswith("melayer: ")]
+    assert len(lines) == 1 and lines[0].startswith("melayer: error: "), err
+    return lines[0]
+
+
 # ------------------------------------------------------------------------------------------------
 # the real embedded models (slow tests): each loads and scans once per session
 

@@ -12,27 +12,10 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, save_lm
+from conftest import cli_error as _error
+from conftest import cli_in_process as _cli
 
-from melayer.cli import main
 from melayer.util.io import read_jsonl
-
-
-def _cli(monkeypatch, capsys, *args):
-    monkeypatch.setenv("MELAYER_QUIET", "1")
-    monkeypatch.setattr(sys, "argv", ["melayer", *map(str, args)])
-    with pytest.raises(SystemExit) as exc:
-        main()
-    cap = capsys.readouterr()
-    code = exc.value.code
-    return (0 if code is None else code), cap.out, cap.err
-
-
-def _error(monkeypatch, capsys, *args) -> str:
-    code, out, err = _cli(monkeypatch, capsys, *args)
-    assert code == 2 and "Traceback" not in err + out, err
-    lines = [line for line in err.splitlines() if line.startswith("melayer: ")]
-    assert len(lines) == 1 and lines[0].startswith("melayer: error: "), err
-    return lines[0]
 
 
 def _files(path: Path) -> list[str]:

@@ -232,7 +232,7 @@ def test_checkpoint_missing_a_tensor(tmp_path):
     tensors = load_file(str(path / "model.safetensors"))
     del tensors["model.layers.1.mlp.down_proj.weight"]
     save_file(tensors, str(path / "model.safetensors"))
-    with pytest.raises(MelayerError, match=r"no down projection \(mlp.down_proj\) for layer 1"):
+    with pytest.raises(MelayerError, match=r"no tensor model.layers.1.mlp.down_proj.weight though layer 0 has one"):
         candidates(str(path))
 
 

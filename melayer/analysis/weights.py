@@ -175,6 +175,9 @@ def _layer(w: LazyWeights, layer: int, top_neurons: int) -> tuple[LayerScore, in
     if score is None:
         raise MelayerError(f"{w.source}: no down projection ({w.arch.down}) for layer {layer}")
     inter = score.shape[1]
+    if log_drive is not None and log_drive.shape[0] != inter:
+        raise MelayerError(f"{w.source}: layer {layer}'s FFN input has {log_drive.shape[0]} neurons and its down "
+                           f"projection {inter}: a mismatched checkpoint")
     drive = (log_drive / count).exp() if log_drive is not None else torch.ones(inter)
     score.abs_()
     score /= _median(score)

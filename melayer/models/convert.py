@@ -3,8 +3,8 @@
 transformers' own entry points each parse the whole GGUF again (``AutoTokenizer`` parses it to pick the
 tokenizer class, ``AutoModelForCausalLM`` once for the config and once for the tensors); for a 262k-entry
 vocabulary every ``gguf.GGUFReader`` parse builds ~800k NumPy views in Python (~8 s here). Here the same library
-functions run so that the file is parsed once: the metadata (config, and the integrity check: the parse fails on a
-truncated file), the tokenizer through its class's own GGUF reader, and the tensors located by melayer's header
+functions run so that the file is parsed once: the metadata (after melayer's header parse has bounded every count
+and size by the file's size, so gguf's reader never sees an absurd one), the tokenizer through its class's own GGUF reader, and the tensors located by melayer's header
 parse (:mod:`melayer.models.gguf_file`, which skips the vocabulary) and turned into the state dict with transformers'
 own tensor processors, key map and gguf's dequantisation (:func:`gguf_state_dict`; bit-identical to
 ``from_pretrained(gguf_file=...)``, tested). Architectures transformers loads through its newer header-based
@@ -32,12 +32,16 @@ from typing import Any, Self
 import torch
 
 from melayer.models.cache import cache_dir, cache_lock
-from melayer.models.gguf_file import check_gguf, damaged_gguf, read_gguf_header, read_gguf_tensor
+from melayer.models.complete import check_state_dict, expected_weights, incomplete
+from melayer.models.gguf_file import read_gguf_header, read_gguf_tensor
 from melayer.models.hf_internals import drop_gguf_quantizer, gguf_tensor_processor
 from melayer.util.errors import MelayerError, one_line
 from melayer.util.io import apply_umask
 
 convert_timings: dict[str, float] = {}
+# part of every cached conversion's key: raised when a conversion made by an earlier melayer must not be reused
+# (format 2: conversions are checked to hold every weight; earlier ones could hold randomly initialised ones)
+CONVERSION_FORMAT = 2
 
 
 class _Steps:
@@ -115,8 +119,20 @@ def _legacy_gguf_arch(arch: str) -> bool:
     return not is_gguf_arch_supported(arch)
 
 
+def _check_fits(path: Path, skeleton: Any, header: tuple[dict[str, Any], dict[str, Any], int]) -> None:
+    """The weights the model ``skeleton`` (on the meta device) needs cannot outnumber those the file holds."""
+    import math
+
+    need = sum(math.prod(shape) for shape in expected_weights(skeleton).values())
+    have = sum(math.prod(dims) for dims, _, _ in header[1].values())
+    if need > have:
+        raise MelayerError(f"{path} describes a model of {need:,} weights but its tensors hold {have:,}: an "
+                           "incomplete or inconsistent file")
+
+
 def gguf_state_dict(path: Path, config: Any, meta: dict[str, Any],
-                    header: tuple[dict[str, Any], dict[str, Any], int] | None = None) -> dict[str, torch.Tensor]:
+                    header: tuple[dict[str, Any], dict[str, Any], int] | None = None,
+                    skeleton: Any = None) -> dict[str, torch.Tensor]:
     """The state dict transformers' legacy GGUF loader builds from ``path`` (its per-architecture tensor processor,
     its GGUF -> transformers key map, gguf's own dequantisation, float32), with the tensors located by melayer's
     header parse (``header``: :func:`melayer.models.gguf_file.read_gguf_header`'s result, read here when not given)
@@ -130,8 +146,9 @@ def gguf_state_dict(path: Path, config: Any, meta: dict[str, Any],
     info, infos, data_start = header or read_gguf_header(path)
     params = {**meta, "tensors": {}}
     processor = gguf_tensor_processor(str(info.get("general.architecture", "")), params.get("config", {}))
-    with torch.device("meta"):  # only its module names are needed
-        skeleton = AutoModelForCausalLM.from_config(config)
+    if skeleton is None:
+        with torch.device("meta"):  # only its module names and shapes are needed
+            skeleton = AutoModelForCausalLM.from_config(config)
     key_map = get_gguf_hf_weights_map(skeleton, processor)
     for name, (dims, qtype, offset) in infos.items():
         values = read_gguf_tensor(path, dims, qtype, data_start + offset)
@@ -139,6 +156,8 @@ def gguf_state_dict(path: Path, config: Any, meta: dict[str, Any],
         if result.name not in key_map:
             continue
         params["tensors"][key_map[result.name]] = torch.from_numpy(np.copy(result.weights)).to(torch.float32)
+    # every weight of the model the metadata describes, in its shape: before the model is allocated
+    check_state_dict(path, expected_weights(skeleton), params["tensors"])
     return params["tensors"]
 
 
@@ -184,12 +203,18 @@ def convert_gguf(path: Path, out: Path, progress: bool = True) -> tuple[Any, Any
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
         from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
+        header = read_gguf_header(path)  # bounds every count and size by the file's size, before gguf's reader
         try:
             meta = load_gguf_checkpoint(str(path), return_tensors=False)
-        except Exception:  # gguf raises assorted numpy errors on truncated/corrupt files
-            raise damaged_gguf(path) from None
+        except Exception as exc:  # the structure is sound (checked above): transformers does not take this model
+            raise MelayerError(f"transformers cannot read the model in {path}: {one_line(exc)}") from None
         try:
             config = AutoConfig.for_model(**meta["config"])
+            legacy = _legacy_gguf_arch(str(header[0].get("general.architecture", "")))
+            with torch.device("meta"):  # no memory: only its module names and shapes are needed
+                skeleton = AutoModelForCausalLM.from_config(config)
+            if not legacy:  # transformers builds the model before it reads any weight: bound it by the file first
+                _check_fits(path, skeleton, header)
             steps.step("rebuilding the tokenizer")
             cls = _tokenizer_class(config)
             if cls is not None:
@@ -198,20 +223,21 @@ def convert_gguf(path: Path, out: Path, progress: bool = True) -> tuple[Any, Any
                 tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
             steps.step("dequantising the weights")
             with _library_output_muted():
-                header = read_gguf_header(path)
-                if _legacy_gguf_arch(str(header[0].get("general.architecture", ""))):
+                if legacy:
                     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
 
                     model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].from_pretrained(
                         None, config=config, dtype=torch.float32,
-                        state_dict=gguf_state_dict(path, config, meta, header))
+                        state_dict=gguf_state_dict(path, config, meta, header, skeleton))
                 else:  # transformers' own GGUF path for this architecture (packed weights, its header reader)
-                    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                                 config=config, dtype=torch.float32)
+                    model, info = AutoModelForCausalLM.from_pretrained(
+                        str(path.parent), gguf_file=path.name, config=config, dtype=torch.float32,
+                        output_loading_info=True)
+                    if (error := incomplete(path, info["missing_keys"], mismatched=info["mismatched_keys"])):
+                        raise error
         except MelayerError:
             raise
         except Exception as exc:  # any library failure becomes one line
-            check_gguf(path)  # a file cut inside its tensor data: say so plainly (only parsed on this failure path)
             raise MelayerError(f"transformers could not load {path}: {type(exc).__name__}: {one_line(exc)}") from None
         # the tensors are already dense; drop the GGUF "quantizer" marker so the model can be saved
         drop_gguf_quantizer(model)
@@ -240,7 +266,7 @@ def _file_key(path: Path) -> str:
     import transformers
 
     st = path.stat()
-    raw = f"{path.resolve()}|{st.st_size}|{int(st.st_mtime)}|{transformers.__version__}"
+    raw = f"{path.resolve()}|{st.st_size}|{int(st.st_mtime)}|{transformers.__version__}|{CONVERSION_FORMAT}"
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 

@@ -1,9 +1,13 @@
 """Reading GGUF files without building a model: a header parse that skips the values melayer does not need
-(gguf's own reader builds a Python object per vocabulary entry), single tensors dequantised from a memory map by
-the ``gguf`` package's quant kernels, and the integrity checks that turn a damaged file into one line."""
+(gguf's own reader builds a Python object per vocabulary entry) and bounds every count and size the file declares
+by its real size, single tensors dequantised from a memory map by the ``gguf`` package's quant kernels, and the
+integrity checks that turn a damaged file into one line."""
 
 from __future__ import annotations
 
+import itertools
+import math
+import re
 import struct
 from pathlib import Path
 from typing import Any
@@ -20,7 +24,7 @@ def read_gguf_tensor(path: Path, dims: tuple[int, ...], qtype: Any, start: int) 
     (the GGUF dims reversed). ``start``: its absolute byte offset in the file."""
     from gguf.quants import dequantize
 
-    rows = int(np.prod(dims[1:])) if len(dims) > 1 else 1
+    rows = math.prod(dims[1:])
     raw = np.memmap(path, dtype=np.uint8, mode="r", offset=start, shape=(rows, gguf_n_bytes(dims, qtype) // rows))
     return dequantize(raw, qtype).reshape(tuple(reversed(dims)))
 
@@ -29,109 +33,183 @@ def gguf_n_bytes(dims: tuple[int, ...], qtype: Any) -> int:
     from gguf import GGML_QUANT_SIZES
 
     block, size = GGML_QUANT_SIZES[qtype]
-    return int(np.prod(dims)) * size // block
+    return math.prod(dims) * size // block
+
+
+GGUF_VERSIONS = (2, 3)  # the GGUF format versions melayer reads (version 1 used 32-bit counts and lengths)
+GGML_MAX_DIMS = 4  # ggml tensors have at most four dimensions
+MAX_ARRAY_NESTING = 8  # arrays of arrays: no real metadata nests more than one level
+# metadata counts whose every use builds something of that size: checked to be integers bounded by the file
+_BLOCK = re.compile(r"blk\.(\d+)\.")
+SHOWN_ABSENT = 4
+SIZE_KEYS = ("block_count", "embedding_length", "feed_forward_length", "attention.head_count",
+             "attention.head_count_kv", "context_length", "vocab_size", "expert_count")
 
 
 def read_gguf_header(path: Path) -> tuple[dict[str, Any], dict[str, tuple[tuple[int, ...], Any, int]], int]:
-    """(scalar/string metadata, tensor infos name -> (dims, quant type, offset), start of the data section)."""
-    from gguf import GGMLQuantizationType, GGUFValueType
+    """(scalar/string metadata, tensor infos name -> (dims, quant type, offset), start of the data section).
+
+    Every count and length the header declares is checked against the bytes actually left in the file before
+    anything of that size is read or built, so a small file cannot claim a huge one: a string or array runs past
+    the end, more entries than the file can hold, a tensor whose data runs past the end, a size parameter larger
+    than the tensors could fill. Each problem is one :class:`MelayerError` naming it; only a file that ends
+    early is called truncated."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
     try:
         buf = np.memmap(path, dtype=np.uint8, mode="r")
     except (OSError, ValueError) as exc:
         raise MelayerError(f"cannot read {path}: {exc}") from None
     mv = memoryview(buf)
+    size = len(mv)
     pos = 0
+
+    def bad(what: str) -> MelayerError:
+        return MelayerError(f"{path} is not a valid GGUF file: {what}")
+
+    def truncated(what: str) -> MelayerError:
+        return MelayerError(f"{path} is a corrupt or truncated GGUF file ({size:,} bytes; {what}): copy or download "
+                            "it again")
 
     def take(fmt: str) -> Any:
         nonlocal pos
+        n = struct.calcsize("<" + fmt)
+        if pos + n > size:
+            raise truncated(f"it ends inside its header, at byte {size:,}")
         vals = struct.unpack_from("<" + fmt, mv, pos)
-        pos += struct.calcsize("<" + fmt)
+        pos += n
         return vals[0] if len(vals) == 1 else vals
 
-    def string() -> str:
+    def skip(n: int, what: str) -> None:
         nonlocal pos
-        n = take("Q")
-        s = bytes(mv[pos:pos + n]).decode("utf-8", errors="replace")
+        if n > size - pos:
+            raise truncated(f"{what} of {n:,} bytes runs past the end of the file")
         pos += n
-        return s
+
+    def string(what: str) -> str:
+        n = take("Q")
+        start = pos
+        skip(n, what)
+        return bytes(mv[start:pos]).decode("utf-8", errors="replace")
 
     # struct codes (little-endian, standard sizes) of the GGUF value types, as the GGUF spec lays them out
     codes = {getattr(GGUFValueType, n): c for n, c in (("UINT8", "B"), ("INT8", "b"), ("UINT16", "H"), ("INT16", "h"),
              ("UINT32", "I"), ("INT32", "i"), ("FLOAT32", "f"), ("BOOL", "?"), ("UINT64", "Q"), ("INT64", "q"),
              ("FLOAT64", "d"))}
     sizes = {t: struct.calcsize("<" + c) for t, c in codes.items()}
+    min_size = {**sizes, GGUFValueType.STRING: 8, GGUFValueType.ARRAY: 12}  # fewest bytes one item can take
 
-    def value(vtype: Any) -> Any:
-        nonlocal pos
+    def value_type(code: int, key: str) -> Any:
+        try:
+            return GGUFValueType(code)
+        except ValueError:
+            raise bad(f"metadata key {key!r} has value type {code}, which is not a GGUF value type") from None
+
+    def value(vtype: Any, key: str, depth: int = 0) -> Any:
         if vtype == GGUFValueType.STRING:
-            return string()
+            return string(f"the string value of {key!r}")
         if vtype == GGUFValueType.ARRAY:
-            itype, count = GGUFValueType(take("I")), take("Q")
+            if depth >= MAX_ARRAY_NESTING:
+                raise bad(f"metadata key {key!r} nests arrays more than {MAX_ARRAY_NESTING} deep")
+            itype, count = value_type(take("I"), key), take("Q")
+            if count * min_size[itype] > size - pos:
+                raise truncated(f"the metadata value {key!r} claims {count:,} items, more than the rest of the "
+                                "file holds")
             if itype == GGUFValueType.STRING:
                 for _ in range(count):  # skip: only lengths are read
-                    n = take("Q")
-                    pos += n
+                    skip(take("Q"), f"a string in the metadata value {key!r}")
             elif itype == GGUFValueType.ARRAY:
                 for _ in range(count):
-                    value(itype)
+                    value(itype, key, depth + 1)
             else:
-                pos += sizes[itype] * count
+                skip(sizes[itype] * count, f"the metadata value {key!r}")
             return None
         return take(codes[vtype])
 
-    try:
-        if bytes(mv[:4]) != b"GGUF":
-            raise MelayerError(f"{path} is not a GGUF file (bad magic {bytes(mv[:4])!r})")
-        pos = 4
-        version = take("I")
-        if version < 2:
-            raise MelayerError(f"{path}: GGUF version {version} is not supported")
-        n_tensors, n_kv = take("Q"), take("Q")
-        meta: dict[str, Any] = {}
-        for _ in range(n_kv):
-            key = string()
-            meta[key] = value(GGUFValueType(take("I")))
-        infos = {}
-        for _ in range(n_tensors):
-            name = string()
-            n_dims = take("I")
-            dims = tuple(int(take("Q")) for _ in range(n_dims))
-            qtype = GGMLQuantizationType(take("I"))
-            infos[name] = (dims, qtype, int(take("Q")))
-    except MelayerError:
-        raise
-    except (struct.error, ValueError, KeyError) as exc:
-        raise MelayerError(f"{path} is a corrupt or truncated GGUF file ({type(exc).__name__}: {exc})") from None
-    align = int(meta.get("general.alignment") or 32)
-    return meta, infos, (pos + align - 1) // align * align
+    if bytes(mv[:4]) != b"GGUF":
+        raise MelayerError(f"{path} is not a GGUF file (bad magic {bytes(mv[:4])!r})")
+    pos = 4
+    version = take("I")
+    if version not in GGUF_VERSIONS:
+        swapped = int.from_bytes(version.to_bytes(4, "little"), "big")
+        hint = " (a big-endian GGUF file? melayer reads little-endian ones)" if swapped in GGUF_VERSIONS else ""
+        raise MelayerError(f"{path}: GGUF version {version} is not supported{hint}; melayer reads GGUF versions "
+                           f"{' and '.join(map(str, GGUF_VERSIONS))}")
+    n_tensors, n_kv = take("Q"), take("Q")
+    # the smallest metadata entry is 13 bytes (key length, value type, one byte); the smallest tensor entry 32
+    if n_kv * 13 + n_tensors * 32 > size - pos:
+        raise truncated(f"its header claims {n_kv:,} metadata entries and {n_tensors:,} tensors, more than the "
+                        "file can hold")
+    meta: dict[str, Any] = {}
+    for _ in range(n_kv):
+        key = string("a metadata key")
+        if key in meta:
+            raise bad(f"metadata key {key!r} appears twice")
+        meta[key] = value(value_type(take("I"), key), key)
+    infos: dict[str, tuple[tuple[int, ...], Any, int]] = {}
+    for _ in range(n_tensors):
+        name = string("a tensor name")
+        n_dims = take("I")
+        if not 1 <= n_dims <= GGML_MAX_DIMS:
+            raise bad(f"tensor {name!r} has {n_dims} dimensions (ggml tensors have 1 to {GGML_MAX_DIMS})")
+        dims = tuple(int(take("Q")) for _ in range(n_dims))
+        code = take("I")
+        try:
+            qtype = GGMLQuantizationType(code)
+            block, _ = GGML_QUANT_SIZES[qtype]
+        except (ValueError, KeyError):
+            raise MelayerError(f"{path}: tensor {name!r} has quant type {code}, which the installed gguf package "
+                               "does not know (a newer GGUF file? upgrade the gguf package)") from None
+        if dims[0] % block:
+            raise bad(f"tensor {name!r} has a first dimension of {dims[0]}, not a multiple of its quant type "
+                      f"{qtype.name}'s block of {block}")
+        if name in infos:
+            raise bad(f"tensor {name!r} appears twice in the tensor table")
+        infos[name] = (dims, qtype, int(take("Q")))
+    align = meta.get("general.alignment", 32)
+    if type(align) is not int or align <= 0 or align & (align - 1) or align > 1 << 30:
+        raise bad(f"general.alignment is {align!r}; it must be a power of two")
+    data_start = (pos + align - 1) // align * align
+    for name, (dims, qtype, offset) in infos.items():
+        if offset % align:
+            raise bad(f"tensor {name!r} starts at offset {offset}, not a multiple of the alignment {align}")
+        if data_start + offset + gguf_n_bytes(dims, qtype) > size:
+            raise truncated(f"tensor {name!r} runs past the end of the file")
+    _check_sizes(path, meta, infos)
+    return meta, infos, data_start
+
+
+def _check_sizes(path: Path, meta: dict[str, Any], infos: dict[str, tuple[tuple[int, ...], Any, int]]) -> None:
+    """The model-size parameters must be whole numbers no larger than the tensors present could fill: a model is
+    built (or its layers enumerated) from them before any tensor is read."""
+    arch = meta.get("general.architecture")
+    if not isinstance(arch, str) or not arch:
+        raise MelayerError(f"{path} is not a valid GGUF file: general.architecture is {arch!r}, not a name")
+    if not infos:
+        raise MelayerError(f"{path} holds no tensors (metadata only): there are no weights to read")
+    blocks = meta.get(f"{arch}.block_count")
+    if type(blocks) is int and blocks > 0:  # llama.cpp names a decoder block's tensors blk.N.*: each needs some
+        present = {int(m.group(1)) for name in infos if (m := _BLOCK.match(name))}
+        n_absent = blocks - len({i for i in present if i < blocks})
+        if n_absent:
+            first = list(itertools.islice((i for i in range(blocks) if i not in present), SHOWN_ABSENT))
+            listed = ", ".join(f"blk.{i}" for i in first) + (", ..." if n_absent > len(first) else "")
+            raise MelayerError(f"{path} declares {blocks:,} decoder blocks ({arch}.block_count) but holds no tensors "
+                               f"for {n_absent:,} of them ({listed}): an incomplete file")
+    elements = sum(math.prod(dims) for dims, _, _ in infos.values())
+    for suffix in SIZE_KEYS:
+        key = f"{arch}.{suffix}"
+        v = meta.get(key)
+        if v is None:
+            continue
+        if type(v) is not int or v < 0:
+            raise MelayerError(f"{path} is not a valid GGUF file: {key} is {v!r}, not a whole number")
+        if v > elements:
+            raise MelayerError(f"{path} is not a valid GGUF file: {key} is {v:,}, more than the {elements:,} "
+                               "weights in its tensors")
 
 
 def check_gguf(path: Path) -> None:
-    """Cheap integrity check before handing a GGUF to transformers: magic and a full header parse."""
-    try:
-        with path.open("rb") as fh:
-            magic = fh.read(4)
-    except OSError as exc:
-        raise MelayerError(f"cannot read {path}: {exc}") from None
-    if magic != GGUF_MAGIC:
-        raise MelayerError(f"{path} is not a GGUF file (bad magic {magic!r})")
-    size = path.stat().st_size
-    try:
-        from gguf import GGUFReader
-
-        reader = GGUFReader(str(path))
-        need = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
-    except Exception:
-        raise damaged_gguf(path) from None
-    if need > size:
-        raise MelayerError(f"{path} is a corrupt or truncated GGUF file ({size:,} bytes; its tensors need "
-                           f"{need:,}): copy or download it again")
-
-
-def damaged_gguf(path: Path) -> MelayerError:
-    """The one line for a GGUF whose header or tensor table does not parse (gguf's own errors are numpy
-    internals such as 'cannot reshape array')."""
-    size = path.stat().st_size
-    return MelayerError(f"{path} is a corrupt or truncated GGUF file ({size:,} bytes; it ends inside, or does not "
-                        "match, the header and tensor data it declares): copy or download it again")
+    """Integrity check of a GGUF file before anything is built from it: the header parse, which bounds every count
+    and size by the file's real size (:func:`read_gguf_header`)."""
+    read_gguf_header(path)

@@ -25,7 +25,7 @@ import torch
 
 from melayer.models.archmap import ARCHITECTURES, LAYER_ROLES, ArchSpec, load_override
 from melayer.models.embedded import DEFAULT_MODEL, EMBEDDED
-from melayer.models.gguf_file import gguf_n_bytes, read_gguf_header, read_gguf_tensor
+from melayer.models.gguf_file import read_gguf_header, read_gguf_tensor
 from melayer.models.hf_internals import gguf_tensor_processor
 from melayer.util.errors import MelayerError, UnsupportedArchitecture
 
@@ -73,7 +73,13 @@ class LazyWeights:
         if path is None:
             return None
         key = f"{self.layers_prefix()}.{layer}.{path}.weight"
-        return key if key in self._keyset() else None
+        if key in self._keyset():
+            return key
+        others = [i for i in range(self.num_layers) if f"{self._prefix}.{i}.{path}.weight" in self._keyset()]
+        if others:  # the family has the role, this layer lacks it: never a ranking of part of the model
+            raise MelayerError(f"{self.source} has no tensor {key} though layer {others[0]} has one: an incomplete "
+                               "checkpoint")
+        return None
 
     def layers_prefix(self) -> str:
         """Where the decoder layers sit in this checkpoint's keys (``model.layers``; hub GPT-2 files drop
@@ -94,7 +100,10 @@ class LazyWeights:
         key = self.layer_key(layer, role)
         if key is None:
             return None
-        return self.arch.linear_weight(SimpleNamespace(weight=self.tensor(key)))  # type: ignore[arg-type]
+        weight = self.arch.linear_weight(SimpleNamespace(weight=self.tensor(key)))  # type: ignore[arg-type]
+        if role == "down":
+            self._check_shape(key, weight, 0)
+        return weight
 
     def ffn_in(self, layer: int, role: str) -> dict[str, torch.Tensor]:
         """The FFN input matrices held by one stored tensor, keyed ``gate``/``up`` (ArchSpec.ffn_in_matrices):
@@ -104,12 +113,26 @@ class LazyWeights:
             return {}
         holder = _holder(self.arch.path(role), SimpleNamespace(weight=self.tensor(key)))  # type: ignore[arg-type]
         only = self.arch.with_overrides(**{r: (self.arch.path(r) if r == role else None) for r in ("gate", "up", "gate_up")})
-        return only.ffn_in_matrices(holder)  # type: ignore[arg-type]
+        mats = only.ffn_in_matrices(holder)  # type: ignore[arg-type]
+        for mat in mats.values():
+            self._check_shape(key, mat, 1)
+        return mats
 
     def norm_gain(self, layer: int, role: str) -> torch.Tensor | None:
         """A norm's effective per-dim gain (ArchSpec.gain_from_weight), or None if absent or unweighted."""
         key = self.layer_key(layer, role)
-        return None if key is None else self.arch.gain_from_weight(self.tensor(key))
+        if key is None:
+            return None
+        gain = self.arch.gain_from_weight(self.tensor(key))
+        self._check_shape(key, gain.reshape(1, -1), 1)
+        return gain
+
+    def _check_shape(self, key: str, t: torch.Tensor, axis: int) -> None:
+        """A weight's hidden-size axis must match the checkpoint's config (a file can say anything)."""
+        if t.dim() != 2 or (self.hidden_size and t.shape[axis] != self.hidden_size):
+            raise MelayerError(f"{self.source}: tensor {key} has shape {tuple(t.shape)}, which does not fit the "
+                               f"hidden size {self.hidden_size} of its config: a mismatched checkpoint")
+
 
     def _keyset(self) -> set[str]:
         if not hasattr(self, "_keys_cache"):
@@ -235,12 +258,8 @@ class GGUFWeights(LazyWeights):
         self.path = path
         meta, infos, data_start = read_gguf_header(path)
         gguf_arch = str(meta.get("general.architecture", ""))
-        size = path.stat().st_size
-        self._infos = {}
-        for name, (dims, qtype, offset) in infos.items():
-            self._infos[name] = (dims, qtype, data_start + offset)
-            if data_start + offset + gguf_n_bytes(dims, qtype) > size:
-                raise MelayerError(f"{path} is a truncated GGUF file: tensor {name} runs past the end of the file")
+        # (the header parse has checked every tensor against the file's size)
+        self._infos = {name: (dims, qtype, data_start + offset) for name, (dims, qtype, offset) in infos.items()}
         model_type = gguf_arch  # llama.cpp names text-only Gemma 3 "gemma3"; transformers' model_type is gemma3_text
         if gguf_arch not in ARCHITECTURES and f"{gguf_arch}_text" in ARCHITECTURES:
             model_type = f"{gguf_arch}_text"

@@ -22,6 +22,7 @@ from torch import nn
 
 from melayer.models.archmap import ArchSpec, arch_for, resolve
 from melayer.models.cache import cache_dir
+from melayer.models.complete import incomplete
 from melayer.models.convert import converted, take_fresh
 from melayer.models.devices import execution_device, materialized, parse_device_map, parse_max_memory, read, read_param
 from melayer.models.embedded import DEFAULT_MODEL, EMBEDDED
@@ -160,11 +161,13 @@ def _library_bars_off() -> Iterator[None]:
     progress itself, and an error must stay the only line on stderr."""
     from transformers.utils import logging as hf_logging
 
-    was_on = hf_logging.is_progress_bar_enabled()
+    was_on, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()  # its load report too: a gap in the weights is melayer's one-line error
     try:
         yield
     finally:
+        hf_logging.set_verbosity(level)
         if was_on:
             hf_logging.enable_progress_bar()
 
@@ -247,8 +250,18 @@ def load(
     try:
         with _library_bars_off(), _removed_on_error(own_folder):
             tokenizer = _load_tokenizer(source)
-            model = (fresh.to(torch_dtype) if fresh is not None and not placement
-                     else AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **placement))
+            if fresh is not None and not placement:
+                model = fresh.to(torch_dtype)
+            else:
+                model, info = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, output_loading_info=True,
+                                                                   **placement)
+                error = incomplete(source, info["missing_keys"], info["unexpected_keys"], info["mismatched_keys"])
+                if error is not None:
+                    raise error
+    except MelayerError:
+        if Path(source).parent == cache_dir() / "hf":  # an incomplete conversion never stays in the cache
+            shutil.rmtree(source, ignore_errors=True)
+        raise
     except OSError as exc:
         where = "the Hugging Face hub (are you offline?)" if is_hub else source
         raise MelayerError(f"cannot load {spec!r} from {where}: {one_line(exc)}") from None

@@ -1,0 +1,126 @@
+"""Damaged and hostile inputs, tried one by one: never a wrong answer from a broken file, never unbounded work
+from a small one, one ``melayer: error:`` line (exit 2) instead of a traceback, nothing left half-written.
+
+Every malformed GGUF is generated here (``gguf_bytes``), none is a stored binary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import cli_error
+from conftest import cli_in_process as _cli
+from gguf_bytes import catalogue, tiny_llama
+
+CATALOGUE = catalogue()
+
+
+def _error(monkeypatch, capsys, *args) -> str:
+    return cli_error(monkeypatch, capsys, *args, alone=True)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    path = tmp_path / "cache"
+    monkeypatch.setenv("MELAYER_CACHE", str(path))
+    return path
+
+
+def _converted(cache: Path) -> list[str]:
+    return sorted(p.name for p in (cache / "hf").iterdir()) if (cache / "hf").exists() else []
+
+
+# ------------------------------------------------------------------------------------------------ GGUF files
+
+
+@pytest.mark.parametrize("name", list(CATALOGUE))
+def test_malformed_gguf_is_one_precise_line_in_weights(monkeypatch, capsys, tmp_path, cache, name):
+    raw, phrase = CATALOGUE[name]
+    path = tmp_path / "model.gguf"
+    path.write_bytes(raw)
+    line = _error(monkeypatch, capsys, "weights", path, "-o", tmp_path / "out", "--no-plots")
+    assert phrase in line, line
+    if not any(w in phrase for w in ("truncated", "cannot read", "runs past", "claims", "more than")):
+        # not a file cut short: a new download would not repair it, and the words must not suggest it would
+        assert "download it again" not in line and "truncated" not in line, line
+    assert not (tmp_path / "out").exists()
+
+
+CONVERTED = ["no tensors", "a layer tensor missing", "a whole block missing", "a million blocks claimed",
+             "a 2^62-item UINT8 array", "a tensor of the wrong shape", "unknown architecture", "GGUF version 99",
+             "duplicate tensor names", "unknown quant type", "embedding_length a billion", "cut inside the data"]
+
+
+@pytest.mark.parametrize("name", CONVERTED)
+def test_malformed_gguf_is_never_converted_or_cached(monkeypatch, capsys, tmp_path, cache, name):
+    raw, phrase = CATALOGUE[name]
+    path = tmp_path / "model.gguf"
+    path.write_bytes(raw)
+    line = _error(monkeypatch, capsys, "scan", "-m", path, "-o", tmp_path / "out", "-p", "abc def", "--no-plots")
+    if name == "a layer tensor missing":  # the conversion names the transformers key it lacks
+        phrase = "lacks 1 of the model's weights (model.layers.1.mlp.up_proj.weight)"
+    elif name == "a tensor of the wrong shape":
+        phrase = "model.layers.0.mlp.down_proj.weight (8, 7) instead of (8, 16)"
+    elif name == "unknown architecture":
+        assert "corrupt" not in line and "download" not in line, line
+    assert phrase in line, line
+    assert _converted(cache) == [] and not (tmp_path / "out").exists()
+
+
+def test_the_intact_generated_gguf_converts_and_scans(monkeypatch, capsys, tmp_path, cache):
+    """The generator's intact file is a real model: the failures above come from each damage alone."""
+    path = tmp_path / "model.gguf"
+    path.write_bytes(tiny_llama(2))
+    code, out, err = _cli(monkeypatch, capsys, "scan", "-m", path, "-o", tmp_path / "out", "-p", "abc def", "--no-plots")
+    assert code == 0 and (tmp_path / "out" / "scan.json").exists(), err
+    assert len(_converted(cache)) == 1
+    code, out, err = _cli(monkeypatch, capsys, "weights", path, "-o", tmp_path / "w", "--no-plots")
+    assert code == 0, err
+
+
+# ------------------------------------------------------------------------------------------------ HF directories
+
+
+def _edit_weights(src: Path, dst: Path, edit) -> Path:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    tensors = load_file(str(dst / "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def test_hf_directory_with_a_tensor_removed_is_refused(monkeypatch, capsys, tmp_path, tiny_dir):
+    holed = _edit_weights(tiny_dir, tmp_path / "holed", lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    line = _error(monkeypatch, capsys, "scan", "-m", holed, "-o", tmp_path / "out", "-p", "abc def", "--no-plots")
+    assert "lacks 1 of the model's weights (model.layers.1.mlp.up_proj.weight)" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_hf_directory_with_a_stray_tensor_is_refused(monkeypatch, capsys, tmp_path, tiny_dir):
+    import torch
+
+    extra = _edit_weights(tiny_dir, tmp_path / "extra",
+                          lambda t: t.update({"model.layers.9.mlp.up_proj.weight": torch.zeros(2, 2)}))
+    line = _error(monkeypatch, capsys, "scan", "-m", extra, "-o", tmp_path / "out", "-p", "abc def", "--no-plots")
+    assert "has 1 weights the model does not use (model.layers.9.mlp.up_proj.weight)" in line, line
+
+
+def test_an_incomplete_cached_conversion_is_dropped_and_redone(monkeypatch, capsys, tmp_path, cache):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(tiny_llama(2))
+    args = ("scan", "-m", path, "-o", tmp_path / "out", "-p", "abc def", "--no-plots")
+    assert _cli(monkeypatch, capsys, *args)[0] == 0
+    [converted] = (cache / "hf").iterdir()
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(converted / "model.safetensors"))
+    del tensors["model.layers.0.mlp.down_proj.weight"]
+    save_file(tensors, str(converted / "model.safetensors"), metadata={"format": "pt"})
+    line = _error(monkeypatch, capsys, *args)
+    assert "lacks 1 of the model's weights (model.layers.0.mlp.down_proj.weight)" in line, line
+    assert _converted(cache) == []  # the damaged conversion is gone: the next run converts the file again
+    assert _cli(monkeypatch, capsys, *args)[0] == 0 and len(_converted(cache)) == 1
