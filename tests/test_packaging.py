@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -33,7 +34,15 @@ def _run(*args, **kw) -> subprocess.CompletedProcess:
 def dist(tmp_path_factory) -> Path:
     pytest.importorskip("build", reason="the test extra is not installed (pip install -e '.[test]')")
     out = tmp_path_factory.mktemp("dist")
-    r = _run(sys.executable, "-m", "build", "--no-isolation", "--outdir", out, ROOT, cwd=ROOT)
+    # build from a copy of what a source checkout holds, so that the build's own files (build/, *.egg-info) stay out
+    # of the repository; bench/, tests/, tools/ and docs/ are copied too, to show the build leaves them out
+    src = tmp_path_factory.mktemp("src")
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+    for name in ("melayer", "tests", "bench", "tools", "docs"):
+        shutil.copytree(ROOT / name, src / name, ignore=ignore)
+    for name in ("pyproject.toml", "MANIFEST.in", "README.md", "LICENSE", "CHANGELOG.md", "CITATION.cff"):
+        shutil.copy2(ROOT / name, src / name)
+    r = _run(sys.executable, "-m", "build", "--no-isolation", "--outdir", out, src, cwd=src)
     assert r.returncode == 0, r.stderr[-3000:]
     return out
 
