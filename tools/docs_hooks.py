@@ -68,10 +68,30 @@ def architectures_markdown() -> str:
     return "\n".join(rows) + "\n"
 
 
+TASKS_MARKER = "<!-- melayer-tasks -->"
+
+
+def tasks_markdown() -> str:
+    """One row per registered evaluation task (the task registry's own description of each)."""
+    from melayer.eval.tasks import REGISTRY
+
+    rows = ["| task | kind | what it is | metrics | options |", "|---|---|---|---|---|"]
+    for spec in REGISTRY.values():
+        d = spec.describe()
+        options = ", ".join(f"`--{o.replace('_', '-')}`" for o in d["options"]) or "-"
+        rows.append(f"| `{d['name']}` | {d['family']} | {_cell(d['description'])} | "
+                    f"{', '.join(f'`{m}`' for m in d['metrics'])} | {options} |")
+    return "\n".join(rows) + "\n"
+
+
+GENERATED = {ARCH_MARKER: architectures_markdown, TASKS_MARKER: tasks_markdown}
+
+
 def on_page_markdown(markdown: str, page, config, files) -> str:
     markdown = MARKER.sub(lambda m: cli_markdown(m.group(1)), markdown)
-    if ARCH_MARKER in markdown:
-        markdown = markdown.replace(ARCH_MARKER, architectures_markdown())
+    for marker, render in GENERATED.items():
+        if marker in markdown:
+            markdown = markdown.replace(marker, render())
     return markdown
 
 
