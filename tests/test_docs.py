@@ -6,6 +6,7 @@ link and anchor resolves, code blocks rendered."""
 from __future__ import annotations
 
 import html.parser
+import importlib
 import os
 import re
 import shlex
@@ -95,6 +96,34 @@ def test_documented_command_lines_use_existing_commands_and_options():
                     assert word.split("=")[0] in known, f"{path.name}: `{line}`: melayer {name} has no option {word}"
             checked += 1
     assert checked >= 30, checked
+
+
+def _resolves(name: str) -> bool:
+    parts = name.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for part in parts[i:]:
+            if not hasattr(obj, part):
+                return False
+            obj = getattr(obj, part)
+        return True
+    return False
+
+
+def test_every_python_name_in_the_docs_exists():
+    """`melayer.x.y` in the README and the docs names a module, function or class that exists (the API moves)."""
+    name = re.compile(r"(?<![\w/.])(melayer(?:\.[A-Za-z_]\w*)+)(?![\w/-]|\.\w)")
+    missing, seen = [], 0
+    for path in _doc_files():
+        for m in name.finditer(path.read_text()):
+            seen += 1
+            if not _resolves(m.group(1)):
+                missing.append(f"{path.relative_to(ROOT)}: {m.group(1)}")
+    assert seen > 40
+    assert sorted(set(missing)) == []
 
 
 # --------------------------------------------------------------------------------------------------
