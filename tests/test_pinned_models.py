@@ -262,6 +262,29 @@ def test_scan_medians_equal_torch_median_of_each_unpadded_prompt():
 # WeMask: k, the masked dims, and no edit at cached decode steps, on every tiny family
 
 
+@torch.no_grad()
+def _attention_edits(lm, wm, run) -> tuple[dict[int, list[tuple[torch.Tensor, torch.Tensor]]], object]:
+    """Per masked layer, (input before WeMask's edit, input after it) of every attention call during ``run()``: a
+    plain pre-hook registered before WeMask's and one after it. Returns those and what ``run()`` returned."""
+    calls: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {layer: [] for layer in wm.layers}
+    seen: dict[int, torch.Tensor] = {}
+    with Hooks() as hooks:
+        for layer in calls:
+            hooks.pre(lm.module(layer, "attn"),
+                      lambda m, a, kw, layer=layer: seen.__setitem__(layer, _hidden(a, kw).detach().clone()),
+                      with_kwargs=True)
+        wm.apply()
+        for layer in calls:
+            hooks.pre(lm.module(layer, "attn"),
+                      lambda m, a, kw, layer=layer: calls[layer].append((seen.pop(layer), _hidden(a, kw).detach())),
+                      with_kwargs=True)
+        try:
+            out = run()
+        finally:
+            wm.remove()
+    return calls, out
+
+
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 @pytest.mark.parametrize("token", ["first", "massive"])
 def test_wemask_masks_k_top_dims_of_the_first_token_and_never_a_cached_decode_step(model_type, token):
@@ -277,24 +300,8 @@ def test_wemask_masks_k_top_dims_of_the_first_token_and_never_a_cached_decode_st
     assert first[1] > 0
     wm = WeMask(lm, 0.03, layers=[2, 3], token=token)
     assert wm.k == 1
-    calls: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {2: [], 3: []}
-    seen: dict[int, torch.Tensor] = {}
-    with Hooks() as hooks:
-        for layer in calls:
-            attn = lm.module(layer, "attn")
-            hooks.pre(attn, lambda m, a, kw, layer=layer: seen.__setitem__(layer, _hidden(a, kw).detach().clone()),
-                      with_kwargs=True)
-        wm.apply()
-        for layer in calls:
-            hooks.pre(lm.module(layer, "attn"),
-                      lambda m, a, kw, layer=layer: calls[layer].append((seen.pop(layer), _hidden(a, kw).detach())),
-                      with_kwargs=True)
-        try:
-            with torch.no_grad():
-                seqs = lm.model.generate(**batch, max_new_tokens=4, min_new_tokens=4, do_sample=False,
-                                         pad_token_id=lm.tokenizer.pad_token_id)
-        finally:
-            wm.remove()
+    calls, seqs = _attention_edits(lm, wm, lambda: lm.model.generate(
+        **batch, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=lm.tokenizer.pad_token_id))
     T = batch["input_ids"].shape[1]
     for layer, log in calls.items():
         (pre, post), *decode = log
@@ -312,3 +319,25 @@ def test_wemask_masks_k_top_dims_of_the_first_token_and_never_a_cached_decode_st
                 if token == "massive" and int(seqs[row, T + step]) == BOS:
                     want[row, 0, a[row, 0].abs().topk(1).indices] = 0.0
             assert torch.equal(b, want), f"{model_type} layer {layer}: cached decode step {step}"
+
+
+@torch.no_grad()
+def test_wemask_massive_rule_judges_each_token_by_its_own_median_in_a_mostly_padded_batch():
+    """token='massive' compares each token's largest |a| with that token's own median |a|. Here most of the batch
+    is padding whose embedding is 1e4 everywhere (a median over the whole call would be ~1e4 and hide the massive
+    <bos>): still each row's <bos>, and nothing else, gets its k = 6 largest-|a| dims zeroed."""
+    from melayer.interventions.wemask import WeMask
+
+    lm = tiny_lm("llama", me_layer=1)
+    embed = lm.model.model.embed_tokens.weight
+    embed[lm.tokenizer.pad_token_id] = 1e4
+    embed[lm.tokenizer.pad_token_id, lm.plant.carrier] = 0.0  # no planted neuron fires on a pad
+    batch = encode(lm, ["hello there, friend", "hi", "yo", "ok"])
+    assert float((batch["attention_mask"] == 0).float().mean()) > 0.5
+    calls, _ = _attention_edits(lm, WeMask(lm, 0.1, layers=[2, 3], token="massive"), lambda: lm.model(**batch))
+    first = [row.index(1) for row in batch["attention_mask"].tolist()]
+    for layer, [(pre, post)] in calls.items():
+        want = pre.clone()
+        for row, col in enumerate(first):
+            want[row, col, pre[row, col].abs().topk(6).indices] = 0.0
+        assert torch.equal(post, want), f"layer {layer}"

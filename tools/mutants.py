@@ -87,7 +87,7 @@ MUTANTS: tuple[Mutant, ...] = (
            (T_WEMASK,), "per_row or no_bos"),
     Mutant("wemask: token='massive' compares each token with the whole call's median (padding included)",
            "cut = (a.median(dim=-1).values * self.criterion.median_ratio)",
-           "cut = (a.median() * self.criterion.median_ratio)", (T_WEMASK,), "massive"),
+           "cut = (a.median() * self.criterion.median_ratio)", (T_WEMASK, T_MODELS), "massive"),
     Mutant("capture: first real token is column 0",
            "return (mask != 0).to(torch.int8).argmax(dim=1).to(torch.long)",
            "return torch.zeros(mask.shape[0], dtype=torch.long, device=mask.device)", (T_RULES, T_MODELS),
@@ -119,8 +119,10 @@ MUTANTS: tuple[Mutant, ...] = (
            'entry["vs_baseline"] = paired_bootstrap(m.kind, res.values(m.name), base.values(m.name),',
            (T_RUN,), "compare"),
     Mutant("compare: McNemar arguments swapped",
-           'entry["mcnemar"] = mcnemar(base.values(m.name), res.values(m.name))',
-           'entry["mcnemar"] = mcnemar(res.values(m.name), base.values(m.name))', (T_RUN,), "compare"),
+           "mcnemar(outcomes(m.kind, base.values(m.name)),\n                                               "
+           "outcomes(m.kind, res.values(m.name)))",
+           "mcnemar(outcomes(m.kind, res.values(m.name)),\n                                               "
+           "outcomes(m.kind, base.values(m.name)))", (T_RUN,), "compare"),
     # --- resume ----------------------------------------------------------------------------------------------
     Mutant("resume: every stored record returned, not the requested ones",
            "records = [done[i] for i in ids]", "records = list(done.values())", (T_RUN,), "resume"),
