@@ -84,6 +84,11 @@ def _explained(model_type: str):
     from melayer.interventions.explain import explain
 
     lm = tiny_lm(model_type, me_layer=1, neuron=5, dim=7, num_layers=6)
+    if model_type == "llama":  # other neurons write the massive dim too, both signs: ranking by |c| would differ
+        w = lm.model.model.layers[1].mlp.down_proj.weight.data
+        noise = torch.randn(w.shape[1], generator=torch.Generator().manual_seed(1)) * 0.5
+        noise[lm.plant.neuron] = 0.0
+        w[lm.plant.dim] += noise
     return lm, explain(lm, PROMPTS, random_draws=2, ppl_tokens=16, progress=False).to_dict()
 
 
