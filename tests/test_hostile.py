@@ -5,6 +5,7 @@ Every malformed GGUF is generated here (``gguf_bytes``), none is a stored binary
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -124,3 +125,94 @@ def test_an_incomplete_cached_conversion_is_dropped_and_redone(monkeypatch, caps
     assert "lacks 1 of the model's weights (model.layers.0.mlp.down_proj.weight)" in line, line
     assert _converted(cache) == []  # the damaged conversion is gone: the next run converts the file again
     assert _cli(monkeypatch, capsys, *args)[0] == 0 and len(_converted(cache)) == 1
+
+
+# ------------------------------------------------------------------------------------------------ resumed samples
+
+
+def test_resume_keeps_every_valid_record_around_bad_lines_and_sets_them_aside(tmp_path, capsys):
+    from melayer.eval import run
+    from melayer.testing import tiny_lm
+    from melayer.util.io import read_jsonl
+
+    lm = tiny_lm("llama")
+    args = dict(limit=8, batch_size=4, progress=False)
+    run(lm, "arc_easy", output=tmp_path, **args)
+    log = tmp_path / "samples.jsonl"
+    lines = log.read_bytes().splitlines(keepends=True)
+    kept = [json.loads(line) for line in lines[:2] + lines[4:]]
+    for rec in kept:  # a mark that survives only if the record is kept, not recomputed
+        rec["kept"] = True
+    bad = [b"\xff\xfe not utf-8\n", b"[1, 2, 3]\n", b'{"no_id": 1}\n', b'{"id": "arc_easy-9", \n']
+    body = [json.dumps(r).encode() + b"\n" for r in kept]
+    log.write_bytes(b"".join(body[:2] + bad[:2] + body[2:4] + bad[2:] + body[4:]))
+    capsys.readouterr()
+    result = run(lm, "arc_easy", output=tmp_path, **args)
+    err = capsys.readouterr().err
+    assert "4 unreadable line(s) (line 3, 4, 7, 8) set aside" in err and "the 6 valid records are kept" in err, err
+    assert (tmp_path / "samples.jsonl.bad").read_bytes() == b"".join(bad)
+    records = {r["id"]: r for r in read_jsonl(log)}
+    assert len(records) == 8 == result.n_samples
+    assert sum(1 for r in records.values() if r.get("kept")) == 6  # only the two lost samples were recomputed
+
+
+def test_appends_never_follow_a_planted_symlink(tmp_path):
+    from melayer.util.errors import MelayerError
+    from melayer.util.io import append_jsonl
+
+    outside = tmp_path / "outside.jsonl"
+    (tmp_path / "out").mkdir()
+    link = tmp_path / "out" / "samples.jsonl"
+    link.symlink_to(outside)  # dangling: the append would create the file outside the output directory
+    with pytest.raises(MelayerError, match="is a symbolic link"):
+        append_jsonl(link, {"id": "x"})
+    assert not outside.exists()
+
+
+# ------------------------------------------------------------------------------------------------ other runs' files
+
+
+def _scan_json(tmp_path: Path) -> dict:
+    import melayer
+    from melayer.testing import tiny_lm
+
+    return melayer.scan(tiny_lm("llama"), progress=False).to_dict()
+
+
+@pytest.mark.parametrize("how", ["inside a result", "a bare 100000-deep array"])
+def test_report_refuses_deeply_nested_json_in_one_line(monkeypatch, capsys, tmp_path, how):
+    (tmp_path / "a").mkdir()
+    if how == "inside a result":
+        data = _scan_json(tmp_path)
+        deep: dict = {}
+        cur = deep
+        for _ in range(600):
+            cur["x"] = {}
+            cur = cur["x"]
+        data["settings"] = deep
+        text = json.dumps(data)
+    else:
+        text = "[" * 100_000 + "]" * 100_000
+    (tmp_path / "a" / "scan.json").write_text(text)
+    line = _error(monkeypatch, capsys, "report", tmp_path / "a")
+    assert "nested" in line and "scan.json" in line, line
+
+
+def test_a_binary_train_log_is_read_as_no_records(tmp_path):
+    from melayer.util.io import read_jsonl
+
+    log = tmp_path / "train_log.jsonl"
+    log.write_bytes(bytes(range(256)) * 64 + b"\n" + b'{"step": 1, "loss": 2.0}\n')
+    assert read_jsonl(log) == [{"step": 1, "loss": 2.0}]
+
+
+def test_aggregate_counts_a_broken_cell_json_as_unfinished(monkeypatch, capsys, tmp_path):
+    cell = tmp_path / "sweep" / "cells" / "c1"
+    cell.mkdir(parents=True)
+    (cell / "cell.json").write_bytes(b'{"command": "scan", "status": "do')
+    code, out, err = _cli(monkeypatch, capsys, "aggregate", tmp_path / "sweep")
+    assert code == 2 and "Traceback" not in err, err
+    assert err.splitlines() == [
+        f"melayer: warning: c1: its results cannot be read ({cell / 'cell.json'}: not valid JSON (line 1: "
+        "Unterminated string starting at)); counted as unfinished (rerun the sweep to redo it)",
+        f"melayer: error: no finished cells under {tmp_path / 'sweep' / 'cells'}"]

@@ -35,7 +35,7 @@ from melayer.models.loading import LM
 from melayer.util.console import track, warn
 from melayer.util.display import HtmlRepr
 from melayer.util.errors import Interrupted, MelayerError
-from melayer.util.io import append_jsonl, read_jsonl, write_atomic, write_json
+from melayer.util.io import append_jsonl, read_jsonl, scan_jsonl, write_atomic, write_json
 
 SCHEMA = "melayer.eval/1"
 SAMPLES = "samples.jsonl"
@@ -108,14 +108,19 @@ def _key(identity: dict[str, Any]) -> str:
 
 
 def _existing(path: Path) -> list[dict[str, Any]]:
-    """Records already on disk; a torn last line (killed mid-write) is removed from the file."""
-    if not path.exists():
-        return []
-    raw = path.read_text()
-    records = read_jsonl(path)
-    good = "".join(json.dumps(r) + "\n" for r in records)
-    n_lines = sum(1 for line in raw.splitlines() if line.strip())
-    if n_lines != len(records) or (raw and not raw.endswith("\n")):
+    """Records already on disk. Unreadable lines (not UTF-8 or JSON, not an object, no ``id``) are moved to
+    ``samples.jsonl.bad`` with a warning, and every valid record around them is kept; a torn last line (killed
+    mid-write) is removed from the file."""
+    records, bad, torn = scan_jsonl(path, require="id")
+    if bad:
+        aside = path.with_name(path.name + ".bad")
+        before = aside.read_bytes() if aside.is_file() and not aside.is_symlink() else b""
+        write_atomic(aside, lambda p: p.write_bytes(before + b"".join(raw + b"\n" for _, raw in bad)))
+        where = ", ".join(str(n) for n, _ in bad[:5]) + (", ..." if len(bad) > 5 else "")
+        warn(f"{path}: {len(bad)} unreadable line(s) (line {where}) set aside in {aside}; the {len(records)} valid "
+             "records are kept and the missing samples will be recomputed")
+    if bad or torn:
+        good = "".join(json.dumps(r) + "\n" for r in records)
         write_atomic(path, lambda p: p.write_text(good))
     return records
 

@@ -57,14 +57,13 @@ def _schema_kind(data: Any, where: str, expected: str | None = None) -> str:
 
 def read_input(path: Path) -> Input:
     """Read and check one JSON output (one-line MelayerError when corrupt or foreign)."""
+    from melayer.util.io import parse_json
+
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise MelayerError(f"{path}: cannot read ({getattr(exc, 'strerror', None) or exc})") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise MelayerError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+        text = path.read_bytes()
+    except OSError as exc:
+        raise MelayerError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    data = parse_json(text, path)
     kind = _schema_kind(data, str(path), FILES.get(path.name))
     extra: dict[str, Any] = {}
     if kind == "finetune":

@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from melayer.sweep.cell import DONE
+from melayer.util.console import warn
 from melayer.util.errors import MelayerError
+from melayer.util.io import parse_json
 
 SCHEMA = "melayer.sweep_table/1"
 COLUMNS = ("cell", "command", "model", "model_digest", "dtype", "task", "select", "seed", "rate", "k", "metric",
@@ -98,8 +100,13 @@ def aggregate(root: str | Path) -> dict[str, Any]:
         if not path.exists():
             pending.append(d.name)
             continue
-        rec = json.loads(path.read_text())
-        rows.extend(_rows(d, rec))
+        try:
+            rec = parse_json(path.read_bytes(), path)
+            rows.extend(_rows(d, rec))
+        except (MelayerError, OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+            # a damaged cell is not finished: the same sweep command redoes it
+            warn(f"{d.name}: its results cannot be read ({exc}); counted as unfinished (rerun the sweep to redo it)")
+            pending.append(d.name)
     if not rows:
         raise MelayerError(f"no finished cells under {cells}")
     rows = [{c: r.get(c) for c in COLUMNS} for r in rows]

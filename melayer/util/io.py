@@ -27,6 +27,33 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
+MAX_JSON_DEPTH = 64  # melayer's own results nest a handful of levels; a deeper file is not one of them
+
+
+def parse_json(text: str | bytes, where: str | Path) -> Any:
+    """JSON from a file someone else may have written: a one-line :class:`MelayerError` when it is not valid JSON
+    (or not UTF-8) or nests more than :data:`MAX_JSON_DEPTH` levels (Python's recursion limit is never reached
+    by the code that walks it afterwards)."""
+    try:
+        data = json.loads(text)
+    except RecursionError:
+        raise MelayerError(f"{where}: JSON nested too deeply to be a melayer output") from None
+    except json.JSONDecodeError as exc:
+        raise MelayerError(f"{where}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    except UnicodeDecodeError:
+        raise MelayerError(f"{where}: not a UTF-8 text file") from None
+    stack = [(data, 1)]
+    while stack:
+        obj, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise MelayerError(f"{where}: JSON nested more than {MAX_JSON_DEPTH} levels deep; not a melayer output")
+        if isinstance(obj, dict):
+            stack.extend((v, depth + 1) for v in obj.values())
+        elif isinstance(obj, list):
+            stack.extend((v, depth + 1) for v in obj)
+    return data
+
+
 def umask() -> int:
     """The process's umask (read without changing it where Linux allows)."""
     try:
@@ -100,10 +127,14 @@ def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
     line; a full disk and the like raise a one-line :class:`MelayerError`."""
     line = (json.dumps(_clean(record)) + "\n").encode()
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        # never through a symbolic link: a link planted in the output directory must not redirect the appends
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
     except OSError as exc:
         if exc.errno in DISK_ERRNOS:
             raise disk_error(path, exc) from None
+        if exc.errno == errno.ELOOP:
+            raise MelayerError(f"{path} is a symbolic link; melayer appends only to a regular file it created: "
+                               "remove the link") from None
         raise
     try:
         start = os.fstat(fd).st_size
@@ -121,15 +152,33 @@ def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
         os.close(fd)
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Read records, ignoring a torn last line left by a killed run."""
-    records = []
+def scan_jsonl(path: str | Path, require: str | None = None) -> tuple[list[dict[str, Any]], list[tuple[int, bytes]], bool]:
+    """A JSON-lines file read line by line: (the records, the unreadable lines as (line number, raw bytes), whether
+    the last line is torn). A line is unreadable when it is not UTF-8, not JSON, not a JSON object, or lacks the
+    key ``require``; it never hides the lines after it. A torn last line (no newline: a run killed mid-write) is
+    not a record and not an unreadable line."""
     p = Path(path)
     if not p.exists():
-        return records
-    for line in p.read_text().splitlines():
+        return [], [], False
+    raw = p.read_bytes()
+    lines = raw.split(b"\n")
+    torn = bool(lines[-1].strip())
+    records, bad = [], []
+    for n, line in enumerate(lines[:-1], 1):
+        if not line.strip():
+            continue
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return records
+            rec = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            rec = None
+        if isinstance(rec, dict) and (require is None or require in rec):
+            records.append(rec)
+        else:
+            bad.append((n, line))
+    return records, bad, torn
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Read the records; unreadable lines (see :func:`scan_jsonl`) and a torn last line left by a killed run are
+    skipped."""
+    return scan_jsonl(path)[0]
