@@ -203,6 +203,25 @@ class CliRun:
     stderr: str
 
 
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """``melayer ARGS`` in this process, through the same ``main()`` as the console script and ``python -m``."""
+    from melayer.cli import main
+
+    def run(*args) -> CliRun:
+        monkeypatch.setattr(sys, "argv", ["melayer", *map(str, args)])
+        capsys.readouterr()
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        out = capsys.readouterr()
+        return CliRun(code, out.out, out.err)
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def run_cli():
     """Run ``python -m melayer ARGS`` in a fresh process (the same entry point as the console script)."""

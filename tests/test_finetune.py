@@ -424,7 +424,7 @@ def test_cli_finetune(planted_dir, sft_file, tmp_path, run_cli):
     for name in ("adapter_model.safetensors", "wemask.json", "train_log.jsonl", "loss_curve.png", "finetune.json"):
         assert (out / name).is_file(), name
     assert "Traceback" not in run.stderr
-    gen = run_cli("generate", "--model", planted_dir, "--adapter", out, "-p", "hi", "-n", "3")
+    gen = run_cli("generate", "--model", planted_dir, "--adapter", out, "-p", "hi", "--max-new-tokens", "3")
     assert gen.returncode == 0 and "saved mask" in gen.stderr, gen.stderr
     twice = run_cli("generate", "--model", planted_dir, "--adapter", out, "-p", "hi", "--wemask", "0.1")
     assert twice.returncode == 2 and "drop --wemask" in twice.stderr

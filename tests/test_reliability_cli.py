@@ -37,7 +37,7 @@ def gpt2_dir(tmp_path_factory) -> Path:
     ["eval", "--task", "arc_easy", "--limit", "2"],
     ["eval", "--task", "ppl", "--limit", "2"],
     ["compare", "--task", "arc_easy", "--limit", "2", "--rates", "0,0.1", "--me-layer", "1", "--no-sinks"],
-    ["generate", "-p", "The capital of France is", "-n", "6"],
+    ["generate", "-p", "The capital of France is", "--max-new-tokens", "6"],
 ])
 def test_float16_overflow_is_one_error_in_every_command(monkeypatch, capsys, tmp_path, overflow_dir, args):
     out = tmp_path / ("out.json" if args[0] == "generate" else "out")
@@ -176,7 +176,7 @@ def test_scan_and_generate_refuse_inputs_past_learned_positions(monkeypatch, cap
     line = _error(monkeypatch, capsys, "sinks", "-p", long_prompt, "--max-tokens", "0", "--model", gpt2_dir,
                   "-o", tmp_path / "k")
     assert "256" in line and "positions" in line, line
-    line = _error(monkeypatch, capsys, "generate", "-p", "word " * 48, "-n", "30", "--model", gpt2_dir)
+    line = _error(monkeypatch, capsys, "generate", "-p", "word " * 48, "--max-new-tokens", "30", "--model", gpt2_dir)
     assert "256" in line and "positions" in line, line
 
 

@@ -23,7 +23,7 @@ def outputs(tmp_path_factory, planted_dir, run_cli) -> Path:
     m = ["--model", str(planted_dir)]
     commands = [
         ["scan", *m, "--no-plots", "-o", root / "scan"],
-        ["weights", str(planted_dir), "--confirm", "--no-plots", "-o", root / "weights"],
+        ["weights", "-m", str(planted_dir), "--confirm", "--no-plots", "-o", root / "weights"],
         ["explain", *m, "--no-plots", "--n-prompts", "2", "--ppl-tokens", "64", "--random-draws", "1", "-o",
          root / "explain"],
         ["rigidity", *m, "--no-plots", "--n-prompts", "3", "-o", root / "rigidity"],

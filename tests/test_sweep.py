@@ -276,9 +276,10 @@ def test_a_killed_sweep_finishes_only_the_missing_cells(local_run, spec_file, tm
 
 @pytest.mark.parametrize("args, message", [
     (["sweep", "missing.yaml"], "no such sweep spec"),
-    (["sweep", "{spec}", "--executor", "k8s"], "unknown executor 'k8s'"),
+    (["sweep", "{spec}", "--executor", "k8s"], "'k8s' is not one of 'local', 'slurm', 'ray'"),
     (["sweep", "{spec}", "--threads", "0"], "--threads must be >= 1"),
     (["aggregate", "{tmp}"], "not a sweep output directory"),
+    (["sweep", "aggregate", "{tmp}"], "not a sweep output directory"),
 ])
 def test_cli_bad_input_is_one_line(spec_file, tmp_path, args, message):
     args = [a.format(spec=spec_file, tmp=tmp_path) for a in args]

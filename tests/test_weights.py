@@ -189,7 +189,7 @@ def test_confirm_on_a_planted_model(tmp_path):
 
 
 def test_cli_writes_json_and_plot(run_cli, planted_dir, tmp_path):
-    res = run_cli("weights", str(planted_dir), "-o", tmp_path / "out", "--confirm", "--n-prompts", "2")
+    res = run_cli("weights", "-m", str(planted_dir), "-o", tmp_path / "out", "--confirm", "--n-prompts", "2")
     assert res.returncode == 0, res.stderr
     data = json.loads((tmp_path / "out" / "weights.json").read_text())
     assert data["schema"] == "melayer.weights/1" and (data["me_layer"], data["massive_dim"], data["neurons"][0]) == (2, 7, 5)
@@ -209,11 +209,11 @@ def test_cli_bad_input(run_cli, tmp_path, planted_dir, unsupported_dir, tiny_ggu
     gguf_cut = tmp_path / "cut.gguf"
     gguf_cut.write_bytes(tiny_gguf.read_bytes()[:-4096])
     cases = [
-        ((str(empty),), "holds no model weights"),
-        ((str(cut),), "truncated or corrupt"),
-        ((str(gguf_cut),), "truncated GGUF"),
-        ((str(unsupported_dir),), "'gpt_neox' is not in melayer's architecture map"),
-        ((str(planted_dir), "-o", str(tmp_path / "file")), "exists and is not a directory"),
+        (("-m", str(empty)), "holds no model weights"),
+        (("-m", str(cut)), "truncated or corrupt"),
+        (("-m", str(gguf_cut)), "truncated GGUF"),
+        (("-m", str(unsupported_dir)), "'gpt_neox' is not in melayer's architecture map"),
+        (("-m", str(planted_dir), "-o", str(tmp_path / "file")), "exists and is not a directory"),
     ]
     for args, message in cases:
         if "-o" not in args:

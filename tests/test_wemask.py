@@ -318,10 +318,10 @@ def test_cli_generate(tiny_dir, tmp_path, capsys, monkeypatch):
             return exc.code, capsys.readouterr()
         return 0, capsys.readouterr()
 
-    code, plain = run("--prompt", "hello", "-n", "6")
+    code, plain = run("--prompt", "hello", "--max-new-tokens", "6")
     assert code == 0 and plain.out.strip()
     out_json = tmp_path / "g.json"
-    code, masked = run("--prompt", "hello", "-n", "6", "--wemask", "0.1", "--layers", "2-3", "-o", str(out_json))
+    code, masked = run("--prompt", "hello", "--max-new-tokens", "6", "--wemask", "0.1", "--layers", "2-3", "-o", str(out_json))
     assert code == 0 and "k=6" in masked.err and "layers 2-3" in masked.err
     data = json.loads(out_json.read_text())
     assert data["wemask"]["layers"] == [2, 3] and data["text"] == masked.out.rstrip("\n")

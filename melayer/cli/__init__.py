@@ -12,17 +12,45 @@ import shlex
 import sys
 
 import typer
+from typer.core import TyperGroup
 
 from melayer.util.errors import Interrupted, MelayerError
 from melayer.util.io import DISK_ERRNOS, disk_error
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+
+class _Interrupt(Exception):
+    """A Ctrl-C inside a command, carried past click (which turns it into a bare exit code) to :func:`main`."""
+
+    def __init__(self, interrupt: KeyboardInterrupt) -> None:
+        super().__init__()
+        self.interrupt = interrupt
+
+
+class Group(TyperGroup):
+    """melayer's command groups: a Ctrl-C inside a command reaches :func:`main` with what it left on disk."""
+
+    def invoke(self, ctx: typer.Context) -> object:  # type: ignore[override]
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as exc:
+            raise _Interrupt(exc) from exc
+
+
+app = typer.Typer(cls=Group, add_completion=False, pretty_exceptions_enable=False,
                   help="Find where massive activations are born (the ME layer), explain them, measure sinks, fix them.")
 
 
-@app.callback()
-def _root() -> None:
+def help_without_command(ctx: typer.Context) -> None:
+    """A group called without a command prints its help (exit 2, as for any incomplete command line)."""
+    if ctx.invoked_subcommand is None:
+        typer.echo(ctx.get_help())
+        raise typer.Exit(2)
+
+
+@app.callback(invoke_without_command=True)
+def _root(ctx: typer.Context) -> None:
     """melayer: massive activations, the ME layer, attention sinks and WeMask."""
+    help_without_command(ctx)
 
 
 for _mod in pkgutil.iter_modules(__path__):
@@ -30,9 +58,26 @@ for _mod in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{_mod.name}")
 
 
+def usage_line(exc: typer.TyperException) -> str:
+    """A bad option or argument as the one error line: click's message and where the help is."""
+    ctx = getattr(exc, "ctx", None)
+    where = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
+    return f"melayer: error: {' '.join(exc.format_message().split())}{where}"
+
+
 def main() -> None:
     try:
-        app()
+        code = app(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)  # as click's standalone mode does
+    except typer.TyperException as exc:  # a bad option or argument (click's usage errors)
+        typer.echo(usage_line(exc), err=True)
+        sys.exit(exc.exit_code or 2)
+    except typer.Abort:
+        typer.echo("melayer: aborted", err=True)
+        sys.exit(1)
+    except _Interrupt as exc:
+        typer.echo(interrupted_line(exc.interrupt, sys.argv[1:]), err=True)
+        sys.exit(130)
     except MelayerError as exc:
         typer.echo(f"melayer: error: {exc}", err=True)
         sys.exit(2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -12,20 +13,55 @@ import typer
 
 from melayer.util.errors import MelayerError
 
+
+class Dtype(StrEnum):
+    """Precision of the weights and activations."""
+
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class Select(StrEnum):
+    """How WeMask picks the dims it masks."""
+
+    activation = "activation"
+    weight = "weight"
+
+
+class Chat(StrEnum):
+    """Whether prompts are wrapped in the tokenizer's chat template."""
+
+    auto = "auto"
+    on = "on"
+    off = "off"
+
+
+def chat_flag(chat: Chat | str) -> bool | None:
+    """--chat as the Python API takes it: None (auto: when the tokenizer has a template), True or False."""
+    return {"auto": None, "on": True, "off": False}[str(chat)]
+
+
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="gemma-3-270m (default), smollm2-135m, a HF dir, a .gguf file or a hub id")]
 PromptOpt = Annotated[Optional[str], typer.Option("--prompt", "-p", help="a single prompt")]
 PromptsOpt = Annotated[Optional[Path], typer.Option("--prompts", help="a text file, one prompt per line")]
 OutputOpt = Annotated[Path, typer.Option("--output", "-o", help="output directory")]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32 (default), bfloat16 or float16")]
+DtypeOpt = Annotated[Dtype, typer.Option("--dtype", help="precision of the weights and activations")]
 ArchOpt = Annotated[Optional[str], typer.Option("--arch", help="architecture-map override: a mapped family name or a JSON file of role -> module path")]
 DeviceMapOpt = Annotated[Optional[str], typer.Option("--device-map", help="split the model with accelerate: auto, balanced, sequential, a device (cuda:0) or a JSON file of module -> device ('cpu'/'disk' offload)")]
 MaxMemoryOpt = Annotated[Optional[str], typer.Option("--max-memory", help="memory per device for the device map, e.g. 0=20GiB,1=20GiB,cpu=64GiB (implies --device-map auto)")]
 NPromptsOpt = Annotated[Optional[int], typer.Option("--n-prompts", help="use the first N prompts (0 = all)")]
-BatchOpt = Annotated[int, typer.Option("--batch-size", help="prompts per forward pass")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", help="prompts per forward pass")]
 AdapterOpt = Annotated[Optional[Path], typer.Option("--adapter", help="a melayer finetune output directory: its adapter is merged into --model and the WeMask it was trained with is re-applied")]
 AdapterMaskOpt = Annotated[bool, typer.Option("--adapter-mask/--no-adapter-mask", help="re-apply the adapter's saved WeMask (default) or not")]
 AutoBatchOpt = Annotated[Optional[int], typer.Option(
-    "--batch-size", help="at most this many prompts per forward pass (default: length-sorted batches picked for the device)")]
+    "--batch-size", "-b", help="at most this many prompts per forward pass (default: length-sorted batches picked for the device)")]
+# WeMask and chat options: one spelling and one help text for every command that takes them
+SelectOpt = Annotated[Select, typer.Option("--select", help="WeMask dims by activation (|value| of the massive token's attention input) or weight (|pre-attention norm gain|)")]
+LayersOpt = Annotated[Optional[str], typer.Option("--layers", help="WeMask layers, e.g. 4-17 or 4,5,6 (default: every layer after the ME layer)")]
+MeLayerOpt = Annotated[Optional[int], typer.Option("--me-layer", help="the ME layer (default: found with one scan)")]
+GammaOpt = Annotated[float, typer.Option("--gamma", help="WeMask strength: masked dims are scaled by 1 - gamma (1 = zeroed)")]
+ChatOpt = Annotated[Chat, typer.Option("--chat", help="chat template: auto (when the tokenizer has one; for eval, generation tasks only), on or off")]
 PlotsOpt = Annotated[bool, typer.Option(help="write PNG plots")]
 ReportOpt = Annotated[bool, typer.Option("--report", help="also (re)write DIR/report.html from every melayer output in DIR")]
 

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from melayer.cli.common import ChatOpt, GammaOpt, LayersOpt, MeLayerOpt, SelectOpt  # noqa: F401  (eval and compare's)
 from melayer.eval.tasks import (
     FEWSHOT,
     PPL_STRIDE,
@@ -22,11 +23,6 @@ TaskOpt = Annotated[str, typer.Option("--task", "-t", help=", ".join(REGISTRY))]
 LimitOpt = Annotated[Optional[int], typer.Option("--limit", "-n", help="evaluate only the first N samples")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", help="samples per model call")]
 MaxNewOpt = Annotated[Optional[int], typer.Option("--max-new-tokens", help="generation budget (gsm8k 256, math500 512, ifeval 512 by default)")]
-SelectOpt = Annotated[str, typer.Option("--select", help="WeMask dim selection: activation (|attention input|, the released code) or weight (|pre-attention norm gain|)")]
-LayersOpt = Annotated[Optional[str], typer.Option("--layers", help="WeMask layers, e.g. 4-17 or 4,5,6 (default: every layer after the ME layer)")]
-MeLayerOpt = Annotated[Optional[int], typer.Option("--me-layer", help="ME layer (default: found with one scan)")]
-GammaOpt = Annotated[float, typer.Option("--gamma", help="WeMask strength: masked dims are scaled by 1 - gamma")]
-ChatOpt = Annotated[str, typer.Option("--chat", help="auto (chat template for generation tasks when the tokenizer has one), on or off")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="discard existing results in --output instead of resuming")]
 # task options (declared once in the registry)
 FewshotOpt = Annotated[Optional[int], typer.Option(FEWSHOT.flag, help=FEWSHOT.help)]
@@ -46,11 +42,9 @@ def check_task(task: str, limit: int | None, batch_size: int, max_new_tokens: in
     if task not in REGISTRY:
         raise MelayerError(f"unknown task {task!r}; choose one of {', '.join(REGISTRY)}")
     check_run_args(limit, batch_size, max_new_tokens)
-    if chat not in CHAT_MODES:
-        raise MelayerError(f"--chat must be auto, on or off (got {chat!r})")
     options = {k: v for k, v in given.items() if v is not None}
     takes = {o.name for o in REGISTRY[task].options}
     for name in set(options) - takes:
         raise MelayerError(f"{task_options()[name].flag} does not apply to task {task}")
     get_task(task, **options)  # validates the values
-    return CHAT_MODES[chat], options
+    return CHAT_MODES[str(chat)], options

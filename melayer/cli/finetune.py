@@ -2,48 +2,72 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from melayer.cli import app
-from melayer.cli.common import DeviceMapOpt, DtypeOpt, MaxMemoryOpt, ModelOpt, check_output
+from melayer.cli.common import (
+    Chat,
+    ChatOpt,
+    DeviceMapOpt,
+    Dtype,
+    DtypeOpt,
+    GammaOpt,
+    LayersOpt,
+    MaxMemoryOpt,
+    MeLayerOpt,
+    ModelOpt,
+    Select,
+    SelectOpt,
+    chat_flag,
+    check_output,
+)
+
+
+class Method(StrEnum):
+    """The fine-tuning methods (TRL trainers)."""
+
+    sft = "sft"
+    dpo = "dpo"
+    grpo = "grpo"
 
 
 @app.command()
 def finetune(
-    method: Annotated[str, typer.Argument(help="sft, dpo or grpo")],
+    method: Annotated[Method, typer.Argument(help="sft (supervised), dpo (preference pairs) or grpo (rewarded generations)")],
     model: ModelOpt = None,
     data: Annotated[str, typer.Option("--data", help="'gsm8k' (vendored train split) or a JSONL file: prompt/completion (sft), prompt/chosen/rejected (dpo), prompt/answer (grpo), or question/answer")] = "gsm8k",
-    limit: Annotated[Optional[int], typer.Option("--limit", help="use the first N examples")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", "-n", help="use the first N examples")] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="output directory (adapter, wemask.json, train_log.jsonl, loss_curve.png, finetune.json, checkpoints/)")] = Path("out/finetune"),
     wemask: Annotated[float, typer.Option("--wemask", help="WeMask rate during training (0: off): mask k = int(RATE x hidden) dims")] = 0.0,
-    layers: Annotated[Optional[str], typer.Option("--layers", help="layers to mask, e.g. 12-29 (default: every layer after the ME layer)")] = None,
-    me_layer: Annotated[Optional[int], typer.Option("--me-layer", help="skip the ME-layer scan of training-format text and use this layer")] = None,
-    select: Annotated[str, typer.Option("--select", help="dims by 'activation' or 'weight'")] = "activation",
-    gamma: Annotated[float, typer.Option("--gamma", help="masked dims are scaled by 1 - gamma")] = 1.0,
+    layers: LayersOpt = None,
+    me_layer: MeLayerOpt = None,
+    select: SelectOpt = Select.activation,
+    gamma: GammaOpt = 1.0,
     full: Annotated[bool, typer.Option("--full", help="full fine-tuning instead of a LoRA adapter")] = False,
-    lora_r: Annotated[int, typer.Option("--lora-r")] = 16,
-    lora_alpha: Annotated[int, typer.Option("--lora-alpha")] = 32,
-    lora_dropout: Annotated[float, typer.Option("--lora-dropout")] = 0.0,
+    lora_r: Annotated[int, typer.Option("--lora-r", help="LoRA rank")] = 16,
+    lora_alpha: Annotated[int, typer.Option("--lora-alpha", help="LoRA scaling: the update is scaled by alpha / r")] = 32,
+    lora_dropout: Annotated[float, typer.Option("--lora-dropout", help="dropout on the LoRA input")] = 0.0,
     target: Annotated[str, typer.Option("--target", help="LoRA target modules: all-linear or a comma list")] = "all-linear",
-    epochs: Annotated[float, typer.Option("--epochs")] = 1.0,
+    epochs: Annotated[float, typer.Option("--epochs", help="passes over the data (unless --max-steps)")] = 1.0,
     max_steps: Annotated[int, typer.Option("--max-steps", help="optimiser steps (-1: run --epochs)")] = -1,
-    lr: Annotated[float, typer.Option("--lr")] = 2e-4,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 4,
-    grad_accum: Annotated[int, typer.Option("--grad-accum")] = 1,
-    max_length: Annotated[int, typer.Option("--max-length")] = 512,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
-    gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing")] = True,
+    lr: Annotated[float, typer.Option("--lr", help="peak learning rate")] = 2e-4,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="examples per device per step")] = 4,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", help="gradient accumulation steps per optimiser step")] = 1,
+    max_length: Annotated[int, typer.Option("--max-length", help="examples are cut to this many tokens")] = 512,
+    seed: Annotated[int, typer.Option("--seed", help="seed of data order, LoRA init and sampling")] = 0,
+    gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="recompute activations in the backward pass (less memory, slower)")] = True,
     save_steps: Annotated[int, typer.Option("--save-steps", help="checkpoint every N steps (for --resume)")] = 50,
     resume: Annotated[bool, typer.Option("--resume", help="continue the interrupted run in --output")] = False,
-    chat: Annotated[Optional[bool], typer.Option("--chat/--no-chat", help="chat template (default: when the tokenizer has one)")] = None,
+    chat: ChatOpt = Chat.auto,
     beta: Annotated[float, typer.Option("--beta", help="dpo: KL weight")] = 0.1,
     rejected_max_new_tokens: Annotated[int, typer.Option("--rejected-max-new-tokens", help="dpo on gsm8k: length of the model's own (rejected) answers")] = 256,
     num_generations: Annotated[int, typer.Option("--num-generations", help="grpo: completions per prompt")] = 4,
     max_completion_length: Annotated[int, typer.Option("--max-completion-length", help="grpo: completion tokens")] = 128,
-    dtype: DtypeOpt = "float32",
+    dtype: DtypeOpt = Dtype.float32,
     device_map: DeviceMapOpt = None,
     max_memory: MaxMemoryOpt = None,
 ) -> None:
@@ -60,11 +84,12 @@ def finetune(
     from melayer.util.io import read_jsonl
 
     cfg = FinetuneConfig(
-        method=method, model=model, data=data, limit=limit, output=str(output), wemask=wemask, layers=layers,
-        me_layer=me_layer, select=select, gamma=gamma, full=full, lora_r=lora_r, lora_alpha=lora_alpha,
+        method=str(method), model=model, data=data, limit=limit, output=str(output), wemask=wemask, layers=layers,
+        me_layer=me_layer, select=str(select), gamma=gamma, full=full, lora_r=lora_r, lora_alpha=lora_alpha,
         lora_dropout=lora_dropout, target=target, epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size,
         grad_accum=grad_accum, max_length=max_length, seed=seed, gradient_checkpointing=gradient_checkpointing,
-        save_steps=save_steps, resume=resume, dtype=dtype, device_map=device_map, max_memory=max_memory, chat=chat,
+        save_steps=save_steps, resume=resume, dtype=str(dtype), device_map=device_map, max_memory=max_memory,
+        chat=chat_flag(chat),
         beta=beta, rejected_max_new_tokens=rejected_max_new_tokens, num_generations=num_generations,
         max_completion_length=max_completion_length).validate()
     check_output(output)

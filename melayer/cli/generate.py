@@ -8,7 +8,24 @@ from typing import Annotated, Optional
 import typer
 
 from melayer.cli import app
-from melayer.cli.common import AdapterMaskOpt, AdapterOpt, ArchOpt, DeviceMapOpt, DtypeOpt, MaxMemoryOpt, ModelOpt
+from melayer.cli.common import (
+    AdapterMaskOpt,
+    AdapterOpt,
+    ArchOpt,
+    Chat,
+    ChatOpt,
+    DeviceMapOpt,
+    Dtype,
+    DtypeOpt,
+    GammaOpt,
+    LayersOpt,
+    MaxMemoryOpt,
+    MeLayerOpt,
+    ModelOpt,
+    Select,
+    SelectOpt,
+    chat_flag,
+)
 
 
 @app.command()
@@ -16,14 +33,14 @@ def generate(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="the prompt text")],
     model: ModelOpt = None,
     wemask: Annotated[Optional[float], typer.Option("--wemask", help="WeMask rate: mask k = int(RATE x hidden) dims (0-1)")] = None,
-    layers: Annotated[Optional[str], typer.Option("--layers", help="layers to mask, e.g. 4,5,6 or 4-17 (default: every layer after the ME layer)")] = None,
-    select: Annotated[str, typer.Option("--select", help="pick the dims by 'activation' (|value| of the token's attention input) or 'weight' (pre-attention norm gain)")] = "activation",
-    gamma: Annotated[float, typer.Option("--gamma", help="masked dims are scaled by 1 - gamma (1 = zeroed)")] = 1.0,
-    me_layer: Annotated[Optional[int], typer.Option("--me-layer", help="skip the ME-layer scan and use this layer")] = None,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="tokens to generate")] = 64,
-    chat: Annotated[Optional[bool], typer.Option("--chat/--no-chat", help="wrap the prompt in the chat template (default: when the tokenizer has one)")] = None,
+    layers: LayersOpt = None,
+    select: SelectOpt = Select.activation,
+    gamma: GammaOpt = 1.0,
+    me_layer: MeLayerOpt = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="tokens to generate")] = 64,
+    chat: ChatOpt = Chat.auto,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="also write prompt, text and WeMask settings to this JSON file")] = None,
-    dtype: DtypeOpt = "float32",
+    dtype: DtypeOpt = Dtype.float32,
     arch: ArchOpt = None,
     adapter: AdapterOpt = None,
     use_adapter_mask: AdapterMaskOpt = True,
@@ -47,8 +64,9 @@ def generate(
         WeMaskSpec(wemask, select=select, gamma=gamma)
     if output is not None:
         check_output_file(output)
+    use_chat = chat_flag(chat)
     lm = load_model(model, dtype, arch, adapter, device_map, max_memory)
-    _, used_chat = chat_prompt(lm, prompt, chat)
+    _, used_chat = chat_prompt(lm, prompt, use_chat)
     mask: WeMask | None = adapter_mask(lm, adapter, use_adapter_mask, wemask)
     if mask is not None:
         err.print(f"[bold]adapter[/]: {adapter}, with its saved mask: {mask.describe()}", highlight=False)
@@ -64,7 +82,7 @@ def generate(
             err.print(f"[yellow]note[/]: {mask.describe()}: generation is unchanged", highlight=False)
         mask.apply()
     try:
-        texts, _, _ = greedy_generate(lm, [prompt], max_new_tokens=max_new_tokens, chat=chat)
+        texts, _, _ = greedy_generate(lm, [prompt], max_new_tokens=max_new_tokens, chat=use_chat)
     finally:
         if mask is not None:
             mask.remove()

@@ -1,14 +1,43 @@
-"""``melayer sweep`` and ``melayer aggregate``: thin shells over :mod:`melayer.sweep`."""
+"""``melayer sweep [run] SPEC`` and ``melayer sweep aggregate DIR``: thin shells over :mod:`melayer.sweep`."""
 
 from __future__ import annotations
 
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from melayer.cli import app
+from melayer.cli import Group, app, help_without_command
 from melayer.util.errors import MelayerError
+
+
+class _RunByDefault(Group):
+    """``melayer sweep SPEC`` is ``melayer sweep run SPEC``: a first argument that is not a subcommand runs a spec."""
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:  # type: ignore[override]
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+sweep_app = typer.Typer(cls=_RunByDefault, add_completion=False, pretty_exceptions_enable=False,
+                        help="Run a grid of cells from a spec (melayer sweep SPEC, the same as melayer sweep run SPEC) and "
+                             "tabulate a sweep's results (melayer sweep aggregate DIR).")
+app.add_typer(sweep_app, name="sweep")
+
+
+@sweep_app.callback(invoke_without_command=True)
+def _sweep_group(ctx: typer.Context) -> None:
+    help_without_command(ctx)
+
+
+class Executor(StrEnum):
+    """Where a sweep's cells run."""
+
+    local = "local"
+    slurm = "slurm"
+    ray = "ray"
 
 
 def _write_table(root: Path, out: Path | None, plot: bool) -> None:
@@ -29,11 +58,11 @@ def _write_table(root: Path, out: Path | None, plot: bool) -> None:
         typer.echo(f"wrote {path}")
 
 
-@app.command()
+@sweep_app.command("run")
 def sweep(
     spec: Annotated[Path, typer.Argument(help="the sweep spec (YAML): models and run blocks, see examples/sweep.yaml")],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="sweep directory (default: the spec's 'output')")] = None,
-    executor: Annotated[str, typer.Option("--executor", "-x", help="local (process pool), slurm (submitit job arrays) or ray")] = "local",
+    executor: Annotated[Executor, typer.Option("--executor", "-x", help="local (process pool), slurm (submitit job arrays) or ray")] = Executor.local,
     workers: Annotated[Optional[int], typer.Option("--workers", help="local: processes (default cores // threads); slurm: array parallelism")] = None,
     threads: Annotated[int, typer.Option("--threads", help="torch threads per cell")] = 1,
     gpus: Annotated[float, typer.Option("--gpus", help="GPUs per cell (slurm, ray)")] = 0,
@@ -64,7 +93,7 @@ def sweep(
         extra = f": {rec.get('error')}" if rec.get("status") != "done" else f" in {rec.get('elapsed_s', 0):.1f} s"
         typer.echo(f"cell {rec['id']}: {state}{extra}", err=True)
 
-    res = S.run(spec, output, executor, options=opts, report=report, dry_run=dry_run)
+    res = S.run(spec, output, str(executor), options=opts, report=report, dry_run=dry_run)
     if dry_run:
         for cell in res.cells:
             state = "finished" if cell["id"] in res.skipped else "to run"
@@ -81,7 +110,8 @@ def sweep(
                            "to retry only the missing cells")
 
 
-@app.command()
+@sweep_app.command("aggregate")
+@app.command("aggregate", hidden=True)  # the earlier spelling, kept working
 def aggregate(
     directory: Annotated[Path, typer.Argument(help="a sweep's output directory")],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="table path without suffix (default DIR/table)")] = None,

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
 from melayer.cli import app
 from melayer.cli.common import (
     ArchOpt,
+    Dtype,
     DtypeOpt,
-    ModelOpt,
     NPromptsOpt,
     OutputOpt,
     PlotsOpt,
@@ -24,13 +24,11 @@ from melayer.cli.common import (
     n_prompts,
     prompts_from,
 )
-from melayer.util.errors import MelayerError
 
 
 @app.command()
 def weights(
-    model: Annotated[str | None, typer.Argument(help="gemma-3-270m (default), smollm2-135m, a .gguf file or a local HF directory")] = None,
-    model_opt: ModelOpt = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="gemma-3-270m (default), smollm2-135m, a .gguf file or a local HF directory (weights are read from local files only)")] = None,
     output: OutputOpt = Path("out/weights"),
     arch: ArchOpt = None,
     top_k: Annotated[int, typer.Option(help="candidates listed (the best of each layer)")] = 10,
@@ -39,7 +37,7 @@ def weights(
     prompt: PromptOpt = None,
     prompts: PromptsOpt = None,
     n_prompts_: NPromptsOpt = None,
-    dtype: DtypeOpt = "float32",
+    dtype: DtypeOpt = Dtype.float32,
     plots: PlotsOpt = True,
     report: ReportOpt = False,
 ) -> None:
@@ -48,9 +46,6 @@ def weights(
     from melayer.analysis.weights import confirm as confirm_candidates
     from melayer.report.weights import print_weights, score_plot
 
-    if model is not None and model_opt is not None and model != model_opt:
-        raise MelayerError("give the model once: as MODEL or as --model")
-    model = model or model_opt
     check_output(output)
     texts = prompts_from(prompt, prompts)
     count = n_prompts(n_prompts_, 8)

@@ -33,7 +33,7 @@ def parse_rates(rates: str | Sequence[float]) -> list[float]:
     if isinstance(rates, str):
         parts = [p.strip() for p in rates.split(",") if p.strip()]
         if not parts:
-            raise MelayerError("--rates is empty: give e.g. 0,0.001,0.01,0.05")
+            raise MelayerError("--rates is empty: give e.g. 0,0.005,0.01,0.05")
         try:
             values = [float(p) for p in parts]
         except ValueError:

@@ -263,3 +263,15 @@ def _missing_roles(model: nn.Module, spec: ArchSpec) -> list[str]:
         if path is not None and resolve(layers[0], path) is None:
             missing.append(f"{role}={spec.layers}.0.{path}")
     return missing
+
+
+def describe_architectures() -> list[dict[str, str]]:
+    """One row per mapped ``model_type`` (what ``melayer ls archs`` prints): the map's name, its norm, its FFN
+    input form and its notes."""
+    rows = []
+    for model_type, spec in ARCHITECTURES.items():
+        ffn = "gate_up (fused)" if spec.gate_up else "gate + up" if spec.gate else "up"
+        norms = [r for r in NORM_ROLES if getattr(spec, r)]
+        rows.append({"model_type": model_type, "map": spec.name, "norm": f"{spec.norm_kind} ({', '.join(norms)})",
+                     "ffn_in": ffn, "notes": spec.notes})
+    return rows
