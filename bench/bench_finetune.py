@@ -20,8 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import melayer
-from melayer.finetune.data import load_records, plain_rows, training_texts
-from melayer.finetune.train import find_massive_token
+from melayer.finetuning.data import load_records, plain_rows, training_texts
+from melayer.finetuning.train import find_massive_token
 
 
 def main() -> None:

@@ -39,7 +39,7 @@ try:
 except SystemExit:
     pass
 t2 = time.perf_counter()
-from melayer.report.page import html
+from melayer.reporting.page import html
 html(sys.argv[2], output=sys.argv[3])  # the same page again, every import done: the figures and jinja2 alone
 t3 = time.perf_counter()
 print(json.dumps({"import": t1 - t0, "page": t2 - t1, "again": t3 - t2, "torch": torch}))

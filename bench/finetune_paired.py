@@ -29,8 +29,8 @@ import melayer
 from melayer.eval.answers import gsm8k_gold, gsm8k_score
 from melayer.eval.data import gsm8k_test
 from melayer.eval.stats import mcnemar, paired_bootstrap
-from melayer.finetune import finetune
-from melayer.finetune.data import gsm8k_prompt, gsm8k_solution
+from melayer.finetuning import finetune
+from melayer.finetuning.data import gsm8k_prompt, gsm8k_solution
 from melayer.interventions.generate import greedy_generate
 from melayer.util.io import write_json
 

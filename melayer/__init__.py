@@ -1,30 +1,97 @@
-"""melayer: find where massive activations are born (the ME layer), explain them, measure sinks, fix them."""
+"""melayer: find where massive activations are born (the ME layer), explain them, measure sinks, fix them.
+
+Every command of the ``melayer`` CLI has a function of the same name here, taking the same settings:
+
+>>> import melayer
+>>> lm = melayer.load("smollm2-135m")
+>>> result = melayer.scan(lm)                     # melayer scan
+>>> result.me_layer
+>>> with melayer.wemask(lm, 0.05):                # WeMask on every forward inside the block
+...     melayer.evaluate(lm, "arc_easy", limit=50)
+
+The verbs are :func:`load`, :func:`from_model`, :func:`scan`, :func:`explain`, :func:`rigidity`, :func:`sinks`,
+:func:`weights`, :func:`evaluate`, :func:`compare`, :func:`finetune`, :func:`sweep`, :func:`report` and
+:func:`wemask`; :func:`read` loads any result JSON back into its result object, and :func:`trace` returns the
+activations at melayer's named capture sites (TransformerLens hook names accepted).
+
+Names are resolved on first use (the functions import torch and transformers), so that ``import melayer`` and the
+commands that never touch a model (``melayer report``, ``--help``) start without them. The subpackages that hold
+the verbs' machinery are named apart from the verbs (``melayer.sweeps``, ``melayer.reporting``,
+``melayer.finetuning``, ``melayer.eval``), so ``melayer.sweep`` is always the function, whatever has been
+imported.
+"""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
 from melayer.util import display as _display
-from melayer.util.errors import MelayerError
+from melayer.util.errors import Interrupted, MelayerError, NumericOverflow, UnsupportedArchitecture
+from melayer.util.version import VERSION
 
 if TYPE_CHECKING:
-    from melayer.analysis import weights  # melayer.weights.candidates(...): data-free ME-layer candidates
     from melayer.analysis.criterion import Criterion
     from melayer.analysis.me_layer import find_me_layer
+    from melayer.analysis.rigidity import RigidityResult, rigidity
     from melayer.analysis.scan import ScanResult, scan
+    from melayer.analysis.sinks import SinkResult, sinks
+    from melayer.analysis.weights import WeightsResult, weights
     from melayer.capture.encoding import encode
-    from melayer.interventions.wemask import WeMask, WeMaskSpec, wemask
+    from melayer.capture.trace import Trace, trace
+    from melayer.eval.compare import CompareResult, compare
+    from melayer.eval.runner import EvalResult
+    from melayer.eval.runner import run as evaluate
+    from melayer.finetuning.config import FinetuneConfig
+    from melayer.finetuning.train import FinetuneResult, finetune
+    from melayer.interventions.adapter import load
+    from melayer.interventions.explain import ExplainResult, explain
+    from melayer.interventions.wemask import WeMask, wemask
     from melayer.models.archmap import ARCHITECTURES, ArchSpec
     from melayer.models.loading import LM, from_model
+    from melayer.reporting.page import html as report
+    from melayer.reporting.results import read
+    from melayer.sweeps.runner import SweepResult
+    from melayer.sweeps.runner import run as sweep
 
-# the public names import torch and transformers: they load on first use, so that commands which never touch a
-# model (``melayer report``, ``--help``) start without them
-_LAZY = {"weights": "melayer.analysis.weights", "Criterion": "melayer.analysis.criterion",
-         "find_me_layer": "melayer.analysis.me_layer", "ScanResult": "melayer.analysis.scan",
-         "scan": "melayer.analysis.scan", "encode": "melayer.capture.encoding", "WeMask": "melayer.interventions.wemask",
-         "WeMaskSpec": "melayer.interventions.wemask", "wemask": "melayer.interventions.wemask",
-         "ARCHITECTURES": "melayer.models.archmap", "ArchSpec": "melayer.models.archmap",
-         "LM": "melayer.models.loading", "from_model": "melayer.models.loading"}
+# public name -> (module, attribute); imported on first use
+_LAZY: dict[str, tuple[str, str]] = {
+    # verbs, one per command
+    "load": ("melayer.interventions.adapter", "load"),
+    "from_model": ("melayer.models.loading", "from_model"),
+    "scan": ("melayer.analysis.scan", "scan"),
+    "explain": ("melayer.interventions.explain", "explain"),
+    "rigidity": ("melayer.analysis.rigidity", "rigidity"),
+    "sinks": ("melayer.analysis.sinks", "sinks"),
+    "weights": ("melayer.analysis.weights", "weights"),
+    "wemask": ("melayer.interventions.wemask", "wemask"),
+    "evaluate": ("melayer.eval.runner", "run"),
+    "compare": ("melayer.eval.compare", "compare"),
+    "finetune": ("melayer.finetuning.train", "finetune"),
+    "sweep": ("melayer.sweeps.runner", "run"),
+    "report": ("melayer.reporting.page", "html"),
+    "read": ("melayer.reporting.results", "read"),
+    "trace": ("melayer.capture.trace", "trace"),
+    # results and the types the verbs take
+    "ScanResult": ("melayer.analysis.scan", "ScanResult"),
+    "ExplainResult": ("melayer.interventions.explain", "ExplainResult"),
+    "RigidityResult": ("melayer.analysis.rigidity", "RigidityResult"),
+    "SinkResult": ("melayer.analysis.sinks", "SinkResult"),
+    "WeightsResult": ("melayer.analysis.weights", "WeightsResult"),
+    "EvalResult": ("melayer.eval.runner", "EvalResult"),
+    "CompareResult": ("melayer.eval.compare", "CompareResult"),
+    "FinetuneResult": ("melayer.finetuning.train", "FinetuneResult"),
+    "FinetuneConfig": ("melayer.finetuning.config", "FinetuneConfig"),
+    "SweepResult": ("melayer.sweeps.runner", "SweepResult"),
+    "LM": ("melayer.models.loading", "LM"),
+    "Trace": ("melayer.capture.trace", "Trace"),
+    "WeMask": ("melayer.interventions.wemask", "WeMask"),
+    "Criterion": ("melayer.analysis.criterion", "Criterion"),
+    "ArchSpec": ("melayer.models.archmap", "ArchSpec"),
+    "ARCHITECTURES": ("melayer.models.archmap", "ARCHITECTURES"),
+    # lower-level helpers
+    "find_me_layer": ("melayer.analysis.me_layer", "find_me_layer"),
+    "encode": ("melayer.capture.encoding", "encode"),
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -32,36 +99,30 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     import importlib
 
-    module = importlib.import_module(_LAZY[name])
-    value = module if name == "weights" else getattr(module, name)
+    module, attr = _LAZY[name]
+    value = getattr(importlib.import_module(module), attr)
     globals()[name] = value
     return value
 
 
-__version__ = "0.1.0"
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
-def load(spec: str | None = None, *, adapter: str | None = None, adapter_mask: bool = True, **kwargs) -> LM:
-    """Load a causal LM (see :func:`melayer.models.loading.load`). ``adapter=DIR``: a ``melayer finetune`` output
-    directory, merged into the model; its saved WeMask is re-applied (``lm.adapter_wemask``) unless
-    ``adapter_mask=False``. An adapter trained on another base model is refused."""
-    from melayer.models.loading import load as _load_base
-
-    lm = _load_base(spec, **kwargs)
-    if adapter is not None:
-        from melayer.finetune.adapter import attach_adapter
-
-        lm.adapter_wemask = attach_adapter(lm, adapter, mask=adapter_mask)
-    return lm
+__version__ = VERSION
 
 
 def _repr_html(result: object) -> str:
-    from melayer.report.page import repr_html
+    from melayer.reporting.page import repr_html
 
     return repr_html(result)
 
 
 _display.set_renderer(_repr_html)  # results display as the HTML report's sections in a notebook
 
-__all__ = ["ARCHITECTURES", "ArchSpec", "Criterion", "LM", "MelayerError", "ScanResult", "WeMask", "WeMaskSpec",
-           "encode", "find_me_layer", "from_model", "load", "scan", "weights", "wemask"]
+__all__ = ["ARCHITECTURES", "LM", "ArchSpec", "CompareResult", "Criterion", "EvalResult", "ExplainResult",
+           "FinetuneConfig", "FinetuneResult", "Interrupted", "MelayerError", "NumericOverflow", "RigidityResult",
+           "ScanResult", "SinkResult", "SweepResult", "Trace", "UnsupportedArchitecture", "WeMask", "WeightsResult",
+           "compare", "encode", "evaluate", "explain", "find_me_layer", "finetune", "from_model", "load", "read",
+           "report", "rigidity", "scan", "sinks", "sweep", "trace", "weights",
+           "wemask"]

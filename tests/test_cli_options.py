@@ -48,7 +48,7 @@ def test_fixed_choices_are_enums_with_the_same_values_everywhere():
                        "chat": {("auto", "on", "off")}, "method": {("sft", "dpo", "grpo")},
                        "executor": {("local", "slurm", "ray")}, "what": {("tasks", "archs", "methods")}}
     # and the library accepts each value the CLI offers
-    from melayer.finetune.config import DTYPES, METHODS
+    from melayer.finetuning.config import DTYPES, METHODS
     from melayer.interventions.wemask import SELECT_RULES
     assert set(SELECT_RULES) == {"activation", "weight"} and set(METHODS) == {"sft", "dpo", "grpo"}
     assert set(DTYPES) == {"float32", "bfloat16", "float16"}

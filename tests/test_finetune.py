@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from melayer.finetune import FinetuneConfig, finetune
-from melayer.finetune.data import (
+from melayer.finetuning import FinetuneConfig, finetune
+from melayer.finetuning.data import (
     gsm8k_solution,
     gsm8k_train_file,
     load_records,
@@ -113,7 +113,7 @@ def test_trainer_settings_use_no_deprecated_names(method, on, tmp_path):
     about ``gradient_checkpointing*``), and the setting still reaches TRL, which reads the old attributes."""
     import warnings
 
-    from melayer.finetune.train import trainer_config
+    from melayer.finetuning.train import trainer_config
 
     cfg = FinetuneConfig(method=method, gradient_checkpointing=on, batch_size=2, num_generations=2).validate()
     with warnings.catch_warnings():
@@ -343,7 +343,7 @@ def test_cli_run_killed_with_sigkill_resumes(planted_dir, sft_file, tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_massive_token_under_chat_template(smollm2):
-    from melayer.finetune.train import find_massive_token
+    from melayer.finetuning.train import find_massive_token
 
     rows = plain_rows(load_records("gsm8k", "sft", limit=4), "sft")
     texts = training_texts(smollm2.tokenizer, rows, chat=True, n=4)

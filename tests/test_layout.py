@@ -1,5 +1,5 @@
 """The package's layout rules, read from the source with ``ast``: each folder imports only from the folders before
-it (util -> models -> capture -> analysis -> interventions -> eval / finetune -> sweep / report -> cli), and no
+it (util -> models -> capture -> analysis -> interventions -> eval / finetuning -> sweeps / reporting -> cli), and no
 import cycle runs between files. Every import counts, including the ones inside functions (a lazy import is still a
 dependency); only ``if TYPE_CHECKING:`` blocks are left out (they never run)."""
 
@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "melayer"
 
 # a folder may import from its own level and the levels before it
 LEVELS = {"util": 0, "data": 0, "models": 1, "capture": 2, "analysis": 3, "interventions": 4, "eval": 5,
-          "finetune": 5, "sweep": 6, "report": 6, "cli": 7}
+          "finetuning": 5, "sweeps": 6, "reporting": 6, "cli": 7}
 
 
 def _module_name(path: Path) -> str:

@@ -65,7 +65,7 @@ def test_version_comes_from_one_place(dist):
 def test_wheel_holds_the_package_data_and_no_tests(dist):
     names = zipfile.ZipFile(_one(dist, "melayer-*.whl")).namelist()
     for needed in ("melayer/data/prompts.txt", "melayer/data/ppl_text.txt", "melayer/data/ppl_text.NOTICE.md",
-                   "melayer/report/templates/report.html.j2", "melayer/report/templates/report.css",
+                   "melayer/reporting/templates/report.html.j2", "melayer/reporting/templates/report.css",
                    "melayer/data/eval/gsm8k/NOTICE.md", "melayer/data/finetune/gsm8k/NOTICE.md"):
         assert needed in names, needed
     assert any(n.startswith("melayer/data/eval/arc/") for n in names)
@@ -84,7 +84,7 @@ def test_sdist_holds_the_package_and_no_tests(dist):
     with tarfile.open(_one(dist, "melayer-*.tar.gz")) as tar:
         names = [n.split("/", 1)[1] for n in tar.getnames() if "/" in n]
     assert "pyproject.toml" in names and "LICENSE" in names and "melayer/data/prompts.txt" in names
-    assert "melayer/report/templates/report.html.j2" in names
+    assert "melayer/reporting/templates/report.html.j2" in names
     assert not [n for n in names if n.startswith(("tests/", "bench/", "tools/", "docs/"))]
 
 

@@ -30,29 +30,12 @@ from conftest import save_lm
 import melayer
 from melayer.capture import SITES, Hooks, forward_body, left_pad, pad_id, read_site, site_module
 from melayer.capture.batching import plan_batches
+from melayer.capture.trace import TL_HOOKS, tl_hook
 from melayer.testing import MODEL_TYPES, tiny_lm
 
 RTOL = 1e-5  # relative to the value and to the tensor's largest |a| (see the module docstring)
 RTOL_REAL = 3e-5  # the embedded models: 30 layers of batched vs single-prompt kernels (see the slow test)
 
-# melayer's site -> TransformerLens's hook of the same block. attn_in / mlp_in: the pre-norm's output where the
-# family has a pre-norm, else (OLMo2, post-norm only) the raw residual stream the module reads.
-TL_HOOK = {
-    "resid_in": "hook_resid_pre",
-    "resid_out": "hook_resid_post",
-    "attn_in": "ln1.hook_out",
-    "attn_out": "attn.hook_out",
-    "post_attn_out": "ln1_post.hook_out",
-    "mlp_in": "ln2.hook_out",
-    "mlp_out": "mlp.hook_out",
-    "down_in": "mlp.hook_post",
-    "post_ffn_out": "ln2_post.hook_out",
-    "pre_attn_norm_in": "ln1.hook_in",
-    "post_attn_norm_in": "ln1_post.hook_in",
-    "pre_ffn_norm_in": "ln2.hook_in",
-    "post_ffn_norm_in": "ln2_post.hook_in",
-}
-NO_PRE_NORM = {"attn_in": "hook_resid_pre", "mlp_in": "hook_resid_mid"}
 
 # Byte-level tiny tokenizer: one token per character plus <bos>. The first three (27, 25 and 25 tokens) share one
 # left-padded batch in melayer's CPU plan (the test checks that it does); the last one goes alone.
@@ -127,14 +110,26 @@ def test_every_capture_site_agrees_with_transformer_lens_under_left_padding(pair
         forward_body(lm, batch)
     sites = {s for _, s in got}
     assert {"resid_in", "resid_out", "attn_in", "attn_out", "mlp_in", "mlp_out", "down_in"} <= sites
-    post_norm_only = site_module(lm, 0, "pre_attn_norm_in") is None
+    assert set(TL_HOOKS) == set(SITES)  # melayer.capture.trace names every site in TransformerLens's terms
     for b, ids in enumerate(rows):
         cache = tl_cache(bridge, ids)
         for (layer, site), x in got.items():
-            hook = NO_PRE_NORM.get(site, TL_HOOK[site]) if post_norm_only else TL_HOOK[site]
-            name = f"blocks.{layer}.{hook}"
+            name = f"blocks.{layer}.{tl_hook(lm, site)}"
             assert name in cache, f"{lm.arch.name}: melayer names {site} but TransformerLens has no {name}"
             close(x[b, width - len(ids):], cache[name], f"{lm.arch.name} prompt {b} layer {layer} {site} vs {name}")
+
+
+def test_trace_by_transformer_lens_names_agrees_with_transformer_lens(pair):
+    """``melayer.trace`` asked with TransformerLens's own hook names returns TransformerLens's activations."""
+    lm, bridge = pair
+    hooks = sorted({tl_hook(lm, s) for s in SITES if site_module(lm, 0, s) is not None})
+    traced = melayer.trace(lm, PROMPTS, sites=hooks)
+    for b, prompt in enumerate(PROMPTS):
+        cache = tl_cache(bridge, lm.tokenizer(prompt)["input_ids"])
+        for layer in range(lm.num_layers):
+            for hook in hooks:
+                name = f"blocks.{layer}.{hook}"
+                close(traced[name][b], cache[name], f"{lm.arch.name} prompt {b} {name}")
 
 
 def test_scan_top_values_medians_and_massive_entries_agree_with_transformer_lens(pair):

@@ -11,7 +11,7 @@ import torch
 from melayer.capture import encode
 from melayer.eval.compare import compare
 from melayer.eval.tasks import get_task
-from melayer.interventions.wemask import WeMaskSpec
+from melayer.interventions.wemask import wemask
 from melayer.testing import tiny_lm
 
 
@@ -58,7 +58,7 @@ def test_compare_sink_rate_under_each_mask_equals_hand_computed_attention():
     prompts = [task.sink_text(s) for s in task.load(4, lm=lm)]
     want = {0.0: _hand_sink_rate(lm, prompts)}
     for rate in (0.02, 0.5):
-        with WeMaskSpec(rate, me_layer=1).bind(lm):
+        with wemask(lm, rate, me_layer=1):
             want[rate] = _hand_sink_rate(lm, prompts)
     assert want[0.0] == 0.5 and want[0.02] < 0.5, "planted: every head of layers 2-3 sinks, the mask undoes it"
     assert [row["rate"] for row in d["per_rate"]] == [0.0, 0.02, 0.5]

@@ -9,7 +9,7 @@ import json
 
 import torch
 
-from melayer.finetune import finetune
+from melayer.finetuning import finetune
 from melayer.testing import tiny_lm
 
 RATE = 0.1  # hidden 64 -> k = 6

@@ -19,8 +19,8 @@ from melayer.analysis.weights import LayerScore, _predict
 from melayer.capture import first_real, left_pad, position_ids
 from melayer.capture.reduce import lower_median
 from melayer.eval.stats import bootstrap_ci, paired_bootstrap
-from melayer.interventions.wemask import WeMaskSpec
-from melayer.sweep.table import adjust
+from melayer.interventions.wemask import mask_width
+from melayer.sweeps.table import adjust
 
 settings.register_profile("melayer", max_examples=60, deadline=None, derandomize=True)
 settings.load_profile("melayer")
@@ -102,7 +102,7 @@ def test_wemask_k_is_the_floor_of_rate_times_hidden(rate, hidden):
     from fractions import Fraction
 
     want = math.floor(Fraction(str(rate)) * hidden)
-    assert WeMaskSpec(rate).k(hidden) == want
+    assert mask_width(rate, hidden) == want
 
 
 # ------------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ def outputs(tmp_path_factory, planted_dir, run_cli) -> Path:
 @pytest.fixture(scope="session")
 def finetune_output(tmp_path_factory) -> Path:
     """A real (3-step) SFT run with WeMask on the tiny model, when the fine-tuning stage is installed."""
-    ft = pytest.importorskip("melayer.finetune", reason="melayer.finetune is not on this branch")
+    ft = pytest.importorskip("melayer.finetuning", reason="melayer.finetuning is not on this branch")
     from melayer.testing import tiny_lm
 
     root = tmp_path_factory.mktemp("report-ft")
@@ -53,7 +53,7 @@ def finetune_output(tmp_path_factory) -> Path:
 
 
 def _html(*sources, **kw) -> str:
-    from melayer.report.page import html
+    from melayer.reporting.page import html
 
     return html(*sources, **kw)
 
@@ -115,7 +115,7 @@ def test_text_from_the_inputs_is_escaped(outputs, tmp_path):
 
 
 def test_dose_response_plots_the_paired_difference(outputs):
-    from melayer.report.figures import dose_response
+    from melayer.reporting.figures import dose_response
 
     data = json.loads((outputs / "compare" / "compare.json").read_text())
     fig = dose_response(data)
@@ -214,9 +214,9 @@ def test_training_section_from_a_finetune_run(finetune_output):
 def test_finetune_png_is_the_reports_training_figure(tmp_path):
     """``melayer finetune``'s loss_curve.png draws the report's training curves (every logged quantity), also for
     a run that logged one step."""
-    from melayer.report.figures import training_curves
-    from melayer.report.finetune import loss_curve
-    from melayer.report.plots import plt
+    from melayer.reporting.figures import training_curves
+    from melayer.reporting.finetune import loss_curve
+    from melayer.reporting.plots import plt
 
     log = [{"step": i, "loss": 2 - 0.1 * i, "reward": 0.1 * i, "learning_rate": 2e-4 / i, "grad_norm": 1.0 + i}
            for i in (1, 2, 3)]
@@ -230,7 +230,7 @@ def test_finetune_png_is_the_reports_training_figure(tmp_path):
 
 @pytest.mark.slow
 def test_magnitude_view_shows_gemma_precursor_and_persistent_dim(gemma_scan):
-    from melayer.report.figures import magnitude_map, profile_dims
+    from melayer.reporting.figures import magnitude_map, profile_dims
 
     d = gemma_scan.to_dict()
     dims = dict(profile_dims(d))

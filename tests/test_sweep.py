@@ -71,7 +71,7 @@ def local_run(spec_file, tmp_path_factory):
 
 
 def test_expansion_shares_the_scan_and_baseline_and_orders_stages(planted_dir):
-    from melayer.sweep import expand
+    from melayer.sweeps import expand
 
     cells = expand(grid(planted_dir))
     kinds = [c.command for c in cells]
@@ -97,7 +97,7 @@ def test_expansion_shares_the_scan_and_baseline_and_orders_stages(planted_dir):
 
 
 def test_finetune_cells_are_the_grid_of_rates_rules_and_seeds(planted_dir):
-    from melayer.sweep import expand
+    from melayer.sweeps import expand
 
     spec = {"models": [str(planted_dir)], "runs": [{"command": "finetune", "method": "sft", "rates": [0, 0.01],
                                                    "select": ["activation", "weight"], "seeds": [0, 1],
@@ -122,7 +122,7 @@ def test_finetune_cells_are_the_grid_of_rates_rules_and_seeds(planted_dir):
     ({"modles": ["x"]}, "unknown key 'modles'"),
 ])
 def test_bad_specs_are_one_line_errors(planted_dir, change, message):
-    from melayer.sweep import expand
+    from melayer.sweeps import expand
 
     spec = {"models": [str(planted_dir)], "runs": [{"command": "scan"}], **change}
     with pytest.raises(MelayerError, match=message):
@@ -130,7 +130,7 @@ def test_bad_specs_are_one_line_errors(planted_dir, change, message):
 
 
 def test_fingerprint_is_the_model_not_the_path(planted_dir, tmp_path, monkeypatch):
-    from melayer.sweep.fingerprint import model_fingerprint
+    from melayer.sweeps.fingerprint import model_fingerprint
 
     copy = tmp_path / "m"
     shutil.copytree(planted_dir, copy)
@@ -147,8 +147,8 @@ def test_fingerprint_is_the_model_not_the_path(planted_dir, tmp_path, monkeypatc
 
 
 def test_a_cell_is_finished_only_with_the_same_settings_and_model(planted_dir, tmp_path):
-    from melayer.sweep import expand
-    from melayer.sweep.cell import DONE, cell_dir, finished
+    from melayer.sweeps import expand
+    from melayer.sweeps.cell import DONE, cell_dir, finished
     from melayer.util.io import write_json
 
     cell = expand(grid(planted_dir))[0].to_dict()
@@ -164,7 +164,7 @@ def test_a_cell_is_finished_only_with_the_same_settings_and_model(planted_dir, t
 
 
 def test_benjamini_hochberg_adjustment():
-    from melayer.sweep.table import adjust
+    from melayer.sweeps.table import adjust
 
     table = [{"mcnemar_p": 0.01}, {"mcnemar_p": 0.04}, {"mcnemar_p": None}, {"mcnemar_p": 0.03}]
     adjust(table)
@@ -213,8 +213,8 @@ def test_a_second_run_skips_every_finished_cell(local_run, spec_file):
 
 def test_submitit_local_cluster_gives_the_identical_table(local_run, spec_file, tmp_path):
     pytest.importorskip("submitit")
-    from melayer.sweep import ExecutorOptions, run
-    from melayer.sweep.table import aggregate
+    from melayer.sweeps import ExecutorOptions, run
+    from melayer.sweeps.table import aggregate
 
     res = run(spec_file, tmp_path / "sweep", "slurm", options=ExecutorOptions(slurm_cluster="local", timeout_min=20))
     assert not res.failed and len(res.ran) == 8
@@ -289,17 +289,19 @@ def test_cli_bad_input_is_one_line(spec_file, tmp_path, args, message):
     assert not (tmp_path / "out").exists()
 
 
-def test_melayer_sweep_is_callable_and_dry_runs(local_run, spec_file):
-    import melayer.sweep
+def test_melayer_sweep_is_the_function_and_dry_runs(local_run, spec_file):
+    import melayer
+    import melayer.sweeps  # importing the machinery does not replace the verb
 
+    assert melayer.sweep is melayer.sweeps.run
     res = melayer.sweep(spec_file, local_run[0], dry_run=True)
     assert len(res.cells) == 8 and len(res.skipped) == 8 and not res.records
 
 
 def test_finetune_cell_trains_with_its_mask_and_is_skipped_after(planted_dir, tmp_path):
     pytest.importorskip("trl")
-    from melayer.sweep import ExecutorOptions, run
-    from melayer.sweep.table import aggregate
+    from melayer.sweeps import ExecutorOptions, run
+    from melayer.sweeps.table import aggregate
 
     spec = {"models": [str(planted_dir)], "runs": [{"command": "finetune", "method": "sft", "rates": [0.1],
                                                    "options": {"limit": 8, "max_steps": 1, "batch_size": 2,

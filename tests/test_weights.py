@@ -13,7 +13,7 @@ import torch
 from conftest import REPO, save_lm
 
 import melayer
-from melayer.analysis.weights import candidates, confirm
+from melayer.analysis.weights import candidates, confirm_candidates
 from melayer.models.lazy import GGUFWeights, open_weights
 from melayer.testing import MODEL_TYPES, tiny_lm
 from melayer.util.errors import MelayerError
@@ -43,7 +43,7 @@ def test_planted_precursor_misleads_the_weights(tmp_path):
     assert (r.me_layer, r.massive_dim, r.top_neuron) == (1, 20, 7)  # the cancelling neuron (plant neuron + 2)
     assert (r.candidates[1]["layer"], r.candidates[1]["dim"], r.candidates[1]["neuron"]) == (2, 7, 5)
     assert melayer.scan(lm, ["The capital of France is Paris.", "Hello world!"], progress=False).me_layer == 2
-    c = confirm(lm, r, ["The capital of France is Paris.", "Hello world, how are you?"])
+    c = confirm_candidates(lm, r, ["The capital of France is Paris.", "Hello world, how are you?"])
     assert not c.held and c.first_held is None and c.massive_share[0] == 1.0 and c.massive_share[1] == 0.0
 
 
@@ -179,11 +179,11 @@ def test_confirm_on_a_planted_model(tmp_path):
     lm = tiny_lm("llama", me_layer=2, num_layers=5)
     r = candidates(str(save_lm(lm, tmp_path / "planted")))
     texts = ["The capital of France is Paris.", "Hello world, how are you?"]
-    c = confirm(lm, r, texts)
+    c = confirm_candidates(lm, r, texts)
     assert c.held and c.first_held == 2 and c.emerges == {2: 1.0} and c.layers == [1, 2, 3]
     assert c.massive_share == {1: 0.0, 2: 1.0, 3: 1.0} and c.top_dim[2] == 7
     r.me_layer = 0  # a wrong prediction is reported as such, with the candidate that does hold
-    wrong = confirm(lm, r, texts)
+    wrong = confirm_candidates(lm, r, texts)
     assert not wrong.held and wrong.first_held == 2 and wrong.emerges == {0: 0.0, 2: 1.0}
     assert "not held at layer 0" in wrong.verdict and "first at layer 2" in wrong.verdict
 
@@ -255,12 +255,12 @@ def test_embedded_models(gemma, smollm2):
     g_st = candidates(resolve_source("gemma-3-270m")[1])  # the dequantised safetensors directory
     assert g_st.format == "safetensors"
     assert [(r.dim, r.neuron) for r in g_st.layers] == [(r.dim, r.neuron) for r in g.layers]
-    assert confirm(gemma, g).held
+    assert confirm_candidates(gemma, g).held
 
     s = candidates("smollm2-135m")
     assert (s.me_layer, s.massive_dim, s.top_neuron) == (1, 507, 49)  # the scan says layer 11 (layer 2: precursor)
     assert s.layers[11].dim == 507 and s.layers[11].neurons[:2] == [1229, 1487]
     ranked = [c["layer"] for c in s.candidates]
     assert ranked[:3] == [28, 11, 2]
-    c = confirm(smollm2, s)  # the candidates on dim 507 are layers 1, 2, 11, 28 (+ others in the top 10)
+    c = confirm_candidates(smollm2, s)  # the candidates on dim 507 are layers 1, 2, 11, 28 (+ others in the top 10)
     assert not c.held and c.first_held == 11 and c.emerges[11] > 0.5

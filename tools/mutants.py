@@ -217,7 +217,7 @@ MUTANTS: tuple[Mutant, ...] = (
            "yield rng.integers(0, n, size=(m, n))", "yield rng.integers(0, n - 1, size=(m, n))",
            (T_RULES,), "bootstrap"),
     Mutant("wemask: k rounded instead of floored",
-           "return int(self.rate * hidden_size)", "return round(self.rate * hidden_size)", (T_RULES,), "wemask_k"),
+           "return int(float(rate) * hidden_size)", "return round(float(rate) * hidden_size)", (T_RULES,), "wemask_k"),
     Mutant("compare: sink rate measured without the mask",
            "_sinks(lm, prompts, masks.get(rate))", "_sinks(lm, prompts)", ("tests/test_pinned_compare.py",), None),
     Mutant("sweep: BH p-values handed out in sorted order",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 
@@ -58,3 +58,8 @@ class Criterion:
 
     def to_dict(self) -> dict[str, object]:
         return {**asdict(self), "rule": self.describe()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> Criterion:
+        """The criterion ``to_dict()`` describes (its ``rule`` text is derived and ignored)."""
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})  # type: ignore[arg-type]

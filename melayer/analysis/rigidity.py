@@ -45,8 +45,8 @@ from melayer.capture.batching import planned
 from melayer.capture.encoding import tokenize
 from melayer.models.loading import LM
 from melayer.util.console import track
-from melayer.util.display import HtmlRepr
 from melayer.util.errors import MelayerError
+from melayer.util.results import Result
 
 DEFAULT_PROMPTS = 32
 
@@ -208,7 +208,12 @@ def _nanmean(values: Sequence[float]) -> float | None:
 
 
 @dataclass
-class RigidityResult(HtmlRepr):
+class RigidityResult(Result):
+    """Result of :func:`rigidity`; ``to_dict()`` is what ``rigidity.json`` holds and ``from_dict`` (or
+    ``RigidityResult.load(path)``) reads it back."""
+
+    kind = "rigidity"
+
     model: str
     num_layers: int
     me_layer: int
@@ -251,7 +256,7 @@ class RigidityResult(HtmlRepr):
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "schema": "melayer.rigidity/1",
+            "schema": self.schema(),
             "model": self.model, "num_layers": self.num_layers, "settings": self.settings,
             "me_layer": self.me_layer, "massive_dims": self.massive_dims,
             "massive_token_positions": self.massive_positions, "massive_token_ids": self.massive_token_ids,
@@ -263,6 +268,16 @@ class RigidityResult(HtmlRepr):
             "no_bos": self.no_bos,
             "attention_input_diversity": self.diversity,
         }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RigidityResult:
+        """The result a ``rigidity.json`` holds."""
+        return cls(model=data["model"], num_layers=data["num_layers"], me_layer=data["me_layer"],
+                   massive_dims=data["massive_dims"], massive_positions=data["massive_token_positions"],
+                   massive_token_ids=data["massive_token_ids"],
+                   trivially_identical=data["cross_input_trivially_identical"], consecutive=data["consecutive"],
+                   cross_input=data["cross_input"], diversity=data["attention_input_diversity"],
+                   no_bos=data["no_bos"], notes=data["notes"], settings=data["settings"])
 
 
 @torch.no_grad()
@@ -276,7 +291,25 @@ def rigidity(
     batch_size: int | None = None,
     progress: bool = True,
 ) -> RigidityResult:
-    """Rigidity, cross-input invariance and attention-input diversity around the ME layer (module docstring)."""
+    """Rigidity, cross-input invariance and attention-input diversity around the ME layer (``melayer rigidity``).
+
+    See the module docstring for the measures.
+
+    Args:
+        lm: the model.
+        prompts: at least two prompts (default: the shipped prompt set).
+        n_prompts: use the first this many prompts (None: all).
+        criterion: the massive-activation criterion of the scan that locates the ME layer.
+        scan_result: a scan of the same prompts, to skip that scan.
+        batch_size: at most this many prompts per forward pass.
+        progress: show progress bars.
+
+    Returns:
+        The layer-to-layer and cross-prompt similarities and effective ranks, as a :class:`RigidityResult`.
+
+    Raises:
+        MelayerError: fewer than two prompts, or no ME layer on them.
+    """
     crit = criterion or Criterion()
     prompts = list(prompts) if prompts is not None else default_prompts()
     if n_prompts:

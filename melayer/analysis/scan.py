@@ -20,8 +20,8 @@ from melayer.capture.batching import planned
 from melayer.capture.reduce import LayerReducer
 from melayer.models.loading import LM
 from melayer.util.console import track
-from melayer.util.display import HtmlRepr
 from melayer.util.errors import MelayerError
+from melayer.util.results import Result
 
 TOP_K = 8  # top |a| entries kept per layer and prompt
 MAX_MASSIVE = 256  # massive entries kept per layer and prompt (a sane model has a handful)
@@ -74,8 +74,11 @@ def locate_me_layer(
 
 
 @dataclass
-class ScanResult(HtmlRepr):
-    """Result of :func:`scan`; ``to_dict()`` is exactly what ``scan.json`` holds."""
+class ScanResult(Result):
+    """Result of :func:`scan`; ``to_dict()`` is exactly what ``scan.json`` holds and ``from_dict`` (or
+    ``ScanResult.load(path)``) reads it back."""
+
+    kind = "scan"
 
     model: str
     num_layers: int
@@ -179,7 +182,7 @@ class ScanResult(HtmlRepr):
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "schema": "melayer.scan/1",
+            "schema": self.schema(),
             "model": self.model,
             "arch": self.arch,
             "dtype": self.dtype,
@@ -194,7 +197,10 @@ class ScanResult(HtmlRepr):
             "peak": self.peak(),
             "prompts": [
                 {"index": p.index, "text": p.text, "n_tokens": p.n_tokens, "me_layer": p.me_layer,
-                 "votes": p.eligible}
+                 "votes": p.eligible, "tokens": p.tokens, "medians": p.medians,
+                 "top": [[list(e) for e in layer] for layer in p.top],
+                 "massive_entries": [[list(e) for e in layer] for layer in p.massive],
+                 "persistent": sorted([pos, dim] for pos, dim in p.persistent)}
                 for p in self.prompts
             ],
             "massive": self.massive,
@@ -204,6 +210,30 @@ class ScanResult(HtmlRepr):
             "massive_token_profile": self.profile,
             **self.extra,
         }
+
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ScanResult:
+        """The result a ``scan.json`` holds (every per-prompt reduction; not the |a| rows the scan kept while
+        running, whose one use, the massive token's profile, is stored)."""
+        def entries(layers: list[list[list[Any]]]) -> list[list[tuple[float, int, int]]]:
+            return [[(float(v), int(pos), int(dim)) for v, pos, dim in layer] for layer in layers]
+
+        prompts = [PromptScan(index=p["index"], text=p["text"], tokens=p["tokens"], medians=p["medians"],
+                              top=entries(p["top"]), massive=entries(p["massive_entries"]),
+                              rows=[{} for _ in p["medians"]], watched=[{} for _ in p["medians"]],
+                              me_layer=p["me_layer"], persistent={(pos, dim) for pos, dim in p["persistent"]},
+                              eligible=p["votes"]) for p in data["prompts"]]
+        extra = {k: v for k, v in data.items() if k not in _SCAN_KEYS}
+        return cls(model=data["model"], num_layers=data["num_layers"], hidden_size=data["hidden_size"],
+                   criterion=Criterion.from_dict(data["threshold"]), prompts=prompts, me_layer=data["me_layer"],
+                   me_layer_consistency=data["me_layer_consistency"], dtype=data["dtype"], arch=data["arch"],
+                   profile=data["massive_token_profile"], extra=extra)
+
+
+_SCAN_KEYS = {"schema", "model", "arch", "dtype", "num_layers", "hidden_size", "threshold", "me_layer",
+              "me_layer_consistency", "massive_dims", "massive_dim_support", "massive_tokens", "peak", "prompts",
+              "massive", "precursors", "transient", "per_layer", "massive_token_profile"}
 
 
 def default_prompts() -> list[str]:
@@ -238,13 +268,27 @@ def scan(
     progress: bool = True,
     on_batch: Callable[[list[int]], None] | None = None,
 ) -> ScanResult:
-    """Scan ``prompts`` (default: the shipped prompt set) and locate the ME layer.
+    r"""Find the massive activations of every layer and locate the ME layer (``melayer scan``).
 
     Prompts go through the model in length-sorted batches picked for the device
-    (:func:`melayer.capture.batching.plan_batches`); ``batch_size`` caps the prompts per batch. Results are
-    in input order and do not depend on the batching. ``on_batch(indices)`` is called before each batch's
-    forward pass with the input indices of its rows, so that hooks of the caller's own (e.g. a
-    :class:`melayer.capture.TokenTracker`) can key what they see by prompt.
+    (:func:`melayer.capture.batching.plan_batches`). Results are in input order and do not depend on the
+    batching.
+
+    Args:
+        lm: the model (:func:`melayer.load` or :func:`melayer.from_model`).
+        prompts: one prompt or several (default: the shipped prompt set).
+        criterion: when an activation counts as massive, and how long it must persist (default
+            :class:`~melayer.analysis.criterion.Criterion`\ ``()``).
+        batch_size: at most this many prompts per forward pass.
+        progress: show a progress bar.
+        on_batch: called before each batch's forward pass with the input indices of its rows, so that hooks of
+            the caller's own (e.g. a :class:`melayer.capture.TokenTracker`) can key what they see by prompt.
+
+    Returns:
+        The per-layer magnitudes, massive entries and the ME layer, as a :class:`ScanResult`.
+
+    Raises:
+        MelayerError: an empty prompt or a bad setting.
     """
     crit = criterion or Criterion()
     if isinstance(prompts, str):

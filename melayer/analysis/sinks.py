@@ -47,8 +47,8 @@ from melayer.capture.encoding import tokenize
 from melayer.models.hf_internals import attention_implementation
 from melayer.models.loading import LM
 from melayer.util.console import track
-from melayer.util.display import HtmlRepr
 from melayer.util.errors import MelayerError
+from melayer.util.results import Result
 
 DEFAULT_EPSILON = 0.3
 DEFAULT_MAX_TOKENS = 64
@@ -148,8 +148,11 @@ class _SinkReducer:
 
 
 @dataclass
-class SinkResult(HtmlRepr):
-    """Attention-sink measurement; ``to_dict()`` is what ``sinks.json`` holds."""
+class SinkResult(Result):
+    """Attention-sink measurement; ``to_dict()`` is what ``sinks.json`` holds and ``from_dict`` (or
+    ``SinkResult.load(path)``) reads it back."""
+
+    kind = "sinks"
 
     model: str
     epsilon: float
@@ -212,7 +215,7 @@ class SinkResult(HtmlRepr):
     def to_dict(self) -> dict[str, Any]:
         first = self.first_sink_layer()
         out: dict[str, Any] = {
-            "schema": "melayer.sinks/1",
+            "schema": self.schema(),
             "model": self.model,
             "settings": {
                 "epsilon": self.epsilon, "max_tokens": self.max_tokens, "min_tokens": self.min_tokens,
@@ -248,7 +251,27 @@ class SinkResult(HtmlRepr):
             out["alpha_massive"] = np.nanmean(self.alpha_massive, axis=0).tolist()
             out["sink_rate_massive"] = self.sink_rate_massive
             out["sink_rate_massive_per_layer"] = self.layer_rate(self.alpha_massive)
+        # the measurement itself (prompts x layers x heads), from which everything above is computed
+        out["per_prompt"] = {"tokens": list(self.tokens_per_prompt), "skipped": list(self.skipped),
+                             "alpha_first": self.alpha_first.tolist(), "top_is_first": self.top_is_first.tolist(),
+                             "alpha_massive": None if self.alpha_massive is None else self.alpha_massive.tolist()}
         return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SinkResult:
+        """The result a ``sinks.json`` holds."""
+        raw, s = data["per_prompt"], data["settings"]
+        massive = raw["alpha_massive"]
+        extra = {k: v for k, v in data.items() if k in _EXTRA_KEYS}
+        return cls(model=data["model"], epsilon=s["epsilon"], max_tokens=s["max_tokens"], n_prompts=s["prompts"],
+                   tokens_per_prompt=raw["tokens"], alpha_first=np.array(raw["alpha_first"], dtype=np.float32),
+                   top_is_first=np.array(raw["top_is_first"], dtype=bool),
+                   alpha_massive=None if massive is None else np.array(massive, dtype=np.float32),
+                   massive_positions=data.get("massive_token_positions"), me_layer=data["me_layer"],
+                   min_tokens=s["min_tokens"], skipped=raw["skipped"], extra=extra)
+
+
+_EXTRA_KEYS = ("source",)  # what sinks() adds to a measurement
 
 
 @torch.no_grad()
@@ -321,8 +344,30 @@ def measure_sinks(
 def sinks(lm: LM, prompts: Sequence[str] | None = None, *, windows: int = 32, epsilon: float = DEFAULT_EPSILON,
           max_tokens: int | None = DEFAULT_MAX_TOKENS, min_tokens: int | None = DEFAULT_MIN_TOKENS,
           n_prompts: int | None = None, batch_size: int | None = None, progress: bool = True) -> SinkResult:
-    """``melayer sinks``: without ``prompts``, ``windows`` windows of the shipped WikiText-2 excerpt (Gu et al.'s
-    T=64 setting); locate the ME layer and the massive token with one scan, then measure the sinks for both."""
+    """Attention sinks per layer and head (Gu et al.'s metric), for the first token and the massive token
+    (``melayer sinks``).
+
+    The ME layer and the massive token are located with one scan of the same prompts; then the sinks are
+    measured for both (see :func:`measure_sinks` for the measurement alone).
+
+    Args:
+        lm: the model.
+        prompts: the prompts (default: ``windows`` windows of the shipped WikiText-2 excerpt, Gu et al.'s T=64
+            setting).
+        windows: without ``prompts``, this many windows.
+        epsilon: a head sinks on a token if its mean attention to it exceeds this.
+        max_tokens: truncate prompts to this many tokens (None or 0: no limit).
+        min_tokens: skip prompts shorter than this (short prompts inflate the score; None or 0: keep all).
+        n_prompts: use the first this many prompts (None: all).
+        batch_size: at most this many prompts per forward pass.
+        progress: show progress bars.
+
+    Returns:
+        The per-layer, per-head attention to the first and the massive token, as a :class:`SinkResult`.
+
+    Raises:
+        MelayerError: an empty prompt, a bad setting, or every prompt shorter than ``min_tokens``.
+    """
     from melayer.analysis.me_layer import massive_dims_at, massive_positions
     from melayer.analysis.scan import scan
 

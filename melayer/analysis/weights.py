@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import resource
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +35,8 @@ import torch
 
 from melayer.models.lazy import LazyWeights, open_weights
 from melayer.util.console import track
-from melayer.util.display import HtmlRepr
 from melayer.util.errors import MelayerError
+from melayer.util.results import Result
 
 SCHEMA = "melayer.weights/1"
 EXACT_MEDIAN_MAX = 1 << 21  # larger tensors: the median of an evenly strided sample of at least this many entries
@@ -88,7 +88,12 @@ class Confirmation:
 
 
 @dataclass
-class WeightsResult(HtmlRepr):
+class WeightsResult(Result):
+    """Result of :func:`weights`; ``to_dict()`` is what ``weights.json`` holds and ``from_dict`` (or
+    ``WeightsResult.load(path)``) reads it back."""
+
+    kind = "weights"
+
     model: str
     source: str
     format: str
@@ -117,6 +122,19 @@ class WeightsResult(HtmlRepr):
         d = asdict(self)
         return {"schema": SCHEMA, "score": SCORE, "rule": RULE.format(frac=self.persist_frac, pre=PRECURSOR_SHARE),
                 **d}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> WeightsResult:
+        """The result a ``weights.json`` holds."""
+        own = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in data.items() if k in own}
+        kw["layers"] = [LayerScore(**r) for r in data["layers"]]
+        c = data.get("confirm")
+        if c is not None:
+            by_layer = ("dim_max", "layer_median", "massive_share", "top_dim", "emerges")
+            kw["confirm"] = Confirmation(**{k: ({int(l): v for l, v in c[k].items()} if k in by_layer else c[k])
+                                            for k in c})
+        return cls(**kw)
 
 
 def _proc_status_mb(field: str) -> float | None:
@@ -256,7 +274,7 @@ def _predict(rows: list[LayerScore], persist_frac: float) -> tuple[int, int, lis
     return best.layer, best.dim, [note]
 
 
-def confirm(lm: Any, result: WeightsResult, prompts: list[str] | None = None, *, n_prompts: int = 8,
+def confirm_candidates(lm: Any, result: WeightsResult, prompts: list[str] | None = None, *, n_prompts: int = 8,
             criterion: Any = None) -> Confirmation:
     """Check the prediction with a short scan that hooks only the candidate layers on the massive dim (the
     predicted ME layer and the other ranked candidates writing that dim), each with the layer before and after;
@@ -336,3 +354,51 @@ def confirm(lm: Any, result: WeightsResult, prompts: list[str] | None = None, *,
                         massive_share={layer: sum(massive(layer, i) for i in range(n)) / n for layer in layers},
                         top_dim=top, emerges=emerges, held=held, first_held=first, verdict=verdict,
                         seconds=round(time.perf_counter() - t0, 3))
+
+
+def weights(
+    model: str | LazyWeights | None = None,
+    *,
+    arch: Any = None,
+    top_k: int = 10,
+    top_neurons: int = 3,
+    persist_frac: float = 0.75,
+    confirm: bool = False,
+    lm: Any = None,
+    prompts: list[str] | None = None,
+    n_prompts: int = 8,
+    dtype: str = "float32",
+    progress: bool = True,
+) -> WeightsResult:
+    """Rank (layer, dim, neuron) candidates for the ME layer from the weights alone (``melayer weights``).
+
+    No forward pass and no model object: tensors are read one at a time from the files.
+
+    Args:
+        model: ``gemma-3-270m`` (default) or ``smollm2-135m``, a ``.gguf`` file, a local Hugging Face directory
+            (safetensors), or an opened :class:`~melayer.models.lazy.LazyWeights`.
+        arch: an architecture-map override (a mapped family name, a dict of role -> module path or a JSON file).
+        top_k: candidates listed (the best of each layer).
+        top_neurons: neurons kept per layer.
+        persist_frac: the ME layer's top dim must be the top dim of this share of the later layers.
+        confirm: check the candidates with a short scan of their layers (``--confirm``); the check is kept in
+            ``result.confirm``. The model is loaded after the ranking, unless ``lm`` is given.
+        lm: the loaded checkpoint to confirm on (implies ``confirm``).
+        prompts: the prompts of that check (default: the shipped prompts).
+        n_prompts: use the first this many prompts for the check.
+        dtype: the dtype the model is loaded in for the check.
+        progress: show a progress bar.
+
+    Returns:
+        The ranking, the predicted ME layer, massive dim and super weight, as a :class:`WeightsResult`.
+    """
+    result = candidates(model, arch=arch, top_k=top_k, top_neurons=top_neurons, persist_frac=persist_frac,
+                        progress=progress)
+    if confirm or lm is not None:
+        if lm is None:
+            from melayer.models.loading import load
+
+            lm = load(model if isinstance(model, str) or model is None else model.source, dtype=dtype, arch=arch,
+                      progress=progress)
+        result.confirm = confirm_candidates(lm, result, prompts, n_prompts=n_prompts)
+    return result

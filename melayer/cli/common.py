@@ -4,7 +4,7 @@ model, run, write the JSON atomically, render (summary + plots). Commands are th
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -65,7 +65,6 @@ ChatOpt = Annotated[Chat, typer.Option("--chat", help="chat template: auto (when
 PlotsOpt = Annotated[bool, typer.Option(help="write PNG plots")]
 ReportOpt = Annotated[bool, typer.Option("--report", help="also (re)write DIR/report.html from every melayer output in DIR")]
 
-Plot = tuple[Callable[[dict[str, Any], Path], Any], str]  # (renderer, file name inside the output directory)
 
 
 def prompts_from(prompt: str | None, prompts: Path | None) -> list[str] | None:
@@ -120,14 +119,10 @@ def load_model(model: str | None, dtype: str, arch: str | None, adapter: Path | 
                device_map: str | None = None, max_memory: str | None = None) -> Any:
     """Load ``--model`` (and merge ``--adapter``; its saved mask is returned by :func:`adapter_mask`), split
     across devices by ``--device-map`` / ``--max-memory``."""
-    import melayer
+    from melayer.interventions.adapter import load
 
-    if adapter is not None:
-        from melayer.finetune.adapter import read_adapter_dir
-
-        read_adapter_dir(adapter)  # a bad --adapter fails before the model is loaded
-    return melayer.load(model, dtype=dtype, arch=arch, adapter=adapter, adapter_mask=False, device_map=device_map,
-                        max_memory=max_memory)
+    return load(model, dtype=dtype, arch=arch, adapter=adapter, adapter_mask=False, device_map=device_map,
+                max_memory=max_memory)
 
 
 def adapter_mask(lm: Any, adapter: Path | None, use: bool, wemask: float | None) -> Any:
@@ -135,7 +130,7 @@ def adapter_mask(lm: Any, adapter: Path | None, use: bool, wemask: float | None)
     mask from ``--wemask``."""
     if adapter is None or not use:
         return None
-    from melayer.finetune.adapter import saved_mask
+    from melayer.interventions.adapter import saved_mask
 
     mask = saved_mask(lm, adapter)
     if mask is not None and wemask is not None:
@@ -144,33 +139,34 @@ def adapter_mask(lm: Any, adapter: Path | None, use: bool, wemask: float | None)
     return mask
 
 
-def finish(data: dict[str, Any], output: Path, json_name: str, render: Callable[[dict[str, Any]], None],
-           plots: Sequence[Plot] = (), write: bool = True, announce_plots: bool = False, report: bool = False) -> None:
-    """Render the summary, write ``output/json_name`` atomically (unless the API already did), draw the plots,
-    refresh ``output/report.html`` if asked, and say what was written."""
+def finish(data: dict[str, Any], output: Path, kind: str, plots: bool = True, write: bool = True,
+           announce_plots: bool = False, report: bool = False) -> None:
+    """Print the kind's summary, write ``output/<kind>.json`` atomically (unless the API already did), draw its
+    figures (see :data:`melayer.reporting.results.KINDS`), refresh ``output/report.html`` if asked, and say
+    what was written."""
+    from melayer.reporting.results import KINDS
     from melayer.util.io import write_json
 
-    render(data)
+    spec = KINDS[kind]
+    spec.print_summary(data)
     if write:
-        write_json(output / json_name, data)
-    for draw, name in plots:
-        draw(data, output / name)
-    extra = "".join(f" and {output / name}" for _, name in plots) if announce_plots else ""
-    typer.echo(f"wrote {output / json_name}{extra}")
+        write_json(output / spec.file, data)
+    drawn = spec.draw(data, output) if plots else []
+    extra = "".join(f" and {p}" for p in drawn) if announce_plots else ""
+    typer.echo(f"wrote {output / spec.file}{extra}")
     if report:
-        from melayer.report.page import html
+        from melayer.reporting.page import html
 
         html(output, output=output / "report.html")
         typer.echo(f"wrote {output / 'report.html'}")
 
 
-def run_analysis(*, output: Path, model: str | None, dtype: str, arch: str | None, json_name: str,
-                 placement: tuple[str | None, str | None] = (None, None),
-                 run: Callable[[Any], Any], render: Callable[[dict[str, Any]], None],
-                 plots: Sequence[Plot] = (), report: bool = False) -> dict[str, Any]:
-    """check output -> load -> run (returns a result with ``to_dict()``) -> render -> write -> plots (-> report)."""
+def run_analysis(*, kind: str, output: Path, model: str | None, dtype: str, arch: str | None,
+                 placement: tuple[str | None, str | None] = (None, None), run: Callable[[Any], Any],
+                 plots: bool = True, report: bool = False) -> dict[str, Any]:
+    """check output -> load -> run (returns a result with ``to_dict()``) -> summary -> write -> figures (-> report)."""
     check_output(output)
     lm = load_model(model, dtype, arch, device_map=placement[0], max_memory=placement[1])
     data = run(lm).to_dict()
-    finish(data, output, json_name, render, plots, report=report)
+    finish(data, output, kind, plots, report=report)
     return data

@@ -71,19 +71,17 @@ def compare_cmd(
     """Same samples at several WeMask rates: paired differences vs rate 0, bootstrap CIs, McNemar, sinks
     -> DIR/compare.json + DIR/dose_response.png (+ one resumable eval per rate in DIR/rate_<r>/)."""
     from melayer.eval.compare import parse_rates
-    from melayer.interventions.wemask import WeMaskSpec
+    from melayer.interventions.wemask import check_settings
 
     chat_mode, options = check_task(task, limit, batch_size, max_new_tokens, chat, num_fewshot=num_fewshot,
                                     window=window, stride=stride, subjects=subjects)
     rate_list = parse_rates(rates)
-    WeMaskSpec(max(rate_list), select=select, gamma=gamma)  # validated before loading
+    check_settings(max(rate_list), select=select, gamma=gamma)  # validated before loading
     out = check_output(output or Path("out/compare") / task)
     from melayer.eval.compare import compare
-    from melayer.report.eval import dose_response_plot, print_compare
 
     lm = load_model(model, dtype, arch, adapter, device_map, max_memory)
     result = compare(lm, task, rate_list, limit=limit, batch_size=batch_size, output=out, select=select,
                      layers=layers, gamma=gamma, me_layer=me_layer, max_new_tokens=max_new_tokens, chat=chat_mode,
                      sinks=sinks, overwrite=overwrite, **options)
-    finish(result.to_dict(), out, "compare.json", print_compare, plots=[(dose_response_plot, "dose_response.png")],
-           write=False, announce_plots=True, report=report)
+    finish(result.to_dict(), out, "compare", write=False, announce_plots=True, report=report)

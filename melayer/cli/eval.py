@@ -73,25 +73,26 @@ def eval_cmd(
     max_memory: MaxMemoryOpt = None,
 ) -> None:
     """Evaluate a model on one task -> DIR/eval.json + DIR/samples.jsonl (a killed run resumes)."""
-    from melayer.interventions.wemask import WeMaskSpec
+    from melayer.interventions.wemask import check_settings
 
     chat_mode, options = check_task(task, limit, batch_size, max_new_tokens, chat, num_fewshot=num_fewshot,
                                     window=window, stride=stride, subjects=subjects)
     check_mask_options(wemask, layers, me_layer)
-    spec = WeMaskSpec(wemask, select=select, gamma=gamma) if wemask is not None else None  # validated before loading
+    if wemask is not None:
+        check_settings(wemask, select=select, gamma=gamma)  # validated before loading
     out = check_output(output or Path("out/eval") / task)
     from melayer.analysis.me_layer import find_me_layer
     from melayer.eval import run
-    from melayer.interventions.wemask import parse_layers
-    from melayer.report.eval import print_eval
+    from melayer.interventions.wemask import mask_width, parse_layers
+    from melayer.interventions.wemask import wemask as build_mask
 
     lm = load_model(model, dtype, arch, adapter, device_map, max_memory)
     mask = adapter_mask(lm, adapter, use_adapter_mask, wemask)
-    if spec is not None:
+    if wemask is not None:
         layer_list = parse_layers(layers, lm.num_layers)
-        if me_layer is None and layer_list is None and spec.k(lm.hidden_size) > 0:
+        if me_layer is None and layer_list is None and mask_width(wemask, lm.hidden_size) > 0:
             me_layer = find_me_layer(lm, progress=True, hint="; pass --me-layer or --layers")
-        mask = WeMaskSpec(spec.rate, layers=layer_list, select=select, gamma=gamma, me_layer=me_layer).bind(lm)
+        mask = build_mask(lm, wemask, layers=layer_list, select=select, gamma=gamma, me_layer=me_layer)
     result = run(lm, task, limit=limit, batch_size=batch_size, output=out, max_new_tokens=max_new_tokens,
                  chat=chat_mode, intervention=mask, overwrite=overwrite, **options)
-    finish(result.to_dict(), out, "eval.json", print_eval, write=False, report=report)
+    finish(result.to_dict(), out, "eval", write=False, report=report)

@@ -53,17 +53,13 @@ def explain(
     ablation with controls -> DIR/explain.json + PNGs."""
     from melayer.interventions.explain import DEFAULT_PROMPTS
     from melayer.interventions.explain import explain as run_explain
-    from melayer.report import plots_analysis as P
-    from melayer.report.summary_analysis import print_explain
 
     if ppl_tokens < 0:
         raise MelayerError("--ppl-tokens must be >= 0")
     texts = prompts_from(prompt, prompts)
     n = n_prompts(n_prompts_, DEFAULT_PROMPTS)
-    run_analysis(output=output, model=model, dtype=dtype, arch=arch, placement=(device_map, max_memory), json_name="explain.json",
+    run_analysis(kind="explain", output=output, model=model, dtype=dtype, arch=arch, placement=(device_map, max_memory),
                  run=lambda lm: run_explain(lm, texts, n_prompts=n, share=share, max_neurons=max_neurons,
                                             random_draws=random_draws, seed=seed, ppl_tokens=ppl_tokens or None,
                                             batch_size=batch_size),
-                 render=print_explain,
-                 plots=[(P.explain_mechanism, "explain_mechanism.png"), (P.explain_norm_gains, "explain_norm_gains.png"),
-                        (P.explain_ablations, "explain_ablations.png")] if plots else [], report=report)
+                 plots=plots, report=report)

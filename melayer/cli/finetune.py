@@ -77,9 +77,9 @@ def finetune(
     # transformers 5 renames gradient_checkpointing -> activation_checkpointing; melayer's settings use the new
     # name, but TRL 1.16 / peft 0.21 still call the model's old methods (is_gradient_checkpointing, ..._enable)
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
-    from melayer.finetune import FinetuneConfig
-    from melayer.finetune import finetune as run
-    from melayer.report.finetune import loss_curve, summary
+    from melayer.finetuning import FinetuneConfig
+    from melayer.finetuning import finetune as run
+    from melayer.reporting.finetune import loss_curve, summary
     from melayer.util.console import err
     from melayer.util.io import read_jsonl
 

@@ -50,7 +50,7 @@ def generate(
     """Greedy generation (KV cache) printed to stdout; with --wemask under WeMask (settings on stderr)."""
     from melayer.cli.common import adapter_mask, check_mask_options, check_output_file, load_model
     from melayer.interventions.generate import chat_prompt, greedy_generate
-    from melayer.interventions.wemask import WeMask, WeMaskSpec, format_layers
+    from melayer.interventions.wemask import WeMask, check_settings, format_layers
     from melayer.util.console import err, status
     from melayer.util.errors import MelayerError
     from melayer.util.io import write_json
@@ -61,7 +61,7 @@ def generate(
         raise MelayerError("--max-new-tokens must be >= 1")
     check_mask_options(wemask, layers, me_layer)
     if wemask is not None:  # cheap checks before loading the model
-        WeMaskSpec(wemask, select=select, gamma=gamma)
+        check_settings(wemask, select=select, gamma=gamma)
     if output is not None:
         check_output_file(output)
     use_chat = chat_flag(chat)

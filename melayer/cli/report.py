@@ -19,7 +19,7 @@ def report(
 ) -> None:
     """One self-contained HTML page (no external asset, no network) from the outputs of scan, explain, rigidity,
     sinks, eval, compare and finetune found in DIR... -> FILE."""
-    from melayer.report.page import check_output, html
+    from melayer.reporting.page import check_output, html
 
     check_output(output)
     html(*dirs, output=output, interactive=interactive, title=title)

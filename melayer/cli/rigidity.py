@@ -41,11 +41,8 @@ def rigidity(
     """Rigidity of the massive token, cross-input invariance, diversity of attention inputs -> DIR/rigidity.json + PNG."""
     from melayer.analysis.rigidity import DEFAULT_PROMPTS
     from melayer.analysis.rigidity import rigidity as run_rigidity
-    from melayer.report import plots_analysis as P
-    from melayer.report.summary_analysis import print_rigidity
 
     texts = prompts_from(None, prompts)
     n = n_prompts(n_prompts_, DEFAULT_PROMPTS)
-    run_analysis(output=output, model=model, dtype=dtype, arch=arch, placement=(device_map, max_memory), json_name="rigidity.json",
-                 run=lambda lm: run_rigidity(lm, texts, n_prompts=n, batch_size=batch_size), render=print_rigidity,
-                 plots=[(P.rigidity_plot, "rigidity.png")] if plots else [], report=report)
+    run_analysis(kind="rigidity", output=output, model=model, dtype=dtype, arch=arch, placement=(device_map, max_memory),
+                 run=lambda lm: run_rigidity(lm, texts, n_prompts=n, batch_size=batch_size), plots=plots, report=report)

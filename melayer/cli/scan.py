@@ -45,16 +45,11 @@ def scan(
     report: ReportOpt = False,
 ) -> None:
     """Scan a model for massive activations and locate its ME layer -> DIR/scan.json + PNGs."""
-    import melayer
     from melayer.analysis.criterion import Criterion
-    from melayer.report import figures as F
-    from melayer.report import plots as P
-    from melayer.report.summary import print_scan
+    from melayer.analysis.scan import scan
 
     texts = prompts_from(prompt, prompts)
     crit = Criterion(abs_min=abs_min, median_ratio=median_ratio, persist_ratio=persist_ratio,
                      persist_frac=persist_frac)
-    run_analysis(output=output, model=model, dtype=dtype, arch=arch, placement=(device_map, max_memory), json_name="scan.json",
-                 run=lambda lm: melayer.scan(lm, texts, criterion=crit, batch_size=batch_size), render=print_scan,
-                 plots=[(P.layer_magnitudes, "layer_magnitudes.png"), (F.token_surface, "massive_token_surface.png")]
-                 if plots else [], report=report)
+    run_analysis(kind="scan", output=output, model=model, dtype=dtype, arch=arch, placement=(device_map, max_memory),
+                 run=lambda lm: scan(lm, texts, criterion=crit, batch_size=batch_size), plots=plots, report=report)

@@ -50,8 +50,6 @@ def sinks(
 ) -> None:
     """Attention sinks per layer and head (Gu et al. metric), first sink layer vs the ME layer -> DIR/sinks.json + PNG."""
     from melayer.analysis.sinks import sinks as run_sinks
-    from melayer.report import plots_analysis as P
-    from melayer.report.summary_analysis import print_sinks
 
     if max_tokens < 0 or min_tokens < 0:
         raise MelayerError("--max-tokens and --min-tokens must be >= 0")
@@ -59,7 +57,7 @@ def sinks(
         raise MelayerError("--windows must be >= 1")
     texts = prompts_from(prompt, prompts)
     n = n_prompts(n_prompts_, None)
-    run_analysis(output=output, model=model, dtype=dtype, arch=arch, placement=(device_map, max_memory), json_name="sinks.json",
+    run_analysis(kind="sinks", output=output, model=model, dtype=dtype, arch=arch, placement=(device_map, max_memory),
                  run=lambda lm: run_sinks(lm, texts, windows=windows, epsilon=epsilon, max_tokens=max_tokens,
                                           min_tokens=min_tokens, n_prompts=n, batch_size=batch_size),
-                 render=print_sinks, plots=[(P.sinks_heatmap, "sinks_heatmap.png")] if plots else [], report=report)
+                 plots=plots, report=report)

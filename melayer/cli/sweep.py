@@ -1,4 +1,4 @@
-"""``melayer sweep [run] SPEC`` and ``melayer sweep aggregate DIR``: thin shells over :mod:`melayer.sweep`."""
+"""``melayer sweep [run] SPEC`` and ``melayer sweep aggregate DIR``: thin shells over :mod:`melayer.sweeps`."""
 
 from __future__ import annotations
 
@@ -41,12 +41,12 @@ class Executor(StrEnum):
 
 
 def _write_table(root: Path, out: Path | None, plot: bool) -> None:
-    from melayer.sweep.table import aggregate, write
+    from melayer.sweeps.table import aggregate, write
 
     table = aggregate(root)
     paths = write(table, out or root / "table")
     if plot:
-        from melayer.report.plots_sweep import sweep_differences
+        from melayer.reporting.plots_sweep import sweep_differences
 
         png = sweep_differences(table, paths["csv"].with_suffix(".png"))
         if png is not None:
@@ -75,7 +75,7 @@ def sweep(
     table: Annotated[bool, typer.Option(help="write DIR/table.csv/.json/.png when done")] = True,
 ) -> None:
     """Run a grid of scan / eval / compare / finetune cells; finished cells are skipped, partial ones resume."""
-    import melayer.sweep as S
+    import melayer.sweeps as S
     from melayer.cli.common import check_output
 
     if threads < 1:

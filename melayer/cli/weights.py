@@ -20,7 +20,6 @@ from melayer.cli.common import (
     ReportOpt,
     check_output,
     finish,
-    load_model,
     n_prompts,
     prompts_from,
 )
@@ -42,16 +41,11 @@ def weights(
     report: ReportOpt = False,
 ) -> None:
     """Rank (layer, dim, neuron) candidates for the ME layer from the weights alone -> DIR/weights.json + PNG."""
-    from melayer.analysis.weights import candidates
-    from melayer.analysis.weights import confirm as confirm_candidates
-    from melayer.report.weights import print_weights, score_plot
+    from melayer.analysis.weights import weights as rank
 
     check_output(output)
     texts = prompts_from(prompt, prompts)
     count = n_prompts(n_prompts_, 8)
-    result = candidates(model, arch=arch, top_k=top_k, persist_frac=persist_frac)
-    if confirm:
-        lm = load_model(model, dtype, arch)
-        result.confirm = confirm_candidates(lm, result, texts, n_prompts=count or 10**9)
-    finish(result.to_dict(), output, "weights.json", print_weights,
-           [(score_plot, "weights_scores.png")] if plots else [], report=report)
+    result = rank(model, arch=arch, top_k=top_k, persist_frac=persist_frac, confirm=confirm, prompts=texts,
+                  n_prompts=count or 10**9, dtype=dtype)
+    finish(result.to_dict(), output, "weights", plots, report=report)

@@ -1,4 +1,5 @@
-"""Offline evaluation with paired statistics: ``run`` (one task) and ``compare`` (WeMask rates vs baseline).
+"""Offline evaluation with paired statistics: ``run`` (one task; ``melayer.evaluate``) and
+:func:`melayer.eval.compare.compare` (WeMask rates vs baseline; ``melayer.compare``).
 
 Tasks (the registry ``REGISTRY`` in :mod:`melayer.eval.tasks`, also ``TASKS``; add your own with
 ``register_task``): ppl (WikiText-2), gsm8k, math500,
@@ -10,24 +11,19 @@ from typing import TYPE_CHECKING, Any
 from melayer.eval.tasks import TASKS, Task, get_task
 
 if TYPE_CHECKING:
+    from melayer.eval.compare import CompareResult
     from melayer.eval.runner import EvalResult, run
 
-__all__ = ["TASKS", "EvalResult", "Task", "compare", "get_task", "run"]
+__all__ = ["TASKS", "CompareResult", "EvalResult", "Task", "get_task", "run"]
+
+# the runner imports torch: loaded on first use, so that the CLI's task options come without it
+_LAZY = {"EvalResult": "melayer.eval.runner", "run": "melayer.eval.runner",
+         "CompareResult": "melayer.eval.compare"}
 
 
 def __getattr__(name: str) -> Any:
-    # the runner imports torch: loaded on first use, so that the CLI's task options come without it
-    if name in ("EvalResult", "run"):
-        from melayer.eval import runner
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
 
-        return getattr(runner, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def compare(*args, **kwargs):
-    from melayer.eval.compare import compare as _compare
-
-    return _compare(*args, **kwargs)
-
-
-compare.__doc__ = "See :func:`melayer.eval.compare.compare`."
+    return getattr(importlib.import_module(_LAZY[name]), name)

@@ -19,8 +19,8 @@ from melayer.eval.runner import EvalResult, run
 from melayer.eval.stats import N_BOOT, SEED, mcnemar, outcomes, paired_bootstrap
 from melayer.eval.tasks import get_task
 from melayer.models.loading import LM
-from melayer.util.display import HtmlRepr
 from melayer.util.errors import MelayerError
+from melayer.util.results import Result
 
 SCHEMA = "melayer.compare/1"
 DEFAULT_RATES = (0.0, 0.001, 0.01, 0.05)
@@ -72,7 +72,12 @@ def sinks_available() -> str | None:
 
 
 @dataclass
-class CompareResult(HtmlRepr):
+class CompareResult(Result):
+    """Result of :func:`compare`; ``to_dict()`` is what ``compare.json`` holds and ``from_dict`` (or
+    ``CompareResult.load(path)``) reads it back (the per-rate evaluations stay in their ``rate_*/`` folders)."""
+
+    kind = "compare"
+
     task: str
     model: str
     rates: list[float]
@@ -106,6 +111,14 @@ class CompareResult(HtmlRepr):
             "elapsed_s": round(self.elapsed_s, 2),
         }
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CompareResult:
+        """The result a ``compare.json`` holds."""
+        return cls(task=data["task"], model=data["model"], rates=data["rates"], me_layer=data["me_layer"],
+                   me_layer_source=data["me_layer_source"], select=data["select"], gamma=data["gamma"],
+                   layers=data["layers"], rows=data["per_rate"], settings=data["settings"], sinks=data["sinks"],
+                   output=data["output"], elapsed_s=data["elapsed_s"])
+
 
 def compare(
     lm: LM,
@@ -128,9 +141,37 @@ def compare(
     progress: bool = True,
     **task_options: Any,
 ) -> CompareResult:
-    """Evaluate ``task`` at each WeMask rate on the same samples and compare every rate with rate 0."""
+    """Evaluate one task at several WeMask rates on the same samples and compare every rate with rate 0
+    (``melayer compare``): paired differences, bootstrap intervals, McNemar, sink rates.
+
+    Args:
+        lm: the model.
+        task: a task name (``melayer.eval.TASKS``).
+        rates: the WeMask rates, a list or a comma-separated string (0 is added: the baseline).
+        limit: use the first this many samples (None: all).
+        batch_size: samples per forward pass.
+        output: a directory for ``compare.json`` and one resumable evaluation per rate (None: nothing written).
+        select: the WeMask dim rule, ``"activation"`` or ``"weight"`` (see :func:`melayer.wemask`).
+        layers: the layers to mask (default: every layer after the ME layer).
+        gamma: the masked dims are scaled by ``1 - gamma``.
+        me_layer: the ME layer, when known (else found by a scan).
+        max_new_tokens: the generation budget of generative tasks (None: the task's).
+        chat: use the chat template: ``True``, ``False`` or ``"auto"``.
+        sinks: also measure the sink rate at each rate.
+        n_boot: bootstrap resamples.
+        seed: the bootstrap seed.
+        overwrite: discard previous runs with other settings in ``output``.
+        progress: show progress bars.
+        **task_options: the task's own options (e.g. ``num_fewshot``).
+
+    Returns:
+        Every rate's metrics and its paired comparison with the baseline, as a :class:`CompareResult`.
+
+    Raises:
+        MelayerError: an unknown task, a bad rate or setting, or ``output`` holding other runs.
+    """
     from melayer.analysis.me_layer import find_me_layer
-    from melayer.interventions.wemask import WeMaskSpec, parse_layers
+    from melayer.interventions.wemask import parse_layers, wemask
 
     t0 = time.time()
     rates = parse_rates(rates)
@@ -143,7 +184,7 @@ def compare(
     if me_layer is None and layer_list is None and any(r > 0 for r in rates):
         source = "scan"
         me_layer = find_me_layer(lm, progress=progress, hint="; pass --me-layer or --layers")
-    masks = {rate: WeMaskSpec(rate, layers=layer_list, select=select, gamma=gamma, me_layer=me_layer).bind(lm)
+    masks = {rate: wemask(lm, rate, layers=layer_list, select=select, gamma=gamma, me_layer=me_layer)
              for rate in rates if rate > 0}
 
     out_dir = Path(output) if output is not None else None

@@ -49,22 +49,23 @@ class MelayerLM(HFLM):
         peft_mask: Any = True,
         **kwargs: Any,
     ) -> None:
-        import melayer
+        from melayer.interventions.adapter import load
         from melayer.interventions.wemask import WeMask
         from melayer.models.loading import LM
+        from melayer.util.errors import MelayerError
 
         if isinstance(pretrained, LM):
             lm = pretrained
         else:
             if pretrained is not None and not isinstance(pretrained, str):
-                raise melayer.MelayerError("model 'melayer' needs pretrained=SPEC (a melayer.load spec) or a melayer LM")
+                raise MelayerError("model 'melayer' needs pretrained=SPEC (a melayer.load spec) or a melayer LM")
             use_mask = str(peft_mask).lower() not in ("false", "0", "no")
-            lm = melayer.load(pretrained, dtype=dtype, arch=arch, device=_device(device), progress=False,
-                              adapter=peft, adapter_mask=use_mask)
+            lm = load(pretrained, dtype=dtype, arch=arch, device=_device(device), progress=False,
+                      adapter=peft, adapter_mask=use_mask)
         saved = getattr(lm, "adapter_wemask", None)
         if saved is not None and wemask is not None:
-            raise melayer.MelayerError("peft=: the adapter re-applies the WeMask it was trained with; give no wemask= "
-                                       "(or peft_mask=false to choose another mask)")
+            raise MelayerError("peft=: the adapter re-applies the WeMask it was trained with; give no wemask= "
+                               "(or peft_mask=false to choose another mask)")
         if lm.tokenizer.pad_token is None:
             lm.tokenizer.pad_token = lm.tokenizer.eos_token
         self.melayer_lm = lm

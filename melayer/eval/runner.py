@@ -33,9 +33,9 @@ from melayer.eval.tasks import RunContext, Task, get_task
 from melayer.models.fingerprint import fingerprint
 from melayer.models.loading import LM
 from melayer.util.console import track, warn
-from melayer.util.display import HtmlRepr
 from melayer.util.errors import Interrupted, MelayerError
 from melayer.util.io import append_jsonl, read_jsonl, scan_jsonl, write_atomic, write_json
+from melayer.util.results import Result, read_json
 
 SCHEMA = "melayer.eval/1"
 SAMPLES = "samples.jsonl"
@@ -55,8 +55,12 @@ def describe_intervention(intervention: E.Intervention) -> dict[str, Any] | None
 
 
 @dataclass
-class EvalResult(HtmlRepr):
-    """Summary of one task run (``records`` holds the per-sample records, in sample order)."""
+class EvalResult(Result):
+    """Summary of one task run (``records`` holds the per-sample records, in sample order); ``to_dict()`` is
+    what ``eval.json`` holds. ``EvalResult.load(path)`` reads it back with the records of the
+    ``samples.jsonl`` next to it."""
+
+    kind = "eval"
 
     task: str
     model: str
@@ -70,6 +74,7 @@ class EvalResult(HtmlRepr):
     elapsed_s: float = 0.0
     intervention_after: dict[str, Any] | None = None
     breakdown: dict[str, Any] | None = None
+    truncated_saved: dict[str, Any] | None = field(default=None, repr=False)  # read from a file without records
 
     def values(self, metric: str) -> list[Any]:
         return [r["metrics"][metric] for r in self.records]
@@ -79,6 +84,8 @@ class EvalResult(HtmlRepr):
 
     def truncated(self) -> dict[str, Any]:
         """Samples whose input was cut from the left to fit the model's positions (lm-eval's rule)."""
+        if not self.records and self.truncated_saved is not None:
+            return self.truncated_saved
         cut = [r["truncated_tokens"] for r in self.records if r.get("truncated_tokens")]
         return {"samples": len(cut), "max_tokens_cut": max(cut, default=0),
                 "rule": "inputs longer than the model's positions lose their start (log-likelihood: the last "
@@ -101,6 +108,23 @@ class EvalResult(HtmlRepr):
             "elapsed_s": round(self.elapsed_s, 2),
             "output": self.output,
         }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], records: list[dict[str, Any]] | None = None) -> EvalResult:
+        """The result an ``eval.json`` holds; ``records``: its per-sample records (``samples.jsonl``)."""
+        return cls(task=data["task"], model=data["model"], settings=data["settings"], metrics=data["metrics"],
+                   breakdown=data.get("breakdown"), primary=data["primary_metric"], n_samples=data["n_samples"],
+                   records=list(records or []),
+                   metric_specs=tuple(Metric(**m) for m in data["metric_kinds"].values()), output=data["output"],
+                   elapsed_s=data["elapsed_s"], intervention_after=data["intervention_after_run"],
+                   truncated_saved=data["truncated"])
+
+    @classmethod
+    def load(cls, path: str | Path) -> EvalResult:
+        """Read an ``eval.json`` (and the ``samples.jsonl`` beside it, when there) back into the result."""
+        data = cls.check(read_json(path), str(path))
+        samples = Path(path).parent / SAMPLES
+        return cls.from_dict(data, read_jsonl(samples) if samples.is_file() else None)
 
 
 def _key(identity: dict[str, Any]) -> str:
@@ -169,11 +193,31 @@ def run(
     samples: list[Any] | None = None,
     **task_options: Any,
 ) -> EvalResult:
-    """Evaluate ``lm`` on ``task`` (name or :class:`Task`); see the module docstring for resume semantics.
+    """Evaluate ``lm`` on one task, offline, resumably (``melayer eval``; ``melayer.evaluate``).
 
-    ``intervention`` is a re-enterable context manager applied around every model call (e.g.
-    ``wemask(lm, rate=0.01, me_layer=3)``; a callable returning one is called once). ``on_batch`` is called with each batch's new records after
-    they are written. ``samples`` overrides the task's own sample list (``task.load(limit)``).
+    See the module docstring for how a killed run resumes.
+
+    Args:
+        lm: the model.
+        task: a task name (``melayer.eval.TASKS``) or a :class:`~melayer.eval.tasks.Task`.
+        limit: use the first this many samples (None: all).
+        batch_size: samples per forward pass.
+        output: a directory for ``eval.json`` and ``samples.jsonl`` (None: nothing is written).
+        max_new_tokens: the generation budget of generative tasks (None: the task's).
+        chat: use the chat template: ``True``, ``False`` or ``"auto"`` (when the tokenizer has one).
+        intervention: a re-enterable context manager applied around every model call (e.g.
+            ``melayer.wemask(lm, 0.01, me_layer=3)``; a callable returning one is called once).
+        overwrite: discard a previous run with other settings in ``output``.
+        progress: show a progress bar.
+        on_batch: called with each batch's new records after they are written.
+        samples: overrides the task's own sample list (``task.load(limit)``).
+        **task_options: the task's own options (e.g. ``num_fewshot``; ``melayer.eval.tasks`` lists them).
+
+    Returns:
+        The metrics with bootstrap intervals and the per-sample records, as an :class:`EvalResult`.
+
+    Raises:
+        MelayerError: an unknown task or option, a bad setting, or ``output`` holding another run.
     """
     t0 = time.time()
     check_run_args(limit, batch_size, max_new_tokens)

@@ -4,11 +4,10 @@ causal explain experiment built on them; greedy generation under any of them."""
 from melayer.interventions.generate import chat_prompt, greedy, greedy_generate
 from melayer.interventions.wemask import (
            WeMask,
-           WeMaskSpec,
            format_layers,
            parse_layers,
            wemask,
 )
 
-__all__ = ["WeMask", "WeMaskSpec", "chat_prompt", "format_layers", "greedy", "greedy_generate", "parse_layers",
+__all__ = ["WeMask", "chat_prompt", "format_layers", "greedy", "greedy_generate", "parse_layers",
            "wemask"]

@@ -50,8 +50,8 @@ from melayer.interventions.ablate import (
 )
 from melayer.models.loading import LM
 from melayer.util.console import track
-from melayer.util.display import HtmlRepr
 from melayer.util.errors import MelayerError
+from melayer.util.results import Result
 
 ABLATIONS = ("none", "norm", "ffn", "both")
 DEFAULT_PROMPTS = 16
@@ -158,7 +158,12 @@ def control_layers(me_layer: int, num_layers: int) -> list[tuple[str, int]]:
 
 
 @dataclass
-class ExplainResult(HtmlRepr):
+class ExplainResult(Result):
+    """Result of :func:`explain`; ``to_dict()`` is what ``explain.json`` holds and ``from_dict`` (or
+    ``ExplainResult.load(path)``) reads it back."""
+
+    kind = "explain"
+
     model: str
     arch: str
     num_layers: int
@@ -237,7 +242,7 @@ class ExplainResult(HtmlRepr):
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "schema": "melayer.explain/1",
+            "schema": self.schema(),
             "model": self.model, "arch": self.arch, "num_layers": self.num_layers, "hidden_size": self.hidden_size,
             "settings": self.settings,
             "me_layer": self.me_layer, "me_layer_consistency": self.me_layer_consistency,
@@ -261,6 +266,39 @@ class ExplainResult(HtmlRepr):
             "model_check": self.model_check,
             "prompts": self.prompts,
         }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ExplainResult:
+        """The result an ``explain.json`` holds."""
+        def ints(d: dict[str, Any]) -> dict[int, Any]:
+            return {int(k): v for k, v in d.items()}
+
+        me, ppl_tokens = data["me_layer"], data["settings"]["perplexity"]["tokens"]
+        base = data["ablations"][0]
+
+        def run(r: dict[str, Any]) -> AblationRun:
+            edits: list[Edit] = [NeuronAblation(r["layer"], tuple(r["neurons"]))] if r["neurons"] else []
+            edits += [NormEdit(e["layer"], e["role"], tuple(e["dims"]), e["set_gain_to"], tuple(e["original_gains"]),
+                               e["reason"]) for e in r["norm_edits"]]
+            return AblationRun(ablate=r["ablate"], layer=r["layer"], role=r["role"], edits=edits,
+                               downstream_profile=r["downstream_profile"], downstream_max=r["downstream_max"],
+                               me_layer_after=r["me_layer_after"],
+                               me_layer_after_consistency=r["me_layer_after_consistency"],
+                               massive_dims_after=r["massive_dims_after"], ppl=r["ppl"], draw=r["draw"],
+                               ppl_tokens=ppl_tokens, baseline_downstream_max=base["downstream_max"],
+                               baseline_ppl=base["ppl"], baseline_profile=base["downstream_profile"], me_layer=me)
+
+        return cls(model=data["model"], arch=data["arch"], num_layers=data["num_layers"],
+                   hidden_size=data["hidden_size"], me_layer=me, me_layer_consistency=data["me_layer_consistency"],
+                   massive_dims=data["massive_dims"], massive_dim_support=ints(data["massive_dim_support"]),
+                   massive_tokens=data["massive_tokens"], decomposition=data["decomposition"],
+                   top_neurons=data["top_neurons"], selected_neurons=data["selected_neurons"],
+                   covered_share=ints(data["selected_share_of_ffn_output"]), super_weights=data["super_weights"],
+                   driving=ints(data["driving_inputs"]), driving_dims=data["driving_dims"],
+                   norm_gains=data["norm_gains"], ablations=[run(r) for r in data["ablations"]],
+                   controls=[run(r) for r in data["controls"]["layers"]],
+                   random_runs=[run(r) for r in data["controls"]["random"].get("runs", [])],
+                   settings=data["settings"], model_check=data["model_check"], prompts=data["prompts"])
 
 
 def _norm_edits(lm: LM, layer: int, dims: Sequence[int], drive: Sequence[int]) -> list[NormEdit]:
@@ -289,7 +327,28 @@ def explain(
     batch_size: int | None = None,
     progress: bool = True,
 ) -> ExplainResult:
-    """Explain the ME layer of ``lm`` causally (see the module docstring)."""
+    """Explain the ME layer causally: which norm gains and FFN neurons make the massive activation
+    (``melayer explain``; see the module docstring for the experiment).
+
+    Args:
+        lm: the model.
+        prompts: the prompts (default: the shipped prompt set).
+        n_prompts: use the first this many prompts (None: all).
+        criterion: the massive-activation criterion.
+        share: keep the fewest neurons whose contributions reach this share of the massive dims' total.
+        max_neurons: at most this many neurons per layer.
+        random_draws: random-neuron control ablations per layer.
+        seed: the seed of those draws.
+        ppl_tokens: tokens of the shipped text for the perplexity cost of each ablation (None: skip it).
+        batch_size: at most this many prompts per forward pass.
+        progress: show progress bars.
+
+    Returns:
+        The branch decomposition, neuron attribution, norm gains and ablations, as an :class:`ExplainResult`.
+
+    Raises:
+        MelayerError: an empty prompt, a bad setting, or no ME layer.
+    """
     crit = criterion or Criterion()
     prompts = list(prompts) if prompts is not None else default_prompts()
     if n_prompts:

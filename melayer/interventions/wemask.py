@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -102,53 +101,34 @@ def format_layers(layers: Sequence[int]) -> str:
 # ----------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class WeMaskSpec:
-    """WeMask settings, validated once (the Python API, the CLI pre-checks and lm-eval's wrapper all build one).
+def mask_width(rate: float, hidden_size: int) -> int:
+    """Dims masked per token: ``k = int(rate x hidden_size)`` (the floor; 0 masks nothing)."""
+    return int(float(rate) * hidden_size)
 
-    ``bind(lm)`` resolves the layers against a model and returns the :class:`WeMask` instance to apply.
-    """
 
-    rate: float
-    layers: str | tuple[int, ...] | None = None
-    select: str = "activation"
-    gamma: float = 1.0
-    token: str = "first"
-    me_layer: int | None = None
-
-    def __post_init__(self) -> None:
-        try:
-            rate, gamma = float(self.rate), float(self.gamma)
-        except (TypeError, ValueError):
-            raise MelayerError(f"WeMask rate and gamma must be numbers (got rate={self.rate!r}, "
-                               f"gamma={self.gamma!r})") from None
-        if not 0.0 <= rate <= 1.0:
-            raise MelayerError(f"WeMask rate {rate:g} is out of range: rate must be in [0, 1] (a fraction of the "
-                               "hidden size)")
-        if not 0.0 <= gamma <= 1.0:
-            raise MelayerError(f"WeMask gamma must be in [0, 1] (1 zeroes the dims), got {gamma:g}")
-        if self.select not in SELECT_RULES:
-            raise MelayerError(f"unknown --select / WeMask select rule {self.select!r}; use one of "
-                               f"{', '.join(SELECT_RULES)}")
-        if self.token not in TOKEN_RULES:
-            raise MelayerError(f"unknown WeMask token rule {self.token!r}; use one of {', '.join(TOKEN_RULES)}")
-        object.__setattr__(self, "rate", rate)
-        object.__setattr__(self, "gamma", gamma)
-        if self.layers is not None and not isinstance(self.layers, (str, int)):
-            object.__setattr__(self, "layers", tuple(self.layers))
-
-    def k(self, hidden_size: int) -> int:
-        """Dims masked per token: ``int(rate x hidden_size)``."""
-        return int(self.rate * hidden_size)
-
-    def bind(self, lm: LM, criterion: Criterion | None = None, scan_prompts: Sequence[str] | None = None) -> WeMask:
-        return WeMask(lm, self.rate, layers=self.layers, select=self.select, gamma=self.gamma, token=self.token,
-                      me_layer=self.me_layer, criterion=criterion, scan_prompts=scan_prompts)
+def check_settings(rate: float, *, select: str = "activation", gamma: float = 1.0,
+                   token: str = "first") -> tuple[float, float]:
+    """Validate WeMask settings before anything is loaded (the CLI, lm-eval's wrapper and :class:`WeMask` call
+    it); returns ``(rate, gamma)`` as floats. Raises :class:`MelayerError` naming the bad setting."""
+    try:
+        rate, gamma = float(rate), float(gamma)
+    except (TypeError, ValueError):
+        raise MelayerError(f"WeMask rate and gamma must be numbers (got rate={rate!r}, gamma={gamma!r})") from None
+    if not 0.0 <= rate <= 1.0:
+        raise MelayerError(f"WeMask rate {rate:g} is out of range: rate must be in [0, 1] (a fraction of the "
+                           "hidden size)")
+    if not 0.0 <= gamma <= 1.0:
+        raise MelayerError(f"WeMask gamma must be in [0, 1] (1 zeroes the dims), got {gamma:g}")
+    if select not in SELECT_RULES:
+        raise MelayerError(f"unknown --select / WeMask select rule {select!r}; use one of {', '.join(SELECT_RULES)}")
+    if token not in TOKEN_RULES:
+        raise MelayerError(f"unknown WeMask token rule {token!r}; use one of {', '.join(TOKEN_RULES)}")
+    return rate, gamma
 
 
 class WeMask:
-    """A WeMask intervention bound to one model. Use as a context manager (re-enterable: each ``with`` applies
-    and removes the hooks) or ``apply()`` / ``remove()``."""
+    """A WeMask intervention bound to one model, built by :func:`wemask` (same arguments). Use as a context
+    manager (re-enterable: each ``with`` applies and removes the hooks) or ``apply()`` / ``remove()``."""
 
     def __init__(
         self,
@@ -162,16 +142,13 @@ class WeMask:
         criterion: Criterion | None = None,
         scan_prompts: Sequence[str] | None = None,
     ) -> None:
-        spec = WeMaskSpec(rate, layers=layers, select=select, gamma=gamma, token=token, me_layer=me_layer)  # type: ignore[arg-type]
-        self.spec = spec
+        self.rate, self.gamma = check_settings(rate, select=select, gamma=gamma, token=token)
         self.lm = lm
-        self.rate = spec.rate
-        self.gamma = spec.gamma
         self.select = select
         self.token = token
         self.criterion = criterion or Criterion()
         self.hidden_size = lm.hidden_size
-        self.k = spec.k(self.hidden_size)
+        self.k = mask_width(self.rate, self.hidden_size)
         n = lm.num_layers
         if me_layer is not None and not 0 <= int(me_layer) < n:
             raise MelayerError(f"ME layer {me_layer} is out of range: the model has layers 0-{n - 1}")
@@ -354,15 +331,37 @@ def wemask(
     gamma: float = 1.0,
     token: str = "first",
     me_layer: int | None = None,
-    **kwargs: Any,
+    criterion: Criterion | None = None,
+    scan_prompts: Sequence[str] | None = None,
 ) -> WeMask:
-    """Build a :class:`WeMask` for ``lm`` (not yet applied).
+    """Build a WeMask for ``lm``, not yet applied (the ``--wemask RATE`` option of every command).
 
-    >>> with wemask(lm, 0.01) as wm:        # masks while inside the block
+    This is the way to make a mask; it returns a :class:`WeMask` (whose constructor takes the same arguments).
+
+    >>> with melayer.wemask(lm, 0.05) as wm:      # masks every forward inside the block
     ...     lm.model.generate(**batch)
-    >>> wm = wemask(lm, 0.01).apply()       # persistent until wm.remove()
+    >>> wm = melayer.wemask(lm, 0.05).apply()     # persistent until wm.remove()
 
-    ``layers`` defaults to every layer after the ME layer; the ME layer is found with
-    :func:`melayer.scan` on the shipped prompts unless ``me_layer`` is given.
+    Args:
+        lm: the model.
+        rate: the fraction of the hidden size masked per token (``k = int(rate * hidden_size)`` dims).
+        layers: the layers to mask, as a list or a string (``"4-"``, ``"4,6,8-10"``); default: every layer after
+            the ME layer.
+        select: ``"activation"`` (the dims of largest |value| of the token's attention input) or ``"weight"``
+            (largest |gain| of the pre-attention norm).
+        gamma: the masked dims are scaled by ``1 - gamma`` (1 zeroes them).
+        token: ``"first"`` (each sequence's first real token) or ``"massive"`` (every token whose activation
+            passes the criterion).
+        me_layer: the ME layer, when known; without it and without ``layers`` it is found with
+            :func:`melayer.scan` on ``scan_prompts`` (default: the shipped prompts).
+        criterion: the massive-activation criterion of that scan and of ``token="massive"``.
+        scan_prompts: the prompts of that scan.
+
+    Returns:
+        The mask: a context manager (re-enterable), or ``apply()`` / ``remove()``; ``to_dict()`` describes it.
+
+    Raises:
+        MelayerError: a setting is out of range or no ME layer is found.
     """
-    return WeMask(lm, rate, layers=layers, select=select, gamma=gamma, token=token, me_layer=me_layer, **kwargs)
+    return WeMask(lm, rate, layers=layers, select=select, gamma=gamma, token=token, me_layer=me_layer,
+                  criterion=criterion, scan_prompts=scan_prompts)

@@ -278,6 +278,20 @@ def load(
 
 
 def from_model(model: nn.Module, tokenizer: Any, name: str = "model", arch: Any = None) -> LM:
-    """Wrap an already-built model (e.g. a tiny test checkpoint)."""
+    """Wrap a model already in memory (``transformers`` causal LM, or a tiny test checkpoint) for melayer.
+
+    Args:
+        model: the model.
+        tokenizer: its tokenizer.
+        name: the name recorded in results.
+        arch: an architecture-map override (a mapped family name, a dict of role -> module path, a JSON file or
+            an :class:`~melayer.models.archmap.ArchSpec`); default: found from the model's modules.
+
+    Returns:
+        The model, tokenizer and architecture map as an :class:`LM`.
+
+    Raises:
+        UnsupportedArchitecture: the model's modules cannot be mapped onto melayer's roles.
+    """
     model.eval()
     return LM(model=model, tokenizer=tokenizer, name=name, arch=arch_for(model, arch))

@@ -1,7 +1,7 @@
 """Notebook display of result objects, without a dependency from the analysis stages on ``report/``.
 
 Result classes mix in :class:`HtmlRepr`; their ``_repr_html_`` asks the renderer registered here. The
-package root (``melayer/__init__.py``) registers :func:`melayer.report.page.repr_html` lazily, so jinja2
+package root (``melayer/__init__.py``) registers :func:`melayer.reporting.page.repr_html` lazily, so jinja2
 and matplotlib are imported only when a notebook actually displays a result.
 """
 

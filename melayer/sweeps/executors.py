@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from melayer.sweep.cell import run_cell, set_threads
+from melayer.sweeps.cell import run_cell, set_threads
 from melayer.util.errors import MelayerError
 
 EXECUTORS = ("local", "slurm", "ray")

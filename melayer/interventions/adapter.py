@@ -14,6 +14,7 @@ from typing import Any
 
 from melayer.interventions.wemask import WeMask
 from melayer.models.loading import LM
+from melayer.models.loading import load as load_base
 from melayer.util.errors import MelayerError
 
 
@@ -66,3 +67,52 @@ def attach_adapter(lm: LM, path: str | Path, mask: bool = True) -> WeMask | None
     lm.model = merged
     wm = saved_mask(lm, d) if mask else None
     return wm.apply() if wm is not None else None
+
+
+def load(
+    spec: str | None = None,
+    *,
+    dtype: str | Any = "float32",
+    device: str | None = None,
+    arch: Any = None,
+    progress: bool = True,
+    device_map: str | dict | None = None,
+    max_memory: str | dict | None = None,
+    offload_folder: str | Path | None = None,
+    adapter: str | Path | None = None,
+    adapter_mask: bool = True,
+) -> LM:
+    """Load a causal language model (``melayer.load``; the ``--model`` option of every command).
+
+    Args:
+        spec: ``gemma-3-270m`` (default) or ``smollm2-135m`` (the embedded models), a local Hugging Face
+            directory, a ``.gguf`` file (converted once and cached) or a hub id.
+        dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` or a ``torch.dtype``.
+        device: a device to move the model to (``"cuda:0"``); not with ``device_map``.
+        arch: an architecture-map override: a mapped family name, a dict of role -> module path, a JSON file or an
+            :class:`~melayer.models.archmap.ArchSpec`.
+        progress: show progress bars (GGUF conversion).
+        device_map: split the model with accelerate: ``"auto"``, ``"balanced"``, ``"sequential"``, a device, or a
+            dict of module -> device (``"cpu"``/``"disk"`` entries offload).
+        max_memory: memory per device for the split, ``{0: "20GiB", "cpu": "64GiB"}`` or ``"0=20GiB,cpu=64GiB"``
+            (implies ``device_map="auto"``).
+        offload_folder: where layers offloaded to disk go (default: a fresh folder under the cache, removed with
+            the model).
+        adapter: a ``melayer finetune`` output directory: its adapter is merged into the model. An adapter
+            trained on another base model is refused.
+        adapter_mask: re-apply the WeMask the adapter was trained with (kept in ``lm.adapter_wemask``; its
+            ``remove()`` takes it off).
+
+    Returns:
+        The loaded model, its tokenizer and its architecture map, as an :class:`~melayer.models.loading.LM`.
+
+    Raises:
+        MelayerError: the model cannot be found, read or mapped, or the adapter does not fit it.
+    """
+    if adapter is not None:
+        read_adapter_dir(adapter)  # a bad adapter fails before the model is loaded
+    lm = load_base(spec, dtype=dtype, device=device, arch=arch, progress=progress, device_map=device_map,
+                   max_memory=max_memory, offload_folder=offload_folder)
+    if adapter is not None:
+        lm.adapter_wemask = attach_adapter(lm, adapter, mask=adapter_mask)
+    return lm

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-from melayer.report.plots import plt, save, tight_layout
+from melayer.reporting.plots import plt, save, tight_layout
 
 _KIND_STYLE = {"none": ("black", "-"), "norm": ("tab:blue", "--"), "ffn": ("tab:red", "-"), "both": ("tab:purple", ":"),
                "random": ("tab:gray", "-")}

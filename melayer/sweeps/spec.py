@@ -138,12 +138,12 @@ def read_spec(path: str | Path) -> dict[str, Any]:
 def expand(spec: dict[str, Any], fingerprint=None) -> list[Cell]:
     """All cells of ``spec`` (a parsed spec), shared prerequisites (scans, baselines) included once, stage 1
     before stage 2. ``fingerprint(model, block)`` gives a model's identity (default:
-    :func:`melayer.sweep.fingerprint.model_fingerprint`)."""
+    :func:`melayer.sweeps.fingerprint.model_fingerprint`)."""
     from melayer.eval.tasks import TASKS
     from melayer.interventions.wemask import SELECT_RULES
 
     if fingerprint is None:
-        from melayer.sweep.fingerprint import model_fingerprint as fingerprint
+        from melayer.sweeps.fingerprint import model_fingerprint as fingerprint
     unknown = set(spec) - TOP_KEYS
     if unknown:
         raise MelayerError(f"sweep spec: unknown key {min(unknown)!r}; top-level keys are {', '.join(sorted(TOP_KEYS))}")

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from melayer.report.figures import training_curves
-from melayer.report.plots import save
+from melayer.reporting.figures import training_curves
+from melayer.reporting.format import num
+from melayer.reporting.plots import save
 
 
 def loss_curve(log: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
@@ -19,7 +20,7 @@ def summary(result: dict[str, Any]) -> list[str]:
     """A few lines for the terminal."""
     w = result.get("wemask") or {}
     lines = [f"{result['method']} on {result['model']}: {result['steps']} steps, training loss "
-             f"{_f(result.get('train_loss'))} (last logged {_f(result.get('final_loss'))}), "
+             f"{num(result.get('train_loss'), spec='.4f')} (last logged {num(result.get('final_loss'), spec='.4f')}), "
              f"{result['runtime_s']:.0f} s" + (f", {result['tokens_per_s']:.1f} tokens/s"
                                                if result.get("tokens_per_s") else "")]
     lines.append(f"wemask: {w.get('rule', 'off')}")
@@ -31,5 +32,3 @@ def summary(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _f(x: Any) -> str:
-    return "-" if x is None else f"{x:.4f}"

@@ -12,6 +12,8 @@ data hashes, ME layer, massive token, final loss, speed) and ``checkpoints/`` (f
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import os
 import platform
@@ -24,17 +26,17 @@ from typing import Any
 
 import torch
 
-from melayer.finetune.config import FinetuneConfig
-from melayer.finetune.data import (
+from melayer.finetuning.config import FinetuneConfig
+from melayer.finetuning.data import (
     load_records,
     plain_rows,
     trainer_rows,
     training_texts,
     use_chat,
 )
-from melayer.models.loading import LM
-from melayer.util.display import HtmlRepr
+from melayer.models.loading import LM, load
 from melayer.util.errors import MelayerError
+from melayer.util.results import Result
 
 SCHEMA = "melayer.finetune/1"
 RESULT_FILE = "finetune.json"
@@ -43,8 +45,12 @@ WEMASK_FILE = "wemask.json"
 
 
 @dataclass
-class FinetuneResult(HtmlRepr):
-    """What a run did (written as ``finetune.json``)."""
+class FinetuneResult(Result):
+    """What a run did: ``to_dict()`` is what ``finetune.json`` holds and ``from_dict`` (or
+    ``FinetuneResult.load(path)``) reads it back (without the trained model: load the adapter with
+    ``melayer.load(base, adapter=output)``)."""
+
+    kind = "finetune"
 
     model: str
     method: str
@@ -74,15 +80,23 @@ class FinetuneResult(HtmlRepr):
                 "resumed_from": self.resumed_from, "output": self.output, "adapter": self.adapter,
                 "versions": self.versions, **self.extra}
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FinetuneResult:
+        """The result a ``finetune.json`` holds."""
+        own = {f.name for f in dataclasses.fields(cls)} - {"extra", "lm", "trainer"}
+        derived = {"schema", "tokens_per_s"}
+        return cls(**{k: data[k] for k in own if k in data},
+                   extra={k: v for k, v in data.items() if k not in own | derived})
+
 
 def _versions() -> dict[str, str]:
     import peft
     import transformers
     import trl
 
-    import melayer
+    from melayer.util.version import VERSION
 
-    return {"melayer": melayer.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+    return {"melayer": VERSION, "torch": torch.__version__, "transformers": transformers.__version__,
             "trl": trl.__version__, "peft": peft.__version__, "python": platform.python_version()}
 
 
@@ -120,9 +134,9 @@ def check_output(cfg: FinetuneConfig) -> Path | None:
 
 def find_massive_token(lm: LM, texts: list[str]) -> tuple[int | None, dict[str, Any]]:
     """Scan training-format texts: the ME layer and the massive token the way training sees them."""
-    import melayer
+    from melayer.analysis.scan import scan
 
-    result = melayer.scan(lm, texts, progress=False)
+    result = scan(lm, texts, progress=False)
     first = lm.tokenizer(texts[0], add_special_tokens=True)["input_ids"]
     tokens = result.massive_tokens()[:3] if hasattr(result, "massive_tokens") else []
     info = {"me_layer": result.me_layer, "me_layer_consistency": getattr(result, "me_layer_consistency", None),
@@ -307,14 +321,31 @@ def _save_final(trainer: Any, cfg: FinetuneConfig, out: Path) -> None:
 
 
 def finetune(config: FinetuneConfig | None = None, *, lm: LM | None = None, progress: bool = True,
-             callbacks: list[Any] | None = None, **overrides: Any) -> FinetuneResult:
-    """Fine-tune with WeMask on every training forward. ``finetune(model="smollm2-135m", wemask=0.01, ...)``
-    or ``finetune(FinetuneConfig(...))``; pass ``lm`` to reuse a loaded model (it is modified in place)."""
-    import melayer
+             callbacks: list[Any] | None = None, **options: Any) -> FinetuneResult:
+    """Fine-tune (SFT, DPO or GRPO on TRL + peft) with WeMask on every training forward (``melayer finetune``).
+
+    >>> melayer.finetune(model="smollm2-135m", method="sft", wemask=0.05, max_steps=20, output="out/ft")
+    >>> melayer.finetune(melayer.FinetuneConfig(model="smollm2-135m", wemask=0.05))
+
+    Args:
+        config: all settings at once (default: ``FinetuneConfig(**options)``).
+        lm: a loaded model to train (modified in place) instead of loading ``config.model``.
+        progress: show a progress bar.
+        callbacks: more ``transformers`` trainer callbacks.
+        **options: any :class:`~melayer.finetuning.config.FinetuneConfig` field (they are listed in this
+            function's signature); with ``config``, they override its values.
+
+    Returns:
+        The run's settings, losses, speed and where the adapter was written, as a :class:`FinetuneResult`.
+
+    Raises:
+        MelayerError: a bad setting, unreadable data, or an output directory holding another run.
+    """
+    from melayer.interventions.wemask import wemask
     from melayer.util.io import write_json
 
-    cfg = FinetuneConfig(**overrides) if config is None else (
-        FinetuneConfig.from_dict({**config.to_dict(), **overrides}) if overrides else config)
+    cfg = FinetuneConfig(**options) if config is None else (
+        FinetuneConfig.from_dict({**config.to_dict(), **options}) if options else config)
     cfg.validate()
     resume_from = check_output(cfg)
     records = load_records(cfg.data, cfg.method, cfg.limit)
@@ -325,14 +356,14 @@ def finetune(config: FinetuneConfig | None = None, *, lm: LM | None = None, prog
 
     datasets.disable_progress_bars()  # the run has its own progress bar
     if lm is None:
-        lm = melayer.load(cfg.model, dtype=cfg.dtype, device_map=cfg.device_map, max_memory=cfg.max_memory,
-                          progress=progress)
+        lm = load(cfg.model, dtype=cfg.dtype, device_map=cfg.device_map, max_memory=cfg.max_memory,
+                  progress=progress)
     check_trainable(lm)
     torch.manual_seed(cfg.seed)
     chat = use_chat(lm.tokenizer, cfg.chat)
     extra: dict[str, Any] = {"chat_template": chat}
     if cfg.method == "dpo" and records.kind == "gsm8k":
-        from melayer.finetune.pairs import dpo_pairs
+        from melayer.finetuning.pairs import dpo_pairs
 
         rows, extra["pairs"] = dpo_pairs(lm, rows, chat, cfg.rejected_max_new_tokens, progress=progress)
     rows = [{k: v for k, v in r.items() if cfg.method == "grpo" or k != "gold"} for r in rows]
@@ -349,8 +380,7 @@ def finetune(config: FinetuneConfig | None = None, *, lm: LM | None = None, prog
                 raise MelayerError(f"no ME layer found in {lm.name} on training-format text; pass --layers or "
                                    "--me-layer")
             me_layer = found
-        wm = melayer.wemask(lm, cfg.wemask, layers=cfg.layers, select=cfg.select, gamma=cfg.gamma,
-                            me_layer=me_layer)
+        wm = wemask(lm, cfg.wemask, layers=cfg.layers, select=cfg.select, gamma=cfg.gamma, me_layer=me_layer)
         if cfg.me_layer is None and cfg.layers is None:
             wm.me_layer_source = "scan of training-format examples"
 
@@ -359,7 +389,7 @@ def finetune(config: FinetuneConfig | None = None, *, lm: LM | None = None, prog
     log = _LogCallback(out / LOG_FILE, resume_step)
     shown = [_progress_callback()] if progress and not os.environ.get("MELAYER_QUIET") else []
     trainer = build_trainer(cfg, lm, trainer_rows(rows, chat), ckpt_dir, [log.callback(), *shown, *(callbacks or [])],
-                            progress=progress)
+                    progress=progress)
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # the log goes to train_log.jsonl and the progress bar, not stdout
@@ -397,3 +427,17 @@ def finetune(config: FinetuneConfig | None = None, *, lm: LM | None = None, prog
     write_json(out / RESULT_FILE, result.to_dict())
     result.lm, result.trainer = lm, trainer
     return result
+
+
+def _signature() -> inspect.Signature:
+    """``finetune``'s signature with every :class:`FinetuneConfig` field spelled out, so that ``help()``, IDEs
+    and ``inspect.signature`` show the options the ``**options`` of the definition takes."""
+    own = inspect.signature(finetune)
+    params = [p for p in own.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    names = {p.name for p in params}
+    params += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
+               for f in dataclasses.fields(FinetuneConfig) if f.name not in names]
+    return own.replace(parameters=params)
+
+
+finetune.__signature__ = _signature()  # type: ignore[attr-defined]

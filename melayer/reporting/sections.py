@@ -8,50 +8,22 @@ results: every number comes from the JSON a melayer command wrote.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
 from markupsafe import Markup
 
-from melayer.report import figures as F
+from melayer.reporting import figures as F
+from melayer.reporting.format import ci, num, pct
+from melayer.reporting.results import KINDS
 
 Section = dict[str, Any]
 
-TITLES = {
-    "scan": "ME layer",
-    "weights": "The ME layer read off the weights",
-    "explain": "Why the ME layer: branches, neurons, norms, ablations",
-    "rigidity": "Rigidity of the massive token",
-    "sinks": "Attention sinks",
-    "eval": "Evaluation",
-    "compare": "WeMask dose-response",
-    "finetune": "Fine-tuning",
-}
+TITLES = {k: kind.title for k, kind in KINDS.items()}
 
 
 # --------------------------------------------------------------------------------------------------
 # formatting
-
-
-def num(v: Any, digits: int = 4) -> str:
-    if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
-        return "-" if v is None else str(v)
-    if isinstance(v, float) and not math.isfinite(v):
-        return "-"
-    if isinstance(v, int):
-        return f"{v:,}"
-    return f"{v:.{digits}g}"
-
-
-def pct(v: Any, digits: int = 1) -> str:
-    return "-" if v is None else f"{100 * v:.{digits}f} %"
-
-
-def ci(pair: Any, digits: int = 3) -> str:
-    if not pair or pair[0] is None or pair[1] is None:
-        return "-"
-    return f"[{num(pair[0], digits)}, {num(pair[1], digits)}]"
 
 
 def p(text: str, *args: Any) -> dict[str, Any]:
@@ -79,7 +51,7 @@ class Figures:
         fig_id = f"{self.prefix}{self.n}"
         spec = None
         if self.interactive and plotly is not None:
-            from melayer.report import interactive as I
+            from melayer.reporting import interactive as I
 
             spec = I.to_json(plotly())
         return {"kind": "figure", "id": fig_id, "svg": Markup(F.to_svg(build(), f"melayer-{fig_id}", alt)),
@@ -187,7 +159,7 @@ def scan_sections(d: dict[str, Any], figs: Figures) -> list[Section]:
     if prof:
         dims = F.profile_dims(d)
         names = ", ".join(f"dim {dd} ({k})" for dd, k in dims)
-        from melayer.report import interactive as I
+        from melayer.reporting import interactive as I
 
         sections.append({"id": "", "title": "The massive token over layers and dims", "blocks": [
             figs.figure(lambda: F.magnitude_map(d),
@@ -203,7 +175,7 @@ def scan_sections(d: dict[str, Any], figs: Figures) -> list[Section]:
 
 
 def _layer_magnitudes(d: dict[str, Any]) -> Any:
-    from melayer.report import plots
+    from melayer.reporting import plots
 
     return plots.layer_magnitudes_figure(d)
 
@@ -219,7 +191,7 @@ OUTCOMES = [
 
 
 def explain_sections(d: dict[str, Any], figs: Figures) -> list[Section]:
-    from melayer.report import plots_analysis as PA
+    from melayer.reporting import plots_analysis as PA
 
     me = d["me_layer"]
     blocks: list[dict[str, Any]] = [
@@ -319,7 +291,7 @@ def ablation_reading(d: dict[str, Any]) -> str:
 
 
 def rigidity_sections(d: dict[str, Any], figs: Figures) -> list[Section]:
-    from melayer.report import plots_analysis as PA
+    from melayer.reporting import plots_analysis as PA
 
     s = d["summary"]
     rows = [
@@ -348,7 +320,7 @@ def rigidity_sections(d: dict[str, Any], figs: Figures) -> list[Section]:
 
 
 def sinks_sections(d: dict[str, Any], figs: Figures) -> list[Section]:
-    from melayer.report import plots_analysis as PA
+    from melayer.reporting import plots_analysis as PA
 
     st = d["settings"]
     me, first = d.get("me_layer"), d.get("first_sink_layer")
@@ -399,7 +371,7 @@ def eval_sections(d: dict[str, Any], figs: Figures) -> list[Section]:
 
 
 def compare_sections(d: dict[str, Any], figs: Figures, kinds: dict[str, bool] | None = None) -> list[Section]:
-    from melayer.report import interactive as I
+    from melayer.reporting import interactive as I
 
     s = d["settings"]
     layers = d.get("layers") or []
@@ -466,7 +438,7 @@ def finetune_sections(d: dict[str, Any], figs: Figures, log: list[dict[str, Any]
 
 
 def weights_sections(d: dict[str, Any], figs: Figures) -> list[Section]:
-    from melayer.report.weights import score_figure
+    from melayer.reporting.weights import score_figure
 
     sw = d.get("super_weight") or {}
     blocks: list[dict[str, Any]] = [
@@ -494,8 +466,3 @@ def weights_sections(d: dict[str, Any], figs: Figures) -> list[Section]:
     return [{"id": "", "title": TITLES["weights"], "blocks": blocks}]
 
 
-BUILDERS: dict[str, Callable[..., list[Section]]] = {
-    "scan": scan_sections, "weights": weights_sections, "explain": explain_sections, "rigidity": rigidity_sections, "sinks": sinks_sections,
-    "eval": eval_sections, "compare": compare_sections, "finetune": finetune_sections,
-}
-ORDER = list(BUILDERS)

@@ -7,7 +7,7 @@ from typing import Any
 
 from matplotlib.ticker import NullFormatter
 
-from melayer.report.plots import plt, save, tight_layout
+from melayer.reporting.plots import plt, save, tight_layout
 
 
 def sweep_differences(table: dict[str, Any], path: str | Path, max_panels: int = 12) -> Path | None:

@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from melayer.reporting.results import KINDS as RESULT_KINDS
 from melayer.util.errors import MelayerError
 
-KINDS = ("scan", "weights", "explain", "rigidity", "sinks", "eval", "compare", "finetune")
-FILES = {f"{k}.json": k for k in KINDS}
+KINDS = tuple(k.name for k in RESULT_KINDS.values() if k.sections)
+FILES = {RESULT_KINDS[k].file: k for k in KINDS}
 SCHEMA_VERSION = "1"
 MAX_DEPTH = 2  # DIR, DIR/*, DIR/*/*
 _SKIP_DIRS = {"checkpoints", "__pycache__", "node_modules"}
@@ -139,7 +140,7 @@ def as_input(obj: Any) -> Input:
 def build_sections(inputs: list[Input], interactive: bool = False, prefix: str = "") -> list[dict[str, Any]]:
     """All sections of the page, in the order scan, explain, rigidity, sinks, eval, compare, finetune.
     ``prefix`` starts every element id (figures and sections), for fragments that share a notebook page."""
-    from melayer.report.sections import BUILDERS, Figures
+    from melayer.reporting.sections import Figures
 
     figs = Figures(interactive, prefix=f"{prefix}fig")
     models = {i.data.get("model") for i in inputs}
@@ -147,12 +148,7 @@ def build_sections(inputs: list[Input], interactive: bool = False, prefix: str =
     counts: dict[str, int] = {}
     for inp in inputs:
         try:
-            if inp.kind == "compare":
-                secs = BUILDERS["compare"](inp.data, figs, inp.extra.get("kinds"))
-            elif inp.kind == "finetune":
-                secs = BUILDERS["finetune"](inp.data, figs, inp.extra.get("log"))
-            else:
-                secs = BUILDERS[inp.kind](inp.data, figs)
+            secs = RESULT_KINDS[inp.kind].build_sections(inp.data, figs, **inp.extra)
         except (KeyError, TypeError, ValueError, IndexError, AttributeError, ZeroDivisionError) as exc:
             what = f"missing key {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
             raise MelayerError(f"{inp.source}: malformed {inp.kind} output ({what})") from None
@@ -217,7 +213,7 @@ def _env():
         import jinja2
     except ImportError:
         raise MelayerError("the HTML report needs jinja2: pip install 'melayer[report]'") from None
-    return jinja2.Environment(loader=jinja2.PackageLoader("melayer.report", "templates"),
+    return jinja2.Environment(loader=jinja2.PackageLoader("melayer.reporting", "templates"),
                               autoescape=jinja2.select_autoescape(default=True, default_for_string=True),
                               trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
 
@@ -230,10 +226,10 @@ def render(inputs: list[Input], interactive: bool = False, title: str | None = N
 
     sections = build_sections(inputs, interactive, prefix=f"m{uuid.uuid4().hex[:8]}-" if fragment else "")
     models = sorted({str(i.data.get("model")) for i in inputs if i.data.get("model")})
-    css = files("melayer.report").joinpath("templates/report.css").read_text()
+    css = files("melayer.reporting").joinpath("templates/report.css").read_text()
     js = None
     if interactive and any(b.get("plotly") for s in sections for b in s["blocks"] if b["kind"] == "figure"):
-        from melayer.report.interactive import plotly_js
+        from melayer.reporting.interactive import plotly_js
 
         js = plotly_js()
     ctx = {
@@ -268,10 +264,21 @@ def check_output(output: str | Path) -> Path:
 
 
 def html(*sources: Any, output: str | Path | None = None, interactive: bool = False, title: str | None = None) -> str:
-    """Render a report from directories / JSON files (or result objects, or dicts with a melayer schema).
+    """One self-contained HTML page (no external asset) from melayer outputs (``melayer report``;
+    ``melayer.report``).
 
-    With ``output`` the page is also written there atomically (a reader never sees half a file).
-    Returns the HTML text.
+    Args:
+        *sources: directories (searched two levels deep), JSON files written by melayer, result objects, or
+            dicts with a melayer schema.
+        output: also write the page there, atomically (a reader never sees half a file).
+        interactive: also inline plotly's bundled JavaScript (~5 MB) for hover and zoom.
+        title: the page title (default: ``melayer report: <models>``).
+
+    Returns:
+        The HTML text.
+
+    Raises:
+        MelayerError: nothing to report, an unreadable input, or an output that cannot be written.
     """
     out = check_output(output) if output is not None else None
     paths = [s for s in sources if isinstance(s, (str, Path))]

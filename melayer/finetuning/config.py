@@ -15,7 +15,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 @dataclass
 class FinetuneConfig:
-    """Everything ``melayer finetune`` / :func:`melayer.finetune.finetune` needs (JSON-serialisable).
+    """Everything ``melayer finetune`` / :func:`melayer.finetuning.finetune` needs (JSON-serialisable).
 
     ``wemask`` is the WeMask rate (0: off); ``layers`` / ``me_layer`` / ``select`` / ``gamma`` as for
     :func:`melayer.wemask`. Without ``layers`` and ``me_layer`` the ME layer is found by a scan of training

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from melayer.sweep.cell import DONE
+from melayer.sweeps.cell import DONE
 from melayer.util.console import warn
 from melayer.util.errors import MelayerError
 from melayer.util.io import parse_json

@@ -43,7 +43,7 @@ def print_weights(d: dict[str, Any]) -> None:
 
 def score_figure(d: dict[str, Any]) -> Any:
     """Best score per layer (log scale), each point labelled with its dim; the ME layer and precursors marked."""
-    from melayer.report.plots import log_layer_axes, plt
+    from melayer.reporting.plots import log_layer_axes, plt
 
     rows = d["layers"]
     layers = [r["layer"] for r in rows]
@@ -68,6 +68,6 @@ def score_figure(d: dict[str, Any]) -> Any:
 
 
 def score_plot(d: dict[str, Any], path: str | Path) -> Path:
-    from melayer.report.plots import save
+    from melayer.reporting.plots import save
 
     return save(score_figure(d), path)

@@ -1,7 +1,7 @@
 """Figures that show what matters, built from melayer's JSON dicts (matplotlib, Agg).
 
 Each builder returns a matplotlib Figure; :func:`to_svg` turns one into an inline ``<svg>`` element for the
-HTML report, and :func:`melayer.report.plots.save` writes it as PNG next to a command's JSON.
+HTML report, and :func:`melayer.reporting.plots.save` writes it as PNG next to a command's JSON.
 
 - :func:`magnitude_map`: the massive token's |a| over layers x dims on a log colour scale, and the |a| of
   the dims that matter (persistent, precursor, transient) against the criterion's thresholds, so a precursor
@@ -25,7 +25,7 @@ import numpy as np
 from matplotlib.colors import LogNorm
 from matplotlib.ticker import MaxNLocator
 
-from melayer.report.plots import plain_log_labels, plt, save, tight_layout
+from melayer.reporting.plots import plain_log_labels, plt, save, tight_layout
 
 _SVG_START = re.compile(r"<svg\b")
 _SVG_REF = re.compile(r'(\bid="|url\(#|href="#)([^")]+)')

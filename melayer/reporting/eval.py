@@ -7,17 +7,8 @@ from typing import Any
 
 from rich.table import Table
 
+from melayer.reporting.format import ci, num
 from melayer.util.console import out
-
-
-def _num(v: Any, digits: int = 4) -> str:
-    if v is None:
-        return "-"
-    return f"{v:.{digits}g}"
-
-
-def _ci(ci: list[Any]) -> str:
-    return f"[{_num(ci[0], 3)}, {_num(ci[1], 3)}]" if ci and ci[0] is not None else "-"
 
 
 def print_eval(d: dict[str, Any]) -> None:
@@ -29,7 +20,7 @@ def print_eval(d: dict[str, Any]) -> None:
         out.print(f"intervention: {s['intervention'].get('rule', s['intervention'])}")
     t = Table("metric", "value", "95% CI (bootstrap)", "n")
     for name, m in d["metrics"].items():
-        t.add_row(name, _num(m["value"]), _ci(m["ci95"]), str(m["n"]))
+        t.add_row(name, num(m["value"]), ci(m["ci95"]), str(m["n"]))
     out.print(t)
 
 
@@ -49,19 +40,19 @@ def print_compare(d: dict[str, Any]) -> None:
             m = row["metrics"][name]
             vs = m.get("vs_baseline")
             mc = m.get("mcnemar")
-            t.add_row(f"{row['rate']:g}", str(row["wemask"].get("k", "-")), f"{_num(m['value'])} {_ci(m['ci95'])}",
-                      f"{_num(vs['diff'])} {_ci(vs['ci95'])}" if vs else "-",
+            t.add_row(f"{row['rate']:g}", str(row["wemask"].get("k", "-")), f"{num(m['value'])} {ci(m['ci95'])}",
+                      f"{num(vs['diff'])} {ci(vs['ci95'])}" if vs else "-",
                       f"{mc['p']:.3g} (+{mc['gained']}/-{mc['lost']})" if mc else "-",
-                      _num(row.get("sink_rate")))
+                      num(row.get("sink_rate")))
         out.print(t)
 
 
 def dose_response_plot(data: dict[str, Any], path: str | Path) -> Path:
     """The dose-response as the paired difference of each metric to rate 0 with its bootstrap 95% CI and
-    McNemar's p, plus the sink rate per rate (see :func:`melayer.report.figures.dose_response`)."""
-    from melayer.report.figures import dose_response
-    from melayer.report.page import metric_directions
-    from melayer.report.plots import save
+    McNemar's p, plus the sink rate per rate (see :func:`melayer.reporting.figures.dose_response`)."""
+    from melayer.reporting.figures import dose_response
+    from melayer.reporting.page import metric_directions
+    from melayer.reporting.plots import save
 
     kinds = metric_directions(Path(data["output"])) if data.get("output") else None
     return save(dose_response(data, kinds), path)

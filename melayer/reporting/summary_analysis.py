@@ -6,11 +6,8 @@ from typing import Any
 
 from rich.table import Table
 
+from melayer.reporting.format import num
 from melayer.util.console import out
-
-
-def _f(x: Any, fmt: str = ".4g") -> str:
-    return "-" if x is None else format(x, fmt)
 
 
 def print_explain(d: dict[str, Any]) -> None:
@@ -28,26 +25,26 @@ def print_explain(d: dict[str, Any]) -> None:
               + ", ".join(f"{v:.1%} of dim {k}" for k, v in shares.items()) + " of the FFN output")
     for sw in d["super_weights"][:6]:
         out.print(f"  super weight: layer {sw['layer']} down row {sw['row']} col {sw['column']} = {sw['value']:.4g} "
-                  f"({_f(sw['ratio_to_median_abs_weight'], '.3g')} x median |w|, {sw['share_of_ffn_output']:.1%} of the FFN output)")
+                  f"({num(sw['ratio_to_median_abs_weight'], spec='.3g')} x median |w|, {sw['share_of_ffn_output']:.1%} of the FFN output)")
     if d["driving_dims"]:
         out.print(f"FFN-input dims driving those neurons: {d['driving_dims']}")
     for n in d["norm_gains"]:
-        dims = ", ".join(f"{e['kind'][0]}{e['dim']}={e['gain']:.3g} ({_f(e['ratio_to_median'], '.3g')}x)" for e in n["dims"][:6])
+        dims = ", ".join(f"{e['kind'][0]}{e['dim']}={e['gain']:.3g} ({num(e['ratio_to_median'], spec='.3g')}x)" for e in n["dims"][:6])
         sc = n["token_inv_scale"]
         out.print(f"  {n['role']}: median gain {n['median_gain']:.3g}; {dims}; massive token 1/scale "
-                  f"{_f(sc['massive'], '.3g')} vs others {_f(sc['others_median'], '.3g')}")
+                  f"{num(sc['massive'], spec='.3g')} vs others {num(sc['others_median'], spec='.3g')}")
     t = Table("ablation", "layer", "downstream max", "vs none", "per-layer ratio", "ME layer", "ppl",
               title="causal ablations (massive token, massive dims, ME layer onward)")
     base = d["ablations"][0]
     for r in d["ablations"] + d["controls"]["layers"]:
-        t.add_row(r["ablate"], f"{r['layer']} ({r['role']})", f"{r['downstream_max']:.4g}", _f(r["downstream_ratio"], ".2%"),
-                  _f(r.get("downstream_mean_ratio"), ".2%"), r["outcome"], f"{r['ppl']:.4g}")
+        t.add_row(r["ablate"], f"{r['layer']} ({r['role']})", f"{r['downstream_max']:.4g}", num(r["downstream_ratio"], spec=".2%"),
+                  num(r.get("downstream_mean_ratio"), spec=".2%"), r["outcome"], f"{r['ppl']:.4g}")
     rnd = d["controls"].get("random") or {}
     if rnd.get("draws"):
         dm, pp = rnd["downstream_max"], rnd["ppl"]
         t.add_row(f"random x{rnd['draws']}", f"{d['me_layer']} (random)", f"{dm['mean']:.4g} ± {dm['std']:.2g}",
-                  _f(rnd.get("downstream_ratio_mean"), ".2%"),
-                  _f(float(sum(r["downstream_mean_ratio"] for r in rnd["runs"]) / len(rnd["runs"])), ".2%"),
+                  num(rnd.get("downstream_ratio_mean"), spec=".2%"),
+                  num(float(sum(r["downstream_mean_ratio"] for r in rnd["runs"]) / len(rnd["runs"])), spec=".2%"),
                   ", ".join(sorted({r["outcome"] for r in rnd["runs"]})),
                   f"{pp['mean']:.4g} ± {pp['std']:.2g}")
     out.print(t)
@@ -58,17 +55,17 @@ def print_explain(d: dict[str, Any]) -> None:
 def print_rigidity(d: dict[str, Any]) -> None:
     s = d["summary"]
     out.print(f"[bold]{d['model']}[/]: ME layer {d['me_layer']}, massive dims {d['massive_dims']}")
-    out.print(f"after the ME layer, cos(h_l-1, h_l): massive token {_f(s['after_me_layer_consecutive_cos_massive'], '.4f')} "
-              f"vs ordinary tokens {_f(s['after_me_layer_consecutive_cos_ordinary'], '.4f')}")
-    out.print(f"cross-prompt similarity (layers >= ME): massive token {_f(s['cross_input_massive_all_pairs'], '.4f')}"
+    out.print(f"after the ME layer, cos(h_l-1, h_l): massive token {num(s['after_me_layer_consecutive_cos_massive'], spec='.4f')} "
+              f"vs ordinary tokens {num(s['after_me_layer_consecutive_cos_ordinary'], spec='.4f')}")
+    out.print(f"cross-prompt similarity (layers >= ME): massive token {num(s['cross_input_massive_all_pairs'], spec='.4f')}"
               + (" (trivial: same BOS at position 0)" if d["cross_input_trivially_identical"] else "")
-              + f"; differing massive tokens {_f(s['cross_input_massive_nontrivial_pairs'], '.4f')}"
-              + f"; first token without BOS {_f(s['cross_input_no_bos_first_token'], '.4f')}"
-              + f"; last-token baseline {_f(s['cross_input_last_token_baseline'], '.4f')}")
-    out.print(f"attention input after the ME layer: effective rank {_f(s['after_me_layer_erank_with'], '.3f')} with the massive "
-              f"token, {_f(s['after_me_layer_erank_without'], '.3f')} without it, {_f(s['after_me_layer_erank_drop_other'], '.3f')} "
-              f"without another token instead; mean cos {_f(s['after_me_layer_attn_input_cos_with'], '.3f')} / "
-              f"{_f(s['after_me_layer_attn_input_cos_without'], '.3f')} / {_f(s['after_me_layer_attn_input_cos_drop_other'], '.3f')}")
+              + f"; differing massive tokens {num(s['cross_input_massive_nontrivial_pairs'], spec='.4f')}"
+              + f"; first token without BOS {num(s['cross_input_no_bos_first_token'], spec='.4f')}"
+              + f"; last-token baseline {num(s['cross_input_last_token_baseline'], spec='.4f')}")
+    out.print(f"attention input after the ME layer: effective rank {num(s['after_me_layer_erank_with'], spec='.3f')} with the massive "
+              f"token, {num(s['after_me_layer_erank_without'], spec='.3f')} without it, {num(s['after_me_layer_erank_drop_other'], spec='.3f')} "
+              f"without another token instead; mean cos {num(s['after_me_layer_attn_input_cos_with'], spec='.3f')} / "
+              f"{num(s['after_me_layer_attn_input_cos_without'], spec='.3f')} / {num(s['after_me_layer_attn_input_cos_drop_other'], spec='.3f')}")
     for n in d["notes"]:
         out.print(f"[yellow]note[/]: {n}")
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from melayer.report import figures as F
+from melayer.reporting import figures as F
 from melayer.util.errors import MelayerError
 
 

@@ -49,15 +49,15 @@ def set_threads(threads: int) -> None:
 
 
 def _load(cell: dict[str, Any]):
-    import melayer
+    from melayer.models.loading import load
 
     s = cell["settings"]
     key = (cell["model"], s.get("dtype"), str(s.get("arch")), str(s.get("device_map")), str(s.get("max_memory")))
     if key not in _LOADED:
         _LOADED.clear()  # free the previous model before loading the next
         kwargs = {k: s[k] for k in ("device_map", "max_memory") if s.get(k) is not None}
-        _LOADED[key] = melayer.load(cell["model"], dtype=s.get("dtype", "float32"), arch=s.get("arch"),
-                                    progress=False, **kwargs)
+        _LOADED[key] = load(cell["model"], dtype=s.get("dtype", "float32"), arch=s.get("arch"), progress=False,
+                            **kwargs)
     return _LOADED[key]
 
 
@@ -101,9 +101,9 @@ def _finetune(cell: dict[str, Any], out: Path) -> dict[str, Any]:
     from melayer.util.errors import MelayerError
 
     try:
-        from melayer.finetune import finetune
+        from melayer.finetuning import finetune
     except ImportError:
-        raise MelayerError("finetune cells need melayer.finetune, which this installation does not have") from None
+        raise MelayerError("finetune cells need melayer.finetune, which this installation does not have (pip install melayer[finetune])") from None
     s = cell["settings"]
     layers = s.get("layers")
     if isinstance(layers, list):
@@ -117,7 +117,8 @@ def _finetune(cell: dict[str, Any], out: Path) -> dict[str, Any]:
 
 def _run(root: Path, cell: dict[str, Any], out: Path) -> dict[str, Any]:
     """Run the cell's command; returns a small summary for cell.json."""
-    import melayer
+    from melayer.analysis.scan import scan
+    from melayer.interventions.wemask import wemask
     from melayer.util.io import write_json
 
     s = cell["settings"]
@@ -128,7 +129,7 @@ def _run(root: Path, cell: dict[str, Any], out: Path) -> dict[str, Any]:
         from melayer.analysis.scan import read_prompts
 
         prompts = read_prompts(s["prompts"]) if s.get("prompts") else None
-        result = melayer.scan(lm, prompts, batch_size=s.get("batch_size", 8), progress=False)
+        result = scan(lm, prompts, batch_size=s.get("batch_size", 8), progress=False)
         data = result.to_dict()
         write_json(out / "scan.json", data)
         return {"me_layer": data.get("me_layer"), "result": "scan.json"}
@@ -140,8 +141,8 @@ def _run(root: Path, cell: dict[str, Any], out: Path) -> dict[str, Any]:
         intervention = None
         if s["rate"] > 0:
             me = _me_layer(root, cell)
-            intervention = melayer.wemask(lm, s["rate"], layers=s.get("layers"), select=s["select"],
-                                          gamma=s["gamma"], me_layer=me)  # re-entered around every model call
+            intervention = wemask(lm, s["rate"], layers=s.get("layers"), select=s["select"], gamma=s["gamma"],
+                                  me_layer=me)  # re-entered around every model call
         res = run(lm, s["task"], limit=s.get("limit"), batch_size=s["batch_size"], output=out,
                   intervention=intervention, progress=False, **run_kwargs, **s.get("task_options", {}))
         return {"primary_metric": res.primary, "value": res.metrics[res.primary]["value"], "result": "eval.json"}

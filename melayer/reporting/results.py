@@ -1,0 +1,126 @@
+"""Every kind of melayer result in one table, and :func:`read`, which loads any result JSON back into its object.
+
+One :class:`Kind` per analysis says everything the rest of melayer needs to know about it: its file, its result
+class, its title, its console summary, its PNG figures and its report sections. The CLI (:func:`write` after a
+command ran), the HTML report and :func:`read` all take them from :data:`KINDS`; so a new analysis is its module
+(the function and its :class:`~melayer.util.results.Result`), its rendering (summary, figures, sections) and
+one entry here, plus the command that calls it.
+
+Functions are named by import path and imported on first use, so that the report (which reads the JSON only)
+never imports torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from melayer.util.errors import MelayerError
+from melayer.util.results import Result, read_json, schema_kind
+
+
+def _resolve(path: str) -> Any:
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One kind of result: its name (the schema's ``melayer.<name>/N``), its file, its class and its rendering.
+
+    ``summary(data)`` prints the console summary; each ``figures`` entry ``(draw, file)`` writes
+    ``draw(data, path)`` (a PNG next to the JSON); ``sections(data, figures, **extra)`` builds the report's
+    sections. All are ``"module:function"`` paths.
+    """
+
+    name: str
+    file: str
+    result: str  # "module:Class"
+    title: str = ""
+    summary: str | None = None
+    figures: tuple[tuple[str, str], ...] = ()
+    sections: str | None = None  # None: not in the HTML report
+
+    def result_class(self) -> type[Result]:
+        return _resolve(self.result)
+
+    def print_summary(self, data: dict[str, Any]) -> None:
+        if self.summary is not None:
+            _resolve(self.summary)(data)
+
+    def draw(self, data: dict[str, Any], folder: Path) -> list[Path]:
+        """Write the figures into ``folder``; the paths written."""
+        return [p for draw, name in self.figures if (p := _resolve(draw)(data, folder / name)) is not None]
+
+    def build_sections(self, data: dict[str, Any], figures: Any, **extra: Any) -> list[dict[str, Any]]:
+        return _resolve(self.sections)(data, figures, **extra) if self.sections else []
+
+
+_R = "melayer.reporting"
+# in report order
+KINDS: dict[str, Kind] = {k.name: k for k in (
+    Kind("scan", "scan.json", "melayer.analysis.scan:ScanResult", "ME layer", f"{_R}.summary:print_scan",
+         ((f"{_R}.plots:layer_magnitudes", "layer_magnitudes.png"), (f"{_R}.figures:token_surface",
+                                                                     "massive_token_surface.png")),
+         f"{_R}.sections:scan_sections"),
+    Kind("weights", "weights.json", "melayer.analysis.weights:WeightsResult", "The ME layer read off the weights",
+         f"{_R}.weights:print_weights", ((f"{_R}.weights:score_plot", "weights_scores.png"),),
+         f"{_R}.sections:weights_sections"),
+    Kind("explain", "explain.json", "melayer.interventions.explain:ExplainResult",
+         "Why the ME layer: branches, neurons, norms, ablations", f"{_R}.summary_analysis:print_explain",
+         ((f"{_R}.plots_analysis:explain_mechanism", "explain_mechanism.png"),
+          (f"{_R}.plots_analysis:explain_norm_gains", "explain_norm_gains.png"),
+          (f"{_R}.plots_analysis:explain_ablations", "explain_ablations.png")), f"{_R}.sections:explain_sections"),
+    Kind("rigidity", "rigidity.json", "melayer.analysis.rigidity:RigidityResult", "Rigidity of the massive token",
+         f"{_R}.summary_analysis:print_rigidity", ((f"{_R}.plots_analysis:rigidity_plot", "rigidity.png"),),
+         f"{_R}.sections:rigidity_sections"),
+    Kind("sinks", "sinks.json", "melayer.analysis.sinks:SinkResult", "Attention sinks",
+         f"{_R}.summary_analysis:print_sinks", ((f"{_R}.plots_analysis:sinks_heatmap", "sinks_heatmap.png"),),
+         f"{_R}.sections:sinks_sections"),
+    Kind("eval", "eval.json", "melayer.eval.runner:EvalResult", "Evaluation", f"{_R}.eval:print_eval", (),
+         f"{_R}.sections:eval_sections"),
+    Kind("compare", "compare.json", "melayer.eval.compare:CompareResult", "WeMask dose-response",
+         f"{_R}.eval:print_compare", ((f"{_R}.eval:dose_response_plot", "dose_response.png"),),
+         f"{_R}.sections:compare_sections"),
+    Kind("finetune", "finetune.json", "melayer.finetuning.train:FinetuneResult", "Fine-tuning", None, (),
+         f"{_R}.sections:finetune_sections"),
+    Kind("sweep", "sweep.json", "melayer.sweeps.runner:SweepResult", "Sweep"),
+)}
+
+
+def read(source: str | Path | dict[str, Any]) -> Result:
+    """Load a result JSON written by any melayer command (or its parsed dict) back into its result object.
+
+    >>> result = melayer.read("out/scan/scan.json")     # a ScanResult, equal to the one the scan returned
+    >>> result.me_layer
+
+    Args:
+        source: a JSON file (``scan.json``, ``sinks.json``, ``eval.json``, ...), a directory holding exactly one
+            of them, or a dict with a melayer ``"schema"``.
+
+    Returns:
+        The result object of the file's kind (:class:`~melayer.analysis.scan.ScanResult`, ...).
+
+    Raises:
+        MelayerError: not a melayer output, a kind or schema version this melayer does not read, or a file
+            without the fields its result needs.
+    """
+    if isinstance(source, dict):
+        kind, _ = schema_kind(source, "result")
+        if kind not in KINDS:
+            raise MelayerError(f"result: a {kind!r} output, which has no result class")
+        cls = KINDS[kind].result_class()
+        return cls.from_dict(cls.check(source))
+    path = Path(source)
+    if path.is_dir():
+        found = [path / k.file for k in KINDS.values() if (path / k.file).is_file()]
+        if len(found) != 1:
+            names = ", ".join(k.file for k in KINDS.values())
+            raise MelayerError(f"{path}: holds {len(found) or 'none'} of {names}; give the file")
+        path = found[0]
+    kind, _ = schema_kind(read_json(path), str(path))
+    if kind not in KINDS:
+        raise MelayerError(f"{path}: a {kind!r} output, which has no result class")
+    return KINDS[kind].result_class().load(path)
