@@ -216,3 +216,30 @@ def test_aggregate_counts_a_broken_cell_json_as_unfinished(monkeypatch, capsys, 
         f"melayer: warning: c1: its results cannot be read ({cell / 'cell.json'}: not valid JSON (line 1: "
         "Unterminated string starting at)); counted as unfinished (rerun the sweep to redo it)",
         f"melayer: error: no finished cells under {tmp_path / 'sweep' / 'cells'}"]
+
+
+# ------------------------------------------------------------------------------------------------ names
+
+
+@pytest.mark.parametrize("name", ["tiny[@x=(]", "model[v2]", "a$b$c", "evil\u202egpj.exe", "esc\x1b]0;pwned\x07"])
+def test_a_hostile_model_name_neither_crashes_nor_loses_results(monkeypatch, capsys, tmp_path, tiny_dir, name):
+    import shutil
+
+    model = tmp_path / name
+    shutil.copytree(tiny_dir, model)
+    out = tmp_path / "out"
+    code, stdout, err = _cli(monkeypatch, capsys, "scan", "-m", model, "-o", out, "-p", "abc def")
+    assert code == 0, err
+    assert json.loads((out / "scan.json").read_text())["model"] == name  # the result keeps the name as it is
+    assert (out / "layer_magnitudes.png").exists() or list(out.glob("*.png"))  # the plots drew it
+    if "[" in name:
+        assert name in stdout  # printed as is, not taken for markup
+    for control in ("\u202e", "\x1b"):
+        assert control not in stdout + err  # shown as an escape, never passed to the terminal
+
+
+def test_generate_shows_a_models_terminal_escapes_instead_of_sending_them(tmp_path):
+    from melayer.util.console import plain
+
+    assert plain("red \x1b[31mtext\x1b[0m \u202eabc") == "red \\u001b[31mtext\\u001b[0m \\u202eabc"
+    assert plain("tab\tand\nnewline") == "tab\tand\nnewline"

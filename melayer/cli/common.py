@@ -141,16 +141,18 @@ def adapter_mask(lm: Any, adapter: Path | None, use: bool, wemask: float | None)
 
 def finish(data: dict[str, Any], output: Path, kind: str, plots: bool = True, write: bool = True,
            announce_plots: bool = False, report: bool = False) -> None:
-    """Print the kind's summary, write ``output/<kind>.json`` atomically (unless the API already did), draw its
+    """Write ``output/<kind>.json`` atomically (unless the API already did), print the kind's summary, draw its
     figures (see :data:`melayer.reporting.results.KINDS`), refresh ``output/report.html`` if asked, and say
-    what was written."""
+    what was written. The results are on disk before anything is rendered, and the summary is printed from a
+    copy whose strings cannot carry console markup or terminal controls."""
     from melayer.reporting.results import KINDS
+    from melayer.util.console import console_safe
     from melayer.util.io import write_json
 
     spec = KINDS[kind]
-    spec.print_summary(data)
     if write:
         write_json(output / spec.file, data)
+    spec.print_summary(console_safe(data))
     drawn = spec.draw(data, output) if plots else []
     extra = "".join(f" and {p}" for p in drawn) if announce_plots else ""
     typer.echo(f"wrote {output / spec.file}{extra}")

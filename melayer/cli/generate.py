@@ -51,7 +51,7 @@ def generate(
     from melayer.cli.common import adapter_mask, check_mask_options, check_output_file, load_model
     from melayer.interventions.generate import chat_prompt, greedy_generate
     from melayer.interventions.wemask import WeMask, check_settings, format_layers
-    from melayer.util.console import err, status
+    from melayer.util.console import err, plain, status
     from melayer.util.errors import MelayerError
     from melayer.util.io import write_json
 
@@ -86,11 +86,12 @@ def generate(
     finally:
         if mask is not None:
             mask.remove()
-    typer.echo(texts[0])
-    if output is not None:
+    if output is not None:  # the text as generated, before anything is printed
         write_json(output, {
             "schema": "melayer.generate/1", "model": lm.name, "prompt": prompt, "chat_template": used_chat,
             "max_new_tokens": max_new_tokens, "decoding": "greedy", "dtype": dtype, "text": texts[0],
             "wemask": mask.to_dict() if mask is not None else None,
         })
+    typer.echo(plain(texts[0]))  # a model's terminal escape sequences are shown, never executed by the terminal
+    if output is not None:
         err.print(f"wrote {output}", highlight=False)

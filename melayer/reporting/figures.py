@@ -25,15 +25,10 @@ import numpy as np
 from matplotlib.colors import LogNorm
 from matplotlib.ticker import MaxNLocator
 
-from melayer.reporting.plots import plain_log_labels, plt, save, tight_layout
+from melayer.reporting.plots import plain_log_labels, plt, save, tex_safe, tight_layout
 
 _SVG_START = re.compile(r"<svg\b")
 _SVG_REF = re.compile(r'(\bid="|url\(#|href="#)([^")]+)')
-
-
-def tex_safe(text: Any) -> str:
-    """A label for matplotlib: ``$`` would start mathtext (a token like ``$5`` must print as is)."""
-    return str(text).replace("$", r"\$")
 
 
 def to_svg(fig: Any, salt: str, alt: str = "") -> str:

@@ -12,6 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.ticker import Formatter, LogFormatterMathtext, MaxNLocator
 
+from melayer.util.console import plain
 from melayer.util.io import write_atomic
 
 _SUPERSCRIPT = str.maketrans("0123456789-", "⁰¹²³⁴⁵⁶⁷⁸⁹⁻")
@@ -63,6 +64,12 @@ def plain_log_labels(fig: Any) -> Any:
     return fig
 
 
+def tex_safe(text: Any) -> str:
+    """A label for matplotlib: ``$`` would start mathtext (a token like ``$5`` or a model named ``a$b`` must print
+    as is, not fail to parse); terminal and bidirectional controls are shown as escapes (:func:`plain`)."""
+    return plain(str(text)).replace("$", r"\$")
+
+
 def tight_layout(fig: Any) -> None:
     """``fig.tight_layout()`` measured with the labels the figure will be drawn with."""
     plain_log_labels(fig).tight_layout()
@@ -91,7 +98,7 @@ def layer_magnitudes_figure(scan: dict[str, Any]) -> Any:
     if scan.get("me_layer") is not None:
         ax.axvline(scan["me_layer"], color="red", ls="--", lw=1, label=f"ME layer {scan['me_layer']}")
     return log_layer_axes(ax, "decoder layer (output)", "|activation| (mean over prompts)",
-                          f"{scan['model']}: layer-wise magnitudes", fig)
+                          f"{tex_safe(scan['model'])}: layer-wise magnitudes", fig)
 
 
 def layer_magnitudes(scan: dict[str, Any], path: str | Path) -> Path:

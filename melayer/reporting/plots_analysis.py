@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-from melayer.reporting.plots import plt, save, tight_layout
+from melayer.reporting.plots import plt, save, tex_safe, tight_layout
 
 _KIND_STYLE = {"none": ("black", "-"), "norm": ("tab:blue", "--"), "ffn": ("tab:red", "-"), "both": ("tab:purple", ":"),
                "random": ("tab:gray", "-")}
@@ -43,7 +43,7 @@ def explain_mechanism_figure(d: dict[str, Any]) -> Any:
     ax.set_xlabel("FFN neuron (red: ablated as top neurons)")
     ax.set_ylabel(f"share of FFN output on dim {d['massive_dims'][0]}")
     ax.set_title("per-neuron attribution (activation x down column)")
-    fig.suptitle(d["model"])
+    fig.suptitle(tex_safe(d["model"]))
     tight_layout(fig)
     return fig
 
@@ -72,7 +72,7 @@ def explain_norm_gains_figure(d: dict[str, Any]) -> Any | None:
     ax.set_xticklabels(labels, fontsize=7, rotation=60, ha="right")
     ax.set_yscale("log")
     ax.set_ylabel("|gain| / median gain of that norm")
-    ax.set_title(f"{d['model']}: norm gains in ME layer {d['me_layer']} (red: massive dims, blue: driving dims)")
+    ax.set_title(f"{tex_safe(d['model'])}: norm gains in ME layer {d['me_layer']} (red: massive dims, blue: driving dims)")
     tight_layout(fig)
     return fig
 
@@ -124,7 +124,7 @@ def explain_ablations_figure(d: dict[str, Any]) -> Any:
     ax2.set_ylabel("perplexity (shipped text)")
     ax2.legend(fontsize=7, loc="upper right")
     ax.set_title("full-factorial ablation + controls")
-    fig.suptitle(d["model"])
+    fig.suptitle(tex_safe(d["model"]))
     tight_layout(fig)
     return fig
 
@@ -182,7 +182,7 @@ def rigidity_figure(d: dict[str, Any]) -> Any:
     ax.set_title("diversity of attention inputs")
     for a in axes:
         a.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.suptitle(f"{d['model']}: rigidity (ME layer {me})")
+    fig.suptitle(f"{tex_safe(d['model'])}: rigidity (ME layer {me})")
     tight_layout(fig)
     return fig
 
@@ -233,7 +233,7 @@ def sinks_heatmap_figure(d: dict[str, Any]) -> Any:
         fig.colorbar(im, ax=ax)
         ax.set_title("massive-token score")
         ax.set_xlabel("head")
-    fig.suptitle(d["model"])
+    fig.suptitle(tex_safe(d["model"]))
     tight_layout(fig)
     return fig
 

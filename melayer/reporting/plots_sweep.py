@@ -7,7 +7,7 @@ from typing import Any
 
 from matplotlib.ticker import NullFormatter
 
-from melayer.reporting.plots import plt, save, tight_layout
+from melayer.reporting.plots import plt, save, tex_safe, tight_layout
 
 
 def sweep_differences(table: dict[str, Any], path: str | Path, max_panels: int = 12) -> Path | None:
@@ -29,7 +29,7 @@ def sweep_differences(table: dict[str, Any], path: str | Path, max_panels: int =
             lo = [max(0.0, r["diff"] - r["diff_ci95_lo"]) if r["diff_ci95_lo"] is not None else 0.0 for r in pts]
             hi = [max(0.0, r["diff_ci95_hi"] - r["diff"]) if r["diff_ci95_hi"] is not None else 0.0 for r in pts]
             bars = ax.errorbar(x, y, yerr=[lo, hi], fmt="-o", capsize=3, ms=4, mfc="white",
-                               label=f"{line[0]} / {line[1]}" + (f" / seed {line[2]}" if line[2] else ""))
+                               label=tex_safe(f"{line[0]} / {line[1]}" + (f" / seed {line[2]}" if line[2] else "")))
             sig = [(a, b) for a, b, r in zip(x, y, pts) if r.get("significant_bh")]
             if sig:
                 ax.plot(*zip(*sig), "o", ms=4, color=bars[0].get_color())

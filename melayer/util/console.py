@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -59,6 +61,28 @@ def status(message: str | None) -> Iterator[None]:
         yield
 
 
+# terminal controls (C0 but tab/newline, DEL, C1: ESC sequences can retitle, recolour or rewrite a terminal) and
+# the Unicode bidirectional controls (an RTL override reverses the trusted text printed after it)
+_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def plain(text: str) -> str:
+    """``text`` with every terminal control and bidirectional control shown as a visible ``\\uXXXX`` escape."""
+    return _UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+def console_safe(obj: Any) -> Any:
+    """A copy of a result for printing with rich: every string made :func:`plain` and its rich markup escaped
+    (a model, token or task name is data, never markup: ``model[v2]`` prints as ``model[v2]``)."""
+    if isinstance(obj, str):
+        return escape(plain(obj))
+    if isinstance(obj, dict):
+        return {k: console_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(console_safe(v) for v in obj)
+    return obj
+
+
 _warned: set[str] = set()
 
 
@@ -66,4 +90,4 @@ def warn(message: str) -> None:
     """One ``melayer: warning: ...`` line on stderr, once per message and process."""
     if message not in _warned:
         _warned.add(message)
-        print(f"melayer: warning: {message}", file=sys.stderr, flush=True)
+        print(f"melayer: warning: {plain(message)}", file=sys.stderr, flush=True)
