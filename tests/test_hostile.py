@@ -39,7 +39,7 @@ def test_malformed_gguf_is_one_precise_line_in_weights(monkeypatch, capsys, tmp_
     raw, phrase = CATALOGUE[name]
     path = tmp_path / "model.gguf"
     path.write_bytes(raw)
-    line = _error(monkeypatch, capsys, "weights", path, "-o", tmp_path / "out", "--no-plots")
+    line = _error(monkeypatch, capsys, "weights", "-m", path, "-o", tmp_path / "out", "--no-plots")
     assert phrase in line, line
     if not any(w in phrase for w in ("truncated", "cannot read", "runs past", "claims", "more than")):
         # not a file cut short: a new download would not repair it, and the words must not suggest it would
@@ -75,7 +75,7 @@ def test_the_intact_generated_gguf_converts_and_scans(monkeypatch, capsys, tmp_p
     code, out, err = _cli(monkeypatch, capsys, "scan", "-m", path, "-o", tmp_path / "out", "-p", "abc def", "--no-plots")
     assert code == 0 and (tmp_path / "out" / "scan.json").exists(), err
     assert len(_converted(cache)) == 1
-    code, out, err = _cli(monkeypatch, capsys, "weights", path, "-o", tmp_path / "w", "--no-plots")
+    code, out, err = _cli(monkeypatch, capsys, "weights", "-m", path, "-o", tmp_path / "w", "--no-plots")
     assert code == 0, err
 
 
