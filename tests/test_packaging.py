@@ -57,7 +57,7 @@ def test_version_comes_from_one_place(dist):
     assert wheel.name.startswith(f"melayer-{melayer.__version__}-py3-none-any")
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
-    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "melayer.__version__"}
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "melayer.util.version.VERSION"}
     cff = (ROOT / "CITATION.cff").read_text()
     assert re.search(rf"^version: {re.escape(melayer.__version__)}$", cff, re.M)
 
