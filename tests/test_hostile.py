@@ -6,6 +6,7 @@ Every malformed GGUF is generated here (``gguf_bytes``), none is a stored binary
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -243,3 +244,69 @@ def test_generate_shows_a_models_terminal_escapes_instead_of_sending_them(tmp_pa
 
     assert plain("red \x1b[31mtext\x1b[0m \u202eabc") == "red \\u001b[31mtext\\u001b[0m \\u202eabc"
     assert plain("tab\tand\nnewline") == "tab\tand\nnewline"
+
+
+# ------------------------------------------------------------------------------------------------ sweep specs
+
+
+@pytest.mark.parametrize("block,message", [
+    ({"command": "finetune", "method": "../../../../X"}, "unknown finetune method '../../../../X'"),
+    ({"command": "scan", "batch_size": float("nan")}, "batch_size must be a positive integer (got nan)"),
+    ({"command": "eval", "tasks": ["arc_easy"], "batch_size": float("inf")}, "batch_size must be a positive integer"),
+    ({"command": "eval", "tasks": ["arc_easy"], "batch_size": 2.5}, "batch_size must be a positive integer"),
+    ({"command": "compare", "tasks": ["arc_easy"], "rates": [0.1], "n_boot": float("nan")}, "n_boot must be"),
+])
+def test_sweep_spec_values_are_checked(block, message):
+    from melayer.sweeps.spec import expand
+    from melayer.util.errors import MelayerError
+
+    with pytest.raises(MelayerError, match=re.escape(message)):
+        expand({"models": ["m"], "runs": [block]}, fingerprint=lambda model: "fp")
+
+
+def test_a_task_name_never_makes_a_cell_directory_outside_the_sweep():
+    from melayer.sweeps.spec import Cell
+
+    cell = Cell("eval", "m", "fp", {"task": "../../../../X", "rate": 0.0})
+    assert "/" not in cell.id and ".." not in cell.id.split("_")
+
+
+def test_a_yaml_alias_bomb_is_refused_in_one_line(monkeypatch, capsys, tmp_path):
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
+    spec = tmp_path / "bomb.yaml"
+    spec.write_text("\n".join(lines + ["models: [m]", "runs: [*a9]"]) + "\n")
+    assert spec.stat().st_size < 2000
+    line = _error(monkeypatch, capsys, "sweep", spec, "-o", tmp_path / "out")
+    assert "expands to more than 100,000 values" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------------ remote code
+
+
+def test_a_checkpoints_own_code_never_runs_even_when_a_terminal_would_say_yes(tmp_path, tiny_dir):
+    """transformers asks on a terminal whether to run a directory's code; melayer passes trust_remote_code=False,
+    so there is no question and answering "y" on the terminal runs nothing."""
+    import os
+    import pty
+    import shutil
+    import subprocess
+    import sys
+
+    model = tmp_path / "remote"
+    shutil.copytree(tiny_dir, model)
+    marker = tmp_path / "code-ran"
+    (model / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n"
+                                   "from transformers import LlamaConfig as EvilConfig\n")
+    config = json.loads((model / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilConfig"}
+    (model / "config.json").write_text(json.dumps(config))
+    main, child = pty.openpty()
+    env = {**os.environ, "MELAYER_QUIET": "1", "HF_HUB_OFFLINE": "1", "MELAYER_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.Popen([sys.executable, "-m", "melayer", "scan", "-m", str(model), "-o", str(tmp_path / "out"),
+                             "-p", "abc"], stdin=child, stdout=child, stderr=child, env=env)
+    os.write(main, b"y\ny\ny\n")
+    proc.wait(timeout=300)
+    os.close(child)
+    assert not marker.exists()

@@ -182,7 +182,7 @@ def _removed_on_error(folder: str | None) -> Iterator[None]:
         raise
 
 
-def _load_tokenizer(source: str) -> Any:
+def _load_tokenizer(source: str, trust_remote_code: bool = False) -> Any:
     """Tokenizer; melayer's own cache directories take a fast path.
 
     ``AutoTokenizer`` parses ``tokenizer.json`` in Python and rebuilds the vocabulary (~4 s for Gemma's
@@ -203,7 +203,7 @@ def _load_tokenizer(source: str) -> Any:
         if template.exists():
             kwargs["chat_template"] = template.read_text()
         return PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"), **kwargs)
-    return AutoTokenizer.from_pretrained(source)
+    return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
 
 
 def load(
@@ -216,8 +216,12 @@ def load(
     device_map: str | dict | None = None,
     max_memory: str | dict | None = None,
     offload_folder: str | Path | None = None,
+    trust_remote_code: bool = False,
 ) -> LM:
     """Load a causal LM by spec (embedded name, HF directory, .gguf file or hub id).
+
+    ``trust_remote_code``: a checkpoint's own Python code (``auto_map`` in its config) never runs unless this is
+    True (transformers would otherwise ask on a terminal); the ``melayer`` command never sets it.
 
     ``arch`` overrides the architecture map: a mapped family name, a dict of role -> module path,
     a JSON file, or an :class:`ArchSpec`. ``device_map`` (``"auto"``, ``"balanced"``, ``"sequential"``, a dict
@@ -249,11 +253,12 @@ def load(
     fresh = take_fresh(source)
     try:
         with _library_bars_off(), _removed_on_error(own_folder):
-            tokenizer = _load_tokenizer(source)
+            tokenizer = _load_tokenizer(source, trust_remote_code)
             if fresh is not None and not placement:
                 model = fresh.to(torch_dtype)
             else:
                 model, info = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, output_loading_info=True,
+                                                                   trust_remote_code=trust_remote_code,
                                                                    **placement)
                 error = incomplete(source, info["missing_keys"], info["unexpected_keys"], info["mismatched_keys"])
                 if error is not None:

@@ -29,6 +29,7 @@ from itertools import product
 from pathlib import Path
 from typing import Any
 
+from melayer.finetuning.config import METHODS
 from melayer.util.errors import MelayerError
 
 SCHEMA = "melayer.sweep/1"
@@ -71,9 +72,9 @@ class Cell:
         s = self.settings
         parts = [self.command, _slug(self.model)]
         if s.get("task"):
-            parts.append(s["task"])
+            parts.append(_slug(s["task"]))  # a directory name: never a path, whatever the spec says
         if s.get("method"):
-            parts.append(s["method"])
+            parts.append(_slug(s["method"]))
         if "rate" in s:
             parts.append(f"r{s['rate']:g}")
             if s["rate"] > 0 and s.get("select"):
@@ -132,7 +133,35 @@ def read_spec(path: str | Path) -> dict[str, Any]:
         raise MelayerError(f"{p} is not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(data, dict):
         raise MelayerError(f"{p}: a sweep spec is a mapping with 'models' and 'runs'")
+    _check_size(data, p)
     return data
+
+
+MAX_SPEC_VALUES = 100_000  # a real spec has tens of values; YAML aliases can make a 1 KB file expand to billions
+
+
+def _check_size(data: Any, where: Path) -> None:
+    """Count the values the spec expands to (aliases counted at every use), stopping at the limit: an alias bomb
+    is one error line, never a run into memory exhaustion."""
+    stack, seen = [data], 0
+    while stack:
+        obj = stack.pop()
+        seen += 1
+        if seen > MAX_SPEC_VALUES:
+            raise MelayerError(f"{where}: the spec expands to more than {MAX_SPEC_VALUES:,} values (YAML aliases "
+                               "repeating one another?); write it out plainly")
+        if isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif isinstance(obj, list):
+            stack.extend(obj)
+
+
+def _whole(block: dict[str, Any], key: str, default: int, where: str) -> int:
+    """A positive whole-number setting (``batch_size``, ``n_boot`` ...): NaN, inf, floats and strings refused."""
+    value = block.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise MelayerError(f"sweep spec, {where}: {key} must be a positive integer (got {value!r})")
+    return value
 
 
 def expand(spec: dict[str, Any], fingerprint=None) -> list[Cell]:
@@ -196,7 +225,13 @@ def expand(spec: dict[str, Any], fingerprint=None) -> list[Cell]:
         if cmd in ("compare", "eval", "finetune") and not 0.0 <= mask["gamma"] <= 1.0:
             raise MelayerError(f"sweep spec, {where}: gamma must be in [0, 1]")
         run_opts = {k: block[k] for k in ("batch_size", "max_new_tokens", "chat") if k in block}
-        run_opts.setdefault("batch_size", 8)
+        run_opts["batch_size"] = _whole(block, "batch_size", 8, where)
+        if "max_new_tokens" in block:
+            run_opts["max_new_tokens"] = _whole(block, "max_new_tokens", 1, where)
+        n_boot = _whole(block, "n_boot", 2000, where)
+        method = block.get("method", "sft")
+        if cmd == "finetune" and method not in METHODS:
+            raise MelayerError(f"sweep spec, {where}: unknown finetune method {method!r}; use {', '.join(METHODS)}")
         task_options = dict(block.get("task_options") or {})
 
         for model in models:
@@ -210,10 +245,9 @@ def expand(spec: dict[str, Any], fingerprint=None) -> list[Cell]:
 
             if cmd == "scan":
                 add(Cell("scan", model, fp, {**load, "prompts": block.get("prompts"),
-                                             "batch_size": int(block.get("batch_size", 8))}))
+                                             "batch_size": run_opts["batch_size"]}))
                 continue
             if cmd == "finetune":
-                method = str(block.get("method", "sft"))
                 for rate, sel, seed in product(rates or [0.0], selects, seeds):  # finds its own ME layer
                     add(Cell("finetune", model, fp, {**load, "method": method, "data": block.get("data"),
                                                       "rate": rate, "select": sel if rate > 0 else None,
@@ -242,7 +276,7 @@ def expand(spec: dict[str, Any], fingerprint=None) -> list[Cell]:
                     if needs_scan:
                         needs["scan"] = add(scan).id
                     add(Cell("compare", model, fp, {**common, "rate": rate, "select": sel, "seed": seed, **mask,
-                                                     "n_boot": int(block.get("n_boot", 2000)),
+                                                     "n_boot": n_boot,
                                                      "sinks": bool(block.get("sinks", True))},
                              needs=needs, stage=2))
     return sorted(cells.values(), key=lambda c: (c.stage, c.id))
