@@ -103,10 +103,24 @@ def test_documented_command_lines_use_existing_commands_and_options():
                 # a group: its command is the next word, or `run` (`melayer sweep SPEC` runs a spec)
                 name = f"{name} {plain[1]}" if f"{name} {plain[1]}" in commands else f"{name} run"
             assert name in commands, f"{path.name}: `{line}`: melayer has no command {name!r}"
-            known = {o for p in commands[name].params for o in (*p.opts, *p.secondary_opts)} | {"--help"}
-            for word in words[1:]:
+            params = commands[name].params
+            known = {o for p in params for o in (*p.opts, *p.secondary_opts)} | {"--help"}
+            flags = {o for p in params if getattr(p, "is_flag", False) for o in (*p.opts, *p.secondary_opts)}
+            arguments = [p for p in params if p.param_type_name == "argument"]
+            positional, rest = [], words[1 + len(name.split()):]
+            if name.startswith("sweep ") and words[2] != name.split()[1]:
+                rest = words[2:]  # `melayer sweep SPEC` is `melayer sweep run SPEC`
+            i = 0
+            while i < len(rest):
+                word = rest[i]
                 if word.startswith("-") and not re.fullmatch(r"-\d.*", word):
                     assert word.split("=")[0] in known, f"{path.name}: `{line}`: melayer {name} has no option {word}"
+                    i += 1 if (word in flags or "=" in word) else 2
+                    continue
+                positional.append(word)
+                i += 1
+            if not any(p.nargs == -1 for p in arguments):
+                assert len(positional) <= len(arguments), f"{path.name}: `{line}`: melayer {name} takes no {positional}"
             checked += 1
     assert checked >= 30, checked
 
