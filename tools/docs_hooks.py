@@ -56,7 +56,8 @@ def cli_markdown(name: str) -> str:
         if record is None:
             continue
         flags, help_text = record
-        rows.append(f"| `{_cell(flags)}` | {_cell(help_text or '')} |")
+        # a | inside a code span is not a column break in Python-Markdown's tables (and a \| would show)
+        rows.append(f"| `{flags.strip()}` | {_cell(help_text or '')} |")
     text = (cmd.help or "").strip()
     return "\n".join([f"```\n{usage}\n```", "", _cell(text), "", "| option | what it does |", "|---|---|", *rows, ""])
 
