@@ -20,7 +20,12 @@ def _cli(monkeypatch, capsys, *args):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["eval", "--task", "mmlu"], "unknown task 'mmlu'"),
+    (["eval", "--task", "mmlu_pro"], "unknown task 'mmlu_pro'"),
+    (["eval", "--task", "mmlu", "--subjects", "astrology"], "unknown MMLU subject"),
+    (["compare", "--task", "arc_easy", "--method", "dola"], "unknown method 'dola'"),
+    (["compare", "--task", "arc_easy", "--method", "act:tau=2"], "tau=2.0 is out of range"),
+    (["compare", "--task", "arc_easy", "--method", "act:gamma=2"], "no parameter 'gamma'"),
+    (["compare", "--task", "arc_easy", "--method", "wemask:rate"], "key=value"),
     (["eval", "--task", "arc_easy", "--limit", "0"], "--limit must be a positive"),
     (["eval", "--task", "arc_easy", "--limit", "-5"], "--limit must be a positive"),
     (["eval", "--task", "arc_easy", "--batch-size", "0"], "--batch-size must be >= 1"),

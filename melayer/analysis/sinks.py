@@ -42,9 +42,9 @@ import torch
 from melayer.analysis.perplexity import ppl_text, special_prefix
 from melayer.analysis.scan import default_prompts
 from melayer.capture import Hooks, forward_body
+from melayer.capture.attention import probabilities
 from melayer.capture.batching import planned
 from melayer.capture.encoding import tokenize
-from melayer.models.hf_internals import attention_implementation
 from melayer.models.loading import LM
 from melayer.util.console import track
 from melayer.util.errors import MelayerError
@@ -75,9 +75,9 @@ def text_windows(lm: LM, n: int = 32, length: int = DEFAULT_MAX_TOKENS) -> list[
 
 
 def eager_attention(lm: LM) -> contextlib.AbstractContextManager[None]:
-    """Run the model with transformers' eager attention inside the block; the previous implementation is
-    restored on exit."""
-    return attention_implementation(lm.model, "eager", f"{lm.name} (to read attention probabilities)")
+    """Run the model with transformers' eager attention inside the block (the edited eager attention while an
+    attention edit such as ACT is active); the previous implementation is restored on exit."""
+    return probabilities(lm)
 
 
 PROBS_BUDGET = 32 * 2**20  # attention probabilities held at once (floats): one layer's (batch, heads, T, T)

@@ -44,7 +44,8 @@ from melayer.cli.eval_options import (
 @app.command("compare")
 def compare_cmd(
     task: TaskOpt,
-    rates: Annotated[str, typer.Option("--rates", help="comma-separated WeMask rates in [0, 1]; 0 (baseline) is always added")] = "0,0.005,0.01,0.05",
+    rates: Annotated[Optional[str], typer.Option("--rates", help="comma-separated WeMask rates in [0, 1] (the short form of --method wemask:rate=R); 0 (unmodified) is always added [default: 0,0.005,0.01,0.05 without --method]")] = None,
+    method: Annotated[Optional[list[str]], typer.Option("--method", "-M", help="an intervention, repeatable: NAME or NAME:key=value,... (wemask, wemask_before, wemask_random_dims, wemask_other_token, wemask_me_only, act, zerotuning, set_mean, set_zero)")] = None,
     model: ModelOpt = None,
     limit: LimitOpt = None,
     select: SelectOpt = Select.activation,
@@ -75,7 +76,10 @@ def compare_cmd(
 
     chat_mode, options = check_task(task, limit, batch_size, max_new_tokens, chat, num_fewshot=num_fewshot,
                                     window=window, stride=stride, subjects=subjects)
-    rate_list = parse_rates(rates)
+    from melayer.interventions.methods import parse_method
+
+    specs = [parse_method(m) for m in method or []]  # validated before loading
+    rate_list = parse_rates(rates if rates is not None else ("0" if specs else "0,0.005,0.01,0.05"))
     check_settings(max(rate_list), select=select, gamma=gamma)  # validated before loading
     out = check_output(output or Path("out/compare") / task)
     from melayer.eval.compare import compare
@@ -83,5 +87,5 @@ def compare_cmd(
     lm = load_model(model, dtype, arch, adapter, device_map, max_memory)
     result = compare(lm, task, rate_list, limit=limit, batch_size=batch_size, output=out, select=select,
                      layers=layers, gamma=gamma, me_layer=me_layer, max_new_tokens=max_new_tokens, chat=chat_mode,
-                     sinks=sinks, overwrite=overwrite, **options)
+                     sinks=sinks, overwrite=overwrite, methods=specs, **options)
     finish(result.to_dict(), out, "compare", write=False, announce_plots=True, report=report)

@@ -43,6 +43,7 @@ from melayer.cli.eval_options import (
     WindowOpt,
     check_task,
 )
+from melayer.util.errors import MelayerError
 
 
 @app.command("eval")
@@ -51,6 +52,7 @@ def eval_cmd(
     model: ModelOpt = None,
     limit: LimitOpt = None,
     wemask: Annotated[Optional[float], typer.Option("--wemask", help="apply WeMask at this rate (fraction of hidden dims, 0-1)")] = None,
+    method: Annotated[Optional[str], typer.Option("--method", "-M", help="an intervention instead of --wemask: NAME or NAME:key=value,... (calibrated on melayer's shipped prompts; see melayer compare --method)")] = None,
     select: SelectOpt = Select.activation,
     layers: LayersOpt = None,
     me_layer: MeLayerOpt = None,
@@ -78,6 +80,11 @@ def eval_cmd(
     chat_mode, options = check_task(task, limit, batch_size, max_new_tokens, chat, num_fewshot=num_fewshot,
                                     window=window, stride=stride, subjects=subjects)
     check_mask_options(wemask, layers, me_layer)
+    from melayer.interventions.methods import parse_method
+
+    method_spec = parse_method(method) if method is not None else None
+    if method_spec is not None and wemask is not None:
+        raise MelayerError("give --wemask or --method, not both")
     if wemask is not None:
         check_settings(wemask, select=select, gamma=gamma)  # validated before loading
     out = check_output(output or Path("out/eval") / task)
@@ -93,6 +100,8 @@ def eval_cmd(
         if me_layer is None and layer_list is None and mask_width(wemask, lm.hidden_size) > 0:
             me_layer = find_me_layer(lm, progress=True, hint="; pass --me-layer or --layers")
         mask = build_mask(lm, wemask, layers=layer_list, select=select, gamma=gamma, me_layer=me_layer)
+    if method_spec is not None:
+        mask = method_spec.bind(lm)
     result = run(lm, task, limit=limit, batch_size=batch_size, output=out, max_new_tokens=max_new_tokens,
                  chat=chat_mode, intervention=mask, overwrite=overwrite, **options)
     finish(result.to_dict(), out, "eval", write=False, report=report)

@@ -39,6 +39,7 @@ def generate(
     me_layer: MeLayerOpt = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="tokens to generate")] = 64,
     chat: ChatOpt = Chat.auto,
+    method: Annotated[Optional[str], typer.Option("--method", "-M", help="an intervention instead of --wemask: NAME or NAME:key=value,... (see melayer compare --method)")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="also write prompt, text and WeMask settings to this JSON file")] = None,
     dtype: DtypeOpt = Dtype.float32,
     arch: ArchOpt = None,
@@ -48,6 +49,8 @@ def generate(
     max_memory: MaxMemoryOpt = None,
 ) -> None:
     """Greedy generation (KV cache) printed to stdout; with --wemask under WeMask (settings on stderr)."""
+    import contextlib
+
     from melayer.cli.common import adapter_mask, check_mask_options, check_output_file, load_model
     from melayer.interventions.generate import chat_prompt, greedy_generate
     from melayer.interventions.wemask import WeMask, check_settings, format_layers
@@ -60,6 +63,11 @@ def generate(
     if max_new_tokens < 1:
         raise MelayerError("--max-new-tokens must be >= 1")
     check_mask_options(wemask, layers, me_layer)
+    from melayer.interventions.methods import parse_method
+
+    spec = parse_method(method) if method is not None else None
+    if spec is not None and wemask is not None:
+        raise MelayerError("give --wemask or --method, not both")
     if wemask is not None:  # cheap checks before loading the model
         check_settings(wemask, select=select, gamma=gamma)
     if output is not None:
@@ -81,8 +89,14 @@ def generate(
         if mask.is_noop:
             err.print(f"[yellow]note[/]: {mask.describe()}: generation is unchanged", highlight=False)
         mask.apply()
+    bound = None
+    if spec is not None:
+        with status(f"calibrating {spec.label} on {lm.name} ..."):
+            bound = spec.bind(lm)
+        err.print(f"[bold]method[/]: {bound.describe()}", highlight=False)
     try:
-        texts, _, _ = greedy_generate(lm, [prompt], max_new_tokens=max_new_tokens, chat=use_chat)
+        with bound if bound is not None else contextlib.nullcontext():
+            texts, _, _ = greedy_generate(lm, [prompt], max_new_tokens=max_new_tokens, chat=use_chat)
     finally:
         if mask is not None:
             mask.remove()
@@ -91,6 +105,7 @@ def generate(
             "schema": "melayer.generate/1", "model": lm.name, "prompt": prompt, "chat_template": used_chat,
             "max_new_tokens": max_new_tokens, "decoding": "greedy", "dtype": dtype, "text": texts[0],
             "wemask": mask.to_dict() if mask is not None else None,
+            "method": bound.to_dict() if bound is not None else None,
         })
     typer.echo(plain(texts[0]))  # a model's terminal escape sequences are shown, never executed by the terminal
     if output is not None:

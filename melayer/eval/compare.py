@@ -92,6 +92,9 @@ class CompareResult(Result):
     runs: dict[float, EvalResult] = field(default_factory=dict, repr=False)
     output: str | None = None
     elapsed_s: float = 0.0
+    methods: list[dict[str, Any]] = field(default_factory=list)
+    calibration: dict[str, Any] | None = None
+    massive: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -107,6 +110,11 @@ class CompareResult(Result):
             "settings": self.settings,
             "sinks": self.sinks,
             "per_rate": self.rows,
+            "per_method": self.methods,
+            "calibration": self.calibration,
+            "massive_downstream": self.massive,
+            "multiple_comparisons": {"method": "benjamini-hochberg", "scope": "every McNemar test of this table "
+                                     "(rates and methods, all binary metrics); adjusted p in mcnemar.p_bh"},
             "output": self.output,
             "elapsed_s": round(self.elapsed_s, 2),
         }
@@ -139,6 +147,7 @@ def compare(
     seed: int = SEED,
     overwrite: bool = False,
     progress: bool = True,
+    methods: Sequence[str | Any] = (),
     **task_options: Any,
 ) -> CompareResult:
     """Evaluate one task at several WeMask rates on the same samples and compare every rate with rate 0
@@ -162,6 +171,8 @@ def compare(
         seed: the bootstrap seed.
         overwrite: discard previous runs with other settings in ``output``.
         progress: show progress bars.
+        methods: interventions from the registry, e.g. ``"act"`` or ``"wemask_before:rate=0.01"`` (see
+            :data:`melayer.interventions.methods.METHODS`), each run on the same samples in ``output/method_<label>``.
         **task_options: the task's own options (e.g. ``num_fewshot``).
 
     Returns:
@@ -186,6 +197,13 @@ def compare(
         me_layer = find_me_layer(lm, progress=progress, hint="; pass --me-layer or --layers")
     masks = {rate: wemask(lm, rate, layers=layer_list, select=select, gamma=gamma, me_layer=me_layer)
              for rate in rates if rate > 0}
+    from melayer.interventions.methods import MethodSpec, parse_method
+
+    specs = [m if isinstance(m, MethodSpec) else parse_method(str(m)) for m in methods]
+    if len({m.label for m in specs}) != len(specs):
+        raise MelayerError("--method: the same method is given twice")
+    calibration = calibration_for(lm, the_task, samples, me_layer) if specs else None
+    bound = {m.label: m.bind(lm, calibration) for m in specs}
 
     out_dir = Path(output) if output is not None else None
     runs: dict[float, EvalResult] = {}
@@ -194,6 +212,11 @@ def compare(
                          output=out_dir / rate_dir(rate) if out_dir else None, max_new_tokens=max_new_tokens,
                          chat=chat, intervention=masks.get(rate), overwrite=overwrite,
                          progress=progress, samples=samples)
+
+    method_runs = {label: run(lm, the_task, limit=limit, batch_size=batch_size,
+                              output=out_dir / method_dir(label) if out_dir else None, max_new_tokens=max_new_tokens,
+                              chat=chat, intervention=iv, overwrite=overwrite, progress=progress, samples=samples)
+                   for label, iv in bound.items()}
 
     base = runs[0.0]
     prompts = [the_task.sink_text(s) for s in samples[:SINK_PROMPTS]]
@@ -206,6 +229,8 @@ def compare(
         try:
             for rate in rates:
                 sink_rates[rate], sink_skipped = _sinks(lm, prompts, masks.get(rate))
+            for label, iv in bound.items():
+                sink_rates[label], _ = _sinks(lm, prompts, iv)  # type: ignore[index]
         except MelayerError as exc:  # e.g. every task prompt is too short for a meaningful sink score
             sink_rates, sink_note = {}, f"not measured: {exc}"
 
@@ -220,18 +245,31 @@ def compare(
             row["wemask"] = {k: wm.get(k) for k in ("k", "select", "gamma", "layers", "me_layer", "rule")}
         else:
             row["wemask"] = {"k": 0, "rule": "baseline (no intervention)"}
-        for m in res.metric_specs:
-            entry = dict(res.metrics[m.name])
-            if rate != 0:
-                entry["vs_baseline"] = paired_bootstrap(m.kind, base.values(m.name), res.values(m.name),
-                                                        n_boot=n_boot, seed=seed)
-                if m.binary:
-                    entry["mcnemar"] = mcnemar(outcomes(m.kind, base.values(m.name)),
-                                               outcomes(m.kind, res.values(m.name)))
-            row["metrics"][m.name] = entry
+        row["metrics"] = paired_metrics(base, res, n_boot, seed) if rate != 0 else dict(res.metrics)
         if sink_rates:
             row["sink_rate"] = sink_rates[rate]
         rows.append(row)
+
+    method_rows = []
+    for label, res in method_runs.items():
+        if res.ids() != base.ids():
+            raise MelayerError("internal error: the methods were evaluated on different samples")
+        row = {"method": label, "output": res.output, "metrics": paired_metrics(base, res, n_boot, seed),
+               "intervention": res.intervention_after or res.settings.get("intervention")}
+        if sink_rates:
+            row["sink_rate"] = sink_rates.get(label)  # type: ignore[call-overload]
+        method_rows.append(row)
+    adjust_table([*rows, *method_rows])
+    massive = None
+    me_for_massive = me_layer if me_layer is not None else (calibration.me_layer if calibration else None)
+    if me_for_massive is not None:
+        conditions = {**{f"wemask:rate={r:g}": masks.get(r) for r in rates if r > 0}, **bound}
+        massive = massive_downstream(lm, prompts, me_for_massive, conditions)
+        for row in rows:
+            if row["rate"] > 0:
+                row["massive_downstream"] = massive["relative"].get(f"wemask:rate={row['rate']:g}")
+        for row in method_rows:
+            row["massive_downstream"] = massive["relative"].get(row["method"])
 
     settings = {k: base.settings[k] for k in ("task_options", "chat", "max_new_tokens", "prompt_format", "dtype",
                                                 "batch_size", "limit")}
@@ -245,10 +283,93 @@ def compare(
         rows=rows, settings=settings,
         sinks={"epsilon": SINK_EPSILON, "prompts": len(prompts), "prompts_skipped_too_short": sink_skipped,
                "source": "the first task prompts (as the model sees them, without chat template)", "note": sink_note,
-               "rates": {f"{r:g}": v for r, v in sink_rates.items()} if sink_rates else None},
-        runs=runs, output=str(out_dir) if out_dir else None, elapsed_s=time.time() - t0)
+               "rates": {(f"{r:g}" if isinstance(r, float) else r): v for r, v in sink_rates.items()} if sink_rates else None},
+        runs=runs, output=str(out_dir) if out_dir else None, elapsed_s=time.time() - t0, methods=method_rows,
+        calibration=calibration.to_dict() if calibration else None, massive=massive)
     if out_dir is not None:
         from melayer.util.io import write_json
 
         write_json(out_dir / "compare.json", result.to_dict())
     return result
+
+
+def paired_metrics(base: EvalResult, res: EvalResult, n_boot: int, seed: int) -> dict[str, Any]:
+    """Per metric: value, CI, the paired difference to ``base`` with its bootstrap CI, McNemar for 0/1 metrics."""
+    out = {}
+    for m in res.metric_specs:
+        entry = dict(res.metrics[m.name])
+        entry["vs_baseline"] = paired_bootstrap(m.kind, base.values(m.name), res.values(m.name), n_boot=n_boot,
+                                                seed=seed)
+        if m.binary:
+            entry["mcnemar"] = mcnemar(outcomes(m.kind, base.values(m.name)), outcomes(m.kind, res.values(m.name)))
+        out[m.name] = entry
+    return out
+
+
+def adjust_table(rows: list[dict[str, Any]]) -> None:
+    """Benjamini-Hochberg over every McNemar p of the table, written next to each as ``p_bh``."""
+    from scipy.stats import false_discovery_control
+
+    tests = [m["mcnemar"] for r in rows for m in r["metrics"].values() if isinstance(m, dict) and m.get("mcnemar")]
+    if tests:
+        for t, q in zip(tests, false_discovery_control([t["p"] for t in tests], method="bh")):
+            t["p_bh"] = float(q)
+
+
+def method_dir(label: str) -> str:
+    """``method_act``, ``method_wemask_before-rate=0.01``: the label with only safe characters."""
+    import re
+
+    return "method_" + re.sub(r"[^A-Za-z0-9_.=-]", "-", label)
+
+
+def calibration_for(lm: LM, task: Any, evaluated: Sequence[Any], me_layer: int | None) -> Any:
+    """Calibration prompts never evaluated: the task's last items outside the evaluated ones, else the shipped
+    prompts."""
+    from melayer.interventions.methods import CALIBRATION_PROMPTS, Calibration
+
+    seen = {s.id for s in evaluated}
+    rest = [s for s in task.load(None, lm=lm) if s.id not in seen][-CALIBRATION_PROMPTS:]
+    if len(rest) < CALIBRATION_PROMPTS // 2:
+        return Calibration(lm, me_layer=me_layer)
+    return Calibration(lm, [task.sink_text(s) for s in rest], me_layer=me_layer, ids=[s.id for s in rest],
+                       source=f"the last {len(rest)} {task.name} items outside the evaluated ones")
+
+
+def massive_downstream(lm: LM, prompts: Sequence[str], me_layer: int, conditions: dict[str, Any]) -> dict[str, Any]:
+    """Largest |a| on the massive dims in the layers after the ME layer (real tokens of ``prompts``), unmodified and
+    under each condition; ``relative`` = condition / unmodified."""
+    import torch
+
+    from melayer.analysis.me_layer import massive_dims_at
+    from melayer.analysis.scan import scan
+    from melayer.capture import Hooks, encode, position_ids, read_site
+
+    dims, _ = massive_dims_at(scan(lm, None, progress=False), me_layer)
+    layers = list(range(me_layer + 1, lm.num_layers))
+    if not dims or not layers or not prompts:
+        return {"dims": dims, "layers": layers, "unmodified": None, "relative": {}, "note": "nothing to measure"}
+
+    @torch.no_grad()
+    def peak(iv: Any) -> float:
+        best = 0.0
+        for i in range(0, len(prompts), 8):
+            batch = encode(lm, list(prompts[i: i + 8]), max_tokens=128)
+            mask = batch["attention_mask"].to(lm.device)
+            found: list[float] = []
+            with Hooks() as hooks, (iv if iv is not None else contextlib.nullcontext()):
+                for layer in layers:
+                    read_site(hooks, lm, layer, "resid_out",
+                              lambda x, found=found, mask=mask: found.append(float(
+                                  (x[..., dims].abs().float() * mask[..., None].to(x.device)).max())))
+                lm.model(input_ids=batch["input_ids"].to(lm.device), attention_mask=mask,
+                         position_ids=position_ids(mask), use_cache=False, logits_to_keep=1)
+            best = max([best, *found])
+        return best
+
+    base = peak(None)
+    values = {label: peak(iv) for label, iv in conditions.items()}
+    return {"dims": dims, "layers": layers, "unmodified": base, "absolute": values,
+            "relative": {k: (v / base if base else None) for k, v in values.items()},
+            "rule": "largest |a| on the massive dims (ME layer output) over the real tokens of the sink prompts, in "
+                    "every layer after the ME layer, under the condition / unmodified"}

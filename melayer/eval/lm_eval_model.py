@@ -13,6 +13,7 @@ Three ways to use it:
 model_args: ``pretrained=SPEC`` (default gemma-3-270m), ``wemask=RATE``, ``wemask_layers=4-17`` (ranges; several
 items separated by ``;`` or ``+`` because lm-eval splits model_args on commas), ``wemask_select=activation|weight``,
 ``wemask_gamma=1.0``, ``wemask_me_layer=N`` (skip the ME-layer scan), ``wemask_token=first|massive``,
+``method=NAME:key=value;key=value`` (any registered intervention instead of wemask=, e.g. ``method=act``),
 ``dtype=float32``, ``arch=...``; ``peft=DIR`` (a ``melayer finetune`` output: the adapter is merged and its saved
 WeMask re-applied; ``peft_mask=false`` loads the adapter without it); every other HFLM argument (``batch_size``, ``max_length``, ``add_bos_token``...)
 is passed through to lm-eval's ``HFLM``.
@@ -47,6 +48,7 @@ class MelayerLM(HFLM):
         device: str | None = None,
         peft: str | None = None,
         peft_mask: Any = True,
+        method: str | None = None,
         **kwargs: Any,
     ) -> None:
         from melayer.interventions.adapter import load
@@ -63,6 +65,8 @@ class MelayerLM(HFLM):
             lm = load(pretrained, dtype=dtype, arch=arch, device=_device(device), progress=False,
                       adapter=peft, adapter_mask=use_mask)
         saved = getattr(lm, "adapter_wemask", None)
+        if method is not None and (wemask is not None or saved is not None):
+            raise MelayerError("method= replaces wemask=: give one of them (and no adapter mask)")
         if saved is not None and wemask is not None:
             raise MelayerError("peft=: the adapter re-applies the WeMask it was trained with; give no wemask= "
                                "(or peft_mask=false to choose another mask)")
@@ -78,7 +82,13 @@ class MelayerLM(HFLM):
         super().__init__(pretrained=lm.model, tokenizer=lm.tokenizer, **kwargs)
         if not self.wemask.active:
             self.wemask.apply()
-        log.info("melayer: %s on %s", self.wemask.describe(), lm.name)
+        self.method = None
+        if method is not None:  # e.g. method=act or method=wemask_before:rate=0.01;gamma=1 (';' between parameters)
+            from melayer.interventions.methods import parse_method
+
+            self.method = parse_method(str(method)).bind(lm)
+            self.method.__enter__()
+        log.info("melayer: %s on %s", (self.method or self.wemask).describe(), lm.name)
 
     def get_model_info(self) -> dict:
         """Model facts for lm-eval's results (no hub look-up: melayer models are local)."""
@@ -91,11 +101,15 @@ class MelayerLM(HFLM):
             "model_revision": "",
             "model_sha": "",
             "wemask": self.wemask.to_dict(),
+            "method": self.method.to_dict() if self.method is not None else None,
         }
 
     def close(self) -> None:
-        """Remove WeMask's hooks (the wrapped model is restored exactly)."""
+        """Remove WeMask's (or the method's) hooks (the wrapped model is restored exactly)."""
         self.wemask.remove()
+        if self.method is not None:
+            self.method.__exit__(None, None, None)
+            self.method = None
 
 
 def _device(device: str | None) -> str | None:

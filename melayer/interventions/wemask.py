@@ -41,7 +41,7 @@ from melayer.models.loading import LM
 from melayer.util.errors import MelayerError
 
 SELECT_RULES = ("activation", "weight")
-TOKEN_RULES = ("first", "massive")
+TOKEN_RULES = ("first", "massive", "offset")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -141,6 +141,9 @@ class WeMask:
         me_layer: int | None = None,
         criterion: Criterion | None = None,
         scan_prompts: Sequence[str] | None = None,
+        *,
+        dims: Sequence[int] | None = None,
+        offset: int = 0,
     ) -> None:
         self.rate, self.gamma = check_settings(rate, select=select, gamma=gamma, token=token)
         self.lm = lm
@@ -168,6 +171,13 @@ class WeMask:
                                        "pass layers= explicitly")
         self.me_layer = None if me_layer is None else int(me_layer)
         self.layers: list[int] = parsed
+        # controls: fixed dims instead of the top-k of each token; token="offset": the real token at that index
+        self.dims = None if dims is None else sorted({int(d) for d in dims})
+        if self.dims is not None and (len(self.dims) != self.k or not all(0 <= d < self.hidden_size for d in self.dims)):
+            raise MelayerError(f"WeMask dims must be {self.k} distinct dims in 0-{self.hidden_size - 1}")
+        self.offset = int(offset)
+        if token == "offset" and self.offset < 0:
+            raise MelayerError("WeMask token offset must be >= 0")
         self._weight_idx: dict[int, torch.Tensor] = {}
         if select == "weight":
             for layer in self.layers:
@@ -240,6 +250,12 @@ class WeMask:
         tokens = call_tokens(h, kwargs)
         if self.token == "first":
             hit = tokens.starts.nonzero()
+        elif self.token == "offset":
+            pos = kwargs.get("position_ids")
+            if not isinstance(pos, torch.Tensor):
+                raise MelayerError("WeMask token='offset' needs the attention call's position_ids")
+            pos = pos.expand(h.shape[0], -1) if pos.shape[0] == 1 else pos
+            hit = ((pos[:, -h.shape[1]:] == self.offset) & tokens.real.to(pos.device)).nonzero()
         else:
             a = self._peaks.pop(layer, None)
             if a is None or a.shape[:2] != h.shape[:2]:
@@ -263,7 +279,9 @@ class WeMask:
             rows, positions, past = target
             rows, positions = rows.to(h.device), positions.to(h.device)  # the call's mask may sit elsewhere
             sel = h[rows, positions]  # (n, D)
-            if self.select == "activation":
+            if self.dims is not None:
+                idx = torch.tensor(self.dims, device=h.device).expand(sel.shape[0], -1)
+            elif self.select == "activation":
                 idx = sel.abs().topk(self.k, dim=-1).indices
             else:
                 idx = self._weight_idx[layer].to(h.device).expand(sel.shape[0], -1)
@@ -285,6 +303,8 @@ class WeMask:
     def masked_dims(self) -> dict[int, list[int]]:
         """Per layer, the masked dims (fixed for select='weight'; union over the masked tokens of the last
         masking forward pass for select='activation')."""
+        if self.dims is not None:
+            return {layer: list(self.dims) for layer in self.layers}
         if self.select == "weight":
             return {layer: idx.tolist() for layer, idx in self._weight_idx.items()}
         return {layer: sorted({d for rec in recs for d in rec["dims"]}) for layer, recs in self._record.items()}
@@ -295,8 +315,11 @@ class WeMask:
                                                    ("k = int(rate x hidden) = 0" if self.k == 0 else "no layers"))
             return f"WeMask off ({why})"
         scale = "zeroed" if self.gamma == 1 else f"scaled by {1 - self.gamma:g}"
-        who = ("the first real token" if self.token == "first" else
-               "every token whose peak |a| passes the Criterion cutoff of its own median |a|")
+        who = {"first": "the first real token", "offset": f"the real token at index {self.offset}",
+               "massive": "every token whose peak |a| passes the Criterion cutoff of its own median |a|"}[self.token]
+        if self.dims is not None:
+            return (f"WeMask rate {self.rate:g}: the fixed dims {self.dims} {'zeroed' if self.gamma == 1 else 'scaled'} "
+                    f"in the attention input of {who} at layers {format_layers(self.layers)}")
         return (f"WeMask rate {self.rate:g}: top k={self.k} of {self.hidden_size} dims by {self.select} {scale} "
                 f"in the attention input of {who} at layers {format_layers(self.layers)}"
                 + (f" (after ME layer {self.me_layer})" if self.me_layer is not None else ""))
@@ -311,6 +334,8 @@ class WeMask:
             "gamma": self.gamma,
             "select": self.select,
             "token": self.token,
+            "offset": self.offset if self.token == "offset" else None,
+            "fixed_dims": self.dims,
             "layers": list(self.layers),
             "me_layer": self.me_layer,
             "me_layer_source": self.me_layer_source,

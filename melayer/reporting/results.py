@@ -82,7 +82,7 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind("eval", "eval.json", "melayer.eval.runner:EvalResult", "Evaluation", f"{_R}.eval:print_eval", (),
          f"{_R}.sections:eval_sections"),
     Kind("compare", "compare.json", "melayer.eval.compare:CompareResult", "WeMask dose-response",
-         f"{_R}.eval:print_compare", ((f"{_R}.eval:dose_response_plot", "dose_response.png"),),
+         f"{_R}.eval:print_compare", ((f"{_R}.eval:dose_response_plot", "dose_response.png"), (f"{_R}.eval:forest_plot", "forest.png")),
          f"{_R}.sections:compare_sections"),
     Kind("finetune", "finetune.json", "melayer.finetuning.train:FinetuneResult", "Fine-tuning", None, (),
          f"{_R}.sections:finetune_sections"),
