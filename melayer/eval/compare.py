@@ -125,7 +125,8 @@ class CompareResult(Result):
         return cls(task=data["task"], model=data["model"], rates=data["rates"], me_layer=data["me_layer"],
                    me_layer_source=data["me_layer_source"], select=data["select"], gamma=data["gamma"],
                    layers=data["layers"], rows=data["per_rate"], settings=data["settings"], sinks=data["sinks"],
-                   output=data["output"], elapsed_s=data["elapsed_s"])
+                   output=data["output"], elapsed_s=data["elapsed_s"], methods=data.get("per_method") or [],
+                   calibration=data.get("calibration"), massive=data.get("massive_downstream"))
 
 
 def compare(

@@ -86,7 +86,7 @@ def forest_plot(data: dict[str, Any], path: str | Path) -> Path:
     95% CI; filled markers where the BH-adjusted McNemar p <= 0.05."""
     import matplotlib.pyplot as plt
 
-    from melayer.report.plots import save
+    from melayer.reporting.plots import save
 
     conds = _conditions(data)
     metrics = list(data["per_rate"][0]["metrics"])
