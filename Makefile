@@ -32,8 +32,9 @@ demo: setup  ## scan the embedded Gemma-3-270M and write out/demo/report.html
 	$(BIN)/melayer scan --output out/demo
 	$(BIN)/melayer report out/demo -o out/demo/report.html
 
-lint: setup  ## ruff
+lint: setup  ## ruff and mypy (the package's types)
 	$(BIN)/ruff check melayer tests bench tools
+	$(BIN)/python -m mypy
 
 test: setup lint  ## ruff + every test (slow ones on the embedded models, the docs site, the notebook, the wheel)
 	$(BIN)/python -m pytest

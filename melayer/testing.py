@@ -195,7 +195,8 @@ def tiny_lm(model_type: str = "llama", plant: bool = True, me_layer: int = 1, ne
     kwargs["num_hidden_layers"] = num_layers
     config = AutoConfig.for_model(model_type, **kwargs)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
-    lm = from_model(model, tiny_tokenizer(), name=f"tiny-{model_type}")
+    model.eval()  # as melayer.load leaves a model (GPT-2's config has dropout)
+    lm = from_model(model, tiny_tokenizer(), name=f"tiny-{model_type}", overflow_guard=True)
     lm.plant = plant_massive(lm, me_layer, neuron, dim, precursor=precursor) if plant else None  # type: ignore[attr-defined]
     assert model_type in ARCHITECTURES
     return lm
@@ -231,7 +232,8 @@ def check_arch(model: Any, arch: Any = None, *, me_layer: int = 1, neuron: int =
 
     Args:
         model: a transformers causal LM with random weights, built from a small config of the family (a few layers,
-            ``vocab_size`` at least :data:`VOCAB`; the weights are changed in place by the plant).
+            ``vocab_size`` at least :data:`VOCAB`; the weights are changed in place by the plant,
+            and it is put in eval mode).
         arch: the architecture map to check, as ``--arch`` takes it (a mapped family name, a dict of role -> module
             path, a JSON file, or an :class:`~melayer.models.archmap.ArchSpec`); None checks melayer's own map.
         me_layer: the decoder layer (0-based) where the massive activation is planted (see :func:`plant_massive`).
@@ -249,7 +251,8 @@ def check_arch(model: Any, arch: Any = None, *, me_layer: int = 1, neuron: int =
     vocab = getattr(model.config, "vocab_size", 0) or 0
     if vocab < VOCAB:
         raise MelayerError(f"check_arch needs vocab_size >= {VOCAB} (the test tokenizer's bytes); the model has {vocab}")
-    lm = from_model(model.float(), tiny_tokenizer(), name=f"tiny-{model.config.model_type}", arch=arch)
+    model.float().eval()
+    lm = from_model(model, tiny_tokenizer(), name=f"tiny-{model.config.model_type}", arch=arch)
     if not 0 <= me_layer < lm.num_layers - 1:
         raise MelayerError(f"me_layer must leave a layer after it: 0 <= me_layer < {lm.num_layers - 1}")
     plant = plant_massive(lm, me_layer, neuron, dim)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import melayer
 from melayer.finetuning import FinetuneConfig, finetune
 from melayer.finetuning.data import (
     gsm8k_solution,
@@ -432,3 +433,57 @@ def test_cli_finetune(planted_dir, sft_file, tmp_path, run_cli):
                   tmp_path / "bad")
     assert bad.returncode == 2 and bad.stderr.strip().startswith("melayer: error:") and "Traceback" not in bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# a user's own TRL trainer under ``with melayer.wemask(...)``
+
+
+def _sft_under(mask_rate: float | None, rows, tmp_path, name: str):
+    """One SFT step of TRL's own SFTTrainer on a tiny planted Llama, optionally inside ``with melayer.wemask``;
+    returns (first logged loss, position-0 attention inputs seen by layer 2 during training, the mask, the LoRA
+    B weights after the step)."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from melayer.capture import Hooks, site_module
+
+    lm = tiny_lm("llama", me_layer=1)
+    args = SFTConfig(output_dir=str(tmp_path / name), per_device_train_batch_size=2, learning_rate=2e-4, max_steps=1,
+                     logging_steps=1, seed=3, data_seed=3, use_cpu=True, bf16=False, max_length=64, report_to="none",
+                     save_strategy="no", disable_tqdm=True)
+    trainer = SFTTrainer(model=lm.model, args=args, train_dataset=Dataset.from_list(rows), processing_class=lm.tokenizer,
+                         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    seen: list[torch.Tensor] = []
+
+    def run(mask=None):
+        with Hooks() as hooks:  # registered after the mask's hooks: sees what the attention gets
+            hooks.pre(site_module(lm, 2, "attn_in"),
+                      lambda m, a, k: seen.append((k.get("hidden_states", a[0] if a else None))[:, 0].detach().clone()),
+                      with_kwargs=True)
+            trainer.train()
+        return mask
+
+    if mask_rate is None:
+        mask = run()
+    else:
+        with melayer.wemask(lm, mask_rate, me_layer=1) as wm:
+            mask = run(wm)
+    loss = next(r["loss"] for r in trainer.state.log_history if "loss" in r)
+    # LoRA's B matrices start at zero: after one step they are -lr x Adam's normalised gradient
+    trained = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
+    return loss, seen, mask, trained
+
+
+def test_a_users_sft_trainer_trains_under_wemask(sft_file, tmp_path):
+    rows = trainer_rows(plain_rows(load_records(str(sft_file), "sft"), "sft"), chat=False)
+    plain_loss, plain_inputs, _, plain_b = _sft_under(None, rows, tmp_path, "plain")
+    masked_loss, masked_inputs, wm, masked_b = _sft_under(0.1, rows, tmp_path, "masked")
+    assert wm.k == 6 and wm.layers == [2, 3]
+    # the attention of layer 2 got the first token with k dims zeroed, in every training forward
+    assert masked_inputs and all(int((x == 0).sum(-1).min()) >= wm.k for x in masked_inputs)
+    assert plain_inputs and all(int((x == 0).sum(-1).max()) < wm.k for x in plain_inputs)
+    assert masked_loss != pytest.approx(plain_loss, rel=1e-6)  # the mask changed the forward ...
+    assert plain_b.keys() == masked_b.keys() and any(not torch.equal(plain_b[n], masked_b[n]) for n in plain_b)  # ... and the gradients
+    assert not wm._active  # removed when the block ended

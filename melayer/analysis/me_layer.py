@@ -15,12 +15,29 @@ def find_me_layer(lm: LM, prompts: Sequence[str] | None = None, *, criterion: Cr
                   batch_size: int | None = None, progress: bool = False, hint: str | None = None) -> int | None:
     """The consensus ME layer of ``lm`` on ``prompts`` (default: the shipped prompt set) by one :func:`scan`.
 
-    With ``hint`` a model without an ME layer is a :class:`MelayerError` ending in that hint; without it, None.
+    The result is cached on ``lm`` (:attr:`~melayer.models.loading.LM.me_layers`, keyed by the prompts and the
+    criterion): a second call with the same ones returns it without scanning again (see :func:`cached_me_layer`;
+    clear ``lm.me_layers`` after changing the weights). With ``hint`` a model without an ME layer is a
+    :class:`MelayerError` ending in that hint; without it, None.
     """
-    found = scan(lm, prompts, criterion=criterion, batch_size=batch_size, progress=progress).me_layer
+    key = _key(prompts, criterion)
+    if key in lm.me_layers:
+        found = lm.me_layers[key]
+    else:
+        found = scan(lm, prompts, criterion=criterion, batch_size=batch_size, progress=progress).me_layer
+        lm.me_layers[key] = None if found is None else int(found)
     if found is None and hint is not None:
         raise MelayerError(f"no ME layer found in {lm.name}{hint}")
     return None if found is None else int(found)
+
+
+def _key(prompts: Sequence[str] | None, criterion: Criterion | None) -> tuple[tuple[str, ...] | None, Criterion]:
+    return (None if prompts is None else tuple(prompts)), criterion or Criterion()
+
+
+def cached_me_layer(lm: LM, prompts: Sequence[str] | None = None, criterion: Criterion | None = None) -> bool:
+    """Whether :func:`find_me_layer` has already scanned ``lm`` with these prompts and criterion."""
+    return _key(prompts, criterion) in lm.me_layers
 
 
 def massive_dims_at(result: ScanResult, layer: int, min_support: float = 0.5) -> tuple[list[int], dict[int, float]]:
@@ -42,7 +59,7 @@ def massive_positions(result: ScanResult, layer: int, dims: Sequence[int] | None
     """Per prompt, the position (index among its real tokens) of its massive token at ``layer``: the
     persistent massive entry with the largest |a| (on ``dims`` if given), else the most common massive
     position over all prompts (if the prompt is long enough), else 0."""
-    common = Counter()
+    common: Counter[int] = Counter()
     best: list[int | None] = []
     for p in result.prompts:
         entries = [(abs(v), pos) for v, pos, d in (p.massive[layer] if layer < len(p.massive) else [])

@@ -32,6 +32,7 @@ from melayer.capture.encoding import position_ids
 from melayer.capture.hooks import Hooks, StopForward, layer_output, run_until
 from melayer.capture.tokens import hidden_arg
 from melayer.models.archmap import NORM_ROLES
+from melayer.models.guard import check_overflow
 from melayer.models.loading import LM
 from melayer.util.errors import MelayerError
 
@@ -108,6 +109,7 @@ def forward_until(lm: LM, batch: dict[str, torch.Tensor], last_layer: int | None
         if last_layer is not None and last_layer < lm.num_layers - 1:
             hooks.forward(lm.layers[last_layer], stop)
         run_until(lambda: forward_body(lm, batch))
+    check_overflow(lm.model)  # a stopped forward never reaches the guard's final check
 
 
 def final_hidden(hooks: Hooks, lm: LM, into: dict[str, torch.Tensor]) -> None:

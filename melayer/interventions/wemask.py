@@ -28,6 +28,7 @@ every hook and the model is exactly what it was.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -35,10 +36,12 @@ from typing import Any
 import torch
 
 from melayer.analysis.criterion import Criterion
-from melayer.analysis.me_layer import find_me_layer
+from melayer.analysis.me_layer import cached_me_layer, find_me_layer
 from melayer.capture import Hooks, call_tokens, edit_site, hidden_arg
 from melayer.models.loading import LM
 from melayer.util.errors import MelayerError
+
+_log = logging.getLogger("melayer")
 
 SELECT_RULES = ("activation", "weight")
 TOKEN_RULES = ("first", "massive", "offset")
@@ -159,9 +162,12 @@ class WeMask:
         self.me_layer_source = "given" if me_layer is not None else None
         if parsed is None:
             if me_layer is None and self.k > 0:
+                cached = cached_me_layer(lm, scan_prompts, self.criterion)
                 me_layer = find_me_layer(lm, scan_prompts, criterion=self.criterion,
                                          hint=" (no persistent massive activation); pass layers= or me_layer= explicitly")
-                self.me_layer_source = "scan"
+                self.me_layer_source = "scan (cached on the LM)" if cached else "scan"
+                _log.info("WeMask: no ME layer or layers given; %s ME layer %s of %s",
+                          "reusing the scanned" if cached else "one scan found", me_layer, lm.name)
             if me_layer is None:  # rate too small to mask anything: no layers needed
                 parsed = []
             else:
@@ -322,7 +328,7 @@ class WeMask:
                     f"in the attention input of {who} at layers {format_layers(self.layers)}")
         return (f"WeMask rate {self.rate:g}: top k={self.k} of {self.hidden_size} dims by {self.select} {scale} "
                 f"in the attention input of {who} at layers {format_layers(self.layers)}"
-                + (f" (after ME layer {self.me_layer})" if self.me_layer is not None else ""))
+                + (f" (after ME layer {self.me_layer}, {self.me_layer_source})" if self.me_layer is not None else ""))
 
     def to_dict(self) -> dict[str, Any]:
         return {

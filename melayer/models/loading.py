@@ -13,7 +13,7 @@ import shutil
 import tempfile
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from melayer.models.complete import incomplete
 from melayer.models.convert import converted, take_fresh
 from melayer.models.devices import execution_device, materialized, parse_device_map, parse_max_memory, read, read_param
 from melayer.models.embedded import DEFAULT_MODEL, EMBEDDED
-from melayer.models.guard import install_overflow_guard
+from melayer.models.guard import OverflowGuard, install_overflow_guard, overflow_guard
 from melayer.util.errors import MelayerError, one_line
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -43,8 +43,18 @@ class LM:
     arch: ArchSpec
     source: str = ""
 
-    def __post_init__(self) -> None:
-        install_overflow_guard(self.model, self.layers)  # inf/nan is an error in every forward, never a result
+    # the ME layers found by scans of this model, keyed by (prompts, criterion): see melayer.analysis.me_layer
+    me_layers: dict[Any, int | None] = field(default_factory=dict, repr=False, compare=False)
+
+    def guard_overflow(self) -> OverflowGuard:
+        """Install the overflow guard (once): every forward that produces inf/nan raises
+        :class:`~melayer.util.errors.NumericOverflow` naming the first layer that did. ``.remove()`` takes it off."""
+        return install_overflow_guard(self.model, self.layers, self.body)
+
+    @property
+    def overflow_guard(self) -> OverflowGuard | None:
+        """The installed overflow guard, or None."""
+        return overflow_guard(self.model)
 
     @property
     def config(self) -> Any:
@@ -217,6 +227,7 @@ def load(
     max_memory: str | dict | None = None,
     offload_folder: str | Path | None = None,
     trust_remote_code: bool = False,
+    overflow_guard: bool = True,
 ) -> LM:
     """Load a causal LM by spec (embedded name, HF directory, .gguf file or hub id).
 
@@ -228,7 +239,7 @@ def load(
     of module -> device, ``"cpu"``/``"disk"`` entries offload) and ``max_memory`` (``{0: "20GiB", "cpu":
     "64GiB"}`` or ``"0=20GiB,cpu=64GiB"``; implies ``device_map="auto"``) split the model with accelerate;
     layers offloaded to disk go to ``offload_folder`` (default: a fresh folder under the cache, removed when
-    the model is garbage-collected).
+    the model is garbage-collected). ``overflow_guard``: raise on inf/nan in any forward (see :meth:`LM.guard_overflow`).
     """
     torch_dtype = _DTYPES.get(dtype, None) if isinstance(dtype, str) else dtype
     if torch_dtype is None:
@@ -279,24 +290,33 @@ def load(
     if own_folder is not None:
         weakref.finalize(model, shutil.rmtree, own_folder, True)
     model.eval()
-    return LM(model=model, tokenizer=tokenizer, name=name, arch=arch_for(model, arch), source=source)
+    lm = LM(model=model, tokenizer=tokenizer, name=name, arch=arch_for(model, arch), source=source)
+    if overflow_guard:
+        lm.guard_overflow()
+    return lm
 
 
-def from_model(model: nn.Module, tokenizer: Any, name: str = "model", arch: Any = None) -> LM:
-    """Wrap a model already in memory (``transformers`` causal LM, or a tiny test checkpoint) for melayer.
+def from_model(model: nn.Module, tokenizer: Any, name: str = "model", arch: Any = None,
+               overflow_guard: bool = False) -> LM:
+    """Wrap a model already in memory (``transformers`` causal LM, or a tiny test checkpoint) for melayer, without
+    changing it.
 
     Args:
-        model: the model.
+        model: the model. Its train/eval mode, device, dtype and hooks are left as they are (call
+            ``model.eval()`` yourself for analyses without dropout).
         tokenizer: its tokenizer.
         name: the name recorded in results.
         arch: an architecture-map override (a mapped family name, a dict of role -> module path, a JSON file or
             an :class:`~melayer.models.archmap.ArchSpec`); default: found from the model's modules.
+        overflow_guard: install the overflow guard (:meth:`LM.guard_overflow`); off by default on your model.
 
     Returns:
-        The model, tokenizer and architecture map as an :class:`LM`.
+        The model, tokenizer and architecture map as an :class:`LM` sharing ``model``.
 
     Raises:
         UnsupportedArchitecture: the model's modules cannot be mapped onto melayer's roles.
     """
-    model.eval()
-    return LM(model=model, tokenizer=tokenizer, name=name, arch=arch_for(model, arch))
+    lm = LM(model=model, tokenizer=tokenizer, name=name, arch=arch_for(model, arch))
+    if overflow_guard:
+        lm.guard_overflow()
+    return lm

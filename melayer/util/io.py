@@ -90,7 +90,7 @@ def disk_error(path: str | Path, exc: OSError) -> MelayerError:
     return MelayerError(f"cannot write {path}: {exc.strerror or exc} (nothing was left half-written)")
 
 
-def write_atomic(path: str | Path, writer: Callable[[Path], None]) -> Path:
+def write_atomic(path: str | Path, writer: Callable[[Path], object]) -> Path:
     """Call ``writer(tmp_path)`` then rename over ``path`` in one step (the file gets the umask's mode). A full
     disk, a read-only file system and the like raise a one-line :class:`MelayerError`; ``path`` is then as it
     was before (the temporary file is removed)."""
