@@ -310,3 +310,25 @@ def test_a_checkpoints_own_code_never_runs_even_when_a_terminal_would_say_yes(tm
     proc.wait(timeout=300)
     os.close(child)
     assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------------------------ chat templates
+
+
+@pytest.mark.parametrize("template,kind", [
+    ("{{ raise_exception('this template refuses') }}", "TemplateError"),
+    ("{{ ''.__class__.__mro__[1].__subclasses__() }}", "SecurityError"),
+])
+def test_a_chat_template_that_raises_is_one_line_in_eval_and_generate(monkeypatch, capsys, tmp_path, tiny_dir,
+                                                                       template, kind):
+    import shutil
+
+    model = tmp_path / "chatty"
+    shutil.copytree(tiny_dir, model)
+    (model / "chat_template.jinja").write_text(template)
+    line = _error(monkeypatch, capsys, "eval", "-m", model, "--task", "arc_easy", "--limit", "2", "--chat", "on",
+                  "-o", tmp_path / "out")
+    assert "the chat template of" in line and kind in line, line
+    line = _error(monkeypatch, capsys, "generate", "-m", model, "-p", "hi", "--max-new-tokens", "2", "--chat", "on")
+    assert kind in line, line
+    assert not (tmp_path / "out" / "eval.json").exists()

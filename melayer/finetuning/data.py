@@ -22,6 +22,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from melayer.models.chat import render_chat
 from melayer.util.errors import MelayerError
 
 COLUMNS = {"sft": ("prompt", "completion"), "dpo": ("prompt", "chosen", "rejected"), "grpo": ("prompt", "answer")}
@@ -179,7 +180,7 @@ def training_texts(tokenizer: Any, rows: list[dict[str, Any]], chat: bool, n: in
             msgs = [{"role": "user", "content": r["prompt"]}]
             if answer:
                 msgs.append({"role": "assistant", "content": answer})
-            text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=not answer)
+            text = render_chat(tokenizer, msgs, add_generation_prompt=not answer)
         else:
             text = r["prompt"] + (" " + answer.lstrip() if answer else "")
         bos = getattr(tokenizer, "bos_token", None)

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from melayer.capture import check_length, encode, eos_ids, pad_id
+from melayer.models.chat import render_chat
 from melayer.models.loading import LM
 from melayer.util.errors import MelayerError
 
@@ -56,8 +57,7 @@ def chat_prompt(lm: LM, text: str, chat: bool | None = None) -> tuple[str, bool]
         raise MelayerError(f"--chat: the tokenizer of {lm.name} has no chat template")
     if chat is False or not has_template:
         return text, False
-    rendered = lm.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                add_generation_prompt=True)
+    rendered = render_chat(lm.tokenizer, [{"role": "user", "content": text}], name=lm.name)
     return rendered, True
 
 

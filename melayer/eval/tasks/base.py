@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from melayer.eval.stats import Metric
+from melayer.models.chat import render_chat
 from melayer.util.errors import MelayerError
 
 if TYPE_CHECKING:
@@ -86,7 +87,7 @@ class Task:
 
 
 def chat_text(lm: LM, messages: list[dict[str, str]]) -> str:
-    return lm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return render_chat(lm.tokenizer, messages, name=lm.name)
 
 
 def encode(lm: LM, text: str, special: bool) -> list[int]:
