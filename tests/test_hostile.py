@@ -332,3 +332,15 @@ def test_a_chat_template_that_raises_is_one_line_in_eval_and_generate(monkeypatc
     line = _error(monkeypatch, capsys, "generate", "-m", model, "-p", "hi", "--max-new-tokens", "2", "--chat", "on")
     assert kind in line, line
     assert not (tmp_path / "out" / "eval.json").exists()
+
+
+def test_a_killed_conversions_partial_directory_is_removed_by_the_next(monkeypatch, capsys, tmp_path, cache):
+    from melayer.models.convert import _file_key
+
+    path = tmp_path / "model.gguf"
+    path.write_bytes(tiny_llama(1))
+    stale = cache / "hf" / f"{path.stem}-{_file_key(path)}.k1ll3d"
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"\0" * 1000)  # what a conversion killed mid-save leaves
+    assert _cli(monkeypatch, capsys, "scan", "-m", path, "-o", tmp_path / "out", "-p", "abc def")[0] == 0
+    assert not stale.exists() and len(_converted(cache)) == 1

@@ -278,6 +278,11 @@ def converted(path: Path, progress: bool = True) -> Path:
     with cache_lock(out):
         if (out / "config.json").exists():  # another process converted it while this one waited
             return out
+        # a conversion of this file killed before its rename left its private directory: only the lock's holder
+        # makes one, so under the lock any that exists is stale
+        for stale in out.parent.glob(f"{out.name}.*"):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
         model, _ = convert_gguf(path, out, progress=progress)
     _FRESH[str(out)] = model  # load() takes it instead of reading back what was just written
     return out
