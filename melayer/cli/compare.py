@@ -71,7 +71,7 @@ def compare_cmd(
 ) -> None:
     """Same samples at several WeMask rates: paired differences vs rate 0, bootstrap CIs, McNemar, sinks
     -> DIR/compare.json + DIR/dose_response.png (+ one resumable eval per rate in DIR/rate_<r>/)."""
-    from melayer.eval.compare import parse_rates
+    from melayer.eval.compare import DEFAULT_RATES, parse_rates
     from melayer.interventions.wemask import check_settings
 
     chat_mode, options = check_task(task, limit, batch_size, max_new_tokens, chat, num_fewshot=num_fewshot,
@@ -79,7 +79,7 @@ def compare_cmd(
     from melayer.interventions.methods import parse_method
 
     specs = [parse_method(m) for m in method or []]  # validated before loading
-    rate_list = parse_rates(rates if rates is not None else ("0" if specs else "0,0.005,0.01,0.05"))
+    rate_list = parse_rates(rates if rates is not None else ("0" if specs else DEFAULT_RATES))
     check_settings(max(rate_list), select=select, gamma=gamma)  # validated before loading
     out = check_output(output or Path("out/compare") / task)
     from melayer.eval.compare import compare

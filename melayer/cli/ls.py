@@ -37,9 +37,10 @@ def _archs() -> list[dict[str, str]]:
 
 
 def _methods() -> list[dict[str, str]]:
-    from melayer.interventions.catalog import METHODS
+    from melayer.interventions.methods import describe_methods
 
-    return [{"method": name, **info} for name, info in METHODS.items()]
+    return [{"method": m["name"], "params": ", ".join(f"{k}={v['default']}" for k, v in m["params"].items()) or "-",
+             "description": m["description"]} for m in describe_methods()]
 
 
 def table(rows: list[dict[str, str]]) -> list[str]:

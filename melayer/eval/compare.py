@@ -23,7 +23,7 @@ from melayer.util.errors import MelayerError
 from melayer.util.results import Result
 
 SCHEMA = "melayer.compare/1"
-DEFAULT_RATES = (0.0, 0.001, 0.01, 0.05)
+DEFAULT_RATES = (0.0, 0.005, 0.01, 0.05)  # each masks >= 1 dim at hidden size 200 or more
 SINK_PROMPTS = 16
 SINK_EPSILON = 0.3
 
