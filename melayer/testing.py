@@ -31,16 +31,12 @@ from typing import Any
 
 import torch
 
-from melayer.models.archmap import ARCHITECTURES, resolve
+from melayer.models.archmap import resolve
 from melayer.models.loading import LM, from_model
+from melayer.models.shrink import BOS, EOS, HEADS, HIDDEN, INTER, KV_HEADS, PAD, VOCAB, tiny_config
 from melayer.util.errors import MelayerError
 
-HIDDEN = 64
-INTER = 128
-HEADS = 4
-KV_HEADS = 2
-VOCAB = 3 + 256  # <bos>, <eos>, <pad> + 256 byte symbols
-BOS, EOS, PAD = 0, 1, 2
+__all__ = ["BOS", "EOS", "HEADS", "HIDDEN", "INTER", "KV_HEADS", "PAD", "VOCAB", "tiny_config"]  # re-exported
 
 _COMMON = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, num_attention_heads=HEADS,
                num_key_value_heads=KV_HEADS, head_dim=HIDDEN // HEADS, max_position_embeddings=256,
@@ -88,10 +84,10 @@ class Plant:
 
 def _set_neuron(lm: LM, layer: int, neuron: int, read_dim: int, gain: float) -> None:
     """Make FFN ``neuron`` of ``layer`` read only ``read_dim`` (positively) through gate and up."""
-    for w in lm.arch.ffn_in_matrices(lm.layers[layer]).values():  # (neuron, hidden) views of the weights
+    for w in lm.arch.at(layer).ffn_in_matrices(lm.layers[layer]).values():  # (neuron, hidden) views of the weights
         w[neuron].zero_()
         w[neuron, read_dim] = gain
-    if lm.arch.gate_up is not None:
+    if lm.arch.at(layer).gate_up is not None:
         return
     for role in ("gate", "up"):
         mod = lm.module(layer, role)
@@ -103,7 +99,7 @@ def _set_neuron(lm: LM, layer: int, neuron: int, read_dim: int, gain: float) -> 
 
 def _set_down(lm: LM, layer: int, neuron: int, dim: int, value: float) -> None:
     """``down`` writes ``value`` x activation into ``dim`` only, and ``dim`` hears from ``neuron`` only."""
-    w = lm.arch.down_matrix(lm.module(layer, "down"))  # (hidden, neuron) view
+    w = lm.arch.at(layer).down_matrix(lm.module(layer, "down"))  # (hidden, neuron) view
     w[dim].zero_()
     w[:, neuron].zero_()
     w[dim, neuron] = value
@@ -118,14 +114,14 @@ def plant_massive(lm: LM, me_layer: int, neuron: int, dim: int, carrier: int | N
     model = lm.model
     # 1. only BOS carries the carrier dim: clear it in every embedding, and stop every layer from writing it
     embed = resolve(model, lm.arch.embed)
-    embed.weight[:, carrier] = 0.0
+    for table in model.modules():  # the token embedding and any learned position embedding (GPT-2's wpe)
+        if isinstance(table, torch.nn.Embedding) and table.embedding_dim == hidden:
+            table.weight[:, carrier] = 0.0
     embed.weight[BOS, carrier] = 1.0
-    pos = getattr(getattr(model, lm.arch.body, None), "wpe", None)  # learned positions (GPT-2)
-    if pos is not None:
-        pos.weight[:, carrier] = 0.0
-    for layer in lm.layers:
+    for i in range(lm.num_layers):
         for role in ("attn", "mlp"):
-            for sub, weight in lm.arch.projections(resolve(layer, getattr(lm.arch, role))):
+            block = lm.module(i, role)
+            for sub, weight in lm.arch.projections(block) if block is not None else ():
                 if weight.shape[0] != hidden:  # only projections that write the residual width
                     continue
                 weight[carrier].zero_()
@@ -157,7 +153,7 @@ def _plant_precursor(lm: LM, precursor: tuple[int, int], carrier: int, neuron: i
     _set_down(lm, layer, spike, dim, strength / 8 / 256)
     # layer p+1 must not read the spike dim (else the spike leaks into other dims before it is cancelled)
     for role in ("attn", "mlp"):
-        for _, weight in lm.arch.projections(resolve(lm.layers[layer + 1], getattr(lm.arch, role))):
+        for _, weight in lm.arch.projections(lm.module(layer + 1, role)):
             if weight.shape[1] == lm.hidden_size:
                 weight[:, dim] = 0.0
     _set_neuron(lm, layer + 1, cancel, carrier, gain=2.0)
@@ -178,27 +174,32 @@ def _plant_precursor(lm: LM, precursor: tuple[int, int], carrier: int, neuron: i
 
 def tiny_lm(model_type: str = "llama", plant: bool = True, me_layer: int = 1, neuron: int = 5, dim: int = 7,
             num_layers: int = 4, seed: int = 0, precursor: tuple[int, int] | None = None) -> LM:
-    """A tiny real model of ``model_type`` (see :data:`MODEL_TYPES`), optionally with a planted massive activation.
+    """A tiny real model of ``model_type``, optionally with a planted massive activation.
 
-    The plant is recorded as ``lm.plant`` (a :class:`Plant`) when ``plant`` is true.
+    The families of :data:`MODEL_TYPES` get hand-picked tiny configs; any other causal-LM model type of the
+    installed transformers gets its default config shrunk (:func:`tiny_config`). The plant is recorded as
+    ``lm.plant`` (a :class:`Plant`) when ``plant`` is true.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if model_type not in _CONFIGS:
-        raise ValueError(f"no tiny config for {model_type!r}; known: {', '.join(MODEL_TYPES)}")
     torch.manual_seed(seed)
-    kwargs = {**_COMMON, **_CONFIGS[model_type]}
-    if model_type == "gpt2":
-        for key in _NOT_GPT2:
-            kwargs.pop(key)
-        kwargs.update(n_layer=num_layers)
-    kwargs["num_hidden_layers"] = num_layers
-    config = AutoConfig.for_model(model_type, **kwargs)
+    if model_type in _CONFIGS:
+        kwargs = {**_COMMON, **_CONFIGS[model_type]}
+        if model_type == "gpt2":
+            for key in _NOT_GPT2:
+                kwargs.pop(key)
+            kwargs.update(n_layer=num_layers)
+        kwargs["num_hidden_layers"] = num_layers
+        config = AutoConfig.for_model(model_type, **kwargs)
+    else:
+        try:
+            config = tiny_config(model_type, num_layers)
+        except ValueError as exc:
+            raise ValueError(f"no tiny config for {model_type!r}: {exc}") from None
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
     model.eval()  # as melayer.load leaves a model (GPT-2's config has dropout)
     lm = from_model(model, tiny_tokenizer(), name=f"tiny-{model_type}", overflow_guard=True)
     lm.plant = plant_massive(lm, me_layer, neuron, dim, precursor=precursor) if plant else None  # type: ignore[attr-defined]
-    assert model_type in ARCHITECTURES
     return lm
 
 
@@ -259,3 +260,35 @@ def check_arch(model: Any, arch: Any = None, *, me_layer: int = 1, neuron: int =
     result = scan(lm, list(prompts), progress=False)
     return ArchCheck(plant=plant, me_layer=result.me_layer, massive_dims=list(result.massive_dims),
                      tokens=sorted({t["token"] for t in result.massive_tokens()}))
+
+
+PROBE_TEXTS = ("The cat sat on the mat.", "Massive activations are rare.", "1 2 3 4 5 6 7 8")
+
+
+@torch.no_grad()
+def plant_found(lm: LM, plant: Plant, texts: tuple[str, ...] = PROBE_TEXTS) -> str | None:
+    """Check a plant with plain forward hooks (no melayer analysis): None if, on every text, the planted dim of the
+    first token is massive (|a| > 100 and > 1000 x that row's median |a|) in the output of the planted layer and of
+    every later one and nowhere before it, and no other token or dim is; else what went wrong, in words."""
+    def layer_output(out: Any) -> torch.Tensor:
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    rows: dict[int, torch.Tensor] = {}
+    handles = [layer.register_forward_hook(lambda m, a, out, i=i: rows.__setitem__(i, layer_output(out).detach()))
+               for i, layer in enumerate(lm.layers)]
+    try:
+        for text in texts:
+            ids = lm.tokenizer(text, return_tensors="pt")["input_ids"]
+            rows.clear()
+            lm.model(input_ids=ids, use_cache=False)
+            for i in range(lm.num_layers):
+                a = rows[i][0].float().abs()
+                massive = (a > 100) & (a > 1000 * a.median(dim=-1, keepdim=True).values)
+                hits = sorted(map(tuple, massive.nonzero().tolist()))
+                want = [(0, plant.dim)] if i >= plant.me_layer else []
+                if hits != want:
+                    return f"layer {i} on {text!r}: massive (token, dim) {hits[:4]}, expected {want}"
+    finally:
+        for h in handles:
+            h.remove()
+    return None

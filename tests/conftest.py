@@ -47,7 +47,7 @@ NEOX_ARCH = {
 
 
 def unsupported_model(model_type: str = "gpt_neox", num_layers: int = 2):
-    """A tiny random-weight model of a type that is not in melayer's architecture map."""
+    """A tiny random-weight model of a family outside melayer's named layouts (its roles are derived)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from melayer.testing import BOS, EOS, HEADS, HIDDEN, INTER, PAD, VOCAB
@@ -62,6 +62,19 @@ def unsupported_model(model_type: str = "gpt_neox", num_layers: int = 2):
         kwargs.update(new_decoder_architecture=False, multi_query=True, parallel_attn=True, alibi=False)
     config = AutoConfig.for_model(model_type, **kwargs)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
+
+
+REFUSED_TYPE = "cpmant"  # its FFN reads a norm output melayer cannot match to a projection: roles cannot be derived
+
+
+def refused_model():
+    """A tiny random-weight model whose roles melayer cannot derive (see REFUSED_TYPE)."""
+    from transformers import AutoModelForCausalLM
+
+    from melayer.testing import tiny_config
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(tiny_config(REFUSED_TYPE, num_layers=2), dtype=torch.float32)
 
 
 def save_lm(lm, path: Path) -> Path:
@@ -174,11 +187,22 @@ def overflow_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def unsupported_dir(tmp_path_factory) -> Path:
-    """A saved tiny GPT-NeoX (not in the architecture map) with a tokenizer."""
+    """A saved tiny GPT-NeoX (outside the named layouts: its roles are derived) with a tokenizer."""
     from melayer.testing import tiny_tokenizer
 
     path = tmp_path_factory.mktemp("ckpt") / "tiny-neox"
     unsupported_model("gpt_neox").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def refused_dir(tmp_path_factory) -> Path:
+    """A saved tiny model whose roles melayer cannot derive (REFUSED_TYPE), with a tokenizer."""
+    from melayer.testing import tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("ckpt") / "tiny-refused"
+    refused_model().save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
 

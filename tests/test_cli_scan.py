@@ -29,7 +29,7 @@ def _assert_clean_failure(res, output: Path, *expected: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def bad_inputs(tmp_path_factory, planted_dir, overflow_dir, unsupported_dir, tiny_gguf):
+def bad_inputs(tmp_path_factory, planted_dir, overflow_dir, refused_dir, tiny_gguf):
     """(name, args, expected message pieces) for every kind of bad input."""
     root = tmp_path_factory.mktemp("bad")
     junk = root / "junk.gguf"
@@ -50,7 +50,7 @@ def bad_inputs(tmp_path_factory, planted_dir, overflow_dir, unsupported_dir, tin
         ("not a gguf", ["-m", junk], ["not a GGUF file"]),
         ("truncated gguf", ["-m", cut], ["corrupt or truncated GGUF"]),
         ("empty dir", ["-m", empty_dir], ["holds no model"]),
-        ("unsupported architecture", ["-m", unsupported_dir], ["'gpt_neox' is not in melayer's architecture map"]),
+        ("unsupported architecture", ["-m", refused_dir], ["cannot map model_type 'cpmant'", "--arch"]),
         ("wrong --arch path", ["-m", m, "--arch", root / "nope.json"], ["neither a known architecture"]),
         ("empty --prompt", ["-m", m, "--prompt", "   "], ["empty prompt"]),
         ("empty --prompt ''", ["-m", m, "--prompt", ""], ["empty prompt"]),

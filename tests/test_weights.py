@@ -197,7 +197,7 @@ def test_cli_writes_json_and_plot(run_cli, planted_dir, tmp_path):
     assert (tmp_path / "out" / "weights_scores.png").stat().st_size > 0
 
 
-def test_cli_bad_input(run_cli, tmp_path, planted_dir, unsupported_dir, tiny_gguf):
+def test_cli_bad_input(run_cli, tmp_path, planted_dir, refused_dir, tiny_gguf):
     empty = tmp_path / "empty"
     empty.mkdir()
     (tmp_path / "file").write_text("x")
@@ -212,7 +212,7 @@ def test_cli_bad_input(run_cli, tmp_path, planted_dir, unsupported_dir, tiny_ggu
         (("-m", str(empty)), "holds no model weights"),
         (("-m", str(cut)), "truncated or corrupt"),
         (("-m", str(gguf_cut)), "truncated GGUF"),
-        (("-m", str(unsupported_dir)), "'gpt_neox' is not in melayer's architecture map"),
+        (("-m", str(refused_dir)), "cannot map model_type 'cpmant'"),
         (("-m", str(planted_dir), "-o", str(tmp_path / "file")), "exists and is not a directory"),
     ]
     for args, message in cases:

@@ -150,8 +150,11 @@ def driving_dims(rows_per_neuron: dict[int, list[dict[str, Any]]], min_share: fl
     return sorted(dims)
 
 
-def decompose(lm: LM, rec: dict[str, Any], dims: Sequence[int]) -> list[dict[str, Any]]:
+def decompose(lm: LM, rec: dict[str, Any], dims: Sequence[int], layer: int | None = None) -> list[dict[str, Any]]:
+    """Per massive dim: residual in, attention branch, FFN branch, residual out (they sum). In a parallel block
+    (``ffn_reads``) the FFN read the layer input, not the residual after the attention branch."""
     rows = []
+    parallel = (lm.arch if layer is None else lm.arch.at(layer)).parallel
     has_pa = "post_attn_out" in rec
     has_pf = "post_ffn_out" in rec
     for d in dims:
@@ -168,6 +171,8 @@ def decompose(lm: LM, rec: dict[str, Any], dims: Sequence[int]) -> list[dict[str
             "residual_out_min_abs": float(out.abs().min()),
             "sum_check_error": float((r_in + attn + ffn - out).abs().max()),
         }
+        if parallel:
+            row["ffn_reads"] = "layer input (parallel block)"
         delta = float((out - r_in).mean())
         row["update"] = delta
         row["ffn_share_of_update"] = float(ffn.mean()) / delta if delta else None
@@ -203,7 +208,7 @@ def norm_report(lm: LM, layer: int, rec: dict[str, Any], dims: Sequence[int], dr
         scale = rec.get("norm_scale", {}).get(role, {})
         ms, os_ = scale.get("massive_inv_scale"), scale.get("others_median_inv_scale")
         out.append({
-            "role": role, "module": f"{arch.layers}.{layer}.{arch.path(role)}", "median_gain": median,
+            "role": role, "module": f"{arch.layers}.{layer}.{arch.path(role, layer)}", "median_gain": median,
             "max_abs_gain": float(g.abs().max()), "max_abs_gain_dim": int(order[0]),
             "top_dims": [{"dim": int(i), "gain": float(g[i])} for i in order[:5].tolist()],
             "dims": entries,

@@ -121,14 +121,19 @@ def final_hidden(hooks: Hooks, lm: LM, into: dict[str, torch.Tensor]) -> None:
 
 
 def output_head(lm: LM) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Final hidden states -> float32 logits: the LM head plus any final logit soft-capping (Gemma 2)."""
+    """Final hidden states -> float32 logits: the LM head, the measured logit scale (Cohere, Granite) and any final
+    logit soft-capping (Gemma 2)."""
     head = lm.model.get_output_embeddings()
     if head is None:
         raise MelayerError(f"{lm.name}: the model has no output embedding (LM head)")
-    cap = getattr(lm.config, "final_logit_softcapping", None)
+    cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    scale = lm.arch.logit_scale
 
     def apply(h: torch.Tensor) -> torch.Tensor:
         logits = head(h).float()
+        if scale != 1.0:
+            logits = logits * scale
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits

@@ -374,7 +374,7 @@ def explain(
     rec = record_layers(lm, prompts, positions, sorted({L, *[l for _, l in controls]}), batch_size)
 
     # 2-3. decomposition and attribution at the ME layer
-    decomposition = decompose(lm, rec[L], dims)
+    decomposition = decompose(lm, rec[L], dims, L)
     contrib = neuron_contributions(lm, L, rec[L]["down_in"], dims)
     total = contrib.sum(1)
     selected, covered = select_neurons(contrib, share, max_neurons)
@@ -389,7 +389,7 @@ def explain(
                                 "activation": float(act_mean[n]), "down_weight": float(w_down[d, n]),
                                 "selected": n in selected})
     median_abs_w = float(w_down.abs().median())
-    down_path = f"{lm.arch.layers}.{L}.{lm.arch.down}.weight"
+    down_path = f"{lm.arch.layers}.{L}.{lm.arch.path('down', L)}.weight"
     super_weights = []
     for n in selected:
         for i, d in enumerate(dims):
@@ -400,7 +400,7 @@ def explain(
                 "layer": L, "row": d, "column": n, "value": float(w_down[d, n]),
                 "ratio_to_median_abs_weight": abs(float(w_down[d, n])) / median_abs_w if median_abs_w else None,
                 "share_of_ffn_output": s, "tensor": down_path,
-                "stored_index": lm.arch.stored_index(d, n),
+                "stored_index": lm.arch.at(L).stored_index(d, n),
             })
     driving = {n: driving_inputs(lm, L, rec[L]["mlp_in"], n) for n in selected}
     drive = driving_dims(driving)

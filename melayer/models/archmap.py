@@ -1,11 +1,13 @@
-"""One declarative map from a transformers ``model_type`` to the modules melayer needs.
+"""The map from roles (``pre_attn_norm``, ``down``...) to a model's modules.
 
-Every analysis and intervention addresses a model through *roles* (``pre_attn_norm``, ``down``...)
-and never through module names, so supporting a new architecture means adding one entry here
-(or passing an override), not writing code.
+Every analysis and intervention addresses a model through *roles* and never through module names. The map of
+a model is derived from the model itself (:mod:`melayer.models.derive`: transformers' accessors, a traced
+forward pass and how each module behaves), so a new family needs no entry here; the named layouts below are
+what ``--arch NAME`` reuses, and a role can always be overridden by hand (``--arch FILE.json``).
 
 Paths are dotted attribute paths: model-level roles start at the ``*ForCausalLM`` object,
-layer-level roles start at one decoder layer.
+layer-level roles start at one decoder layer. Layers that differ from the common layout (hybrid models,
+dense layers before the first mixture-of-experts layer) carry their own paths in ``layer_paths``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from melayer.util.errors import MelayerError, UnsupportedArchitecture
+from melayer.util.errors import MelayerError
 
 # Layer-level roles, in the order they act inside a decoder layer.
 LAYER_ROLES = (
@@ -46,30 +48,62 @@ class ArchSpec:
     body: str = "model"
     layers: str = "model.layers"
     embed: str = "model.embed_tokens"
-    final_norm: str = "model.norm"
+    final_norm: str | None = "model.norm"
     lm_head: str = "lm_head"
     pre_attn_norm: str | None = "input_layernorm"
-    attn: str = "self_attn"
+    attn: str | None = "self_attn"
     post_attn_norm: str | None = None
     pre_ffn_norm: str | None = "post_attention_layernorm"
-    mlp: str = "mlp"
+    mlp: str | None = "mlp"
     gate: str | None = "mlp.gate_proj"
     up: str | None = "mlp.up_proj"
     gate_up: str | None = None
-    down: str = "mlp.down_proj"
+    down: str | None = "mlp.down_proj"
     post_ffn_norm: str | None = None
     norm_kind: Literal["rms", "layer"] = "rms"
     # Effective gain of a norm = norm_gain_offset + weight (Gemma stores gain - 1).
     norm_gain_offset: float = 0.0
     # GPT-2's Conv1D stores weights as (in, out) instead of nn.Linear's (out, in).
     conv1d: bool = False
+    # True: the FFN reads the layer input (GPT-J, GPT-NeoX, Falcon, Cohere, Phi-1/2), not the residual after
+    # the attention; the layer output is input + attention branch + FFN branch either way
+    parallel: bool = False
+    # logits = logit_scale x LM head output (before any final soft-capping): Cohere, Granite, Falcon-H1 scale them
+    logit_scale: float = 1.0
+    # what the ``attn`` role is: softmax "attention", another token mixer ("other": SSM, convolution, linear
+    # attention) or "none" (a layer without mixer)
+    mixer_kind: str = "attention"
+    # per-layer differences from the layout above: {layer: {role or "parallel"/"mixer_kind": value}}
+    layer_paths: dict[int, dict[str, Any]] = field(default_factory=dict)
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def path(self, role: str) -> str | None:
+    def path(self, role: str, layer: int | None = None) -> str | None:
         if role not in LAYER_ROLES and role not in MODEL_ROLES:
             raise KeyError(f"unknown role {role!r}")
+        if layer is not None and role in self.layer_paths.get(layer, {}):
+            return self.layer_paths[layer][role]
         return getattr(self, role)
+
+    def at(self, layer: int) -> ArchSpec:
+        """The layout of decoder layer ``layer`` (the common one with that layer's differences applied)."""
+        diff = self.layer_paths.get(layer)
+        return dataclasses.replace(self, **diff, layer_paths={}) if diff else self
+
+    def layout(self) -> dict[str, Any]:
+        """Everything but the name and notes: two specs with the same layout address a model alike."""
+        d = self.to_dict()
+        for key in ("name", "notes", "extra"):
+            d.pop(key)
+        return d
+
+    def block_kind(self, layer: int | None = None) -> str:
+        """The layer's block in words: sequential / parallel, which mixer, FFN or not."""
+        s = self if layer is None else self.at(layer)
+        mixer = {"attention": "attention", "other": "non-attention mixer", "none": ""}.get(s.mixer_kind, s.mixer_kind)
+        ffn = "FFN" if s.down else ""
+        parts = [p for p in (mixer, ffn) if p]
+        return ("parallel " if s.parallel else "") + (" + ".join(parts) if parts else "empty")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -127,6 +161,11 @@ class ArchSpec:
         unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise MelayerError(f"unknown architecture-map keys: {', '.join(sorted(unknown))}")
+        if "layer_paths" in overrides:  # JSON keys are strings
+            try:
+                overrides["layer_paths"] = {int(k): dict(v) for k, v in (overrides["layer_paths"] or {}).items()}
+            except (TypeError, ValueError):
+                raise MelayerError("layer_paths must map layer numbers to {role: path}") from None
         return dataclasses.replace(self, **overrides)
 
 
@@ -220,34 +259,7 @@ def load_override(value: str | Path | dict[str, Any] | ArchSpec | None) -> dict[
     return data
 
 
-def arch_for(model: nn.Module, override: dict[str, Any] | ArchSpec | str | Path | None = None) -> ArchSpec:
-    """Pick the map entry for ``model`` (by ``config.model_type``), apply overrides, and validate it."""
-    override = load_override(override)
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if isinstance(override, ArchSpec):
-        spec = override
-    else:
-        base = ARCHITECTURES.get(model_type or "")
-        if base is None:
-            if not override:
-                missing = _missing_roles(model, LLAMA)
-                hint = f"; a Llama-style layout would lack: {', '.join(missing)}" if missing else ""
-                raise UnsupportedArchitecture(
-                    f"model_type {model_type!r} is not in melayer's architecture map "
-                    f"(mapped: {', '.join(sorted(ARCHITECTURES))}){hint}. "
-                    "Pass --arch NAME to reuse a mapped layout or --arch FILE.json naming the module paths"
-                )
-            base = LLAMA.with_overrides(name=str(model_type))
-        spec = base.with_overrides(**override) if override else base
-    missing = _missing_roles(model, spec)
-    if missing:
-        raise UnsupportedArchitecture(
-            f"architecture map {spec.name!r} does not fit model_type {model_type!r}: not found: {', '.join(missing)}"
-        )
-    return spec
-
-
-def _missing_roles(model: nn.Module, spec: ArchSpec) -> list[str]:
+def missing_roles(model: nn.Module, spec: ArchSpec) -> list[str]:
     missing = []
     for role in MODEL_ROLES:
         path = spec.path(role)
@@ -256,12 +268,16 @@ def _missing_roles(model: nn.Module, spec: ArchSpec) -> list[str]:
     layers = resolve(model, spec.layers)
     if not isinstance(layers, (nn.ModuleList, nn.Sequential)) or len(layers) == 0:
         return missing or [f"layers={spec.layers} (not a non-empty ModuleList)"]
-    if spec.gate_up is None and spec.up is None:
-        missing.append("up (or gate_up)")
-    for role in LAYER_ROLES:
-        path = spec.path(role)
-        if path is not None and resolve(layers[0], path) is None:
-            missing.append(f"{role}={spec.layers}.0.{path}")
+    for i, layer in enumerate(layers):
+        s = spec.at(i)
+        if s.down is not None and s.gate_up is None and s.up is None:
+            missing.append("up (or gate_up)")
+        for role in LAYER_ROLES:
+            path = s.path(role)
+            if path is not None and resolve(layer, path) is None:
+                missing.append(f"{role}={spec.layers}.{i}.{path}")
+        if missing:
+            break
     return missing
 
 
@@ -275,3 +291,9 @@ def describe_architectures() -> list[dict[str, str]]:
         rows.append({"model_type": model_type, "map": spec.name, "norm": f"{spec.norm_kind} ({', '.join(norms)})",
                      "ffn_in": ffn, "notes": spec.notes})
     return rows
+
+
+def named_layout(spec: ArchSpec) -> ArchSpec:
+    """The named layout (``ARCHITECTURES``) with exactly ``spec``'s layout, else ``spec`` itself."""
+    layout = spec.layout()
+    return next((named for named in ARCHITECTURES.values() if named.layout() == layout), spec)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from melayer.models.archmap import ARCHITECTURES, LAYER_ROLES, ArchSpec, load_override
+from melayer.models.derive import arch_from_config
 from melayer.models.embedded import DEFAULT_MODEL, EMBEDDED
 from melayer.models.gguf_file import read_gguf_header, read_gguf_tensor
 from melayer.models.hf_internals import gguf_tensor_processor
@@ -40,7 +41,7 @@ class LazyWeights:
         self.source = source
         self.config = config
         self.model_type = str(config.get("model_type") or "")
-        self.arch = _arch_for_config(self.model_type, arch)
+        self.arch = _arch_for_config(self.model_type, arch, config)
         self.num_layers = int(config.get("num_hidden_layers") or config.get("n_layer") or 0)
         self.hidden_size = int(config.get("hidden_size") or config.get("n_embd") or 0)
         self.tensors_read = 0
@@ -172,17 +173,15 @@ def _holder(path: str, leaf: Any) -> Any:
     return obj
 
 
-def _arch_for_config(model_type: str, override: Any) -> ArchSpec:
+def _arch_for_config(model_type: str, override: Any, config: dict[str, Any]) -> ArchSpec:
     override = load_override(override)
     if isinstance(override, ArchSpec):
         return override
+    if override and "layers" in override and "name" in override:  # a complete hand-written map
+        return ArchSpec(**override)
     base = ARCHITECTURES.get(model_type)
     if base is None:
-        if not override:
-            raise UnsupportedArchitecture(
-                f"model_type {model_type!r} is not in melayer's architecture map "
-                f"(mapped: {', '.join(sorted(ARCHITECTURES))}); pass --arch NAME or --arch FILE.json")
-        base = ARCHITECTURES["llama"].with_overrides(name=model_type or "custom")
+        base = arch_from_config(config)
     return base.with_overrides(**override) if override else base
 
 

@@ -20,10 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from melayer.models.archmap import ArchSpec, arch_for, resolve
+from melayer.models.archmap import ArchSpec, resolve
 from melayer.models.cache import cache_dir
 from melayer.models.complete import incomplete
 from melayer.models.convert import converted, take_fresh
+from melayer.models.derive import arch_for
 from melayer.models.devices import execution_device, materialized, parse_device_map, parse_max_memory, read, read_param
 from melayer.models.embedded import DEFAULT_MODEL, EMBEDDED
 from melayer.models.guard import OverflowGuard, install_overflow_guard, overflow_guard
@@ -71,6 +72,7 @@ class LM:
     @property
     def hidden_size(self) -> int:
         cfg = self.model.config
+        cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
         return int(getattr(cfg, "hidden_size", None) or cfg.n_embd)
 
     @property
@@ -110,7 +112,7 @@ class LM:
 
     def module(self, layer: int, role: str) -> nn.Module | None:
         """The module playing ``role`` in decoder layer ``layer`` (None if the family has no such role)."""
-        return resolve(self.layers[layer], self.arch.path(role))
+        return resolve(self.layers[layer], self.arch.path(role, layer))
 
     def norm_gain(self, layer: int, role: str) -> torch.Tensor | None:
         """The effective per-dim gain of a norm (weight + offset), or None if absent/unweighted."""
@@ -123,13 +125,13 @@ class LM:
     # Weight reads go through models.devices.read: an offloaded layer's weights are materialised for the read.
     def down_weight(self, layer: int) -> torch.Tensor:
         """``down`` weight as (hidden_out, intermediate), whatever the storage layout."""
-        return read(self.module(layer, "down"), self.arch.down_matrix)  # type: ignore[arg-type]
+        return read(self.module(layer, "down"), self.arch.at(layer).down_matrix)  # type: ignore[arg-type]
 
     def ffn_in_weights(self, layer: int) -> dict[str, torch.Tensor]:
         """The FFN input projections of ``layer`` as (intermediate, hidden) matrices keyed ``gate`` / ``up``."""
         with materialized(self.layers[layer]) as moved:
             return {k: (w.detach().clone() if moved else w.detach())
-                    for k, w in self.arch.ffn_in_matrices(self.layers[layer]).items()}
+                    for k, w in self.arch.at(layer).ffn_in_matrices(self.layers[layer]).items()}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,0 +1,95 @@
+"""Which model types of the installed transformers melayer covers, and how (``melayer archs``).
+
+Every model type of transformers' causal-LM auto mapping is built from its default config shrunk to tiny sizes,
+its roles are mapped (:func:`melayer.models.derive.arch_for`) and a massive activation is planted through those
+roles (:func:`melayer.testing.plant_massive`). ``validated``: the plant shows up exactly where it was put; ``excluded``: an encoder or encoder-decoder family;
+``refused``: melayer cannot map the roles (the reason says why); ``not built``: transformers cannot build the
+family from a shrunk default config (or it needs a package that is not installed); ``failed``: mapped, but the
+plant did not come out right.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from melayer.util.errors import MelayerError
+
+
+def causal_lm_types() -> list[str]:
+    """Every model type in the installed transformers' causal-LM auto mapping, sorted."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+def encoder_types() -> set[str]:
+    """Causal-LM model types that are encoder or encoder-decoder families (their causal-LM class is a BERT-style
+    encoder run as a decoder, or the decoder half of a sequence-to-sequence model): the types transformers also
+    maps to masked-LM or sequence-to-sequence heads. melayer does not study them."""
+    from transformers.models.auto import modeling_auto as auto
+
+    return (set(auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES) | set(auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)
+            | set(auto.MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES))
+
+
+ENCODER_REASON = "encoder or encoder-decoder family (transformers also maps it to a masked-LM or seq2seq head)"
+
+
+def _one_line(exc: BaseException, limit: int = 160) -> str:
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def coverage_row(model_type: str) -> dict[str, Any]:
+    """One row of the coverage table (see the module docstring)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from melayer.models.loading import from_model
+    from melayer.models.shrink import tiny_config
+    from melayer.testing import plant_found, plant_massive, tiny_tokenizer
+
+    row: dict[str, Any] = {"model_type": model_type}
+    if model_type in encoder_types():
+        return {**row, "status": "excluded", "reason": ENCODER_REASON}
+    try:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(tiny_config(model_type), dtype=torch.float32,
+                                                 attn_implementation="eager")
+    except Exception as exc:  # transformers' own errors for a config it cannot shrink or build
+        return {**row, "status": "not built", "reason": _one_line(exc)}
+    row["class"] = type(model).__name__
+    try:
+        lm = from_model(model, tiny_tokenizer(), name=f"tiny-{model_type}")
+    except MelayerError as exc:
+        return {**row, "status": "refused", "reason": str(exc)}
+    row.update(arch=lm.arch.name, block=lm.arch.block_kind(), roles=_roles(lm))
+    try:
+        plant = plant_massive(lm, me_layer=1, neuron=5, dim=7)
+        problem = plant_found(lm, plant)
+    except Exception as exc:
+        return {**row, "status": "failed", "reason": _one_line(exc)}
+    if problem:
+        return {**row, "status": "failed", "reason": problem}
+    return {**row, "status": "validated", "reason": ""}
+
+
+def _roles(lm: Any) -> dict[str, str]:
+    """Each role's module path in the first layer (model-level roles from the model), None roles left out."""
+    from melayer.models.archmap import LAYER_ROLES, MODEL_ROLES
+
+    out = {r: lm.arch.path(r) for r in MODEL_ROLES}
+    out.update({r: lm.arch.path(r) for r in LAYER_ROLES})
+    return {k: v for k, v in out.items() if v}
+
+
+def coverage(model_types: list[str] | None = None) -> list[dict[str, Any]]:
+    """The coverage table: one row per model type (default: every causal-LM type of the installed transformers)."""
+    import transformers
+
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        return [coverage_row(t) for t in (model_types or causal_lm_types())]
+    finally:
+        transformers.logging.set_verbosity(level)

@@ -1,0 +1,490 @@
+"""Derive a model's architecture map (:class:`~melayer.models.archmap.ArchSpec`) from the model itself.
+
+Nothing here is keyed on a family name. The decoder comes from transformers' own accessors
+(``get_decoder()``, ``get_input_embeddings()``, ``get_output_embeddings()``, the text config's layer count); the
+roles inside each decoder layer come from one short traced forward pass and from how each module *behaves*:
+
+* a **norm** gives the same output when its input is doubled (scale invariance); its kind (mean-centred
+  LayerNorm or RMSNorm) and how its stored weight maps to its gain (Gemma and Qwen3-Next store gain - 1) are
+  measured by running it on a known +/-1 vector;
+* a **mixer** (attention, SSM, convolution) changes later positions when an earlier one changes; an **FFN**
+  does not (it is position-wise); a mixer is softmax **attention** when, under eager attention, it returns
+  attention probabilities (rows that sum to at most 1);
+* the data flow between them (which norm's output each block reads, which norm reads each block's output)
+  gives pre/post norms and whether the block is **parallel** (the FFN reads the layer input, as in GPT-J,
+  GPT-NeoX, Falcon, Cohere, Phi-1/2) or sequential;
+* inside the FFN, ``down`` is the last projection writing the residual width; the projections reading the FFN
+  input are ``gate``/``up`` (told apart by linearity: doubling ``up``'s output doubles the down input), or one
+  fused ``gate_up`` of twice the width; GPT-2-style Conv1D storage is read from the weight's shape.
+
+Every derived map is then checked by planting (:mod:`melayer.testing`), as hand-written ones were.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from melayer.models.archmap import ARCHITECTURES, LAYER_ROLES, ArchSpec, load_override, missing_roles, named_layout
+from melayer.models.devices import execution_device, read_param
+from melayer.models.guard import overflow_message
+from melayer.models.hf_internals import attention_implementation, attn_implementation
+from melayer.util.errors import MelayerError, NumericOverflow, UnsupportedArchitecture
+
+SEQ = 6  # tokens of the traced forward
+
+
+class DerivationError(UnsupportedArchitecture):
+    """The model's roles could not be derived (the message says which and why)."""
+
+
+@dataclass
+class Call:
+    """One module call seen during the traced forward."""
+
+    order: int
+    module: nn.Module
+    args: tuple
+    kwargs: dict
+    x: torch.Tensor | None  # hidden-states input
+    y: torch.Tensor | None = None  # first tensor of the output
+    extra: Any = None  # the whole output
+    end: int = -1
+
+
+def _first_tensor(out: Any) -> torch.Tensor | None:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        return next((o for o in out if isinstance(o, torch.Tensor)), None)
+    if hasattr(out, "to_tuple"):
+        return _first_tensor(out.to_tuple())
+    return None
+
+
+def _hidden_in(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    h = kwargs.get("hidden_states")
+    return h if isinstance(h, torch.Tensor) else None
+
+
+def _same(a: torch.Tensor | None, b: torch.Tensor | None, rtol: float = 1e-4) -> bool:
+    if a is None or b is None or a.shape != b.shape:
+        return False
+    a, b = a.detach().float(), b.detach().float()
+    scale = float(b.abs().max()) or 1.0
+    return bool(((a - b).abs().max()) <= rtol * scale)
+
+
+class Trace:
+    """Records the first call of every module under ``root`` during one forward pass."""
+
+    def __init__(self, root: nn.Module) -> None:
+        self.calls: dict[int, Call] = {}
+        self.counter = 0
+        self.active = True
+        self._handles = []
+        for mod in root.modules():
+            self._handles.append(mod.register_forward_pre_hook(self._pre, with_kwargs=True))
+            self._handles.append(mod.register_forward_hook(self._post, with_kwargs=True))
+
+    def _pre(self, mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.active and id(mod) not in self.calls:
+            self.counter += 1
+            x = _hidden_in(args, kwargs)
+            self.calls[id(mod)] = Call(self.counter, mod, args, dict(kwargs), None if x is None else x.detach().clone())
+
+    def _post(self, mod: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+        call = self.calls.get(id(mod))
+        if self.active and call is not None and call.end < 0:
+            self.counter += 1
+            y = _first_tensor(out)
+            call.y, call.extra, call.end = None if y is None else y.detach().clone(), out, self.counter
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def get(self, mod: nn.Module) -> Call | None:
+        return self.calls.get(id(mod))
+
+    def rerun(self, call: Call, x: torch.Tensor) -> torch.Tensor | None:
+        """Call the module again with ``x`` as its hidden-states input and the traced other arguments."""
+        was, self.active = self.active, False
+        try:
+            if call.args and isinstance(call.args[0], torch.Tensor):
+                out = call.module(x, *call.args[1:], **call.kwargs)
+            else:
+                out = call.module(*call.args, **{**call.kwargs, "hidden_states": x})
+            return _first_tensor(out)
+        finally:
+            self.active = was
+
+
+# ----------------------------------------------------------------------------------------------------
+# module classification
+
+
+def _weight2d(mod: nn.Module) -> torch.Tensor | None:
+    w = getattr(mod, "weight", None)
+    if isinstance(w, torch.Tensor) and w.dim() == 2 and not isinstance(mod, nn.Embedding) and not list(mod.children()):
+        return w
+    return None
+
+
+def is_norm(trace: Trace, call: Call, hidden: int) -> bool:
+    """Scale invariance: the output for 2x equals the output for x (RMSNorm, LayerNorm, with or without gain)."""
+    if call.x is None or call.y is None or call.x.shape[-1] != hidden or call.y.shape != call.x.shape:
+        return False
+    if sum(p.numel() for p in call.module.parameters()) > 2 * hidden:
+        return False
+    x = call.x.float()
+    x = (x / x.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12) * 10).to(call.x.dtype)  # RMS 10: eps is moot
+    try:
+        y1, y2 = trace.rerun(call, x), trace.rerun(call, x * 2)
+    except Exception:
+        return False
+    return _same(y2, y1, 1e-3)
+
+
+def mixes_tokens(trace: Trace, call: Call) -> bool:
+    """Does changing the first position change later positions' outputs?"""
+    x = call.x.clone()
+    x[:, 0] = x[:, 0] + torch.randn_like(x[:, 0]) * (x.abs().mean() + 1)
+    y2 = trace.rerun(call, x)
+    return not _same(y2[:, 1:], call.y[:, 1:], 1e-3)
+
+
+def norm_probe(norm: nn.Module, hidden: int) -> tuple[str, float | None]:
+    """(kind, offset): ``layer`` if the norm removes the mean, else ``rms``; offset = effective gain - stored
+    weight (1 for norms that store gain - 1), measured on a +/-1 vector (mean 0, RMS 1)."""
+    w = read_param(norm, "weight") if isinstance(getattr(norm, "weight", None), torch.Tensor) else None
+    ref = w if w is not None else next(norm.parameters(), None)
+    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
+    device = execution_device(norm)
+    v = torch.ones(1, 1, hidden, device=device, dtype=dtype)
+    v[..., 1::2] = -1
+    pos, neg, shifted = (_first_tensor(norm(t)).float() for t in (v, -v, v + 3))
+    gain = ((pos - neg) / (2 * v.float()))[0, 0]
+    kind = "layer" if _same(shifted, pos) else "rms"
+    if not isinstance(w, torch.Tensor) or w.shape != (hidden,):
+        return kind, None
+    offset = float((gain - w.detach().float().to(gain.device)).median())
+    return kind, float(round(offset))
+
+
+# ----------------------------------------------------------------------------------------------------
+# the derivation
+
+
+@dataclass
+class LayerRoles:
+    """Roles found in one decoder layer (paths relative to the layer)."""
+
+    paths: dict[str, str | None] = field(default_factory=dict)
+    parallel: bool = False
+    mixer_kind: str = "none"  # attention / other / none
+    conv1d: bool = False
+    norms: list[nn.Module] = field(default_factory=list)
+
+    def key(self) -> tuple:
+        return tuple(sorted((k, v) for k, v in self.paths.items())) + (self.parallel, self.mixer_kind)
+
+
+def _names(root: nn.Module) -> dict[int, str]:
+    out: dict[int, str] = {}
+    for name, mod in root.named_modules():
+        out.setdefault(id(mod), name)
+    return out
+
+
+def _decoder_layers(model: nn.Module, body: nn.Module) -> tuple[str, nn.ModuleList]:
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    n = next((getattr(cfg, k) for k in ("num_hidden_layers", "n_layer", "num_layers") if isinstance(getattr(cfg, k, None), int)), None)
+    lists = [(name, m) for name, m in body.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    exact = [(name, m) for name, m in lists if len(m) == n]
+    pool = exact or lists
+    if not pool:
+        raise DerivationError("no list of decoder layers found under the decoder")
+    return min(pool, key=lambda nm: (nm[0].count("."), -len(nm[1])))
+
+
+def _units(trace: Trace, module: nn.Module, hidden: int, prefix: str = "") -> list[tuple[str, Call]]:
+    """The outermost called submodules of ``module`` that read and write the residual width, in call order."""
+    found = []
+    for name, child in module.named_children():
+        path = f"{prefix}{name}"
+        call = trace.get(child)
+        if (call is not None and call.x is not None and call.y is not None and call.x.shape[-1] == hidden
+                and call.y.shape[-1] == hidden and call.x.dim() == 3 and call.y.dim() == 3):
+            found.append((path, call))
+        elif any(True for _ in child.children()):
+            found.extend(_units(trace, child, hidden, f"{path}."))
+    return sorted(found, key=lambda pc: pc[1].order)
+
+
+def _is_softmax_attention(call: Call) -> bool:
+    out = call.extra
+    if not isinstance(out, (tuple, list)):
+        return False
+    probs = next((o for o in out[1:] if isinstance(o, torch.Tensor) and o.dim() == 4), None)
+    if probs is None:
+        return False
+    sums = probs.float().sum(-1)
+    return bool((probs >= 0).all() and (sums <= 1 + 1e-3).all() and (sums > 0).any())
+
+
+def _ffn_roles(trace: Trace, names: dict[int, str], layer: nn.Module, path: str, call: Call, hidden: int,
+               roles: LayerRoles) -> None:
+    ffn = call.module
+    leaves = sorted(((m, trace.get(m)) for m in ffn.modules() if _weight2d(m) is not None and trace.get(m)),
+                    key=lambda mc: mc[1].order)
+    if any(p.dim() == 3 for p in ffn.parameters()) or any(isinstance(m, nn.ModuleList) for m in ffn.modules()):
+        raise DerivationError(f"{path} is a mixture of experts")
+    writers = [(m, c) for m, c in leaves if c.y is not None and c.y.shape[-1] == hidden]
+    if not writers:
+        raise DerivationError(f"no projection in {path} writes the residual width")
+    down, down_call = writers[-1]
+    inter = down_call.x.shape[-1]
+    readers = [(m, c) for m, c in leaves if m is not down and _same(c.x, call.x)]
+    rel = lambda m: names[id(m)][len(names[id(layer)]) + 1 if names[id(layer)] else 0:]  # noqa: E731
+    roles.paths.update(mlp=path, down=rel(down), gate=None, up=None, gate_up=None)
+    roles.conv1d = not isinstance(down, nn.Linear) and tuple(_weight2d(down).shape) == (inter, hidden) and inter != hidden
+    widths = [c.y.shape[-1] for _, c in readers]
+    if len(readers) == 1 and widths[0] == inter:
+        roles.paths["up"] = rel(readers[0][0])
+    elif len(readers) == 1 and widths[0] == 2 * inter:
+        roles.paths["gate_up"] = rel(readers[0][0])
+    elif len(readers) == 2 and widths == [inter, inter]:
+        a = readers[0][0]
+        roles.paths["up"], roles.paths["gate"] = ((rel(a), rel(readers[1][0])) if _is_linear_branch(trace, call, a, down)
+                                                  else (rel(readers[1][0]), rel(a)))
+    else:
+        raise DerivationError(f"cannot tell the input projections of {path} ({len(readers)} read its input)")
+
+
+def _is_linear_branch(trace: Trace, ffn_call: Call, proj: nn.Module, down: nn.Module) -> bool:
+    """Doubling ``proj``'s output doubles the down projection's input (``up``), or not (``gate``)."""
+    seen: dict[str, torch.Tensor] = {}
+    h1 = proj.register_forward_hook(lambda m, a, out: out * 2)
+    h2 = down.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
+    try:
+        trace.rerun(ffn_call, ffn_call.x)
+    finally:
+        h1.remove()
+        h2.remove()
+    return _same(seen.get("x"), trace.get(down).x * 2)
+
+
+def _layer_roles(trace: Trace, names: dict[int, str], layer: nn.Module, hidden: int) -> LayerRoles:
+    roles = LayerRoles()
+    lcall = trace.get(layer)
+    if lcall is None or lcall.x is None:
+        raise DerivationError("a decoder layer was not called with the hidden states")
+    units = _units(trace, layer, hidden)
+    norms = [(p, c) for p, c in units if is_norm(trace, c, hidden)]
+    blocks = [(p, c) for p, c in units if all(c is not n for _, n in norms)
+              and any(True for _ in c.module.parameters())]  # dropout and other parameter-free identities
+    mixers, ffns = [], []
+    for p, c in blocks:
+        (mixers if mixes_tokens(trace, c) else ffns).append((p, c))
+    if len(mixers) > 1:
+        raise DerivationError(f"several token mixers side by side ({', '.join(p for p, _ in mixers)})")
+    if len(ffns) > 1:
+        raise DerivationError(f"several position-wise blocks side by side ({', '.join(p for p, _ in ffns)})")
+
+    def reads(block: Call) -> str | None:  # the last norm before the block whose output the block reads
+        return next((p for p, n in reversed(norms) if n.order < block.order and _same(n.y, block.x)), None)
+
+    def follows(block: Call) -> str | None:  # the first norm after the block that reads its output
+        return next((p for p, n in norms if n.order > block.order and _same(n.x, block.y)), None)
+
+    for role in LAYER_ROLES:
+        roles.paths[role] = None
+    roles.norms = [c.module for _, c in norms]
+    if mixers:
+        path, mcall = mixers[0]
+        roles.paths.update(attn=path, pre_attn_norm=reads(mcall), post_attn_norm=follows(mcall))
+        roles.mixer_kind = "attention" if _is_softmax_attention(mcall) else "other"
+    if ffns:
+        path, fcall = ffns[0]
+        roles.paths.update(pre_ffn_norm=reads(fcall), post_ffn_norm=follows(fcall))
+        _ffn_roles(trace, names, layer, path, fcall, hidden, roles)
+        src = trace.get(layer.get_submodule(roles.paths["pre_ffn_norm"])).x if roles.paths["pre_ffn_norm"] else fcall.x
+        roles.parallel = bool(mixers) and _same(src, lcall.x)
+    if not mixers and not ffns:
+        raise DerivationError("no mixer and no FFN found in a decoder layer")
+    return roles
+
+
+def _logit_scale(model: nn.Module, head: nn.Module, body_call: Call | None, out: Any) -> float:
+    """The factor between the LM head's output and the model's logits (Cohere's ``logit_scale``, Granite's
+    ``1 / logits_scaling``...), measured; 1.0 for most families. Final soft-capping is undone first."""
+    logits = getattr(out, "logits", None)
+    if body_call is None or body_call.y is None or logits is None:
+        raise DerivationError("the model returned no logits")
+    z = head(body_call.y).float()
+    target = logits.float()
+    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    if cap:
+        target = torch.atanh((target / cap).clamp(-0.999999, 0.999999)) * cap
+    if z.shape != target.shape:
+        raise DerivationError("the LM head's output does not match the logits' shape")
+    scale = float((z * target).sum() / (z * z).sum().clamp_min(1e-30))
+    scale = 1.0 if abs(scale - 1.0) < 1e-4 else scale
+    if not _same(z * scale, target, 1e-3):
+        raise DerivationError("the logits are not a fixed multiple of the LM head's output")
+    return scale
+
+
+def _probe_ids(model: nn.Module) -> torch.Tensor:
+    emb = model.get_input_embeddings()
+    vocab = int(getattr(emb, "num_embeddings", 0) or model.config.get_text_config().vocab_size)
+    ids = [(3 + 7919 * i) % vocab for i in range(SEQ)]
+    return torch.tensor([ids], device=execution_device(emb))
+
+
+@torch.no_grad()
+def derive_arch(model: nn.Module) -> ArchSpec:
+    """The architecture map of ``model``, derived as the module docstring says (raises :class:`DerivationError`
+    with the reason when a role cannot be told)."""
+    names = _names(model)
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if embed is None or head is None:
+        raise DerivationError("no input or output embeddings")
+    body = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if not isinstance(body, nn.Module) or body is model:
+        body = getattr(model, "base_model", None)
+    if not isinstance(body, nn.Module) or body is model:  # the child that holds the token embedding
+        body = next((c for c in model.children() if any(m is embed for m in c.modules())), None)
+    if not isinstance(body, nn.Module) or id(body) not in names:
+        raise DerivationError("no decoder module (get_decoder() / base_model) separate from the LM head")
+    layers_rel, layers = _decoder_layers(model, body)
+    hidden = int(embed.weight.shape[-1])
+    eager = "eager" if attn_implementation(model) not in (None, "eager") else None
+    training = model.training
+    model.eval()  # dropout off: the probes compare outputs
+    trace = Trace(model)
+    try:
+        if eager:
+            with attention_implementation(model, "eager"):
+                out = model(input_ids=_probe_ids(model), use_cache=False)
+        else:
+            out = model(input_ids=_probe_ids(model), use_cache=False)
+        for i, layer in enumerate(layers):  # a model that overflows cannot be probed: say so as the guard would
+            y = trace.get(layer).y if trace.get(layer) is not None else None
+            if y is not None and y.is_floating_point() and not bool(torch.isfinite(y).all()):
+                raise NumericOverflow(overflow_message(f"layer {i}", y.dtype))
+        scale = _logit_scale(model, head, trace.get(body), out)
+        per_layer = [_layer_roles(trace, names, layer, hidden) for layer in layers]
+        last_end = trace.get(layers[-1]).end
+        final = sorted((c for c in trace.calls.values() if c.order > last_end and c.module is not head
+                        and is_norm(trace, c, hidden)), key=lambda c: c.order)
+        probes = {norm_probe(m, hidden) for r in per_layer for m in r.norms}
+    except MelayerError:
+        raise
+    except Exception as exc:
+        raise DerivationError(f"tracing the model failed ({type(exc).__name__}: {exc})") from None
+    finally:
+        trace.remove()
+        model.train(training)
+    kinds = {k for k, _ in probes}
+    offsets = {o for _, o in probes if o is not None}
+    if len(kinds) > 1 or len(offsets) > 1:
+        raise DerivationError(f"the layers' norms differ in kind or stored gain ({sorted(kinds)}, offsets {sorted(offsets)})")
+    common = Counter(r.key() for r in per_layer).most_common(1)[0][0]
+    base = next(r for r in per_layer if r.key() == common)
+    layer_paths = {}
+    for i, r in enumerate(per_layer):
+        if r.key() != common:
+            diff: dict[str, Any] = {k: v for k, v in r.paths.items() if base.paths.get(k) != v}
+            if r.parallel != base.parallel:
+                diff["parallel"] = r.parallel
+            if r.mixer_kind != base.mixer_kind:
+                diff["mixer_kind"] = r.mixer_kind
+            layer_paths[i] = diff
+    conv1d = {r.conv1d for r in per_layer if r.paths.get("down")}
+    if len(conv1d) > 1:
+        raise DerivationError("some layers store projections as Conv1D and some as Linear")
+    body_path = names[id(body)]
+    spec = ArchSpec(
+        name=str(getattr(model.config, "model_type", "") or type(model).__name__),
+        body=body_path,
+        layers=f"{body_path}.{layers_rel}" if body_path else layers_rel,
+        embed=names[id(embed)],
+        final_norm=names[id(final[0].module)] if final else None,
+        lm_head=names[id(head)],
+        norm_kind=kinds.pop() if kinds else "rms",  # type: ignore[arg-type]
+        norm_gain_offset=offsets.pop() if offsets else 0.0,
+        conv1d=conv1d.pop() if conv1d else False,
+        parallel=base.parallel,
+        logit_scale=scale,
+        mixer_kind=base.mixer_kind,
+        layer_paths=layer_paths,
+        **base.paths,  # type: ignore[arg-type]
+    )
+    return spec
+
+
+def arch_from_config(config: dict[str, Any]) -> ArchSpec:
+    """The architecture map of a checkpoint known only by its ``config.json`` (``melayer weights`` reads tensors
+    without building the model): derived on a tiny random-weight twin of the same family (the config with tiny
+    sizes). Families whose layers differ from each other need the real layer pattern: load the model instead."""
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from melayer.models.shrink import shrink_config
+
+    model_type = str(config.get("model_type") or "")
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        twin = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **shrink_config(config)),
+                                                dtype=torch.float32)
+    except Exception as exc:
+        raise UnsupportedArchitecture(f"cannot map model_type {model_type!r}: transformers cannot build it from its "
+                                      f"config ({type(exc).__name__}); pass --arch NAME or --arch FILE.json") from None
+    finally:
+        transformers.logging.set_verbosity(level)
+    try:
+        spec = named_layout(derive_arch(twin))
+    except DerivationError as exc:
+        raise UnsupportedArchitecture(f"cannot map model_type {model_type!r}: {exc}; pass --arch NAME or "
+                                      "--arch FILE.json naming the module paths") from None
+    if spec.layer_paths:
+        raise UnsupportedArchitecture(f"model_type {model_type!r}: its layers differ from each other; reading its "
+                                      "weights without the model needs --arch FILE.json (or load the model)")
+    return spec
+
+
+def arch_for(model: nn.Module, override: dict[str, Any] | ArchSpec | str | Path | None = None) -> ArchSpec:
+    """The architecture map of ``model``: derived from the model (:func:`melayer.models.derive.derive_arch`; a
+    named layout when the derived one equals it), then ``override`` applied, then checked against the model."""
+    override = load_override(override)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if isinstance(override, ArchSpec):
+        spec = override
+    elif override and "layers" in override and "name" in override:  # a complete hand-written map
+        spec = ArchSpec(**{k: v for k, v in override.items() if k != "layer_paths"}).with_overrides(
+            layer_paths=override.get("layer_paths") or {})
+    else:
+        try:
+            base = named_layout(derive_arch(model))
+        except DerivationError as exc:
+            raise UnsupportedArchitecture(
+                f"cannot map model_type {model_type!r}: {exc}. Pass --arch NAME to reuse a named layout "
+                f"({', '.join(sorted(ARCHITECTURES))}) or --arch FILE.json naming the module paths") from None
+        spec = base.with_overrides(**override) if override else base
+    missing = missing_roles(model, spec)
+    if missing:
+        raise UnsupportedArchitecture(
+            f"architecture map {spec.name!r} does not fit model_type {model_type!r}: not found: {', '.join(missing)}"
+        )
+    return spec

@@ -1,0 +1,171 @@
+"""Every causal LM of the installed transformers: roles derived from the model, a planted massive activation
+found by the scan, named by explain, and masked by WeMask identically with and without the KV cache.
+
+The families are enumerated from transformers' own causal-LM auto mapping (never a hand list); what is left out
+is listed below with the reason. A fast representative subset runs by default; the whole sweep is marked slow.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import melayer
+from melayer.capture import encode, position_ids
+from melayer.interventions.ablate import fingerprint
+from melayer.interventions.explain import explain
+from melayer.interventions.wemask import wemask
+from melayer.models.archmap import ARCHITECTURES
+from melayer.models.coverage import causal_lm_types, coverage_row, encoder_types
+from melayer.models.derive import derive_arch
+from melayer.models.shrink import tiny_config
+from melayer.testing import MODEL_TYPES, tiny_lm
+from melayer.util.errors import UnsupportedArchitecture
+
+PROMPTS = ["The cat sat on the mat.", "Massive activations are rare in text.", "1 2 3 4 5 6 7 8 9"]
+ME_LAYER, NEURON, DIM = 1, 5, 7
+
+# Families melayer refuses, with the reason its refusal gives (checked below).
+REFUSED = {
+    "rwkv": "several token mixers side by side",  # its "FFN" (channel mix) shifts tokens: no position-wise block
+    "cpmant": "cannot tell the input projections",
+    "opt": "no mixer and no FFN",  # FFN projections sit loose in the layer, not in a module
+    "rembert": "no mixer and no FFN",
+    "modernbert-decoder": "no list of decoder layers",
+    "xlstm": "tracing the model failed",
+    "blt": "tracing the model failed",  # byte-latent patcher: its own shrunk config does not run
+}
+# Families that build and map, but where the planted activation cannot persist.
+NOT_PERSISTENT = {
+    "openai-gpt": "post-norm: every layer renormalises the residual stream, no activation stays massive",
+}
+
+# one of each block kind, run by default; the rest in the slow sweep
+FAST = ["gpt_neox", "gptj", "falcon", "phi", "cohere", "stablelm", "gemma3", "olmo", "lfm2"]
+
+
+def _buildable() -> list[str]:
+    return [t for t in causal_lm_types() if t not in encoder_types()]
+
+
+def scan_explain_mask(model_type: str) -> None:
+    lm = tiny_lm(model_type, me_layer=ME_LAYER, neuron=NEURON, dim=DIM)
+    r = melayer.scan(lm, PROMPTS, progress=False)
+    assert (r.me_layer, r.massive_dims) == (ME_LAYER, [DIM]), model_type
+    assert r.massive_tokens()[0]["position"] == 0
+    e = explain(lm, PROMPTS, random_draws=0, ppl_tokens=64, progress=False)
+    assert e.me_layer == ME_LAYER and e.selected_neurons[0] == NEURON, (model_type, e.selected_neurons)
+    assert e.model_check["bit_identical"]
+    decomposition = e.decomposition[0]
+    assert decomposition["sum_check_error"] < 1e-3 * abs(decomposition["residual_out"])
+    assert decomposition["ffn_share_of_update"] > 0.9
+    if lm.arch.parallel:
+        assert decomposition["ffn_reads"] == "layer input (parallel block)"
+    check_wemask_cache(lm)
+
+
+def check_wemask_cache(lm) -> None:
+    """WeMask after the ME layer: KV-cached decoding equals a no-cache recompute; the model is unchanged after."""
+    before = fingerprint(lm)
+    batch = encode(lm, ["hello there, friend", "hi"])
+    n_new = 3
+    with wemask(lm, 0.1, me_layer=ME_LAYER), torch.no_grad():
+        out = lm.model.generate(**batch, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
+                                output_logits=True, return_dict_in_generate=True,
+                                pad_token_id=lm.tokenizer.pad_token_id)
+        mask = torch.cat([batch["attention_mask"], torch.ones(2, n_new, dtype=torch.long)], dim=1)
+        full = lm.model(input_ids=out.sequences, attention_mask=mask, position_ids=position_ids(mask),
+                        use_cache=False).logits
+    T = batch["input_ids"].shape[1]
+    for i, step in enumerate(out.logits):
+        ref = full[:, T - 1 + i]
+        assert float((step - ref).abs().max() / ref.abs().max()) < 1e-4, (lm.name, i)
+    assert fingerprint(lm) == before
+
+
+@pytest.mark.parametrize("model_type", FAST)
+def test_representative_families(model_type):
+    scan_explain_mask(model_type)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", _buildable())
+def test_every_causal_lm(model_type):
+    try:
+        config = tiny_config(model_type)
+    except Exception as exc:  # transformers rejects its own default config once shrunk
+        pytest.skip(f"transformers cannot build a shrunk {model_type}: {type(exc).__name__}")
+    row = coverage_row(model_type)
+    if row["status"] == "not built":
+        pytest.skip(f"transformers cannot build a shrunk {model_type}: {row['reason']}")
+    if model_type in REFUSED:
+        assert row["status"] == "refused" and REFUSED[model_type] in row["reason"], row
+        return
+    if model_type in NOT_PERSISTENT:
+        assert row["status"] == "failed", row
+        return
+    assert row["status"] == "validated", row
+    assert config is not None
+    scan_explain_mask(model_type)
+
+
+def test_exclusions_are_encoder_families():
+    """What the sweep leaves out is exactly transformers' encoder / encoder-decoder families."""
+    excluded = set(causal_lm_types()) - set(_buildable())
+    assert {"bert", "roberta", "bart", "whisper"} <= excluded
+    assert not excluded & {"llama", "gpt_neox", "mixtral", "mamba", "gemma3"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# the derivation itself
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_derivation_reproduces_the_named_layouts(model_type):
+    """The hand-written layouts are no longer needed to map these families: derivation gives the same roles."""
+    lm = tiny_lm(model_type, plant=False)
+    assert derive_arch(lm.model).layout() == ARCHITECTURES[model_type].layout()
+
+
+@pytest.mark.parametrize("model_type, offset", [("gemma", 1.0), ("gemma3_text", 1.0), ("llama", 0.0), ("gpt2", 0.0)])
+def test_norm_gain_offset_is_measured(model_type, offset):
+    """Gemma stores gain - 1: the offset is measured by running the norm on a known vector, not looked up."""
+    lm = tiny_lm(model_type, plant=False)
+    spec = derive_arch(lm.model)
+    assert spec.norm_gain_offset == offset
+    norm = lm.module(0, "pre_attn_norm")
+    with torch.no_grad():
+        norm.weight.add_(0.5)
+        v = torch.ones(1, 1, lm.hidden_size)
+        v[..., 1::2] = -1
+        assert torch.allclose(norm(v)[0, 0] * v[0, 0], lm.norm_gain(0, "pre_attn_norm"), atol=1e-4)
+        norm.weight.sub_(0.5)
+
+
+def test_parallel_blocks_are_derived():
+    """GPT-NeoX (two norms, both reading the layer input), GPT-J (one norm shared by both branches)."""
+    neox = derive_arch(tiny_lm("gpt_neox", plant=False).model)
+    assert neox.parallel and neox.pre_attn_norm == "input_layernorm" and neox.pre_ffn_norm == "post_attention_layernorm"
+    gptj = derive_arch(tiny_lm("gptj", plant=False).model)
+    assert gptj.parallel and gptj.pre_attn_norm == gptj.pre_ffn_norm == "ln_1"
+    assert gptj.down == "mlp.fc_out" and gptj.up == "mlp.fc_in" and gptj.gate is None
+    llama = derive_arch(tiny_lm("llama", plant=False).model)
+    assert not llama.parallel
+
+
+def test_multimodal_text_tower():
+    """Gemma-3 4B and up load as Gemma3ForConditionalGeneration: the roles sit under model.language_model."""
+    lm = tiny_lm("gemma3", plant=False)
+    assert type(lm.model).__name__ == "Gemma3ForConditionalGeneration"
+    assert lm.arch.layers == "model.language_model.layers" and lm.arch.norm_gain_offset == 1.0
+    assert lm.arch.post_ffn_norm == "post_feedforward_layernorm"
+
+
+def test_refusal_is_one_clear_line():
+    from conftest import refused_model
+
+    from melayer.testing import tiny_tokenizer
+
+    with pytest.raises(UnsupportedArchitecture) as err:
+        melayer.from_model(refused_model(), tiny_tokenizer())
+    assert "\n" not in str(err.value) and "--arch" in str(err.value)
