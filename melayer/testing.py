@@ -80,6 +80,8 @@ class Plant:
     dim: int
     carrier: int  # input dim that only BOS carries; the planted neuron reads it
     precursor: tuple[int, int] | None = None  # (layer, dim) of a transient spike removed one layer later
+    expert: int | None = None  # MoE layer: the routed expert BOS is sent to, whose neuron ``neuron`` writes the dim
+    flat_neuron: int | None = None  # the neuron's number in melayer's neuron numbering (expert x I + neuron)
 
 
 def _set_neuron(lm: LM, layer: int, neuron: int, read_dim: int, gain: float) -> None:
@@ -127,16 +129,48 @@ def plant_massive(lm: LM, me_layer: int, neuron: int, dim: int, carrier: int | N
                 weight[carrier].zero_()
                 if getattr(sub, "bias", None) is not None:
                     sub.bias[carrier] = 0.0
+        fused = lm.experts(i)
+        for e in range(fused.num_experts if fused is not None else 0):
+            fused.down(e)[carrier] = 0.0  # type: ignore[union-attr]
+            if fused.down_bias(e) is not None:  # type: ignore[union-attr]
+                fused.down_bias(e)[carrier] = 0.0  # type: ignore[union-attr, index]
     # 2. the planted neuron reads the carrier; its down column writes the massive dim
-    _set_neuron(lm, me_layer, neuron, carrier, gain=2.0)
-    _set_down(lm, me_layer, neuron, dim, strength / math.sqrt(hidden))
+    expert = flat = None
+    if lm.experts(me_layer) is not None:
+        expert = 1
+        flat = _plant_expert(lm, me_layer, expert, neuron, carrier, dim, strength / math.sqrt(hidden))
+    else:
+        _set_neuron(lm, me_layer, neuron, carrier, gain=2.0)
+        _set_down(lm, me_layer, neuron, dim, strength / math.sqrt(hidden))
     # 3. a norm after the FFN would rescale the output to O(1): give it a large gain on the dim
     post = lm.module(me_layer, "post_ffn_norm")
     if post is not None and getattr(post, "weight", None) is not None:
         post.weight[dim] = lm.arch.weight_for_gain(strength / 4)
     if precursor is not None:
         _plant_precursor(lm, precursor, carrier, neuron, strength)
-    return Plant(me_layer=me_layer, neuron=neuron, dim=dim, carrier=carrier, precursor=precursor)
+    return Plant(me_layer=me_layer, neuron=neuron, dim=dim, carrier=carrier, precursor=precursor, expert=expert,
+                 flat_neuron=neuron if flat is None else flat)
+
+
+def _plant_expert(lm: LM, layer: int, expert: int, neuron: int, carrier: int, dim: int, value: float) -> int:
+    """MoE layer: the router sends BOS (the carrier) to ``expert`` with a routing weight near 1; that expert's
+    ``neuron`` reads the carrier and writes ``value`` x activation into ``dim``. Returns the neuron's number in
+    melayer's numbering (``LM.ffn_segments``)."""
+    fused = lm.experts(layer)
+    router = lm.module(layer, "router").weight  # type: ignore[union-attr]  # (experts, hidden)
+    router[:, carrier] = 0.0
+    router[expert, carrier] = 50.0
+    biases = fused.input_bias(expert)  # type: ignore[union-attr]
+    for name, w in fused.inputs(expert).items():  # type: ignore[union-attr]
+        w[neuron].zero_()
+        w[neuron, carrier] = 2.0
+        if name in biases:
+            biases[name][neuron] = 0.0
+    down = fused.down(expert)  # type: ignore[union-attr]  # (hidden, neuron) view
+    down[dim].zero_()
+    down[:, neuron].zero_()
+    down[dim, neuron] = value
+    return expert * fused.inter + neuron  # type: ignore[union-attr]
 
 
 def _plant_precursor(lm: LM, precursor: tuple[int, int], carrier: int, neuron: int, strength: float) -> None:

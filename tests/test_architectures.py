@@ -40,8 +40,10 @@ NOT_PERSISTENT = {
     "openai-gpt": "post-norm: every layer renormalises the residual stream, no activation stays massive",
 }
 
-# one of each block kind, run by default; the rest in the slow sweep
-FAST = ["gpt_neox", "gptj", "falcon", "phi", "cohere", "stablelm", "gemma3", "olmo", "lfm2"]
+# one of each block kind, run by default; the rest in the slow sweep. MoE: Mixtral (concatenated gate/up), gpt-oss
+# (interleaved, transposed, with biases), Qwen2-MoE (a gated shared expert), DeepSeek-V3 (a dense first layer)
+FAST = ["gpt_neox", "gptj", "falcon", "phi", "cohere", "stablelm", "gemma3", "olmo", "lfm2",
+        "mixtral", "gpt_oss", "qwen2_moe", "deepseek_v3"]
 
 
 def _buildable() -> list[str]:
@@ -54,7 +56,10 @@ def scan_explain_mask(model_type: str) -> None:
     assert (r.me_layer, r.massive_dims) == (ME_LAYER, [DIM]), model_type
     assert r.massive_tokens()[0]["position"] == 0
     e = explain(lm, PROMPTS, random_draws=0, ppl_tokens=64, progress=False)
-    assert e.me_layer == ME_LAYER and e.selected_neurons[0] == NEURON, (model_type, e.selected_neurons)
+    assert e.me_layer == ME_LAYER and e.selected_neurons[0] == lm.plant.flat_neuron, (model_type, e.selected_neurons)
+    if lm.plant.expert is not None:  # MoE: the planted expert, and the planted neuron inside it
+        assert (e.experts[0]["expert"], e.experts[0]["top_neuron"]) == (lm.plant.expert, NEURON), e.experts[:2]
+        assert e.super_weights[0]["expert"] == lm.plant.expert and e.super_weights[0]["expert_neuron"] == NEURON
     assert e.model_check["bit_identical"]
     decomposition = e.decomposition[0]
     assert decomposition["sum_check_error"] < 1e-3 * abs(decomposition["residual_out"])

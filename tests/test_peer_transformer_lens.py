@@ -205,3 +205,43 @@ def test_embedded_model_residual_stream_and_scan_agree_with_transformer_lens(req
         # the README's massive activation, by TransformerLens's numbers: the first token, on `dim`, at the ME layer
         a = cache[f"blocks.{me_layer}.hook_resid_post"].abs()
         assert divmod(int(a.argmax()), a.shape[1]) == (0, dim)
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "gptj", "mixtral"])
+def test_parallel_and_moe_blocks_agree_with_transformer_lens(family, tmp_path):
+    """Families whose roles melayer derives: parallel blocks (GPT-NeoX: two norms on the layer input; GPT-J: one
+    norm shared by attention and FFN) and an MoE block (Mixtral: fused experts). Every site TransformerLens also
+    names agrees; for Mixtral the experts melayer's neuron numbering shows active on a token are the ones
+    TransformerLens's router hook chose."""
+    path = save_lm(tiny_lm(family), tmp_path / f"tiny-{family}")
+    lm = melayer.load(str(path), progress=False)
+    bridge = boot_bridge(path)
+    shared_norm = lm.arch.pre_ffn_norm == lm.arch.pre_attn_norm
+    hooks_for = {"resid_in": "hook_resid_pre", "resid_out": "hook_resid_post", "attn_in": "ln1.hook_out",
+                 "attn_out": "attn.hook_out", "mlp_in": "ln1.hook_out" if shared_norm else "ln2.hook_out",
+                 "mlp_out": "mlp.hook_out"}
+    if lm.experts(1) is None:
+        hooks_for["down_in"] = "mlp.hook_post"
+    compared = 0
+    for text in PROMPTS[:2]:
+        ids = lm.tokenizer(text)["input_ids"]
+        got: dict[tuple[int, str], torch.Tensor] = {}
+        with Hooks() as hooks, torch.no_grad():
+            for layer in range(lm.num_layers):
+                for site in [*hooks_for, "down_in"]:
+                    read_site(hooks, lm, layer, site,
+                              lambda x, key=(layer, site), into=got: into.__setitem__(key, x[0].detach().clone()))
+            forward_body(lm, {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)})
+        cache = tl_cache(bridge, ids)
+        for (layer, site), x in got.items():
+            if site in hooks_for:
+                close(x, cache[f"blocks.{layer}.{hooks_for[site]}"], f"{family} layer {layer} {site}")
+                compared += 1
+        if lm.experts(1) is not None:
+            fused = lm.experts(1)
+            for layer in range(lm.num_layers):
+                act = got[(layer, "down_in")].reshape(len(ids), fused.num_experts, fused.inter)
+                mine = [sorted((act[t].abs().sum(-1) > 0).nonzero().flatten().tolist()) for t in range(len(ids))]
+                theirs = [sorted(r) for r in cache[f"blocks.{layer}.mlp.hook_expert_indices"].tolist()]
+                assert mine == theirs, f"{family} layer {layer}: routed experts differ"
+    assert compared >= 2 * lm.num_layers * 5

@@ -102,6 +102,26 @@ def _zero_hook(neurons: tuple[int, ...]):
     return fn
 
 
+def _ablate_neurons(lm: LM, e: NeuronAblation, hooks: Hooks, saved: list) -> None:
+    """Dense FFN: the neurons' activations are zeroed at the down input. MoE layer: a routed expert's neurons get
+    their down columns zeroed (restored by :func:`ablated`), a shared expert's neurons as a dense FFN's."""
+    fused = lm.experts(e.layer)
+    if fused is None:
+        hooks.pre(lm.module(e.layer, "down"), _zero_hook(tuple(e.neurons)))
+        return
+    routed = fused.num_experts * fused.inter
+    shared = tuple(n - routed for n in e.neurons if n >= routed)
+    if shared:
+        hooks.pre(lm.module(e.layer, "down"), _zero_hook(shared))
+    if is_offloaded(fused.module) and len(shared) < len(e.neurons):
+        raise MelayerError(f"layer {e.layer}: ablating experts of an offloaded layer is not supported")
+    weight = fused.module.down_proj
+    for expert in sorted({n // fused.inter for n in e.neurons if n < routed}):
+        cols = [n - expert * fused.inter for n in e.neurons if n // fused.inter == expert and n < routed]
+        saved.append((weight, expert, weight[expert].clone()))
+        fused.down(expert)[:, torch.tensor(cols, dtype=torch.long, device=weight.device)] = 0
+
+
 @contextlib.contextmanager
 def ablated(lm: LM, edits: Sequence[Edit]) -> Iterator[None]:
     """Apply ``edits`` for the duration of the ``with`` block; always restored exactly (``finally``)."""
@@ -115,7 +135,7 @@ def ablated(lm: LM, edits: Sequence[Edit]) -> Iterator[None]:
             for e in edits:
                 if isinstance(e, NeuronAblation):
                     if e.neurons:
-                        hooks.pre(lm.module(e.layer, "down"), _zero_hook(tuple(e.neurons)))
+                        _ablate_neurons(lm, e, hooks, saved)
                     continue
                 norm = lm.module(e.layer, e.role)
                 if is_offloaded(norm):  # type: ignore[arg-type]

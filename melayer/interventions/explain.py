@@ -187,6 +187,7 @@ class ExplainResult(Result):
     settings: dict[str, Any]
     model_check: dict[str, Any]
     prompts: list[str] = field(default_factory=list)
+    experts: list[dict[str, Any]] | None = None  # MoE ME layer: each expert's share of the massive dims
 
     def random_summary(self) -> dict[str, Any]:
         if not self.random_runs:
@@ -265,6 +266,7 @@ class ExplainResult(Result):
             "verdict": self.verdict(),
             "model_check": self.model_check,
             "prompts": self.prompts,
+            **({"experts": self.experts} if self.experts is not None else {}),
         }
 
     @classmethod
@@ -299,6 +301,32 @@ class ExplainResult(Result):
                    controls=[run(r) for r in data["controls"]["layers"]],
                    random_runs=[run(r) for r in data["controls"]["random"].get("runs", [])],
                    settings=data["settings"], model_check=data["model_check"], prompts=data["prompts"])
+
+
+def _expert_of(segments: list[dict[str, Any]], n: int) -> dict[str, Any]:
+    """For an MoE layer, which expert neuron ``n`` belongs to and its number inside that expert (empty for dense)."""
+    for seg in segments:
+        if seg["start"] <= n < seg["start"] + seg["size"]:
+            return {"expert": seg["expert"], "expert_neuron": n - seg["start"]}
+    return {}
+
+
+def expert_table(segments: list[dict[str, Any]], contrib: torch.Tensor, dims: Sequence[int]) -> list[dict[str, Any]]:
+    """Per expert (routed ones, then the shared one): its share of the FFN output on each massive dim at the massive
+    token (routing weight x expert output, summed over its neurons) and its strongest neuron there."""
+    total = contrib.sum(1)
+    rows = []
+    for seg in segments:
+        part = contrib[:, seg["start"]:seg["start"] + seg["size"]]
+        for i, d in enumerate(dims):
+            c = float(part[i].sum())
+            if c == 0.0:
+                continue
+            top = int((part[i] * torch.sign(total[i])).argmax())
+            rows.append({"expert": seg["expert"], "dim": int(d), "contribution": c,
+                         "share": c / float(total[i]) if float(total[i]) else None,
+                         "top_neuron": top, "top_neuron_contribution": float(part[i, top])})
+    return sorted(rows, key=lambda r: -abs(r["share"] or 0.0))
 
 
 def _norm_edits(lm: LM, layer: int, dims: Sequence[int], drive: Sequence[int]) -> list[NormEdit]:
@@ -381,27 +409,35 @@ def explain(
     top_neurons = []
     w_down = lm.down_weight(L).float().cpu()
     act_mean = rec[L]["down_in"].mean(0)
+    segments = lm.ffn_segments(L) if lm.experts(L) is not None else []
     for i, d in enumerate(dims):
         order = (contrib[i] * torch.sign(total[i])).argsort(descending=True)[: max(10, max_neurons)]
         for n in order.tolist():
             top_neurons.append({"neuron": n, "dim": d, "contribution": float(contrib[i, n]),
                                 "share": float(contrib[i, n] / total[i]) if float(total[i]) else None,
                                 "activation": float(act_mean[n]), "down_weight": float(w_down[d, n]),
-                                "selected": n in selected})
+                                "selected": n in selected, **_expert_of(segments, n)})
     median_abs_w = float(w_down.abs().median())
     down_path = f"{lm.arch.layers}.{L}.{lm.arch.path('down', L)}.weight"
+    fused = lm.experts(L)
     super_weights = []
     for n in selected:
         for i, d in enumerate(dims):
             s = float(contrib[i, n] / total[i]) if float(total[i]) else 0.0
             if s <= 0:
                 continue
+            where = _expert_of(segments, n)
+            if where.get("expert") not in (None, "shared"):
+                tensor = f"{lm.arch.layers}.{L}.{lm.arch.path('experts', L)}.down_proj"
+                stored = fused.stored_index(where["expert"], d, where["expert_neuron"])  # type: ignore[union-attr]
+            else:
+                tensor, stored = down_path, lm.arch.at(L).stored_index(d, where.get("expert_neuron", n))
             super_weights.append({
                 "layer": L, "row": d, "column": n, "value": float(w_down[d, n]),
                 "ratio_to_median_abs_weight": abs(float(w_down[d, n])) / median_abs_w if median_abs_w else None,
-                "share_of_ffn_output": s, "tensor": down_path,
-                "stored_index": lm.arch.at(L).stored_index(d, n),
+                "share_of_ffn_output": s, "tensor": tensor, "stored_index": stored, **where,
             })
+    experts = expert_table(segments, contrib, dims) if segments else None
     driving = {n: driving_inputs(lm, L, rec[L]["mlp_in"], n) for n in selected}
     drive = driving_dims(driving)
     norm_gains = norm_report(lm, L, rec[L], dims, drive)
@@ -475,5 +511,5 @@ def explain(
                   "norm_ablation": "the effective gain of the pre-FFN norm on the dims driving the top neurons and of "
                                    "the post-FFN norm (if any) on the massive dims is set to that norm's median gain"},
         model_check={"before": before, "after": after, "bit_identical": after == before},
-        prompts=prompts,
+        prompts=prompts, experts=experts,
     )

@@ -35,6 +35,9 @@ LAYER_ROLES = (
     "gate_up",  # fused gate+up projection (Phi-3): first half gate, second half up
     "down",
     "post_ffn_norm",  # norm applied to the FFN output before the residual add (Gemma2/3, OLMo2)
+    "router",  # mixture of experts: the router (scores each token's experts)
+    "experts",  # mixture of experts: the fused experts module (3-D weights; gate/up/down then name a shared expert)
+    "shared_gate",  # mixture of experts: the shared expert's gate (sigmoid of one output, Qwen2-MoE)
 )
 MODEL_ROLES = ("body", "layers", "embed", "final_norm", "lm_head")
 NORM_ROLES = ("pre_attn_norm", "post_attn_norm", "pre_ffn_norm", "post_ffn_norm")
@@ -60,6 +63,9 @@ class ArchSpec:
     gate_up: str | None = None
     down: str | None = "mlp.down_proj"
     post_ffn_norm: str | None = None
+    router: str | None = None
+    experts: str | None = None
+    shared_gate: str | None = None
     norm_kind: Literal["rms", "layer"] = "rms"
     # Effective gain of a norm = norm_gain_offset + weight (Gemma stores gain - 1).
     norm_gain_offset: float = 0.0
@@ -101,7 +107,7 @@ class ArchSpec:
         """The layer's block in words: sequential / parallel, which mixer, FFN or not."""
         s = self if layer is None else self.at(layer)
         mixer = {"attention": "attention", "other": "non-attention mixer", "none": ""}.get(s.mixer_kind, s.mixer_kind)
-        ffn = "FFN" if s.down else ""
+        ffn = ("MoE" + (" + shared expert" if s.down else "")) if s.experts else ("FFN" if s.down else "")
         parts = [p for p in (mixer, ffn) if p]
         return ("parallel " if s.parallel else "") + (" + ".join(parts) if parts else "empty")
 
@@ -270,7 +276,7 @@ def missing_roles(model: nn.Module, spec: ArchSpec) -> list[str]:
         return missing or [f"layers={spec.layers} (not a non-empty ModuleList)"]
     for i, layer in enumerate(layers):
         s = spec.at(i)
-        if s.down is not None and s.gate_up is None and s.up is None:
+        if s.down is not None and s.gate_up is None and s.up is None and s.experts is None:
             missing.append("up (or gate_up)")
         for role in LAYER_ROLES:
             path = s.path(role)

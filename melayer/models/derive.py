@@ -32,6 +32,7 @@ from torch import nn
 
 from melayer.models.archmap import ARCHITECTURES, LAYER_ROLES, ArchSpec, load_override, missing_roles, named_layout
 from melayer.models.devices import execution_device, read_param
+from melayer.models.experts import FusedExperts, experts_call, is_fused_experts
 from melayer.models.guard import overflow_message
 from melayer.models.hf_internals import attention_implementation, attn_implementation
 from melayer.util.errors import MelayerError, NumericOverflow, UnsupportedArchitecture
@@ -241,33 +242,101 @@ def _is_softmax_attention(call: Call) -> bool:
     return bool((probs >= 0).all() and (sums <= 1 + 1e-3).all() and (sums > 0).any())
 
 
-def _ffn_roles(trace: Trace, names: dict[int, str], layer: nn.Module, path: str, call: Call, hidden: int,
-               roles: LayerRoles) -> None:
-    ffn = call.module
-    leaves = sorted(((m, trace.get(m)) for m in ffn.modules() if _weight2d(m) is not None and trace.get(m)),
-                    key=lambda mc: mc[1].order)
-    if any(p.dim() == 3 for p in ffn.parameters()) or any(isinstance(m, nn.ModuleList) for m in ffn.modules()):
-        raise DerivationError(f"{path} is a mixture of experts")
+def _leaves(trace: Trace, module: nn.Module) -> list[tuple[nn.Module, Call]]:
+    """The called projections (leaf modules with a 2-D weight) inside ``module``, in call order."""
+    return sorted(((m, trace.get(m)) for m in module.modules() if _weight2d(m) is not None and trace.get(m)),
+                  key=lambda mc: mc[1].order)
+
+
+def _dense_roles(trace: Trace, rel: Any, path: str, call: Call, hidden: int, skip: tuple = ()) -> dict[str, Any]:
+    """gate / up / gate_up / down (paths from ``rel``) and conv1d of a dense FFN module call."""
+    leaves = [(m, c) for m, c in _leaves(trace, call.module) if not any(m is s or _inside(m, s) for s in skip)]
     writers = [(m, c) for m, c in leaves if c.y is not None and c.y.shape[-1] == hidden]
     if not writers:
         raise DerivationError(f"no projection in {path} writes the residual width")
     down, down_call = writers[-1]
     inter = down_call.x.shape[-1]
-    readers = [(m, c) for m, c in leaves if m is not down and _same(c.x, call.x)]
-    rel = lambda m: names[id(m)][len(names[id(layer)]) + 1 if names[id(layer)] else 0:]  # noqa: E731
-    roles.paths.update(mlp=path, down=rel(down), gate=None, up=None, gate_up=None)
-    roles.conv1d = not isinstance(down, nn.Linear) and tuple(_weight2d(down).shape) == (inter, hidden) and inter != hidden
+    readers = [(m, c) for m, c in leaves if m is not down and _same(_flat(c.x, hidden), _flat(call.x, hidden))]
+    out: dict[str, Any] = dict(down=rel(down), gate=None, up=None, gate_up=None)
+    out["conv1d"] = not isinstance(down, nn.Linear) and tuple(_weight2d(down).shape) == (inter, hidden) and inter != hidden
     widths = [c.y.shape[-1] for _, c in readers]
     if len(readers) == 1 and widths[0] == inter:
-        roles.paths["up"] = rel(readers[0][0])
+        out["up"] = rel(readers[0][0])
     elif len(readers) == 1 and widths[0] == 2 * inter:
-        roles.paths["gate_up"] = rel(readers[0][0])
+        out["gate_up"] = rel(readers[0][0])
     elif len(readers) == 2 and widths == [inter, inter]:
-        a = readers[0][0]
-        roles.paths["up"], roles.paths["gate"] = ((rel(a), rel(readers[1][0])) if _is_linear_branch(trace, call, a, down)
-                                                  else (rel(readers[1][0]), rel(a)))
+        a, b = readers[0][0], readers[1][0]
+        out["up"], out["gate"] = (rel(a), rel(b)) if _is_linear_branch(trace, call, a, down) else (rel(b), rel(a))
     else:
         raise DerivationError(f"cannot tell the input projections of {path} ({len(readers)} read its input)")
+    return out
+
+
+def _flat(t: torch.Tensor | None, hidden: int) -> torch.Tensor | None:
+    return None if t is None or t.shape[-1] != hidden else t.reshape(-1, hidden)
+
+
+def _inside(module: nn.Module, container: nn.Module) -> bool:
+    return any(m is module for m in container.modules())
+
+
+def _ffn_roles(trace: Trace, names: dict[int, str], layer: nn.Module, path: str, call: Call, hidden: int,
+               roles: LayerRoles) -> None:
+    ffn = call.module
+    base = names[id(layer)]
+    rel = lambda m: names[id(m)][len(base) + 1 if base else 0:]  # noqa: E731
+    roles.paths["mlp"] = path
+    fused = [m for m in ffn.modules() if is_fused_experts(m)]
+    if fused:
+        _moe_roles(trace, rel, path, call, fused[0], hidden, roles)
+        return
+    if any(p.dim() == 3 for p in ffn.parameters()) or any(isinstance(m, nn.ModuleList) for m in ffn.modules()):
+        raise DerivationError(f"{path} is a mixture of experts whose experts are not fused 3-D tensors with "
+                              "transformers' layout flags")
+    dense = _dense_roles(trace, rel, path, call, hidden)
+    roles.conv1d = dense.pop("conv1d")
+    roles.paths.update(dense)
+
+
+def _moe_roles(trace: Trace, rel: Any, path: str, call: Call, experts: nn.Module, hidden: int,
+               roles: LayerRoles) -> None:
+    """Router, fused experts, shared expert and its gate of an MoE block, checked by recomputing its output."""
+    ecall = trace.get(experts)
+    parsed = experts_call(ecall.args, ecall.kwargs) if ecall is not None else None
+    if parsed is None or ecall.y is None:
+        raise DerivationError(f"the experts of {path} are not called with (tokens, expert ids, routing weights)")
+    fused = FusedExperts(experts)
+    n_exp = fused.num_experts
+    router = [m for m, c in _leaves(trace, call.module)
+              if tuple(_weight2d(m).shape) == (n_exp, hidden) and not _inside(m, experts)]
+    if not router:
+        raise DerivationError(f"no router (a {n_exp} x {hidden} projection) in {path}")
+    x_in = _flat(call.x, hidden)
+    gate = next((m for m, c in _leaves(trace, call.module) if c.y is not None and c.y.shape[-1] == 1
+                 and _same(_flat(c.x, hidden), x_in)), None)
+    shared = [(n, c) for n, child in call.module.named_children() if (c := trace.get(child)) is not None
+              and c.module is not experts and not _inside(router[0], c.module) and not _inside(experts, c.module)
+              and _leaves(trace, c.module) and _same(_flat(c.x, hidden), x_in) and c.y is not None
+              and c.y.shape[-1] == hidden]
+    if len(shared) > 1:
+        raise DerivationError(f"several shared experts in {path}")
+    x, idx, w = parsed
+    y_experts = fused.output(x.float(), idx, w)
+    if not _same(y_experts, ecall.y.float().reshape(y_experts.shape), 1e-3):
+        raise DerivationError(f"the experts of {path} do not compute what their layout flags say")
+    total = ecall.y.float().reshape(call.y.shape)
+    roles.paths.update(router=rel(router[0]), experts=rel(experts), shared_gate=None, gate=None, up=None,
+                       gate_up=None, down=None)
+    if shared:
+        scall = shared[0][1]
+        dense = _dense_roles(trace, rel, f"{path}.{shared[0][0]}", scall, hidden)
+        dense.pop("conv1d")
+        roles.paths.update(dense)
+        factor = torch.sigmoid(trace.get(gate).y.float()).reshape(-1, 1) if gate is not None else 1.0
+        total = total + (factor * scall.y.float().reshape(-1, hidden)).reshape(total.shape)
+        roles.paths["shared_gate"] = rel(gate) if gate is not None else None
+    if not _same(total, call.y.float(), 1e-3):
+        raise DerivationError(f"{path}'s output is not its routed experts' sum (plus a shared expert)")
 
 
 def _is_linear_branch(trace: Trace, ffn_call: Call, proj: nn.Module, down: nn.Module) -> bool:
@@ -295,6 +364,12 @@ def _layer_roles(trace: Trace, names: dict[int, str], layer: nn.Module, hidden: 
     mixers, ffns = [], []
     for p, c in blocks:
         (mixers if mixes_tokens(trace, c) else ffns).append((p, c))
+    covered = [c.module for _, c in units]
+    for name, child in layer.named_children():
+        if (trace.get(child) is not None and any(True for _ in child.parameters())
+                and not any(child is m or _inside(child, m) or _inside(m, child) for m in covered)):
+            raise DerivationError(f"{name} is called in a decoder layer but does not read and write "
+                                  "(batch, tokens, hidden) like a norm, a mixer or an FFN")
     if len(mixers) > 1:
         raise DerivationError(f"several token mixers side by side ({', '.join(p for p, _ in mixers)})")
     if len(ffns) > 1:

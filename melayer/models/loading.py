@@ -27,6 +27,7 @@ from melayer.models.convert import converted, take_fresh
 from melayer.models.derive import arch_for
 from melayer.models.devices import execution_device, materialized, parse_device_map, parse_max_memory, read, read_param
 from melayer.models.embedded import DEFAULT_MODEL, EMBEDDED
+from melayer.models.experts import FusedExperts
 from melayer.models.guard import OverflowGuard, install_overflow_guard, overflow_guard
 from melayer.util.errors import MelayerError, one_line
 
@@ -122,16 +123,52 @@ class LM:
             return None
         return self.arch.gain_from_weight(weight.float())
 
+    def experts(self, layer: int) -> FusedExperts | None:
+        """The fused experts of an MoE layer (None for a dense layer)."""
+        module = self.module(layer, "experts")
+        return FusedExperts(module) if module is not None else None
+
+    def ffn_segments(self, layer: int) -> list[dict[str, Any]]:
+        """How the FFN neurons of ``layer`` are numbered: one segment per routed expert (``e * I + n``), then the
+        shared expert's neurons; one segment for a dense FFN."""
+        fused = self.experts(layer)
+        if fused is None:
+            down = self.module(layer, "down")
+            return [] if down is None else [{"expert": None, "start": 0, "size": self.down_weight(layer).shape[1]}]
+        segs: list[dict[str, Any]] = [{"expert": e, "start": e * fused.inter, "size": fused.inter}
+                                      for e in range(fused.num_experts)]
+        if self.module(layer, "down") is not None:
+            size = self.arch.at(layer).down_matrix(self.module(layer, "down")).shape[1]
+            segs.append({"expert": "shared", "start": fused.num_experts * fused.inter, "size": size})
+        return segs
+
     # Weight reads go through models.devices.read: an offloaded layer's weights are materialised for the read.
     def down_weight(self, layer: int) -> torch.Tensor:
-        """``down`` weight as (hidden_out, intermediate), whatever the storage layout."""
-        return read(self.module(layer, "down"), self.arch.at(layer).down_matrix)  # type: ignore[arg-type]
+        """``down`` weight as (hidden_out, intermediate), whatever the storage layout; for an MoE layer every
+        routed expert's down projection side by side, then the shared expert's (see :meth:`ffn_segments`)."""
+        fused = self.experts(layer)
+        if fused is None:
+            return read(self.module(layer, "down"), self.arch.at(layer).down_matrix)  # type: ignore[arg-type]
+        with materialized(self.layers[layer]):
+            mats = [fused.down(e).detach() for e in range(fused.num_experts)]
+            shared = self.module(layer, "down")
+            if shared is not None:
+                mats.append(self.arch.at(layer).down_matrix(shared).detach())
+            return torch.cat(mats, dim=1)
 
     def ffn_in_weights(self, layer: int) -> dict[str, torch.Tensor]:
-        """The FFN input projections of ``layer`` as (intermediate, hidden) matrices keyed ``gate`` / ``up``."""
+        """The FFN input projections of ``layer`` as (intermediate, hidden) matrices keyed ``gate`` / ``up`` (an MoE
+        layer: numbered as :meth:`ffn_segments`)."""
+        fused = self.experts(layer)
         with materialized(self.layers[layer]) as moved:
-            return {k: (w.detach().clone() if moved else w.detach())
-                    for k, w in self.arch.at(layer).ffn_in_matrices(self.layers[layer]).items()}
+            if fused is None:
+                return {k: (w.detach().clone() if moved else w.detach())
+                        for k, w in self.arch.at(layer).ffn_in_matrices(self.layers[layer]).items()}
+            parts = [fused.inputs(e) for e in range(fused.num_experts)]
+            if self.module(layer, "down") is not None:
+                parts.append(self.arch.at(layer).ffn_in_matrices(self.layers[layer]))
+            keys = [k for k in ("gate", "up") if all(k in p for p in parts)]
+            return {k: torch.cat([p[k].detach() for p in parts]) for k in keys}
 
 
 # ----------------------------------------------------------------------------------------------------
