@@ -213,7 +213,8 @@ def test_parallel_and_moe_blocks_agree_with_transformer_lens(family, tmp_path):
     norm shared by attention and FFN) and an MoE block (Mixtral: fused experts). Every site TransformerLens also
     names agrees; for Mixtral the experts melayer's neuron numbering shows active on a token are the ones
     TransformerLens's router hook chose."""
-    path = save_lm(tiny_lm(family), tmp_path / f"tiny-{family}")
+    tiny = tiny_lm(family)
+    path = save_lm(tiny, tmp_path / f"tiny-{family}")
     lm = melayer.load(str(path), progress=False)
     bridge = boot_bridge(path)
     shared_norm = lm.arch.pre_ffn_norm == lm.arch.pre_attn_norm
@@ -239,9 +240,14 @@ def test_parallel_and_moe_blocks_agree_with_transformer_lens(family, tmp_path):
                 compared += 1
         if lm.experts(1) is not None:
             fused = lm.experts(1)
+            with torch.no_grad():  # the router hooks hold (tokens, k) for the one prompt, without a batch dim
+                _, raw = bridge.run_with_cache(torch.tensor([ids]))
             for layer in range(lm.num_layers):
                 act = got[(layer, "down_in")].reshape(len(ids), fused.num_experts, fused.inter)
                 mine = [sorted((act[t].abs().sum(-1) > 0).nonzero().flatten().tolist()) for t in range(len(ids))]
-                theirs = [sorted(r) for r in cache[f"blocks.{layer}.mlp.hook_expert_indices"].tolist()]
-                assert mine == theirs, f"{family} layer {layer}: routed experts differ"
+                theirs = [sorted(r) for r in raw[f"blocks.{layer}.mlp.hook_expert_indices"].reshape(len(ids), -1).tolist()]
+                if layer != tiny.plant.me_layer:
+                    assert mine == theirs, f"{family} layer {layer}: routed experts differ"
+                else:  # BOS's second expert, beside the planted one, gets routing weight 0 in float32: inactive
+                    assert mine[1:] == theirs[1:] and set(mine[0]) < set(theirs[0]), (mine[0], theirs[0])
     assert compared >= 2 * lm.num_layers * 5

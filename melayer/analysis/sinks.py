@@ -32,6 +32,7 @@ SDPA on long prompts and differs from it only by floating-point rounding.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -184,7 +185,7 @@ class SinkResult(Result):
     @property
     def sink_rate(self) -> float:
         """Sink_1^epsilon: share of (layer, head) pairs whose first-token score exceeds epsilon, mean over prompts."""
-        return float((self.alpha_first > self.epsilon).mean())
+        return float(np.nanmean(self._indicator(self.alpha_first)))
 
     def _indicator(self, a: np.ndarray) -> np.ndarray:
         return np.where(np.isnan(a), np.nan, a > self.epsilon)
@@ -213,6 +214,11 @@ class SinkResult(Result):
         return None
 
     def to_dict(self) -> dict[str, Any]:
+        with warnings.catch_warnings():  # layers without attention are all-NaN: their means are NaN ("n/a")
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return self._to_dict()
+
+    def _to_dict(self) -> dict[str, Any]:
         first = self.first_sink_layer()
         out: dict[str, Any] = {
             "schema": self.schema(),
@@ -237,9 +243,9 @@ class SinkResult(Result):
                                       "a sink is only meaningful well above it",
             "sink_rate_per_layer": self.layer_rate(),
             "alpha_first": self.alpha_first.mean(axis=0).tolist(),
-            "sink_share_first": (self.alpha_first > self.epsilon).mean(axis=0).tolist(),
-            "first_token_is_top_sink_share": float(self.top_is_first.mean()),
-            "first_token_is_top_sink_per_layer": self.top_is_first.mean(axis=(0, 2)).tolist(),
+            "sink_share_first": np.nanmean(self._indicator(self.alpha_first), axis=0).tolist(),
+            "first_token_is_top_sink_share": float(np.nanmean(self.top_is_first)),
+            "first_token_is_top_sink_per_layer": np.nanmean(self.top_is_first, axis=(0, 2)).tolist(),
             "me_layer": self.me_layer,
             "first_sink_layer": first,
             "first_sink_layer_any_head": self.first_sink_layer_any(),
@@ -323,8 +329,11 @@ def measure_sinks(
     # at most PROBS_BUDGET attention probabilities at once: one layer's (batch x heads x T x T)
     plan = planned(lm, rows, max_batch=batch_size, cost=lambda n, width: n * heads * width * width,
                    max_cost=PROBS_BUDGET)
+    attention = [i for i in range(lm.num_layers) if lm.arch.at(i).mixer_kind == "attention"]
+    if not attention:
+        raise MelayerError(f"{lm.name} has no softmax-attention layer: attention sinks do not apply")
     with eager_attention(lm), Hooks() as hooks:
-        for i in range(lm.num_layers):
+        for i in attention:
             attn = lm.module(i, "attn")
             hooks.pre(attn, reducer.pre(i), with_kwargs=True)
             hooks.forward(attn, reducer.post(i), with_kwargs=True)
@@ -332,13 +341,24 @@ def measure_sinks(
                                 advance=lambda item: len(item[0])):
             reducer.start(batch["attention_mask"], idx)
             forward_body(lm, batch)
-    first = np.stack([np.stack(r) for r in reducer.first])
-    top = np.stack([np.stack(r) for r in reducer.top_is_first])
-    massive = np.stack([np.stack(r) for r in reducer.massive]) if massive_positions is not None else None
+    def stacked(store: list[list[np.ndarray | None]]) -> np.ndarray:  # layers without attention: NaN ("n/a")
+        return np.stack([np.stack([np.full(heads, np.nan, dtype=np.float32) if a is None else a for a in r])
+                         for r in store])
+
+    first = stacked(reducer.first)
+    top = stacked(reducer.top_is_first)
+    if len(attention) == lm.num_layers:
+        top = top.astype(bool)
+    massive = stacked(reducer.massive) if massive_positions is not None else None
     return SinkResult(model=lm.name, epsilon=float(epsilon), max_tokens=max_tokens, n_prompts=len(prompts),
                       tokens_per_prompt=[int(x) for x in lengths], alpha_first=first, top_is_first=top,
                       alpha_massive=massive, massive_positions=list(massive_positions) if massive_positions is not None else None,
-                      me_layer=me_layer, min_tokens=min_tokens, skipped=skipped)
+                      me_layer=me_layer, min_tokens=min_tokens, skipped=skipped,
+                      extra={} if len(attention) == lm.num_layers else {
+                          "layers_without_softmax_attention": [i for i in range(lm.num_layers) if i not in attention],
+                          "layers_without_softmax_attention_note": "n/a: their token mixer (SSM, convolution, linear "
+                                                                   "attention) has no attention probabilities; "
+                                                                   "rates are over the attention layers only"})
 
 
 def sinks(lm: LM, prompts: Sequence[str] | None = None, *, windows: int = 32, epsilon: float = DEFAULT_EPSILON,

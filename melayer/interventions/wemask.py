@@ -22,6 +22,13 @@ What it does (the released reference code is described in shared/research/paper.
   instead of averaged over the batch) or by |effective gain| of the pre-attention norm (``select="weight"``,
   the paper's "weight-guided" wording).
 
+* Hybrid models (SSM, gated delta-net or short-convolution layers beside attention): by default only the
+  softmax-attention layers after the ME layer are masked; a layer whose token mixer is not attention has no
+  attention pattern for the massive token to dominate and is left alone. ``mask_mixers=True`` masks the input
+  of those mixers too (the same rule, at the mixer's input). Layers given explicitly are masked whatever their
+  mixer. The hooks act on each call's input only, so every family's cache (KV caches, SSM and convolution
+  states of hybrid caches) sees the masked inputs alike with and without it.
+
 Nothing is monkey-patched and no weight is touched: ``remove()`` (or leaving the ``with`` block) removes
 every hook and the model is exactly what it was.
 """
@@ -131,7 +138,8 @@ def check_settings(rate: float, *, select: str = "activation", gamma: float = 1.
 
 class WeMask:
     """A WeMask intervention bound to one model, built by :func:`wemask` (same arguments). Use as a context
-    manager (re-enterable: each ``with`` applies and removes the hooks) or ``apply()`` / ``remove()``."""
+    manager (re-enterable: each ``with`` applies and removes the hooks) or ``apply()`` / ``remove()``.
+    ``mask_mixers``: also mask layers whose token mixer is not softmax attention (see the module docstring)."""
 
     def __init__(
         self,
@@ -147,6 +155,7 @@ class WeMask:
         *,
         dims: Sequence[int] | None = None,
         offset: int = 0,
+        mask_mixers: bool = False,
     ) -> None:
         self.rate, self.gamma = check_settings(rate, select=select, gamma=gamma, token=token)
         self.lm = lm
@@ -171,11 +180,15 @@ class WeMask:
             if me_layer is None:  # rate too small to mask anything: no layers needed
                 parsed = []
             else:
-                parsed = list(range(int(me_layer) + 1, n))
+                # softmax-attention layers only, unless asked: an SSM, convolution or linear-attention mixer has no
+                # attention pattern for the massive token to dominate
+                parsed = [i for i in range(int(me_layer) + 1, n)
+                          if mask_mixers or lm.arch.at(i).mixer_kind == "attention"]
                 if not parsed and self.k > 0:
                     raise MelayerError(f"the ME layer ({me_layer}) is the last layer: no layer after it to mask; "
                                        "pass layers= explicitly")
         self.me_layer = None if me_layer is None else int(me_layer)
+        self.mask_mixers = mask_mixers
         self.layers: list[int] = parsed
         # controls: fixed dims instead of the top-k of each token; token="offset": the real token at that index
         self.dims = None if dims is None else sorted({int(d) for d in dims})
@@ -364,6 +377,7 @@ def wemask(
     me_layer: int | None = None,
     criterion: Criterion | None = None,
     scan_prompts: Sequence[str] | None = None,
+    mask_mixers: bool = False,
 ) -> WeMask:
     """Build a WeMask for ``lm``, not yet applied (the ``--wemask RATE`` option of every command).
 
@@ -377,7 +391,7 @@ def wemask(
         lm: the model.
         rate: the fraction of the hidden size masked per token (``k = int(rate * hidden_size)`` dims).
         layers: the layers to mask, as a list or a string (``"4-"``, ``"4,6,8-10"``); default: every layer after
-            the ME layer.
+            the ME layer whose token mixer is softmax attention.
         select: ``"activation"`` (the dims of largest |value| of the token's attention input) or ``"weight"``
             (largest |gain| of the pre-attention norm).
         gamma: the masked dims are scaled by ``1 - gamma`` (1 zeroes them).
@@ -387,6 +401,8 @@ def wemask(
             :func:`melayer.scan` on ``scan_prompts`` (default: the shipped prompts).
         criterion: the massive-activation criterion of that scan and of ``token="massive"``.
         scan_prompts: the prompts of that scan.
+        mask_mixers: also mask the input of later layers whose token mixer is not softmax attention (SSM, gated
+            delta-net, short convolution); by default they are left alone.
 
     Returns:
         The mask: a context manager (re-enterable), or ``apply()`` / ``remove()``; ``to_dict()`` describes it.
@@ -395,4 +411,4 @@ def wemask(
         MelayerError: a setting is out of range or no ME layer is found.
     """
     return WeMask(lm, rate, layers=layers, select=select, gamma=gamma, token=token, me_layer=me_layer,
-                  criterion=criterion, scan_prompts=scan_prompts)
+                  criterion=criterion, scan_prompts=scan_prompts, mask_mixers=mask_mixers)

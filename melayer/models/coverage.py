@@ -2,7 +2,8 @@
 
 Every model type of transformers' causal-LM auto mapping is built from its default config shrunk to tiny sizes,
 its roles are mapped (:func:`melayer.models.derive.arch_for`) and a massive activation is planted through those
-roles (:func:`melayer.testing.plant_massive`). ``validated``: the plant shows up exactly where it was put; ``excluded``: an encoder or encoder-decoder family;
+roles (:func:`melayer.testing.plant_massive`). ``validated``: the plant shows up exactly where it was put; ``mapped``: roles derived but no layer has an FFN to
+plant through (pure SSMs); ``excluded``: an encoder or encoder-decoder family;
 ``refused``: melayer cannot map the roles (the reason says why); ``not built``: transformers cannot build the
 family from a shrunk default config (or it needs a package that is not installed); ``failed``: mapped, but the
 plant did not come out right.
@@ -61,11 +62,20 @@ def coverage_row(model_type: str) -> dict[str, Any]:
     row["class"] = type(model).__name__
     try:
         lm = from_model(model, tiny_tokenizer(), name=f"tiny-{model_type}")
-    except MelayerError as exc:
-        return {**row, "status": "refused", "reason": str(exc)}
+    except MelayerError as exc:  # the table keeps the reason, not the advice on --arch
+        return {**row, "status": "refused", "reason": str(exc).split(". Pass --arch")[0]}
     row.update(arch=lm.arch.name, block=lm.arch.block_kind(), roles=_roles(lm))
+    if lm.arch.layer_paths:
+        kinds = sorted({lm.arch.block_kind(i) for i in range(lm.num_layers)} - {row["block"]})
+        row["layers_differ"] = "other layers: " + "; ".join(kinds) if kinds else "layers differ in module paths"
+    with_ffn = [i for i in range(1, lm.num_layers - 1)
+                if lm.module(i, "down") is not None or lm.experts(i) is not None]
+    if not with_ffn:
+        return {**row, "status": "mapped", "reason": "no FFN in the layers the plant can use: roles derived, not "
+                                                     "validated by planting (the plant writes through an FFN neuron)"}
+    row["me_layer"] = with_ffn[0]
     try:
-        plant = plant_massive(lm, me_layer=1, neuron=5, dim=7)
+        plant = plant_massive(lm, me_layer=with_ffn[0], neuron=5, dim=7)
         problem = plant_found(lm, plant)
     except Exception as exc:
         return {**row, "status": "failed", "reason": _one_line(exc)}
@@ -83,13 +93,41 @@ def _roles(lm: Any) -> dict[str, str]:
     return {k: v for k, v in out.items() if v}
 
 
-def coverage(model_types: list[str] | None = None) -> list[dict[str, Any]]:
+def coverage(model_types: list[str] | None = None, progress: bool = False) -> list[dict[str, Any]]:
     """The coverage table: one row per model type (default: every causal-LM type of the installed transformers)."""
     import transformers
 
+    from melayer.util.console import track
+
+    known = causal_lm_types()
+    unknown = [t for t in model_types or () if t not in known]
+    if unknown:
+        raise MelayerError(f"not a causal-LM model type of transformers {transformers.__version__}: "
+                           f"{', '.join(unknown)}")
     level = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
     try:
-        return [coverage_row(t) for t in (model_types or causal_lm_types())]
+        return [coverage_row(t) for t in track(model_types or known, "building and planting", enabled=progress)]
     finally:
         transformers.logging.set_verbosity(level)
+
+
+def coverage_markdown(rows: list[dict[str, Any]]) -> str:
+    """The table as Markdown: model type, status, block kind, the main derived roles, the reason."""
+    def cell(text: Any) -> str:
+        return str(text or "").replace("|", "\\|").replace("\n", " ")
+
+    out = ["| model type | status | block | mixer / FFN roles (first layer) | norms | why |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        roles = r.get("roles", {})
+        ffn = (f"router `{roles['router']}`, experts `{roles['experts']}`" if roles.get("experts") else
+               f"down `{roles['down']}`" if roles.get("down") else "")
+        if roles.get("experts") and roles.get("down"):
+            ffn += f", shared down `{roles['down']}`"
+        main = ", ".join(p for p in (f"mixer `{roles['attn']}`" if roles.get("attn") else "", ffn) if p)
+        norms = ", ".join(f"`{roles[k]}`" for k in ("pre_attn_norm", "post_attn_norm", "pre_ffn_norm", "post_ffn_norm")
+                          if roles.get(k))
+        block = r.get("block", "") + (f" ({r['layers_differ']})" if r.get("layers_differ") else "")
+        out.append(f"| `{r['model_type']}` | {r['status']} | {cell(block)} | {cell(main)} | {cell(norms)} | "
+                   f"{cell(r.get('reason', ''))} |")
+    return "\n".join(out) + "\n"
