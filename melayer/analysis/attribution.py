@@ -159,8 +159,9 @@ def decompose(lm: LM, rec: dict[str, Any], dims: Sequence[int], layer: int | Non
     has_pf = "post_ffn_out" in rec
     for d in dims:
         r_in = rec["resid_in"][:, d]
-        attn = rec["post_attn_out"][:, d] if has_pa else rec["attn_out"][:, d]
-        ffn = rec["post_ffn_out"][:, d] if has_pf else rec["mlp_out"][:, d]
+        none = torch.zeros_like(rec["resid_in"][:, d])  # a layer without mixer (or without FFN): no such branch
+        attn = rec["post_attn_out"][:, d] if has_pa else rec["attn_out"][:, d] if "attn_out" in rec else none
+        ffn = rec["post_ffn_out"][:, d] if has_pf else rec["mlp_out"][:, d] if "mlp_out" in rec else none
         out = rec["resid_out"][:, d]
         row: dict[str, Any] = {
             "dim": d,

@@ -455,6 +455,8 @@ def explain(
     for kind in ABLATIONS:
         plan.append((kind, L, "me", edits_for(L, kind, selected, drive) if kind != "none" else [], None))
     for role, layer in controls:
+        if "down_in" not in rec[layer]:  # a control layer without FFN (an SSM layer of a hybrid): nothing to ablate
+            continue
         c = neuron_contributions(lm, layer, rec[layer]["down_in"], dims)
         neurons = rank_neurons(c)[: len(selected)].tolist()
         drv = driving_dims({n: driving_inputs(lm, layer, rec[layer]["mlp_in"], n) for n in neurons})
