@@ -82,6 +82,7 @@ class Plant:
     precursor: tuple[int, int] | None = None  # (layer, dim) of a transient spike removed one layer later
     expert: int | None = None  # MoE layer: the routed expert BOS is sent to, whose neuron ``neuron`` writes the dim
     flat_neuron: int | None = None  # the neuron's number in melayer's neuron numbering (expert x I + neuron)
+    remover: tuple[int, float] | None = None  # (layer, share): a later FFN neuron takes this share of the value away
 
 
 def _set_neuron(lm: LM, layer: int, neuron: int, read_dim: int, gain: float) -> None:
@@ -109,7 +110,8 @@ def _set_down(lm: LM, layer: int, neuron: int, dim: int, value: float) -> None:
 
 @torch.no_grad()
 def plant_massive(lm: LM, me_layer: int, neuron: int, dim: int, carrier: int | None = None,
-                  strength: float = 2000.0, precursor: tuple[int, int] | None = None) -> Plant:
+                  strength: float = 2000.0, precursor: tuple[int, int] | None = None,
+                  remover: tuple[int, float] | None = None) -> Plant:
     """Plant a BOS-only massive activation at ``me_layer`` (see module docstring)."""
     hidden = lm.hidden_size
     carrier = (dim + hidden // 2) % hidden if carrier is None else carrier
@@ -148,7 +150,9 @@ def plant_massive(lm: LM, me_layer: int, neuron: int, dim: int, carrier: int | N
         post.weight[dim] = lm.arch.weight_for_gain(strength / 4)
     if precursor is not None:
         _plant_precursor(lm, precursor, carrier, neuron, strength)
-    return Plant(me_layer=me_layer, neuron=neuron, dim=dim, carrier=carrier, precursor=precursor, expert=expert,
+    if remover is not None:
+        _plant_remover(lm, remover, dim, neuron + 3)
+    return Plant(me_layer=me_layer, neuron=neuron, dim=dim, carrier=carrier, precursor=precursor, remover=remover, expert=expert,
                  flat_neuron=neuron if flat is None else flat)
 
 
@@ -171,6 +175,53 @@ def _plant_expert(lm: LM, layer: int, expert: int, neuron: int, carrier: int, di
     down[:, neuron].zero_()
     down[dim, neuron] = value
     return expert * fused.inter + neuron  # type: ignore[union-attr]
+
+
+def _plant_remover(lm: LM, remover: tuple[int, float], dim: int, neuron: int) -> None:
+    """A later FFN neuron that reads the massive dim itself and writes it down by ``share`` of its value (BOS).
+
+    It reads the dim weakly (gain 0.25, the sign of the value, so its gate opens), so its down weight must be
+    large -- larger than the creating neuron's -- as for a real canceller. Families with a post-FFN norm get the
+    size from that norm's gain on the dim instead. Both are affine in the parameter, so two forwards fix it."""
+    layer, share = remover
+    seen: dict[str, float] = {}
+
+    def run() -> tuple[float, float]:
+        def before(m: Any, a: Any) -> None:
+            seen["in"] = float(a[0][0, 0, dim])
+
+        def after(m: Any, a: Any, out: Any) -> None:
+            seen["out"] = float((out[0] if isinstance(out, tuple) else out)[0, 0, dim])
+
+        handles = [lm.layers[layer].register_forward_pre_hook(before), lm.layers[layer].register_forward_hook(after)]
+        try:
+            lm.model(input_ids=torch.tensor([[BOS]]))
+        finally:
+            for h in handles:
+                h.remove()
+        return seen["in"], seen["out"]
+
+    x_in, _ = run()
+    sign = 1.0 if x_in >= 0 else -1.0
+    _set_neuron(lm, layer, neuron, dim, gain=0.25 * sign)
+    post = lm.module(layer, "post_ffn_norm")
+    down = lm.arch.down_matrix(lm.module(layer, "down"))
+    if post is not None and getattr(post, "weight", None) is not None:
+        _set_down(lm, layer, neuron, dim, -sign)
+
+        def put(p: float) -> None:
+            post.weight[dim] = lm.arch.weight_for_gain(p)
+    else:
+        _set_down(lm, layer, neuron, dim, 0.0)
+
+        def put(p: float) -> None:
+            down[dim, neuron] = p
+    values = []
+    for p in (0.0, 1.0):
+        put(p)
+        values.append(run()[1])
+    slope = values[1] - values[0]
+    put((((1 - share) * x_in) - values[0]) / slope if slope else 0.0)
 
 
 def _plant_precursor(lm: LM, precursor: tuple[int, int], carrier: int, neuron: int, strength: float) -> None:
@@ -207,7 +258,8 @@ def _plant_precursor(lm: LM, precursor: tuple[int, int], carrier: int, neuron: i
 
 
 def tiny_lm(model_type: str = "llama", plant: bool = True, me_layer: int = 1, neuron: int = 5, dim: int = 7,
-            num_layers: int = 4, seed: int = 0, precursor: tuple[int, int] | None = None) -> LM:
+            num_layers: int = 4, seed: int = 0, precursor: tuple[int, int] | None = None,
+            remover: tuple[int, float] | None = None) -> LM:
     """A tiny real model of ``model_type``, optionally with a planted massive activation.
 
     The families of :data:`MODEL_TYPES` get hand-picked tiny configs; any other causal-LM model type of the
@@ -233,7 +285,8 @@ def tiny_lm(model_type: str = "llama", plant: bool = True, me_layer: int = 1, ne
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
     model.eval()  # as melayer.load leaves a model (GPT-2's config has dropout)
     lm = from_model(model, tiny_tokenizer(), name=f"tiny-{model_type}", overflow_guard=True)
-    lm.plant = plant_massive(lm, me_layer, neuron, dim, precursor=precursor) if plant else None  # type: ignore[attr-defined]
+    lm.plant = plant_massive(lm, me_layer, neuron, dim, precursor=precursor, remover=remover) if plant else None  # type: ignore[attr-defined]
+    assert model_type in ARCHITECTURES
     return lm
 
 

@@ -2,7 +2,7 @@
 loop, NumPy, ``torch.median``, a hand-written Benjamini-Hochberg) on inputs where the likely one-line slips give a
 different answer: the first real token under left padding, the median convention, the bootstrap's resampling
 range, WeMask's k where ``int`` and ``round`` differ, the BH mapping back to its own rows, the sink threshold at
-equality and the weights rule's persistence window. No model: each example runs in microseconds."""
+equality and the weights rule's emergence and persistence on one path. No model: each example runs in microseconds."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from melayer.analysis.criterion import Criterion
 from melayer.analysis.sinks import SinkResult
-from melayer.analysis.weights import LayerScore, _predict
+from melayer.analysis.weights import path_me_layer
 from melayer.capture import first_real, left_pad, position_ids
 from melayer.capture.reduce import lower_median
 from melayer.eval.stats import bootstrap_ci, paired_bootstrap
@@ -166,39 +167,52 @@ def test_sink_threshold_is_strict_at_equality():
 
 
 # ------------------------------------------------------------------------------------------------
-# the weights rule: the first layer whose top dim is the top dim of >= persist_frac of the LATER layers
+# the weights rule on one first-token path: emergence against the ordinary median, persistence against the own one
 
 
-def _rows(dims: list[int], scores: list[float]) -> list[LayerScore]:
-    return [LayerScore(layer=i, dim=d, neuron=0, score=s, down=s, post=1.0, drive=1.0, neurons=[0], neuron_scores=[s])
-            for i, (d, s) in enumerate(zip(dims, scores))]
+def _path_reference(a: np.ndarray, start: float, crit: Criterion) -> tuple[int, int] | None:
+    """A plain-loop reading of the rule in melayer.analysis.weights (module docstring), on |x| per (layer, dim)."""
+    n_layers, hidden = a.shape
+    med = [float(np.median(a[i])) if hidden % 2 else float(np.sort(a[i])[hidden // 2 - 1]) for i in range(n_layers)]
+    tops = [int(np.argmax(a[i])) for i in range(n_layers)]
+    count = {d: tops.count(d) for d in set(tops)}
+    dim = sorted(count, key=lambda d: (-count[d], -float(a[:, d].max()), d))[0]
+    first = next((i for i in range(n_layers) if a[i, tops[i]] > crit.persist_ratio * med[i]), n_layers)
+    ordinary = med[first - 1] if first > 0 else start
+    for layer in range(n_layers):
+        v = a[layer, dim]
+        if not (v > max(crit.abs_min, crit.median_ratio * ordinary) and v > crit.persist_ratio * med[layer]):
+            continue
+        if dim not in np.argsort(-a[layer], kind="stable")[:4]:
+            continue
+        later = [a[i, dim] > crit.abs_min and a[i, dim] > crit.persist_ratio * med[i] for i in range(layer + 1, n_layers)]
+        if not later or (later[0] and sum(later) >= crit.persist_frac * len(later)):
+            return layer, dim
+    return None
 
 
-def _predict_reference(dims: list[int], scores: list[float], frac: float) -> tuple[int, int]:
-    for layer in range(len(dims) - 1):  # the last layer has no later layers
-        later = dims[layer + 1:]
-        if sum(1 for d in later if d == dims[layer]) >= frac * len(later):
-            return layer, dims[layer]
-    best = max(range(len(dims)), key=lambda i: (scores[i], -i))  # the largest score, the first on ties
-    return best, dims[best]
+@given(st.integers(0, 2**31 - 1), st.integers(3, 8), st.sampled_from([5, 8, 9]))
+def test_path_rule_against_a_loop(seed, n_layers, hidden):
+    """Random paths with a planted value that grows, may dip (a precursor that fades, a remover) and persists."""
+    g = np.random.default_rng(seed)
+    a = g.random((n_layers, hidden)) * 2
+    dim, born = int(g.integers(hidden)), int(g.integers(n_layers))
+    a[born:, dim] = g.choice([50.0, 5e3, 5e4], size=n_layers - born)
+    if g.random() < 0.5:  # a precursor on another dim that fades
+        other = (dim + 1) % hidden
+        a[: max(1, born), other] = 4e3
+    r = path_me_layer(torch.tensor(a * g.choice([-1, 1], size=a.shape)), 0.5, Criterion())
+    want = _path_reference(a, 0.5, Criterion())
+    assert (None if r is None else (r["me_layer"], r["dim"])) == want
 
 
-@given(st.lists(st.tuples(st.integers(0, 3), st.integers(1, 50)), min_size=1, max_size=8),
-       st.sampled_from([0.5, 0.6, 0.75, 2 / 3, 1.0]))
-def test_weights_persistence_window(layers, frac):
-    dims = [d for d, _ in layers]
-    scores = [float(s) for _, s in layers]
-    me, dim, notes = _predict(_rows(dims, scores), frac)
-    assert (me, dim) == _predict_reference(dims, scores, frac)
-    assert bool(notes) == (not any(
-        sum(d == dims[i] for d in dims[i + 1:]) >= frac * len(dims[i + 1:]) for i in range(len(dims) - 1)))
-
-
-@pytest.mark.parametrize("dims, scores, frac, want", [
-    ([3, 7, 7, 9, 7, 7], [1, 1, 1, 1, 1, 1], 0.75, 1),  # 3 of the 4 later layers: exactly 75 % qualifies
-    ([7, 3, 3, 7, 7], [1, 1, 1, 1, 1], 0.75, 3),  # layer 0 is the top dim of 2/4 later layers (3/5 with itself)
-    ([5, 9, 5, 9, 4], [1, 5, 1, 1, 1], 0.5, 1),  # none persists (the last layer has no later layers): best score
+@pytest.mark.parametrize("column, want", [
+    ([0.5, 700, 700, 30, 2e4, 2e4, 2e4, 2e4], 4),  # 700 is < 1000 x the ordinary median (~1): not yet massive
+    ([0.5, 2, 3e3, 3e3, 3e3, 3e3, 3e3, 3e3], 2),  # massive from layer 2 on
+    ([0.5, 2, 3e3, 3e3, 50, 50, 50, 50], None),  # falls below abs_min: does not persist
 ])
-def test_weights_persistence_examples(dims, scores, frac, want):
-    me, dim, notes = _predict(_rows(dims, [float(s) for s in scores]), frac)
-    assert (me, dim) == (want, dims[want]) == _predict_reference(dims, scores, frac)
+def test_path_rule_examples(column, want):
+    a = np.ones((len(column), 9))
+    a[:, 4] = column
+    r = path_me_layer(torch.tensor(a), 1.0, Criterion())
+    assert (None if r is None else r["me_layer"]) == want

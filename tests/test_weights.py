@@ -21,39 +21,51 @@ from melayer.util.errors import MelayerError
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_planted_checkpoint_of_every_family(tmp_path, model_type):
-    """Predicted == planted == scanned (layer, dim, neuron), for two different plants per family."""
-    for me_layer, neuron, dim in ((1, 5, 7), (2, 40, 30)):
-        lm = tiny_lm(model_type, me_layer=me_layer, neuron=neuron, dim=dim, num_layers=4)
-        path = save_lm(lm, tmp_path / f"{model_type}-{me_layer}")
-        r = candidates(str(path))
+    """Predicted == planted == scanned (layer, dim, neuron): a plain plant, and a writer with a later remover of the
+    same dim whose down weight is the larger one (the remover is named as such, with its neuron)."""
+    for me_layer, neuron, dim, remover in ((1, 5, 7, None), (1, 9, 20, (3, 0.9))):
+        lm = tiny_lm(model_type, me_layer=me_layer, neuron=neuron, dim=dim, num_layers=5, remover=remover)
+        path = save_lm(lm, tmp_path / f"{model_type}-{me_layer}-{dim}")
+        r = candidates(str(path), progress=False)
         assert (r.me_layer, r.massive_dim, r.top_neuron) == (me_layer, dim, neuron)
+        assert r.attention == "o(v(x))" and r.vote["tokens"] == 1  # the tiny tokenizer always adds BOS
         assert melayer.scan(lm, ["The capital of France is Paris.", "Hello world!"], progress=False).me_layer == me_layer
         # the super weight's stored index addresses the planted entry in the stored (possibly Conv1D) tensor
         stored = lm.model.state_dict()[r.super_weight["tensor"]]
         assert float(stored[tuple(r.super_weight["stored_index"])]) == pytest.approx(r.super_weight["value"])
         assert r.super_weight["value"] == pytest.approx(float(lm.arch.down_matrix(lm.module(me_layer, "down")).detach()[dim, neuron]))
-        assert r.cost["max_live_tensors"] == 1
+        if remover is None:
+            assert r.removers == []
+        else:  # the planted remover reads the dim it writes down (its only input)
+            assert [(x["layer"], x["neuron"]) for x in r.removers] == [(3, neuron + 3)]
+            assert r.removers[0]["write"] < 0 and r.removers[0]["reads_dim"] == pytest.approx(1.0)
+            assert r.layers[3].role == "removes" and r.layers[me_layer].role == "creates"
 
 
-def test_planted_precursor_misleads_the_weights(tmp_path):
-    """What the README reports: with a planted precursor (a spike at layer 0 that layer 1 cancels), the neuron
-    that cancels it has the largest score and the rule picks it; --confirm says so; the real plant ranks second."""
+def test_planted_precursor(tmp_path):
+    """A spike at layer 0 that layer 1's FFN cancels: the cancelling neuron has the largest down weight, but the
+    path sees the spike die (a precursor) and the planted value persist from layer 2."""
     lm = tiny_lm("llama", me_layer=2, num_layers=5, precursor=(0, 20))
-    r = candidates(str(save_lm(lm, tmp_path / "precursor")))
-    assert (r.me_layer, r.massive_dim, r.top_neuron) == (1, 20, 7)  # the cancelling neuron (plant neuron + 2)
-    assert (r.candidates[1]["layer"], r.candidates[1]["dim"], r.candidates[1]["neuron"]) == (2, 7, 5)
+    r = candidates(str(save_lm(lm, tmp_path / "precursor")), progress=False)
+    assert (r.me_layer, r.massive_dim, r.top_neuron) == (2, 7, 5)
+    assert {"layer": 0, "dim": 20, "share": 1.0} in r.precursors
     assert melayer.scan(lm, ["The capital of France is Paris.", "Hello world!"], progress=False).me_layer == 2
     c = confirm_candidates(lm, r, ["The capital of France is Paris.", "Hello world, how are you?"])
-    assert not c.held and c.first_held is None and c.massive_share[0] == 1.0 and c.massive_share[1] == 0.0
+    assert c.held and c.first_held == 2
 
 
 def test_result_dict_and_parts(planted_dir):
-    r = candidates(str(planted_dir), top_k=3)
+    r = candidates(str(planted_dir), top_k=3, progress=False)
     d = r.to_dict()
-    assert d["schema"] == "melayer.weights/1" and d["format"] == "safetensors" and d["model_type"] == "llama"
+    assert d["schema"] == "melayer.weights/2" and d["format"] == "safetensors" and d["model_type"] == "llama"
+    assert d["rule"] and d["assumptions"] and d["criterion"]["median_ratio"] == 1000
     assert len(d["layers"]) == 5 and len(d["candidates"]) == 3 and d["candidates"][0]["layer"] == 2
-    for row in d["layers"]:  # the score is the product of its stated parts
-        assert row["score"] == pytest.approx(row["down"] * row["post"] * row["drive"], rel=1e-4)
+    for row in d["layers"][3:]:  # once the value is there, a layer's write is its attention's plus its FFN's
+        assert row["write"] == pytest.approx(row["attn_write"] + row["ffn_write"], abs=1e-5 * row["top_value"])  # float32
+    me = d["layers"][2]
+    assert me["role"] == "creates" and me["top_dim"] == 7 and me["neuron"] == 5 and me["neuron_share"] > 0.99
+    assert d["tokens"] == [{"token_id": 0, "me_layer": 2, "dim": 7, "neuron": 5, "peak": d["tokens"][0]["peak"],
+                            "precursors": []}]
     json.dumps(d)  # plain JSON
 
 
@@ -64,7 +76,7 @@ def test_sharded_and_hub_style_checkpoints(tmp_path):
     lm = tiny_lm("llama", me_layer=2, neuron=9, dim=20, num_layers=4)
     lm.model.save_pretrained(tmp_path / "sharded", max_shard_size="200KB")
     assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
-    r = candidates(str(tmp_path / "sharded"))
+    r = candidates(str(tmp_path / "sharded"), progress=False)
     assert (r.me_layer, r.massive_dim, r.top_neuron) == (2, 20, 9)
 
     gpt2 = tiny_lm("gpt2", me_layer=1, neuron=9, dim=20, num_layers=3)
@@ -76,24 +88,41 @@ def test_sharded_and_hub_style_checkpoints(tmp_path):
     save_file(sd, str(hub / "model.safetensors"))
     lazy = open_weights(str(hub))
     assert lazy.layers_prefix() == "h"
-    r = candidates(lazy)
+    r = candidates(lazy, progress=False)
     assert (r.me_layer, r.massive_dim, r.top_neuron) == (1, 20, 9) and r.super_weight["tensor"] == "h.1.mlp.c_proj.weight"
 
 
 def _write_weights_only(path: Path, hidden: int, inter: int, layers: int) -> Path:
-    """A real safetensors checkpoint holding only what the ranking reads (a few hundred MB)."""
+    """A real safetensors checkpoint holding only what the path reads (embedding, norms, v/o, FFN), with a
+    massive value planted on the first token: embedding row 0 carries dim 0, which only neuron 99 of layer 2
+    reads, and that neuron writes dim 11."""
     from safetensors.torch import save_file
 
     path.mkdir()
-    (path / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": layers, "hidden_size": hidden}))
+    (path / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": layers, "hidden_size": hidden,
+                                                  "num_attention_heads": 8, "num_key_value_heads": 8}))
     g = torch.Generator().manual_seed(0)
-    tensors = {}
+    embed = torch.randn(32, hidden, generator=g) * 0.02
+    embed[:, 0] = 0.0
+    embed[0, 0] = 1.0
+    tensors = {"model.embed_tokens.weight": embed}
     for i in range(layers):
         p = f"model.layers.{i}."
+        tensors[p + "input_layernorm.weight"] = torch.ones(hidden)
         tensors[p + "post_attention_layernorm.weight"] = torch.ones(hidden)
-        tensors[p + "mlp.gate_proj.weight"] = torch.randn(inter, hidden, generator=g) * 0.02
-        tensors[p + "mlp.up_proj.weight"] = torch.randn(inter, hidden, generator=g) * 0.02
-        tensors[p + "mlp.down_proj.weight"] = torch.randn(hidden, inter, generator=g) * 0.02
+        for name in ("v_proj", "o_proj"):
+            w = torch.randn(hidden, hidden, generator=g) * 0.002  # a quiet attention path
+            w[0] = 0.0  # nothing else writes the carrier dim
+            tensors[p + f"self_attn.{name}.weight"] = w
+        for name in ("gate_proj", "up_proj"):
+            w = torch.randn(inter, hidden, generator=g) * 0.002
+            w[:, 0] = 0.0
+            tensors[p + f"mlp.{name}.weight"] = w
+        down = torch.randn(hidden, inter, generator=g) * 0.002
+        down[0] = 0.0
+        tensors[p + "mlp.down_proj.weight"] = down
+    tensors["model.layers.2.mlp.gate_proj.weight"][99, 0] = 2.0
+    tensors["model.layers.2.mlp.up_proj.weight"][99, 0] = 2.0
     tensors["model.layers.2.mlp.down_proj.weight"][11, 99] = 5.0
     save_file(tensors, str(path / "model.safetensors"))
     return path
@@ -117,18 +146,20 @@ def test_lazy_reading_keeps_memory_at_one_tensor(tmp_path):
                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)})
     growth, me, dim, neuron, live, read = json.loads(out.stdout.strip().splitlines()[-1])
     assert (me, dim, neuron) == (2, 11, 99)
-    assert live == 1 and read == layers * 4 + 1  # 4 tensors per layer, plus the ME layer's down once more
+    assert live <= 2 and read > layers * 5  # norms whole (at most two alive), matrices in chunks
     assert file_mb > 10 * tensor_mb
     assert growth < 3 * tensor_mb, f"RSS grew {growth:.0f} MB for {tensor_mb:.0f} MB tensors ({file_mb:.0f} MB file)"
 
 
 def test_gguf_path_agrees_with_safetensors(tiny_gguf, tmp_path):
-    """The tiny F32 GGUF (a planted Llama, layer 2, dim 7, neuron 5) ranks like its safetensors twin."""
-    r = candidates(str(tiny_gguf))
+    """The tiny F32 GGUF (a planted Llama, layer 2, dim 7, neuron 5) follows the same path as its safetensors twin."""
+    r = candidates(str(tiny_gguf), progress=False)
     assert r.format == "gguf" and (r.me_layer, r.massive_dim, r.top_neuron) == (2, 7, 5)
-    twin = candidates(str(save_lm(tiny_lm("llama", me_layer=2), tmp_path / "twin")))
+    twin = candidates(str(save_lm(tiny_lm("llama", me_layer=2), tmp_path / "twin")), progress=False)
+    assert r.vote["tokens"] == twin.vote["tokens"] == 1
     for a, b in zip(r.layers, twin.layers):
-        assert (a.dim, a.neuron) == (b.dim, b.neuron) and a.score == pytest.approx(b.score, rel=1e-5)
+        assert (a.top_dim, a.role, a.neuron) == (b.top_dim, b.role, b.neuron)
+        assert a.write == pytest.approx(b.write, rel=1e-4, abs=1e-3)
 
 
 def _write_gemma3_gguf(lm, path: Path) -> Path:
@@ -141,10 +172,14 @@ def _write_gemma3_gguf(lm, path: Path) -> Path:
     w = gguf.GGUFWriter(str(path), "gemma3")
     w.add_block_count(cfg.num_hidden_layers)
     w.add_embedding_length(cfg.hidden_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_bos_token_id(lm.tokenizer.bos_token_id)
+    w.add_add_bos_token(True)
     for key, t in lm.model.state_dict().items():
         base = key.rsplit(".", 1)[0]
         gname = names.get_name(base)
-        if gname is None or ".layers." not in key:
+        if gname is None or not (".layers." in key or key.endswith("embed_tokens.weight")):
             continue
         a = t.detach().float().numpy()
         if key.endswith("norm.weight"):
@@ -171,13 +206,13 @@ def test_quantised_gemma3_gguf_norm_offset(tmp_path):
             assert torch.allclose(lazy.norm_gain(layer, role), lm.norm_gain(layer, role), atol=1e-6)
     down = lazy.role_weight(2, "down")  # Q8_0: within one quantisation step
     assert torch.allclose(down, lm.arch.down_matrix(lm.module(2, "down")), atol=float(down.abs().max()) / 100)
-    r = candidates(lazy)
-    assert (r.me_layer, r.massive_dim, r.top_neuron) == (2, 20, 9)
+    r = candidates(lazy, progress=False)
+    assert (r.me_layer, r.massive_dim, r.top_neuron) == (2, 20, 9) and r.vote["first_tokens"] == "the tokenizer always adds BOS"
 
 
 def test_confirm_on_a_planted_model(tmp_path):
     lm = tiny_lm("llama", me_layer=2, num_layers=5)
-    r = candidates(str(save_lm(lm, tmp_path / "planted")))
+    r = candidates(str(save_lm(lm, tmp_path / "planted")), progress=False)
     texts = ["The capital of France is Paris.", "Hello world, how are you?"]
     c = confirm_candidates(lm, r, texts)
     assert c.held and c.first_held == 2 and c.emerges == {2: 1.0} and c.layers == [1, 2, 3]
@@ -192,7 +227,7 @@ def test_cli_writes_json_and_plot(run_cli, planted_dir, tmp_path):
     res = run_cli("weights", "-m", str(planted_dir), "-o", tmp_path / "out", "--confirm", "--n-prompts", "2")
     assert res.returncode == 0, res.stderr
     data = json.loads((tmp_path / "out" / "weights.json").read_text())
-    assert data["schema"] == "melayer.weights/1" and (data["me_layer"], data["massive_dim"], data["neurons"][0]) == (2, 7, 5)
+    assert data["schema"] == "melayer.weights/2" and (data["me_layer"], data["massive_dim"], data["neurons"][0]) == (2, 7, 5)
     assert data["confirm"]["held"] is True
     assert (tmp_path / "out" / "weights_scores.png").stat().st_size > 0
 
@@ -238,29 +273,26 @@ def test_checkpoint_missing_a_tensor(tmp_path):
 
 def test_bad_arguments(planted_dir):
     with pytest.raises(MelayerError):
-        candidates(str(planted_dir), persist_frac=0)
+        candidates(str(planted_dir), n_tokens=0)
     with pytest.raises(MelayerError, match="no such file"):
         candidates("surely/not/here")
 
 
 @pytest.mark.slow
 def test_embedded_models(gemma, smollm2):
-    """What the README reports: Gemma right (layer, dim, neuron, precursor), SmolLM2 right dim, wrong layer."""
+    """What docs/weights.md reports: both right (layer, dim, neuron), Gemma's precursor dim 400, SmolLM2's layer 28
+    removing dim 507 (the neuron the old |W| score put first), and --confirm holds on both."""
     from melayer.models.loading import resolve_source
 
-    g = candidates("gemma-3-270m")
+    g = candidates("gemma-3-270m", progress=False)
     assert g.format == "gguf" and (g.me_layer, g.massive_dim, g.top_neuron) == (3, 163, 1414)
-    assert [(p["layer"], p["dim"]) for p in g.precursors] == [(0, 400), (1, 400), (2, 400)]
-    assert g.precursors[0]["neuron"] == 1405 and g.cost["max_live_tensors"] == 1
-    g_st = candidates(resolve_source("gemma-3-270m")[1])  # the dequantised safetensors directory
-    assert g_st.format == "safetensors"
-    assert [(r.dim, r.neuron) for r in g_st.layers] == [(r.dim, r.neuron) for r in g.layers]
+    assert {(p["layer"], p["dim"]) for p in g.precursors} >= {(0, 400), (1, 400), (2, 400)}
+    g_st = candidates(resolve_source("gemma-3-270m")[1], progress=False)  # the dequantised safetensors directory
+    assert g_st.format == "safetensors" and (g_st.me_layer, g_st.massive_dim, g_st.top_neuron) == (3, 163, 1414)
     assert confirm_candidates(gemma, g).held
 
-    s = candidates("smollm2-135m")
-    assert (s.me_layer, s.massive_dim, s.top_neuron) == (1, 507, 49)  # the scan says layer 11 (layer 2: precursor)
-    assert s.layers[11].dim == 507 and s.layers[11].neurons[:2] == [1229, 1487]
-    ranked = [c["layer"] for c in s.candidates]
-    assert ranked[:3] == [28, 11, 2]
-    c = confirm_candidates(smollm2, s)  # the candidates on dim 507 are layers 1, 2, 11, 28 (+ others in the top 10)
-    assert not c.held and c.first_held == 11 and c.emerges[11] > 0.5
+    s = candidates("smollm2-135m", progress=False)
+    assert (s.me_layer, s.massive_dim, s.neurons[:2]) == (11, 507, [1229, 1487])
+    assert s.vote["agree"] >= 0.9 * s.vote["tokens"]
+    assert (28, 678) in [(x["layer"], x["neuron"]) for x in s.removers]
+    assert confirm_candidates(smollm2, s).held

@@ -1,68 +1,91 @@
-"""Read the ME layer off the weights: a data-free ranking of (layer, dim, neuron) candidates.
+"""Read the ME layer off the weights: the first token's path, computed from the checkpoint alone.
 
-No forward pass and no model object: tensors are read one at a time through
-:mod:`melayer.models.lazy` (safetensors or GGUF) and each is reduced to a few vectors before the next is read.
+No prompts, no model object and no forward pass over text: tensors are streamed through
+:mod:`melayer.models.lazy` (safetensors or GGUF) chunk by chunk, and each chunk is reduced before the next is read.
 
-The score of FFN neuron ``n`` of layer ``l`` writing hidden dim ``d`` is the product of three ratios, each
-taken against its own median in that layer (so 1 is "ordinary"):
+Why the first token: massive activations sit on the first token of a text (BOS where the tokenizer adds one).
+At position 0 attention can attend only to the token itself, so its attention output is exactly
+``o(v(norm(x)))`` -- no query, key, position or other token enters. The first token's residual stream is
+therefore a function of the weights and of that one token: its embedding, through every layer's norms, value and
+output projections and FFN. :func:`candidates` computes it for the first tokens the checkpoint allows (BOS when
+the tokenizer always adds it, else BOS and a spread of vocabulary ids) and reads the ME layer off it with the
+scan's criterion:
 
-* ``down``  = |W_down[d, n]| / median |W_down|  -- how hard the neuron writes dim d (the super-weight ratio);
-* ``post``  = |g_post[d]| / median |g_post|      -- the post-FFN norm's gain on d (1 where the family has
-  none): after that norm the FFN's share of d is multiplied by this gain (Gemma 2/3, OLMo2);
-* ``drive`` = geometric mean over the input matrices (gate, up; GPT-2: up only) of
-  ||g_pre * W_in[n]|| / median_n ||g_pre * W_in[n]||  -- how strongly a normalised input can drive the
-  neuron, pre-FFN norm gains included (1 where the family has no pre-FFN norm). A geometric mean because
-  the activation is the product of the two reads: per unit of input it grows like their geometric mean,
-  comparable to the one linear factor on the output side.
-
-Prediction rule (the scan's persistence idea, applied to the weights): each layer's top (dim, neuron) by
-score; the **ME layer** is the first layer whose top dim is also the top dim of at least ``persist_frac``
-(0.75) of the later layers (the massive dim is maintained downstream); if no layer qualifies, the layer with
-the largest score. The massive dim and the top neurons are that layer's; the super weight is
-W_down[dim, top neuron]. Earlier layers whose top dim differs and whose score reaches 10 % of the ME layer's
-are listed as precursor candidates.
+* the **massive dim** of a path is the dim that is the path's largest |x| at the most layers;
+* the **ME layer** is the first layer where that dim is massive -- |x| above ``abs_min`` and above
+  ``median_ratio`` x the token's *ordinary* median |x| (its median before any dim first dominates it, i.e. while
+  it is still an ordinary token) and above ``persist_ratio`` x its own median at that layer -- and persists
+  (above ``abs_min`` and ``persist_ratio`` x its own median in the next layer and in ``persist_frac`` of the later
+  layers). Massive dims that do not persist are precursors;
+* each layer's **write** on the massive dim (attention + FFN) is signed against the sign the earlier layers
+  gave that dim: a layer that adds to |x| **creates**, one that takes more than a tenth of it away **removes**
+  (writes under 1 % of the dim's largest |x| on the path get no role).
+  The **neuron** of a layer is its FFN neuron whose contribution (activation x ``W_down[dim, n]``, x the post-FFN
+  norm gain's sign) points the same way as that layer's write; how much of the neuron's input reads the dim
+  itself (through the pre-FFN norm gain) is reported as ``reads_dim``: a remover reads the value it cancels;
+* tokens vote: the ME layer, dim and neuron are the most common among the first tokens whose path holds a
+  persistent massive value.
 """
 
 from __future__ import annotations
 
+import os
 import resource
 import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from melayer.analysis.criterion import Criterion
 from melayer.models.lazy import LazyWeights, open_weights
 from melayer.util.console import track
 from melayer.util.errors import MelayerError
 from melayer.util.results import Result
 
-SCHEMA = "melayer.weights/1"
-EXACT_MEDIAN_MAX = 1 << 21  # larger tensors: the median of an evenly strided sample of at least this many entries
-PRECURSOR_SHARE = 0.1
+SCHEMA = "melayer.weights/2"
+REMOVE_SHARE = 0.1  # a layer removes when its write takes away more than this share of |x| on the dim
+PEAK_SHARE = 0.01  # writes below this share of the dim's largest |x| on the path get no role
 
-SCORE = ("score(l, d, n) = down x post x drive; down = |W_down[d,n]| / median|W_down|; post = |g_post[d]| / "
-         "median|g_post| (1 without a post-FFN norm); drive = geometric mean over gate/up of ||g_pre * W_in[n]|| / "
-         "median_n ||g_pre * W_in[n]|| (g_pre = pre-FFN norm gain, 1 without one); all per layer")
-RULE = ("ME layer = first layer whose top dim is the top dim of >= {frac:.0%} of the later layers, else the "
-        "layer with the largest score; dim and neurons from that layer; precursors = earlier layers with another "
-        "top dim and >= {pre:.0%} of the ME layer's score")
+RULE = ("path: the first token's residual stream computed from the weights (embedding, then per layer "
+        "x += post_attn_norm(o(v(pre_attn_norm(x)))) -- exact at position 0 -- and x += post_ffn_norm(ffn(pre_ffn_norm(x)))); "
+        "massive dim = the dim that is the path's largest |x| at the most layers; ME layer = first layer where that "
+        "dim has |x| > max(abs_min, median_ratio x the token's ordinary median) and > persist_ratio x its own median, "
+        "and persists (> abs_min and > persist_ratio x own median in the next layer and in >= persist_frac of later "
+        "layers); ordinary median = the token's median |x| at the layer before any dim first exceeds persist_ratio x "
+        "its median; a layer creates when its write on the dim has the sign the earlier layers gave it, removes when "
+        "it has the other sign and takes > {remove:.0%} of |x| (writes under {peak:.0%} of the dim's peak |x| get no role); neuron = the FFN neuron with the largest contribution "
+        "in the direction of its layer's write; tokens vote")
+ASSUMPTIONS = [
+    "the massive activation sits on the first token of a text (position 0), as in the scan",
+    "the first tokens are the BOS token when the tokenizer always adds it, else BOS and a spread of vocabulary ids "
+    "(which token starts a text is data; the vote says how much it matters)",
+    "at position 0 attention sees only the token itself, so its output is o(v(x)): exact for softmax attention "
+    "with any positional scheme; attention with extra terms at position 0 (sink logits, ALiBi biases to nothing) "
+    "is still o(v(x)), but a learned attention bias added outside softmax is not modelled",
+    "the layer is sequential (attention, then FFN) with one dense FFN; parallel blocks and mixtures of experts "
+    "are not modelled",
+    "the quantised weights of a GGUF file stand for the model (the path is computed from the dequantised values)",
+]
 
 
 @dataclass
-class LayerScore:
-    """The best (dim, neuron) of one layer, with the parts of its score."""
+class LayerRow:
+    """One layer on the first token's path (medians over the voting tokens)."""
 
     layer: int
-    dim: int
-    neuron: int
-    score: float
-    down: float
-    post: float
-    drive: float
-    neurons: list[int]  # top neurons on this layer's dim, best first
-    neuron_scores: list[float]
+    top_dim: int  # the largest |x| after this layer (most common over tokens)
+    top_value: float  # its |x|
+    median: float  # the token's median |x| after this layer
+    write: float  # signed write on the massive dim: + adds to |x|, - takes from it (attention + FFN)
+    attn_write: float
+    ffn_write: float
+    role: str  # "creates", "removes" or ""
+    neuron: int  # the FFN neuron contributing most in the direction of the write (on the massive dim)
+    neuron_share: float  # its share of the FFN's write on the dim
 
 
 @dataclass
@@ -93,6 +116,7 @@ class WeightsResult(Result):
     ``WeightsResult.load(path)``) reads it back."""
 
     kind = "weights"
+    version = 2
 
     model: str
     source: str
@@ -102,33 +126,35 @@ class WeightsResult(Result):
     num_layers: int
     hidden_size: int
     intermediate_size: int
-    me_layer: int
-    massive_dim: int
-    neurons: list[int]
-    super_weight: dict[str, Any]
+    me_layer: int | None
+    massive_dim: int | None
+    neurons: list[int]  # the ME layer's creating neurons, best first
+    super_weight: dict[str, Any] | None
     precursors: list[dict[str, Any]]
-    layers: list[LayerScore]
-    candidates: list[dict[str, Any]]
-    persist_frac: float
+    removers: list[dict[str, Any]]  # later layers that take the massive value away, with their neuron
+    layers: list[LayerRow]
+    candidates: list[dict[str, Any]]  # the layers that write most into the massive dim, ranked
+    tokens: list[dict[str, Any]]  # per first token: its path's ME layer, dim, neuron, peak |x|
+    vote: dict[str, Any]  # how many tokens agree
+    attention: str  # "o(v(x))" or why the attention path was left out
+    criterion: dict[str, Any]
     cost: dict[str, Any]
     confirm: Confirmation | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
-    def top_neuron(self) -> int:
-        return self.neurons[0]
+    def top_neuron(self) -> int | None:
+        return self.neurons[0] if self.neurons else None
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        return {"schema": SCHEMA, "score": SCORE, "rule": RULE.format(frac=self.persist_frac, pre=PRECURSOR_SHARE),
-                **d}
+        return {"schema": SCHEMA, "rule": RULE.format(remove=REMOVE_SHARE, peak=PEAK_SHARE), "assumptions": ASSUMPTIONS, **asdict(self)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> WeightsResult:
         """The result a ``weights.json`` holds."""
         own = {f.name for f in fields(cls)}
         kw = {k: v for k, v in data.items() if k in own}
-        kw["layers"] = [LayerScore(**r) for r in data["layers"]]
+        kw["layers"] = [LayerRow(**r) for r in data["layers"]]
         c = data.get("confirm")
         if c is not None:
             by_layer = ("dim_max", "layer_median", "massive_share", "top_dim", "emerges")
@@ -137,10 +163,10 @@ class WeightsResult(Result):
         return cls(**kw)
 
 
-def _proc_status_mb(field: str) -> float | None:
+def _proc_status_mb(name: str) -> float | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
+            if line.startswith(name + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
@@ -160,128 +186,405 @@ def _peak_rss_mb() -> float:
     return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _median(t: torch.Tensor) -> float:
-    flat = t.reshape(-1)
-    if flat.numel() > EXACT_MEDIAN_MAX:
-        flat = flat[:: flat.numel() // EXACT_MEDIAN_MAX]
-    return float(flat.median())
+# ------------------------------------------------------------------------------------------------------------
+# the path
 
 
-def _ratio(v: torch.Tensor) -> torch.Tensor:
-    med = _median(v)
-    return v / med if med > 0 else torch.ones_like(v)
+class _Path:
+    """The first tokens' residual stream, layer by layer, from streamed weights."""
+
+    def __init__(self, w: LazyWeights, threads: int) -> None:
+        self.w = w
+        self.pool = ThreadPoolExecutor(max_workers=max(1, threads)) if threads > 1 else None
+        a = w.arch
+        self.act = _activation(w)
+        self.eps = float(w.setting("rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps") or 1e-6)
+        self.layer_norm = a.norm_kind == "layer"
+        self.heads = int(w.setting("num_attention_heads", "n_head") or 0)
+        self.kv_heads = int(w.setting("num_key_value_heads") or self.heads or 0)
+
+    def linear(self, key: str, x: torch.Tensor, bias_key: str | None = None) -> torch.Tensor:
+        """x @ W.T (+ bias) for a stored projection, reduced chunk by chunk (W is never held whole)."""
+        w = self.w
+        shape = w.shape(key)
+        transposed = w.stored_transposed(key)
+        if len(shape) != 2 or shape[0 if transposed else 1] != x.shape[1]:
+            raise MelayerError(f"{w.source}: tensor {key} has shape {tuple(shape)}, which does not take the "
+                               f"{x.shape[1]} inputs the layer before gives it: a mismatched checkpoint")
+        out = torch.zeros(x.shape[0], shape[1] if transposed else shape[0])
+        for start, rows in w.chunks(key):
+            if transposed:  # rows are input dims
+                out += x[:, start:start + rows.shape[0]] @ rows
+            else:
+                out[:, start:start + rows.shape[0]] = x @ rows.T
+        if bias_key is not None:
+            out += w.tensor(bias_key).reshape(-1)
+        return out
+
+    def many(self, jobs: list[tuple[str, torch.Tensor, str | None]]) -> list[torch.Tensor]:
+        """Several independent projections, one per thread (tensors are read and reduced concurrently)."""
+        if self.pool is None or len(jobs) < 2:
+            return [self.linear(*j) for j in jobs]
+        return list(self.pool.map(lambda j: self.linear(*j), jobs))
+
+    def norm(self, x: torch.Tensor, layer: int, role: str) -> torch.Tensor:
+        w = self.w
+        key = w.layer_key(layer, role)
+        if w.arch.path(role) is None:
+            return x
+        if self.layer_norm:
+            x = x - x.mean(-1, keepdim=True)
+            y = x / torch.sqrt((x * x).mean(-1, keepdim=True) + self.eps)
+        else:
+            y = x * torch.rsqrt((x * x).mean(-1, keepdim=True) + self.eps)
+        if key is not None:
+            y = y * w.arch.gain_from_weight(w.tensor(key).reshape(-1))
+        bias = w.path_key(layer, w.arch.path(role), "bias")
+        return y + w.tensor(bias).reshape(-1) if bias is not None else y
+
+    def embed(self, ids: list[int]) -> torch.Tensor:
+        w = self.w
+        key = w.model_key(w.arch.embed)
+        if key is None:
+            raise MelayerError(f"{w.source}: no token embedding ({w.arch.embed}.weight): the first token's path needs it")
+        x = w.rows(key, ids)
+        scale = w.arch.embed_scale
+        x = x * (w.hidden_size ** 0.5 if scale == "sqrt_hidden" else float(scale))
+        pos = w.model_key(w.arch.pos_embed)
+        if pos is not None:
+            x = x + w.rows(pos, [0])
+        return x
+
+    def attention(self, x: torch.Tensor, layer: int) -> torch.Tensor | None:
+        """The attention output at position 0, o(v(norm(x))), or None if this checkpoint's v/o are not found."""
+        w, a = self.w, self.w.arch
+        o_key = w.path_key(layer, a.attn_o)
+        v_key = w.path_key(layer, a.attn_v) or w.path_key(layer, a.attn_qkv)
+        if o_key is None or v_key is None:
+            return None
+        h = self.norm(x, layer, "pre_attn_norm")
+        fused = w.path_key(layer, a.attn_v) is None
+        v = self.linear(v_key, h, w.path_key(layer, a.attn_qkv if fused else a.attn_v, "bias"))
+        o_in = w.shape(o_key)[0 if w.stored_transposed(o_key) else 1]
+        if fused:  # q, k, v stacked: v is the last kv_heads x head_dim outputs
+            kv = self.kv_heads or self.heads
+            head_dim = o_in // max(1, self.heads)
+            v = v[:, v.shape[1] - kv * head_dim:] if self.heads else v[:, -o_in:]
+        if v.shape[1] != o_in:  # grouped-query attention: each KV head serves heads / kv_heads query heads
+            kv = self.kv_heads or 1
+            v = v.reshape(v.shape[0], kv, -1).repeat_interleave(o_in // v.shape[1], dim=1).reshape(v.shape[0], -1)
+        out = self.linear(o_key, v, w.path_key(layer, a.attn_o, "bias"))
+        return self.norm(out, layer, "post_attn_norm") if w.layer_key(layer, "post_attn_norm") else out
+
+    def ffn(self, x: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(FFN output after the post-FFN norm, neuron activations, the norm's per-dim factor out/in)."""
+        w, a = self.w, self.w.arch
+        h = self.norm(x, layer, "pre_ffn_norm")
+        if a.gate_up is not None:
+            key = w.layer_key(layer, "gate_up")
+            if key is None:
+                raise MelayerError(f"{w.source}: no fused gate/up projection ({a.gate_up}) for layer {layer}")
+            gu = self.linear(key, h, w.path_key(layer, a.gate_up, "bias"))
+            gate, up = gu[:, : gu.shape[1] // 2], gu[:, gu.shape[1] // 2:]
+        else:
+            roles = [r for r in ("gate", "up") if w.layer_key(layer, r) is not None]
+            if "up" not in roles:
+                raise MelayerError(f"{w.source}: no up projection ({a.up}) for layer {layer}")
+            outs = dict(zip(roles, self.many([(w.layer_key(layer, r), h, w.path_key(layer, a.path(r), "bias"))
+                                                for r in roles])))  # type: ignore[misc]
+            gate, up = outs.get("gate"), outs["up"]
+        z = self.act(gate) * up if gate is not None else self.act(up)
+        down = w.layer_key(layer, "down")
+        if down is None:
+            raise MelayerError(f"{w.source}: no down projection ({a.down}) for layer {layer}")
+        raw = self.linear(down, z, w.path_key(layer, a.down, "bias"))
+        if w.layer_key(layer, "post_ffn_norm") is None:
+            return raw, z, torch.ones_like(raw)
+        out = self.norm(raw, layer, "post_ffn_norm")
+        return out, z, out / torch.where(raw == 0, torch.ones_like(raw), raw)
 
 
-def _layer(w: LazyWeights, layer: int, top_neurons: int) -> tuple[LayerScore, int]:
-    """Score one layer. Every tensor is reduced (in place) before the next is read, so at most one weight
-    matrix is alive at a time."""
-    pre = w.norm_gain(layer, "pre_ffn_norm")
-    g_pre = pre.abs() if pre is not None else None
-    log_drive: torch.Tensor | None = None
-    count = 0
-    for role in ("gate_up",) if w.arch.gate_up is not None else ("gate", "up"):
-        for mat in w.ffn_in(layer, role).values():
-            if g_pre is not None:
-                mat.mul_(g_pre)
-            r = _ratio(mat.norm(dim=1)).clamp_min(1e-12).log()
-            log_drive = r if log_drive is None else log_drive + r
-            count += 1
-            del mat
-    post = w.norm_gain(layer, "post_ffn_norm")
-    post_r = _ratio(post.abs()) if post is not None else None
-    score = w.role_weight(layer, "down")
-    if score is None:
-        raise MelayerError(f"{w.source}: no down projection ({w.arch.down}) for layer {layer}")
-    inter = score.shape[1]
-    if log_drive is not None and log_drive.shape[0] != inter:
-        raise MelayerError(f"{w.source}: layer {layer}'s FFN input has {log_drive.shape[0]} neurons and its down "
-                           f"projection {inter}: a mismatched checkpoint")
-    drive = (log_drive / count).exp() if log_drive is not None else torch.ones(inter)
-    score.abs_()
-    score /= _median(score)
-    if post_r is not None:
-        score *= post_r[:, None]
-    score *= drive[None, :]
-    d, n = divmod(int(score.argmax()), inter)
-    top = score[d].topk(min(top_neurons, inter))
-    p = float(post_r[d]) if post_r is not None else 1.0
-    best = float(score[d, n])
-    row = LayerScore(layer=layer, dim=d, neuron=n, score=best, down=best / p / float(drive[n]), post=p,
-                     drive=float(drive[n]), neurons=[int(i) for i in top.indices],
-                     neuron_scores=[float(v) for v in top.values])
-    return row, inter
+def _activation(w: LazyWeights) -> Any:
+    from transformers.activations import ACT2FN
+
+    name = w.setting("hidden_activation", "hidden_act", "activation_function")
+    if name not in ACT2FN:
+        raise MelayerError(f"{w.source}: unknown FFN activation {name!r}; the first token's path needs it")
+    return ACT2FN[name]
+
+
+def first_tokens(w: LazyWeights, n_tokens: int) -> tuple[list[int], str]:
+    """The first tokens to follow, and why: BOS alone when the tokenizer always adds it, else BOS (if any) and
+    ``n_tokens`` ids spread evenly over the vocabulary (the embedding's rows)."""
+    bos, adds = w.first_token()
+    vocab = w.shape(w.model_key(w.arch.embed) or "")[0] if w.model_key(w.arch.embed) else 0
+    if bos is not None and adds and 0 <= bos < vocab:
+        return [bos], "the tokenizer always adds BOS"
+    spread = sorted({int(i * vocab / n_tokens) for i in range(n_tokens)} - {bos})
+    ids = ([bos] if bos is not None and 0 <= bos < vocab else []) + spread
+    return ids, f"the tokenizer adds no BOS: {'BOS and ' if bos is not None else ''}{len(spread)} ids spread over the vocabulary"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# reading the ME layer off one path
+
+
+def path_me_layer(values: torch.Tensor, start_median: float, crit: Criterion) -> dict[str, Any] | None:
+    """The ME layer of one token's path. ``values``: (layers, hidden) signed x after each layer;
+    ``start_median``: the median |x| of the path's input (the embedding). None if nothing massive persists.
+
+    Returns the massive dim, the ME layer, the ordinary median and the precursors (dims massive earlier that do
+    not persist)."""
+    a = values.abs()
+    n_layers = a.shape[0]
+    med = a.median(dim=1).values
+    top = a.argmax(dim=1)
+    counts = Counter(top.tolist())
+    dim = min(counts, key=lambda d: (-counts[d], -float(a[:, d].max()), d))
+    # the ordinary median: the token's median before any dim first dominates it
+    spiky = [i for i in range(n_layers) if float(a[i, top[i]]) > crit.persist_ratio * float(med[i])]
+    first_spike = spiky[0] if spiky else n_layers
+    ordinary = float(med[first_spike - 1]) if first_spike > 0 else start_median
+
+    def massive(layer: int, d: int) -> bool:
+        v = float(a[layer, d])
+        return (v > max(crit.abs_min, crit.median_ratio * ordinary) and v > crit.persist_ratio * float(med[layer]))
+
+    def persists(layer: int, d: int) -> bool:
+        later = [crit.persists(float(a[i, d]), float(med[i])) for i in range(layer + 1, n_layers)]
+        return (not later) or (later[0] and sum(later) >= crit.persist_frac * len(later))
+
+    precursors = []
+    me = None
+    for layer in range(n_layers):
+        for d in a[layer].topk(min(4, a.shape[1])).indices.tolist():
+            if not massive(layer, d):
+                continue
+            if persists(layer, d) and d == dim:
+                me = layer
+                break
+            if d != dim and not persists(layer, d):
+                precursors.append((layer, d))
+        if me is not None:
+            break
+    if me is None:
+        return None
+    return {"me_layer": me, "dim": dim, "ordinary_median": ordinary, "precursors": precursors,
+            "peak": float(a[:, dim].max())}
+
+
+def _median(xs: list[float]) -> float:
+    return float(torch.tensor(xs).median()) if xs else 0.0
 
 
 def candidates(
     model: str | LazyWeights | None = None,
     *,
     arch: Any = None,
+    n_tokens: int = 16,
     top_k: int = 10,
     top_neurons: int = 3,
-    persist_frac: float = 0.75,
+    criterion: Criterion | None = None,
+    threads: int | None = None,
     progress: bool = True,
 ) -> WeightsResult:
-    """Rank (layer, dim, neuron) candidates for the ME layer, massive dim and super weight from the weights alone.
+    """Predict the ME layer, massive dim and creating neuron of a checkpoint from its weights alone (see the
+    module docstring), and the layers that remove the massive value again.
 
     ``model``: an embedded name (``gemma-3-270m``, ``smollm2-135m``), a ``.gguf`` file, a local Hugging Face
-    directory (safetensors), or an opened :class:`~melayer.models.lazy.LazyWeights`.
+    directory (safetensors), or an opened :class:`~melayer.models.lazy.LazyWeights`. ``n_tokens``: vocabulary
+    ids followed when the tokenizer adds no BOS. ``threads``: tensors reduced at once (default: the CPUs, at
+    most 4).
     """
-    if not 0 < persist_frac <= 1:
-        raise MelayerError(f"persist_frac must be in (0, 1], got {persist_frac}")
-    if top_k < 1 or top_neurons < 1:
-        raise MelayerError("top_k and top_neurons must be >= 1")
+    if n_tokens < 1 or top_k < 1 or top_neurons < 1:
+        raise MelayerError("n_tokens, top_k and top_neurons must be >= 1")
+    crit = criterion or Criterion()
     t0 = time.perf_counter()
     rss0 = _rss_mb()
     w = model if isinstance(model, LazyWeights) else open_weights(model, arch)
     if w.num_layers < 1:
         raise MelayerError(f"{w.source}: the config gives no number of layers")
-    rows: list[LayerScore] = []
-    inter = 0
-    for layer in track(range(w.num_layers), f"ranking {w.name}", enabled=progress):
-        row, inter = _layer(w, layer, top_neurons)
-        rows.append(row)
-    me, dim, notes = _predict(rows, persist_frac)
-    me_row = rows[me]
-    down = w.role_weight(me, "down")
-    col = me_row.neurons[0]
-    sw = {"layer": me, "row": dim, "col": col, "tensor": w.layer_key(me, "down"),
-          "stored_index": w.arch.stored_index(dim, col), "value": float(down[dim, col]),  # type: ignore[index]
-          "ratio_to_median": float(down[dim, col].abs()) / _median(down.abs())}  # type: ignore[index]
-    del down
-    precursors = [{"layer": r.layer, "dim": r.dim, "neuron": r.neuron, "score": r.score} for r in rows[:me]
-                  if r.dim != dim and r.score >= PRECURSOR_SHARE * me_row.score]
-    ranked = sorted(rows, key=lambda r: -r.score)[:top_k]
-    cands = [{"rank": i + 1, "layer": r.layer, "dim": r.dim, "neuron": r.neuron, "score": r.score} for i, r in enumerate(ranked)]
+    threads = threads or min(4, os.cpu_count() or 1)
+    path = _Path(w, threads)
+    ids, why = first_tokens(w, n_tokens)
+    x = path.embed(ids)
+    start_median = [float(v) for v in x.abs().median(dim=1).values]
+    xs, attn_w, ffn_w, acts, factors = [], [], [], [], []
+    attention = "o(v(x))"
+    try:
+        for layer in track(range(w.num_layers), f"following the first token through {w.name}", enabled=progress):
+            o = path.attention(x, layer)
+            if o is None:
+                attention = (f"left out: no {w.arch.attn_v or w.arch.attn_qkv} / {w.arch.attn_o} weights found "
+                             "(the path is attention-free)")
+                o = torch.zeros_like(x)
+            x = x + o
+            f, z, factor = path.ffn(x, layer)
+            x = x + f
+            xs.append(x.clone())
+            attn_w.append(o)
+            ffn_w.append(f)
+            acts.append(z)
+            factors.append(factor)
+    finally:
+        if path.pool is not None:
+            path.pool.shutdown()
+    stream = torch.stack(xs)  # (layers, tokens, hidden)
+    per_token = [path_me_layer(stream[:, k], start_median[k], crit) for k in range(len(ids))]
+    voting = [(k, r) for k, r in enumerate(per_token) if r is not None]
+    notes = []
+    inter = acts[0].shape[1]
+    if not voting:
+        notes.append("no first token's path holds a persistent massive value: no ME layer predicted")
+        me = dim = None
+    else:
+        votes = Counter((r["me_layer"], r["dim"]) for _, r in voting)
+        (me, dim), _ = min(votes.items(), key=lambda kv: (-kv[1], kv[0]))
+    agree = [k for k, r in voting if (r["me_layer"], r["dim"]) == (me, dim)]
+    rows, neurons_by_layer = _layer_rows(w, stream, attn_w, ffn_w, acts, factors, dim, agree or list(range(len(ids))),
+                                         top_neurons)
+    neurons = neurons_by_layer.get(me, []) if me is not None else []
+    tokens = []
+    for k, r in enumerate(per_token):
+        entry = {"token_id": ids[k], "me_layer": None, "dim": None, "neuron": None, "peak": None}
+        if r is not None:
+            write = _contributions(w, acts[r["me_layer"]][k:k + 1], factors[r["me_layer"]][k:k + 1], r["me_layer"],
+                                   r["dim"], stream, k)
+            entry.update(me_layer=r["me_layer"], dim=r["dim"], neuron=int(write.argmax()), peak=round(r["peak"], 1),
+                         precursors=[list(p) for p in r["precursors"]])
+        tokens.append(entry)
+    precursors = []
+    if agree:
+        pre = Counter((layer, d) for k, r in voting if k in agree for layer, d in r["precursors"])
+        precursors = [{"layer": layer, "dim": d, "share": c / len(agree)} for (layer, d), c in sorted(pre.items())
+                      if c / len(agree) >= 0.5]
+    removers = [{"layer": r.layer, "neuron": r.neuron, "write": r.write, "neuron_share": r.neuron_share}
+                for r in rows if r.role == "removes" and me is not None and r.layer > me]
+    for rem in removers:
+        rem["reads_dim"] = _reads_dim(w, rem["layer"], rem["neuron"], dim)  # type: ignore[arg-type]
+    ranked = sorted(rows, key=lambda r: -abs(r.write))[:top_k]
+    cands = [{"rank": i + 1, "layer": r.layer, "role": r.role, "write": r.write, "neuron": r.neuron}
+             for i, r in enumerate(ranked)]
+    sw = None
+    if me is not None and neurons:
+        sw = _super_weight(w, me, dim, neurons[0])  # type: ignore[arg-type]
+        sw["reads_dim"] = _reads_dim(w, me, neurons[0], dim)  # type: ignore[arg-type]
+    vote = {"first_tokens": why, "tokens": len(ids), "with_massive": len(voting), "agree": len(agree),
+            "share": len(agree) / len(ids)}
     peak = _peak_rss_mb()
-    cost = {"seconds": round(time.perf_counter() - t0, 3), "tensors_read": w.tensors_read,
+    cost = {"seconds": round(time.perf_counter() - t0, 3), "threads": threads, "tensors_read": w.tensors_read,
             "bytes_read_mb": round(w.bytes_read / 2**20, 1), "max_live_tensors": w.max_live,
             "peak_rss_mb": round(peak, 1), "peak_rss_above_start_mb": round(peak - rss0, 1)}
     return WeightsResult(model=w.name, source=w.source, format=w.format, arch=w.arch.name, model_type=w.model_type,
                          num_layers=w.num_layers, hidden_size=w.hidden_size, intermediate_size=inter, me_layer=me,
-                         massive_dim=dim, neurons=me_row.neurons, super_weight=sw, precursors=precursors, layers=rows,
-                         candidates=cands, persist_frac=persist_frac, cost=cost, notes=notes)
+                         massive_dim=dim, neurons=neurons, super_weight=sw, precursors=precursors, removers=removers,
+                         layers=rows, candidates=cands, tokens=tokens, vote=vote, attention=attention,
+                         criterion=crit.to_dict(), cost=cost, notes=notes)
 
 
-def _predict(rows: list[LayerScore], persist_frac: float) -> tuple[int, int, list[str]]:
-    dims = [r.dim for r in rows]
-    for r in rows[:-1]:
-        later = dims[r.layer + 1:]
-        if sum(d == r.dim for d in later) >= persist_frac * len(later):
-            return r.layer, r.dim, []
-    best = max(rows, key=lambda r: r.score)
-    note = (f"no layer's top dim is the top dim of >= {persist_frac:.0%} of the later layers; "
-            "took the layer with the largest score")
-    return best.layer, best.dim, [note]
+def _contributions(w: LazyWeights, z: torch.Tensor, factor: torch.Tensor, layer: int, dim: int,
+                   stream: torch.Tensor, k: int) -> torch.Tensor:
+    """Per FFN neuron: its contribution to ``dim`` at ``layer`` for token ``k``, signed so that + points the way
+    the dim's value ends up (activation x W_down[dim, n] x the post-FFN norm's factor on dim)."""
+    row = _down_row(w, layer, dim)
+    sign = float(torch.sign(stream[layer, k, dim])) or 1.0
+    return z[0] * row * float(factor[0, dim]) * sign
+
+
+def _down_row(w: LazyWeights, layer: int, dim: int) -> torch.Tensor:
+    """W_down[dim, :] (what each neuron writes into ``dim``), read alone where the storage allows."""
+    key = w.layer_key(layer, "down")
+    if w.stored_transposed(key):  # type: ignore[arg-type]
+        return torch.cat([rows[:, dim] for _, rows in w.chunks(key)])  # type: ignore[arg-type]
+    return w.rows(key, [dim])[0]  # type: ignore[arg-type]
+
+
+def _layer_rows(w: LazyWeights, stream: torch.Tensor, attn_w: list[torch.Tensor], ffn_w: list[torch.Tensor],
+                acts: list[torch.Tensor], factors: list[torch.Tensor], dim: int | None, tokens: list[int],
+                top_neurons: int) -> tuple[list[LayerRow], dict[int, list[int]]]:
+    """Per layer (medians over ``tokens``): the top dim, and the signed write on the massive dim with its role
+    and leading neuron."""
+    rows, neurons = [], {}
+    peak = float(stream[:, tokens, dim].abs().median(dim=1).values.max()) if dim is not None else 0.0
+    for layer in range(stream.shape[0]):
+        a = stream[layer, tokens].abs()
+        tops = Counter(a.argmax(dim=1).tolist())
+        top = min(tops, key=lambda d: (-tops[d], d))
+        role, neuron, share = "", -1, 0.0
+        write = attn = ffn = 0.0
+        if dim is not None:
+            before = stream[layer - 1, tokens, dim] if layer > 0 else torch.zeros(len(tokens))
+            after = stream[layer, tokens, dim]
+            # the direction of the value: where it ends when the layer grows it (a creating write may flip a
+            # small earlier sign), where it was when the layer shrinks it
+            ref = torch.where(after.abs() >= before.abs(), torch.sign(after), torch.sign(before))
+            write = _median([float(v) for v in (after.abs() - before.abs())])
+            attn = _median([float(v) for v in attn_w[layer][tokens, dim] * ref])
+            ffn = _median([float(v) for v in ffn_w[layer][tokens, dim] * ref])
+            base = _median([float(v) for v in before.abs()])
+            if abs(write) > REMOVE_SHARE * base and abs(write) > PEAK_SHARE * peak:
+                role = "creates" if write > 0 else "removes"
+            if role:
+                row = _down_row(w, layer, dim)
+                z = acts[layer][tokens]
+                contrib = (z * row[None, :] * factors[layer][tokens, dim][:, None] * ref[:, None]).median(dim=0).values
+                signed = contrib if role == "creates" else -contrib
+                order = signed.topk(min(top_neurons, signed.numel()))
+                neuron = int(order.indices[0])
+                total = float(signed.clamp_min(0).sum())
+                share = float(signed[neuron]) / total if total > 0 else 0.0
+                neurons[layer] = [int(i) for i in order.indices]
+        rows.append(LayerRow(layer=layer, top_dim=top, top_value=_median([float(v) for v in a[:, top]]),
+                             median=_median([float(v) for v in a.median(dim=1).values]), write=write, attn_write=attn,
+                             ffn_write=ffn, role=role, neuron=neuron, neuron_share=share))
+    return rows, neurons
+
+
+def _reads_dim(w: LazyWeights, layer: int, neuron: int, dim: int) -> float:
+    """How much of ``neuron``'s input reads ``dim``: |g_pre[dim] W_in[neuron, dim]| / ||g_pre * W_in[neuron]||
+    (geometric mean over gate and up; 1 = it reads nothing else)."""
+    gain = w.norm_gain(layer, "pre_ffn_norm")
+    g = gain.reshape(-1).abs() if gain is not None else None
+    shares = []
+    roles = ("gate_up",) if w.arch.gate_up is not None else ("gate", "up")
+    for role in roles:
+        key = w.layer_key(layer, role)
+        if key is None:
+            continue
+        if w.stored_transposed(key):
+            row = torch.cat([rows[:, neuron] for _, rows in w.chunks(key)])
+            mats = [row]
+        elif role == "gate_up":
+            n = w.shape(key)[0] // 2
+            mats = [w.rows(key, [neuron])[0], w.rows(key, [neuron + n])[0]]
+        else:
+            mats = [w.rows(key, [neuron])[0]]
+        for m in mats:
+            m = m * g if g is not None else m
+            norm = float(m.norm())
+            shares.append(abs(float(m[dim])) / norm if norm > 0 else 0.0)
+    return float(torch.tensor(shares).log().mean().exp()) if shares and min(shares) > 0 else 0.0
+
+
+def _super_weight(w: LazyWeights, layer: int, dim: int, neuron: int) -> dict[str, Any]:
+    row = _down_row(w, layer, dim)
+    key = w.layer_key(layer, "down")
+    sample = torch.cat([rows.reshape(-1)[:: max(1, rows.numel() // 4096)] for _, rows in w.chunks(key)])  # type: ignore[arg-type]
+    med = float(sample.abs().median())
+    return {"layer": layer, "row": dim, "col": neuron, "tensor": key, "stored_index": w.arch.stored_index(dim, neuron),
+            "value": float(row[neuron]), "ratio_to_median": abs(float(row[neuron])) / med if med > 0 else None}
+
+
+# ------------------------------------------------------------------------------------------------------------
 
 
 def confirm_candidates(lm: Any, result: WeightsResult, prompts: list[str] | None = None, *, n_prompts: int = 8,
-            criterion: Any = None) -> Confirmation:
+                       criterion: Any = None) -> Confirmation:
     """Check the prediction with a short scan that hooks only the candidate layers on the massive dim (the
-    predicted ME layer and the other ranked candidates writing that dim), each with the layer before and after;
-    the forward stops after the last hooked layer. A candidate holds when, in most prompts, the dim is massive
-    at its output (emergence thresholds), was not in the layer before, and persists into the next layer
-    (persistence thresholds)."""
-    from melayer.analysis.criterion import Criterion
+    predicted ME layer and the ranked layers writing that dim), each with the layer before and after; the forward
+    stops after the last hooked layer. A candidate holds when, in most prompts, the dim is massive at its output
+    (emergence thresholds), was not in the layer before, and persists into the next layer (persistence
+    thresholds)."""
     from melayer.analysis.scan import default_prompts
     from melayer.capture.encoding import batches, encode
     from melayer.capture.hooks import Hooks
@@ -290,12 +593,14 @@ def confirm_candidates(lm: Any, result: WeightsResult, prompts: list[str] | None
     crit = criterion or Criterion()
     if n_prompts < 1:
         raise MelayerError("--n-prompts must be >= 1")
+    if result.me_layer is None or result.massive_dim is None:
+        raise MelayerError("the weights predict no ME layer: nothing to confirm (run `melayer scan`)")
     if lm.num_layers != result.num_layers or lm.hidden_size != result.hidden_size:
         raise MelayerError(f"the loaded model ({lm.num_layers} layers, hidden {lm.hidden_size}) is not the ranked "
                            f"checkpoint ({result.num_layers} layers, hidden {result.hidden_size})")
     texts = list(prompts or default_prompts())[:n_prompts]
     me, dim = result.me_layer, result.massive_dim
-    cands = sorted({me} | {c["layer"] for c in result.candidates if c["dim"] == dim})
+    cands = sorted({me} | {c["layer"] for c in result.candidates if c["role"] == "creates"})
     layers = sorted({x for c in cands for x in (c - 1, c, c + 1) if 0 <= x < lm.num_layers})
     t0 = time.perf_counter()
     # per hooked layer, per prompt: (max |a| on dim over real tokens, median |a| over real tokens and dims, top dim)
@@ -360,9 +665,10 @@ def weights(
     model: str | LazyWeights | None = None,
     *,
     arch: Any = None,
+    n_tokens: int = 16,
     top_k: int = 10,
     top_neurons: int = 3,
-    persist_frac: float = 0.75,
+    threads: int | None = None,
     confirm: bool = False,
     lm: Any = None,
     prompts: list[str] | None = None,
@@ -370,19 +676,19 @@ def weights(
     dtype: str = "float32",
     progress: bool = True,
 ) -> WeightsResult:
-    """Rank (layer, dim, neuron) candidates for the ME layer from the weights alone (``melayer weights``).
-
-    No forward pass and no model object: tensors are read one at a time from the files.
+    """Predict the ME layer, massive dim and creating neuron from the weights alone (``melayer weights``): the
+    first token's path through the checkpoint, read tensor by tensor from the files (no model object).
 
     Args:
         model: ``gemma-3-270m`` (default) or ``smollm2-135m``, a ``.gguf`` file, a local Hugging Face directory
             (safetensors), or an opened :class:`~melayer.models.lazy.LazyWeights`.
         arch: an architecture-map override (a mapped family name, a dict of role -> module path or a JSON file).
-        top_k: candidates listed (the best of each layer).
+        n_tokens: vocabulary ids followed as first token when the tokenizer adds no BOS.
+        top_k: layers listed (those writing most into the massive dim).
         top_neurons: neurons kept per layer.
-        persist_frac: the ME layer's top dim must be the top dim of this share of the later layers.
-        confirm: check the candidates with a short scan of their layers (``--confirm``); the check is kept in
-            ``result.confirm``. The model is loaded after the ranking, unless ``lm`` is given.
+        threads: tensors read and reduced at once (default: the CPUs, at most 4).
+        confirm: check the prediction with a short scan of the candidate layers (``--confirm``); the check is
+            kept in ``result.confirm``. The model is loaded after the prediction, unless ``lm`` is given.
         lm: the loaded checkpoint to confirm on (implies ``confirm``).
         prompts: the prompts of that check (default: the shipped prompts).
         n_prompts: use the first this many prompts for the check.
@@ -390,9 +696,9 @@ def weights(
         progress: show a progress bar.
 
     Returns:
-        The ranking, the predicted ME layer, massive dim and super weight, as a :class:`WeightsResult`.
+        The prediction, the path per layer, creating and removing layers, as a :class:`WeightsResult`.
     """
-    result = candidates(model, arch=arch, top_k=top_k, top_neurons=top_neurons, persist_frac=persist_frac,
+    result = candidates(model, arch=arch, n_tokens=n_tokens, top_k=top_k, top_neurons=top_neurons, threads=threads,
                         progress=progress)
     if confirm or lm is not None:
         if lm is None:

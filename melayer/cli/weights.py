@@ -30,8 +30,9 @@ def weights(
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="gemma-3-270m (default), smollm2-135m, a .gguf file or a local HF directory (weights are read from local files only)")] = None,
     output: OutputOpt = Path("out/weights"),
     arch: ArchOpt = None,
-    top_k: Annotated[int, typer.Option(help="candidates listed (the best of each layer)")] = 10,
-    persist_frac: Annotated[float, typer.Option(help="the ME layer's top dim must be the top dim of this share of later layers")] = 0.75,
+    top_k: Annotated[int, typer.Option(help="layers listed (those writing most into the massive dim)")] = 10,
+    n_tokens: Annotated[int, typer.Option(help="vocabulary ids followed as first token when the tokenizer adds no BOS")] = 16,
+    threads: Annotated[Optional[int], typer.Option(help="tensors read and reduced at once (default: the CPUs, at most 4)")] = None,
     confirm: Annotated[bool, typer.Option("--confirm", help="load the model and check the candidates with a short scan of their layers")] = False,
     prompt: PromptOpt = None,
     prompts: PromptsOpt = None,
@@ -40,12 +41,12 @@ def weights(
     plots: PlotsOpt = True,
     report: ReportOpt = False,
 ) -> None:
-    """Rank (layer, dim, neuron) candidates for the ME layer from the weights alone -> DIR/weights.json + PNG."""
+    """Predict the ME layer, massive dim and neuron from the weights alone (the first token's path) -> DIR/weights.json + PNG."""
     from melayer.analysis.weights import weights as rank
 
     check_output(output)
     texts = prompts_from(prompt, prompts)
     count = n_prompts(n_prompts_, 8)
-    result = rank(model, arch=arch, top_k=top_k, persist_frac=persist_frac, confirm=confirm, prompts=texts,
+    result = rank(model, arch=arch, top_k=top_k, n_tokens=n_tokens, threads=threads, confirm=confirm, prompts=texts,
                   n_prompts=count or 10**9, dtype=dtype)
     finish(result.to_dict(), output, "weights", plots, report=report)

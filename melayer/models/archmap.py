@@ -81,6 +81,15 @@ class ArchSpec:
     mixer_kind: str = "attention"
     # per-layer differences from the layout above: {layer: {role or "parallel"/"mixer_kind": value}}
     layer_paths: dict[int, dict[str, Any]] = field(default_factory=dict)
+    # The attention's value and output projections (layer-level paths), read by ``melayer weights`` for the
+    # first token, whose attention output is o(v(x)): a fused q/k/v projection (GPT-2, Phi-3) holds v last.
+    attn_v: str | None = "self_attn.v_proj"
+    attn_o: str | None = "self_attn.o_proj"
+    attn_qkv: str | None = None
+    # Token embeddings are multiplied by this (Gemma: sqrt(hidden_size), given as the string "sqrt_hidden").
+    embed_scale: float | str = 1.0
+    # Learned position embeddings added to the token embedding (GPT-2), a model-level path.
+    pos_embed: str | None = None
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -176,16 +185,19 @@ class ArchSpec:
 
 
 LLAMA = ArchSpec(name="llama", notes="pre-norm RMSNorm, SwiGLU (Llama, Mistral, Qwen2, Qwen3, SmolLM2)")
-GEMMA = ArchSpec(name="gemma", norm_gain_offset=1.0, gate="mlp.gate_proj", notes="Gemma 1: RMSNorm gain is 1 + weight")
+GEMMA = ArchSpec(name="gemma", norm_gain_offset=1.0, gate="mlp.gate_proj", embed_scale="sqrt_hidden",
+                 notes="Gemma 1: RMSNorm gain is 1 + weight")
 GEMMA2 = ArchSpec(
     name="gemma2",
     post_attn_norm="post_attention_layernorm",
     pre_ffn_norm="pre_feedforward_layernorm",
     post_ffn_norm="post_feedforward_layernorm",
     norm_gain_offset=1.0,
+    embed_scale="sqrt_hidden",
     notes="Gemma 2/3: four norms per layer (sandwich), RMSNorm gain is 1 + weight",
 )
-PHI3 = ArchSpec(name="phi3", gate=None, up=None, gate_up="mlp.gate_up_proj", notes="fused gate_up projection")
+PHI3 = ArchSpec(name="phi3", gate=None, up=None, gate_up="mlp.gate_up_proj", attn_v=None, attn_qkv="self_attn.qkv_proj",
+                notes="fused gate_up and qkv projections")
 OLMO2 = ArchSpec(
     name="olmo2",
     pre_attn_norm=None,
@@ -208,6 +220,10 @@ GPT2 = ArchSpec(
     down="mlp.c_proj",
     norm_kind="layer",
     conv1d=True,
+    attn_v=None,
+    attn_qkv="attn.c_attn",
+    attn_o="attn.c_proj",
+    pos_embed="transformer.wpe",
     notes="LayerNorm, GELU MLP, Conv1D weights stored (in, out)",
 )
 

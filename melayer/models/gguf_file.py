@@ -29,6 +29,37 @@ def read_gguf_tensor(path: Path, dims: tuple[int, ...], qtype: Any, start: int) 
     return dequantize(raw, qtype).reshape(tuple(reversed(dims)))
 
 
+def gguf_rows(path: Path, dims: tuple[int, ...], qtype: Any, start: int, first: int, stop: int) -> Any:
+    """Rows ``first .. stop`` of a GGUF tensor (rows of ``dims[0]`` values, as ggml stores them), float32 torch,
+    dequantised block by block from the memory map: by transformers' torch kernels where they cover the quant
+    type (multi-threaded), else by ``gguf.quants``. Only those rows' bytes are read."""
+    import torch
+    from gguf import GGMLQuantizationType
+
+    rows = int(np.prod(dims[1:])) if len(dims) > 1 else 1
+    row_bytes = gguf_n_bytes(dims, qtype) // rows
+    raw = np.memmap(path, dtype=np.uint8, mode="r", offset=start + first * row_bytes, shape=(stop - first, row_bytes))
+    if qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16):
+        dtype = {GGMLQuantizationType.F32: torch.float32, GGMLQuantizationType.F16: torch.float16,
+                 GGMLQuantizationType.BF16: torch.bfloat16}[qtype]
+        return torch.frombuffer(bytearray(raw), dtype=dtype).reshape(stop - first, -1).float()
+    kernels = _torch_kernels()
+    if kernels is not None and int(qtype) in kernels.GGML_BLOCK:
+        data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        return kernels.dequantize(data, int(qtype)).reshape(stop - first, -1)
+    from gguf.quants import dequantize
+
+    return torch.from_numpy(np.ascontiguousarray(dequantize(raw, qtype), dtype=np.float32)).reshape(stop - first, -1)
+
+
+def _torch_kernels() -> Any:
+    try:
+        from transformers.integrations.gguf import dequant
+    except ImportError:  # an older transformers: gguf's numpy kernels only
+        return None
+    return dequant
+
+
 def gguf_n_bytes(dims: tuple[int, ...], qtype: Any) -> int:
     from gguf import GGML_QUANT_SIZES
 

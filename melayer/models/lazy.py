@@ -26,7 +26,7 @@ import torch
 from melayer.models.archmap import ARCHITECTURES, LAYER_ROLES, ArchSpec, load_override
 from melayer.models.derive import arch_from_config
 from melayer.models.embedded import DEFAULT_MODEL, EMBEDDED
-from melayer.models.gguf_file import read_gguf_header, read_gguf_tensor
+from melayer.models.gguf_file import gguf_rows, read_gguf_header, read_gguf_tensor
 from melayer.models.hf_internals import gguf_tensor_processor
 from melayer.util.errors import MelayerError, UnsupportedArchitecture
 
@@ -140,6 +140,68 @@ class LazyWeights:
             self._keys_cache = set(self.keys())
         return self._keys_cache
 
+    # -- streaming reads (``melayer weights``: each tensor reduced chunk by chunk, never held whole)
+    def path_key(self, layer: int, path: str | None, suffix: str = "weight") -> str | None:
+        """The key of ``<layers>.<layer>.<path>.<suffix>`` if this checkpoint holds it (e.g. a bias), else None."""
+        if path is None:
+            return None
+        key = f"{self.layers_prefix()}.{layer}.{path}.{suffix}"
+        return key if key in self._keyset() else None
+
+    def model_key(self, path: str | None) -> str | None:
+        """The key of a model-level weight (the token or position embedding, an ArchSpec path): the shortest
+        key ending in its last two path parts (hub GPT-2 files drop ``transformer.``, multimodal ones add a
+        prefix)."""
+        if path is None:
+            return None
+        tail = ".".join(path.split(".")[-1:]) + ".weight"
+        found = sorted((k for k in self._keyset() if k == tail or k.endswith("." + tail)), key=len)
+        exact = f"{path}.weight"
+        return exact if exact in self._keyset() else (found[0] if found else None)
+
+    def chunks(self, key: str, chunk_bytes: int = 8 << 20) -> Any:
+        """Yield ``(start, rows)`` over the stored rows of a 2-D tensor, each chunk float32 of about
+        ``chunk_bytes`` as float32 (rows ``start .. start + len(rows)`` of the tensor as stored)."""
+        shape = self.shape(key)
+        step = max(1, chunk_bytes // (4 * max(1, shape[-1])))
+        for start in range(0, shape[0], step):
+            stop = min(shape[0], start + step)
+            rows = self._read_rows(key, start, stop)
+            self.bytes_read += rows.numel() * 4
+            yield start, rows
+        self.tensors_read += 1
+
+    def stored_transposed(self, key: str) -> bool:
+        """Whether the stored rows of ``key`` are input dims (GPT-2's Conv1D in safetensors) rather than outputs."""
+        return self.arch.conv1d and self.format == "safetensors"
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def _read_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def rows(self, key: str, ids: list[int]) -> torch.Tensor:
+        """Some rows of a stored 2-D tensor (e.g. embedding rows), float32."""
+        return torch.cat([self._read_rows(key, i, i + 1) for i in ids]) if ids else torch.zeros(0)
+
+    def first_token(self) -> tuple[int | None, bool]:
+        """(the BOS token id, whether the tokenizer puts it first in every text), as far as the checkpoint says."""
+        return None, False
+
+    def setting(self, *names: str) -> Any:
+        """A config value under the first of ``names`` it has, else transformers' default for this model type."""
+        for name in names:
+            if self.config.get(name) is not None:
+                return self.config[name]
+        try:
+            from transformers import AutoConfig
+
+            default = AutoConfig.for_model(self.model_type)
+        except (ValueError, KeyError, TypeError):
+            return None
+        return next((getattr(default, n) for n in names if getattr(default, n, None) is not None), None)
+
 
 def _return_freed_memory() -> None:
     """Hand memory freed by earlier tensors back to the OS before the next read (glibc's malloc_trim).
@@ -228,6 +290,55 @@ class SafetensorsWeights(LazyWeights):
     def keys(self) -> list[str]:
         return list(self._files)
 
+    def _entry(self, key: str) -> tuple[Path, torch.dtype, tuple[int, ...], int]:
+        """(file, dtype, shape, absolute byte offset) of one tensor, from its file's header."""
+        path = self._files[key]
+        if not hasattr(self, "_headers"):
+            self._headers: dict[Path, dict[str, tuple[torch.dtype, tuple[int, ...], int]]] = {}
+        if path not in self._headers:
+            self._headers[path] = _safetensors_header(path)
+        if key not in self._headers[path]:
+            raise MelayerError(f"{path} does not hold tensor {key} (the index says it does)")
+        return (path, *self._headers[path][key])
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._entry(key)[2]
+
+    def _read_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        import os
+
+        path, dtype, shape, offset = self._entry(key)
+        width = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+        item = torch.empty(0, dtype=dtype).element_size()
+        buf = bytearray((stop - start) * width * item)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                got = os.preadv(fd, [buf], offset + start * width * item)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise MelayerError(f"cannot read tensor {key} from {path}: {exc}") from None
+        if got != len(buf):
+            raise MelayerError(f"cannot read tensor {key} from {path} (truncated or corrupt?)")
+        return torch.frombuffer(buf, dtype=dtype).reshape(stop - start, width).float()
+
+    def first_token(self) -> tuple[int | None, bool]:
+        """The BOS id from the config; whether the saved tokenizer prepends it (encoding one character)."""
+        bos = self.config.get("bos_token_id")
+        directory = Path(self.source)
+        if not any((directory / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            return (bos if isinstance(bos, int) else None), False
+        try:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(directory))
+            ids = tok("a")["input_ids"]
+        except Exception:  # an unreadable tokenizer only loses the BOS hint
+            return (bos if isinstance(bos, int) else None), False
+        bos = tok.bos_token_id if tok.bos_token_id is not None else bos
+        return bos, bool(ids) and bos is not None and ids[0] == bos
+
     def _read(self, name: str) -> torch.Tensor:
         from safetensors import SafetensorError
 
@@ -240,6 +351,38 @@ class SafetensorsWeights(LazyWeights):
                 return t.clone() if t.dtype == torch.float32 else t.float()
         except (SafetensorError, OSError, RuntimeError) as exc:
             raise MelayerError(f"cannot read tensor {name} from {self._files[name]} (truncated or corrupt?): {exc}") from None
+
+
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def _safetensors_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], int]]:
+    """name -> (dtype, shape, absolute byte offset) of the float tensors of one safetensors file, checked against
+    the file's size (a damaged header is one clear error, never a read past the end)."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if not 2 <= n <= min(size - 8, 100 << 20):
+                raise ValueError(f"header length {n}")
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError) as exc:
+        raise MelayerError(f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}") from None
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__" or not isinstance(info, dict) or info.get("dtype") not in _ST_DTYPES:
+            continue
+        dtype = _ST_DTYPES[info["dtype"]]
+        try:
+            shape = tuple(int(d) for d in info["shape"])
+            begin, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise MelayerError(f"{path}: corrupt header entry for tensor {name}") from None
+        want = int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
+        if begin < 0 or end - begin != want or 8 + n + end > size:
+            raise MelayerError(f"{path} is truncated or corrupt: tensor {name} does not fit the file")
+        out[name] = (dtype, shape, 8 + n + begin)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -265,7 +408,11 @@ class GGUFWeights(LazyWeights):
         config = {"model_type": model_type, "num_hidden_layers": meta.get(f"{gguf_arch}.block_count"),
                   "hidden_size": meta.get(f"{gguf_arch}.embedding_length"),
                   "num_attention_heads": meta.get(f"{gguf_arch}.attention.head_count"),
-                  "num_key_value_heads": meta.get(f"{gguf_arch}.attention.head_count_kv")}
+                  "num_key_value_heads": meta.get(f"{gguf_arch}.attention.head_count_kv"),
+                  "rms_norm_eps": meta.get(f"{gguf_arch}.attention.layer_norm_rms_eps"),
+                  "layer_norm_epsilon": meta.get(f"{gguf_arch}.attention.layer_norm_epsilon"),
+                  "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+                  "add_bos_token": meta.get("tokenizer.ggml.add_bos_token")}
         super().__init__(path.name, str(path), config, arch)
         self.gguf_arch = gguf_arch
         import gguf
@@ -284,19 +431,41 @@ class GGUFWeights(LazyWeights):
         return None if mapped is None or f"{mapped}.{suffix}" not in self._infos else f"{mapped}.{suffix}"
 
     def keys(self) -> list[str]:
-        """State-dict keys of the decoder-layer tensors this file holds (built from the ArchSpec roles)."""
-        out = []
+        """State-dict keys of the tensors this file holds that the ArchSpec names: every layer role's weight and
+        bias, the attention's value/output projections, the token and position embeddings."""
+        a = self.arch
+        paths = {a.path(role) for role in LAYER_ROLES} | {a.attn_v, a.attn_o, a.attn_qkv}
+        wanted = [f"{p}.weight" for p in (a.embed, a.pos_embed) if p]
         for layer in range(self.num_layers):
-            for role in LAYER_ROLES:
-                path = self.arch.path(role)
-                if path is None:
-                    continue
-                key = f"{self.arch.layers}.{layer}.{path}.weight"
-                name = self.gguf_name(key)
-                if name is not None:
-                    self._hf_to_gguf[key] = name
-                    out.append(key)
+            wanted += [f"{a.layers}.{layer}.{p}.{s}" for p in sorted(x for x in paths if x) for s in ("weight", "bias")]
+        out = []
+        for key in wanted:
+            name = self.gguf_name(key)
+            if name is not None:
+                self._hf_to_gguf[key] = name
+                out.append(key)
         return out
+
+    def _info(self, key: str) -> tuple[tuple[int, ...], Any, int]:
+        gname = self._hf_to_gguf.get(key) or self.gguf_name(key)
+        if gname is None:
+            raise MelayerError(f"{self.path}: no tensor for {key}")
+        return self._infos[gname]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        dims = self._info(key)[0]
+        return tuple(reversed(dims)) if len(dims) > 1 else (1, int(dims[0]))
+
+    def _read_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        dims, qtype, offset = self._info(key)
+        try:
+            return gguf_rows(self.path, dims, qtype, offset, start, stop)
+        except NotImplementedError as exc:
+            raise MelayerError(f"{self.path}: cannot dequantise {key}: {exc}") from None
+
+    def first_token(self) -> tuple[int | None, bool]:
+        bos = self.config.get("bos_token_id")
+        return (int(bos) if bos is not None else None), bool(self.config.get("add_bos_token")) and bos is not None
 
     def _read(self, name: str) -> torch.Tensor:
         gname = self._hf_to_gguf.get(name) or self.gguf_name(name)

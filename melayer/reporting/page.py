@@ -23,6 +23,7 @@ from melayer.util.errors import MelayerError
 KINDS = tuple(k.name for k in RESULT_KINDS.values() if k.sections)
 FILES = {RESULT_KINDS[k].file: k for k in KINDS}
 SCHEMA_VERSION = "1"
+SCHEMA_VERSIONS = {"weights": "2"}  # kinds whose schema moved on (the others read /1)
 MAX_DEPTH = 2  # DIR, DIR/*, DIR/*/*
 _SKIP_DIRS = {"checkpoints", "__pycache__", "node_modules"}
 
@@ -49,8 +50,9 @@ def _schema_kind(data: Any, where: str, expected: str | None = None) -> str:
     kind = name.removeprefix("melayer.")
     if not name.startswith("melayer.") or kind not in KINDS:
         raise MelayerError(f"{where}: not a melayer output the report knows (schema {schema!r})")
-    if version != SCHEMA_VERSION:
-        raise MelayerError(f"{where}: schema {schema!r} has a version this melayer does not read (expected /1)")
+    want = SCHEMA_VERSIONS.get(kind, SCHEMA_VERSION)
+    if version != want:
+        raise MelayerError(f"{where}: schema {schema!r} has a version this melayer does not read (expected /{want})")
     if expected is not None and kind != expected:
         raise MelayerError(f"{where}: holds a {kind!r} result (schema {schema!r}), not {expected!r}")
     return kind

@@ -438,31 +438,30 @@ def finetune_sections(d: dict[str, Any], figs: Figures, log: list[dict[str, Any]
 
 
 def weights_sections(d: dict[str, Any], figs: Figures) -> list[Section]:
-    from melayer.reporting.weights import score_figure
+    from melayer.reporting.weights import headline, score_figure
 
-    sw = d.get("super_weight") or {}
     blocks: list[dict[str, Any]] = [
-        p("Model: {}. From the weights alone: predicted ME layer <b>{}</b>, massive dim <b>{}</b>, top neurons {}; "
-          "super weight {}[{}, {}] = {} ({}&times; the median |w|).", model_line(d), d["me_layer"], d["massive_dim"],
-          ", ".join(map(str, d["neurons"])), sw.get("tensor", "-"), sw.get("row", "-"), sw.get("col", "-"),
-          num(sw.get("value")), num(sw.get("ratio_to_median"), 3)),
-        {"kind": "dl", "items": [("score", d.get("score", "")), ("rule", d.get("rule", ""))]},
+        p("Model: {}. From the weights alone (the first token's path): <b>{}</b>.", model_line(d), headline(d)),
+        {"kind": "dl", "items": [("rule", d.get("rule", "")), ("attention at position 0", d.get("attention", "")),
+                                 *[("assumes", a) for a in d.get("assumptions", [])]]},
     ]
     conf = d.get("confirm")
     if conf:
         blocks.append(p("Checked with a short scan ({} prompts, layers {}): <b>{}</b>.", conf["prompts"],
                         ", ".join(map(str, conf["layers"])), conf["verdict"]))
-    rows = [[c["rank"], c["layer"], c["dim"], c["neuron"], num(c["score"])] for c in d["candidates"]]
-    blocks.append(table("Candidates (the best of each layer)", ["rank", "layer", "dim", "neuron", "score"], rows,
+    rows = [[c["rank"], c["layer"], c["role"], num(c["write"]), c["neuron"]] for c in d["candidates"]]
+    blocks.append(table("Layers writing most into the massive dim", ["rank", "layer", "role", "write", "neuron"], rows,
                         highlight={i for i, c in enumerate(d["candidates"]) if c["layer"] == d["me_layer"]}))
     if d.get("precursors"):
-        blocks.append(p("Precursor candidates at layers {}.", ", ".join(str(x["layer"]) for x in d["precursors"])))
+        blocks.append(p("Precursors (massive, not persistent) at layers {}.", ", ".join(str(x["layer"]) for x in d["precursors"])))
+    if d.get("removers"):
+        blocks.append(p("Removed again at layers {}.", ", ".join(str(x["layer"]) for x in d["removers"])))
     blocks.append({"kind": "list", "items": list(d.get("notes") or [])})
     blocks.append(figs.figure(lambda: score_figure(d),
-                              "Best weight score per layer (log scale), each point labelled with its top dim; the "
-                              "predicted ME layer dashed.",
-                              f"Line chart of the best weight-only score per layer of {d['model']} with the top dim "
-                              "of each layer as labels."))
+                              "The largest |x| and the median |x| of the first token per layer (log scale), each "
+                              "point labelled with its top dim; the predicted ME layer dashed, removing layers dotted.",
+                              f"Line chart of the first token's largest and median activation per layer of {d['model']} "
+                              "computed from the weights, with the top dim of each layer as labels."))
     return [{"id": "", "title": TITLES["weights"], "blocks": blocks}]
 
 

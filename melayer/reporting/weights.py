@@ -1,4 +1,4 @@
-"""Rendering of a ``melayer.weights/1`` result: the console summary and the score-per-layer plot."""
+"""Rendering of a ``melayer.weights/2`` result: the console summary and the first token's path per layer."""
 
 from __future__ import annotations
 
@@ -11,30 +11,42 @@ from rich.table import Table
 from melayer.util.console import out
 
 
+def headline(d: dict[str, Any]) -> str:
+    """One line: the prediction, its neuron and super weight, and how many first tokens agree."""
+    if d["me_layer"] is None:
+        return "no ME layer predicted: no first token's path holds a persistent massive value"
+    sw = d.get("super_weight") or {}
+    text = f"predicted ME layer {d['me_layer']}, massive dim {d['massive_dim']}, creating neurons {d['neurons']}"
+    if sw:
+        text += (f"; super weight {sw['tensor']}[{sw['row']}, {sw['col']}] = {sw['value']:.4g} "
+                 f"({sw['ratio_to_median']:.3g} x the median |w|)")
+    v = d["vote"]
+    return text + f"; {v['agree']} of {v['tokens']} first tokens agree ({v['first_tokens']})"
+
+
 def print_weights(d: dict[str, Any]) -> None:
     out.print(f"[bold]{d['model']}[/] ({d['arch']}, {d['format']}, {d['num_layers']} layers, hidden {d['hidden_size']}, "
-              f"{d['intermediate_size']} FFN neurons) -- from the weights alone, no forward pass")
-    out.print(f"score: {escape(d['score'])}")
+              f"{d['intermediate_size']} FFN neurons) -- from the weights alone: the first token's path")
     out.print(f"rule: {escape(d['rule'])}")
-    sw = d["super_weight"]
-    where = escape(f"{sw['tensor']}[{sw['row']}, {sw['col']}]")
-    out.print(f"[bold green]predicted ME layer {d['me_layer']}, massive dim {d['massive_dim']}, neurons "
-              f"{d['neurons']}[/]; super weight {where} = {sw['value']:.4g} "
-              f"({sw['ratio_to_median']:.3g} x the median |w|)")
+    out.print(f"attention at position 0: {escape(d['attention'])}")
+    out.print(f"[bold green]{escape(headline(d))}[/]")
     for note in d["notes"]:
         out.print(f"[yellow]note:[/] {escape(note)}")
     if d["precursors"]:
-        pre = ", ".join(f"layer {p['layer']} dim {p['dim']} neuron {p['neuron']}" for p in d["precursors"])
-        out.print(f"precursor candidates: {pre}")
-    t = Table("layer", "dim", "neuron", "score", "down", "post", "drive", title="top (dim, neuron) per layer")
+        out.print("precursors: " + ", ".join(f"layer {p['layer']} dim {p['dim']}" for p in d["precursors"]))
+    if d["removers"]:
+        out.print("removers: " + ", ".join(f"layer {r['layer']} neuron {r['neuron']} ({r['write']:+.4g})" for r in d["removers"]))
+    t = Table("layer", "top dim", "|x|", "median |x|", "write on dim", "attention", "FFN", "role", "neuron",
+              title="the first token's path (medians over the agreeing tokens)")
     for r in d["layers"]:
         mark = " <- ME" if r["layer"] == d["me_layer"] else ""
-        t.add_row(f"{r['layer']}{mark}", str(r["dim"]), str(r["neuron"]), f"{r['score']:.4g}", f"{r['down']:.3g}",
-                  f"{r['post']:.3g}", f"{r['drive']:.3g}")
+        t.add_row(f"{r['layer']}{mark}", str(r["top_dim"]), f"{r['top_value']:.4g}", f"{r['median']:.3g}",
+                  f"{r['write']:+.4g}", f"{r['attn_write']:+.3g}", f"{r['ffn_write']:+.3g}", r["role"],
+                  str(r["neuron"]) if r["neuron"] >= 0 else "")
     out.print(t)
     c = d["cost"]
-    out.print(f"read {c['tensors_read']} tensors ({c['bytes_read_mb']} MB as float32) in {c['seconds']} s; at most "
-              f"{c['max_live_tensors']} alive at once; peak RSS {c['peak_rss_mb']} MB")
+    out.print(f"read {c['tensors_read']} tensors ({c['bytes_read_mb']} MB as float32) in {c['seconds']} s with "
+              f"{c['threads']} threads; peak RSS {c['peak_rss_mb']} MB")
     conf = d.get("confirm")
     if conf:
         colour = "green" if conf["held"] else "red"
@@ -42,29 +54,30 @@ def print_weights(d: dict[str, Any]) -> None:
 
 
 def score_figure(d: dict[str, Any]) -> Any:
-    """Best score per layer (log scale), each point labelled with its dim; the ME layer and precursors marked."""
+    """|x| of the massive dim and the token's median |x| per layer (log scale), creating and removing layers
+    marked."""
     from melayer.reporting.plots import log_layer_axes, plt
 
     rows = d["layers"]
     layers = [r["layer"] for r in rows]
-    scores = [max(r["score"], 1e-12) for r in rows]
     fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(rows) + 2), 4))
-    ax.plot(layers, scores, "-o", ms=4, color="tab:blue", label="best score in the layer")
-    pre = {p["layer"] for p in d["precursors"]}
-    for r, s in zip(rows, scores):
-        colour = "red" if r["layer"] == d["me_layer"] else ("tab:orange" if r["layer"] in pre else "0.3")
-        ax.annotate(str(r["dim"]), (r["layer"], s), textcoords="offset points", xytext=(0, 5), ha="center",
-                    fontsize=7, color=colour)
-    ax.axvline(d["me_layer"], color="red", ls="--", lw=1,
-               label=f"predicted ME layer {d['me_layer']} (dim {d['massive_dim']}, neuron {d['neurons'][0]})")
+    ax.plot(layers, [max(r["top_value"], 1e-12) for r in rows], "-o", ms=4, color="tab:blue", label="largest |x|")
+    ax.plot(layers, [max(r["median"], 1e-12) for r in rows], "-", color="0.5", label="median |x|")
+    for r in rows:
+        colour = "red" if r["layer"] == d["me_layer"] else ("tab:orange" if r["role"] == "removes" else "0.3")
+        ax.annotate(str(r["top_dim"]), (r["layer"], max(r["top_value"], 1e-12)), textcoords="offset points",
+                    xytext=(0, 5), ha="center", fontsize=7, color=colour)
+    if d["me_layer"] is not None:
+        ax.axvline(d["me_layer"], color="red", ls="--", lw=1,
+                   label=f"predicted ME layer {d['me_layer']} (dim {d['massive_dim']}, neuron {d['neurons'][0] if d['neurons'] else '-'})")
+    for i, r in enumerate(d["removers"]):
+        ax.axvline(r["layer"], color="tab:orange", ls=":", lw=1, label="removes the value" if i == 0 else None)
     conf = d.get("confirm") or {}
     if conf.get("first_held") is not None and conf["first_held"] != d["me_layer"]:
         ax.axvline(conf["first_held"], color="green", ls=":", lw=1.5,
                    label=f"--confirm: dim {d['massive_dim']} becomes massive at layer {conf['first_held']}")
-    if pre:
-        ax.plot(sorted(pre), [scores[i] for i in sorted(pre)], "o", color="tab:orange", ms=6, label="precursor candidates")
-    return log_layer_axes(ax, "decoder layer (labels: the top dim)", "down x post x drive (ratios to the layer medians)",
-                          f"{d['model']}: data-free ME-layer candidates", fig, legend_size=7)
+    return log_layer_axes(ax, "decoder layer (labels: the top dim)", "|x| on the first token's path",
+                          f"{d['model']}: the first token's path, from the weights", fig, legend_size=7)
 
 
 def score_plot(d: dict[str, Any], path: str | Path) -> Path:
