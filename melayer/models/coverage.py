@@ -59,6 +59,7 @@ def coverage_row(model_type: str) -> dict[str, Any]:
                                                  attn_implementation="eager")
     except Exception as exc:  # transformers' own errors for a config it cannot shrink or build
         return {**row, "status": "not built", "reason": _one_line(exc)}
+    model.eval()  # dropout off, as melayer.load leaves a model
     row["class"] = type(model).__name__
     try:
         lm = from_model(model, tiny_tokenizer(), name=f"tiny-{model_type}")
