@@ -64,6 +64,14 @@ FAILED = {
     "minimax": "lightning-attention layers between the planted layer and the scan's reading",
 }
 
+# Families whose own KV-cached decoding already differs from a no-cache recompute (or fails) with no mask at all,
+# so the cache check cannot isolate WeMask there; each is checked to still behave so (the test says when a newer
+# transformers fixes it), and WeMask must still leave the model bit-identical.
+OWN_CACHE_DIFFERS = {
+    "glm_moe_dsa": "its sparse-attention indexer selects keys differently in prefill and decode (~14 % relative, unmasked)",
+    "hrm_text": "transformers' own generate raises IndexError in its cache on the shrunk config",
+}
+
 # one of each block kind, run by default; the rest in the slow sweep. MoE: Mixtral (concatenated gate/up), gpt-oss
 # (interleaved, transposed, with biases), Qwen2-MoE (a gated shared expert), DeepSeek-V3 (a dense first layer)
 FAST = ["gpt_neox", "gptj", "falcon", "phi", "cohere", "stablelm", "gemma3", "olmo", "lfm2",
@@ -90,7 +98,39 @@ def scan_explain_mask(model_type: str, me_layer: int = ME_LAYER) -> None:
     assert decomposition["ffn_share_of_update"] > 0.9
     if lm.arch.parallel:
         assert decomposition["ffn_reads"] == "layer input (parallel block)"
-    check_wemask_cache(lm, me_layer)
+    if model_type in OWN_CACHE_DIFFERS:
+        check_own_cache_differs(lm, me_layer)
+    else:
+        check_wemask_cache(lm, me_layer)
+
+
+def cached_vs_recomputed(lm) -> list[float]:
+    """Greedy KV-cached decoding vs one no-cache forward over the same sequences: relative logit error per step."""
+    batch = encode(lm, ["hello there, friend", "hi"])
+    n_new = 3
+    with torch.no_grad():
+        out = lm.model.generate(**batch, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
+                                output_logits=True, return_dict_in_generate=True,
+                                pad_token_id=lm.tokenizer.pad_token_id)
+        mask = torch.cat([batch["attention_mask"], torch.ones(2, n_new, dtype=torch.long)], dim=1)
+        full = lm.model(input_ids=out.sequences, attention_mask=mask, position_ids=position_ids(mask),
+                        use_cache=False).logits
+    T = batch["input_ids"].shape[1]
+    return [float((step - full[:, T - 1 + i]).abs().max() / full[:, T - 1 + i].abs().max())
+            for i, step in enumerate(out.logits)]
+
+
+def check_own_cache_differs(lm, me_layer: int) -> None:
+    """The unmasked model's own cache is inconsistent (or fails): say so, and check WeMask restores the model."""
+    try:
+        errors = cached_vs_recomputed(lm)
+    except (IndexError, RuntimeError):
+        errors = None  # transformers' own generate fails on this family
+    assert errors is None or max(errors) > 1e-4, ("the family's own cache now agrees: move it back", lm.name)
+    before = fingerprint(lm)
+    with wemask(lm, 0.1, me_layer=me_layer), torch.no_grad():
+        lm.model(**encode(lm, ["hello there, friend", "hi"]), use_cache=False)
+    assert fingerprint(lm) == before
 
 
 def check_wemask_cache(lm, me_layer: int) -> None:
@@ -99,20 +139,10 @@ def check_wemask_cache(lm, me_layer: int) -> None:
     attention_after = [i for i in range(me_layer + 1, lm.num_layers) if lm.arch.at(i).mixer_kind == "attention"]
     if not attention_after:  # hybrids whose tiny twin has no attention layer after the ME layer: nothing to mask
         return
-    batch = encode(lm, ["hello there, friend", "hi"])
-    n_new = 3
-    with wemask(lm, 0.1, me_layer=me_layer) as wm, torch.no_grad():
+    with wemask(lm, 0.1, me_layer=me_layer) as wm:
         assert wm.layers == attention_after
-        out = lm.model.generate(**batch, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
-                                output_logits=True, return_dict_in_generate=True,
-                                pad_token_id=lm.tokenizer.pad_token_id)
-        mask = torch.cat([batch["attention_mask"], torch.ones(2, n_new, dtype=torch.long)], dim=1)
-        full = lm.model(input_ids=out.sequences, attention_mask=mask, position_ids=position_ids(mask),
-                        use_cache=False).logits
-    T = batch["input_ids"].shape[1]
-    for i, step in enumerate(out.logits):
-        ref = full[:, T - 1 + i]
-        assert float((step - ref).abs().max() / ref.abs().max()) < 1e-4, (lm.name, i)
+        errors = cached_vs_recomputed(lm)
+    assert max(errors) < 1e-4, (lm.name, errors)
     assert fingerprint(lm) == before
 
 

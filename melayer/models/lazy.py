@@ -86,6 +86,9 @@ class LazyWeights:
         """Where the decoder layers sit in this checkpoint's keys (``model.layers``; hub GPT-2 files drop
         ``transformer.``; multimodal ones add ``language_model.``): found from the down projection's key."""
         if self._prefix is None:
+            if self.arch.down is None:
+                raise UnsupportedArchitecture(f"{self.source}: architecture map {self.arch.name!r} has no FFN down "
+                                              "projection, which melayer weights reads")
             pattern = re.compile(rf"^(.*?)\.0\.{re.escape(self.arch.down)}\.weight$")
             found = sorted({m.group(1) for k in self._keyset() if (m := pattern.match(k))}, key=len)
             if not found:
