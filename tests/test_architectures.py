@@ -69,6 +69,8 @@ FAILED = {
 # transformers fixes it), and WeMask must still leave the model bit-identical.
 OWN_CACHE_DIFFERS = {
     "glm_moe_dsa": "its sparse-attention indexer selects keys differently in prefill and decode (~14 % relative, unmasked)",
+    "deepseek_v32": "its sparse-attention indexer selects keys differently in prefill and decode (~11 % relative, "
+                    "unmasked)",
     "hrm_text": "transformers' own generate raises IndexError in its cache on the shrunk config",
 }
 
@@ -151,8 +153,18 @@ def test_representative_families(model_type):
     scan_explain_mask(model_type)
 
 
+# Families validated by the coverage check whose explain decomposition does not add up: a known limitation, kept
+# visible (strict xfail: the test says when it starts to pass).
+DECOMPOSITION_OFF = {
+    "minicpm3": "scales each branch by scale_depth / sqrt(num_layers) before the residual add, which explain's "
+                "branch decomposition does not model",
+}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("model_type", _buildable())
+@pytest.mark.parametrize("model_type", [
+    pytest.param(t, marks=pytest.mark.xfail(strict=True, reason=DECOMPOSITION_OFF[t])) if t in DECOMPOSITION_OFF else t
+    for t in _buildable()])
 def test_every_causal_lm(model_type):
     try:
         config = tiny_config(model_type)
@@ -195,7 +207,7 @@ def test_exclusions_are_encoder_families():
 def test_derivation_reproduces_the_named_layouts(model_type):
     """The hand-written layouts are no longer needed to map these families: derivation gives the same roles."""
     lm = tiny_lm(model_type, plant=False)
-    assert derive_arch(lm.model).layout() == ARCHITECTURES[model_type].layout()
+    assert derive_arch(lm.model).derived_layout() == ARCHITECTURES[model_type].derived_layout()
 
 
 @pytest.mark.parametrize("model_type, offset", [("gemma", 1.0), ("gemma3_text", 1.0), ("llama", 0.0), ("gpt2", 0.0)])

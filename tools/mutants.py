@@ -60,6 +60,13 @@ T_SCORING = "tests/test_eval_scoring.py"
 STATS_K = "bootstrap or mcnemar or aggregate"
 
 MUTANTS: tuple[Mutant, ...] = (
+    # --- perplexity (explain's and eval's; checked against lm-eval's loglikelihood_rolling) ----------------
+    Mutant("perplexity: each token scored from its own position's logits",
+           "logp = torch.log_softmax(head(hidden[i, s - 1: e - 1, :]), dim=-1)",
+           "logp = torch.log_softmax(head(hidden[i, s: e, :]), dim=-1)", ("tests/test_perplexity.py",)),
+    Mutant("perplexity: NLL averaged over windows, not tokens",
+           'return {"ppl": math.exp(nll / count)', 'return {"ppl": math.exp(nll / len(windows))',
+           ("tests/test_perplexity.py", "tests/test_explain.py"), "ppl or perplexity"),
     # --- the criterion and the ME-layer rule -------------------------------------------------------------
     Mutant("criterion: cutoff ignores the median ratio",
            "return max(self.abs_min, self.median_ratio * float(median))", "return self.abs_min",

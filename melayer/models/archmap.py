@@ -43,6 +43,12 @@ MODEL_ROLES = ("body", "layers", "embed", "final_norm", "lm_head")
 NORM_ROLES = ("pre_attn_norm", "post_attn_norm", "pre_ffn_norm", "post_ffn_norm")
 
 
+# Paths read only by `melayer weights` for the first token's path (value/output projections, embedding scale,
+# learned positions). Derivation does not measure them yet: a named layout supplies them, a derived map keeps the
+# defaults (a checkpoint without those tensors gets the attention-free path), and they take no part in matching.
+WEIGHT_PATH_FIELDS = ("attn_v", "attn_o", "attn_qkv", "embed_scale", "pos_embed")
+
+
 @dataclass(frozen=True)
 class ArchSpec:
     """Where each role lives in one family of models, and how its weights are laid out."""
@@ -110,6 +116,14 @@ class ArchSpec:
         d = self.to_dict()
         for key in ("name", "notes", "extra"):
             d.pop(key)
+        return d
+
+    def derived_layout(self) -> dict[str, Any]:
+        """The layout without the fields only ``melayer weights`` reads (:data:`WEIGHT_PATH_FIELDS`): what
+        derivation measures, and what matching a derived map to a named one compares."""
+        d = self.layout()
+        for key in WEIGHT_PATH_FIELDS:
+            d.pop(key, None)
         return d
 
     def block_kind(self, layer: int | None = None) -> str:
@@ -317,5 +331,5 @@ def describe_architectures() -> list[dict[str, str]]:
 
 def named_layout(spec: ArchSpec) -> ArchSpec:
     """The named layout (``ARCHITECTURES``) with exactly ``spec``'s layout, else ``spec`` itself."""
-    layout = spec.layout()
-    return next((named for named in ARCHITECTURES.values() if named.layout() == layout), spec)
+    layout = spec.derived_layout()
+    return next((named for named in ARCHITECTURES.values() if named.derived_layout() == layout), spec)
