@@ -44,7 +44,8 @@ def test_the_guard_is_installed_only_when_asked_and_comes_off():
     assert lm.overflow_guard is None and _hook_count(lm.model) == 0
     logits = lm.model(input_ids=ids).logits  # no guard: the garbage comes back
     assert not bool(torch.isfinite(logits).all())
-    again = melayer.from_model(lm.model, lm.tokenizer, overflow_guard=True).overflow_guard
+    # the map is given: deriving it would run a forward of this overflowing model, which the guard stops first
+    again = melayer.from_model(lm.model, lm.tokenizer, arch=lm.arch, overflow_guard=True).overflow_guard
     assert again is not None and again is not guard
     with pytest.raises(NumericOverflow, match="layer 1"):
         lm.model(input_ids=ids)
