@@ -79,6 +79,8 @@ def load(
     device_map: str | dict | None = None,
     max_memory: str | dict | None = None,
     offload_folder: str | Path | None = None,
+    trust_remote_code: bool = False,
+    overflow_guard: bool = True,
     adapter: str | Path | None = None,
     adapter_mask: bool = True,
 ) -> LM:
@@ -98,6 +100,9 @@ def load(
             (implies ``device_map="auto"``).
         offload_folder: where layers offloaded to disk go (default: a fresh folder under the cache, removed with
             the model).
+        trust_remote_code: run a hub or directory model's own Python code (transformers' option); off unless asked.
+        overflow_guard: install the removable overflow guard (``lm.overflow_guard``), which turns inf/nan in a
+            layer into one clear error.
         adapter: a ``melayer finetune`` output directory: its adapter is merged into the model. An adapter
             trained on another base model is refused.
         adapter_mask: re-apply the WeMask the adapter was trained with (kept in ``lm.adapter_wemask``; its
@@ -112,7 +117,8 @@ def load(
     if adapter is not None:
         read_adapter_dir(adapter)  # a bad adapter fails before the model is loaded
     lm = load_base(spec, dtype=dtype, device=device, arch=arch, progress=progress, device_map=device_map,
-                   max_memory=max_memory, offload_folder=offload_folder)
+                   max_memory=max_memory, offload_folder=offload_folder, trust_remote_code=trust_remote_code,
+                   overflow_guard=overflow_guard)
     if adapter is not None:
         lm.adapter_wemask = attach_adapter(lm, adapter, mask=adapter_mask)
     return lm
