@@ -43,12 +43,34 @@ class Criterion:
                                "persist_ratio >= 0, 0 < persist_frac <= 1, min_tokens >= 1)")
 
     def cutoff(self, median: torch.Tensor | float) -> float:
+        """The magnitude above which an entry of a layer's output is massive.
+
+        Args:
+            median: the median |a| of that layer's output.
+
+        Returns:
+            ``max(abs_min, median_ratio x median)``.
+        """
         return max(self.abs_min, self.median_ratio * float(median))
 
     def persists(self, value: float, median: float) -> bool:
+        """Whether a massive entry persists at a later layer.
+
+        Args:
+            value: the entry at the later layer.
+            median: the median |a| of that layer's output.
+
+        Returns:
+            True when |value| is above ``abs_min`` and above ``persist_ratio`` x ``median``.
+        """
         return abs(value) > self.abs_min and abs(value) > self.persist_ratio * median
 
     def describe(self) -> str:
+        """The criterion in words, as every output states it.
+
+        Returns:
+            One sentence naming every threshold.
+        """
         return (
             f"|a| > {self.abs_min:g} and |a| > {self.median_ratio:g} x median|a| of the layer output; "
             f"ME layer = first layer with a massive (token, dim) that stays > {self.abs_min:g} and > "
@@ -57,9 +79,21 @@ class Criterion:
         )
 
     def to_dict(self) -> dict[str, object]:
+        """The thresholds and the rule in words, as results store them.
+
+        Returns:
+            The fields plus ``"rule"`` (:meth:`describe`).
+        """
         return {**asdict(self), "rule": self.describe()}
 
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> Criterion:
-        """The criterion ``to_dict()`` describes (its ``rule`` text is derived and ignored)."""
+        """The criterion :meth:`to_dict` describes (its ``rule`` text is derived and ignored).
+
+        Args:
+            data: what :meth:`to_dict` returned; missing thresholds take their defaults.
+
+        Returns:
+            The criterion.
+        """
         return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})  # type: ignore[arg-type]

@@ -13,12 +13,22 @@ from melayer.util.errors import MelayerError
 
 def find_me_layer(lm: LM, prompts: Sequence[str] | None = None, *, criterion: Criterion | None = None,
                   batch_size: int | None = None, progress: bool = False, hint: str | None = None) -> int | None:
-    """The consensus ME layer of ``lm`` on ``prompts`` (default: the shipped prompt set) by one :func:`scan`.
+    """The consensus ME layer of ``lm`` on ``prompts`` by one :func:`scan`.
 
     The result is cached on ``lm`` (:attr:`~melayer.models.loading.LM.me_layers`, keyed by the prompts and the
     criterion): a second call with the same ones returns it without scanning again (see :func:`cached_me_layer`;
-    clear ``lm.me_layers`` after changing the weights). With ``hint`` a model without an ME layer is a
-    :class:`MelayerError` ending in that hint; without it, None.
+    clear ``lm.me_layers`` after changing the weights).
+
+    Args:
+        lm: the loaded model.
+        prompts: the prompts to scan; default the shipped prompt set.
+        criterion: the massive-activation criterion; default :class:`~melayer.analysis.criterion.Criterion`'s.
+        batch_size: prompts per forward; default the device's plan.
+        progress: show a progress bar.
+        hint: with it, a model without an ME layer is a :class:`MelayerError` ending in this text.
+
+    Returns:
+        The ME layer's index, or None when the model has none (and no ``hint`` was given).
     """
     key = _key(prompts, criterion)
     if key in lm.me_layers:

@@ -229,6 +229,14 @@ class RigidityResult(Result):
     settings: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
+        """The headline means of the rigidity measurements, from the ME layer on.
+
+        Returns:
+            Means over the layers after (or from) the ME layer: consecutive-layer cosines of the massive and of
+            ordinary tokens, cross-input cosines (all pairs, non-trivial pairs, without BOS, the last-token
+            baseline), and the attention input's mean cosine and effective rank with and without the massive
+            token; None where nothing was measured.
+        """
         after = [r for r in self.consecutive if r["layer"] > self.me_layer]
         div_after = [r for r in self.diversity if r["layer"] > self.me_layer]
         nontrivial = [r["massive_nontrivial_pairs"] for r in self.cross_input
@@ -255,6 +263,11 @@ class RigidityResult(Result):
         }
 
     def to_dict(self) -> dict[str, Any]:
+        """The result as ``rigidity.json`` holds it.
+
+        Returns:
+            JSON-ready data, with ``"schema": "melayer.rigidity/<version>"``.
+        """
         return {
             "schema": self.schema(),
             "model": self.model, "num_layers": self.num_layers, "settings": self.settings,
@@ -271,7 +284,14 @@ class RigidityResult(Result):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RigidityResult:
-        """The result a ``rigidity.json`` holds."""
+        """The result a ``rigidity.json`` holds.
+
+        Args:
+            data: a loaded ``rigidity.json`` (what :meth:`to_dict` returned).
+
+        Returns:
+            The rigidity result.
+        """
         return cls(model=data["model"], num_layers=data["num_layers"], me_layer=data["me_layer"],
                    massive_dims=data["massive_dims"], massive_positions=data["massive_token_positions"],
                    massive_token_ids=data["massive_token_ids"],

@@ -128,7 +128,11 @@ class ScanResult(Result):
         return sorted({r["dim"] for r in self.massive})
 
     def dim_support(self) -> dict[int, float]:
-        """Share of voting prompts in which each massive dim is massive at or after the ME layer."""
+        """Share of voting prompts in which each massive dim is massive at or after the ME layer.
+
+        Returns:
+            ``{dim: share}`` (0-1), by dim.
+        """
         voters = [p for p in self.prompts if p.eligible] or self.prompts
         counts: Counter[int] = Counter()
         for p in voters:
@@ -138,7 +142,11 @@ class ScanResult(Result):
         return {d: counts[d] / len(voters) for d in sorted(counts)}
 
     def massive_tokens(self) -> list[dict[str, Any]]:
-        """Distinct (position, token) pairs that are massive at the consensus ME layer, with prompt counts."""
+        """Distinct (position, token) pairs that are massive at the consensus ME layer, with prompt counts.
+
+        Returns:
+            ``{"position", "token", "prompts"}`` records, most prompts first (empty without an ME layer).
+        """
         if self.me_layer is None:
             return []
         counts: Counter[tuple[int, str]] = Counter()
@@ -150,6 +158,12 @@ class ScanResult(Result):
         return [{"position": pos, "token": tok, "prompts": n} for (pos, tok), n in order]
 
     def per_layer(self) -> list[dict[str, Any]]:
+        """The per-layer summary the report's magnitude figure draws.
+
+        Returns:
+            One record per layer: the median |a| over prompts, the mean of the top-1/2/3 |a|, the share of prompts
+            with a massive entry, the largest entries (prompt, position, dim, value) and their maximum |a|.
+        """
         rows = []
         for layer in range(self.num_layers):
             medians = [p.medians[layer] for p in self.prompts]
@@ -173,6 +187,12 @@ class ScanResult(Result):
         return rows
 
     def peak(self) -> dict[str, Any] | None:
+        """The largest massive entry of the scan.
+
+        Returns:
+            Its record (layer, prompt, position, dim, value) with its layer's median |a| and the ratio to it, or
+            None when nothing is massive.
+        """
         recs = self.massive
         if not recs:
             return None
@@ -181,6 +201,11 @@ class ScanResult(Result):
         return {**best, "layer_median": median, "ratio_to_median": abs(best["value"]) / median if median else None}
 
     def to_dict(self) -> dict[str, Any]:
+        """The result as ``scan.json`` holds it (the per-prompt reductions, the records and the summaries).
+
+        Returns:
+            JSON-ready data, with ``"schema": "melayer.scan/<version>"``.
+        """
         return {
             "schema": self.schema(),
             "model": self.model,
@@ -214,8 +239,17 @@ class ScanResult(Result):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ScanResult:
-        """The result a ``scan.json`` holds (every per-prompt reduction; not the |a| rows the scan kept while
-        running, whose one use, the massive token's profile, is stored)."""
+        """The result a ``scan.json`` holds.
+
+        Every per-prompt reduction is restored; not the |a| rows the scan kept while running, whose one use, the
+        massive token's profile, is stored.
+
+        Args:
+            data: a loaded ``scan.json`` (what :meth:`to_dict` returned).
+
+        Returns:
+            The scan result.
+        """
         def entries(layers: list[list[list[Any]]]) -> list[list[tuple[float, int, int]]]:
             return [[(float(v), int(pos), int(dim)) for v, pos, dim in layer] for layer in layers]
 

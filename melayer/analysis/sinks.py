@@ -195,18 +195,37 @@ class SinkResult(Result):
         return None if self.alpha_massive is None else float(np.nanmean(self._indicator(self.alpha_massive)))
 
     def layer_rate(self, alpha: np.ndarray | None = None) -> list[float]:
+        """The sink rate of each layer: the share of (prompt, head) pairs whose score exceeds epsilon.
+
+        Args:
+            alpha: scores shaped (prompts, layers, heads); default the first token's (``alpha_first``).
+
+        Returns:
+            One rate (0-1) per layer; NaN for a layer without attention.
+        """
         a = self.alpha_first if alpha is None else alpha
         return np.nanmean(self._indicator(a), axis=(0, 2)).tolist()
 
     def first_sink_layer(self, min_share: float = 0.5) -> int | None:
-        """First layer in which at least ``min_share`` of the (prompt, head) pairs sink on the first token."""
+        """First layer in which at least ``min_share`` of the (prompt, head) pairs sink on the first token.
+
+        Args:
+            min_share: the share of (prompt, head) pairs that must exceed epsilon.
+
+        Returns:
+            The layer index, or None when no layer reaches the share.
+        """
         for layer, rate in enumerate(self.layer_rate()):
             if rate >= min_share:
                 return layer
         return None
 
     def first_sink_layer_any(self) -> int | None:
-        """First layer with any head whose mean (over prompts) first-token score exceeds epsilon."""
+        """First layer with any head whose mean (over prompts) first-token score exceeds epsilon.
+
+        Returns:
+            The layer index, or None.
+        """
         mean = self.alpha_first.mean(axis=0)
         for layer in range(mean.shape[0]):
             if (mean[layer] > self.epsilon).any():
@@ -214,6 +233,11 @@ class SinkResult(Result):
         return None
 
     def to_dict(self) -> dict[str, Any]:
+        """The result as ``sinks.json`` holds it.
+
+        Returns:
+            JSON-ready data, with ``"schema": "melayer.sinks/<version>"``.
+        """
         with warnings.catch_warnings():  # layers without attention are all-NaN: their means are NaN ("n/a")
             warnings.simplefilter("ignore", RuntimeWarning)
             return self._to_dict()
@@ -265,7 +289,14 @@ class SinkResult(Result):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SinkResult:
-        """The result a ``sinks.json`` holds."""
+        """The result a ``sinks.json`` holds.
+
+        Args:
+            data: a loaded ``sinks.json`` (what :meth:`to_dict` returned).
+
+        Returns:
+            The sink result.
+        """
         raw, s = data["per_prompt"], data["settings"]
         massive = raw["alpha_massive"]
         extra = {k: v for k, v in data.items() if k in _EXTRA_KEYS}

@@ -147,11 +147,23 @@ class WeightsResult(Result):
         return self.neurons[0] if self.neurons else None
 
     def to_dict(self) -> dict[str, Any]:
+        """The result as ``weights.json`` holds it (with the rule and the assumptions in words).
+
+        Returns:
+            JSON-ready data, with ``"schema": "melayer.weights/<version>"``.
+        """
         return {"schema": SCHEMA, "rule": RULE.format(remove=REMOVE_SHARE, peak=PEAK_SHARE), "assumptions": ASSUMPTIONS, **asdict(self)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> WeightsResult:
-        """The result a ``weights.json`` holds."""
+        """The result a ``weights.json`` holds.
+
+        Args:
+            data: a loaded ``weights.json`` (what :meth:`to_dict` returned).
+
+        Returns:
+            The weights result.
+        """
         own = {f.name for f in fields(cls)}
         kw = {k: v for k, v in data.items() if k in own}
         kw["layers"] = [LayerRow(**r) for r in data["layers"]]

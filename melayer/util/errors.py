@@ -18,7 +18,12 @@ class NumericOverflow(MelayerError):
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C during a run: ``saved`` says what is kept on disk; ``resumable`` whether the same command resumes."""
+    """Ctrl-C during a run, with what was kept.
+
+    Args:
+        saved: what is kept on disk (a sentence).
+        resumable: whether running the same command again resumes the run.
+    """
 
     def __init__(self, saved: str, resumable: bool = False) -> None:
         super().__init__(saved)

@@ -55,18 +55,47 @@ class Result(HtmlRepr):
 
     @classmethod
     def schema(cls) -> str:
+        """The schema tag this class writes and reads.
+
+        Returns:
+            ``"melayer.<kind>/<version>"``, e.g. ``"melayer.scan/1"``.
+        """
         return f"melayer.{cls.kind}/{cls.version}"
 
     def to_dict(self) -> dict[str, Any]:
+        """The result as plain JSON-ready data.
+
+        Returns:
+            Exactly what ``<kind>.json`` holds, ``"schema"`` included.
+        """
         raise NotImplementedError
 
     @classmethod
     def from_dict(cls: type[R], data: dict[str, Any]) -> R:
+        """Rebuild the result from what :meth:`to_dict` returned.
+
+        Args:
+            data: the dict :meth:`to_dict` wrote (e.g. a loaded ``<kind>.json``).
+
+        Returns:
+            A result equal to the one that wrote ``data``.
+        """
         raise NotImplementedError
 
     @classmethod
     def check(cls, data: Any, where: str = "result") -> dict[str, Any]:
-        """``data`` after checking it holds this kind at this schema version."""
+        """Check that ``data`` holds this kind of result at this schema version.
+
+        Args:
+            data: a loaded JSON object.
+            where: what to name in the error (a file name).
+
+        Returns:
+            ``data`` itself.
+
+        Raises:
+            MelayerError: not a melayer output, another kind, or a schema version this melayer does not read.
+        """
         kind, version = schema_kind(data, where)
         if kind != cls.kind:
             raise MelayerError(f"{where}: holds a {kind!r} result, not {cls.kind!r}")
@@ -77,7 +106,17 @@ class Result(HtmlRepr):
 
     @classmethod
     def load(cls: type[R], path: str | Path) -> R:
-        """Read ``path`` (a JSON file this kind of result was saved to) back into the result object."""
+        """Read a JSON file this kind of result was saved to back into the result object.
+
+        Args:
+            path: the file (``<kind>.json`` in a command's output directory, or what :meth:`save` wrote).
+
+        Returns:
+            The result object.
+
+        Raises:
+            MelayerError: the file is unreadable, not this kind, or lacks fields it needs.
+        """
         data = cls.check(read_json(path), str(path))
         try:
             return cls.from_dict(data)
@@ -86,7 +125,14 @@ class Result(HtmlRepr):
                                f"({type(exc).__name__}: {exc}); it was written by another melayer version") from None
 
     def save(self, path: str | Path) -> Path:
-        """Write ``to_dict()`` to ``path`` atomically (a reader never sees half a file)."""
+        """Write ``to_dict()`` to a JSON file, atomically (a reader never sees half a file).
+
+        Args:
+            path: the file to write.
+
+        Returns:
+            The path written.
+        """
         from melayer.util.io import write_json
 
         return write_json(path, self.to_dict())
