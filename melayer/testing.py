@@ -263,8 +263,22 @@ def tiny_lm(model_type: str = "llama", plant: bool = True, me_layer: int = 1, ne
     """A tiny real model of ``model_type``, optionally with a planted massive activation.
 
     The families of :data:`MODEL_TYPES` get hand-picked tiny configs; any other causal-LM model type of the
-    installed transformers gets its default config shrunk (:func:`tiny_config`). The plant is recorded as
-    ``lm.plant`` (a :class:`Plant`) when ``plant`` is true.
+    installed transformers gets its default config shrunk (:func:`tiny_config`).
+
+    Args:
+        model_type: a transformers model type (``"llama"``, ``"gemma3_text"``, ...).
+        plant: plant a BOS-only massive activation (:func:`plant_massive`).
+        me_layer: the layer the planted activation is born in.
+        neuron: the FFN ``down`` neuron that writes it.
+        dim: the residual dim it appears in.
+        num_layers: decoder layers.
+        seed: the random seed of the weights.
+        precursor: ``(layer, dim)`` of a planted precursor: a transient spike that the next layer removes.
+        remover: ``(layer, share)``: a later FFN neuron takes this share of the massive value away.
+
+    Returns:
+        The model as an :class:`~melayer.models.loading.LM`, with the plant recorded as ``lm.plant`` (a
+        :class:`Plant`, or None without one).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 

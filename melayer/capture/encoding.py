@@ -70,8 +70,22 @@ def tokenize(lm: LM, text: str, add_special_tokens: bool = True) -> list[int]:
 
 def encode(lm: LM, texts: str | Sequence[str], add_special_tokens: bool = True,
            max_tokens: int | None = None) -> dict[str, torch.Tensor]:
-    """Tokenise ``texts`` (each keeps at most its first ``max_tokens`` tokens) into a left-padded batch on the
-    model's device (so the last position is every row's last real token)."""
+    """Tokenise texts into a left-padded batch on the model's device.
+
+    Left padding puts every row's last real token at the last position.
+
+    Args:
+        lm: the loaded model (its tokenizer and device).
+        texts: one text or several.
+        add_special_tokens: add the tokenizer's special tokens (BOS); False for text a chat template rendered.
+        max_tokens: keep at most this many tokens of each text (its first ones).
+
+    Returns:
+        ``{"input_ids", "attention_mask"}``, each shaped (texts, longest length).
+
+    Raises:
+        MelayerError: a text is longer than the model's positions.
+    """
     if isinstance(texts, str):
         texts = [texts]
     rows = [tokenize(lm, t, add_special_tokens) for t in texts]

@@ -109,7 +109,16 @@ class Trace:
         return self.values[site, layer]
 
     def stack(self, site: str, layer: int) -> torch.Tensor:
-        """The per-prompt tensors of ``site`` at ``layer`` stacked (a reduction, or prompts of one length)."""
+        """The per-prompt tensors of ``site`` at ``layer``, stacked.
+
+        Args:
+            site: a capture site (``"resid_out"``, ...).
+            layer: a traced layer.
+
+        Returns:
+            One tensor with the prompts on its first axis (the per-prompt tensors must share a shape: a reduction,
+            or prompts of one length).
+        """
         return torch.stack(self[site, layer])
 
 

@@ -97,6 +97,11 @@ class CompareResult(Result):
     massive: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """The result as ``compare.json`` holds it.
+
+        Returns:
+            JSON-ready data: the settings, one row per rate (and method) with its paired comparison, the sink rates.
+        """
         return {
             "schema": SCHEMA,
             "task": self.task,
@@ -121,7 +126,14 @@ class CompareResult(Result):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CompareResult:
-        """The result a ``compare.json`` holds."""
+        """The result a ``compare.json`` holds.
+
+        Args:
+            data: a loaded ``compare.json`` (what :meth:`to_dict` returned).
+
+        Returns:
+            The comparison.
+        """
         return cls(task=data["task"], model=data["model"], rates=data["rates"], me_layer=data["me_layer"],
                    me_layer_source=data["me_layer_source"], select=data["select"], gamma=data["gamma"],
                    layers=data["layers"], rows=data["per_rate"], settings=data["settings"], sinks=data["sinks"],

@@ -77,13 +77,30 @@ class EvalResult(Result):
     truncated_saved: dict[str, Any] | None = field(default=None, repr=False)  # read from a file without records
 
     def values(self, metric: str) -> list[Any]:
+        """Every sample's value of one metric, in the records' order.
+
+        Args:
+            metric: a metric name of the task (``EvalResult.metrics`` keys).
+
+        Returns:
+            One value per sample record.
+        """
         return [r["metrics"][metric] for r in self.records]
 
     def ids(self) -> list[str]:
+        """The sample ids, in the records' order.
+
+        Returns:
+            One id per sample record.
+        """
         return [r["id"] for r in self.records]
 
     def truncated(self) -> dict[str, Any]:
-        """Samples whose input was cut from the left to fit the model's positions (lm-eval's rule)."""
+        """Samples whose input was cut from the left to fit the model's positions (lm-eval's rule).
+
+        Returns:
+            ``{"samples", "max_tokens_cut", "rule"}``.
+        """
         if not self.records and self.truncated_saved is not None:
             return self.truncated_saved
         cut = [r["truncated_tokens"] for r in self.records if r.get("truncated_tokens")]
@@ -93,6 +110,11 @@ class EvalResult(Result):
                         "the last positions - max_new_tokens tokens), as lm-eval does"}
 
     def to_dict(self) -> dict[str, Any]:
+        """The result as ``eval.json`` holds it (the per-sample records go to ``samples.jsonl``).
+
+        Returns:
+            JSON-ready data: the task, model, settings, metrics with their intervals and the sample count.
+        """
         return {
             "schema": SCHEMA,
             "task": self.task,
@@ -111,7 +133,15 @@ class EvalResult(Result):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], records: list[dict[str, Any]] | None = None) -> EvalResult:
-        """The result an ``eval.json`` holds; ``records``: its per-sample records (``samples.jsonl``)."""
+        """The result an ``eval.json`` holds.
+
+        Args:
+            data: a loaded ``eval.json`` (what :meth:`to_dict` returned).
+            records: its per-sample records (``samples.jsonl``), if any.
+
+        Returns:
+            The evaluation result.
+        """
         return cls(task=data["task"], model=data["model"], settings=data["settings"], metrics=data["metrics"],
                    breakdown=data.get("breakdown"), primary=data["primary_metric"], n_samples=data["n_samples"],
                    records=list(records or []),
@@ -121,7 +151,14 @@ class EvalResult(Result):
 
     @classmethod
     def load(cls, path: str | Path) -> EvalResult:
-        """Read an ``eval.json`` (and the ``samples.jsonl`` beside it, when there) back into the result."""
+        """Read an ``eval.json`` (and the ``samples.jsonl`` beside it, when there) back into the result.
+
+        Args:
+            path: the ``eval.json`` file.
+
+        Returns:
+            The evaluation result, with its per-sample records when ``samples.jsonl`` is there.
+        """
         data = cls.check(read_json(path), str(path))
         samples = Path(path).parent / SAMPLES
         return cls.from_dict(data, read_jsonl(samples) if samples.is_file() else None)

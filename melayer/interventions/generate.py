@@ -64,8 +64,23 @@ def chat_prompt(lm: LM, text: str, chat: bool | None = None) -> tuple[str, bool]
 @torch.no_grad()
 def greedy_generate(lm: LM, texts: Sequence[str], max_new_tokens: int = 32, chat: bool | None = None,
                     stop_at_eos: bool = True) -> tuple[list[str], dict[str, torch.Tensor], torch.Tensor]:
-    """Greedy KV-cached generation for a batch of texts (left padding). Returns (new texts, encoded batch,
-    output ids)."""
+    """Greedy KV-cached generation for a batch of texts (left padding).
+
+    Args:
+        lm: the loaded model.
+        texts: the prompts (none empty).
+        max_new_tokens: tokens to generate per prompt (at least 1).
+        chat: wrap each prompt in the model's chat template: True, False, or None for the template when the
+            model has one.
+        stop_at_eos: stop a row at its end-of-sequence token; False generates exactly ``max_new_tokens``.
+
+    Returns:
+        ``(new_texts, batch, output_ids)``: the generated text of each prompt, the encoded input batch, and the
+        input and generated token ids.
+
+    Raises:
+        MelayerError: an empty prompt or ``max_new_tokens < 1``.
+    """
     if max_new_tokens < 1:
         raise MelayerError("--max-new-tokens must be >= 1")
     if not texts or any(not t.strip() for t in texts):

@@ -41,6 +41,11 @@ class SweepResult(Result):
         return {i: r.get("error", "") for i, r in self.records.items() if r.get("status") != "done"}
 
     def to_dict(self) -> dict[str, Any]:
+        """The result as ``sweep.json`` holds it.
+
+        Returns:
+            JSON-ready data: the output, the executor, the cells and which ran, were skipped or failed.
+        """
         return {"schema": SCHEMA, "output": self.output, "executor": self.executor, "n_cells": len(self.cells),
                 "skipped": self.skipped, "ran": self.ran, "failed": self.failed,
                 "elapsed_s": round(self.elapsed_s, 2), "cells": self.cells,
@@ -48,7 +53,14 @@ class SweepResult(Result):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SweepResult:
-        """The result a ``sweep.json`` holds; each cell's record keeps only its status (and error)."""
+        """The result a ``sweep.json`` holds; each cell's record keeps only its status (and error).
+
+        Args:
+            data: a loaded ``sweep.json`` (what :meth:`to_dict` returned).
+
+        Returns:
+            The sweep result.
+        """
         records = {i: {"id": i, "status": "done"} for i in data["ran"]}
         records |= {i: {"id": i, "status": "failed", "error": e} for i, e in data["failed"].items()}
         return cls(output=data["output"], executor=data["executor"], cells=data["cells"], records=records,

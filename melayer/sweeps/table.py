@@ -88,7 +88,21 @@ def adjust(rows: list[dict[str, Any]], alpha: float = ALPHA) -> None:
 
 
 def aggregate(root: str | Path) -> dict[str, Any]:
-    """The table of every finished cell under ``root`` (a sweep's output directory)."""
+    """The table of every finished cell under a sweep's output directory (``melayer sweep aggregate``).
+
+    Cells still running or unreadable are counted as unfinished; p-values are corrected for multiple comparisons
+    (Benjamini-Hochberg).
+
+    Args:
+        root: the sweep's output directory (the one holding ``cells/``).
+
+    Returns:
+        The ``melayer.sweep_table`` JSON: its columns, one row per (cell, metric), the multiple-comparison
+        correction and the unfinished cells.
+
+    Raises:
+        MelayerError: ``root`` is not a sweep output directory or has no finished cell.
+    """
     root = Path(root)
     cells = root / "cells"
     if not cells.is_dir():
