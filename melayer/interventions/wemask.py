@@ -137,9 +137,28 @@ def check_settings(rate: float, *, select: str = "activation", gamma: float = 1.
 
 
 class WeMask:
-    """A WeMask intervention bound to one model, built by :func:`wemask` (same arguments). Use as a context
-    manager (re-enterable: each ``with`` applies and removes the hooks) or ``apply()`` / ``remove()``.
-    ``mask_mixers``: also mask layers whose token mixer is not softmax attention (see the module docstring)."""
+    """A WeMask intervention bound to one model; :func:`wemask` builds one with the same arguments.
+
+    Use it as a context manager (re-enterable: each ``with`` applies and removes the hooks) or with
+    :meth:`apply` / :meth:`remove`.
+
+    Args:
+        lm: the model.
+        rate: the fraction of the hidden size masked per token (see :func:`wemask`).
+        layers: the layers to mask (see :func:`wemask`).
+        select: ``"activation"`` or ``"weight"`` (see :func:`wemask`).
+        gamma: the masked dims are scaled by ``1 - gamma``.
+        token: ``"first"``, ``"massive"``, or ``"offset"`` (the real token at index ``offset``; a control).
+        me_layer: the ME layer, when known (else one scan finds it, cached on ``lm``).
+        criterion: the massive-activation criterion.
+        scan_prompts: the prompts of the scan that finds the ME layer.
+        dims: a control: these fixed dims (exactly ``k`` of them) instead of each token's top ``k``.
+        offset: with ``token="offset"``, the index of the real token masked.
+        mask_mixers: also mask layers whose token mixer is not softmax attention (see the module docstring).
+
+    Raises:
+        MelayerError: a setting is out of range, or no ME layer is found.
+    """
 
     def __init__(
         self,
@@ -230,7 +249,14 @@ class WeMask:
         return self.k == 0 or self.gamma == 0.0 or not self.layers
 
     def apply(self) -> WeMask:
-        """Install the hooks (persistent until :meth:`remove`)."""
+        """Install the hooks (persistent until :meth:`remove`).
+
+        Returns:
+            The mask itself, so that ``wm = melayer.wemask(lm, 0.05).apply()`` keeps it.
+
+        Raises:
+            MelayerError: the mask is already applied, or a masked layer has no attention module.
+        """
         if self._active:
             raise MelayerError("this WeMask is already applied")
         self._active = True
@@ -320,8 +346,12 @@ class WeMask:
 
     # -- reporting -------------------------------------------------------------------------------------
     def masked_dims(self) -> dict[int, list[int]]:
-        """Per layer, the masked dims (fixed for select='weight'; union over the masked tokens of the last
-        masking forward pass for select='activation')."""
+        """The masked dims of each layer.
+
+        Returns:
+            ``{layer: dims}``: fixed for ``select="weight"`` (and for fixed ``dims``); for ``select="activation"``
+            the union over the masked tokens of the last masking forward pass.
+        """
         if self.dims is not None:
             return {layer: list(self.dims) for layer in self.layers}
         if self.select == "weight":
@@ -329,6 +359,11 @@ class WeMask:
         return {layer: sorted({d for rec in recs for d in rec["dims"]}) for layer, recs in self._record.items()}
 
     def describe(self) -> str:
+        """The mask in words, as results and reports state it.
+
+        Returns:
+            One sentence: rate, k, the selection rule, the token, the layers (or why the mask is off).
+        """
         if self.is_noop:
             why = "rate 0" if self.rate == 0 else ("gamma 0" if self.gamma == 0 else
                                                    ("k = int(rate x hidden) = 0" if self.k == 0 else "no layers"))
@@ -344,6 +379,12 @@ class WeMask:
                 + (f" (after ME layer {self.me_layer}, {self.me_layer_source})" if self.me_layer is not None else ""))
 
     def to_dict(self) -> dict[str, Any]:
+        """The mask's settings and what it masked, as JSON-ready data (``"schema": "melayer.wemask/1"``).
+
+        Returns:
+            The settings, the layers, the ME layer and where it came from, the masked dims and tokens, the rule
+            in words.
+        """
         return {
             "schema": "melayer.wemask/1",
             "model": self.lm.name,

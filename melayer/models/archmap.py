@@ -100,6 +100,18 @@ class ArchSpec:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def path(self, role: str, layer: int | None = None) -> str | None:
+        """The module path of a role, relative to the decoder layer (layer roles) or to the model (model roles).
+
+        Args:
+            role: a role name (``"down"``, ``"pre_attn_norm"``, ``"embed"``, ...).
+            layer: a decoder layer whose own path for the role (``layer_paths``) takes precedence.
+
+        Returns:
+            The dotted path, or None when the architecture has no such module.
+
+        Raises:
+            KeyError: ``role`` is not a role.
+        """
         if role not in LAYER_ROLES and role not in MODEL_ROLES:
             raise KeyError(f"unknown role {role!r}")
         if layer is not None and role in self.layer_paths.get(layer, {}):
@@ -107,27 +119,50 @@ class ArchSpec:
         return getattr(self, role)
 
     def at(self, layer: int) -> ArchSpec:
-        """The layout of decoder layer ``layer`` (the common one with that layer's differences applied)."""
+        """The layout of one decoder layer: the common one with that layer's differences applied.
+
+        Args:
+            layer: the decoder layer's index.
+
+        Returns:
+            A spec without per-layer differences (this spec itself when the layer has none).
+        """
         diff = self.layer_paths.get(layer)
         return dataclasses.replace(self, **diff, layer_paths={}) if diff else self
 
     def layout(self) -> dict[str, Any]:
-        """Everything but the name and notes: two specs with the same layout address a model alike."""
+        """Everything but the name and notes: two specs with the same layout address a model alike.
+
+        Returns:
+            :meth:`to_dict` without ``name``, ``notes`` and ``extra``.
+        """
         d = self.to_dict()
         for key in ("name", "notes", "extra"):
             d.pop(key)
         return d
 
     def derived_layout(self) -> dict[str, Any]:
-        """The layout without the fields only ``melayer weights`` reads (:data:`WEIGHT_PATH_FIELDS`): what
-        derivation measures, and what matching a derived map to a named one compares."""
+        """The layout without the fields only ``melayer weights`` reads (:data:`WEIGHT_PATH_FIELDS`).
+
+        This is what derivation measures, and what matching a derived map to a named one compares.
+
+        Returns:
+            :meth:`layout` without those fields.
+        """
         d = self.layout()
         for key in WEIGHT_PATH_FIELDS:
             d.pop(key, None)
         return d
 
     def block_kind(self, layer: int | None = None) -> str:
-        """The layer's block in words: sequential / parallel, which mixer, FFN or not."""
+        """The layer's block in words: sequential / parallel, which mixer, FFN or not.
+
+        Args:
+            layer: a decoder layer (its own differences applied); None for the common layout.
+
+        Returns:
+            E.g. ``"attention + FFN"``, ``"parallel attention + FFN"``, ``"attention + MoE + shared expert"``.
+        """
         s = self if layer is None else self.at(layer)
         mixer = {"attention": "attention", "other": "non-attention mixer", "none": ""}.get(s.mixer_kind, s.mixer_kind)
         ffn = ("MoE" + (" + shared expert" if s.down else "")) if s.experts else ("FFN" if s.down else "")
@@ -135,23 +170,51 @@ class ArchSpec:
         return ("parallel " if s.parallel else "") + (" + ".join(parts) if parts else "empty")
 
     def to_dict(self) -> dict[str, Any]:
+        """The map as plain data (what an ``--arch`` JSON file holds).
+
+        Returns:
+            Every field by name.
+        """
         return dataclasses.asdict(self)
 
     # -- weight layouts: the only place that knows Conv1D vs nn.Linear, fused gate_up and the norm offset --
     def linear_weight(self, module: nn.Module) -> torch.Tensor:
-        """A projection's weight as nn.Linear lays it out, (out_features, in_features), whatever the storage
-        (GPT-2's Conv1D stores (in, out)). A view: writing into it writes the module's weight."""
+        """A projection's weight as nn.Linear lays it out, (out_features, in_features), whatever the storage.
+
+        GPT-2's Conv1D stores (in, out). The result is a view: writing into it writes the module's weight.
+
+        Args:
+            module: the projection (nn.Linear or Conv1D).
+
+        Returns:
+            The (out, in) weight view.
+        """
         weight = module.weight
         return weight.t() if self.conv1d else weight
 
     def down_matrix(self, down: nn.Module) -> torch.Tensor:
-        """The down projection as (hidden_out, neuron) (a view of the stored weight)."""
+        """The down projection as (hidden_out, neuron), a view of the stored weight.
+
+        Args:
+            down: the FFN's down projection module.
+
+        Returns:
+            The (hidden, neuron) weight view.
+        """
         return self.linear_weight(down)
 
     def ffn_in_matrices(self, layer: nn.Module) -> dict[str, torch.Tensor]:
-        """A decoder layer's FFN input projections as (neuron, hidden_in) matrices keyed ``gate`` / ``up``: a
-        fused ``gate_up`` is split (first half gate, second half up); GPT-2's ``c_fc`` is ``up``. Views of the
-        stored weights, so writing into them edits the model."""
+        """A decoder layer's FFN input projections as (neuron, hidden_in) matrices.
+
+        A fused ``gate_up`` is split (first half gate, second half up); GPT-2's ``c_fc`` is ``up``. Views of the
+        stored weights, so writing into them edits the model.
+
+        Args:
+            layer: the decoder layer module.
+
+        Returns:
+            ``{"gate": ..., "up": ...}`` (``gate`` absent when the FFN has none).
+        """
         if self.gate_up is not None:
             w = self.linear_weight(resolve(layer, self.gate_up))  # type: ignore[arg-type]
             inter = w.shape[0] // 2
@@ -165,7 +228,14 @@ class ArchSpec:
 
     @staticmethod
     def projections(module: nn.Module) -> list[tuple[nn.Module, torch.Tensor]]:
-        """Every projection inside ``module`` with its weight as an (out, in) view (nn.Linear or GPT-2's Conv1D)."""
+        """Every projection inside ``module`` with its weight as an (out, in) view (nn.Linear or GPT-2's Conv1D).
+
+        Args:
+            module: any module (a block, an attention or FFN module).
+
+        Returns:
+            ``(projection, weight view)`` pairs in module order.
+        """
         found = []
         for sub in module.modules():
             if isinstance(sub, nn.Linear):
@@ -175,18 +245,51 @@ class ArchSpec:
         return found
 
     def stored_index(self, row: int, col: int) -> list[int]:
-        """Where entry (row, col) of :meth:`linear_weight` sits in the stored weight tensor."""
+        """Where entry (row, col) of :meth:`linear_weight` sits in the stored weight tensor.
+
+        Args:
+            row: the output feature.
+            col: the input feature.
+
+        Returns:
+            ``[row, col]``, or ``[col, row]`` for Conv1D storage.
+        """
         return [col, row] if self.conv1d else [row, col]
 
     def gain_from_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        """A norm's effective per-dim gain from its stored weight (Gemma stores gain - 1)."""
+        """A norm's effective per-dim gain from its stored weight (Gemma stores gain - 1).
+
+        Args:
+            weight: the norm's stored weight.
+
+        Returns:
+            The effective gain, per dim.
+        """
         return weight + self.norm_gain_offset
 
     def weight_for_gain(self, gain: float) -> float:
-        """The stored norm weight that gives effective gain ``gain``."""
+        """The stored norm weight that gives effective gain ``gain``.
+
+        Args:
+            gain: the effective gain wanted.
+
+        Returns:
+            The value to store.
+        """
         return gain - self.norm_gain_offset
 
     def with_overrides(self, **overrides: Any) -> ArchSpec:
+        """A copy with some fields replaced (how an ``--arch`` JSON file adjusts a named map).
+
+        Args:
+            **overrides: field values by name; ``layer_paths`` keys may be strings (JSON).
+
+        Returns:
+            The new spec.
+
+        Raises:
+            MelayerError: an unknown field or a malformed ``layer_paths``.
+        """
         unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise MelayerError(f"unknown architecture-map keys: {', '.join(sorted(unknown))}")
