@@ -16,7 +16,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
@@ -189,7 +189,7 @@ class ArchSpec:
         Returns:
             The (out, in) weight view.
         """
-        weight = module.weight
+        weight = cast(torch.Tensor, module.weight)  # torch types a module attribute as Tensor | Module
         return weight.t() if self.conv1d else weight
 
     def down_matrix(self, down: nn.Module) -> torch.Tensor:
@@ -236,12 +236,12 @@ class ArchSpec:
         Returns:
             ``(projection, weight view)`` pairs in module order.
         """
-        found = []
+        found: list[tuple[nn.Module, torch.Tensor]] = []
         for sub in module.modules():
             if isinstance(sub, nn.Linear):
                 found.append((sub, sub.weight))
             elif type(sub).__name__ == "Conv1D":  # transformers.pytorch_utils.Conv1D stores (in, out)
-                found.append((sub, sub.weight.t()))
+                found.append((sub, cast(torch.Tensor, sub.weight).t()))
         return found
 
     def stored_index(self, row: int, col: int) -> list[int]:

@@ -27,7 +27,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self, cast
 
 import torch
 
@@ -37,6 +37,9 @@ from melayer.models.gguf_file import read_gguf_header, read_gguf_tensor
 from melayer.models.hf_internals import drop_gguf_quantizer, gguf_tensor_processor
 from melayer.util.errors import MelayerError, one_line
 from melayer.util.io import apply_umask
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 convert_timings: dict[str, float] = {}
 # part of every cached conversion's key: raised when a conversion made by an earlier melayer must not be reused
@@ -101,12 +104,12 @@ def _tokenizer_class(config: Any) -> Any:
     from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING
 
     try:
-        cls = TOKENIZER_MAPPING[type(config)]
+        classes = TOKENIZER_MAPPING[type(config)]
     except KeyError:
         return None
-    if isinstance(cls, (tuple, list)):
-        cls = cls[1] or cls[0]
-    return cls
+    if isinstance(classes, (tuple, list)):
+        return classes[1] or classes[0]
+    return classes
 
 
 def _legacy_gguf_arch(arch: str) -> bool:
@@ -226,13 +229,16 @@ def convert_gguf(path: Path, out: Path, progress: bool = True) -> tuple[Any, Any
                 if legacy:
                     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
 
-                    model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].from_pretrained(
+                    # transformers annotates every auto mapping's values as the tokenizer mapping's class pair
+                    model_class = cast("type[PreTrainedModel]", MODEL_FOR_CAUSAL_LM_MAPPING[type(config)])
+                    model = model_class.from_pretrained(
                         None, config=config, dtype=torch.float32,
                         state_dict=gguf_state_dict(path, config, meta, header, skeleton))
                 else:  # transformers' own GGUF path for this architecture (packed weights, its header reader)
-                    model, info = AutoModelForCausalLM.from_pretrained(
+                    # with output_loading_info transformers returns (model, info); its annotation names the model
+                    model, info = cast("tuple[PreTrainedModel, dict[str, Any]]", AutoModelForCausalLM.from_pretrained(
                         str(path.parent), gguf_file=path.name, config=config, dtype=torch.float32,
-                        output_loading_info=True)
+                        output_loading_info=True))
                     if (error := incomplete(path, info["missing_keys"], mismatched=info["mismatched_keys"])):
                         raise error
         except MelayerError:

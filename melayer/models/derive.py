@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -36,6 +36,9 @@ from melayer.models.experts import FusedExperts, experts_call, is_fused_experts
 from melayer.models.guard import overflow_message
 from melayer.models.hf_internals import attention_implementation, attn_implementation
 from melayer.util.errors import MelayerError, NumericOverflow, UnsupportedArchitecture
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 SEQ = 6  # tokens of the traced forward
 
@@ -56,6 +59,20 @@ class Call:
     y: torch.Tensor | None = None  # first tensor of the output
     extra: Any = None  # the whole output
     end: int = -1
+
+    @property
+    def xin(self) -> torch.Tensor:
+        """The hidden-states input (every call :func:`_units` and :func:`_leaves` select has one)."""
+        if self.x is None:
+            raise DerivationError(f"{type(self.module).__name__} was not called with hidden states")
+        return self.x
+
+    @property
+    def yout(self) -> torch.Tensor:
+        """The first output tensor (every call :func:`_units` selects has one)."""
+        if self.y is None:
+            raise DerivationError(f"{type(self.module).__name__} returned no tensor")
+        return self.y
 
 
 def _first_tensor(out: Any) -> torch.Tensor | None:
@@ -90,7 +107,7 @@ class Trace:
         self.calls: dict[int, Call] = {}
         self.counter = 0
         self.active = True
-        self._handles = []
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
         for mod in root.modules():
             self._handles.append(mod.register_forward_pre_hook(self._pre, with_kwargs=True))
             self._handles.append(mod.register_forward_hook(self._post, with_kwargs=True))
@@ -116,6 +133,13 @@ class Trace:
     def get(self, mod: nn.Module) -> Call | None:
         return self.calls.get(id(mod))
 
+    def called(self, mod: nn.Module) -> Call:
+        """The call of a module the traced forward ran (the layers, the FFN's projections)."""
+        call = self.calls.get(id(mod))
+        if call is None:
+            raise DerivationError(f"{type(mod).__name__} was not called in the traced forward")
+        return call
+
     def rerun(self, call: Call, x: torch.Tensor) -> torch.Tensor | None:
         """Call the module again with ``x`` as its hidden-states input and the traced other arguments."""
         was, self.active = self.active, False
@@ -140,6 +164,12 @@ def _weight2d(mod: nn.Module) -> torch.Tensor | None:
     return None
 
 
+def _shape2d(mod: nn.Module) -> tuple[int, ...]:
+    """The weight shape of a projection (a module :func:`_leaves` returns); () for any other module."""
+    w = _weight2d(mod)
+    return () if w is None else tuple(w.shape)
+
+
 def is_norm(trace: Trace, call: Call, hidden: int) -> bool:
     """Scale invariance: the output for 2x equals the output for x (RMSNorm, LayerNorm, with or without gain)."""
     if call.x is None or call.y is None or call.x.shape[-1] != hidden or call.y.shape != call.x.shape:
@@ -157,10 +187,12 @@ def is_norm(trace: Trace, call: Call, hidden: int) -> bool:
 
 def mixes_tokens(trace: Trace, call: Call) -> bool:
     """Does changing the first position change later positions' outputs?"""
-    x = call.x.clone()
+    x = call.xin.clone()
     x[:, 0] = x[:, 0] + torch.randn_like(x[:, 0]) * (x.abs().mean() + 1)
     y2 = trace.rerun(call, x)
-    return not _same(y2[:, 1:], call.y[:, 1:], 1e-3)
+    if y2 is None:
+        raise DerivationError(f"{type(call.module).__name__} returned no tensor when called again")
+    return not _same(y2[:, 1:], call.yout[:, 1:], 1e-3)
 
 
 def norm_probe(norm: nn.Module, hidden: int) -> tuple[str, float | None]:
@@ -172,7 +204,14 @@ def norm_probe(norm: nn.Module, hidden: int) -> tuple[str, float | None]:
     device = execution_device(norm)
     v = torch.ones(1, 1, hidden, device=device, dtype=dtype)
     v[..., 1::2] = -1
-    pos, neg, shifted = (_first_tensor(norm(t)).float() for t in (v, -v, v + 3))
+
+    def run(t: torch.Tensor) -> torch.Tensor:
+        out = _first_tensor(norm(t))
+        if out is None:
+            raise DerivationError(f"the norm {type(norm).__name__} returned no tensor")
+        return out.float()
+
+    pos, neg, shifted = (run(t) for t in (v, -v, v + 3))
     gain = ((pos - neg) / (2 * v.float()))[0, 0]
     kind = "layer" if _same(shifted, pos) else "rms"
     if not isinstance(w, torch.Tensor) or w.shape != (hidden,):
@@ -206,7 +245,7 @@ def _names(root: nn.Module) -> dict[int, str]:
     return out
 
 
-def _decoder_layers(model: nn.Module, body: nn.Module) -> tuple[str, nn.ModuleList]:
+def _decoder_layers(model: PreTrainedModel, body: nn.Module) -> tuple[str, nn.ModuleList]:
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     n = next((getattr(cfg, k) for k in ("num_hidden_layers", "n_layer", "num_layers") if isinstance(getattr(cfg, k, None), int)), None)
     lists = [(name, m) for name, m in body.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
@@ -244,8 +283,8 @@ def _is_softmax_attention(call: Call) -> bool:
 
 def _leaves(trace: Trace, module: nn.Module) -> list[tuple[nn.Module, Call]]:
     """The called projections (leaf modules with a 2-D weight) inside ``module``, in call order."""
-    return sorted(((m, trace.get(m)) for m in module.modules() if _weight2d(m) is not None and trace.get(m)),
-                  key=lambda mc: mc[1].order)
+    found = [(m, c) for m in module.modules() if _weight2d(m) is not None and (c := trace.get(m)) is not None]
+    return sorted(found, key=lambda mc: mc[1].order)
 
 
 def _dense_roles(trace: Trace, rel: Any, path: str, call: Call, hidden: int, skip: tuple = ()) -> dict[str, Any]:
@@ -255,11 +294,11 @@ def _dense_roles(trace: Trace, rel: Any, path: str, call: Call, hidden: int, ski
     if not writers:
         raise DerivationError(f"no projection in {path} writes the residual width")
     down, down_call = writers[-1]
-    inter = down_call.x.shape[-1]
+    inter = down_call.xin.shape[-1]
     readers = [(m, c) for m, c in leaves if m is not down and _same(_flat(c.x, hidden), _flat(call.x, hidden))]
     out: dict[str, Any] = dict(down=rel(down), gate=None, up=None, gate_up=None)
-    out["conv1d"] = not isinstance(down, nn.Linear) and tuple(_weight2d(down).shape) == (inter, hidden) and inter != hidden
-    widths = [c.y.shape[-1] for _, c in readers]
+    out["conv1d"] = not isinstance(down, nn.Linear) and _shape2d(down) == (inter, hidden) and inter != hidden
+    widths = [c.yout.shape[-1] for _, c in readers]
     if len(readers) == 1 and widths[0] == inter:
         out["up"] = rel(readers[0][0])
     elif len(readers) == 1 and widths[0] == 2 * inter:
@@ -303,12 +342,12 @@ def _moe_roles(trace: Trace, rel: Any, path: str, call: Call, experts: nn.Module
     """Router, fused experts, shared expert and its gate of an MoE block, checked by recomputing its output."""
     ecall = trace.get(experts)
     parsed = experts_call(ecall.args, ecall.kwargs) if ecall is not None else None
-    if parsed is None or ecall.y is None:
+    if ecall is None or parsed is None or ecall.y is None:
         raise DerivationError(f"the experts of {path} are not called with (tokens, expert ids, routing weights)")
     fused = FusedExperts(experts)
     n_exp = fused.num_experts
     router = [m for m, c in _leaves(trace, call.module)
-              if tuple(_weight2d(m).shape) == (n_exp, hidden) and not _inside(m, experts)]
+              if _shape2d(m) == (n_exp, hidden) and not _inside(m, experts)]
     if not router:
         raise DerivationError(f"no router (a {n_exp} x {hidden} projection) in {path}")
     x_in = _flat(call.x, hidden)
@@ -324,7 +363,7 @@ def _moe_roles(trace: Trace, rel: Any, path: str, call: Call, experts: nn.Module
     y_experts = fused.output(x.float(), idx, w)
     if not _same(y_experts, ecall.y.float().reshape(y_experts.shape), 1e-3):
         raise DerivationError(f"the experts of {path} do not compute what their layout flags say")
-    total = ecall.y.float().reshape(call.y.shape)
+    total = ecall.y.float().reshape(call.yout.shape)
     roles.paths.update(router=rel(router[0]), experts=rel(experts), shared_gate=None, gate=None, up=None,
                        gate_up=None, down=None)
     if shared:
@@ -332,10 +371,10 @@ def _moe_roles(trace: Trace, rel: Any, path: str, call: Call, experts: nn.Module
         dense = _dense_roles(trace, rel, f"{path}.{shared[0][0]}", scall, hidden)
         dense.pop("conv1d")
         roles.paths.update(dense)
-        factor = torch.sigmoid(trace.get(gate).y.float()).reshape(-1, 1) if gate is not None else 1.0
-        total = total + (factor * scall.y.float().reshape(-1, hidden)).reshape(total.shape)
+        factor = torch.sigmoid(trace.called(gate).yout.float()).reshape(-1, 1) if gate is not None else 1.0
+        total = total + (factor * scall.yout.float().reshape(-1, hidden)).reshape(total.shape)
         roles.paths["shared_gate"] = rel(gate) if gate is not None else None
-    if not _same(total, call.y.float(), 1e-3):
+    if not _same(total, call.yout.float(), 1e-3):
         raise DerivationError(f"{path}'s output is not its routed experts' sum (plus a shared expert)")
 
 
@@ -345,11 +384,11 @@ def _is_linear_branch(trace: Trace, ffn_call: Call, proj: nn.Module, down: nn.Mo
     h1 = proj.register_forward_hook(lambda m, a, out: out * 2)
     h2 = down.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
     try:
-        trace.rerun(ffn_call, ffn_call.x)
+        trace.rerun(ffn_call, ffn_call.xin)
     finally:
         h1.remove()
         h2.remove()
-    return _same(seen.get("x"), trace.get(down).x * 2)
+    return _same(seen.get("x"), trace.called(down).xin * 2)
 
 
 def _layer_roles(trace: Trace, names: dict[int, str], layer: nn.Module, hidden: int) -> LayerRoles:
@@ -361,7 +400,8 @@ def _layer_roles(trace: Trace, names: dict[int, str], layer: nn.Module, hidden: 
     norms = [(p, c) for p, c in units if is_norm(trace, c, hidden)]
     blocks = [(p, c) for p, c in units if all(c is not n for _, n in norms)
               and any(True for _ in c.module.parameters())]  # dropout and other parameter-free identities
-    mixers, ffns = [], []
+    mixers: list[tuple[str, Call]] = []
+    ffns: list[tuple[str, Call]] = []
     for p, c in blocks:
         (mixers if mixes_tokens(trace, c) else ffns).append((p, c))
     covered = [c.module for _, c in units]
@@ -392,14 +432,14 @@ def _layer_roles(trace: Trace, names: dict[int, str], layer: nn.Module, hidden: 
         path, fcall = ffns[0]
         roles.paths.update(pre_ffn_norm=reads(fcall), post_ffn_norm=follows(fcall))
         _ffn_roles(trace, names, layer, path, fcall, hidden, roles)
-        src = trace.get(layer.get_submodule(roles.paths["pre_ffn_norm"])).x if roles.paths["pre_ffn_norm"] else fcall.x
+        src = trace.called(layer.get_submodule(roles.paths["pre_ffn_norm"])).x if roles.paths["pre_ffn_norm"] else fcall.x
         roles.parallel = bool(mixers) and _same(src, lcall.x)
     if not mixers and not ffns:
         raise DerivationError("no mixer and no FFN found in a decoder layer")
     return roles
 
 
-def _logit_scale(model: nn.Module, head: nn.Module, body_call: Call | None, out: Any) -> float:
+def _logit_scale(model: PreTrainedModel, head: nn.Module, body_call: Call | None, out: Any) -> float:
     """The factor between the LM head's output and the model's logits (Cohere's ``logit_scale``, Granite's
     ``1 / logits_scaling``...), measured; 1.0 for most families. Final soft-capping is undone first."""
     logits = getattr(out, "logits", None)
@@ -419,7 +459,7 @@ def _logit_scale(model: nn.Module, head: nn.Module, body_call: Call | None, out:
     return scale
 
 
-def _probe_ids(model: nn.Module) -> torch.Tensor:
+def _probe_ids(model: PreTrainedModel) -> torch.Tensor:
     emb = model.get_input_embeddings()
     vocab = int(getattr(emb, "num_embeddings", 0) or model.config.get_text_config().vocab_size)
     ids = [(3 + 7919 * i) % vocab for i in range(SEQ)]
@@ -427,7 +467,7 @@ def _probe_ids(model: nn.Module) -> torch.Tensor:
 
 
 @torch.no_grad()
-def derive_arch(model: nn.Module) -> ArchSpec:
+def derive_arch(model: PreTrainedModel) -> ArchSpec:
     """The architecture map of ``model``, derived as the module docstring says (raises :class:`DerivationError`
     with the reason when a role cannot be told)."""
     names = _names(model)
@@ -442,7 +482,7 @@ def derive_arch(model: nn.Module) -> ArchSpec:
     if not isinstance(body, nn.Module) or id(body) not in names:
         raise DerivationError("no decoder module (get_decoder() / base_model) separate from the LM head")
     layers_rel, layers = _decoder_layers(model, body)
-    hidden = int(embed.weight.shape[-1])
+    hidden = int(cast(torch.Tensor, embed.weight).shape[-1])  # torch types it Tensor | Module
     eager = "eager" if attn_implementation(model) not in (None, "eager") else None
     training = model.training
     model.eval()  # dropout off: the probes compare outputs
@@ -454,12 +494,12 @@ def derive_arch(model: nn.Module) -> ArchSpec:
         else:
             out = model(input_ids=_probe_ids(model), use_cache=False)
         for i, layer in enumerate(layers):  # a model that overflows cannot be probed: say so as the guard would
-            y = trace.get(layer).y if trace.get(layer) is not None else None
+            y = lcall.y if (lcall := trace.get(layer)) is not None else None
             if y is not None and y.is_floating_point() and not bool(torch.isfinite(y).all()):
                 raise NumericOverflow(overflow_message(f"layer {i}", y.dtype))
         scale = _logit_scale(model, head, trace.get(body), out)
         per_layer = [_layer_roles(trace, names, layer, hidden) for layer in layers]
-        last_end = trace.get(layers[-1]).end
+        last_end = trace.called(layers[-1]).end
         final = sorted((c for c in trace.calls.values() if c.order > last_end and c.module is not head
                         and is_norm(trace, c, hidden)), key=lambda c: c.order)
         probes = {norm_probe(m, hidden) for r in per_layer for m in r.norms}
@@ -539,7 +579,7 @@ def arch_from_config(config: dict[str, Any]) -> ArchSpec:
     return spec
 
 
-def arch_for(model: nn.Module, override: dict[str, Any] | ArchSpec | str | Path | None = None) -> ArchSpec:
+def arch_for(model: PreTrainedModel, override: dict[str, Any] | ArchSpec | str | Path | None = None) -> ArchSpec:
     """The architecture map of ``model``: derived from the model (:func:`melayer.models.derive.derive_arch`; a
     named layout when the derived one equals it), then ``override`` applied, then checked against the model."""
     override = load_override(override)

@@ -13,7 +13,8 @@ expert's neurons follow the routed ones.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -38,23 +39,31 @@ class FusedExperts:
         self.concatenated = bool(getattr(module, "is_concatenated", True))
         self.first_name = "gate_up_proj" if self.has_gate else "up_proj"
 
+    def _tensor(self, name: str) -> torch.Tensor:
+        """One of the module's fused tensors (torch types a module attribute as ``Tensor | Module``)."""
+        return cast(torch.Tensor, getattr(self.module, name))
+
+    def _method(self, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        """One of the module's own functions of the projected activations (``_apply_gate``, ``act_fn``)."""
+        return cast(Callable[[torch.Tensor], torch.Tensor], getattr(self.module, name))
+
     @property
     def num_experts(self) -> int:
-        return int(self.module.down_proj.shape[0])
+        return int(self._tensor("down_proj").shape[0])
 
     @property
     def inter(self) -> int:
         """Neurons per expert."""
-        d = self.module.down_proj
+        d = self._tensor("down_proj")
         return int(d.shape[1] if self.transposed else d.shape[2])
 
     def down(self, e: int, weight: torch.Tensor | None = None) -> torch.Tensor:
         """Expert ``e``'s down projection as (hidden_out, neuron) (a view)."""
-        d = (self.module.down_proj if weight is None else weight)[e]
+        d = (self._tensor("down_proj") if weight is None else weight)[e]
         return d.t() if self.transposed else d
 
     def down_bias(self, e: int) -> torch.Tensor | None:
-        return self.module.down_proj_bias[e] if self.has_bias else None
+        return self._tensor("down_proj_bias")[e] if self.has_bias else None
 
     def stored_index(self, e: int, row: int, col: int) -> list[int]:
         """Where entry (row, col) of :meth:`down` sits in the stored ``down_proj`` tensor."""
@@ -87,7 +96,7 @@ class FusedExperts:
         out = x @ w if self.transposed else x @ w.t()
         if self.has_bias:
             out = out + getattr(self.module, f"{self.first_name}_bias")[e]
-        return self.module._apply_gate(out) if self.has_gate else self.module.act_fn(out)
+        return self._method("_apply_gate" if self.has_gate else "act_fn")(out)
 
     def routed(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """(tokens, E x I): each token's neuron activations times its routing weight, zero for experts it did not

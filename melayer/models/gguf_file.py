@@ -91,7 +91,7 @@ def read_gguf_header(path: Path) -> tuple[dict[str, Any], dict[str, tuple[tuple[
         buf = np.memmap(path, dtype=np.uint8, mode="r")
     except (OSError, ValueError) as exc:
         raise MelayerError(f"cannot read {path}: {exc}") from None
-    mv = memoryview(buf)
+    mv = buf.data  # the file's bytes as a memoryview
     size = len(mv)
     pos = 0
 

@@ -8,20 +8,23 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from melayer.util.errors import MelayerError
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
-def attn_implementation(model: nn.Module) -> str | None:
+
+def attn_implementation(model: PreTrainedModel) -> str | None:
     """The attention implementation the model runs with (``config._attn_implementation``)."""
     return getattr(model.config, "_attn_implementation", None)
 
 
 @contextlib.contextmanager
-def attention_implementation(model: nn.Module, impl: str, name: str = "model") -> Iterator[None]:
+def attention_implementation(model: PreTrainedModel, impl: str, name: str = "model") -> Iterator[None]:
     """Run ``model`` with attention implementation ``impl`` inside the block; the previous one is restored."""
     prev = attn_implementation(model)
     if prev == impl:
@@ -35,7 +38,7 @@ def attention_implementation(model: nn.Module, impl: str, name: str = "model") -
         yield
     finally:
         try:
-            model.set_attn_implementation(prev)
+            model.set_attn_implementation(prev)  # type: ignore[arg-type]  # None: transformers' default again
         except Exception:
             model.config._attn_implementation = prev
 
@@ -45,9 +48,9 @@ def hook_count(model: nn.Module) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
-def drop_gguf_quantizer(model: nn.Module) -> None:
+def drop_gguf_quantizer(model: PreTrainedModel) -> None:
     """A GGUF-loaded model is already dequantised; remove the quantizer marker so it can be saved."""
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # set by transformers on a quantised load, undeclared
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
 

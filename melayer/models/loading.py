@@ -15,7 +15,7 @@ import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -31,6 +31,9 @@ from melayer.models.experts import FusedExperts
 from melayer.models.guard import OverflowGuard, install_overflow_guard, overflow_guard
 from melayer.util.errors import MelayerError, one_line
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
 
@@ -39,7 +42,7 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
 class LM:
     """A loaded causal LM plus the architecture map that says where each role lives."""
 
-    model: nn.Module
+    model: PreTrainedModel
     tokenizer: Any
     name: str
     arch: ArchSpec
@@ -137,8 +140,8 @@ class LM:
             return [] if down is None else [{"expert": None, "start": 0, "size": self.down_weight(layer).shape[1]}]
         segs: list[dict[str, Any]] = [{"expert": e, "start": e * fused.inter, "size": fused.inter}
                                       for e in range(fused.num_experts)]
-        if self.module(layer, "down") is not None:
-            size = self.arch.at(layer).down_matrix(self.module(layer, "down")).shape[1]
+        if (down := self.module(layer, "down")) is not None:
+            size = self.arch.at(layer).down_matrix(down).shape[1]
             segs.append({"expert": "shared", "start": fused.num_experts * fused.inter, "size": size})
         return segs
 
@@ -307,9 +310,10 @@ def load(
             if fresh is not None and not placement:
                 model = fresh.to(torch_dtype)
             else:
-                model, info = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, output_loading_info=True,
-                                                                   trust_remote_code=trust_remote_code,
-                                                                   **placement)
+                # with output_loading_info transformers returns (model, info); its annotation names the model only
+                model, info = cast("tuple[PreTrainedModel, dict[str, Any]]", AutoModelForCausalLM.from_pretrained(
+                    source, dtype=torch_dtype, output_loading_info=True, trust_remote_code=trust_remote_code,
+                    **placement))
                 error = incomplete(source, info["missing_keys"], info["unexpected_keys"], info["mismatched_keys"])
                 if error is not None:
                     raise error
@@ -335,7 +339,7 @@ def load(
     return lm
 
 
-def from_model(model: nn.Module, tokenizer: Any, name: str = "model", arch: Any = None,
+def from_model(model: PreTrainedModel, tokenizer: Any, name: str = "model", arch: Any = None,
                overflow_guard: bool = False) -> LM:
     """Wrap a model already in memory (``transformers`` causal LM, or a tiny test checkpoint) for melayer, without
     changing it.
