@@ -52,8 +52,14 @@ class LM:
     me_layers: dict[Any, int | None] = field(default_factory=dict, repr=False, compare=False)
 
     def guard_overflow(self) -> OverflowGuard:
-        """Install the overflow guard (once): every forward that produces inf/nan raises
-        :class:`~melayer.util.errors.NumericOverflow` naming the first layer that did. ``.remove()`` takes it off."""
+        """Install the overflow guard (once).
+
+        Every forward that produces inf/nan then raises :class:`~melayer.util.errors.NumericOverflow` naming the
+        first layer that did.
+
+        Returns:
+            The guard (the one already installed, if any); its ``remove()`` takes it off.
+        """
         return install_overflow_guard(self.model, self.layers, self.body)
 
     @property
@@ -115,11 +121,27 @@ class LM:
         return next(self.model.parameters()).dtype
 
     def module(self, layer: int, role: str) -> nn.Module | None:
-        """The module playing ``role`` in decoder layer ``layer`` (None if the family has no such role)."""
+        """The module playing ``role`` in one decoder layer.
+
+        Args:
+            layer: the decoder layer's index.
+            role: a role of the architecture map (``"attn"``, ``"down"``, ``"pre_attn_norm"``, ...).
+
+        Returns:
+            The module, or None if the family has no such role.
+        """
         return resolve(self.layers[layer], self.arch.path(role, layer))
 
     def norm_gain(self, layer: int, role: str) -> torch.Tensor | None:
-        """The effective per-dim gain of a norm (weight + offset), or None if absent/unweighted."""
+        """The effective per-dim gain of a norm (its weight plus the family's offset).
+
+        Args:
+            layer: the decoder layer's index.
+            role: a norm role (``"pre_attn_norm"``, ``"post_attn_norm"``, ``"pre_ffn_norm"``, ``"post_ffn_norm"``).
+
+        Returns:
+            The gain as a float tensor, or None if the norm is absent or has no weight.
+        """
         norm = self.module(layer, role)
         weight = read_param(norm, "weight") if norm is not None else None
         if weight is None:
@@ -127,13 +149,27 @@ class LM:
         return self.arch.gain_from_weight(weight.float())
 
     def experts(self, layer: int) -> FusedExperts | None:
-        """The fused experts of an MoE layer (None for a dense layer)."""
+        """The fused experts of an MoE layer.
+
+        Args:
+            layer: the decoder layer's index.
+
+        Returns:
+            The experts, or None for a dense layer.
+        """
         module = self.module(layer, "experts")
         return FusedExperts(module) if module is not None else None
 
     def ffn_segments(self, layer: int) -> list[dict[str, Any]]:
-        """How the FFN neurons of ``layer`` are numbered: one segment per routed expert (``e * I + n``), then the
-        shared expert's neurons; one segment for a dense FFN."""
+        """How the FFN neurons of ``layer`` are numbered.
+
+        Args:
+            layer: the decoder layer's index.
+
+        Returns:
+            ``{"expert", "start", "size"}`` segments: one per routed expert (neuron ``e * I + n``), then the
+            shared expert's; one segment for a dense FFN; none for a layer without an FFN.
+        """
         fused = self.experts(layer)
         if fused is None:
             down = self.module(layer, "down")
@@ -147,8 +183,17 @@ class LM:
 
     # Weight reads go through models.devices.read: an offloaded layer's weights are materialised for the read.
     def down_weight(self, layer: int) -> torch.Tensor:
-        """``down`` weight as (hidden_out, intermediate), whatever the storage layout; for an MoE layer every
-        routed expert's down projection side by side, then the shared expert's (see :meth:`ffn_segments`)."""
+        """The ``down`` weight as (hidden_out, intermediate), whatever the storage layout.
+
+        For an MoE layer, every routed expert's down projection side by side, then the shared expert's (see
+        :meth:`ffn_segments`). An offloaded layer's weights are materialised for the read.
+
+        Args:
+            layer: the decoder layer's index.
+
+        Returns:
+            The (hidden, neurons) matrix.
+        """
         fused = self.experts(layer)
         if fused is None:
             return read(self.module(layer, "down"), self.arch.at(layer).down_matrix)  # type: ignore[arg-type]
@@ -160,8 +205,15 @@ class LM:
             return torch.cat(mats, dim=1)
 
     def ffn_in_weights(self, layer: int) -> dict[str, torch.Tensor]:
-        """The FFN input projections of ``layer`` as (intermediate, hidden) matrices keyed ``gate`` / ``up`` (an MoE
-        layer: numbered as :meth:`ffn_segments`)."""
+        """The FFN input projections of ``layer`` as (intermediate, hidden) matrices.
+
+        Args:
+            layer: the decoder layer's index.
+
+        Returns:
+            ``{"gate": ..., "up": ...}`` (``gate`` absent without one); an MoE layer's numbered as
+            :meth:`ffn_segments`.
+        """
         fused = self.experts(layer)
         with materialized(self.layers[layer]) as moved:
             if fused is None:
