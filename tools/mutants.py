@@ -126,10 +126,8 @@ MUTANTS: tuple[Mutant, ...] = (
            'entry["vs_baseline"] = paired_bootstrap(m.kind, res.values(m.name), base.values(m.name),',
            (T_RUN,), "compare"),
     Mutant("compare: McNemar arguments swapped",
-           "mcnemar(outcomes(m.kind, base.values(m.name)),\n                                               "
-           "outcomes(m.kind, res.values(m.name)))",
-           "mcnemar(outcomes(m.kind, res.values(m.name)),\n                                               "
-           "outcomes(m.kind, base.values(m.name)))", (T_RUN,), "compare"),
+           "mcnemar(outcomes(m.kind, base.values(m.name)), outcomes(m.kind, res.values(m.name)))",
+           "mcnemar(outcomes(m.kind, res.values(m.name)), outcomes(m.kind, base.values(m.name)))", (T_RUN,), "compare"),
     # --- resume ----------------------------------------------------------------------------------------------
     Mutant("resume: every stored record returned, not the requested ones",
            "records = [done[i] for i in ids]", "records = list(done.values())", (T_RUN,), "resume"),
@@ -202,10 +200,7 @@ MUTANTS: tuple[Mutant, ...] = (
            "first = int(first_real(real[None])[0])", "first = 0", (T_MODELS,), "rigidity"),
     Mutant("rigidity: pairwise similarity counts each prompt with itself",
            "iu = np.triu_indices(n, 1)", "iu = np.triu_indices(n)", (T_MODELS,), "rigidity"),
-    Mutant("sinks: a score equal to epsilon is a sink",
-           "return float((self.alpha_first > self.epsilon).mean())",
-           "return float((self.alpha_first >= self.epsilon).mean())", (T_RULES,), "sink_threshold"),
-    Mutant("sinks: per-layer and massive-token rates count equality",
+    Mutant("sinks: a score equal to epsilon is a sink (every sink rate: overall, per layer, massive token)",
            "return np.where(np.isnan(a), np.nan, a > self.epsilon)",
            "return np.where(np.isnan(a), np.nan, a >= self.epsilon)", (T_RULES,), "sink_threshold"),
     Mutant("sinks: alpha averaged over the keys a query sees, not the queries that see the key",
@@ -213,12 +208,13 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/test_rigidity_sinks.py",), "eager_output_attentions"),
     # --- weights: the persistence window ---------------------------------------------------------------------
     Mutant("weights: a layer counts itself among the later layers",
-           "later = dims[r.layer + 1:]", "later = dims[r.layer:]", (T_RULES,), "weights"),
+           "for i in range(layer + 1, n_layers)]\n        return (not later)",
+           "for i in range(layer, n_layers)]\n        return (not later)", (T_RULES,), "path_rule"),
     Mutant("weights: persistence fraction exclusive",
-           "if sum(d == r.dim for d in later) >= persist_frac * len(later):",
-           "if sum(d == r.dim for d in later) > persist_frac * len(later):", (T_RULES,), "weights"),
-    Mutant("weights: the last layer (no later layers) always persists",
-           "for r in rows[:-1]:", "for r in rows:", (T_RULES,), "weights"),
+           "sum(later) >= crit.persist_frac * len(later))", "sum(later) > crit.persist_frac * len(later))",
+           (T_RULES,), "path_rule"),
+    Mutant("weights: the last layer (no later layers) never persists",
+           "return (not later) or (later[0]", "return bool(later) and (later[0]", (T_RULES,), "path_rule"),
     # --- statistics, WeMask's k, compare's sinks, the sweep table, fine-tuning --------------------------------
     Mutant("stats: bootstrap never resamples the last index",
            "yield rng.integers(0, n, size=(m, n))", "yield rng.integers(0, n - 1, size=(m, n))",
