@@ -27,21 +27,29 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
+from torch import nn
 
 from melayer.models.archmap import resolve
+from melayer.models.experts import FusedExperts
 from melayer.models.loading import LM, from_model
 from melayer.models.shrink import BOS, EOS, HEADS, HIDDEN, INTER, KV_HEADS, PAD, VOCAB, tiny_config
 from melayer.util.errors import MelayerError
 
+
+def _param(module: nn.Module, name: str = "weight") -> torch.Tensor:
+    """A module's parameter, to write into (torch types a module attribute as ``Tensor | Module``)."""
+    return cast(torch.Tensor, getattr(module, name))
+
 __all__ = ["BOS", "EOS", "HEADS", "HIDDEN", "INTER", "KV_HEADS", "PAD", "VOCAB", "tiny_config"]  # re-exported
 
-_COMMON = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, num_attention_heads=HEADS,
-               num_key_value_heads=KV_HEADS, head_dim=HIDDEN // HEADS, max_position_embeddings=256,
-               bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, tie_word_embeddings=False)
-_CONFIGS = {
+_COMMON: dict[str, Any] = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER,
+                               num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HIDDEN // HEADS,
+                               max_position_embeddings=256, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD,
+                               tie_word_embeddings=False)
+_CONFIGS: dict[str, dict[str, Any]] = {
     "llama": {}, "mistral": {"sliding_window": None}, "qwen2": {}, "qwen3": {}, "gemma": {},
     "gemma2": {"query_pre_attn_scalar": HIDDEN // HEADS},
     "gemma3_text": {"query_pre_attn_scalar": HIDDEN // HEADS, "sliding_window": 64},
@@ -97,12 +105,12 @@ def _set_neuron(lm: LM, layer: int, neuron: int, read_dim: int, gain: float) -> 
         if mod is not None and getattr(mod, "bias", None) is not None:
             # LayerNorm subtracts the mean, so tokens without the carrier still read a small (-mean/std)
             # on it; a threshold of 2 (BOS reads ~sqrt(hidden)) keeps the neuron silent for them.
-            mod.bias[neuron] = -2.0 * gain if lm.arch.norm_kind == "layer" else 0.0
+            _param(mod, "bias")[neuron] = -2.0 * gain if lm.arch.norm_kind == "layer" else 0.0
 
 
 def _set_down(lm: LM, layer: int, neuron: int, dim: int, value: float) -> None:
     """``down`` writes ``value`` x activation into ``dim`` only, and ``dim`` hears from ``neuron`` only."""
-    w = lm.arch.at(layer).down_matrix(lm.module(layer, "down"))  # (hidden, neuron) view
+    w = lm.arch.at(layer).down_matrix(lm.required(layer, "down"))  # (hidden, neuron) view
     w[dim].zero_()
     w[:, neuron].zero_()
     w[dim, neuron] = value
@@ -118,10 +126,12 @@ def plant_massive(lm: LM, me_layer: int, neuron: int, dim: int, carrier: int | N
     model = lm.model
     # 1. only BOS carries the carrier dim: clear it in every embedding, and stop every layer from writing it
     embed = resolve(model, lm.arch.embed)
+    if embed is None:
+        raise MelayerError(f"{lm.name}: no token embedding at {lm.arch.embed!r}")
     for table in model.modules():  # the token embedding and any learned position embedding (GPT-2's wpe)
         if isinstance(table, torch.nn.Embedding) and table.embedding_dim == hidden:
             table.weight[:, carrier] = 0.0
-    embed.weight[BOS, carrier] = 1.0
+    _param(embed)[BOS, carrier] = 1.0
     for i in range(lm.num_layers):
         for role in ("attn", "mlp"):
             block = lm.module(i, role)
@@ -130,24 +140,26 @@ def plant_massive(lm: LM, me_layer: int, neuron: int, dim: int, carrier: int | N
                     continue
                 weight[carrier].zero_()
                 if getattr(sub, "bias", None) is not None:
-                    sub.bias[carrier] = 0.0
+                    _param(sub, "bias")[carrier] = 0.0
         fused = lm.experts(i)
-        for e in range(fused.num_experts if fused is not None else 0):
-            fused.down(e)[carrier] = 0.0  # type: ignore[union-attr]
-            if fused.down_bias(e) is not None:  # type: ignore[union-attr]
-                fused.down_bias(e)[carrier] = 0.0  # type: ignore[union-attr, index]
+        if fused is None:
+            continue
+        for e in range(fused.num_experts):
+            fused.down(e)[carrier] = 0.0
+            if (bias := fused.down_bias(e)) is not None:
+                bias[carrier] = 0.0
     # 2. the planted neuron reads the carrier; its down column writes the massive dim
     expert = flat = None
-    if lm.experts(me_layer) is not None:
+    if (me_experts := lm.experts(me_layer)) is not None:
         expert = 1
-        flat = _plant_expert(lm, me_layer, expert, neuron, carrier, dim, strength / math.sqrt(hidden))
+        flat = _plant_expert(lm, me_layer, me_experts, expert, neuron, carrier, dim, strength / math.sqrt(hidden))
     else:
         _set_neuron(lm, me_layer, neuron, carrier, gain=2.0)
         _set_down(lm, me_layer, neuron, dim, strength / math.sqrt(hidden))
     # 3. a norm after the FFN would rescale the output to O(1): give it a large gain on the dim
     post = lm.module(me_layer, "post_ffn_norm")
     if post is not None and getattr(post, "weight", None) is not None:
-        post.weight[dim] = lm.arch.weight_for_gain(strength / 4)
+        _param(post)[dim] = lm.arch.weight_for_gain(strength / 4)
     if precursor is not None:
         _plant_precursor(lm, precursor, carrier, neuron, strength)
     if remover is not None:
@@ -156,25 +168,25 @@ def plant_massive(lm: LM, me_layer: int, neuron: int, dim: int, carrier: int | N
                  flat_neuron=neuron if flat is None else flat)
 
 
-def _plant_expert(lm: LM, layer: int, expert: int, neuron: int, carrier: int, dim: int, value: float) -> int:
+def _plant_expert(lm: LM, layer: int, fused: FusedExperts, expert: int, neuron: int, carrier: int, dim: int,
+                  value: float) -> int:
     """MoE layer: the router sends BOS (the carrier) to ``expert`` with a routing weight near 1; that expert's
     ``neuron`` reads the carrier and writes ``value`` x activation into ``dim``. Returns the neuron's number in
     melayer's numbering (``LM.ffn_segments``)."""
-    fused = lm.experts(layer)
-    router = lm.module(layer, "router").weight  # type: ignore[union-attr]  # (experts, hidden)
+    router = _param(lm.required(layer, "router"))  # (experts, hidden)
     router[:, carrier] = 0.0
     router[expert, carrier] = 50.0
-    biases = fused.input_bias(expert)  # type: ignore[union-attr]
-    for name, w in fused.inputs(expert).items():  # type: ignore[union-attr]
+    biases = fused.input_bias(expert)
+    for name, w in fused.inputs(expert).items():
         w[neuron].zero_()
         w[neuron, carrier] = 2.0
         if name in biases:
             biases[name][neuron] = 0.0
-    down = fused.down(expert)  # type: ignore[union-attr]  # (hidden, neuron) view
+    down = fused.down(expert)  # (hidden, neuron) view
     down[dim].zero_()
     down[:, neuron].zero_()
     down[dim, neuron] = value
-    return expert * fused.inter + neuron  # type: ignore[union-attr]
+    return expert * fused.inter + neuron
 
 
 def _plant_remover(lm: LM, remover: tuple[int, float], dim: int, neuron: int) -> None:
@@ -205,12 +217,13 @@ def _plant_remover(lm: LM, remover: tuple[int, float], dim: int, neuron: int) ->
     sign = 1.0 if x_in >= 0 else -1.0
     _set_neuron(lm, layer, neuron, dim, gain=0.25 * sign)
     post = lm.module(layer, "post_ffn_norm")
-    down = lm.arch.down_matrix(lm.module(layer, "down"))
+    down = lm.arch.down_matrix(lm.required(layer, "down"))
     if post is not None and getattr(post, "weight", None) is not None:
         _set_down(lm, layer, neuron, dim, -sign)
+        post_gain = _param(post)
 
         def put(p: float) -> None:
-            post.weight[dim] = lm.arch.weight_for_gain(p)
+            post_gain[dim] = lm.arch.weight_for_gain(p)
     else:
         _set_down(lm, layer, neuron, dim, 0.0)
 
@@ -238,7 +251,7 @@ def _plant_precursor(lm: LM, precursor: tuple[int, int], carrier: int, neuron: i
     _set_down(lm, layer, spike, dim, strength / 8 / 256)
     # layer p+1 must not read the spike dim (else the spike leaks into other dims before it is cancelled)
     for role in ("attn", "mlp"):
-        for _, weight in lm.arch.projections(lm.module(layer + 1, role)):
+        for _, weight in lm.arch.projections(lm.required(layer + 1, role)):
             if weight.shape[1] == lm.hidden_size:
                 weight[:, dim] = 0.0
     _set_neuron(lm, layer + 1, cancel, carrier, gain=2.0)
@@ -246,8 +259,8 @@ def _plant_precursor(lm: LM, precursor: tuple[int, int], carrier: int, neuron: i
     # measure the residual entering layer p+1's FFN and the cancel neuron's activation, then cancel exactly
     seen: dict[str, torch.Tensor] = {}
     handles = [  # models/ sits below capture/, so plain PyTorch hooks, removed in the finally
-        lm.module(layer + 1, "down").register_forward_pre_hook(lambda m, a: seen.__setitem__("act", a[0][0, 0].clone())),
-        lm.module(layer + 1, "pre_ffn_norm").register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0][0, 0].clone())),
+        lm.required(layer + 1, "down").register_forward_pre_hook(lambda m, a: seen.__setitem__("act", a[0][0, 0].clone())),
+        lm.required(layer + 1, "pre_ffn_norm").register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0][0, 0].clone())),
     ]
     try:
         lm.model(input_ids=torch.tensor([[BOS]]))
@@ -299,7 +312,8 @@ def tiny_lm(model_type: str = "llama", plant: bool = True, me_layer: int = 1, ne
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
     model.eval()  # as melayer.load leaves a model (GPT-2's config has dropout)
     lm = from_model(model, tiny_tokenizer(), name=f"tiny-{model_type}", overflow_guard=True)
-    lm.plant = plant_massive(lm, me_layer, neuron, dim, precursor=precursor, remover=remover) if plant else None  # type: ignore[attr-defined]
+    planted = plant_massive(lm, me_layer, neuron, dim, precursor=precursor, remover=remover) if plant else None
+    lm.plant = planted  # type: ignore[attr-defined]  # the test fixture's record, not an LM field
     return lm
 
 

@@ -32,7 +32,7 @@ from melayer.capture.encoding import position_ids
 from melayer.capture.hooks import Hooks, StopForward, layer_output, run_until
 from melayer.capture.tokens import hidden_arg
 from melayer.models.archmap import NORM_ROLES
-from melayer.models.experts import experts_call
+from melayer.models.experts import FusedExperts, experts_call
 from melayer.models.guard import check_overflow
 from melayer.models.loading import LM
 from melayer.util.errors import MelayerError
@@ -61,8 +61,8 @@ def site_module(lm: LM, layer: int, site: str) -> nn.Module | None:
 
 def read_site(hooks: Hooks, lm: LM, layer: int, site: str, fn: Callable[[torch.Tensor], None]) -> bool:
     """Call ``fn(tensor)`` with the site's activation on every forward; False if the model has no such site."""
-    if site == "down_in" and lm.experts(layer) is not None:
-        _read_expert_neurons(hooks, lm, layer, fn)
+    if site == "down_in" and (fused := lm.experts(layer)) is not None:
+        _read_expert_neurons(hooks, lm, layer, fused, fn)
         return True
     module = site_module(lm, layer, site)
     if module is None:
@@ -74,12 +74,12 @@ def read_site(hooks: Hooks, lm: LM, layer: int, site: str, fn: Callable[[torch.T
     return True
 
 
-def _read_expert_neurons(hooks: Hooks, lm: LM, layer: int, fn: Callable[[torch.Tensor], None]) -> None:
+def _read_expert_neurons(hooks: Hooks, lm: LM, layer: int, fused: FusedExperts,
+                         fn: Callable[[torch.Tensor], None]) -> None:
     """``down_in`` of an MoE layer: (batch, tokens, neurons) numbered as ``LM.ffn_segments``, each routed expert's
     activations times the token's routing weight for it (zero where not routed), then the shared expert's times
     its gate (sigmoid), so that activation x down column is each neuron's share of the block's output."""
-    fused = lm.experts(layer)
-    block, shared, gate = lm.module(layer, "mlp"), lm.module(layer, "down"), lm.module(layer, "shared_gate")
+    block, shared, gate = lm.required(layer, "mlp"), lm.module(layer, "down"), lm.module(layer, "shared_gate")
     state: dict[str, Any] = {}
 
     def on_block(m: Any, args: tuple, kwargs: dict) -> None:
@@ -89,7 +89,7 @@ def _read_expert_neurons(hooks: Hooks, lm: LM, layer: int, fn: Callable[[torch.T
     def on_experts(m: Any, args: tuple, kwargs: dict) -> None:
         call = experts_call(args, kwargs)
         if call is not None:
-            state["routed"] = fused.routed(*call)  # type: ignore[union-attr]
+            state["routed"] = fused.routed(*call)
 
     def on_shared(m: Any, args: tuple) -> None:
         state["shared"] = args[0].reshape(-1, args[0].shape[-1]).float()
@@ -104,7 +104,7 @@ def _read_expert_neurons(hooks: Hooks, lm: LM, layer: int, fn: Callable[[torch.T
         fn(torch.cat(parts, dim=-1).reshape(*state["shape"][:-1], -1))
 
     hooks.pre(block, on_block, with_kwargs=True)
-    hooks.pre(fused.module, on_experts, with_kwargs=True)  # type: ignore[union-attr]
+    hooks.pre(fused.module, on_experts, with_kwargs=True)
     if shared is not None:
         hooks.pre(shared, on_shared)
     if gate is not None:

@@ -176,13 +176,13 @@ def trace(
     out = Trace(prompts=texts, tokens=ids, sites=names, layers=chosen, lm=lm,
                 reduce=reduce if isinstance(reduce, str) or reduce is None else getattr(reduce, "__name__", "custom"))
     kept: dict[tuple[str, int], list[torch.Tensor | None]] = {(s, l): [None] * len(texts) for s in names for l in chosen}
-    current: dict[str, object] = {}
+    current: list[tuple[torch.Tensor, list[int]]] = []  # the batch running now: (attention mask, prompt indices)
 
     def keeper(site: str, layer: int) -> Callable[[torch.Tensor], None]:
         def keep(h: torch.Tensor) -> None:
-            mask, idx = current["mask"], current["idx"]
-            for b, i in enumerate(idx):  # type: ignore[arg-type]
-                x = h[b][mask[b]].detach()  # type: ignore[index]
+            mask, idx = current[0]
+            for b, i in enumerate(idx):
+                x = h[b][mask[b]].detach()
                 x = fn(x) if fn is not None else x
                 kept[site, layer][i] = x.to(device) if device is not None else x
 
@@ -193,7 +193,7 @@ def trace(
             for site in names:
                 read_site(hooks, lm, layer, site, keeper(site, layer))
         for idx, batch in planned(lm, ids, max_batch=batch_size):
-            current["mask"], current["idx"] = batch["attention_mask"].bool(), idx
+            current[:] = [(batch["attention_mask"].bool(), idx)]
             forward_until(lm, batch, last_layer=max(chosen))  # nothing after the last traced layer runs
     out.values = {k: [x for x in v if x is not None] for k, v in kept.items()}
     return out

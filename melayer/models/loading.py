@@ -50,6 +50,8 @@ class LM:
 
     # the ME layers found by scans of this model, keyed by (prompts, criterion): see melayer.analysis.me_layer
     me_layers: dict[Any, int | None] = field(default_factory=dict, repr=False, compare=False)
+    # the WeMask a PEFT adapter attached by melayer.load(adapter=...) was trained with (None: none)
+    adapter_wemask: Any = field(default=None, repr=False, compare=False)
 
     def guard_overflow(self) -> OverflowGuard:
         """Install the overflow guard (once).
@@ -132,6 +134,13 @@ class LM:
         """
         return resolve(self.layers[layer], self.arch.path(role, layer))
 
+    def required(self, layer: int, role: str) -> nn.Module:
+        """The module playing ``role`` in decoder layer ``layer``; a :class:`MelayerError` if the family has none."""
+        module = self.module(layer, role)
+        if module is None:
+            raise MelayerError(f"{self.name}: layer {layer} has no {role} module")
+        return module
+
     def norm_gain(self, layer: int, role: str) -> torch.Tensor | None:
         """The effective per-dim gain of a norm (its weight plus the family's offset).
 
@@ -196,7 +205,7 @@ class LM:
         """
         fused = self.experts(layer)
         if fused is None:
-            return read(self.module(layer, "down"), self.arch.at(layer).down_matrix)  # type: ignore[arg-type]
+            return read(self.required(layer, "down"), self.arch.at(layer).down_matrix)
         with materialized(self.layers[layer]):
             mats = [fused.down(e).detach() for e in range(fused.num_experts)]
             shared = self.module(layer, "down")
