@@ -109,8 +109,8 @@ def main() -> None:
     for name, rate in plan:
         lm = melayer.load(args.model, progress=False)
         res = finetune(lm=lm, model=args.model, data="gsm8k", limit=args.train, wemask=rate, select=args.select,
-                       lr=args.lr, batch_size=args.batch_size, seed=args.seed, max_length=args.max_length,
-                       epochs=1, gradient_checkpointing=False, save_steps=10_000, output=str(out / name),
+                       learning_rate=args.lr, per_device_train_batch_size=args.batch_size, seed=args.seed,
+                       max_length=args.max_length, num_train_epochs=1, gradient_checkpointing=False, save_steps=10_000, output=str(out / name),
                        progress=False)
         d = res.to_dict()
         runs[name] = {k: d[k] for k in ("steps", "train_loss", "final_loss", "runtime_s", "tokens", "tokens_per_s",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import inspect
 import json
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from melayer.testing import tiny_lm
 from melayer.util.errors import MelayerError
 
 RATE = 0.1  # hidden 64 -> k = 6
-FAST = dict(max_length=256, batch_size=2, logging_steps=1, progress=False, gradient_checkpointing=True)
+FAST = dict(max_length=256, per_device_train_batch_size=2, logging_steps=1, progress=False, gradient_checkpointing=True)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -49,18 +50,70 @@ def sft_file(tmp_path) -> Path:
     (dict(wemask="x"), "--wemask must be a number"),
     (dict(gamma=-0.1), "--gamma must be in [0, 1]"),
     (dict(method="ppo"), "unknown fine-tuning method"),
-    (dict(lr=0), "--lr must be in (0"),
-    (dict(batch_size=0), "--batch-size must be >= 1"),
+    (dict(learning_rate=0), "--learning-rate must be in (0"),
+    (dict(per_device_train_batch_size=0), "--per-device-train-batch-size must be >= 1"),
     (dict(max_steps=0), "--max-steps must be >= 1"),
     (dict(data="/nonexistent.jsonl"), "no such file"),
     (dict(select="random"), "unknown --select"),
-    (dict(method="grpo", batch_size=3, num_generations=2), "multiple of --num-generations"),
+    (dict(method="grpo", per_device_train_batch_size=3, num_generations=2), "multiple of --num-generations"),
     (dict(max_memory="cpu"), "--max-memory 'cpu': give DEVICE=SIZE"),
     (dict(device_map="gpu-please"), "--device-map 'gpu-please'"),
 ])
 def test_config_validation(kwargs, message):
     with pytest.raises(MelayerError, match=message.replace("(", r"\(").replace("[", r"\[")):
         FinetuneConfig(**kwargs).validate()
+
+
+def test_options_keep_trls_names_and_pass_the_rest_through(tmp_path):
+    """FinetuneConfig's optimisation fields are TRL's own; ``trl_args`` reaches the method's TRL config, typed by
+    its fields (text from the CLI converted), and a wrong key or value is one line before anything loads."""
+    import dataclasses
+
+    from trl import GRPOConfig, SFTConfig
+
+    from melayer.finetuning.config import check_trl_args, parse_trl_options
+    from melayer.finetuning.train import trainer_config
+
+    trl_fields = {f.name for f in dataclasses.fields(SFTConfig)}
+    for name in ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
+                 "max_steps", "seed", "max_length", "save_steps", "logging_steps", "gradient_checkpointing"):
+        assert name in trl_fields and name in {f.name for f in dataclasses.fields(FinetuneConfig)}
+    given = parse_trl_options(["warmup_steps=3", "weight_decay=0.01", "lr_scheduler_type=cosine", "report_to=none",
+                               "dataset_kwargs={\"skip_prepare_dataset\": false}", "hub_model_id=null"])
+    cfg = FinetuneConfig(learning_rate=1e-3, per_device_train_batch_size=2, trl_args=given).validate()
+    assert cfg.trl_args == {"warmup_steps": 3.0, "weight_decay": 0.01, "lr_scheduler_type": "cosine",
+                            "report_to": "none", "dataset_kwargs": {"skip_prepare_dataset": False},
+                            "hub_model_id": None}
+    args = trainer_config(cfg, tmp_path)
+    assert isinstance(args, SFTConfig) and args.learning_rate == 1e-3 and args.per_device_train_batch_size == 2
+    assert args.warmup_steps == 3 and args.weight_decay == 0.01 and args.lr_scheduler_type.value == "cosine"
+    assert args.report_to in ([], "none", ["none"])
+    grpo = trainer_config(FinetuneConfig(method="grpo", per_device_train_batch_size=2, num_generations=2,
+                                         trl_args={"top_p": 0.9}).validate(), tmp_path)
+    assert isinstance(grpo, GRPOConfig) and grpo.top_p == 0.9
+    assert FinetuneConfig.from_dict(cfg.to_dict()) == cfg  # round trip, trl_args included
+    old = {"schema": "melayer.finetune_config/1", "lr": 1e-3, "batch_size": 2, "grad_accum": 4, "epochs": 2.0}
+    assert FinetuneConfig.from_dict(old) == FinetuneConfig(learning_rate=1e-3, per_device_train_batch_size=2,
+                                                           gradient_accumulation_steps=4, num_train_epochs=2.0)
+    for method, trl_args, message in (
+            ("sft", {"warmup_step": 1}, "--trl warmup_step: not an option of TRL's SFTConfig; did you mean warmup_steps"),
+            ("sft", {"top_p": 0.9}, "not an option of TRL's SFTConfig"),  # a GRPO option
+            ("sft", {"warmup_steps": "soon"}, "--trl warmup_steps must be float"),
+            ("sft", {"packing": "maybe"}, "--trl packing must be bool"),
+            ("sft", {"weight_decay": "nan"}, "--trl weight_decay must be float"),
+            ("sft", {"learning_rate": 1.0}, "melayer sets this one from its own option; use --learning-rate"),
+            ("dpo", {"output_dir": "/elsewhere"}, "use --output")):
+        with pytest.raises(MelayerError, match=message):
+            check_trl_args(method, trl_args)
+    with pytest.raises(MelayerError, match="give KEY=VALUE"):
+        parse_trl_options(["warmup_steps"])
+    from melayer.cli.finetune import finetune as command  # every setting is an option (the refusals name them)
+
+    assert set(inspect.signature(command).parameters) == {f.name for f in dataclasses.fields(FinetuneConfig)
+                                                          if f.name != "trl_args"} | {"trl"}
+    with pytest.raises(MelayerError, match="unknown fine-tuning option 'lr'; did you mean learning_rate"):
+        finetune(lr=1e-3, output=str(tmp_path / "never"))
+    assert not (tmp_path / "never").exists()
 
 
 def test_bad_data_fails_before_anything_is_written(tmp_path):
@@ -116,7 +169,8 @@ def test_trainer_settings_use_no_deprecated_names(method, on, tmp_path):
 
     from melayer.finetuning.train import trainer_config
 
-    cfg = FinetuneConfig(method=method, gradient_checkpointing=on, batch_size=2, num_generations=2).validate()
+    cfg = FinetuneConfig(method=method, gradient_checkpointing=on, per_device_train_batch_size=2,
+                         num_generations=2).validate()
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         args = trainer_config(cfg, tmp_path)
@@ -235,7 +289,7 @@ def test_grpo_steps(tmp_path):
     data = write_jsonl(tmp_path / "grpo.jsonl", rows)
     result = finetune(lm=tiny_lm("llama"), method="grpo", data=str(data), output=str(tmp_path / "grpo"),
                       wemask=RATE, max_steps=2, num_generations=2, max_completion_length=8,
-                      **{**FAST, "batch_size": 2})
+                      **{**FAST, "per_device_train_batch_size": 2})
     assert result.steps == 2
     log = [json.loads(line) for line in (tmp_path / "grpo" / "train_log.jsonl").read_text().splitlines()]
     assert any("reward" in r for r in log)
@@ -305,7 +359,7 @@ def test_killed_run_resumes(sft_file, tmp_path):
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert resumed.steps == straight.steps == 4
     with pytest.raises(MelayerError, match="settings differ"):
-        finetune(lm=tiny_lm("llama"), output=str(tmp_path / "run"), resume=True, **{**settings, "lr": 1e-3})
+        finetune(lm=tiny_lm("llama"), output=str(tmp_path / "run"), resume=True, **{**settings, "learning_rate": 1e-3})
 
 
 def test_cli_run_killed_with_sigkill_resumes(planted_dir, sft_file, tmp_path):
@@ -318,7 +372,7 @@ def test_cli_run_killed_with_sigkill_resumes(planted_dir, sft_file, tmp_path):
 
     out = tmp_path / "killed"
     args = [sys.executable, "-m", "melayer", "finetune", "sft", "--model", str(planted_dir), "--data", str(sft_file),
-            "--wemask", str(RATE), "--max-steps", "60", "--save-steps", "3", "--batch-size", "2", "--max-length",
+            "--wemask", str(RATE), "--max-steps", "60", "--save-steps", "3", "--per-device-train-batch-size", "2", "--max-length",
             "256", "--output", str(out)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MELAYER_QUIET": "1"}
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -420,11 +474,17 @@ def test_device_map_trains_resident_weights_and_refuses_offloaded_ones(planted_d
 def test_cli_finetune(planted_dir, sft_file, tmp_path, run_cli):
     out = tmp_path / "cli"
     run = run_cli("finetune", "sft", "--model", planted_dir, "--data", sft_file, "--wemask", str(RATE),
-                  "--max-steps", "2", "--batch-size", "2", "--max-length", "256", "--output", out)
+                  "--max-steps", "2", "--per-device-train-batch-size", "2", "--max-length", "256", "--output", out,
+                  "--trl", "warmup_steps=1", "--trl", "lr_scheduler_type=constant_with_warmup")
     assert run.returncode == 0, run.stderr
     for name in ("adapter_model.safetensors", "wemask.json", "train_log.jsonl", "loss_curve.png", "finetune.json"):
         assert (out / name).is_file(), name
     assert "Traceback" not in run.stderr
+    saved = json.loads((out / "finetune.json").read_text())["config"]
+    assert saved["trl_args"] == {"warmup_steps": 1.0, "lr_scheduler_type": "constant_with_warmup"}
+    logged = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    # TRL got both: one warmup step from 0, then the peak (melayer's default, linear decay, logs 2e-4 then 1e-4)
+    assert [r["learning_rate"] for r in logged if "learning_rate" in r] == pytest.approx([0.0, 2e-4])
     gen = run_cli("generate", "--model", planted_dir, "--adapter", out, "-p", "hi", "--max-new-tokens", "3")
     assert gen.returncode == 0 and "saved mask" in gen.stderr, gen.stderr
     twice = run_cli("generate", "--model", planted_dir, "--adapter", out, "-p", "hi", "--wemask", "0.1")

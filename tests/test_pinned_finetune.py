@@ -13,7 +13,7 @@ from melayer.finetuning import finetune
 from melayer.testing import tiny_lm
 
 RATE = 0.1  # hidden 64 -> k = 6
-FAST = dict(max_length=256, batch_size=2, logging_steps=1, progress=False, gradient_checkpointing=True)
+FAST = dict(max_length=256, per_device_train_batch_size=2, logging_steps=1, progress=False, gradient_checkpointing=True)
 
 
 def _train_one_step(tmp_path, rate: float, name: str):

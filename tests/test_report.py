@@ -48,7 +48,7 @@ def finetune_output(tmp_path_factory) -> Path:
     data.write_text("".join(json.dumps({"prompt": f"Q{i}: {i} plus {i}?", "completion": f"{2 * i}"}) + "\n"
                             for i in range(6)))
     ft.finetune(lm=tiny_lm("llama"), data=str(data), output=str(root / "sft"), wemask=0.1, max_steps=3,
-                max_length=128, batch_size=2, logging_steps=1, progress=False)
+                max_length=128, per_device_train_batch_size=2, logging_steps=1, progress=False)
     return root / "sft"
 
 

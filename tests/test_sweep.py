@@ -304,7 +304,7 @@ def test_finetune_cell_trains_with_its_mask_and_is_skipped_after(planted_dir, tm
     from melayer.sweeps.table import aggregate
 
     spec = {"models": [str(planted_dir)], "runs": [{"command": "finetune", "method": "sft", "rates": [0.1],
-                                                   "options": {"limit": 8, "max_steps": 1, "batch_size": 2,
+                                                   "options": {"limit": 8, "max_steps": 1, "per_device_train_batch_size": 2,
                                                                "max_length": 512}}]}
     res = run(spec, tmp_path / "sweep", "local", options=ExecutorOptions(workers=1))
     assert not res.failed and len(res.ran) == 1

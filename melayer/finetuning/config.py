@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
+from difflib import get_close_matches
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +39,13 @@ class FinetuneConfig:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
-    target: str = "all-linear"
-    # optimisation
-    epochs: float = 1.0
+    lora_target_modules: str = "all-linear"
+    # optimisation (TRL's names)
+    num_train_epochs: float = 1.0
     max_steps: int = -1
-    lr: float = 2e-4
-    batch_size: int = 4
-    grad_accum: int = 1
+    learning_rate: float = 2e-4
+    per_device_train_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
     max_length: int = 512
     seed: int = 0
     gradient_checkpointing: bool = True
@@ -62,6 +63,8 @@ class FinetuneConfig:
     num_generations: int = 4
     max_completion_length: int = 128
     temperature: float = 1.0
+    # any other option of the method's TRL config (SFTConfig / DPOConfig / GRPOConfig), passed through
+    trl_args: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> FinetuneConfig:
         """Check every field; raise :class:`MelayerError` with one line naming the option at the first error."""
@@ -73,13 +76,14 @@ class FinetuneConfig:
             raise MelayerError(f"--data {self.data}: no such file")
         _number("--wemask", self.wemask, 0.0, 1.0)
         _number("--gamma", self.gamma, 0.0, 1.0)
-        _number("--lr", self.lr, 0.0, math.inf, open_low=True)
-        _number("--epochs", self.epochs, 0.0, math.inf, open_low=True)
+        _number("--learning-rate", self.learning_rate, 0.0, math.inf, open_low=True)
+        _number("--num-train-epochs", self.num_train_epochs, 0.0, math.inf, open_low=True)
         _number("--lora-dropout", self.lora_dropout, 0.0, 1.0)
         _number("--beta", self.beta, 0.0, math.inf, open_low=True)
         _number("--temperature", self.temperature, 0.0, math.inf, open_low=True)
         for name, value, low in (("--lora-r", self.lora_r, 1), ("--lora-alpha", self.lora_alpha, 1),
-                                 ("--batch-size", self.batch_size, 1), ("--grad-accum", self.grad_accum, 1),
+                                 ("--per-device-train-batch-size", self.per_device_train_batch_size, 1),
+                                 ("--gradient-accumulation-steps", self.gradient_accumulation_steps, 1),
                                  ("--max-length", self.max_length, 8), ("--save-steps", self.save_steps, 1),
                                  ("--logging-steps", self.logging_steps, 1),
                                  ("--rejected-max-new-tokens", self.rejected_max_new_tokens, 1),
@@ -88,7 +92,7 @@ class FinetuneConfig:
             _integer(name, value, low)
         _integer("--max-steps", self.max_steps, -1)
         if self.max_steps == 0:
-            raise MelayerError("--max-steps must be >= 1 (or -1: run --epochs)")
+            raise MelayerError("--max-steps must be >= 1 (or -1: run --num-train-epochs)")
         if self.limit is not None:
             _integer("--limit", self.limit, 1)
         if self.me_layer is not None:
@@ -101,11 +105,13 @@ class FinetuneConfig:
         from melayer.models.devices import parse_device_map, parse_max_memory
 
         parse_device_map(self.device_map), parse_max_memory(self.max_memory)
-        if not str(self.target).strip():
-            raise MelayerError("--target must name modules (e.g. all-linear or q_proj,v_proj)")
-        if self.method == "grpo" and self.batch_size % self.num_generations:
-            raise MelayerError(f"grpo: --batch-size ({self.batch_size}) must be a multiple of --num-generations "
-                               f"({self.num_generations}): each prompt's completions form one group")
+        if not str(self.lora_target_modules).strip():
+            raise MelayerError("--lora-target-modules must name modules (e.g. all-linear or q_proj,v_proj)")
+        if self.method == "grpo" and self.per_device_train_batch_size % self.num_generations:
+            raise MelayerError(f"grpo: --per-device-train-batch-size ({self.per_device_train_batch_size}) must be a "
+                               f"multiple of --num-generations ({self.num_generations}): each prompt's completions "
+                               "form one group")
+        self.trl_args = check_trl_args(self.method, self.trl_args)
         return self
 
     @property
@@ -113,12 +119,30 @@ class FinetuneConfig:
         return Path(self.output).expanduser()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"schema": "melayer.finetune_config/1", **asdict(self)}
+        return {"schema": "melayer.finetune_config/2", **asdict(self)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FinetuneConfig:
+        """The config a ``finetune_config.json`` holds (files written before TRL's names were used read too)."""
         names = {f.name for f in fields(cls)}
+        data = {_FORMER.get(k, k): v for k, v in data.items()}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+    @classmethod
+    def from_options(cls, **options: Any) -> FinetuneConfig:
+        """``FinetuneConfig(**options)``, with one line naming an unknown option (and the likely one)."""
+        names = {f.name for f in fields(cls)}
+        for key in options:
+            if key not in names:
+                close = _FORMER.get(key) or next(iter(get_close_matches(key, sorted(names), n=1)), None)
+                hint = f"; did you mean {close}?" if close else ""
+                raise MelayerError(f"unknown fine-tuning option {key!r}{hint}")
+        return cls(**options)
+
+
+# earlier field names (read back from older finetune_config.json files; suggested for an unknown option)
+_FORMER = {"lr": "learning_rate", "batch_size": "per_device_train_batch_size",
+           "grad_accum": "gradient_accumulation_steps", "epochs": "num_train_epochs", "target": "lora_target_modules"}
 
 
 def _number(name: str, value: Any, low: float, high: float, open_low: bool = False) -> None:
@@ -138,3 +162,112 @@ def _integer(name: str, value: Any, low: int) -> None:
         raise MelayerError(f"{name} must be an integer, got {value!r}")
     if value < low:
         raise MelayerError(f"{name} must be >= {low}, got {value}")
+
+
+# --------------------------------------------------------------------------------------------------
+# TRL pass-through: options melayer does not name itself go to the method's TRL config as they are
+
+# TRL options melayer sets from its own settings (an option of the same name, or the output directory)
+_OWN_TRL = {"output_dir": "--output", **{f"{name}{tail}": "--gradient-checkpointing"
+                                         for name in ("gradient_checkpointing", "activation_checkpointing")
+                                         for tail in ("", "_kwargs")}}
+
+
+def trl_config_class(method: str) -> Any:
+    """TRL's config class for ``method`` (``SFTConfig``, ``DPOConfig`` or ``GRPOConfig``)."""
+    import trl
+
+    return {"sft": trl.SFTConfig, "dpo": trl.DPOConfig, "grpo": trl.GRPOConfig}[method]
+
+
+def parse_trl_options(items: list[str] | None) -> dict[str, str]:
+    """``["key=value", ...]`` (the CLI's repeated ``--trl``) -> ``{key: value}``; values stay text until
+    :func:`check_trl_args` reads them by the TRL field's type."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise MelayerError(f"--trl {item!r}: give KEY=VALUE (a field of TRL's config, e.g. warmup_steps=10)")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def check_trl_args(method: str, args: dict[str, Any]) -> dict[str, Any]:
+    """Check ``args`` against the fields of the method's TRL config and convert text values to each field's type
+    (``"10"`` -> 10 for an ``int``, ``"true"`` -> True, ``"null"`` -> None where allowed, JSON for a dict or
+    list). Raise :class:`MelayerError` with one line at the first unknown key or bad value."""
+    if not args:
+        return {}
+    if not isinstance(args, dict):
+        raise MelayerError(f"trl_args must be a mapping of TRL option -> value, got {type(args).__name__}")
+    import typing
+
+    cls = trl_config_class(method)
+    known = {f.name for f in fields(cls) if f.init}
+    hints = typing.get_type_hints(cls)
+    own = {f.name for f in fields(FinetuneConfig)}
+    out: dict[str, Any] = {}
+    for key, value in args.items():
+        name = f"--trl {key}"
+        if key not in known:
+            close = get_close_matches(str(key), sorted(known), n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise MelayerError(f"{name}: not an option of TRL's {cls.__name__}{hint}")
+        if key in own or key in _OWN_TRL:
+            option = _OWN_TRL.get(key) or "--" + key.replace("_", "-")
+            raise MelayerError(f"{name}: melayer sets this one from its own option; use {option}")
+        out[key] = _typed(name, value, hints[key])
+    return out
+
+
+def _typed(name: str, value: Any, hint: Any) -> Any:
+    """``value`` as a value of the type ``hint`` (text is converted; other values must already fit)."""
+    import enum
+    import json
+    import types
+    import typing
+
+    origin = typing.get_origin(hint)
+    options = typing.get_args(hint) if origin in (typing.Union, types.UnionType) else (hint,)
+    kinds = [typing.get_origin(o) or o for o in options]
+    if typing.Literal in kinds:  # e.g. str | None | Literal[False]: the literal's values, as types
+        kinds = [k for k in kinds if k is not typing.Literal] + [
+            type(v) for o in options if typing.get_origin(o) is typing.Literal for v in typing.get_args(o)]
+    text = value.strip() if isinstance(value, str) else None
+    want = " or ".join(sorted({"null" if k is type(None) else getattr(k, "__name__", str(k)) for k in kinds}))
+    if text is None:
+        fits = (value is None and type(None) in kinds) or any(
+            isinstance(value, k) and not (isinstance(value, bool) and k in (int, float))
+            for k in kinds if isinstance(k, type) and k is not type(None)) or (
+            float in kinds and isinstance(value, int) and not isinstance(value, bool))
+        if not fits:
+            raise MelayerError(f"{name} must be {want}, got {value!r}")
+        return value
+    low = text.lower()
+    if type(None) in kinds and (low == "null" or (low == "none" and str not in kinds)):
+        return None  # "none" is text where text is allowed (report_to=none)
+    if bool in kinds and low in ("true", "false", "yes", "no", "1", "0", "on", "off"):
+        return low in ("true", "yes", "1", "on")
+    if int in kinds:
+        try:
+            return int(text)
+        except ValueError:
+            pass
+    if float in kinds:
+        try:
+            number = float(text)
+        except ValueError:
+            pass
+        else:
+            if not math.isnan(number):
+                return number
+    if dict in kinds or list in kinds:
+        try:
+            parsed = json.loads(text)
+        except json.JSONDecodeError:
+            parsed = None
+        if isinstance(parsed, (dict, list)) and type(parsed) in kinds:
+            return parsed
+    if str in kinds or any(isinstance(k, type) and issubclass(k, enum.Enum) for k in kinds):
+        return text
+    raise MelayerError(f"{name} must be {want}, got {value!r}")

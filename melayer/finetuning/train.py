@@ -236,8 +236,9 @@ def _checkpointing(on: bool) -> dict[str, Any]:
 def _training_args(cfg: FinetuneConfig, ckpt_dir: Path) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     return dict(
-        output_dir=str(ckpt_dir), per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, num_train_epochs=cfg.epochs,
+        output_dir=str(ckpt_dir), per_device_train_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.num_train_epochs,
         max_steps=cfg.max_steps, logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.save_steps,
         seed=cfg.seed, data_seed=cfg.seed, bf16=cuda and cfg.dtype == "bfloat16", fp16=False, use_cpu=not cuda,
         **_checkpointing(cfg.gradient_checkpointing),
@@ -246,22 +247,22 @@ def _training_args(cfg: FinetuneConfig, ckpt_dir: Path) -> dict[str, Any]:
 
 
 def trainer_config(cfg: FinetuneConfig, ckpt_dir: Path) -> Any:
-    """The TRL config (``SFTConfig`` / ``DPOConfig`` / ``GRPOConfig``) for ``cfg``."""
+    """The TRL config (``SFTConfig`` / ``DPOConfig`` / ``GRPOConfig``) for ``cfg``: melayer's settings, then
+    ``cfg.trl_args`` on top (TRL's other options, passed through as given)."""
+    from melayer.finetuning.config import check_trl_args, trl_config_class
+
     args = _training_args(cfg, ckpt_dir)
+    if cfg.method == "sft":
+        args.update(max_length=cfg.max_length, packing=False, padding_free=False)
+    elif cfg.method == "dpo":
+        args.update(max_length=cfg.max_length, beta=cfg.beta)
+    else:
+        args.update(num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_length,
+                    temperature=cfg.temperature, beta=0.0)
+    args.update(check_trl_args(cfg.method, cfg.trl_args))
     try:
-        if cfg.method == "sft":
-            from trl import SFTConfig
-
-            return SFTConfig(max_length=cfg.max_length, packing=False, padding_free=False, **args)
-        if cfg.method == "dpo":
-            from trl import DPOConfig
-
-            return DPOConfig(max_length=cfg.max_length, beta=cfg.beta, **args)
-        from trl import GRPOConfig
-
-        return GRPOConfig(num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_length,
-                          temperature=cfg.temperature, beta=0.0, **args)
-    except ValueError as exc:  # TRL's own checks of the settings
+        return trl_config_class(cfg.method)(**args)
+    except (ValueError, TypeError) as exc:  # TRL's own checks of the settings
         raise MelayerError(f"{cfg.method}: {' '.join(str(exc).split())[:300]}") from None
 
 
@@ -275,8 +276,8 @@ def build_trainer(cfg: FinetuneConfig, lm: LM, rows: list[dict[str, Any]], ckpt_
     if not cfg.full:
         from peft import LoraConfig
 
-        target: Any = cfg.target if cfg.target == "all-linear" else [t.strip() for t in cfg.target.split(",")
-                                                                      if t.strip()]
+        modules = cfg.lora_target_modules
+        target: Any = modules if modules == "all-linear" else [t.strip() for t in modules.split(",") if t.strip()]
         peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                  target_modules=target, task_type="CAUSAL_LM")
     dataset = Dataset.from_list(rows)
@@ -324,7 +325,8 @@ def finetune(config: FinetuneConfig | None = None, *, lm: LM | None = None, prog
              callbacks: list[Any] | None = None, **options: Any) -> FinetuneResult:
     """Fine-tune (SFT, DPO or GRPO on TRL + peft) with WeMask on every training forward (``melayer finetune``).
 
-    >>> melayer.finetune(model="smollm2-135m", method="sft", wemask=0.05, max_steps=20, output="out/ft")
+    >>> melayer.finetune(model="smollm2-135m", method="sft", wemask=0.05, max_steps=20, learning_rate=1e-4,
+    ...                  trl_args={"warmup_steps": 2}, output="out/ft")
     >>> melayer.finetune(melayer.FinetuneConfig(model="smollm2-135m", wemask=0.05))
 
     Args:
@@ -333,7 +335,10 @@ def finetune(config: FinetuneConfig | None = None, *, lm: LM | None = None, prog
         progress: show a progress bar.
         callbacks: more ``transformers`` trainer callbacks.
         **options: any :class:`~melayer.finetuning.config.FinetuneConfig` field (they are listed in this
-            function's signature); with ``config``, they override its values.
+            function's signature, under TRL's names where TRL has the option: ``learning_rate``,
+            ``per_device_train_batch_size``, ``gradient_accumulation_steps``, ``num_train_epochs``, ...);
+            ``trl_args={...}`` passes any other option of the method's TRL config through (e.g.
+            ``{"warmup_steps": 10, "weight_decay": 0.01}``). With ``config``, they override its values.
 
     Returns:
         The run's settings, losses, speed and where the adapter was written, as a :class:`FinetuneResult`.
@@ -344,8 +349,10 @@ def finetune(config: FinetuneConfig | None = None, *, lm: LM | None = None, prog
     from melayer.interventions.wemask import wemask
     from melayer.util.io import write_json
 
-    cfg = FinetuneConfig(**options) if config is None else (
-        FinetuneConfig.from_dict({**config.to_dict(), **options}) if options else config)
+    if config is None:
+        cfg = FinetuneConfig.from_options(**options)
+    else:
+        cfg = FinetuneConfig.from_options(**{**dataclasses.asdict(config), **options}) if options else config
     cfg.validate()
     resume_from = check_output(cfg)
     records = load_records(cfg.data, cfg.method, cfg.limit)
@@ -435,7 +442,9 @@ def _signature() -> inspect.Signature:
     own = inspect.signature(finetune)
     params = [p for p in own.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
     names = {p.name for p in params}
-    params += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
+    params += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=f.type,
+                                 default=f.default_factory() if f.default is dataclasses.MISSING  # type: ignore[misc]
+                                 else f.default)
                for f in dataclasses.fields(FinetuneConfig) if f.name not in names]
     return own.replace(parameters=params)
 

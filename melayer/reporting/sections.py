@@ -420,10 +420,12 @@ def finetune_sections(d: dict[str, Any], figs: Figures, log: list[dict[str, Any]
           num(d.get("train_loss")), num(d.get("runtime_s"), 3), num(d.get("tokens_per_s"), 3)),
         p("WeMask during training: {}.", wm.get("rule") or (f"rate {num(wm.get('rate'))}" if wm else "none")),
     ]
-    keys = [k for k in ("lr", "learning_rate", "batch_size", "grad_accum", "epochs", "max_steps", "lora_r", "lora_alpha",
-                        "target", "full", "seed", "data", "limit") if k in cfg]
-    if keys:
-        blocks.append(table("Training settings", ["setting", "value"], [[k, cfg[k]] for k in keys], numeric=False))
+    keys = [k for k in ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps",
+                        "num_train_epochs", "max_steps", "lora_r", "lora_alpha", "lora_target_modules", "full", "seed",
+                        "data", "limit", "lr", "batch_size", "grad_accum", "epochs", "target") if k in cfg]
+    rows = [[k, cfg[k]] for k in keys] + [[f"TRL: {k}", v] for k, v in (cfg.get("trl_args") or {}).items()]
+    if rows:
+        blocks.append(table("Training settings", ["setting", "value"], rows, numeric=False))
     if log and F.curve_groups(log):
         blocks.append(figs.figure(lambda: F.training_curves(log, f"{d.get('model', '')} - {d.get('method', '')}"),
                                   "Training curves per optimizer step from train_log.jsonl.",
