@@ -14,6 +14,7 @@ from conftest import REPO, save_lm
 
 import melayer
 from melayer.analysis.weights import candidates, confirm_candidates
+from melayer.models.gguf_file import gguf_n_bytes
 from melayer.models.lazy import GGUFWeights, open_weights
 from melayer.testing import MODEL_TYPES, tiny_lm
 from melayer.util.errors import MelayerError
@@ -162,9 +163,9 @@ def test_gguf_path_agrees_with_safetensors(tiny_gguf, tmp_path):
         assert a.write == pytest.approx(b.write, rel=1e-4, abs=1e-3)
 
 
-def _write_gemma3_gguf(lm, path: Path) -> Path:
+def _write_gemma3_gguf(lm, path: Path, qtype: str = "Q8_0") -> Path:
     """A tiny Gemma-3 GGUF laid out as llama.cpp's converter writes one: names from gguf's own tensor-name map,
-    norm weights stored as 1 + weight (llama.cpp multiplies by the stored value), FFN matrices in Q8_0."""
+    norm weights stored as 1 + weight (llama.cpp multiplies by the stored value), matrices in ``qtype``."""
     import gguf
 
     cfg = lm.config
@@ -185,8 +186,8 @@ def _write_gemma3_gguf(lm, path: Path) -> Path:
         if key.endswith("norm.weight"):
             a = a + 1.0
         if a.ndim == 2:
-            q = gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q8_0)
-            w.add_tensor(gname + ".weight", q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            q = gguf.quants.quantize(a, gguf.GGMLQuantizationType[qtype])
+            w.add_tensor(gname + ".weight", q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType[qtype])
         else:
             w.add_tensor(gname + ".weight", np.ascontiguousarray(a))
     w.write_header_to_file()
@@ -208,6 +209,99 @@ def test_quantised_gemma3_gguf_norm_offset(tmp_path):
     assert torch.allclose(down, lm.arch.down_matrix(lm.module(2, "down")), atol=float(down.abs().max()) / 100)
     r = candidates(lazy, progress=False)
     assert (r.me_layer, r.massive_dim, r.top_neuron) == (2, 20, 9) and r.vote["first_tokens"] == "the tokenizer always adds BOS"
+
+
+def _check_streamed_matmul(lazy, keys, reference) -> None:
+    """``lazy.matmul`` (blocks of a few rows, one thread and three) equals x @ W.T over the whole tensor; each
+    streamed block is bit-identical to the same rows of the whole tensor."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    g = torch.Generator().manual_seed(0)
+    with ThreadPoolExecutor(3) as pool:
+        for key in keys:
+            full = reference(key)  # (out, in), transformers' layout
+            x = torch.randn(3, full.shape[1], generator=g)
+            want = x @ full.T
+            for chunk_values in (full.shape[1] * 3, 1 << 18):  # three rows (uneven blocks), one block
+                for executor in (None, pool):
+                    got = lazy.matmul(key, x, executor, chunk_values)
+                    assert got.shape == want.shape
+                    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+            stored = full.T if lazy.stored_transposed(key) else full
+            for start, rows in lazy.chunks(key, stored.shape[1] * 5):
+                assert torch.equal(rows, stored[start:start + rows.shape[0]])
+
+
+@pytest.mark.parametrize("qtype", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
+def test_streamed_gguf_matmul_equals_the_whole_tensor(tmp_path, qtype):
+    """Every quant type gguf can write: blocks decoded from a few rows at a time are exactly gguf's dequantisation
+    of the whole tensor (the same kernel, over fewer blocks), and the streamed x @ W.T matches it."""
+    import gguf
+
+    lm = tiny_lm("gemma3_text", me_layer=2, neuron=9, dim=20, num_layers=3)
+    lazy = open_weights(str(_write_gemma3_gguf(lm, tmp_path / f"tiny-{qtype}.gguf", qtype)))
+
+    def whole(key):
+        dims, q, offset = lazy._info(key)
+        raw = np.fromfile(lazy.path, dtype=np.uint8, count=gguf_n_bytes(dims, q), offset=offset)
+        return torch.from_numpy(gguf.quants.dequantize(raw.reshape(int(np.prod(dims[1:])), -1), q).copy()).float()
+
+    keys = [lazy.layer_key(1, role) for role in ("gate", "up", "down")] + [lazy.path_key(1, lazy.arch.attn_v)]
+    _check_streamed_matmul(lazy, keys, whole)
+    assert lazy.bytes_read > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_streamed_safetensors_matmul_equals_the_whole_tensor(tmp_path, dtype):
+    """Llama (rows = outputs) and GPT-2 (Conv1D: rows = inputs), float32 and bfloat16 files."""
+    from safetensors.torch import load_file, save_file
+
+    for model_type in ("llama", "gpt2"):
+        path = save_lm(tiny_lm(model_type, me_layer=1, num_layers=3), tmp_path / f"{model_type}-{dtype}")
+        for f in path.glob("*.safetensors"):
+            save_file({k: v.to(dtype) for k, v in load_file(str(f)).items()}, str(f), metadata={"format": "pt"})
+        lazy = open_weights(str(path))
+        keys = [k for k in (lazy.layer_key(1, r) for r in ("gate", "up", "down")) if k is not None]
+
+        def whole(key, lazy=lazy):
+            t = lazy.tensor(key)
+            return t.T if lazy.stored_transposed(key) else t
+
+        _check_streamed_matmul(lazy, keys, whole)
+
+
+@pytest.mark.slow
+def test_streamed_blocks_of_the_embedded_ggufs_are_exact():
+    """On real quantised tensors (Gemma-3-270M: Q4_K, Q6_K, Q5_0, Q8_0; SmolLM2-135M: Q4_1), every streamed block
+    equals gguf's dequantisation of the whole tensor, bit for bit."""
+    import gguf
+
+    seen = set()
+    for name in ("gemma-3-270m", "smollm2-135m"):
+        lazy = open_weights(name)
+        for layer in range(lazy.num_layers):
+            for role in ("gate", "up", "down"):
+                key = lazy.layer_key(layer, role)
+                dims, q, offset = lazy._info(key)
+                if q.name in seen:
+                    continue
+                seen.add(q.name)
+                raw = np.fromfile(lazy.path, dtype=np.uint8, count=gguf_n_bytes(dims, q), offset=offset)
+                full = torch.from_numpy(gguf.quants.dequantize(raw.reshape(int(np.prod(dims[1:])), -1), q).copy())
+                for start, rows in lazy.chunks(key, 7 * int(dims[0])):
+                    assert torch.equal(rows, full[start:start + rows.shape[0]])
+    assert seen >= {"Q4_K", "Q6_K", "Q5_0", "Q4_1"}
+
+
+def test_activations_match_transformers():
+    """The activation table melayer weights uses instead of importing ACT2FN gives transformers' functions."""
+    from transformers.activations import ACT2FN
+
+    from melayer.analysis.weights import ACTIVATIONS
+
+    x = torch.linspace(-30, 30, 20001)
+    for name, fn in ACTIVATIONS.items():
+        assert torch.equal(fn(x), ACT2FN[name](x)), name
 
 
 def test_confirm_on_a_planted_model(tmp_path):

@@ -29,6 +29,7 @@ scan's criterion:
 
 from __future__ import annotations
 
+import math
 import os
 import resource
 import time
@@ -216,28 +217,30 @@ class _Path:
         self.kv_heads = int(w.setting("num_key_value_heads") or self.heads or 0)
 
     def linear(self, key: str, x: torch.Tensor, bias_key: str | None = None) -> torch.Tensor:
-        """x @ W.T (+ bias) for a stored projection, reduced chunk by chunk (W is never held whole)."""
+        """x @ W.T (+ bias) for a stored projection, reduced block by block (W is never held whole; the blocks
+        are spread over the threads)."""
         w = self.w
         shape = w.shape(key)
         transposed = w.stored_transposed(key)
         if len(shape) != 2 or shape[0 if transposed else 1] != x.shape[1]:
             raise MelayerError(f"{w.source}: tensor {key} has shape {tuple(shape)}, which does not take the "
                                f"{x.shape[1]} inputs the layer before gives it: a mismatched checkpoint")
-        out = torch.zeros(x.shape[0], shape[1] if transposed else shape[0])
-        for start, rows in w.chunks(key):
-            if transposed:  # rows are input dims
-                out += x[:, start:start + rows.shape[0]] @ rows
-            else:
-                out[:, start:start + rows.shape[0]] = x @ rows.T
+        out = w.matmul(key, x, self.pool)
         if bias_key is not None:
-            out += w.tensor(bias_key).reshape(-1)
+            out = out + w.tensor(bias_key).reshape(-1)
         return out
 
     def many(self, jobs: list[tuple[str, torch.Tensor, str | None]]) -> list[torch.Tensor]:
-        """Several independent projections, one per thread (tensors are read and reduced concurrently)."""
-        if self.pool is None or len(jobs) < 2:
-            return [self.linear(*j) for j in jobs]
-        return list(self.pool.map(lambda j: self.linear(*j), jobs))
+        """Several independent projections (each one's blocks spread over the threads)."""
+        return [self.linear(*j) for j in jobs]
+
+    def prefetch(self, layer: int) -> None:
+        """Start reading the tensors of ``layer`` into the page cache (a hint to the OS) while this one is reduced."""
+        w, a = self.w, self.w.arch
+        if 0 <= layer < w.num_layers:
+            keys = [w.path_key(layer, path) for path in (a.attn_v, a.attn_qkv, a.attn_o)]
+            keys += [w.layer_key(layer, role) for role in ("gate", "up", "gate_up", "down")]
+            w.prefetch([k for k in keys if k is not None])
 
     def norm(self, x: torch.Tensor, layer: int, role: str) -> torch.Tensor:
         w = self.w
@@ -316,10 +319,27 @@ class _Path:
         return out, z, out / torch.where(raw == 0, torch.ones_like(raw), raw)
 
 
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.gelu(x, approximate="tanh")
+
+
+def _gelu_new(x: torch.Tensor) -> torch.Tensor:  # GPT-2's tanh approximation, as transformers writes it
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+# the common FFN activations by their transformers names, the same functions as transformers' ACT2FN (a test
+# checks each against it): importing ACT2FN costs seconds, more than reading a small checkpoint
+ACTIVATIONS: dict[str, Any] = {"silu": torch.nn.functional.silu, "swish": torch.nn.functional.silu,
+                               "relu": torch.nn.functional.relu, "gelu": torch.nn.functional.gelu,
+                               "gelu_pytorch_tanh": _gelu_tanh, "gelu_new": _gelu_new}
+
+
 def _activation(w: LazyWeights) -> Any:
+    name = w.setting("hidden_activation", "hidden_act", "activation_function")
+    if name in ACTIVATIONS:
+        return ACTIVATIONS[name]
     from transformers.activations import ACT2FN
 
-    name = w.setting("hidden_activation", "hidden_act", "activation_function")
     if name not in ACT2FN:
         raise MelayerError(f"{w.source}: unknown FFN activation {name!r}; the first token's path needs it")
     return ACT2FN[name]
@@ -424,7 +444,9 @@ def candidates(
     xs, attn_w, ffn_w, acts, factors = [], [], [], [], []
     attention = "o(v(x))"
     try:
+        path.prefetch(0)
         for layer in track(range(w.num_layers), f"following the first token through {w.name}", enabled=progress):
+            path.prefetch(layer + 1)
             o = path.attention(x, layer)
             if o is None:
                 attention = (f"left out: no {w.arch.attn_v or w.arch.attn_qkv} / {w.arch.attn_o} weights found "

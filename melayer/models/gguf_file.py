@@ -9,6 +9,7 @@ import itertools
 import math
 import re
 import struct
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -31,33 +32,42 @@ def read_gguf_tensor(path: Path, dims: tuple[int, ...], qtype: Any, start: int) 
 
 def gguf_rows(path: Path, dims: tuple[int, ...], qtype: Any, start: int, first: int, stop: int) -> Any:
     """Rows ``first .. stop`` of a GGUF tensor (rows of ``dims[0]`` values, as ggml stores them), float32 torch,
-    dequantised block by block from the memory map: by transformers' torch kernels where they cover the quant
-    type (multi-threaded), else by ``gguf.quants``. Only those rows' bytes are read."""
-    import torch
-    from gguf import GGMLQuantizationType
-
+    dequantised from the memory map (only those rows' bytes are read; :func:`gguf_decode`)."""
     rows = int(np.prod(dims[1:])) if len(dims) > 1 else 1
     row_bytes = gguf_n_bytes(dims, qtype) // rows
     raw = np.memmap(path, dtype=np.uint8, mode="r", offset=start + first * row_bytes, shape=(stop - first, row_bytes))
-    if qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16):
-        dtype = {GGMLQuantizationType.F32: torch.float32, GGMLQuantizationType.F16: torch.float16,
-                 GGMLQuantizationType.BF16: torch.bfloat16}[qtype]
-        return torch.frombuffer(bytearray(raw), dtype=dtype).reshape(stop - first, -1).float()
-    kernels = _torch_kernels()
-    if kernels is not None and int(qtype) in kernels.GGML_BLOCK:
-        data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-        return kernels.dequantize(data, int(qtype)).reshape(stop - first, -1)
-    from gguf.quants import dequantize
-
-    return torch.from_numpy(np.ascontiguousarray(dequantize(raw, qtype), dtype=np.float32)).reshape(stop - first, -1)
+    return gguf_decode(np.array(raw), qtype, owned=True)
 
 
-def _torch_kernels() -> Any:
-    try:
-        from transformers.integrations.gguf import dequant
-    except ImportError:  # an older transformers: gguf's numpy kernels only
-        return None
-    return dequant
+_FLOAT_TYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+_GRID_LOCK = threading.Lock()
+
+
+def gguf_decode(raw: np.ndarray, qtype: Any, out: Any = None, owned: bool = False) -> Any:
+    """Dequantise whole GGUF rows: ``raw`` is a (rows, row bytes) uint8 array of one tensor's stored rows; the
+    result is float32 torch (rows, values per row).
+
+    Quantised rows go through ``gguf.quants``' own kernel for the type, applied to all the blocks of ``raw`` at
+    once (``dequantize_rows``: vectorised over the blocks, exactly gguf's values). Float rows are viewed in
+    place, then converted into ``out`` (a float32 buffer of at least that many values, reused by the caller)
+    where given; a float32 view of ``raw`` itself is returned as is unless ``owned``."""
+    import torch
+
+    name = getattr(qtype, "name", str(qtype))
+    if name in _FLOAT_TYPES:
+        values = torch.from_numpy(raw.reshape(-1)).view(getattr(torch, _FLOAT_TYPES[name])).reshape(raw.shape[0], -1)
+        if out is not None:
+            return out[: values.numel()].view(values.shape).copy_(values)
+        return values.float() if values.dtype != torch.float32 or not owned else values.clone()
+    import gguf.quants
+
+    kernel = getattr(gguf.quants, name, None)
+    if kernel is None or not hasattr(kernel, "dequantize_rows"):
+        raise NotImplementedError(f"the gguf package cannot dequantise {name}")
+    if getattr(kernel, "grid_hex", None) is not None and getattr(kernel, "grid", None) is None:
+        with _GRID_LOCK:  # the i-quant lookup grids are built once, on first use
+            kernel.init_grid()
+    return torch.from_numpy(kernel.dequantize_rows(raw))
 
 
 def gguf_n_bytes(dims: tuple[int, ...], qtype: Any) -> int:
@@ -137,6 +147,7 @@ def read_gguf_header(path: Path) -> tuple[dict[str, Any], dict[str, tuple[tuple[
             raise bad(f"metadata key {key!r} has value type {code}, which is not a GGUF value type") from None
 
     def value(vtype: Any, key: str, depth: int = 0) -> Any:
+        nonlocal pos
         if vtype == GGUFValueType.STRING:
             return string(f"the string value of {key!r}")
         if vtype == GGUFValueType.ARRAY:
@@ -146,9 +157,9 @@ def read_gguf_header(path: Path) -> tuple[dict[str, Any], dict[str, tuple[tuple[
             if count * min_size[itype] > size - pos:
                 raise truncated(f"the metadata value {key!r} claims {count:,} items, more than the rest of the "
                                 "file holds")
-            if itype == GGUFValueType.STRING:
-                for _ in range(count):  # skip: only lengths are read
-                    skip(take("Q"), f"a string in the metadata value {key!r}")
+            if itype == GGUFValueType.STRING:  # skip: only lengths are read (a tight loop: vocabularies are long)
+                pos = _skip_strings(mv, pos, count, size, lambda n: truncated(
+                    f"a string in the metadata value {key!r} of {n:,} bytes runs past the end of the file"))
             elif itype == GGUFValueType.ARRAY:
                 for _ in range(count):
                     value(itype, key, depth + 1)
@@ -238,6 +249,21 @@ def _check_sizes(path: Path, meta: dict[str, Any], infos: dict[str, tuple[tuple[
         if v > elements:
             raise MelayerError(f"{path} is not a valid GGUF file: {key} is {v:,}, more than the {elements:,} "
                                "weights in its tensors")
+
+
+def _skip_strings(mv: memoryview, pos: int, count: int, size: int, too_long: Any) -> int:
+    """The position after ``count`` GGUF strings (u64 length, bytes) starting at ``pos``; ``too_long(n)`` is
+    raised for a length that runs past ``size``."""
+    unpack = struct.Struct("<Q").unpack_from
+    for _ in range(count):
+        if pos + 8 > size:
+            raise too_long(8)
+        n = unpack(mv, pos)[0]
+        pos += 8
+        if n > size - pos:
+            raise too_long(n)
+        pos += n
+    return pos
 
 
 def check_gguf(path: Path) -> None:

@@ -14,7 +14,9 @@ number of tensors returned by this reader that were alive at the same time (chec
 from __future__ import annotations
 
 import json
+import os
 import re
+import threading
 import weakref
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,9 +28,11 @@ import torch
 from melayer.models.archmap import ARCHITECTURES, LAYER_ROLES, ArchSpec, load_override
 from melayer.models.derive import arch_from_config
 from melayer.models.embedded import DEFAULT_MODEL, EMBEDDED
-from melayer.models.gguf_file import gguf_rows, read_gguf_header, read_gguf_tensor
+from melayer.models.gguf_file import gguf_decode, gguf_n_bytes, read_gguf_header, read_gguf_tensor
 from melayer.models.hf_internals import gguf_tensor_processor
 from melayer.util.errors import MelayerError, UnsupportedArchitecture
+
+CHUNK_VALUES = 1 << 18  # values per streamed block: 1 MiB as float32
 
 
 class LazyWeights:
@@ -49,6 +53,10 @@ class LazyWeights:
         self.max_live = 0
         self._live: weakref.WeakSet[torch.Tensor] = weakref.WeakSet()
         self._prefix: str | None = None
+        self._local = threading.local()
+        self._fds: dict[Path, int] = {}
+        self._fd_lock = threading.Lock()
+        weakref.finalize(self, _close_all, self._fds)
 
     # -- to implement per format
     def keys(self) -> list[str]:
@@ -162,17 +170,59 @@ class LazyWeights:
         exact = f"{path}.weight"
         return exact if exact in self._keyset() else (found[0] if found else None)
 
-    def chunks(self, key: str, chunk_bytes: int = 8 << 20) -> Any:
+    def chunks(self, key: str, chunk_values: int = CHUNK_VALUES) -> Any:
         """Yield ``(start, rows)`` over the stored rows of a 2-D tensor, each chunk float32 of about
-        ``chunk_bytes`` as float32 (rows ``start .. start + len(rows)`` of the tensor as stored)."""
-        shape = self.shape(key)
-        step = max(1, chunk_bytes // (4 * max(1, shape[-1])))
-        for start in range(0, shape[0], step):
-            stop = min(shape[0], start + step)
-            rows = self._read_rows(key, start, stop)
-            self.bytes_read += rows.numel() * 4
-            yield start, rows
+        ``chunk_values`` values (rows ``start .. start + len(rows)`` of the tensor as stored)."""
+        for start, stop in self.spans(key, chunk_values):
+            yield start, self._block(key, start, stop, owned=True)
         self.tensors_read += 1
+
+    def spans(self, key: str, chunk_values: int = CHUNK_VALUES) -> list[tuple[int, int]]:
+        """Row ranges ``(start, stop)`` of about ``chunk_values`` values each, covering a stored tensor's rows."""
+        shape = self.shape(key)
+        step = max(1, chunk_values // max(1, int(np.prod(shape[1:]))))
+        return [(start, min(shape[0], start + step)) for start in range(0, shape[0], step)]
+
+    def matmul(self, key: str, x: torch.Tensor, pool: Any = None, chunk_values: int = CHUNK_VALUES) -> torch.Tensor:
+        """``x @ W.T`` for a stored projection ``W`` (out, in) without ever holding ``W``: the stored rows are read
+        in blocks of about ``chunk_values`` values (1 MiB as float32, so a block stays in the CPU cache), each
+        block into a per-thread buffer, dequantised or converted to float32 and multiplied before the next is
+        read. With ``pool`` (an executor) the blocks are spread over its threads (file reads, numpy's
+        dequantisation and torch's matmul all release the GIL)."""
+        shape = self.shape(key)
+        spans = self.spans(key, chunk_values)
+        if self.stored_transposed(key):  # stored rows are input dims: each block adds its part of every output
+
+            def part(span: tuple[int, int]) -> torch.Tensor:
+                return x[:, span[0]:span[1]] @ self._block(key, *span)
+
+            parts = pool.map(part, spans) if pool is not None and len(spans) > 1 else map(part, spans)
+            out = torch.zeros(x.shape[0], int(np.prod(shape[1:])))
+            for piece in parts:
+                out += piece
+        else:  # stored rows are outputs: each block fills its own rows of out.T
+            xt = x.T.contiguous()
+            out_t = torch.empty(shape[0], x.shape[0])
+
+            def fill(span: tuple[int, int]) -> None:
+                torch.mm(self._block(key, *span), xt, out=out_t[span[0]:span[1]])
+
+            list(pool.map(fill, spans) if pool is not None and len(spans) > 1 else map(fill, spans))
+            out = out_t.T
+        self.tensors_read += 1
+        return out
+
+    def prefetch(self, keys: list[str]) -> None:
+        """Ask the OS to start reading these tensors' bytes into the page cache (``posix_fadvise WILLNEED``):
+        the next layer's tensors come in while this one is reduced. A hint only; a no-op where unsupported."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        for key in keys:
+            try:
+                path, offset, nbytes = self._extent(key)
+                os.posix_fadvise(self._fd(path), offset, nbytes, os.POSIX_FADV_WILLNEED)
+            except (OSError, MelayerError, KeyError):
+                pass
 
     def stored_transposed(self, key: str) -> bool:
         """Whether the stored rows of ``key`` are input dims (GPT-2's Conv1D in safetensors) rather than outputs."""
@@ -181,8 +231,56 @@ class LazyWeights:
     def shape(self, key: str) -> tuple[int, ...]:
         raise NotImplementedError
 
-    def _read_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+    def _extent(self, key: str) -> tuple[Path, int, int]:
+        """(file, absolute byte offset, byte length) of a stored tensor."""
         raise NotImplementedError
+
+    def _block(self, key: str, start: int, stop: int, owned: bool = False) -> torch.Tensor:
+        """Stored rows ``start .. stop`` as float32 (rows, values per row). Unless ``owned``, the result may be a
+        view of this thread's reusable buffer, valid until this thread's next read."""
+        raise NotImplementedError
+
+    def _read_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        return self._block(key, start, stop, owned=True)
+
+    def _fd(self, path: Path) -> int:
+        """A read-only descriptor of ``path``, opened once per reader (closed when the reader is freed)."""
+        fd = self._fds.get(path)
+        if fd is None:
+            with self._fd_lock:
+                fd = self._fds.get(path)
+                if fd is None:
+                    try:
+                        fd = os.open(path, os.O_RDONLY)
+                    except OSError as exc:
+                        raise MelayerError(f"cannot read {path}: {exc}") from None
+                    self._fds[path] = fd
+        return fd
+
+    def _raw(self, path: Path, offset: int, nbytes: int, what: str) -> memoryview:
+        """``nbytes`` of ``path`` from ``offset``, read into this thread's reusable buffer (one copy out of the page
+        cache, no new memory per read)."""
+        local = self._local
+        buf = getattr(local, "raw", None)
+        if buf is None or len(buf) < nbytes:
+            buf = local.raw = bytearray(max(nbytes, 1 << 20))
+        view = memoryview(buf)[:nbytes]
+        try:
+            got = os.preadv(self._fd(path), [view], offset)
+        except OSError as exc:
+            raise MelayerError(f"cannot read {what} from {path}: {exc}") from None
+        if got != nbytes:
+            raise MelayerError(f"cannot read {what} from {path} (truncated or corrupt?)")
+        with self._fd_lock:
+            self.bytes_read += nbytes
+        return view
+
+    def _float_buffer(self, n: int) -> torch.Tensor:
+        """This thread's reusable float32 buffer of at least ``n`` values."""
+        buf = getattr(self._local, "f32", None)
+        if buf is None or buf.numel() < n:
+            buf = self._local.f32 = torch.empty(max(n, CHUNK_VALUES))
+        return buf
 
     def rows(self, key: str, ids: list[int]) -> torch.Tensor:
         """Some rows of a stored 2-D tensor (e.g. embedding rows), float32."""
@@ -204,6 +302,15 @@ class LazyWeights:
         except (ValueError, KeyError, TypeError):
             return None
         return next((getattr(default, n) for n in names if getattr(default, n, None) is not None), None)
+
+
+def _close_all(fds: dict[Path, int]) -> None:
+    for fd in fds.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    fds.clear()
 
 
 def _return_freed_memory() -> None:
@@ -307,24 +414,19 @@ class SafetensorsWeights(LazyWeights):
     def shape(self, key: str) -> tuple[int, ...]:
         return self._entry(key)[2]
 
-    def _read_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
-        import os
+    def _extent(self, key: str) -> tuple[Path, int, int]:
+        path, dtype, shape, offset = self._entry(key)
+        return path, offset, int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
 
+    def _block(self, key: str, start: int, stop: int, owned: bool = False) -> torch.Tensor:
         path, dtype, shape, offset = self._entry(key)
         width = int(np.prod(shape[1:])) if len(shape) > 1 else 1
         item = torch.empty(0, dtype=dtype).element_size()
-        buf = bytearray((stop - start) * width * item)
-        try:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                got = os.preadv(fd, [buf], offset + start * width * item)
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            raise MelayerError(f"cannot read tensor {key} from {path}: {exc}") from None
-        if got != len(buf):
-            raise MelayerError(f"cannot read tensor {key} from {path} (truncated or corrupt?)")
-        return torch.frombuffer(buf, dtype=dtype).reshape(stop - start, width).float()
+        raw = self._raw(path, offset + start * width * item, (stop - start) * width * item, f"tensor {key}")
+        stored = torch.frombuffer(raw, dtype=dtype).reshape(stop - start, width)
+        if owned:
+            return stored.float() if dtype != torch.float32 else stored.clone()
+        return self._float_buffer(stored.numel())[: stored.numel()].view(stored.shape).copy_(stored)
 
     def first_token(self) -> tuple[int | None, bool]:
         """The BOS id from the config; whether the saved tokenizer prepends it (encoding one character)."""
@@ -424,7 +526,8 @@ class GGUFWeights(LazyWeights):
         if arch_enum is None:
             raise UnsupportedArchitecture(f"{path}: GGUF architecture {gguf_arch!r} is unknown to the gguf package")
         self._name_map = gguf.get_tensor_name_map(arch_enum, self.num_layers)
-        self._processor = gguf_tensor_processor(gguf_arch, config)
+        self._gguf_config = config
+        self._processor_obj: Any = None
         self._hf_to_gguf: dict[str, str] = {}
 
     def gguf_name(self, hf_name: str) -> str | None:
@@ -459,10 +562,26 @@ class GGUFWeights(LazyWeights):
         dims = self._info(key)[0]
         return tuple(reversed(dims)) if len(dims) > 1 else (1, int(dims[0]))
 
-    def _read_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+    @property
+    def _processor(self) -> Any:
+        """transformers' GGUF tensor processor for this architecture (imported on the first whole-tensor read)."""
+        if self._processor_obj is None:
+            self._processor_obj = gguf_tensor_processor(self.gguf_arch, self._gguf_config)
+        return self._processor_obj
+
+    def _extent(self, key: str) -> tuple[Path, int, int]:
         dims, qtype, offset = self._info(key)
+        return self.path, offset, gguf_n_bytes(dims, qtype)
+
+    def _block(self, key: str, start: int, stop: int, owned: bool = False) -> torch.Tensor:
+        dims, qtype, offset = self._info(key)
+        n_rows = int(np.prod(dims[1:])) if len(dims) > 1 else 1
+        row_bytes = gguf_n_bytes(dims, qtype) // n_rows
+        raw = self._raw(self.path, offset + start * row_bytes, (stop - start) * row_bytes, f"tensor {key}")
+        rows = np.frombuffer(raw, dtype=np.uint8).reshape(stop - start, row_bytes)
         try:
-            return gguf_rows(self.path, dims, qtype, offset, start, stop)
+            out = None if owned else self._float_buffer((stop - start) * int(dims[0]))
+            return gguf_decode(rows, qtype, out=out, owned=owned)
         except NotImplementedError as exc:
             raise MelayerError(f"{self.path}: cannot dequantise {key}: {exc}") from None
 

@@ -45,7 +45,7 @@ def print_weights(d: dict[str, Any]) -> None:
                   str(r["neuron"]) if r["neuron"] >= 0 else "")
     out.print(t)
     c = d["cost"]
-    out.print(f"read {c['tensors_read']} tensors ({c['bytes_read_mb']} MB as float32) in {c['seconds']} s with "
+    out.print(f"read {c['tensors_read']} tensors ({c['bytes_read_mb']} MB from the files) in {c['seconds']} s with "
               f"{c['threads']} threads; peak RSS {c['peak_rss_mb']} MB")
     conf = d.get("confirm")
     if conf:
