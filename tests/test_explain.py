@@ -14,13 +14,14 @@ from melayer.analysis.attribution import ffn_in_weights
 from melayer.analysis.perplexity import perplexity
 from melayer.capture import encode
 from melayer.interventions.ablate import (
+    ExpertAblation,
     NeuronAblation,
     NormEdit,
     ablated,
     fingerprint,
     median_gain_edit,
 )
-from melayer.interventions.explain import control_layers, explain
+from melayer.interventions.explain import ExplainResult, control_layers, explain
 from melayer.testing import tiny_lm
 from melayer.util.errors import MelayerError
 
@@ -146,6 +147,74 @@ def test_ablation_input_errors():
         with ablated(lm, [NeuronAblation(99, (1,))]):
             pass
     assert median_gain_edit(lm, 0, "post_ffn_norm", [1]) is None  # Llama has no post-FFN norm
+
+
+# MoE layouts: concatenated gate/up (Mixtral, Qwen3-MoE, OLMoE), interleaved + transposed + biases (gpt-oss), a
+# gated shared expert (Qwen2-MoE)
+MOE = ["mixtral", "gpt_oss", "qwen2_moe", "qwen3_moe", "olmoe"]
+
+
+@pytest.mark.parametrize("model_type", MOE)
+def test_expert_ablation_removes_it_only_for_the_named_expert(model_type):
+    """The full-factorial design at an MoE ME layer: removing the named expert (or its named neuron) removes the
+    massive activation; removing other routed experts of the same layer, or the same neuron inside them, and the
+    named-style ablations at other layers leave it in place."""
+    lm, before, result, d = _run(model_type)
+    p = lm.plant
+    inter = lm.experts(p.me_layer).inter
+    assert d["controls"]["experts"]["named"] == [p.expert]
+    assert (d["selected_neurons"], d["super_weights"][0]["expert"]) == ([p.expert * inter + p.neuron], p.expert)
+    runs = {r["ablate"]: r for r in d["ablations"]}
+    assert list(runs) == ["none", "norm", "ffn", "both", "expert", "norm+expert"]
+    assert runs["expert"]["experts"] == [p.expert]
+    for kind in ("ffn", "both", "expert", "norm+expert"):
+        assert runs[kind]["me_layer_after"] is None, kind
+        assert runs[kind]["downstream_max"] < 0.01 * runs["none"]["downstream_max"], kind
+    controls = d["controls"]["experts"]["runs"]
+    assert sorted({r["role"] for r in controls}) == ["random_expert", "random_expert_neuron"]
+    assert len(controls) == 4  # two draws of each
+    for r in controls:
+        if r["role"] == "random_expert":
+            assert r["experts"] and p.expert not in r["experts"]
+        else:  # the planted neuron's counterpart in another routed expert
+            assert [(n % inter, n // inter != p.expert) for n in r["neurons"]] == [(p.neuron, True)]
+    for r in controls + [r for r in d["controls"]["layers"] if r["ablate"] in ("expert", "norm+expert")]:
+        assert r["me_layer_after"] == p.me_layer, r
+        assert r["downstream_max"] > 0.9 * runs["none"]["downstream_max"], r
+    assert set(d["verdict"][f"random_expert@me({p.me_layer})"]["outcomes"]) == {"stays"}
+    assert d["verdict"][f"expert@me({p.me_layer})"]["outcome"] == "no ME layer"
+    assert d["model_check"]["bit_identical"] and fingerprint(lm) == before
+    back = ExplainResult.from_dict(json.loads(json.dumps(d)))
+    assert back.to_dict() == json.loads(json.dumps(d))
+    # the report shows the expert runs and their controls
+    from melayer.reporting.plots_analysis import explain_ablations_figure
+    from melayer.reporting.sections import ablation_reading
+    assert explain_ablations_figure(d) is not None
+    assert "expert: no ME layer" in ablation_reading(d) and "other routed experts" in ablation_reading(d)
+
+
+def test_expert_ablation_zeroes_the_expert_and_restores_it():
+    """gpt-oss (down bias, transposed storage): the named expert's output is gone while the edit is active, the
+    model bit-identical afterwards; a bad expert is one clear line."""
+    lm, _, _, _ = _run("gpt_oss")
+    fused, layer = lm.experts(lm.plant.me_layer), lm.plant.me_layer
+    before = fingerprint(lm)
+    x = torch.randn(5, lm.hidden_size)
+    index = torch.full((5, 1), lm.plant.expert)
+    weights = torch.ones(5, 1)
+    with torch.no_grad():
+        assert float(fused.output(x, index, weights).abs().max()) > 0
+    with torch.no_grad(), ablated(lm, [ExpertAblation(layer, (lm.plant.expert,))]):
+        assert float(fused.output(x, index, weights).abs().max()) == 0.0
+        assert float(fused.output(x, index + 1, weights).abs().max()) > 0
+    assert fingerprint(lm) == before
+    with pytest.raises(MelayerError, match="not in layer") as err:
+        with ablated(lm, [ExpertAblation(layer, (fused.num_experts,))]):
+            pass
+    assert "\n" not in str(err.value)
+    with pytest.raises(MelayerError, match="no mixture-of-experts"):
+        with ablated(tiny_lm("llama", plant=False), [ExpertAblation(0, (0,))]):
+            pass
 
 
 def test_explain_without_massive_activation_is_a_clear_error():

@@ -1,9 +1,12 @@
 """Temporary, exactly reversible ablations inside one decoder layer (used by ``melayer explain``).
 
-Two kinds, addressed through the architecture map's roles:
+Three kinds, addressed through the architecture map's roles:
 
 * **FFN neurons** (:class:`NeuronAblation`): a forward pre-hook on the layer's ``down`` module zeroes the
   chosen intermediate neurons' activations for every token, i.e. their ``down`` columns contribute nothing.
+* **Whole experts** of an MoE layer (:class:`ExpertAblation`): a routed expert's down projection (and its bias)
+  is zeroed, so whatever the router sends it adds nothing; the shared expert's neurons are zeroed at its ``down``
+  input.
 * **Norm gains** (:class:`NormEdit`): the effective gain of a norm (``weight + norm_gain_offset``) on chosen
   dims is set to a target value (by default that norm's median gain) by editing the weight in place.
 
@@ -58,7 +61,20 @@ class NormEdit:
                 "set_gain_to": self.gain, "original_gains": list(self.original), "reason": self.reason}
 
 
-Edit = NeuronAblation | NormEdit
+@dataclass(frozen=True)
+class ExpertAblation:
+    """Remove the output of ``experts`` (routed expert numbers, or ``"shared"``) of ``layer``'s MoE block, every
+    token; the router still routes as before."""
+
+    layer: int
+    experts: tuple[int | str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "experts", "layer": self.layer, "experts": list(self.experts),
+                "how": "the expert's down projection (and bias) zeroed, every token; routing unchanged"}
+
+
+Edit = NeuronAblation | NormEdit | ExpertAblation
 
 
 def median_gain_edit(lm: LM, layer: int, role: str, dims: Sequence[int], reason: str = "") -> NormEdit | None:
@@ -78,7 +94,17 @@ def median_gain_edit(lm: LM, layer: int, role: str, dims: Sequence[int], reason:
 def _check(lm: LM, edit: Edit) -> None:
     if not 0 <= edit.layer < lm.num_layers:
         raise MelayerError(f"layer {edit.layer} is out of range: {lm.name} has layers 0-{lm.num_layers - 1}")
-    if isinstance(edit, NeuronAblation):
+    if isinstance(edit, ExpertAblation):
+        fused = lm.experts(edit.layer)
+        if fused is None:
+            raise MelayerError(f"layer {edit.layer} of {lm.name} has no mixture-of-experts block")
+        shared = lm.module(edit.layer, "down") is not None
+        bad = [e for e in edit.experts if not (e == "shared" and shared)
+               and not (isinstance(e, int) and 0 <= e < fused.num_experts)]
+        if bad:
+            raise MelayerError(f"expert {bad[0]!r} is not in layer {edit.layer}: it has routed experts "
+                               f"0-{fused.num_experts - 1}" + (" and a shared expert" if shared else ""))
+    elif isinstance(edit, NeuronAblation):
         inter = lm.down_weight(edit.layer).shape[1]
         bad = [n for n in edit.neurons if not 0 <= n < inter]
         if bad:
@@ -122,6 +148,22 @@ def _ablate_neurons(lm: LM, e: NeuronAblation, hooks: Hooks, saved: list) -> Non
         fused.down(expert)[:, torch.tensor(cols, dtype=torch.long, device=weight.device)] = 0
 
 
+def _ablate_experts(lm: LM, e: ExpertAblation, hooks: Hooks, saved: list) -> None:
+    fused = lm.experts(e.layer)
+    assert fused is not None  # _check
+    if "shared" in e.experts:
+        down = lm.module(e.layer, "down")
+        hooks.pre(down, _zero_hook(tuple(range(lm.arch.at(e.layer).down_matrix(down).shape[1]))))  # type: ignore[arg-type]
+    routed = sorted({x for x in e.experts if isinstance(x, int)})
+    if routed and is_offloaded(fused.module):
+        raise MelayerError(f"layer {e.layer}: ablating experts of an offloaded layer is not supported")
+    for expert in routed:
+        for name in ("down_proj", "down_proj_bias") if fused.has_bias else ("down_proj",):
+            weight = getattr(fused.module, name)
+            saved.append((weight, expert, weight[expert].clone()))
+            weight[expert] = 0
+
+
 @contextlib.contextmanager
 def ablated(lm: LM, edits: Sequence[Edit]) -> Iterator[None]:
     """Apply ``edits`` for the duration of the ``with`` block; always restored exactly (``finally``)."""
@@ -136,6 +178,9 @@ def ablated(lm: LM, edits: Sequence[Edit]) -> Iterator[None]:
                 if isinstance(e, NeuronAblation):
                     if e.neurons:
                         _ablate_neurons(lm, e, hooks, saved)
+                    continue
+                if isinstance(e, ExpertAblation):
+                    _ablate_experts(lm, e, hooks, saved)
                     continue
                 norm = lm.module(e.layer, e.role)
                 if is_offloaded(norm):  # type: ignore[arg-type]

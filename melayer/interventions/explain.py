@@ -7,7 +7,10 @@
    weights, and the FFN-input dims that drive those neurons (through gate/up, fused gate_up or Conv1D).
 4. Report each norm's gain on the relevant dims against that norm's median gain.
 5. Full-factorial ablation at the ME layer (``none``, ``norm``, ``ffn``, ``both``) with controls: the same
-   ablations at other layers (before, after, middle) and random-neuron ablations of the same size. Each
+   ablations at other layers (before, after, middle) and random-neuron ablations of the same size. At an MoE
+   ME layer the named expert(s) are also removed whole (``expert``, ``norm+expert``), with two controls in the
+   same layer: random other routed experts removed whole, and the named neurons' counterparts in random other
+   experts. Each
    run measures the massive token's downstream magnitude, re-runs the scan (does an ME layer still exist?)
    and the perplexity of a fixed shipped text. Everything is temporary and the model is verified
    bit-identical afterwards.
@@ -42,6 +45,7 @@ from melayer.analysis.scan import default_prompts, scan
 from melayer.capture import Hooks, TokenTracker, layer_output
 from melayer.interventions.ablate import (
     Edit,
+    ExpertAblation,
     NeuronAblation,
     NormEdit,
     ablated,
@@ -54,6 +58,8 @@ from melayer.util.errors import MelayerError
 from melayer.util.results import Result
 
 ABLATIONS = ("none", "norm", "ffn", "both")
+EXPERT_ABLATIONS = ("expert", "norm+expert")  # an MoE layer: the named expert(s) whole, alone and with the norm edit
+EXPERT_CONTROLS = ("random_expert", "random_expert_neuron")
 DEFAULT_PROMPTS = 16
 
 
@@ -65,9 +71,9 @@ DEFAULT_PROMPTS = 16
 class AblationRun:
     """One ablation and what it did."""
 
-    ablate: str  # none / norm / ffn / both / random
+    ablate: str  # none / norm / ffn / both / expert / norm+expert / random / random_expert / random_expert_neuron
     layer: int
-    role: str  # me / before / after / middle / random
+    role: str  # me / before / after / middle / random / random_expert / random_expert_neuron
     edits: list[Edit]
     downstream_profile: list[float]  # per layer: mean over prompts of max |a| on the massive dims, massive token
     downstream_max: float
@@ -91,10 +97,11 @@ class AblationRun:
 
     def to_dict(self) -> dict[str, Any]:
         neurons = [n for e in self.edits if isinstance(e, NeuronAblation) for n in e.neurons]
+        experts = [x for e in self.edits if isinstance(e, ExpertAblation) for x in e.experts]
         rel = (self.downstream_max / self.baseline_downstream_max) if self.baseline_downstream_max else None
         return {
             "ablate": self.ablate, "layer": self.layer, "role": self.role, "draw": self.draw,
-            "neurons": neurons,
+            "neurons": neurons, **({"experts": experts} if experts else {}),
             "norm_edits": [e.to_dict() for e in self.edits if isinstance(e, NormEdit)],
             "downstream_max": self.downstream_max,
             "downstream_ratio": rel,
@@ -188,6 +195,7 @@ class ExplainResult(Result):
     model_check: dict[str, Any]
     prompts: list[str] = field(default_factory=list)
     experts: list[dict[str, Any]] | None = None  # MoE ME layer: each expert's share of the massive dims
+    expert_controls: list[AblationRun] = field(default_factory=list)  # MoE ME layer: random experts / expert neurons
 
     def random_summary(self) -> dict[str, Any]:
         if not self.random_runs:
@@ -236,7 +244,19 @@ class ExplainResult(Result):
                 "outcomes": outcomes,
                 "downstream_ratio_mean": float(np.mean([r.downstream_max for r in self.random_runs])) / base if base else None,
                 "ppl_ratio_mean": float(np.mean([r.ppl for r in self.random_runs])) / self.ablations[0].ppl}
+        for role in EXPERT_CONTROLS:
+            runs = [r for r in self.expert_controls if r.role == role]
+            if runs:
+                out[f"{role}@me({self.me_layer})"] = {
+                    "outcomes": [self.outcome(r) for r in runs],
+                    "downstream_ratio_mean": float(np.mean([r.downstream_max for r in runs])) / base if base else None,
+                    "ppl_ratio_mean": float(np.mean([r.ppl for r in runs])) / self.ablations[0].ppl}
         return out
+
+    def named_experts(self) -> list[int | str]:
+        """The experts the attribution names at an MoE ME layer (those holding the selected neurons), strongest first."""
+        run = next((r for r in self.ablations if r.ablate == "expert"), None)
+        return [x for e in run.edits if isinstance(e, ExpertAblation) for x in e.experts] if run else []
 
     def _record(self, run: AblationRun) -> dict[str, Any]:
         return {**run.to_dict(), "outcome": self.outcome(run)}
@@ -262,6 +282,9 @@ class ExplainResult(Result):
             "controls": {
                 "layers": [self._record(r) for r in self.controls],
                 "random": {**self.random_summary(), "runs": [self._record(r) for r in self.random_runs]},
+                **({"experts": {"named": self.named_experts(), "meaning": EXPERT_CONTROL_MEANING,
+                                "runs": [self._record(r) for r in self.expert_controls]}}
+                   if self.experts is not None else {}),
             },
             "verdict": self.verdict(),
             "model_check": self.model_check,
@@ -282,6 +305,8 @@ class ExplainResult(Result):
             edits: list[Edit] = [NeuronAblation(r["layer"], tuple(r["neurons"]))] if r["neurons"] else []
             edits += [NormEdit(e["layer"], e["role"], tuple(e["dims"]), e["set_gain_to"], tuple(e["original_gains"]),
                                e["reason"]) for e in r["norm_edits"]]
+            if r.get("experts"):
+                edits.append(ExpertAblation(r["layer"], tuple(r["experts"])))
             return AblationRun(ablate=r["ablate"], layer=r["layer"], role=r["role"], edits=edits,
                                downstream_profile=r["downstream_profile"], downstream_max=r["downstream_max"],
                                me_layer_after=r["me_layer_after"],
@@ -300,7 +325,16 @@ class ExplainResult(Result):
                    norm_gains=data["norm_gains"], ablations=[run(r) for r in data["ablations"]],
                    controls=[run(r) for r in data["controls"]["layers"]],
                    random_runs=[run(r) for r in data["controls"]["random"].get("runs", [])],
-                   settings=data["settings"], model_check=data["model_check"], prompts=data["prompts"])
+                   settings=data["settings"], model_check=data["model_check"], prompts=data["prompts"],
+                   experts=data.get("experts"),
+                   expert_controls=[run(r) for r in data["controls"].get("experts", {}).get("runs", [])])
+
+
+EXPERT_CONTROL_MEANING = (
+    "named: the experts holding the selected neurons at the ME layer; expert / norm+expert (in ablations): those "
+    "experts' whole output removed (down projection zeroed, routing unchanged), alone and with the norm edit; "
+    "random_expert: as many other routed experts of the same layer removed whole; random_expert_neuron: each "
+    "selected neuron's counterpart (same neuron number) in another, random routed expert of the same layer zeroed")
 
 
 def _expert_of(segments: list[dict[str, Any]], n: int) -> dict[str, Any]:
@@ -327,6 +361,27 @@ def expert_table(segments: list[dict[str, Any]], contrib: torch.Tensor, dims: Se
                          "share": c / float(total[i]) if float(total[i]) else None,
                          "top_neuron": top, "top_neuron_contribution": float(part[i, top])})
     return sorted(rows, key=lambda r: -abs(r["share"] or 0.0))
+
+
+def _expert_controls(lm: LM, layer: int, selected: list[int], named: list[int | str], draws: int,
+                     seed: int) -> list[tuple[str, int, str, list[Edit], int | None]]:
+    """The MoE controls at the ME layer (see ``EXPERT_CONTROL_MEANING``): per draw, as many random routed experts
+    other than the named ones removed whole, and the selected neurons moved to random other routed experts."""
+    fused = lm.experts(layer)
+    routed = [e for e in named if isinstance(e, int)]
+    others = [e for e in range(fused.num_experts) if e not in named] if fused is not None else []
+    if fused is None or not routed or not others:
+        return []
+    segments = lm.ffn_segments(layer)
+    rng = np.random.default_rng([seed, 1])  # its own stream: the random-neuron draws stay as without experts
+    plan: list[tuple[str, int, str, list[Edit], int | None]] = []
+    for draw in range(draws):
+        pick = sorted(int(e) for e in rng.choice(others, size=min(len(routed), len(others)), replace=False))
+        plan.append(("random_expert", layer, "random_expert", [ExpertAblation(layer, tuple(pick))], draw))
+        moved = sorted({int(rng.choice(others)) * fused.inter + w["expert_neuron"] for n in selected
+                        if isinstance((w := _expert_of(segments, n)).get("expert"), int)})
+        plan.append(("random_expert_neuron", layer, "random_expert_neuron", [NeuronAblation(layer, tuple(moved))], draw))
+    return plan
 
 
 def _norm_edits(lm: LM, layer: int, dims: Sequence[int], drive: Sequence[int]) -> list[NormEdit]:
@@ -443,31 +498,41 @@ def explain(
     norm_gains = norm_report(lm, L, rec[L], dims, drive)
 
     # 5. ablations
-    def edits_for(layer: int, kind: str, neurons: list[int], drv: list[int]) -> list[Edit]:
+    def edits_for(layer: int, kind: str, neurons: list[int], drv: list[int], experts: list[int | str]) -> list[Edit]:
         e: list[Edit] = []
-        if kind in ("norm", "both"):
+        if kind in ("norm", "both", "norm+expert"):
             e.extend(_norm_edits(lm, layer, dims, drv))
         if kind in ("ffn", "both"):
             e.append(NeuronAblation(layer, tuple(neurons)))
+        if kind in EXPERT_ABLATIONS:
+            e.append(ExpertAblation(layer, tuple(experts)))
         return e
 
+    def experts_of(layer: int, neurons: list[int]) -> list[int | str]:
+        segs = lm.ffn_segments(layer) if lm.experts(layer) is not None else []
+        return list(dict.fromkeys(w["expert"] for n in neurons if (w := _expert_of(segs, n))))
+
+    named = experts_of(L, selected)
+    kinds = ABLATIONS + (EXPERT_ABLATIONS if named else ())
     plan: list[tuple[str, int, str, list[Edit], int | None]] = []
-    for kind in ABLATIONS:
-        plan.append((kind, L, "me", edits_for(L, kind, selected, drive) if kind != "none" else [], None))
+    for kind in kinds:
+        plan.append((kind, L, "me", edits_for(L, kind, selected, drive, named) if kind != "none" else [], None))
     for role, layer in controls:
         if "down_in" not in rec[layer]:  # a control layer without FFN (an SSM layer of a hybrid): nothing to ablate
             continue
         c = neuron_contributions(lm, layer, rec[layer]["down_in"], dims)
         neurons = rank_neurons(c)[: len(selected)].tolist()
         drv = driving_dims({n: driving_inputs(lm, layer, rec[layer]["mlp_in"], n) for n in neurons})
-        for kind in ABLATIONS[1:]:
-            plan.append((kind, layer, role, edits_for(layer, kind, neurons, drv), None))
+        there = experts_of(layer, neurons)
+        for kind in (kinds if there else ABLATIONS)[1:]:
+            plan.append((kind, layer, role, edits_for(layer, kind, neurons, drv, there), None))
     rng = np.random.default_rng(seed)
     inter = w_down.shape[1]
     pool = np.array([n for n in range(inter) if n not in selected])
     for draw in range(random_draws):
         neurons = sorted(rng.choice(pool, size=min(len(selected), len(pool)), replace=False).tolist())
         plan.append(("random", L, "random", [NeuronAblation(L, tuple(neurons))], draw))
+    plan.extend(_expert_controls(lm, L, selected, named, random_draws, seed))
 
     runs: list[AblationRun] = []
     try:
@@ -498,8 +563,10 @@ def explain(
         massive_tokens=base.massive_tokens(), decomposition=decomposition, top_neurons=top_neurons,
         selected_neurons=selected, covered_share=dict(zip(dims, covered)), super_weights=super_weights,
         driving=driving, driving_dims=drive, norm_gains=norm_gains,
-        ablations=[r for r in runs if r.role == "me"], controls=[r for r in runs if r.role not in ("me", "random")],
+        ablations=[r for r in runs if r.role == "me"],
+        controls=[r for r in runs if r.role not in ("me", "random", *EXPERT_CONTROLS)],
         random_runs=[r for r in runs if r.role == "random"],
+        expert_controls=[r for r in runs if r.role in EXPERT_CONTROLS],
         settings={"prompts": len(prompts), "criterion": crit.to_dict(), "share": share, "max_neurons": max_neurons,
                   "random_draws": random_draws, "seed": seed, "batch_size": batch_size, "perplexity": ppl_info,
                   "massive_token_positions": positions, "control_layers": dict((r, l) for r, l in controls),

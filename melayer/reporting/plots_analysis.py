@@ -11,7 +11,7 @@ from matplotlib.ticker import MaxNLocator
 from melayer.reporting.plots import plt, save, tex_safe, tight_layout
 
 _KIND_STYLE = {"none": ("black", "-"), "norm": ("tab:blue", "--"), "ffn": ("tab:red", "-"), "both": ("tab:purple", ":"),
-               "random": ("tab:gray", "-")}
+               "random": ("tab:gray", "-"), "expert": ("tab:green", "-"), "norm+expert": ("tab:olive", ":")}
 
 
 def _floor(values: list[float | None], eps: float = 1e-3) -> list[float]:

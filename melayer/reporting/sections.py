@@ -247,6 +247,11 @@ def explain_sections(d: dict[str, Any], figs: Figures) -> list[Section]:
                      f"{num(dm['mean'])} ± {num(dm['std'], 2)}", pct(rnd.get("downstream_ratio_mean")), "-",
                      ", ".join(sorted({r["outcome"] for r in rnd["runs"]})), f"{num(pp['mean'])} ± {num(pp['std'], 2)}",
                      "-"])
+    for r in d["controls"].get("experts", {}).get("runs", []):
+        what = f"experts {r['experts']}" if r.get("experts") else f"neurons {r['neurons']}"
+        rows.append([f"{r['ablate']} ({what})", f"{r['layer']} (control)", num(r["downstream_max"]),
+                     pct(r["downstream_ratio"]), pct(r.get("downstream_mean_ratio")), r["outcome"], num(r["ppl"]),
+                     num(r.get("ppl_ratio"), 3)])
     st = d["settings"]
     ab = [p("Each run edits the model temporarily, re-runs the scan and the perplexity of a fixed shipped text; "
             "the model was bit-identical afterwards: <b>{}</b>.", d.get("model_check", {}).get("bit_identical")),
@@ -255,7 +260,9 @@ def explain_sections(d: dict[str, Any], figs: Figures) -> list[Section]:
                  "perplexity", "ppl ratio"], rows, highlight=hl),
           {"kind": "dl", "items": [
               ("norm", st.get("norm_ablation", "")), ("ffn", st.get("ffn_ablation", "")),
-              ("both", "norm and ffn together"), ("downstream max", st.get("downstream_max", "")),
+              ("both", "norm and ffn together"),
+              *([("expert controls", d["controls"]["experts"]["meaning"])] if "experts" in d["controls"] else []),
+              ("downstream max", st.get("downstream_max", "")),
               ("per-layer ratio", st.get("downstream_mean_ratio", "")),
               *[(k, v) for k, v in OUTCOMES]]},
           p("{}", ablation_reading(d))]
@@ -273,7 +280,7 @@ def ablation_reading(d: dict[str, Any]) -> str:
     """One sentence read off the ablation table (no judgement beyond what the outcomes say)."""
     at_me = {r["ablate"]: r for r in d["ablations"] if r["role"] == "me"}
     parts = [f"{k}: {at_me[k]['outcome']} ({pct(at_me[k]['downstream_ratio'], 0)} of the downstream maximum)"
-             for k in ("norm", "ffn", "both") if k in at_me]
+             for k in ("norm", "ffn", "both", "expert") if k in at_me]
     ctrl = [r["downstream_ratio"] for r in d["controls"]["layers"] if r.get("downstream_ratio") is not None]
     text = f"At the ME layer {d['me_layer']}: " + "; ".join(parts) + "."
     if ctrl:
@@ -283,6 +290,11 @@ def ablation_reading(d: dict[str, Any]) -> str:
     rnd = d["controls"].get("random") or {}
     if rnd.get("draws"):
         text += f" Random neurons at the ME layer keep {pct(rnd.get('downstream_ratio_mean'), 0)}."
+    expert_runs = d["controls"].get("experts", {}).get("runs", [])
+    if expert_runs:
+        kept = [r["downstream_ratio"] for r in expert_runs if r.get("downstream_ratio") is not None]
+        text += (f" Removing other routed experts of the layer, or the named neurons' counterparts in them, keeps "
+                 f"{pct(min(kept), 0)}-{pct(max(kept), 0)}." if kept else "")
     return text
 
 

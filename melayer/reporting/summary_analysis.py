@@ -47,9 +47,24 @@ def print_explain(d: dict[str, Any]) -> None:
                   num(float(sum(r["downstream_mean_ratio"] for r in rnd["runs"]) / len(rnd["runs"])), spec=".2%"),
                   ", ".join(sorted({r["outcome"] for r in rnd["runs"]})),
                   f"{pp['mean']:.4g} ± {pp['std']:.2g}")
+    for role, rows in _expert_controls(d).items():
+        dm = [r["downstream_max"] for r in rows]
+        t.add_row(f"{role} x{len(rows)}", f"{d['me_layer']} (control)", f"{min(dm):.4g}-{max(dm):.4g}",
+                  num(min(r["downstream_ratio"] for r in rows), spec=".2%"), "-",
+                  ", ".join(sorted({r["outcome"] for r in rows})), f"{sum(r['ppl'] for r in rows) / len(rows):.4g}")
     out.print(t)
+    if "experts" in d["controls"]:
+        out.print(f"named expert(s) at layer {d['me_layer']}: {d['controls']['experts']['named']}")
     out.print(f"baseline perplexity {base['ppl']:.4g} on {d['settings']['perplexity']['tokens']} tokens; "
               f"model bit-identical afterwards: {d['model_check']['bit_identical']}")
+
+
+def _expert_controls(d: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """An MoE ME layer's expert controls, grouped by kind."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in d["controls"].get("experts", {}).get("runs", []):
+        groups.setdefault(r["role"], []).append(r)
+    return groups
 
 
 def print_rigidity(d: dict[str, Any]) -> None:
