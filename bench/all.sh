@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Every speed figure of the docs' Speed page (docs/speed.md), one bench after another (`make bench`), each table
-# written to out/bench/<name>.txt as it is printed. About 25 minutes on a quiet 2-core CPU (the last line prints the
-# time the run took); run it on an otherwise idle
-# machine (the benches time paths interleaved in one process, but other jobs still widen the spread).
+# Every speed figure of the docs' Speed page (docs/speed.md), one bench after another (`make bench`): each bench's
+# output is kept in out/bench/<name>.txt as it is printed and turned into docs/bench/<name>.md (bench/fragment.py:
+# the conditions of the run, i.e. date, CPU, threads, load average before and after, then the bench's tables),
+# which the Speed page includes; docs/bench/targets.md collects the verdicts. About 25 minutes on a quiet 2-core
+# CPU (the last line prints the time the run took; and docs/bench/total.md keeps it); run it on an
+# otherwise idle machine (the benches time paths interleaved in one process, but other jobs still widen the spread).
 # `bash bench/all.sh scan-wiki memory` runs only the benches named. BENCH_THREADS (default 1) is the torch/OMP thread count of every bench except the 2-thread generation run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,11 +14,15 @@ OUT=${BENCH_OUT:-out/bench}
 mkdir -p "$OUT"
 export OMP_NUM_THREADS=$T MKL_NUM_THREADS=$T
 ONLY=" $* "
-run() {  # run NAME ARGS...: one bench, its output also kept in $OUT/NAME.txt
+run() {  # run NAME ARGS...: one bench, its output kept in $OUT/NAME.txt and written to docs/bench/NAME.md
     local name=$1; shift
     if [ "$ONLY" != "  " ] && [[ "$ONLY" != *" $name "* ]]; then return 0; fi
-    echo "== $name: $*  (load average: $(cut -d' ' -f1-3 /proc/loadavg))"
-    "$PY" "$@" 2>&1 | tee "$OUT/$name.txt"
+    local before start=$SECONDS
+    before=$(cut -d' ' -f1-3 /proc/loadavg)
+    echo "== $name: $*  (load average: $before)"
+    "$PY" "$@" | tee "$OUT/$name.txt"
+    "$PY" bench/fragment.py "$name" "$OUT/$name.txt" --threads "${OMP_NUM_THREADS}" --load-before "$before" \
+        --load-after "$(cut -d' ' -f1-3 /proc/loadavg)" --seconds $((SECONDS - start))
 }
 run start bench/bench_start.py --warm 5 --cold 1 --threads "$T"
 run scan-wiki bench/bench_scan.py --sets wiki --paths bare1,plan,scan,tl,tlplan --reps 5 --threads "$T"
@@ -27,5 +33,7 @@ run generate bench/bench_generate.py --reps 3 --threads "$T"
 OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 run generate-2threads bench/bench_generate.py --reps 3 --threads 2
 run wemask bench/bench_wemask.py --reps 3 --threads "$T"
 run finetune bench/bench_finetune.py --model smollm2-135m --reps 4 --threads "$T"
-if [ -f bench/bench_report.py ]; then run report bench/bench_report.py; fi
-echo "== done in $((SECONDS / 60)) min $((SECONDS % 60)) s: tables in $OUT/"
+run report bench/bench_report.py --reps 5 --threads "$T"
+"$PY" bench/fragment.py --targets
+"$PY" bench/fragment.py --total "$SECONDS" "$*"  # a partial run's time is kept only until a full run
+echo "== done in $((SECONDS / 60)) min $((SECONDS % 60)) s: tables in $OUT/ and docs/bench/"

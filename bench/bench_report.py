@@ -70,6 +70,7 @@ def main() -> None:
     env = {**os.environ, "MELAYER_QUIET": "1", "OMP_NUM_THREADS": str(args.threads),
            "MKL_NUM_THREADS": str(args.threads)}
     with tempfile.TemporaryDirectory() as tmp:
+        args.label = args.scan or "SCAN (the embedded Gemma-3-270M's `melayer scan`, into a temporary directory)"
         if args.scan is None:
             args.scan = str(Path(tmp) / "scan")
             subprocess.run([sys.executable, "-c", "from melayer.cli import main; main()", "scan", "--output", args.scan],
@@ -84,7 +85,7 @@ def bench(args: argparse.Namespace, env: dict[str, str]) -> None:
     checkouts = {"this checkout": str(B.ROOT)}
     if args.baseline:
         checkouts["baseline " + args.baseline] = str(Path(args.baseline).resolve())
-    print(f"melayer report {args.scan}; {args.threads} thread(s); one fresh process per run, checkouts alternating; "
+    print(f"melayer report {getattr(args, 'label', args.scan)}; {args.threads} thread(s); one fresh process per run, checkouts alternating; "
           f"load average {os.getloadavg()[0]:.1f}")
     print(f"command: {B.command_line()}\n")
     runs: dict[str, list[dict]] = {k: [] for k in checkouts}

@@ -99,13 +99,13 @@ def main() -> None:
     best = min(times["wemask"]) / min(times["base"]) - 1.0
     speedup = tps["batch8"] / tps["base"]
     cmd = "bench/bench_wemask.py " + " ".join(sys.argv[1:])
-    print(f"\nmodel {lm.name}, {lm.num_layers} layers, torch threads {torch.get_num_threads()}, {n} new tokens, "
+    print(f"model {lm.name}, {lm.num_layers} layers, torch threads {torch.get_num_threads()}, {n} new tokens, "
           f"{args.reps} reps (median), greedy with KV cache")
     print(f"WeMask: {wm.describe()} (layers {format_layers(wm.layers)})\n")
-    print(f"{'condition':<34}{'tokens/s':>10}")
-    print(f"{'batch 1, no WeMask':<34}{tps['base']:>10.2f}")
-    print(f"{'batch 1, WeMask rate ' + format(args.rate, 'g'):<34}{tps['wemask']:>10.2f}")
-    print(f"{'batch 8 (left padding), no WeMask':<34}{tps['batch8']:>10.2f}")
+    print("| condition | tokens/s |\n|---|---|")
+    print(f"| batch 1, no WeMask | {tps['base']:.2f} |")
+    print(f"| batch 1, WeMask rate {args.rate:g} (hooks installed once) | {tps['wemask']:.2f} |")
+    print(f"| batch 8 (left padding), no WeMask | {tps['batch8']:.2f} |")
     print(f"\nWeMask cost: {cost * 100:+.1f} % (medians), {paired * 100:+.1f} % (paired median), "
           f"{best * 100:+.1f} % (best of each)   target <= 3 %: {'PASS' if paired <= 0.03 else 'FAIL'} (paired)")
     print(f"batch 8 / batch 1: {speedup:.2f}x   target >= 4x: {'PASS' if speedup >= 4 else 'FAIL'}")

@@ -75,9 +75,34 @@ def test_every_page_is_in_the_nav():
 
     config = yaml.load((ROOT / "mkdocs.yml").read_text(), Loader=yaml.BaseLoader)
     in_nav = set(pages(config["nav"]))
-    on_disk = {p.relative_to(DOCS).as_posix() for p in DOCS.rglob("*") if p.suffix in (".md", ".ipynb")}
+    # exclude_docs: fragments other pages include (the Speed page's tables, written by `make bench`)
+    excluded = tuple(line.strip().strip("/") + "/" for line in config.get("exclude_docs", "").splitlines() if line.strip())
+    on_disk = {rel for p in DOCS.rglob("*") if p.suffix in (".md", ".ipynb")
+               if not (rel := p.relative_to(DOCS).as_posix()).startswith(excluded)}
     assert on_disk - in_nav == set(), "add these pages to the nav in mkdocs.yml"
     assert in_nav - on_disk == set()
+
+
+def test_speed_page_tables_come_from_make_bench():
+    """The Speed page holds no hand-copied table: it includes one fragment per bench `bench/all.sh` runs (plus the
+    verdicts and the run time), and every fragment there was written by bench/fragment.py."""
+    speed = (DOCS / "speed.md").read_text()
+    included = re.findall(r'^--8<-- "docs/bench/([\w-]+)\.md"$', speed, re.M)
+    benches = re.findall(r"^(?:\S+=\S+ )*run ([\w-]+) ", (ROOT / "bench/all.sh").read_text(), re.M)
+    assert len(benches) >= 8
+    assert sorted(included) == sorted([*benches, "targets", "total"])
+    assert not re.search(r"^\|.*\d", speed, re.M), "a table with numbers written into docs/speed.md by hand"
+    for name in included:
+        text = (DOCS / "bench" / f"{name}.md").read_text()
+        assert text.startswith("<!-- written by `make bench`"), name
+        if name not in ("targets", "total") and "Not measured on this code yet" not in text:
+            assert re.search(r"torch/OMP threads?; load average", text) and "|---" in text, name
+    from importlib.util import module_from_spec, spec_from_file_location
+
+    spec = spec_from_file_location("fragment", ROOT / "bench/fragment.py")
+    fragment = module_from_spec(spec)
+    spec.loader.exec_module(fragment)
+    assert sorted(fragment.ORDER) == sorted(benches)  # the verdict table lists every bench
 
 
 def _melayer_lines(text: str):
