@@ -54,8 +54,9 @@ dist: setup  ## build the wheel and the sdist into dist/ and check the wheel's c
 	$(BIN)/python -m build --no-isolation --outdir dist .
 	$(BIN)/check-wheel-contents dist/*.whl
 
-# every table of the docs' Speed page (about 25 minutes on an idle 2-core CPU); tables also in out/bench/
-bench: setup  ## run every speed bench of docs/speed.md (about 25 minutes on an idle 2-core CPU)
+# every table of the docs' Speed page (about 25 minutes on an idle 2-core CPU): written to docs/bench/*.md, which
+# docs/speed.md includes, and to out/bench/*.txt; `bash bench/all.sh NAME ...` reruns some
+bench: setup  ## write every table of docs/speed.md (about 25 minutes on an idle 2-core CPU)
 	bash bench/all.sh
 
 # one-line bugs planted in a temporary copy of every module that computes a published number; prints which ones
