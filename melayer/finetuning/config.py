@@ -67,7 +67,14 @@ class FinetuneConfig:
     trl_args: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> FinetuneConfig:
-        """Check every field; raise :class:`MelayerError` with one line naming the option at the first error."""
+        """Check every field.
+
+        Returns:
+            The config itself, so that ``FinetuneConfig(...).validate()`` can be passed on.
+
+        Raises:
+            MelayerError: one line naming the option at the first error.
+        """
         if self.method not in METHODS:
             raise MelayerError(f"unknown fine-tuning method {self.method!r}; use one of {', '.join(METHODS)}")
         if not str(self.data).strip():
@@ -119,18 +126,40 @@ class FinetuneConfig:
         return Path(self.output).expanduser()
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as ``finetune_config.json`` holds it.
+
+        Returns:
+            Every field by name, with ``"schema": "melayer.finetune_config/2"``.
+        """
         return {"schema": "melayer.finetune_config/2", **asdict(self)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FinetuneConfig:
-        """The config a ``finetune_config.json`` holds (files written before TRL's names were used read too)."""
+        """The config a ``finetune_config.json`` holds (files written before TRL's names were used read too).
+
+        Args:
+            data: a loaded ``finetune_config.json``; unknown keys are ignored.
+
+        Returns:
+            The config.
+        """
         names = {f.name for f in fields(cls)}
         data = {_FORMER.get(k, k): v for k, v in data.items()}
         return cls(**{k: v for k, v in data.items() if k in names})
 
     @classmethod
     def from_options(cls, **options: Any) -> FinetuneConfig:
-        """``FinetuneConfig(**options)``, with one line naming an unknown option (and the likely one)."""
+        """``FinetuneConfig(**options)``, with one line naming an unknown option (and the likely one).
+
+        Args:
+            **options: fields by name (TRL's names; a former name is refused with the new one suggested).
+
+        Returns:
+            The config (not yet validated: see :meth:`validate`).
+
+        Raises:
+            MelayerError: an unknown option.
+        """
         names = {f.name for f in fields(cls)}
         for key in options:
             if key not in names:

@@ -72,6 +72,12 @@ class FinetuneResult(Result):
     trainer: Any = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
+        """The result as ``finetune.json`` holds it.
+
+        Returns:
+            JSON-ready data: the config, the data, the mask, steps, losses, run time, tokens per second, the
+            adapter's directory and the library versions (not the trained model itself).
+        """
         return {"schema": SCHEMA, "model": self.model, "method": self.method, "config": self.config,
                 "data": self.data, "wemask": self.wemask, "massive_token": self.massive_token, "steps": self.steps,
                 "train_loss": self.train_loss, "final_loss": self.final_loss, "runtime_s": self.runtime_s,
@@ -82,7 +88,15 @@ class FinetuneResult(Result):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FinetuneResult:
-        """The result a ``finetune.json`` holds."""
+        """The result a ``finetune.json`` holds.
+
+        Args:
+            data: a loaded ``finetune.json`` (what :meth:`to_dict` returned).
+
+        Returns:
+            The fine-tuning result, without the trained model (load the adapter with ``melayer.load(...,
+            adapter=output)``).
+        """
         own = {f.name for f in dataclasses.fields(cls)} - {"extra", "lm", "trainer"}
         derived = {"schema", "tokens_per_s"}
         return cls(**{k: data[k] for k in own if k in data},

@@ -198,6 +198,13 @@ class ExplainResult(Result):
     expert_controls: list[AblationRun] = field(default_factory=list)  # MoE ME layer: random experts / expert neurons
 
     def random_summary(self) -> dict[str, Any]:
+        """The random-neuron controls at the ME layer, summarised.
+
+        Returns:
+            The number of draws and neurons per draw, the seed, the downstream maximum and perplexity over the
+            draws (mean, std, min, max), the mean downstream ratio to the unablated run and each draw's ME layer
+            after the ablation; empty without random draws.
+        """
         if not self.random_runs:
             return {}
         down = np.array([r.downstream_max for r in self.random_runs])
@@ -214,13 +221,25 @@ class ExplainResult(Result):
         }
 
     def outcome(self, run: AblationRun) -> str:
-        """What an ablation did to the ME layer, in words: "no ME layer", "moves to N" or "stays"."""
+        """What an ablation did to the ME layer, in words.
+
+        Args:
+            run: one ablation run of this result.
+
+        Returns:
+            ``"no ME layer"``, ``"moves to N"`` or ``"stays"``.
+        """
         if run.me_layer_after is None:
             return "no ME layer"
         return "stays" if run.me_layer_after == self.me_layer else f"moves to {run.me_layer_after}"
 
     def verdict(self) -> dict[str, Any]:
-        """Plain statements derived from the numbers (nothing here is asserted a priori)."""
+        """Plain statements derived from the numbers (nothing here is asserted a priori).
+
+        Returns:
+            Per ablation and control (keyed like ``"ffn@me(3)"``): the outcome, the ME layer after it, and the
+            downstream and perplexity ratios to the unablated run; with a ``"meaning"`` entry that explains them.
+        """
         base = self.ablations[0].downstream_max
 
         def entry(r: AblationRun) -> dict[str, Any]:
@@ -254,7 +273,11 @@ class ExplainResult(Result):
         return out
 
     def named_experts(self) -> list[int | str]:
-        """The experts the attribution names at an MoE ME layer (those holding the selected neurons), strongest first."""
+        """The experts the attribution names at an MoE ME layer (those holding the selected neurons).
+
+        Returns:
+            Their indices (or ``"shared"``), strongest first; empty for a dense ME layer.
+        """
         run = next((r for r in self.ablations if r.ablate == "expert"), None)
         return [x for e in run.edits if isinstance(e, ExpertAblation) for x in e.experts] if run else []
 
@@ -262,6 +285,12 @@ class ExplainResult(Result):
         return {**run.to_dict(), "outcome": self.outcome(run)}
 
     def to_dict(self) -> dict[str, Any]:
+        """The result as ``explain.json`` holds it.
+
+        Returns:
+            JSON-ready data: the decomposition, neurons, super weights, norm gains, every ablation and control
+            with its outcome, the verdict and the settings.
+        """
         return {
             "schema": self.schema(),
             "model": self.model, "arch": self.arch, "num_layers": self.num_layers, "hidden_size": self.hidden_size,
@@ -294,7 +323,14 @@ class ExplainResult(Result):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ExplainResult:
-        """The result an ``explain.json`` holds."""
+        """The result an ``explain.json`` holds.
+
+        Args:
+            data: a loaded ``explain.json`` (what :meth:`to_dict` returned).
+
+        Returns:
+            The explanation.
+        """
         def ints(d: dict[str, Any]) -> dict[int, Any]:
             return {int(k): v for k, v in d.items()}
 

@@ -135,7 +135,18 @@ class LM:
         return resolve(self.layers[layer], self.arch.path(role, layer))
 
     def required(self, layer: int, role: str) -> nn.Module:
-        """The module playing ``role`` in decoder layer ``layer``; a :class:`MelayerError` if the family has none."""
+        """The module playing ``role`` in one decoder layer, which must exist.
+
+        Args:
+            layer: the decoder layer's index.
+            role: a role of the architecture map.
+
+        Returns:
+            The module.
+
+        Raises:
+            MelayerError: the family has no such module in that layer.
+        """
         module = self.module(layer, role)
         if module is None:
             raise MelayerError(f"{self.name}: layer {layer} has no {role} module")
