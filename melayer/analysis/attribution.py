@@ -47,9 +47,10 @@ def record_layers(lm: LM, prompts: Sequence[str], positions: Sequence[int], laye
             s = x.std(dim=-1, unbiased=False) if layer_norm else x.pow(2).mean(-1).sqrt()
             inv = 1.0 / s.clamp_min(1e-12)
             rec = scales[layer].setdefault(role, {"massive": [], "others": []})
+            cols, real_rows = tracker.current()
             for b in range(x.shape[0]):
-                col = int(tracker.cols[b])
-                real = tracker.real[b].clone()
+                col = int(cols[b])
+                real = real_rows[b].clone()
                 real[col] = False
                 rec["massive"].append(float(inv[b, col]))
                 if real.any():

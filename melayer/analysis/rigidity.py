@@ -125,7 +125,7 @@ class _Recorder:
             hooks.pre(layer, self._pre(i), with_kwargs=True)
             hooks.forward(layer, self._post(i))
             if diversity:
-                hooks.pre(self.lm.module(i, "attn"), self._attn(i), with_kwargs=True)
+                hooks.pre(self.lm.required(i, "attn"), self._attn(i), with_kwargs=True)
 
     def _pre(self, layer: int):
         def fn(module, args, kwargs):
@@ -133,9 +133,10 @@ class _Recorder:
         return fn
 
     def _others(self, b: int) -> torch.Tensor:
-        real = self.tracker.real[b].clone()
+        cols, real_rows = self.tracker.current()
+        real = real_rows[b].clone()
         first = int(first_real(real[None])[0])
-        real[int(self.tracker.cols[b])] = False
+        real[int(cols[b])] = False
         if self.exclude_first:
             real[first] = False
         return real
@@ -184,7 +185,7 @@ class _Recorder:
 
 
 @torch.no_grad()
-def _run(lm: LM, prompts: Sequence[str], positions: Sequence[int], dims: Sequence[int], batch_size: int,
+def _run(lm: LM, prompts: Sequence[str], positions: Sequence[int], dims: Sequence[int], batch_size: int | None,
          add_special_tokens: bool, diversity: bool, progress: bool, desc: str) -> tuple[_Recorder, list[list[int]]]:
     tracker = TokenTracker(positions)
     rec = _Recorder(lm, tracker, dims, exclude_first=True)

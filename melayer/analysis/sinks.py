@@ -365,7 +365,7 @@ def measure_sinks(
         raise MelayerError(f"{lm.name} has no softmax-attention layer: attention sinks do not apply")
     with eager_attention(lm), Hooks() as hooks:
         for i in attention:
-            attn = lm.module(i, "attn")
+            attn = lm.required(i, "attn")
             hooks.pre(attn, reducer.pre(i), with_kwargs=True)
             hooks.forward(attn, reducer.post(i), with_kwargs=True)
         for idx, batch in track(plan, f"attention sinks of {lm.name}", total=len(rows), enabled=progress,

@@ -171,8 +171,8 @@ class WeightsResult(Result):
         c = data.get("confirm")
         if c is not None:
             by_layer = ("dim_max", "layer_median", "massive_share", "top_dim", "emerges")
-            kw["confirm"] = Confirmation(**{k: ({int(l): v for l, v in c[k].items()} if k in by_layer else c[k])
-                                            for k in c})
+            confirm: dict[str, Any] = {k: ({int(l): v for l, v in c[k].items()} if k in by_layer else c[k]) for k in c}
+            kw["confirm"] = Confirmation(**confirm)
         return cls(**kw)
 
 
@@ -295,6 +295,7 @@ class _Path:
         """(FFN output after the post-FFN norm, neuron activations, the norm's per-dim factor out/in)."""
         w, a = self.w, self.w.arch
         h = self.norm(x, layer, "pre_ffn_norm")
+        gate: torch.Tensor | None
         if a.gate_up is not None:
             key = w.layer_key(layer, "gate_up")
             if key is None:
@@ -302,11 +303,10 @@ class _Path:
             gu = self.linear(key, h, w.path_key(layer, a.gate_up, "bias"))
             gate, up = gu[:, : gu.shape[1] // 2], gu[:, gu.shape[1] // 2:]
         else:
-            roles = [r for r in ("gate", "up") if w.layer_key(layer, r) is not None]
-            if "up" not in roles:
+            keys = {r: k for r in ("gate", "up") if (k := w.layer_key(layer, r)) is not None}
+            if "up" not in keys:
                 raise MelayerError(f"{w.source}: no up projection ({a.up}) for layer {layer}")
-            outs = dict(zip(roles, self.many([(w.layer_key(layer, r), h, w.path_key(layer, a.path(r), "bias"))
-                                                for r in roles])))  # type: ignore[misc]
+            outs = dict(zip(keys, self.many([(k, h, w.path_key(layer, a.path(r), "bias")) for r, k in keys.items()])))
             gate, up = outs.get("gate"), outs["up"]
         z = self.act(gate) * up if gate is not None else self.act(up)
         down = w.layer_key(layer, "down")
@@ -480,7 +480,7 @@ def candidates(
     neurons = neurons_by_layer.get(me, []) if me is not None else []
     tokens = []
     for k, r in enumerate(per_token):
-        entry = {"token_id": ids[k], "me_layer": None, "dim": None, "neuron": None, "peak": None}
+        entry: dict[str, Any] = {"token_id": ids[k], "me_layer": None, "dim": None, "neuron": None, "peak": None}
         if r is not None:
             write = _contributions(w, acts[r["me_layer"]][k:k + 1], factors[r["me_layer"]][k:k + 1], r["me_layer"],
                                    r["dim"], stream, k)

@@ -116,6 +116,12 @@ class TokenTracker:
         self.real = real
         self.next += b
 
+    def current(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tracked column of each row, (B, T) real-token mask) of the forward that last reached the stack."""
+        if self.cols is None or self.real is None:
+            raise MelayerError("internal: no forward has reached the decoder stack yet")
+        return self.cols, self.real
+
     def rows(self, x: torch.Tensor) -> torch.Tensor:
         """The tracked token's row of a (B, T, ...) tensor -> (B, ...), float32 on CPU."""
         assert self.cols is not None
