@@ -117,6 +117,10 @@ def test_finetune_cells_are_the_grid_of_rates_rules_and_seeds(planted_dir):
     ({"runs": [{"command": "compare", "tasks": ["lambada"], "rates": [0.0]}]}, "at least one rate > 0"),
     ({"runs": [{"command": "compare", "tasks": ["lambada"], "rates": [0.1], "select": ["max"]}]}, "select rule"),
     ({"runs": [{"command": "scan", "tasks": ["lambada"]}]}, "unknown key 'tasks'"),
+    ({"runs": [{"command": "sinks", "options": {"epsilom": 0.3}}]}, "sinks has no option 'epsilom'; it takes"),
+    ({"runs": [{"command": "sinks", "options": {"windows": "32"}}]}, "option windows must be int"),
+    ({"runs": [{"command": "rigidity", "options": {"n_prompts": True}}]}, "option n_prompts must be int or null"),
+    ({"runs": [{"command": "weights"}]}, "'command' must be one of"),  # reads a checkpoint, not a loaded model
     ({"runs": [{"command": "eval", "tasks": ["lambada"], "limit": 0}]}, "positive integer"),
     ({"runs": []}, "non-empty list"),
     ({"modles": ["x"]}, "unknown key 'modles'"),
@@ -296,6 +300,36 @@ def test_melayer_sweep_is_the_function_and_dry_runs(local_run, spec_file):
     assert melayer.sweep is melayer.sweeps.run
     res = melayer.sweep(spec_file, local_run[0], dry_run=True)
     assert len(res.cells) == 8 and len(res.skipped) == 8 and not res.records
+
+
+def test_every_registered_analysis_is_a_sweep_command(planted_dir, tmp_path):
+    """Sweeps take their analyses from the one registry: each is a command whose cell calls the registered
+    function with the block's options and writes the registered file; the table lists its registered metrics."""
+    import melayer
+    from melayer.reporting.results import analyses
+    from melayer.sweeps import ExecutorOptions, run
+    from melayer.sweeps.spec import COMMANDS
+    from melayer.sweeps.table import aggregate
+
+    assert set(analyses()) == {"scan", "explain", "rigidity", "sinks"} and set(analyses()) <= set(COMMANDS)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The capital of France is Paris, and the capital of Germany is Berlin.\n"
+                       "My favourite colour is dark blue, and my favourite food is bread with butter.\n")
+    spec = {"models": [str(planted_dir)], "runs": [
+        {"command": "sinks", "prompts": str(prompts), "options": {"epsilon": 0.2, "min_tokens": 4}},
+        {"command": "rigidity", "prompts": str(prompts), "options": {"n_prompts": None}}]}
+    res = run(spec, tmp_path / "sweep", "local", options=ExecutorOptions(workers=1))
+    assert not res.failed and len(res.ran) == 2
+    cells = {json.loads((tmp_path / "sweep" / "cells" / c / "cell.json").read_text())["command"]: c for c in res.ran}
+    sinks = json.loads((tmp_path / "sweep" / "cells" / cells["sinks"] / "sinks.json").read_text())
+    lm = melayer.load(str(planted_dir), progress=False)
+    direct = melayer.sinks(lm, melayer.analysis.scan.read_prompts(str(prompts)), epsilon=0.2, min_tokens=4,
+                           batch_size=8, progress=False).to_dict()
+    assert sinks["settings"]["epsilon"] == 0.2 and sinks["alpha_first"] == direct["alpha_first"]
+    assert (tmp_path / "sweep" / "cells" / cells["rigidity"] / "rigidity.json").is_file()
+    table = {(r["command"], r["metric"]): r["value"] for r in aggregate(tmp_path / "sweep")["rows"]}
+    assert table[("sinks", "sink_rate")] == sinks["sink_rate"] and ("sinks", "first_sink_layer") in table
+    assert table[("rigidity", "me_layer")] == direct["me_layer"]
 
 
 def test_finetune_cell_trains_with_its_mask_and_is_skipped_after(planted_dir, tmp_path):

@@ -4,7 +4,7 @@ One :class:`Kind` per analysis says everything the rest of melayer needs to know
 class, its title, its console summary, its PNG figures and its report sections. The CLI (:func:`write` after a
 command ran), the HTML report and :func:`read` all take them from :data:`KINDS`; so a new analysis is its module
 (the function and its :class:`~melayer.util.results.Result`), its rendering (summary, figures, sections) and
-one entry here, plus the command that calls it.
+one entry here, plus the command that calls it; sweeps run every analysis whose entry names its function.
 
 Functions are named by import path and imported on first use, so that the report (which reads the JSON only)
 never imports torch.
@@ -33,6 +33,11 @@ class Kind:
     ``summary(data)`` prints the console summary; each ``figures`` entry ``(draw, file)`` writes
     ``draw(data, path)`` (a PNG next to the JSON); ``sections(data, figures, **extra)`` builds the report's
     sections. All are ``"module:function"`` paths.
+
+    An analysis of a loaded model also names its function, ``run``: ``run(lm, prompts, *, batch_size, progress,
+    **options) -> Result``. That makes it a sweep command (``command: <name>`` with ``prompts``, ``batch_size``
+    and ``options``: the function's keyword arguments whose type is a number, text, a flag or None), and
+    ``metrics`` are the top-level numbers of its JSON that the sweep table lists, one row each.
     """
 
     name: str
@@ -42,9 +47,50 @@ class Kind:
     summary: str | None = None
     figures: tuple[tuple[str, str], ...] = ()
     sections: str | None = None  # None: not in the HTML report
+    run: str | None = None  # "module:function" of an analysis of a loaded model (a sweep command)
+    metrics: tuple[str, ...] = ("me_layer",)
 
     def result_class(self) -> type[Result]:
         return _resolve(self.result)
+
+    def run_function(self) -> Any:
+        """The analysis function (``run``), imported."""
+        if self.run is None:
+            raise MelayerError(f"{self.name} is not an analysis of a loaded model")
+        return _resolve(self.run)
+
+    def options(self) -> dict[str, tuple[type, ...]]:
+        """The analysis function's settings a sweep may give (keyword arguments of plain JSON types), with the
+        types each takes."""
+        import inspect
+        import typing
+
+        out: dict[str, tuple[type, ...]] = {}
+        for p in inspect.signature(self.run_function()).parameters.values():
+            if p.kind is not p.KEYWORD_ONLY or p.name in _RUN_ARGS:
+                continue
+            ann = p.annotation  # text under ``from __future__ import annotations``, else the type itself
+            names = ([t.strip() for t in ann.split("|")] if isinstance(ann, str)
+                     else [getattr(t, "__name__", str(t)) for t in (typing.get_args(ann) or (ann,))])
+            if all(t in _PLAIN for t in names):
+                out[p.name] = tuple(_PLAIN[t] for t in names)
+        return out
+
+    def check_options(self, options: Any, where: str) -> dict[str, Any]:
+        """``options`` if each is one of :meth:`options` with a value of its type; else one-line :class:`MelayerError`."""
+        if not isinstance(options, dict):
+            raise MelayerError(f"{where}: options must be a mapping of setting -> value")
+        known = self.options()
+        for key, value in options.items():
+            if key not in known:
+                raise MelayerError(f"{where}: {self.name} has no option {key!r}; it takes "
+                                   f"{', '.join(sorted(known)) or 'none'}")
+            types = known[key]
+            if not (any(isinstance(value, t) and not (isinstance(value, bool) and t is not bool) for t in types)
+                    or (float in types and isinstance(value, int) and not isinstance(value, bool))):
+                wanted = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+                raise MelayerError(f"{where}: {self.name} option {key} must be {wanted} (got {value!r})")
+        return dict(options)
 
     def print_summary(self, data: dict[str, Any]) -> None:
         if self.summary is not None:
@@ -58,13 +104,17 @@ class Kind:
         return _resolve(self.sections)(data, figures, **extra) if self.sections else []
 
 
+# the arguments a sweep cell gives every analysis itself, and the plain types an option may have
+_RUN_ARGS = {"lm", "prompts", "batch_size", "progress"}
+_PLAIN: dict[str, type] = {"int": int, "float": float, "str": str, "bool": bool, "None": type(None),
+                           "NoneType": type(None)}
 _R = "melayer.reporting"
 # in report order
 KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind("scan", "scan.json", "melayer.analysis.scan:ScanResult", "ME layer", f"{_R}.summary:print_scan",
-         ((f"{_R}.plots:layer_magnitudes", "layer_magnitudes.png"), (f"{_R}.figures:token_surface",
-                                                                     "massive_token_surface.png")),
-         f"{_R}.sections:scan_sections"),
+         ((f"{_R}.plots:layer_magnitudes", "layer_magnitudes.png"),
+          (f"{_R}.figures:token_surface", "massive_token_surface.png")),
+         f"{_R}.sections:scan_sections", run="melayer.analysis.scan:scan"),
     Kind("weights", "weights.json", "melayer.analysis.weights:WeightsResult", "The ME layer read off the weights",
          f"{_R}.weights:print_weights", ((f"{_R}.weights:score_plot", "weights_scores.png"),),
          f"{_R}.sections:weights_sections"),
@@ -72,22 +122,30 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
          "Why the ME layer: branches, neurons, norms, ablations", f"{_R}.summary_analysis:print_explain",
          ((f"{_R}.plots_analysis:explain_mechanism", "explain_mechanism.png"),
           (f"{_R}.plots_analysis:explain_norm_gains", "explain_norm_gains.png"),
-          (f"{_R}.plots_analysis:explain_ablations", "explain_ablations.png")), f"{_R}.sections:explain_sections"),
+          (f"{_R}.plots_analysis:explain_ablations", "explain_ablations.png")),
+         f"{_R}.sections:explain_sections", run="melayer.interventions.explain:explain"),
     Kind("rigidity", "rigidity.json", "melayer.analysis.rigidity:RigidityResult", "Rigidity of the massive token",
          f"{_R}.summary_analysis:print_rigidity", ((f"{_R}.plots_analysis:rigidity_plot", "rigidity.png"),),
-         f"{_R}.sections:rigidity_sections"),
+         f"{_R}.sections:rigidity_sections", run="melayer.analysis.rigidity:rigidity"),
     Kind("sinks", "sinks.json", "melayer.analysis.sinks:SinkResult", "Attention sinks",
          f"{_R}.summary_analysis:print_sinks", ((f"{_R}.plots_analysis:sinks_heatmap", "sinks_heatmap.png"),),
-         f"{_R}.sections:sinks_sections"),
+         f"{_R}.sections:sinks_sections", run="melayer.analysis.sinks:sinks",
+         metrics=("sink_rate", "first_sink_layer", "me_layer")),
     Kind("eval", "eval.json", "melayer.eval.runner:EvalResult", "Evaluation", f"{_R}.eval:print_eval", (),
          f"{_R}.sections:eval_sections"),
     Kind("compare", "compare.json", "melayer.eval.compare:CompareResult", "WeMask dose-response",
-         f"{_R}.eval:print_compare", ((f"{_R}.eval:dose_response_plot", "dose_response.png"), (f"{_R}.eval:forest_plot", "forest.png")),
+         f"{_R}.eval:print_compare",
+         ((f"{_R}.eval:dose_response_plot", "dose_response.png"), (f"{_R}.eval:forest_plot", "forest.png")),
          f"{_R}.sections:compare_sections"),
     Kind("finetune", "finetune.json", "melayer.finetuning.train:FinetuneResult", "Fine-tuning", None, (),
          f"{_R}.sections:finetune_sections"),
     Kind("sweep", "sweep.json", "melayer.sweeps.runner:SweepResult", "Sweep"),
 )}
+
+
+def analyses() -> dict[str, Kind]:
+    """The registered analyses of a loaded model (the kinds with a ``run`` function), in report order."""
+    return {name: kind for name, kind in KINDS.items() if kind.run is not None}
 
 
 def read(source: str | Path | dict[str, Any]) -> Result:

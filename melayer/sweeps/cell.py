@@ -1,7 +1,7 @@
 """Run one sweep cell in a worker process (local pool, a Slurm job, a Ray task): the public API only.
 
-A cell's directory is ``ROOT/cells/<cell id>/``; the run writes its own results there (``scan.json``,
-``eval.json`` + ``samples.jsonl``, ``compare.json`` + ``rate_*/``) and, last, ``cell.json`` (atomically), which
+A cell's directory is ``ROOT/cells/<cell id>/``; the run writes its own results there (an analysis's
+``<kind>.json``, e.g. ``scan.json``, ``eval.json`` + ``samples.jsonl``, ``compare.json`` + ``rate_*/``) and, last, ``cell.json`` (atomically), which
 marks the cell finished. A killed cell has no ``cell.json``: the next run redoes it, and the eval runs inside
 resume from their ``samples.jsonl`` (no sample lost or repeated).
 """
@@ -117,22 +117,24 @@ def _finetune(cell: dict[str, Any], out: Path) -> dict[str, Any]:
 
 def _run(root: Path, cell: dict[str, Any], out: Path) -> dict[str, Any]:
     """Run the cell's command; returns a small summary for cell.json."""
-    from melayer.analysis.scan import scan
     from melayer.interventions.wemask import wemask
+    from melayer.reporting.results import analyses
     from melayer.util.io import write_json
 
     s = cell["settings"]
     if cell["command"] == "finetune":
         return _finetune(cell, out)
     lm = _load(cell)
-    if cell["command"] == "scan":
+    kind = analyses().get(cell["command"])
+    if kind is not None:  # a registered analysis: its function, its file
         from melayer.analysis.scan import read_prompts
 
         prompts = read_prompts(s["prompts"]) if s.get("prompts") else None
-        result = scan(lm, prompts, batch_size=s.get("batch_size", 8), progress=False)
+        result = kind.run_function()(lm, prompts, batch_size=s.get("batch_size", 8), progress=False,
+                                     **s.get("options", {}))
         data = result.to_dict()
-        write_json(out / "scan.json", data)
-        return {"me_layer": data.get("me_layer"), "result": "scan.json"}
+        write_json(out / kind.file, data)
+        return {"me_layer": data.get("me_layer"), "result": kind.file}
     from melayer.eval import run
     from melayer.eval.compare import compare
 

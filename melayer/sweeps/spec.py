@@ -1,7 +1,8 @@
 """A sweep spec (YAML) and its expansion into independent cells.
 
-A spec names models and a list of run blocks; each block is one command (``scan``, ``eval``, ``compare`` or
-``finetune``) with lists along its axes (tasks, rates, select rules, seeds). Expanding takes the product of the
+A spec names models and a list of run blocks; each block is one command (``eval``, ``compare``, ``finetune``, or
+any registered analysis of a loaded model: ``scan``, ``explain``, ``rigidity``, ``sinks``, see
+:func:`melayer.reporting.results.analyses`) with lists along its axes (tasks, rates, select rules, seeds). Expanding takes the product of the
 axes that apply to the command; every cell is one existing resumable run. Example (``examples/sweep.yaml``)::
 
     models: [smollm2-135m]
@@ -30,15 +31,17 @@ from pathlib import Path
 from typing import Any
 
 from melayer.finetuning.config import METHODS
+from melayer.reporting.results import analyses
 from melayer.util.errors import MelayerError
 
 SCHEMA = "melayer.sweep/1"
-COMMANDS = ("scan", "eval", "compare", "finetune")
+STUDIES = ("eval", "compare", "finetune")  # commands with axes of their own; every analysis is a command too
+COMMANDS = (*analyses(), *STUDIES)
 TOP_KEYS = {"models", "dtype", "arch", "output", "runs", "name", "device_map", "max_memory"}
 # per command: the keys a block may hold (axes are lists; the rest are scalars passed to the run)
 _COMMON = {"command", "models", "dtype", "arch", "device_map", "max_memory"}
 BLOCK_KEYS = {
-    "scan": _COMMON | {"prompts", "batch_size"},
+    **{name: _COMMON | {"prompts", "batch_size", "options"} for name in analyses()},
     "eval": _COMMON | {"tasks", "rates", "select", "limit", "batch_size", "max_new_tokens", "chat", "gamma",
                        "layers", "me_layer", "task_options"},
     "compare": _COMMON | {"tasks", "rates", "select", "seeds", "limit", "batch_size", "max_new_tokens", "chat",
@@ -243,9 +246,11 @@ def expand(spec: dict[str, Any], fingerprint=None) -> list[Cell]:
             scan = Cell("scan", model, fp, {**load, "prompts": None, "batch_size": 8})  # added when needed
             needs_scan = mask["me_layer"] is None and mask["layers"] is None
 
-            if cmd == "scan":
-                add(Cell("scan", model, fp, {**load, "prompts": block.get("prompts"),
-                                             "batch_size": run_opts["batch_size"]}))
+            if cmd in analyses():  # one cell per model; the analysis finds its own ME layer
+                settings = {**load, "prompts": block.get("prompts"), "batch_size": run_opts["batch_size"]}
+                if block.get("options"):
+                    settings["options"] = analyses()[cmd].check_options(block["options"], f"sweep spec, {where}")
+                add(Cell(cmd, model, fp, settings))
                 continue
             if cmd == "finetune":
                 for rate, sel, seed in product(rates or [0.0], selects, seeds):  # finds its own ME layer

@@ -2,8 +2,9 @@
 already computed (difference to the rate-0 baseline, paired bootstrap 95 % CI, McNemar's exact p, sink rate),
 and the Benjamini-Hochberg adjustment of the McNemar p-values over the whole table.
 
-Rows: one per (compare cell, metric); one per (eval cell, metric); one per scan cell (metric ``me_layer``).
-Nothing is recomputed: the numbers are read from each cell's ``compare.json`` / ``eval.json`` / ``scan.json``.
+Rows: one per (compare cell, metric); one per (eval cell, metric); one per (analysis cell, metric its registry
+entry lists: ``me_layer`` for a scan). Nothing is recomputed: the numbers are read from each cell's
+``compare.json`` / ``eval.json`` / ``<analysis>.json``.
 """
 
 from __future__ import annotations
@@ -38,12 +39,16 @@ def _base(rec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _rows(cell_dir: Path, rec: dict[str, Any]) -> list[dict[str, Any]]:
+    from melayer.reporting.results import analyses
+
     cmd = rec["command"]
     base = _base(rec)
-    if cmd == "scan":
-        d = json.loads((cell_dir / "scan.json").read_text())
-        return [{**base, "metric": "me_layer", "value": d.get("me_layer"), "me_layer": d.get("me_layer"),
-                 "n": len(d.get("prompts", []))}]
+    kind = analyses().get(cmd)
+    if kind is not None:
+        d = json.loads((cell_dir / kind.file).read_text())
+        prompts = d.get("prompts")
+        return [{**base, "metric": m, "value": d.get(m), "me_layer": d.get("me_layer"),
+                 "n": len(prompts) if isinstance(prompts, list) else None} for m in kind.metrics]
     if cmd == "eval":
         d = json.loads((cell_dir / "eval.json").read_text())
         wm = (d.get("settings") or {}).get("intervention") or {}
