@@ -193,6 +193,36 @@ def test_expert_ablation_removes_it_only_for_the_named_expert(model_type):
     assert "expert: no ME layer" in ablation_reading(d) and "other routed experts" in ablation_reading(d)
 
 
+@pytest.mark.parametrize("model_type", ["qwen2_moe", "gpt_oss"])
+def test_super_experts_beside_the_named_expert(model_type):
+    """Su et al.'s criterion finds the planted expert (and only it) as the one super expert, on the massive dim;
+    its max |down output| is the FFN branch of the decomposition divided by the routing weight (~1 here)."""
+    lm, _, _, d = _run(model_type)
+    p, sup = lm.plant, d["super_experts"]
+    assert [(r["layer"], r["expert"], r["dim"]) for r in sup["super_experts"]] == [(p.me_layer, p.expert, p.dim)]
+    assert sup["melayer"]["experts"] == [p.expert] and sup["melayer"]["super"] == [True]
+    assert sup["experts_measured"] == lm.num_layers * len(lm.ffn_segments(p.me_layer))
+    assert sup["super_experts"][0]["max_abs_output"] == pytest.approx(abs(d["decomposition"][0]["ffn_branch"]), rel=1e-3)
+    assert sup["largest"][1]["max_abs_output"] < sup["threshold"]
+    assert "super_experts" not in _run("llama")[3]  # dense models: no such table, their JSON unchanged
+    from melayer.reporting.page import html
+
+    page = html(ExplainResult.from_dict(d))
+    assert "Super experts by Su et al." in page and "random_expert_neuron" in page
+
+
+def test_super_experts_leave_out_the_last_quarter_of_layers():
+    """The criterion counts only the first 75 % of layers: a massive expert planted at layer 4 of 6 is the
+    largest but not a super expert."""
+    from melayer.analysis.super_experts import super_experts
+
+    lm = tiny_lm("mixtral", me_layer=4, neuron=5, dim=7, num_layers=6)
+    sup = super_experts(lm, PROMPTS)
+    assert sup["last_layer"] == 3 and sup["super_experts"] == []
+    assert (sup["largest"][0]["layer"], sup["largest"][0]["expert"]) == (4, lm.plant.expert)
+    assert super_experts(tiny_lm("llama", plant=False), PROMPTS) is None
+
+
 def test_expert_ablation_zeroes_the_expert_and_restores_it():
     """gpt-oss (down bias, transposed storage): the named expert's output is gone while the edit is active, the
     model bit-identical afterwards; a bad expert is one clear line."""

@@ -42,6 +42,7 @@ from melayer.analysis.criterion import Criterion
 from melayer.analysis.me_layer import massive_dims_at, massive_positions
 from melayer.analysis.perplexity import perplexity
 from melayer.analysis.scan import default_prompts, scan
+from melayer.analysis.super_experts import super_experts
 from melayer.capture import Hooks, TokenTracker, layer_output
 from melayer.interventions.ablate import (
     Edit,
@@ -196,6 +197,7 @@ class ExplainResult(Result):
     prompts: list[str] = field(default_factory=list)
     experts: list[dict[str, Any]] | None = None  # MoE ME layer: each expert's share of the massive dims
     expert_controls: list[AblationRun] = field(default_factory=list)  # MoE ME layer: random experts / expert neurons
+    super_experts: dict[str, Any] | None = None  # MoE model: Su et al.'s super experts beside the named expert(s)
 
     def random_summary(self) -> dict[str, Any]:
         """The random-neuron controls at the ME layer, summarised.
@@ -319,6 +321,7 @@ class ExplainResult(Result):
             "model_check": self.model_check,
             "prompts": self.prompts,
             **({"experts": self.experts} if self.experts is not None else {}),
+            **({"super_experts": self.super_experts} if self.super_experts is not None else {}),
         }
 
     @classmethod
@@ -362,7 +365,7 @@ class ExplainResult(Result):
                    controls=[run(r) for r in data["controls"]["layers"]],
                    random_runs=[run(r) for r in data["controls"]["random"].get("runs", [])],
                    settings=data["settings"], model_check=data["model_check"], prompts=data["prompts"],
-                   experts=data.get("experts"),
+                   experts=data.get("experts"), super_experts=data.get("super_experts"),
                    expert_controls=[run(r) for r in data["controls"].get("experts", {}).get("runs", [])])
 
 
@@ -590,6 +593,12 @@ def explain(
         r.baseline_profile = runs[0].downstream_profile
         r.me_layer = L
 
+    supers = super_experts(lm, prompts, batch_size)
+    if supers is not None:
+        found = {(r["layer"], r["expert"]) for r in supers["super_experts"]}
+        supers["melayer"] = {"layer": L, "experts": named, "super": [(L, e) in found for e in named],
+                             "meaning": "the expert(s) holding the neurons explain names at the ME layer, and whether "
+                                        "each is a super expert by the criterion above"}
     ppl_info = {"text": "melayer/data/ppl_text.txt (WikiText-2 test excerpt, CC BY-SA 3.0)",
                 "max_tokens": ppl_tokens, **ppl_windows, "tokens": runs[0].ppl_tokens,
                 "semantics": "melayer.analysis.perplexity.rolling_windows"}
@@ -616,5 +625,5 @@ def explain(
                   "norm_ablation": "the effective gain of the pre-FFN norm on the dims driving the top neurons and of "
                                    "the post-FFN norm (if any) on the massive dims is set to that norm's median gain"},
         model_check={"before": before, "after": after, "bit_identical": after == before},
-        prompts=prompts, experts=experts,
+        prompts=prompts, experts=experts, super_experts=supers,
     )

@@ -231,6 +231,15 @@ def explain_sections(d: dict[str, Any], figs: Figures) -> list[Section]:
                               f"Who writes the massive value at layer {me}: |residual in|, |attention|, |FFN| and "
                               "|residual out| on each massive dim (log), and each top neuron's share of the FFN output.",
                               "Bar charts of the branch decomposition on the massive dims and of per-neuron shares."))
+    sup = d.get("super_experts")
+    if sup is not None:
+        chosen = {(r["layer"], r["expert"]) for r in sup["super_experts"]}
+        named = {(sup["melayer"]["layer"], e) for e in sup["melayer"]["experts"]}
+        rows = [[r["layer"], r["expert"], num(r["max_abs_output"]), r["dim"], "yes" if (r["layer"], r["expert"]) in chosen else "",
+                 "yes" if (r["layer"], r["expert"]) in named else ""] for r in sup["largest"]]
+        blocks.append(table("Super experts by Su et al.'s criterion, beside the expert(s) explain names",
+                            ["layer", "expert", "max |down output|", "channel", "super expert", "named by explain"], rows,
+                            note=sup["criterion"]))
     sections = [{"id": "", "title": "Branch decomposition, top neurons and super weights", "blocks": blocks}]
 
     runs = d["ablations"] + d["controls"]["layers"]

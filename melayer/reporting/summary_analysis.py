@@ -55,6 +55,17 @@ def print_explain(d: dict[str, Any]) -> None:
     out.print(t)
     if "experts" in d["controls"]:
         out.print(f"named expert(s) at layer {d['me_layer']}: {d['controls']['experts']['named']}")
+    sup = d.get("super_experts")
+    if sup is not None:
+        t = Table("layer", "expert", "max |down output|", "channel", "super", "named by melayer",
+                  title=f"super experts (Su et al. 2025; threshold {sup['threshold']:.4g}, layers 0-{sup['last_layer']})")
+        chosen = {(r["layer"], r["expert"]) for r in sup["super_experts"]}
+        named = {(sup["melayer"]["layer"], e) for e in sup["melayer"]["experts"]}
+        for r in sup["largest"][:5]:
+            key = (r["layer"], r["expert"])
+            t.add_row(str(r["layer"]), str(r["expert"]), f"{r['max_abs_output']:.4g}", str(r["dim"]),
+                      "yes" if key in chosen else "", "yes" if key in named else "")
+        out.print(t)
     out.print(f"baseline perplexity {base['ppl']:.4g} on {d['settings']['perplexity']['tokens']} tokens; "
               f"model bit-identical afterwards: {d['model_check']['bit_identical']}")
 
