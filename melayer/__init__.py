@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from melayer.util import display as _display
+from melayer.util import tracing as _tracing
 from melayer.util.errors import Interrupted, MelayerError, NumericOverflow, UnsupportedArchitecture
 from melayer.util.version import VERSION
 
@@ -119,6 +120,15 @@ def _repr_html(result: object) -> str:
 
 
 _display.set_renderer(_repr_html)  # results display as the HTML report's sections in a notebook
+
+
+def _trace(lm: Any, *args: Any, **options: Any) -> Any:
+    from melayer.capture.trace import trace
+
+    return trace(lm, *args, **options)
+
+
+_tracing.set_tracer(_trace)  # LM.trace (the models layer cannot import capture) is melayer.trace
 
 __all__ = ["ARCHITECTURES", "LM", "ArchSpec", "CompareResult", "Criterion", "EvalResult", "ExplainResult",
            "FinetuneConfig", "FinetuneResult", "Interrupted", "MelayerError", "NumericOverflow", "RigidityResult",

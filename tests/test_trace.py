@@ -76,3 +76,32 @@ def test_untraced_site_is_a_clear_error(lm):
         t["resid_out", 1]
     with pytest.raises(MelayerError, match="names no layer"):
         t["hook_resid_post"]
+
+
+def test_the_model_objects_trace_is_melayer_trace(lm):
+    """``lm.trace`` (a method of the models layer, which cannot import capture) is ``melayer.trace`` on ``lm``:
+    the same tensors, the same TransformerLens aliases, the same options and errors."""
+    ours = lm.trace(PROMPTS, sites=["blocks.1.hook_resid_post", "attn_in"], reduce="max_abs", batch_size=2)
+    root = melayer.trace(lm, PROMPTS, sites=["resid_out", "ln1.hook_out"], layers=[1], reduce="max_abs")
+    assert isinstance(ours, melayer.Trace) and ours.sites == root.sites and ours.layers == root.layers == [1]
+    for key in (("resid_out", 1), ("attn_in", 1)):
+        assert all(torch.equal(a, b) for a, b in zip(ours[key], root[key]))
+    full = lm.trace(PROMPTS[0], layers=[3])
+    torch.testing.assert_close(full["blocks.3.hook_resid_post"][0], _alone(lm, PROMPTS[0], "resid_out", 3),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(MelayerError, match="layer 4 is out of range"):
+        lm.trace(PROMPTS, layers=[4])
+
+
+def test_the_model_objects_trace_needs_no_capture_import_first(tmp_path):
+    """A fresh process that never imported melayer.capture: ``lm.trace`` imports it on the first call."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; from melayer.testing import tiny_lm; lm = tiny_lm('llama', me_layer=1, num_layers=2); "
+            "before = 'melayer.capture.trace' in sys.modules; t = lm.trace('Hello there', layers=1); "
+            "print(before, t['resid_out', 1][0].shape[-1])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.stdout.split() == ["False", "64"]

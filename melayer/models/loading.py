@@ -32,7 +32,11 @@ from melayer.models.guard import OverflowGuard, install_overflow_guard, overflow
 from melayer.util.errors import MelayerError, one_line
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from transformers import PreTrainedModel
+
+    from melayer.capture.trace import Trace
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -52,6 +56,31 @@ class LM:
     me_layers: dict[Any, int | None] = field(default_factory=dict, repr=False, compare=False)
     # the WeMask a PEFT adapter attached by melayer.load(adapter=...) was trained with (None: none)
     adapter_wemask: Any = field(default=None, repr=False, compare=False)
+
+    def trace(self, prompts: str | Sequence[str], sites: str | Sequence[str] = "resid_out",
+              layers: int | Sequence[int] | None = None, **options: Any) -> Trace:
+        """The activations at melayer's named capture sites: :func:`melayer.trace` on this model.
+
+        >>> t = lm.trace(["The cat sat.", "Hello"], sites=["resid_out", "attn_in"], layers=[2, 3])
+        >>> t["resid_out", 3]                   # one (tokens, hidden) tensor per prompt, padding removed
+        >>> lm.trace(prompts, sites="blocks.3.hook_resid_post", reduce="max_abs")["resid_out", 3]
+
+        Args:
+            prompts: one prompt or several.
+            sites: melayer site names (``resid_out``, ``attn_in``, ``down_in`` ...) or TransformerLens hook names
+                (``hook_resid_post``, ``ln1.hook_out``, ``blocks.3.hook_resid_post``).
+            layers: the layers to trace (default: all, or those the ``blocks.L`` names give).
+            **options: ``reduce``, ``batch_size``, ``device``, as :func:`melayer.trace` takes them.
+
+        Returns:
+            A :class:`~melayer.capture.trace.Trace`: ``trace[site, layer]`` is one tensor per prompt.
+
+        Raises:
+            MelayerError: an empty prompt, an unknown site, a layer out of range, or a site the family lacks.
+        """
+        from melayer.util.tracing import tracer
+
+        return cast("Trace", tracer()(self, prompts, sites, layers, **options))
 
     def guard_overflow(self) -> OverflowGuard:
         """Install the overflow guard (once).
