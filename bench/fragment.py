@@ -24,9 +24,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = Path(os.environ.get("BENCH_DOCS", ROOT / "docs/bench"))
 HEADER = "<!-- written by `make bench` (bench/all.sh, bench/fragment.py): do not edit by hand -->"
-# the order of the Speed page; --targets lists the verdicts in this order
-ORDER = ["scan-wiki", "scan-short", "scan-long", "memory", "start", "report", "generate", "generate-2threads",
-         "wemask", "finetune"]
+
+
+def benches() -> list[str]:
+    """The benches ``bench/all.sh`` runs (its ``run NAME ...`` lines), in its order."""
+    return re.findall(r"^(?:\S+=\S+ )*run ([\w-]+) ", (ROOT / "bench/all.sh").read_text(), re.M)
 
 
 def cpu() -> str:
@@ -86,16 +88,16 @@ NOT_YET = "*Not measured on this code yet: `bash bench/all.sh {name}` writes thi
 
 
 def targets() -> str:
-    """Every verdict line (one that names a target) of every fragment, in the page's order."""
+    """Every verdict line (one that names a target) of every fragment, in ``bench/all.sh``'s order."""
     rows = []
-    for name in ORDER:
+    for name in benches():
         path = DOCS / f"{name}.md"
         text = path.read_text() if path.is_file() else NOT_YET.format(name=name)
         if NOT_YET.format(name=name) in text:
             rows.append(f"| `{name}` | not measured yet (`bash bench/all.sh {name}`) |")
             continue
         verdicts = [line[2:].replace("|", "/") for line in text.splitlines() if line.startswith("- ") and "target" in line]
-        rows += [f"| `{name}` | {v} |" for v in verdicts] or [f"| `{name}` | measured, no target (its table below) |"]
+        rows += [f"| `{name}` | {v} |" for v in verdicts] or [f"| `{name}` | measured, no target (see its table) |"]
     return f"{HEADER}\n\n| bench | verdict, as the bench printed it |\n|---|---|\n" + "\n".join(rows) + "\n"
 
 
@@ -128,7 +130,7 @@ def main() -> None:
                                                 "benches of a partial run)")
     args = ap.parse_args()
     if args.targets:
-        for name in ORDER:
+        for name in benches():
             if not (DOCS / f"{name}.md").is_file():
                 write(DOCS / f"{name}.md", f"{HEADER}\n\n{NOT_YET.format(name=name)}\n")
         write(DOCS / "targets.md", targets())
