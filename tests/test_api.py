@@ -33,6 +33,14 @@ def test_each_verb_is_a_function_with_a_full_signature_and_google_docstring(name
         assert f"{p}:" in args, f"melayer.{name}: parameter {p!r} is not documented"
 
 
+def test_load_takes_every_option_of_the_models_layers_load():
+    """melayer.load is the models layer's load plus the adapter: its signature is derived, so no option drops out."""
+    from melayer.models.loading import load as base
+
+    assert list(inspect.signature(melayer.load).parameters) == [*inspect.signature(base).parameters, "adapter",
+                                                                "adapter_mask"]
+
+
 def test_finetune_signature_lists_every_config_field():
     params = inspect.signature(melayer.finetune).parameters
     assert {f.name for f in fields(melayer.FinetuneConfig)} <= set(params)

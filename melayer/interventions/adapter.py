@@ -8,6 +8,7 @@ adapter trained on another base model is refused.
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -69,22 +70,12 @@ def attach_adapter(lm: LM, path: str | Path, mask: bool = True) -> WeMask | None
     return wm.apply() if wm is not None else None
 
 
-def load(
-    spec: str | None = None,
-    *,
-    dtype: str | Any = "float32",
-    device: str | None = None,
-    arch: Any = None,
-    progress: bool = True,
-    device_map: str | dict | None = None,
-    max_memory: str | dict | None = None,
-    offload_folder: str | Path | None = None,
-    trust_remote_code: bool = False,
-    overflow_guard: bool = True,
-    adapter: str | Path | None = None,
-    adapter_mask: bool = True,
-) -> LM:
+def load(spec: str | None = None, *, adapter: str | Path | None = None, adapter_mask: bool = True,
+         **options: Any) -> LM:
     """Load a causal language model (``melayer.load``; the ``--model`` option of every command).
+
+    The options besides ``adapter`` and ``adapter_mask`` are those of :func:`melayer.models.loading.load`, which
+    loads the model; they are spelled out in this function's signature (``help()``, ``inspect.signature``).
 
     Args:
         spec: ``gemma-3-270m`` (default) or ``smollm2-135m`` (the embedded models), a local Hugging Face
@@ -116,9 +107,19 @@ def load(
     """
     if adapter is not None:
         read_adapter_dir(adapter)  # a bad adapter fails before the model is loaded
-    lm = load_base(spec, dtype=dtype, device=device, arch=arch, progress=progress, device_map=device_map,
-                   max_memory=max_memory, offload_folder=offload_folder, trust_remote_code=trust_remote_code,
-                   overflow_guard=overflow_guard)
+    lm = load_base(spec, **options)
     if adapter is not None:
         lm.adapter_wemask = attach_adapter(lm, adapter, mask=adapter_mask)
     return lm
+
+
+def _signature() -> inspect.Signature:
+    """``load``'s signature: the models layer's ``load`` (every option, so none can go missing here) plus the
+    adapter's two."""
+    own = inspect.signature(load).parameters
+    base = inspect.signature(load_base)
+    params = [*base.parameters.values(), own["adapter"], own["adapter_mask"]]
+    return base.replace(parameters=params)
+
+
+load.__signature__ = _signature()  # type: ignore[attr-defined]
