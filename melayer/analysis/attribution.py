@@ -24,7 +24,8 @@ from melayer.capture.encoding import tokenize
 from melayer.models.archmap import NORM_ROLES
 from melayer.models.loading import LM
 
-RECORDED = ("resid_in", "attn_out", "post_attn_out", "mlp_in", "mlp_out", "post_ffn_out", "down_in", "resid_out")
+RECORDED = ("resid_in", "attn_out", "post_attn_out", "pre_ffn_norm_in", "mlp_in", "mlp_out", "post_ffn_out", "down_in",
+            "resid_out")
 
 
 @torch.no_grad()
@@ -60,8 +61,7 @@ def record_layers(lm: LM, prompts: Sequence[str], positions: Sequence[int], laye
     with Hooks() as hooks:
         tracker.install(hooks, lm)
         for l in layers:
-            for name in ("resid_in", "resid_out", "attn_out", "mlp_in", "mlp_out", "down_in", "post_attn_out",
-                         "post_ffn_out"):
+            for name in RECORDED:
                 read_site(hooks, lm, l, name, keep(l, name))
             for role in NORM_ROLES:
                 read_site(hooks, lm, l, f"{role}_in", norm_scale(l, role))
@@ -151,18 +151,47 @@ def driving_dims(rows_per_neuron: dict[int, list[dict[str, Any]]], min_share: fl
     return sorted(dims)
 
 
+def branch_scales(rec: dict[str, Any], parallel: bool) -> dict[str, float]:
+    """How much of each branch's output the residual stream receives, measured where it differs from 1 (MiniCPM
+    scales both branches by ``scale_depth / sqrt(num_layers)`` before the residual add): the least-squares factor
+    between what the residual gained across the branch (pre-FFN-norm input minus layer input, then layer output
+    minus pre-FFN-norm input) and the branch output: the median ratio over the entries (prompts x dims) where
+    the branch is large enough against the residual for the difference to be exact to 0.1 % in float32. Only
+    sequential blocks, where the pre-FFN norm reads the residual between the two branches."""
+    if parallel or "pre_ffn_norm_in" not in rec:
+        return {}
+    mid = rec["pre_ffn_norm_in"].float()
+    out: dict[str, float] = {}
+    for name, before, after, branch in (
+            ("attn", rec["resid_in"].float(), mid, rec.get("post_attn_out", rec.get("attn_out"))),
+            ("ffn", mid, rec["resid_out"].float(), rec.get("post_ffn_out", rec.get("mlp_out")))):
+        if branch is None:
+            continue
+        branch = branch.float()
+        exact = branch.abs() > 1e4 * torch.finfo(torch.float32).eps * torch.maximum(before.abs(), after.abs())
+        if int(exact.sum()) < 8:
+            continue
+        scale = float(((after - before)[exact] / branch[exact]).median())
+        if abs(scale - 1.0) > 1e-2:
+            out[name] = scale
+    return out
+
+
 def decompose(lm: LM, rec: dict[str, Any], dims: Sequence[int], layer: int | None = None) -> list[dict[str, Any]]:
     """Per massive dim: residual in, attention branch, FFN branch, residual out (they sum). In a parallel block
-    (``ffn_reads``) the FFN read the layer input, not the residual after the attention branch."""
+    (``ffn_reads``) the FFN read the layer input, not the residual after the attention branch. A branch the block
+    scales before the residual add (:func:`branch_scales`) is counted as added, with its scale recorded."""
     rows = []
     parallel = (lm.arch if layer is None else lm.arch.at(layer)).parallel
     has_pa = "post_attn_out" in rec
     has_pf = "post_ffn_out" in rec
+    scales = branch_scales(rec, parallel)
     for d in dims:
         r_in = rec["resid_in"][:, d]
         none = torch.zeros_like(rec["resid_in"][:, d])  # a layer without mixer (or without FFN): no such branch
         attn = rec["post_attn_out"][:, d] if has_pa else rec["attn_out"][:, d] if "attn_out" in rec else none
         ffn = rec["post_ffn_out"][:, d] if has_pf else rec["mlp_out"][:, d] if "mlp_out" in rec else none
+        attn, ffn = attn * scales.get("attn", 1.0), ffn * scales.get("ffn", 1.0)
         out = rec["resid_out"][:, d]
         row: dict[str, Any] = {
             "dim": d,
@@ -175,6 +204,8 @@ def decompose(lm: LM, rec: dict[str, Any], dims: Sequence[int], layer: int | Non
         }
         if parallel:
             row["ffn_reads"] = "layer input (parallel block)"
+        for name, scale in scales.items():
+            row[f"{name}_branch_scale"] = scale
         delta = float((out - r_in).mean())
         row["update"] = delta
         row["ffn_share_of_update"] = float(ffn.mean()) / delta if delta else None
