@@ -256,3 +256,33 @@ def test_sinks_smollm2_readme_figures(smollm2):
     assert per_layer[10] == per_layer[11] == 0.0
     assert all(0.86 <= x <= 1.0 for x in per_layer[12:16])
     assert min(per_layer[12:]) > 0.74
+
+
+@pytest.mark.parametrize("sink_logit", [-30.0, 0.0, 30.0])
+def test_sinks_account_for_learned_sink_logits(sink_logit):
+    """gpt-oss appends a learned logit per head to every attention row and drops it after the softmax, so rows
+    sum to less than 1. The measurement reports the share it takes (against transformers' own returned
+    probabilities, read independently) and never credits it to a token: a sink logit that takes nearly every row
+    leaves no head sinking on the first token."""
+    from melayer.analysis.sinks import SinkResult
+
+    lm = tiny_lm("gpt_oss", plant=False)
+    with torch.no_grad():
+        for i in range(lm.num_layers):
+            lm.module(i, "attn").sinks.fill_(sink_logit)
+    r = measure_sinks(lm, PROMPTS[:3], min_tokens=None)
+    d = r.to_dict()
+    batch = encode(lm, PROMPTS[:3][:1])
+    with torch.no_grad():
+        att = lm.model(**batch, output_attentions=True).attentions  # eager: probabilities without the sink column
+    own = [1.0 - float(a[0].sum(-1).mean()) for a in att]
+    if sink_logit < -10:  # the learned sink takes nothing: rows sum to 1, nothing reported
+        assert "learned_sink_share_per_layer" not in d and max(own) < 1e-3
+        return
+    shares = d["learned_sink_share_per_layer"]
+    assert all(0.0 < s < 1.0 for s in shares) and "learned sink" in d["learned_sink_note"]
+    one = measure_sinks(lm, PROMPTS[:1], min_tokens=None).to_dict()["learned_sink_share_per_layer"]
+    assert one == pytest.approx(own, abs=1e-5)
+    if sink_logit > 10:
+        assert min(shares) > 0.99 and r.sink_rate == 0.0
+    assert SinkResult.from_dict(json.loads(json.dumps(d))).to_dict() == json.loads(json.dumps(d))

@@ -109,6 +109,7 @@ class _SinkReducer:
         self.first: list[list[np.ndarray | None]] = []  # prompt -> layer -> (H,)
         self.massive: list[list[np.ndarray | None]] = []
         self.top_is_first: list[list[np.ndarray | None]] = []
+        self.row_mass: dict[int, list[float]] = {}  # layer -> per prompt: mean attention row sum over real keys
 
     def start(self, mask2: torch.Tensor, indices: Sequence[int]) -> None:
         """Before each batch: its 2-D mask and the input indices of its rows (any order)."""
@@ -138,6 +139,7 @@ class _SinkReducer:
                 vis = _visible(mask4, b, real, n, w.device).to(a.dtype)
                 seen = vis.sum(0).clamp_min(1.0)  # per key: how many queries see it
                 alpha = (a * vis).sum(1) / seen  # (H, n): mean attention each key receives
+                self.row_mass.setdefault(layer, []).append(float((a * vis).sum(-1).mean()))
                 row = self.indices[b]
                 self.first[row][layer] = alpha[:, 0].cpu().numpy()
                 self.top_is_first[row][layer] = (alpha.argmax(dim=1) == 0).cpu().numpy()
@@ -308,7 +310,12 @@ class SinkResult(Result):
                    min_tokens=s["min_tokens"], skipped=raw["skipped"], extra=extra)
 
 
-_EXTRA_KEYS = ("source",)  # what sinks() adds to a measurement
+_EXTRA_KEYS = ("source", "layers_without_softmax_attention", "layers_without_softmax_attention_note",
+               "learned_sink_share_per_layer", "learned_sink_note")  # what a measurement adds where it applies
+LEARNED_SINK_MIN = 1e-3
+LEARNED_SINK_NOTE = ("attention rows over the prompt's tokens sum to less than 1: a learned sink logit per head "
+                     "(gpt-oss) takes this share of each row (mean over queries, heads and prompts); every alpha is a "
+                     "token's share as the model computes it, so what the learned sink takes counts for no token")
 
 
 @torch.no_grad()
@@ -378,18 +385,22 @@ def measure_sinks(
 
     first = stacked(reducer.first)
     top = stacked(reducer.top_is_first)
+    extra: dict[str, Any] = {} if len(attention) == lm.num_layers else {
+        "layers_without_softmax_attention": [i for i in range(lm.num_layers) if i not in attention],
+        "layers_without_softmax_attention_note": "n/a: their token mixer (SSM, convolution, linear attention) has no "
+                                                 "attention probabilities; rates are over the attention layers only"}
+    learned = [1.0 - float(np.mean(reducer.row_mass[i])) if reducer.row_mass.get(i) else None
+               for i in range(lm.num_layers)]
+    if max((x for x in learned if x is not None), default=0.0) > LEARNED_SINK_MIN:
+        extra["learned_sink_share_per_layer"] = learned
+        extra["learned_sink_note"] = LEARNED_SINK_NOTE
     if len(attention) == lm.num_layers:
         top = top.astype(bool)
     massive = stacked(reducer.massive) if massive_positions is not None else None
     return SinkResult(model=lm.name, epsilon=float(epsilon), max_tokens=max_tokens, n_prompts=len(prompts),
                       tokens_per_prompt=[int(x) for x in lengths], alpha_first=first, top_is_first=top,
                       alpha_massive=massive, massive_positions=list(massive_positions) if massive_positions is not None else None,
-                      me_layer=me_layer, min_tokens=min_tokens, skipped=skipped,
-                      extra={} if len(attention) == lm.num_layers else {
-                          "layers_without_softmax_attention": [i for i in range(lm.num_layers) if i not in attention],
-                          "layers_without_softmax_attention_note": "n/a: their token mixer (SSM, convolution, linear "
-                                                                   "attention) has no attention probabilities; "
-                                                                   "rates are over the attention layers only"})
+                      me_layer=me_layer, min_tokens=min_tokens, skipped=skipped, extra=extra)
 
 
 def sinks(lm: LM, prompts: Sequence[str] | None = None, *, windows: int = 32, epsilon: float = DEFAULT_EPSILON,
