@@ -324,3 +324,22 @@ def test_finetune_report_in_a_real_browser(browser, finetune_output, tmp_path):
     path = tmp_path / "finetune.html"
     _html(finetune_output, output=path)
     check_in_browser(browser, path, {"finetune"}, _shots_dir(tmp_path) / "report-finetune.png")
+
+
+def test_an_analysis_registered_without_sections_gets_a_table_of_its_values():
+    """A registry entry with an analysis function but no rendering of its own is still in the report."""
+    import dataclasses
+
+    import melayer
+    from melayer.reporting.results import KINDS
+    from melayer.reporting.sections import Figures
+    from melayer.testing import tiny_lm
+
+    data = melayer.scan(tiny_lm("llama", me_layer=1), ["Hello there, tiny model of the world."],
+                        progress=False).to_dict()
+    bare = dataclasses.replace(KINDS["scan"], sections=None, summary=None, figures=())
+    assert bare.in_report and not dataclasses.replace(bare, run=None).in_report
+    [section] = bare.build_sections(data, Figures())
+    rows = dict(section["blocks"][0]["rows"])
+    assert section["title"] == "ME layer" and rows["me_layer"] == "1" and rows["model"] == data["model"]
+    assert "schema" not in rows and "prompts" not in rows  # top-level numbers and text only

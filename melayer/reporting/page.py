@@ -20,7 +20,7 @@ from typing import Any
 from melayer.reporting.results import KINDS as RESULT_KINDS
 from melayer.util.errors import MelayerError
 
-KINDS = tuple(k.name for k in RESULT_KINDS.values() if k.sections)
+KINDS = tuple(k.name for k in RESULT_KINDS.values() if k.in_report)
 FILES = {RESULT_KINDS[k].file: k for k in KINDS}
 SCHEMA_VERSION = "1"
 SCHEMA_VERSIONS = {"weights": "2"}  # kinds whose schema moved on (the others read /1)

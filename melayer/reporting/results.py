@@ -46,7 +46,7 @@ class Kind:
     title: str = ""
     summary: str | None = None
     figures: tuple[tuple[str, str], ...] = ()
-    sections: str | None = None  # None: not in the HTML report
+    sections: str | None = None  # None: an analysis gets a table of its top-level values; any other kind no section
     run: str | None = None  # "module:function" of an analysis of a loaded model (a sweep command)
     metrics: tuple[str, ...] = ("me_layer",)
 
@@ -100,8 +100,17 @@ class Kind:
         """Write the figures into ``folder``; the paths written."""
         return [p for draw, name in self.figures if (p := _resolve(draw)(data, folder / name)) is not None]
 
+    @property
+    def in_report(self) -> bool:
+        """Whether the HTML report has sections for this kind (its own, or an analysis's plain table)."""
+        return self.sections is not None or self.run is not None
+
     def build_sections(self, data: dict[str, Any], figures: Any, **extra: Any) -> list[dict[str, Any]]:
-        return _resolve(self.sections)(data, figures, **extra) if self.sections else []
+        if self.sections:
+            return _resolve(self.sections)(data, figures, **extra)
+        if self.run:
+            return _resolve(f"{_R}.sections:plain_sections")(data, figures, title=self.title or self.name)
+        return []
 
 
 # the arguments a sweep cell gives every analysis itself, and the plain types an option may have

@@ -460,6 +460,12 @@ def finetune_sections(d: dict[str, Any], figs: Figures, log: list[dict[str, Any]
 # weights (the ME layer read off the weights, no forward pass)
 
 
+def plain_sections(d: dict[str, Any], figs: Figures, title: str) -> list[Section]:
+    """An analysis registered without sections of its own: a table of its top-level values (numbers, text)."""
+    rows = [[k, num(v)] for k, v in d.items() if k != "schema" and (v is None or isinstance(v, (int, float, str)))]
+    return [{"id": "", "title": title, "blocks": [table("Values", ["field", "value"], rows, numeric=False)]}]
+
+
 def weights_sections(d: dict[str, Any], figs: Figures) -> list[Section]:
     from melayer.reporting.weights import headline, score_figure
 
