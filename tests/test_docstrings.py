@@ -58,6 +58,10 @@ def _problems(fn, where: str, constructor_doc=None) -> list[str]:
     if params:
         documented = {p.name.lstrip("*") for s in sections if s.kind.value == "parameters" for p in s.value}
         missing = [p for p in params if p not in documented]
+        # **kwargs may be documented key by key instead (names the signature does not have)
+        kwargs = [p.name for p in fn.parameters if p.kind.value == "variadic keyword"]
+        if kwargs and documented - set(params):
+            missing = [p for p in missing if p not in kwargs]
         if "parameters" not in kinds:
             out.append(f"{where}: no Args section ({', '.join(params)})")
         elif missing:
@@ -114,6 +118,21 @@ def bad(a: int, b: int) -> int:
         a: the number.
     """
 
+def keyed(a: int, **options) -> None:
+    """Options documented one by one.
+
+    Args:
+        a: the number.
+        dtype: one of the options.
+    """
+
+def loose(a: int, **options) -> None:
+    """Options not documented.
+
+    Args:
+        a: the number.
+    """
+
 def quiet(a: int) -> None:
     """Nothing back.
 
@@ -123,4 +142,6 @@ def quiet(a: int) -> None:
 ''')
     assert _problems(module["good"], "good") == []
     assert _problems(module["quiet"], "quiet") == []
+    assert _problems(module["keyed"], "keyed") == []
+    assert _problems(module["loose"], "loose") == ["loose: Args does not name options"]
     assert _problems(module["bad"], "bad") == ["bad: Args does not name b", "bad: no Returns section (-> int)"]
