@@ -80,24 +80,28 @@ def load(spec: str | None = None, *, adapter: str | Path | None = None, adapter_
     Args:
         spec: ``gemma-3-270m`` (default) or ``smollm2-135m`` (the embedded models), a local Hugging Face
             directory, a ``.gguf`` file (converted once and cached) or a hub id.
-        dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` or a ``torch.dtype``.
-        device: a device to move the model to (``"cuda:0"``); not with ``device_map``.
-        arch: an architecture-map override: a mapped family name, a dict of role -> module path, a JSON file or an
-            :class:`~melayer.models.archmap.ArchSpec`.
-        progress: show progress bars (GGUF conversion).
-        device_map: split the model with accelerate: ``"auto"``, ``"balanced"``, ``"sequential"``, a device, or a
-            dict of module -> device (``"cpu"``/``"disk"`` entries offload).
-        max_memory: memory per device for the split, ``{0: "20GiB", "cpu": "64GiB"}`` or ``"0=20GiB,cpu=64GiB"``
-            (implies ``device_map="auto"``).
-        offload_folder: where layers offloaded to disk go (default: a fresh folder under the cache, removed with
-            the model).
-        trust_remote_code: run a hub or directory model's own Python code (transformers' option); off unless asked.
-        overflow_guard: install the removable overflow guard (``lm.overflow_guard``), which turns inf/nan in a
-            layer into one clear error.
         adapter: a ``melayer finetune`` output directory: its adapter is merged into the model. An adapter
             trained on another base model is refused.
         adapter_mask: re-apply the WeMask the adapter was trained with (kept in ``lm.adapter_wemask``; its
             ``remove()`` takes it off).
+        **options: the options of :func:`melayer.models.loading.load`, below.
+
+    Keyword Args:
+        dtype (str | torch.dtype): ``"float32"`` (default), ``"bfloat16"``, ``"float16"`` or a ``torch.dtype``.
+        device (str | None): a device to move the model to (``"cuda:0"``); not with ``device_map``.
+        arch (Any): an architecture-map override: a mapped family name, a dict of role -> module path, a JSON file
+            or an :class:`~melayer.models.archmap.ArchSpec`.
+        progress (bool): show progress bars (GGUF conversion).
+        device_map (str | dict | None): split the model with accelerate: ``"auto"``, ``"balanced"``,
+            ``"sequential"``, a device, or a dict of module -> device (``"cpu"``/``"disk"`` entries offload).
+        max_memory (str | dict | None): memory per device for the split, ``{0: "20GiB", "cpu": "64GiB"}`` or
+            ``"0=20GiB,cpu=64GiB"`` (implies ``device_map="auto"``).
+        offload_folder (str | Path | None): where layers offloaded to disk go (default: a fresh folder under the
+            cache, removed with the model).
+        trust_remote_code (bool): run a hub or directory model's own Python code (transformers' option); off
+            unless asked.
+        overflow_guard (bool): install the removable overflow guard (``lm.overflow_guard``), which turns inf/nan
+            in a layer into one clear error.
 
     Returns:
         The loaded model, its tokenizer and its architecture map, as an :class:`~melayer.models.loading.LM`.
