@@ -457,8 +457,7 @@ def _signature() -> inspect.Signature:
     params = [p for p in own.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
     names = {p.name for p in params}
     params += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=f.type,
-                                 default=f.default_factory() if f.default is dataclasses.MISSING  # type: ignore[misc]
-                                 else f.default)
+                                 default=f.default_factory() if callable(f.default_factory) else f.default)
                for f in dataclasses.fields(FinetuneConfig) if f.name not in names]
     return own.replace(parameters=params)
 
