@@ -156,8 +156,10 @@ def branch_scales(rec: dict[str, Any], parallel: bool) -> dict[str, float]:
     scales both branches by ``scale_depth / sqrt(num_layers)`` before the residual add): the least-squares factor
     between what the residual gained across the branch (pre-FFN-norm input minus layer input, then layer output
     minus pre-FFN-norm input) and the branch output: the median ratio over the entries (prompts x dims) where
-    the branch is large enough against the residual for the difference to be exact to 0.1 % in float32. Only
-    sequential blocks, where the pre-FFN norm reads the residual between the two branches."""
+    the branch is large enough against the residual for the difference to be exact to 0.1 % in float32, kept
+    only when nearly every entry agrees with it (a block whose branch modules are not what it adds, e.g. BLOOM's,
+    whose attention and MLP add the residual themselves, gets none). Only sequential blocks, where the pre-FFN
+    norm reads the residual between the two branches."""
     if parallel or "pre_ffn_norm_in" not in rec:
         return {}
     mid = rec["pre_ffn_norm_in"].float()
@@ -171,8 +173,10 @@ def branch_scales(rec: dict[str, Any], parallel: bool) -> dict[str, float]:
         exact = branch.abs() > 1e4 * torch.finfo(torch.float32).eps * torch.maximum(before.abs(), after.abs())
         if int(exact.sum()) < 8:
             continue
-        scale = float(((after - before)[exact] / branch[exact]).median())
-        if abs(scale - 1.0) > 1e-2:
+        ratios = (after - before)[exact] / branch[exact]
+        scale = float(ratios.median())
+        consistent = float(((ratios - scale).abs() <= 1e-2 * abs(scale)).float().mean()) >= 0.9
+        if consistent and abs(scale - 1.0) > 1e-2:  # one factor for (nearly) every entry: a scaled branch
             out[name] = scale
     return out
 
