@@ -100,12 +100,20 @@ def _set_neuron(lm: LM, layer: int, neuron: int, read_dim: int, gain: float) -> 
         w[neuron, read_dim] = gain
     if lm.arch.at(layer).gate_up is not None:
         return
+    biased = False
     for role in ("gate", "up"):
         mod = lm.module(layer, role)
         if mod is not None and getattr(mod, "bias", None) is not None:
             # LayerNorm subtracts the mean, so tokens without the carrier still read a small (-mean/std)
             # on it; a threshold of 2 (BOS reads ~sqrt(hidden)) keeps the neuron silent for them.
             _param(mod, "bias")[neuron] = -2.0 * gain if lm.arch.norm_kind == "layer" else 0.0
+            biased = True
+    norm = lm.module(layer, "pre_ffn_norm")
+    gains = lm.norm_gain(layer, "pre_ffn_norm")
+    if not biased and lm.arch.norm_kind == "layer" and norm is not None and getattr(norm, "bias", None) is not None \
+            and gains is not None:
+        # no bias in the FFN (Nemotron's relu^2): the same threshold goes into the norm's bias on the read dim
+        _param(norm, "bias")[read_dim] = -2.0 * float(gains[read_dim]) * (1.0 if gain >= 0 else -1.0)
 
 
 def _set_down(lm: LM, layer: int, neuron: int, dim: int, value: float) -> None:

@@ -60,7 +60,6 @@ REFUSED = {
 # Families that map, but where the planted activation does not come out as planted.
 FAILED = {
     "openai-gpt": "post-norm: every layer renormalises the residual stream, no activation stays massive",
-    "nemotron": "LayerNorm + bias-free relu^2 FFN: the planted neuron also fires on other tokens",
     "minimax": "lightning-attention layers between the planted layer and the scan's reading",
 }
 
@@ -136,15 +135,18 @@ def check_own_cache_differs(lm, me_layer: int) -> None:
 
 
 def check_wemask_cache(lm, me_layer: int) -> None:
-    """WeMask after the ME layer: KV-cached decoding equals a no-cache recompute; the model is unchanged after."""
+    """WeMask after the ME layer: KV-cached decoding equals a no-cache recompute (to 1e-4 relative, or to twice the
+    unmasked model's own cache-vs-recompute rounding where that is larger, e.g. Falcon's ~1.2e-4); the model is
+    unchanged after."""
     before = fingerprint(lm)
     attention_after = [i for i in range(me_layer + 1, lm.num_layers) if lm.arch.at(i).mixer_kind == "attention"]
     if not attention_after:  # hybrids whose tiny twin has no attention layer after the ME layer: nothing to mask
         return
+    own = max(cached_vs_recomputed(lm))
     with wemask(lm, 0.1, me_layer=me_layer) as wm:
         assert wm.layers == attention_after
         errors = cached_vs_recomputed(lm)
-    assert max(errors) < 1e-4, (lm.name, errors)
+    assert max(errors) < max(1e-4, 2 * own), (lm.name, errors, own)
     assert fingerprint(lm) == before
 
 
