@@ -34,6 +34,7 @@ OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 run generate-2threads bench/bench_generate.p
 run wemask bench/bench_wemask.py --reps 3 --threads "$T"
 run finetune bench/bench_finetune.py --model smollm2-135m --reps 4 --threads "$T"
 run report bench/bench_report.py --reps 5 --threads "$T"
+run weights bench/bench_weights.py --reps 2 --threads 1 2
 "$PY" bench/fragment.py --targets
 "$PY" bench/fragment.py --total "$SECONDS" "$*"  # a partial run's time is kept only until a full run
 echo "== done in $((SECONDS / 60)) min $((SECONDS % 60)) s: tables in $OUT/ and docs/bench/"

@@ -1,16 +1,29 @@
-"""Benchmark: ranking ME-layer candidates from the weights vs loading the model with transformers.
+"""Benchmark: ``melayer weights`` throughput (GB of checkpoint per second) against reading the same files.
 
-    .venv/bin/python bench/bench_weights.py [--synthetic-gb 2.4] [--skip-embedded] [--reps 1]
+    .venv/bin/python bench/bench_weights.py [--synthetic-gb 2.4] [--gguf-gb 1.0] [--threads 1 2] [--reps 2]
+                                            [--skip-embedded] [--vs-load] [--keep DIR]
 
-Each measurement runs in a fresh Python process: the time of the operation itself (imports excluded) and the
-process's peak RSS (VmHWM), with the peak after the imports for reference. Subjects:
+Subjects:
 
-* the embedded Gemma-3-270M and SmolLM2-135M: ranked from the original GGUF file and from melayer's
-  dequantised safetensors cache; loaded with ``AutoModelForCausalLM.from_pretrained`` (float32, as
-  ``melayer.load`` does) from that cache, then every weight touched once (a sum), as a forward pass would:
-  transformers maps safetensors files lazily, so an untouched model is not yet in memory;
+* the embedded Gemma-3-270M (GGUF Q4_K_M) and SmolLM2-135M (GGUF Q4_1) files;
 * a synthetic Llama-shaped checkpoint of about ``--synthetic-gb`` GB (bfloat16, random weights, sharded
-  safetensors) written by this script into a temporary directory and deleted afterwards; loaded in bfloat16.
+  safetensors with an index);
+* a synthetic Llama-shaped GGUF of about ``--gguf-gb`` GB (Q4_K matrices made of random blocks with a fixed
+  scale, float32 norms).
+
+The synthetic files are written into a temporary directory and deleted afterwards (``--keep DIR``, or the
+environment variable ``BENCH_WEIGHTS_DIR``, writes them there and keeps them, reusing what is already there).
+
+Each ranking runs in a fresh process, ``candidates(spec, threads=N)`` twice: the first call includes the lazy
+imports (transformers' config defaults and GGUF tensor processors for a GGUF), the second is the streaming alone;
+throughput is the checkpoint's size (all its weight files) over the second call. Interleaved with each ranking, a
+fresh process reads every byte of the same files (16 MiB reads): the read speed on the same machine at the same
+time. Both read through the page cache: the files were just written or read, so both are **warm** numbers (the
+cache cannot be dropped without root). The load average is printed beside each row: on a shared machine only the
+ratio of interleaved measurements means much.
+
+``--vs-load`` adds the time and peak memory of loading each safetensors checkpoint with transformers (every
+weight touched once) for comparison.
 """
 
 from __future__ import annotations
@@ -26,116 +39,240 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-MEASURE = """
+RANK = """
 import json, sys, time
 import torch
 torch.set_num_threads(1)
 from melayer.analysis.weights import candidates, _peak_rss_mb
-from transformers import AutoModelForCausalLM
-what, spec, dtype = sys.argv[1], sys.argv[2], sys.argv[3]
-base = _peak_rss_mb()
+spec, threads = sys.argv[1], int(sys.argv[2])
+times = []
+for _ in range(2):
+    t0 = time.perf_counter()
+    r = candidates(spec, threads=threads, progress=False)
+    times.append(time.perf_counter() - t0)
+print(json.dumps({"first": times[0], "seconds": times[1], "peak_mb": _peak_rss_mb(), "read_mb": r.cost["bytes_read_mb"],
+                  "pred": [r.me_layer, r.massive_dim, r.top_neuron]}))
+"""
+
+READ = """
+import json, os, sys, time
+buf = bytearray(16 << 20)
+view = memoryview(buf)
 t0 = time.perf_counter()
-if what == "rank":
-    r = candidates(spec)
-    info = {"me_layer": r.me_layer, "dim": r.massive_dim, "neuron": r.top_neuron}
-else:
-    m = AutoModelForCausalLM.from_pretrained(spec, dtype=getattr(torch, dtype))
-    with torch.no_grad():  # touch every weight, as a forward pass would (safetensors pages come in lazily)
-        info = {"params": sum(p.numel() for p in m.parameters()), "checksum": sum(float(p.float().sum()) for p in m.parameters())}
-seconds = time.perf_counter() - t0
-print(json.dumps({"seconds": seconds, "peak_mb": _peak_rss_mb(), "base_mb": base, **info}))
+n = 0
+for f in sys.argv[1:]:
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        while True:
+            k = os.readv(fd, [view])
+            if not k:
+                break
+            n += k
+    finally:
+        os.close(fd)
+print(json.dumps({"seconds": time.perf_counter() - t0, "bytes": n}))
+"""
+
+LOAD = """
+import json, sys, time
+import torch
+torch.set_num_threads(1)
+from transformers import AutoModelForCausalLM
+from melayer.analysis.weights import _peak_rss_mb
+t0 = time.perf_counter()
+m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
+with torch.no_grad():  # touch every weight, as a forward pass would (safetensors pages come in lazily)
+    total = sum(float(p.float().sum()) for p in m.parameters())
+print(json.dumps({"seconds": time.perf_counter() - t0, "peak_mb": _peak_rss_mb()}))
 """
 
 
-def measure(what: str, spec: str, dtype: str = "float32") -> dict:
+def _run(code: str, *args: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
            "HF_HUB_OFFLINE": "1", "MELAYER_QUIET": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    out = subprocess.run([sys.executable, "-c", MEASURE, what, spec, dtype], env=env, capture_output=True, text=True, check=False)
+    out = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
-        raise SystemExit(f"{what} {spec} failed:\n{out.stderr[-2000:]}")
+        raise SystemExit(f"{args[0]} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def write_synthetic(path: Path, gb: float) -> tuple[Path, float]:
-    """A Llama-shaped bfloat16 checkpoint of about ``gb`` GB: config.json, shards and index."""
+def weight_files(spec: str) -> list[Path]:
+    """The files a checkpoint's weights live in (an embedded name resolves to its GGUF file)."""
+    from melayer.models.embedded import EMBEDDED
+
+    if spec in EMBEDDED:
+        return [EMBEDDED[spec][1]()]
+    path = Path(spec)
+    return [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+
+
+LLAMA = {"hidden": 2048, "inter": 8192, "heads": 16, "kv": 8, "vocab": 32000}
+
+
+def write_synthetic(path: Path, gb: float) -> Path:
+    """A Llama-shaped bfloat16 checkpoint of about ``gb`` GB: config.json, ~0.5 GB shards and their index."""
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    hidden, inter, heads, kv = 2048, 8192, 16, 8
-    per_layer = (2 * hidden * hidden + 2 * hidden * hidden * kv // heads + 3 * hidden * inter) * 2
+    if (path / "model.safetensors.index.json").exists():
+        return path
+    s = LLAMA
+    per_layer = (2 * s["hidden"] ** 2 + 2 * s["hidden"] ** 2 * s["kv"] // s["heads"] + 3 * s["hidden"] * s["inter"]) * 2
     layers = max(2, int(gb * 1e9 // per_layer))
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
-                      num_key_value_heads=kv, vocab_size=32000, tie_word_embeddings=False)
+    cfg = LlamaConfig(hidden_size=s["hidden"], intermediate_size=s["inter"], num_hidden_layers=layers,
+                      num_attention_heads=s["heads"], num_key_value_heads=s["kv"], vocab_size=s["vocab"],
+                      tie_word_embeddings=False)
     cfg.dtype = "bfloat16"
-    path.mkdir(parents=True)
+    path.mkdir(parents=True, exist_ok=True)
     cfg.save_pretrained(path)
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(cfg).state_dict().items()}
     g = torch.Generator().manual_seed(0)
-    weight_map, shard, size, index = {}, {}, 0, 0
+    weight_map: dict[str, str] = {}
+    shard: dict[str, torch.Tensor] = {}
+    size = 0
 
     def flush() -> None:
-        nonlocal shard, size, index
+        nonlocal shard, size
         if shard:
-            name = f"model-{index:05d}.safetensors"
+            name = f"model-{len(set(weight_map.values())):05d}.safetensors"
             save_file(shard, str(path / name), metadata={"format": "pt"})
             weight_map.update({k: name for k in shard})
-            shard, size, index = {}, 0, index + 1
+            shard, size = {}, 0
 
     for key, shape in shapes.items():
-        t = torch.ones(shape) if key.endswith("norm.weight") else torch.randn(shape, generator=g) * 0.02
-        shard[key] = t.to(torch.bfloat16)
+        if key.endswith("norm.weight"):
+            shard[key] = torch.ones(shape, dtype=torch.bfloat16)
+        else:
+            shard[key] = torch.empty(shape, dtype=torch.bfloat16).normal_(0.0, 0.02, generator=g)
         size += shard[key].numel() * 2
         if size > 5e8:
             flush()
     flush()
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    total = sum(f.stat().st_size for f in path.glob("*.safetensors")) / 1e9
-    return path, total
+    return path
 
 
-def row(label: str, what: str, spec: str, reps: int, dtype: str = "float32") -> dict:
-    runs = [measure(what, spec, dtype) for _ in range(reps)]
-    best = {k: statistics.median(r[k] for r in runs) if isinstance(runs[0][k], float) else runs[0][k] for k in runs[0]}
-    extra = {k: v for k, v in best.items() if k not in ("seconds", "peak_mb", "base_mb")}
-    print(f"| {label} | {best['seconds']:.2f} | {best['peak_mb']:.0f} | {best['base_mb']:.0f} | {extra} |", flush=True)
-    return best
+def write_synthetic_gguf(path: Path, gb: float) -> Path:
+    """A Llama-shaped GGUF of about ``gb`` GB: every matrix Q4_K, made of random blocks whose super-block scales
+    are fixed (random bytes there could be NaN), norms float32 ones."""
+    import gguf
+    import numpy as np
+
+    if path.exists():
+        return path
+    s = LLAMA
+    block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q4_K]
+    shapes = {"attn_q": (s["hidden"], s["hidden"]), "attn_k": (s["hidden"] * s["kv"] // s["heads"], s["hidden"]),
+              "attn_v": (s["hidden"] * s["kv"] // s["heads"], s["hidden"]), "attn_output": (s["hidden"], s["hidden"]),
+              "ffn_gate": (s["inter"], s["hidden"]), "ffn_up": (s["inter"], s["hidden"]),
+              "ffn_down": (s["hidden"], s["inter"])}
+    per_layer = sum(a * b for a, b in shapes.values()) * type_size / block
+    layers = max(2, int(gb * 1e9 // per_layer))
+    rng = np.random.default_rng(0)
+    scale = np.array([0.002, 0.0005], dtype=np.float16).view(np.uint8)  # d and dmin of every super-block
+
+    def q4k(rows: int, cols: int) -> np.ndarray:
+        raw = rng.integers(0, 256, size=(rows, cols // block, type_size), dtype=np.uint8)
+        raw[..., :4] = scale
+        return raw.reshape(rows, -1)
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(layers)
+    w.add_embedding_length(s["hidden"])
+    w.add_feed_forward_length(s["inter"])
+    w.add_head_count(s["heads"])
+    w.add_head_count_kv(s["kv"])
+    w.add_context_length(2048)
+    w.add_layer_norm_rms_eps(1e-6)
+    q = gguf.GGMLQuantizationType.Q4_K
+    emb = q4k(s["vocab"], s["hidden"])
+    w.add_tensor("token_embd.weight", emb, raw_shape=emb.shape, raw_dtype=q)
+    w.add_tensor("output_norm.weight", np.ones(s["hidden"], dtype=np.float32))
+    for layer in range(layers):
+        for name in ("attn_norm", "ffn_norm"):
+            w.add_tensor(f"blk.{layer}.{name}.weight", np.ones(s["hidden"], dtype=np.float32))
+        for name, (rows, cols) in shapes.items():
+            t = q4k(rows, cols)
+            w.add_tensor(f"blk.{layer}.{name}.weight", t, raw_shape=t.shape, raw_dtype=q)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def measure(label: str, spec: str, threads: list[int], reps: int, rows: list[dict]) -> None:
+    files = [str(f) for f in weight_files(spec)]
+    gb = sum(os.path.getsize(f) for f in files) / 1e9
+    _run(READ, *files)  # into the page cache
+    for n in threads:
+        ranks, reads = [], []
+        load = load_average()
+        for _ in range(reps):  # interleaved: read, rank, read, rank, ...
+            reads.append(_run(READ, *files))
+            ranks.append(_run(RANK, spec, str(n)))
+        read_s = statistics.median(r["seconds"] for r in reads)
+        rank_s = statistics.median(r["seconds"] for r in ranks)
+        first_s = statistics.median(r["first"] for r in ranks)
+        row = {"subject": label, "gb": gb, "threads": n, "first_s": first_s, "seconds": rank_s, "gbps": gb / rank_s,
+               "read_mb": ranks[0]["read_mb"], "read_gbps": gb / read_s, "peak_mb": ranks[0]["peak_mb"],
+               "pred": ranks[0]["pred"], "load": f"{load} -> {load_average()}"}
+        rows.append(row)
+        print(f"| {label} | {gb:.2f} | {row['read_mb'] * 2**20 / 1e9:.2f} | {n} | {first_s:.2f} | {rank_s:.2f} "
+              f"| {row['gbps']:.2f} | {row['read_gbps']:.2f} | {row['read_gbps'] / row['gbps']:.1f} "
+              f"| {row['peak_mb']:.0f} | {row['pred']} | {row['load']} |", flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--synthetic-gb", type=float, default=2.4)
+    ap.add_argument("--gguf-gb", type=float, default=1.0)
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--skip-embedded", action="store_true")
-    ap.add_argument("--reps", type=int, default=1)
+    ap.add_argument("--vs-load", action="store_true")
+    ap.add_argument("--keep", type=Path, default=os.environ.get("BENCH_WEIGHTS_DIR") or None,
+                    help="write the synthetic checkpoints here and keep them")
     args = ap.parse_args()
     sys.path.insert(0, str(REPO))
-    from melayer.models.loading import resolve_source
 
-    print("| subject | seconds | peak RSS MB | peak RSS after imports MB | result |")
-    print("|---|---|---|---|---|")
-    ratios = []
+    print(f"{os.cpu_count()} CPUs; page cache warm (files read once before timing); load average 1/5/15 min")
+    print()
+    print("| subject | checkpoint GB | GB read by melayer | threads | first call s | repeat s | GB/s | read GB/s "
+          "| read / melayer | peak RSS MB | (layer, dim, neuron) | load |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    rows: list[dict] = []
     if not args.skip_embedded:
         for name in ("gemma-3-270m", "smollm2-135m"):
-            cache = resolve_source(name)[1]
-            load = row(f"{name}: load with transformers (float32)", "load", cache, args.reps)
-            rank = row(f"{name}: rank from the GGUF file", "rank", name, args.reps)
-            rank_st = row(f"{name}: rank from the safetensors cache", "rank", cache, args.reps)
-            ratios.append((name, load, rank, rank_st))
-    if args.synthetic_gb > 0:
-        with tempfile.TemporaryDirectory(prefix="melayer-bench-weights-") as tmp:
-            path, total = write_synthetic(Path(tmp) / "synthetic", args.synthetic_gb)
-            label = f"synthetic Llama {total:.2f} GB bf16"
-            load = row(f"{label}: load with transformers (bfloat16)", "load", str(path), args.reps, "bfloat16")
-            rank = row(f"{label}: rank", "rank", str(path), args.reps)
-            ratios.append((label, load, rank, None))
+            measure(name, name, args.threads, args.reps, rows)
+    with tempfile.TemporaryDirectory(prefix="melayer-bench-weights-") as tmp:
+        where = args.keep or Path(tmp)
+        if args.synthetic_gb > 0:
+            path = write_synthetic(where / f"llama-{args.synthetic_gb}gb-bf16", args.synthetic_gb)
+            measure(f"synthetic Llama bf16, {len(weight_files(str(path)))} shards", str(path), args.threads,
+                    args.reps, rows)
+            if args.vs_load:
+                load = _run(LOAD, str(path))
+                print(f"\nloading it with transformers (bfloat16, every weight touched): {load['seconds']:.2f} s, "
+                      f"peak RSS {load['peak_mb']:.0f} MB")
+        if args.gguf_gb > 0:
+            path = write_synthetic_gguf(where / f"llama-{args.gguf_gb}gb-q4_k.gguf", args.gguf_gb)
+            measure("synthetic Llama GGUF Q4_K", str(path), args.threads, args.reps, rows)
     print()
-    for name, load, rank, rank_st in ratios:
-        text = (f"{name}: rank/load time {rank['seconds'] / load['seconds']:.2f}, "
-                f"RSS growth rank {rank['peak_mb'] - rank['base_mb']:.0f} MB vs load {load['peak_mb'] - load['base_mb']:.0f} MB")
-        if rank_st:
-            text += f"; from safetensors: time ratio {rank_st['seconds'] / load['seconds']:.2f}"
-        print(text)
+    for kind in ("safetensors", "GGUF"):
+        mine = [r for r in rows if r["subject"].startswith("synthetic") and (kind == "GGUF") == ("GGUF" in r["subject"])]
+        if mine:
+            best = max(mine, key=lambda r: r["gbps"])
+            met = best["gbps"] >= 1.0 or best["read_gbps"] / best["gbps"] <= 2.0
+            print(f"target >= 1 GB/s of checkpoint or within 2x of reading it, synthetic {kind}: {best['gbps']:.2f} GB/s "
+                  f"with {best['threads']} thread(s), reading {best['read_gbps']:.2f} GB/s "
+                  f"({best['read_gbps'] / best['gbps']:.1f}x): {'met' if met else 'not met'}")
 
 
 if __name__ == "__main__":
