@@ -59,6 +59,9 @@ def gguf_decode(raw: np.ndarray, qtype: Any, out: Any = None, owned: bool = Fals
         if out is not None:
             return out[: values.numel()].view(values.shape).copy_(values)
         return values.float() if values.dtype != torch.float32 or not owned else values.clone()
+    if name in _OWN_KERNELS:
+        blocks = raw.reshape(-1, _OWN_KERNELS[name][0])
+        return torch.from_numpy(_OWN_KERNELS[name][1](blocks).reshape(raw.shape[0], -1))
     import gguf.quants
 
     kernel = getattr(gguf.quants, name, None)
@@ -68,6 +71,28 @@ def gguf_decode(raw: np.ndarray, qtype: Any, out: Any = None, owned: bool = Fals
         with _GRID_LOCK:  # the i-quant lookup grids are built once, on first use
             kernel.init_grid()
     return torch.from_numpy(kernel.dequantize_rows(raw))
+
+
+def _q5_blocks(blocks: np.ndarray, with_min: bool) -> np.ndarray:
+    """Q5_0 / Q5_1 blocks (n, 22 or 24 bytes) -> (n, 32) float32, the values ``gguf.quants`` gives bit for bit
+    (tested). gguf's kernel widens each block's 32 high bits to a 32-bit word per value; ``np.unpackbits`` reads
+    them as bytes, about twice as fast."""
+    n = blocks.shape[0]
+    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)
+    o = 4 if with_min else 2  # after d (and m): qh, 4 bytes, bit j the high bit of value j; then 16 bytes of nibbles
+    high = np.unpackbits(blocks[:, o:o + 4], axis=-1, bitorder="little")
+    qs = blocks[:, o + 4:]
+    q = np.empty((n, 32), dtype=np.uint8)
+    np.bitwise_and(qs, 0x0F, out=q[:, :16])
+    np.right_shift(qs, 4, out=q[:, 16:])
+    q |= high << np.uint8(4)
+    if with_min:
+        return q.astype(np.float32) * d + blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+    return (q.view(np.int8) - np.int8(16)).astype(np.float32) * d
+
+
+# (bytes per block, kernel): quant types whose blocks melayer decodes itself, faster than gguf's, same values
+_OWN_KERNELS = {"Q5_0": (22, lambda b: _q5_blocks(b, False)), "Q5_1": (24, lambda b: _q5_blocks(b, True))}
 
 
 def gguf_n_bytes(dims: tuple[int, ...], qtype: Any) -> int:
