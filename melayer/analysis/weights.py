@@ -425,8 +425,8 @@ def candidates(
 
     ``model``: an embedded name (``gemma-3-270m``, ``smollm2-135m``), a ``.gguf`` file, a local Hugging Face
     directory (safetensors), or an opened :class:`~melayer.models.lazy.LazyWeights`. ``n_tokens``: vocabulary
-    ids followed when the tokenizer adds no BOS. ``threads``: tensors reduced at once (default: the CPUs, at
-    most 4).
+    ids followed when the tokenizer adds no BOS. ``threads``: threads reading and reducing blocks of each tensor
+    (default: the CPUs, at most 4).
     """
     if n_tokens < 1 or top_k < 1 or top_neurons < 1:
         raise MelayerError("n_tokens, top_k and top_neurons must be >= 1")
@@ -720,7 +720,7 @@ def weights(
         n_tokens: vocabulary ids followed as first token when the tokenizer adds no BOS.
         top_k: layers listed (those writing most into the massive dim).
         top_neurons: neurons kept per layer.
-        threads: tensors read and reduced at once (default: the CPUs, at most 4).
+        threads: threads reading and reducing blocks of each tensor (default: the CPUs, at most 4).
         confirm: check the prediction with a short scan of the candidate layers (``--confirm``); the check is
             kept in ``result.confirm``. The model is loaded after the prediction, unless ``lm`` is given.
         lm: the loaded checkpoint to confirm on (implies ``confirm``).

@@ -32,7 +32,7 @@ def weights(
     arch: ArchOpt = None,
     top_k: Annotated[int, typer.Option(help="layers listed (those writing most into the massive dim)")] = 10,
     n_tokens: Annotated[int, typer.Option(help="vocabulary ids followed as first token when the tokenizer adds no BOS")] = 16,
-    threads: Annotated[Optional[int], typer.Option(help="tensors read and reduced at once (default: the CPUs, at most 4)")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="threads reading and reducing blocks of each tensor (default: the CPUs, at most 4)")] = None,
     confirm: Annotated[bool, typer.Option("--confirm", help="load the model and check the candidates with a short scan of their layers")] = False,
     prompt: PromptOpt = None,
     prompts: PromptsOpt = None,
