@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -128,38 +128,42 @@ def _zero_hook(neurons: tuple[int, ...]):
     return fn
 
 
-def _ablate_neurons(lm: LM, e: NeuronAblation, hooks: Hooks, saved: list) -> None:
+# (stored tensor, index, its values before the edit), put back in reverse order
+_Saved = list[tuple[torch.Tensor, torch.Tensor | int, torch.Tensor]]
+
+
+def _ablate_neurons(lm: LM, e: NeuronAblation, hooks: Hooks, saved: _Saved) -> None:
     """Dense FFN: the neurons' activations are zeroed at the down input. MoE layer: a routed expert's neurons get
     their down columns zeroed (restored by :func:`ablated`), a shared expert's neurons as a dense FFN's."""
     fused = lm.experts(e.layer)
     if fused is None:
-        hooks.pre(lm.module(e.layer, "down"), _zero_hook(tuple(e.neurons)))
+        hooks.pre(lm.required(e.layer, "down"), _zero_hook(tuple(e.neurons)))
         return
     routed = fused.num_experts * fused.inter
     shared = tuple(n - routed for n in e.neurons if n >= routed)
     if shared:
-        hooks.pre(lm.module(e.layer, "down"), _zero_hook(shared))
+        hooks.pre(lm.required(e.layer, "down"), _zero_hook(shared))
     if is_offloaded(fused.module) and len(shared) < len(e.neurons):
         raise MelayerError(f"layer {e.layer}: ablating experts of an offloaded layer is not supported")
-    weight = fused.module.down_proj
+    weight = fused.tensor("down_proj")
     for expert in sorted({n // fused.inter for n in e.neurons if n < routed}):
         cols = [n - expert * fused.inter for n in e.neurons if n // fused.inter == expert and n < routed]
         saved.append((weight, expert, weight[expert].clone()))
         fused.down(expert)[:, torch.tensor(cols, dtype=torch.long, device=weight.device)] = 0
 
 
-def _ablate_experts(lm: LM, e: ExpertAblation, hooks: Hooks, saved: list) -> None:
+def _ablate_experts(lm: LM, e: ExpertAblation, hooks: Hooks, saved: _Saved) -> None:
     fused = lm.experts(e.layer)
     assert fused is not None  # _check
     if "shared" in e.experts:
-        down = lm.module(e.layer, "down")
-        hooks.pre(down, _zero_hook(tuple(range(lm.arch.at(e.layer).down_matrix(down).shape[1]))))  # type: ignore[arg-type]
+        down = lm.required(e.layer, "down")
+        hooks.pre(down, _zero_hook(tuple(range(lm.arch.at(e.layer).down_matrix(down).shape[1]))))
     routed = sorted({x for x in e.experts if isinstance(x, int)})
     if routed and is_offloaded(fused.module):
         raise MelayerError(f"layer {e.layer}: ablating experts of an offloaded layer is not supported")
     for expert in routed:
         for name in ("down_proj", "down_proj_bias") if fused.has_bias else ("down_proj",):
-            weight = getattr(fused.module, name)
+            weight = fused.tensor(name)
             saved.append((weight, expert, weight[expert].clone()))
             weight[expert] = 0
 
@@ -169,7 +173,7 @@ def ablated(lm: LM, edits: Sequence[Edit]) -> Iterator[None]:
     """Apply ``edits`` for the duration of the ``with`` block; always restored exactly (``finally``)."""
     for e in edits:
         _check(lm, e)
-    saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    saved: _Saved = []
     hooks = Hooks()
     overlays = contextlib.ExitStack()  # offloaded norms: an edited copy is what their hook loads
     try:
@@ -182,13 +186,15 @@ def ablated(lm: LM, edits: Sequence[Edit]) -> Iterator[None]:
                 if isinstance(e, ExpertAblation):
                     _ablate_experts(lm, e, hooks, saved)
                     continue
-                norm = lm.module(e.layer, e.role)
-                if is_offloaded(norm):  # type: ignore[arg-type]
-                    weight = read_param(norm).clone()  # type: ignore[arg-type, union-attr]
+                norm = lm.required(e.layer, e.role)
+                if is_offloaded(norm):
+                    stored = read_param(norm)
+                    assert stored is not None  # _check: a weighted norm
+                    weight = stored.clone()
                     weight[torch.tensor(e.dims, dtype=torch.long)] = lm.arch.weight_for_gain(e.gain)
-                    overlays.enter_context(edited_offloaded_param(norm, "weight", weight))  # type: ignore[arg-type]
+                    overlays.enter_context(edited_offloaded_param(norm, "weight", weight))
                     continue
-                weight = norm.weight  # type: ignore[union-attr]
+                weight = cast(torch.Tensor, norm.weight)  # torch types a module attribute as Tensor | Module
                 idx = torch.tensor(e.dims, dtype=torch.long, device=weight.device)
                 saved.append((weight, idx, weight[idx].clone()))
                 weight[idx] = torch.as_tensor(lm.arch.weight_for_gain(e.gain), dtype=weight.dtype,
@@ -198,8 +204,8 @@ def ablated(lm: LM, edits: Sequence[Edit]) -> Iterator[None]:
         hooks.remove()
         overlays.close()
         with torch.no_grad():
-            for weight, idx, values in reversed(saved):
-                weight[idx] = values
+            for stored_weight, where, values in reversed(saved):
+                stored_weight[where] = values
 
 
 def fingerprint(lm: LM) -> dict[str, Any]:

@@ -117,7 +117,8 @@ class AblationRun:
 
 
 def _measure(lm: LM, prompts: Sequence[str], positions: Sequence[int], dims: Sequence[int], me_layer: int,
-             edits: Sequence[Edit], crit: Criterion, batch_size: int, ppl_tokens: int | None) -> dict[str, Any]:
+             edits: Sequence[Edit], crit: Criterion, batch_size: int | None, ppl_tokens: int | None
+             ) -> dict[str, Any]:
     per_layer: list[list[float]] = [[] for _ in range(lm.num_layers)]
     tracker = TokenTracker(positions)
     dim_idx = torch.tensor(list(dims))
@@ -575,9 +576,9 @@ def explain(
 
     runs: list[AblationRun] = []
     try:
-        for kind, layer, role, edits, draw in track(plan, f"ablating {lm.name}", enabled=progress):
+        for kind, layer, role, edits, run_draw in track(plan, f"ablating {lm.name}", enabled=progress):
             m = _measure(lm, prompts, positions, dims, L, edits, crit, batch_size, ppl_tokens)
-            runs.append(AblationRun(ablate=kind, layer=layer, role=role, edits=edits, draw=draw,
+            runs.append(AblationRun(ablate=kind, layer=layer, role=role, edits=edits, draw=run_draw,
                                     downstream_profile=m["profile"], downstream_max=m["downstream_max"],
                                     me_layer_after=m["me_layer_after"], me_layer_after_consistency=m["consistency"],
                                     massive_dims_after=m["massive_dims_after"], ppl=m["ppl"],

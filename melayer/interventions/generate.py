@@ -7,7 +7,7 @@ An intervention (e.g. a :class:`~melayer.interventions.wemask.WeMask`) is whatev
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -38,7 +38,7 @@ def greedy(lm: LM, batch: dict[str, torch.Tensor], max_new_tokens: int, *, stop:
            stop_at_eos: bool = True) -> torch.Tensor:
     """Greedy KV-cached decoding of a left-padded batch; returns prompt + new ids. ``stop`` strings end a row
     early; ``stop_at_eos=False`` generates exactly ``max_new_tokens`` tokens (EOS suppressed), e.g. for timing."""
-    from transformers import GenerationConfig, StoppingCriteriaList
+    from transformers import GenerationConfig, GenerationMixin, StoppingCriteriaList
 
     eos = eos_ids(lm)
     config = GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=0 if stop_at_eos else max_new_tokens,
@@ -47,7 +47,8 @@ def greedy(lm: LM, batch: dict[str, torch.Tensor], max_new_tokens: int, *, stop:
     prompt_len = batch["input_ids"].shape[1]
     check_length(lm, prompt_len + max_new_tokens, f"the prompt ({prompt_len} tokens) plus {max_new_tokens} new tokens")
     criteria = StoppingCriteriaList([_StopStrings(lm.tokenizer, stop, prompt_len)]) if stop else None
-    return lm.model.generate(**batch, generation_config=config, stopping_criteria=criteria)
+    model = cast(GenerationMixin, lm.model)  # a causal LM generates; PreTrainedModel's type does not say so
+    return model.generate(**batch, generation_config=config, stopping_criteria=criteria)
 
 
 def chat_prompt(lm: LM, text: str, chat: bool | None = None) -> tuple[str, bool]:

@@ -14,6 +14,7 @@ else melayer's shipped prompts), stated in every output.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -80,7 +81,8 @@ class Calibration:
         activation of the first real token (B, D), under ``intervention``."""
         from melayer.capture import read_site
 
-        logps, acts = [], {layer: [] for layer in layers}
+        logps: list[torch.Tensor] = []
+        acts: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
         grabbed: dict[int, torch.Tensor] = {}
         for batch in self.batches():
             mask = batch["attention_mask"]
@@ -88,7 +90,7 @@ class Calibration:
             grabbed.clear()
             with Hooks() as hooks, (intervention if intervention is not None else contextlib.nullcontext()):
                 for layer in layers:
-                    read_site(hooks, self.lm, layer, site, lambda x, layer=layer: grabbed.__setitem__(layer, x))
+                    read_site(hooks, self.lm, layer, site, functools.partial(grabbed.__setitem__, layer))
                 out = self.lm.model(**batch, position_ids=position_ids(mask), use_cache=False, logits_to_keep=1)
             logps.append(torch.log_softmax(out.logits[:, -1].float(), dim=-1).cpu())
             rows = torch.arange(mask.shape[0])
@@ -363,6 +365,7 @@ def _all_heads(lm: LM, layers: Sequence[int]) -> dict[int, list[int]]:
 def _act(lm: LM, p: dict[str, Any], cal: Calibration) -> AttentionMethod:
     tau, beta = p["tau"], p["beta"]
     key = f"act_tau{tau:g}_frac{p['min_frac']:g}"
+    choice: dict[str, Any]
     if p["heads"] == "all":
         choice = {"heads": {str(k): v for k, v in _all_heads(lm, range(lm.num_layers)).items()}, "rule": "all heads"}
     else:

@@ -39,7 +39,7 @@ class FusedExperts:
         self.concatenated = bool(getattr(module, "is_concatenated", True))
         self.first_name = "gate_up_proj" if self.has_gate else "up_proj"
 
-    def _tensor(self, name: str) -> torch.Tensor:
+    def tensor(self, name: str) -> torch.Tensor:
         """One of the module's fused tensors (torch types a module attribute as ``Tensor | Module``)."""
         return cast(torch.Tensor, getattr(self.module, name))
 
@@ -49,21 +49,21 @@ class FusedExperts:
 
     @property
     def num_experts(self) -> int:
-        return int(self._tensor("down_proj").shape[0])
+        return int(self.tensor("down_proj").shape[0])
 
     @property
     def inter(self) -> int:
         """Neurons per expert."""
-        d = self._tensor("down_proj")
+        d = self.tensor("down_proj")
         return int(d.shape[1] if self.transposed else d.shape[2])
 
     def down(self, e: int, weight: torch.Tensor | None = None) -> torch.Tensor:
         """Expert ``e``'s down projection as (hidden_out, neuron) (a view)."""
-        d = (self._tensor("down_proj") if weight is None else weight)[e]
+        d = (self.tensor("down_proj") if weight is None else weight)[e]
         return d.t() if self.transposed else d
 
     def down_bias(self, e: int) -> torch.Tensor | None:
-        return self._tensor("down_proj_bias")[e] if self.has_bias else None
+        return self.tensor("down_proj_bias")[e] if self.has_bias else None
 
     def stored_index(self, e: int, row: int, col: int) -> list[int]:
         """Where entry (row, col) of :meth:`down` sits in the stored ``down_proj`` tensor."""
