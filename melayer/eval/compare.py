@@ -371,10 +371,11 @@ def massive_downstream(lm: LM, prompts: Sequence[str], me_layer: int, conditions
             mask = batch["attention_mask"].to(lm.device)
             found: list[float] = []
             with Hooks() as hooks, (iv if iv is not None else contextlib.nullcontext()):
+                def keep(x: torch.Tensor, found: list[float] = found, mask: torch.Tensor = mask) -> None:
+                    found.append(float((x[..., dims].abs().float() * mask[..., None].to(x.device)).max()))
+
                 for layer in layers:
-                    read_site(hooks, lm, layer, "resid_out",
-                              lambda x, found=found, mask=mask: found.append(float(
-                                  (x[..., dims].abs().float() * mask[..., None].to(x.device)).max())))
+                    read_site(hooks, lm, layer, "resid_out", keep)
                 lm.model(input_ids=batch["input_ids"].to(lm.device), attention_mask=mask,
                          position_ids=position_ids(mask), use_cache=False, logits_to_keep=1)
             best = max([best, *found])

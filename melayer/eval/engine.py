@@ -30,7 +30,7 @@ def _ctx(intervention: Intervention) -> ContextManager[Any]:
         return contextlib.nullcontext()
     if hasattr(intervention, "__enter__"):
         return intervention  # type: ignore[return-value]
-    return intervention()  # type: ignore[operator]
+    return intervention()
 
 
 def truncate_left(contexts: Sequence[Sequence[int]], pairs: Sequence[tuple[int, Sequence[int]]], limit: int | None

@@ -48,7 +48,7 @@ def describe_intervention(intervention: E.Intervention) -> dict[str, Any] | None
         return None
     to_dict = getattr(intervention, "to_dict", None)
     if not callable(to_dict) and not hasattr(intervention, "__enter__"):
-        to_dict = getattr(intervention(), "to_dict", None)  # type: ignore[operator]
+        to_dict = getattr(intervention(), "to_dict", None)
     if callable(to_dict):
         return to_dict()
     return {"intervention": getattr(intervention, "__name__", repr(intervention))}
@@ -202,7 +202,7 @@ def _instance(intervention: E.Intervention) -> Any:
     """One context manager for the whole run: an instance as given, a factory called once."""
     if intervention is None or hasattr(intervention, "__enter__"):
         return intervention
-    return intervention()  # type: ignore[operator]
+    return intervention()
 
 
 def check_run_args(limit: int | None, batch_size: int, max_new_tokens: int | None) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -89,8 +89,15 @@ def bootstrap_ci(kind: str, values: Sequence[Any], n_boot: int = N_BOOT, seed: i
     return float(lo), float(hi)
 
 
+class PairedDifference(TypedDict):
+    """A paired difference (``compare.json``'s ``vs_baseline``) and its percentile-bootstrap interval."""
+
+    diff: float
+    ci95: list[float]
+
+
 def paired_bootstrap(kind: str, base: Sequence[Any], new: Sequence[Any], n_boot: int = N_BOOT, seed: int = SEED,
-                     level: float = 0.95) -> dict[str, float]:
+                     level: float = 0.95) -> PairedDifference:
     """Difference ``agg(new) - agg(base)`` over the same samples, with a paired percentile bootstrap CI."""
     a, b = as_array(kind, base), as_array(kind, new)
     if len(a) != len(b):

@@ -313,7 +313,7 @@ def build_trainer(cfg: FinetuneConfig, lm: LM, rows: list[dict[str, Any]], ckpt_
         raise MelayerError(f"{cfg.method}: {' '.join(str(exc).split())[:300]}") from None
 
 
-def gsm8k_reward(completions: list[Any], gold: list[str], **kwargs: Any) -> list[float]:
+def gsm8k_reward(completions: list[Any], gold: list[str], **kwargs: Any) -> list[float | None]:
     """GRPO reward: 1.0 for a strict numeric match with the gold answer (melayer's GSM8K scorer), else 0.0."""
     from melayer.eval.answers import gsm8k_score
 

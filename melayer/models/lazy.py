@@ -125,7 +125,7 @@ class LazyWeights:
             return {}
         holder = _holder(self.arch.path(role), SimpleNamespace(weight=self.tensor(key)))  # type: ignore[arg-type]
         only = self.arch.with_overrides(**{r: (self.arch.path(r) if r == role else None) for r in ("gate", "up", "gate_up")})
-        mats = only.ffn_in_matrices(holder)  # type: ignore[arg-type]
+        mats = only.ffn_in_matrices(holder)
         for mat in mats.values():
             self._check_shape(key, mat, 1)
         return mats

@@ -102,8 +102,10 @@ def _spread(records: list[dict[str, Any]], n_prompts: int, limit: int = 12) -> l
 def _layers(layers: list[int]) -> str:
     if not layers:
         return "-"
-    spans, start = [], layers[0]
-    for a, b in zip(layers, layers[1:] + [None]):
+    spans: list[str] = []
+    start: int | None = layers[0]
+    bounds: list[int | None] = [*layers[1:], None]
+    for a, b in zip(layers, bounds):
         if b != a + 1:
             spans.append(f"{start}" if start == a else f"{start}-{a}")
             start = b

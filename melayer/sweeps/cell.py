@@ -150,11 +150,11 @@ def _run(root: Path, cell: dict[str, Any], out: Path) -> dict[str, Any]:
         return {"primary_metric": res.primary, "value": res.metrics[res.primary]["value"], "result": "eval.json"}
     # compare: the baseline's samples first, then rate 0 (nothing left to do) and rate r, paired
     _seed_baseline(root, cell, out)
-    res = compare(lm, s["task"], [0.0, s["rate"]], limit=s.get("limit"), batch_size=s["batch_size"], output=out,
-                     select=s["select"], layers=s.get("layers"), gamma=s["gamma"], me_layer=_me_layer(root, cell),
-                     sinks=s.get("sinks", True), n_boot=s.get("n_boot", 2000), seed=s["seed"], progress=False,
-                     **run_kwargs, **s.get("task_options", {}))
-    return {"me_layer": res.me_layer, "result": "compare.json"}
+    paired = compare(lm, s["task"], [0.0, s["rate"]], limit=s.get("limit"), batch_size=s["batch_size"],
+                     output=out, select=s["select"], layers=s.get("layers"), gamma=s["gamma"],
+                     me_layer=_me_layer(root, cell), sinks=s.get("sinks", True), n_boot=s.get("n_boot", 2000),
+                     seed=s["seed"], progress=False, **run_kwargs, **s.get("task_options", {}))
+    return {"me_layer": paired.me_layer, "result": "compare.json"}
 
 
 def run_cell(cell: dict[str, Any], root: str, threads: int | None = None) -> dict[str, Any]:

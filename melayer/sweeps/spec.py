@@ -223,9 +223,9 @@ def expand(spec: dict[str, Any], fingerprint=None) -> list[Cell]:
         limit = block.get("limit")
         if limit is not None and (not isinstance(limit, int) or limit < 1):
             raise MelayerError(f"sweep spec, {where}: limit must be a positive integer (got {limit!r})")
-        mask = {"gamma": float(block.get("gamma", 1.0)), "layers": block.get("layers"),
-                "me_layer": block.get("me_layer")}
-        if cmd in ("compare", "eval", "finetune") and not 0.0 <= mask["gamma"] <= 1.0:
+        gamma = float(block.get("gamma", 1.0))
+        mask = {"gamma": gamma, "layers": block.get("layers"), "me_layer": block.get("me_layer")}
+        if cmd in ("compare", "eval", "finetune") and not 0.0 <= gamma <= 1.0:
             raise MelayerError(f"sweep spec, {where}: gamma must be in [0, 1]")
         run_opts = {k: block[k] for k in ("batch_size", "max_new_tokens", "chat") if k in block}
         run_opts["batch_size"] = _whole(block, "batch_size", 8, where)
