@@ -193,7 +193,7 @@ MUTANTS: tuple[Mutant, ...] = (
            "pos = max(entries)[1] if entries else None", "pos = min(entries)[1] if entries else None",
            (T_MODELS,), "decomposition"),
     Mutant("ablate: overlapping edits restored first to last",
-           "for weight, idx, values in reversed(saved):", "for weight, idx, values in saved:",
+           "for stored_weight, where, values in reversed(saved):", "for stored_weight, where, values in saved:",
            (T_MODELS,), "overlapping"),
     # --- rigidity and sinks ----------------------------------------------------------------------------------
     Mutant("rigidity: ordinary tokens exclude column 0 instead of the first real token",
