@@ -72,7 +72,7 @@ def compare_cmd(
     """Same samples at several WeMask rates: paired differences vs rate 0, bootstrap CIs, McNemar, sinks
     -> DIR/compare.json + DIR/dose_response.png (+ one resumable eval per rate in DIR/rate_<r>/)."""
     from melayer.eval.compare import DEFAULT_RATES, parse_rates
-    from melayer.interventions.wemask import check_settings
+    from melayer.interventions.wemask import check_settings, select_rule
 
     chat_mode, options = check_task(task, limit, batch_size, max_new_tokens, chat, num_fewshot=num_fewshot,
                                     window=window, stride=stride, subjects=subjects)
@@ -85,7 +85,7 @@ def compare_cmd(
     from melayer.eval.compare import compare
 
     lm = load_model(model, dtype, arch, adapter, device_map, max_memory)
-    result = compare(lm, task, rate_list, limit=limit, batch_size=batch_size, output=out, select=select,
+    result = compare(lm, task, rate_list, limit=limit, batch_size=batch_size, output=out, select=select_rule(select),
                      layers=layers, gamma=gamma, me_layer=me_layer, max_new_tokens=max_new_tokens, chat=chat_mode,
                      sinks=sinks, overwrite=overwrite, methods=specs, **options)
     finish(result.to_dict(), out, "compare", write=False, announce_plots=True, report=report)

@@ -90,7 +90,7 @@ def eval_cmd(
     out = check_output(output or Path("out/eval") / task)
     from melayer.analysis.me_layer import find_me_layer
     from melayer.eval import run
-    from melayer.interventions.wemask import mask_width, parse_layers
+    from melayer.interventions.wemask import mask_width, parse_layers, select_rule
     from melayer.interventions.wemask import wemask as build_mask
 
     lm = load_model(model, dtype, arch, adapter, device_map, max_memory)
@@ -99,7 +99,7 @@ def eval_cmd(
         layer_list = parse_layers(layers, lm.num_layers)
         if me_layer is None and layer_list is None and mask_width(wemask, lm.hidden_size) > 0:
             me_layer = find_me_layer(lm, progress=True, hint="; pass --me-layer or --layers")
-        mask = build_mask(lm, wemask, layers=layer_list, select=select, gamma=gamma, me_layer=me_layer)
+        mask = build_mask(lm, wemask, layers=layer_list, select=select_rule(select), gamma=gamma, me_layer=me_layer)
     if method_spec is not None:
         mask = method_spec.bind(lm)
     result = run(lm, task, limit=limit, batch_size=batch_size, output=out, max_new_tokens=max_new_tokens,

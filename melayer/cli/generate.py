@@ -53,7 +53,7 @@ def generate(
 
     from melayer.cli.common import adapter_mask, check_mask_options, check_output_file, load_model
     from melayer.interventions.generate import chat_prompt, greedy_generate
-    from melayer.interventions.wemask import WeMask, check_settings, format_layers
+    from melayer.interventions.wemask import WeMask, check_settings, format_layers, select_rule
     from melayer.util.console import err, plain, status
     from melayer.util.errors import MelayerError
     from melayer.util.io import write_json
@@ -81,7 +81,7 @@ def generate(
         mask.apply()
     if wemask is not None:
         with status(None if layers or me_layer is not None else f"scanning {lm.name} for its ME layer ..."):
-            mask = WeMask(lm, wemask, layers=layers, select=select, gamma=gamma, me_layer=me_layer)
+            mask = WeMask(lm, wemask, layers=layers, select=select_rule(select), gamma=gamma, me_layer=me_layer)
         err.print(f"[bold]wemask[/]: rate {mask.rate:g} -> k={mask.k} of {mask.hidden_size} dims, "
                   f"layers {format_layers(mask.layers)}"
                   + (f" (after ME layer {mask.me_layer}, {mask.me_layer_source})" if mask.me_layer is not None else "")

@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from melayer.eval.runner import EvalResult, run
 from melayer.eval.stats import N_BOOT, SEED, mcnemar, outcomes, paired_bootstrap
@@ -21,6 +21,9 @@ from melayer.eval.tasks import get_task
 from melayer.models.loading import LM
 from melayer.util.errors import MelayerError
 from melayer.util.results import Result
+
+if TYPE_CHECKING:
+    from melayer.interventions.wemask import SelectRule
 
 SCHEMA = "melayer.compare/1"
 DEFAULT_RATES = (0.0, 0.005, 0.01, 0.05)  # each masks >= 1 dim at hidden size 200 or more
@@ -149,7 +152,7 @@ def compare(
     batch_size: int = 8,
     output: str | Path | None = None,
     *,
-    select: str = "activation",
+    select: SelectRule = "activation",
     layers: str | Sequence[int] | None = None,
     gamma: float = 1.0,
     me_layer: int | None = None,

@@ -52,7 +52,7 @@ class MelayerLM(HFLM):
         **kwargs: Any,
     ) -> None:
         from melayer.interventions.adapter import load
-        from melayer.interventions.wemask import WeMask
+        from melayer.interventions.wemask import WeMask, select_rule, token_rule
         from melayer.models.loading import LM
         from melayer.util.errors import MelayerError
 
@@ -76,8 +76,8 @@ class MelayerLM(HFLM):
         rate = float(wemask) if wemask is not None else 0.0
         # build (and validate, scan if needed) before handing the model to HFLM
         self.wemask = saved if saved is not None else WeMask(
-            lm, rate, layers=wemask_layers, select=str(wemask_select), gamma=float(wemask_gamma),
-            token=str(wemask_token), me_layer=wemask_me_layer)
+            lm, rate, layers=wemask_layers, select=select_rule(str(wemask_select)), gamma=float(wemask_gamma),
+            token=token_rule(str(wemask_token)), me_layer=wemask_me_layer)
         kwargs.pop("tokenizer", None)
         super().__init__(pretrained=lm.model, tokenizer=lm.tokenizer, **kwargs)
         if not self.wemask.active:

@@ -360,7 +360,7 @@ def finetune(config: FinetuneConfig | None = None, *, lm: LM | None = None, prog
     Raises:
         MelayerError: a bad setting, unreadable data, or an output directory holding another run.
     """
-    from melayer.interventions.wemask import wemask
+    from melayer.interventions.wemask import select_rule, wemask
     from melayer.util.io import write_json
 
     if config is None:
@@ -401,7 +401,8 @@ def finetune(config: FinetuneConfig | None = None, *, lm: LM | None = None, prog
                 raise MelayerError(f"no ME layer found in {lm.name} on training-format text; pass --layers or "
                                    "--me-layer")
             me_layer = found
-        wm = wemask(lm, cfg.wemask, layers=cfg.layers, select=cfg.select, gamma=cfg.gamma, me_layer=me_layer)
+        wm = wemask(lm, cfg.wemask, layers=cfg.layers, select=select_rule(cfg.select), gamma=cfg.gamma,
+                    me_layer=me_layer)
         if cfg.me_layer is None and cfg.layers is None:
             wm.me_layer_source = "scan of training-format examples"
 

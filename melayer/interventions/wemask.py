@@ -38,7 +38,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Literal, cast, get_args
 
 import torch
 
@@ -50,8 +50,24 @@ from melayer.util.errors import MelayerError
 
 _log = logging.getLogger("melayer")
 
-SELECT_RULES = ("activation", "weight")
-TOKEN_RULES = ("first", "massive", "offset")
+SelectRule = Literal["activation", "weight"]  # which dims: the largest |activation| or |pre-attention norm gain|
+TokenRule = Literal["first", "massive", "offset"]  # which token's attention input is masked
+SELECT_RULES: tuple[SelectRule, ...] = get_args(SelectRule)
+TOKEN_RULES: tuple[TokenRule, ...] = get_args(TokenRule)
+
+
+def select_rule(select: str) -> SelectRule:
+    """``select`` checked to be one of :data:`SELECT_RULES` (a :class:`MelayerError` naming them if not)."""
+    if select not in SELECT_RULES:
+        raise MelayerError(f"unknown --select / WeMask select rule {select!r}; use one of {', '.join(SELECT_RULES)}")
+    return cast(SelectRule, select)
+
+
+def token_rule(token: str) -> TokenRule:
+    """``token`` checked to be one of :data:`TOKEN_RULES` (a :class:`MelayerError` naming them if not)."""
+    if token not in TOKEN_RULES:
+        raise MelayerError(f"unknown WeMask token rule {token!r}; use one of {', '.join(TOKEN_RULES)}")
+    return cast(TokenRule, token)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -129,10 +145,8 @@ def check_settings(rate: float, *, select: str = "activation", gamma: float = 1.
                            "hidden size)")
     if not 0.0 <= gamma <= 1.0:
         raise MelayerError(f"WeMask gamma must be in [0, 1] (1 zeroes the dims), got {gamma:g}")
-    if select not in SELECT_RULES:
-        raise MelayerError(f"unknown --select / WeMask select rule {select!r}; use one of {', '.join(SELECT_RULES)}")
-    if token not in TOKEN_RULES:
-        raise MelayerError(f"unknown WeMask token rule {token!r}; use one of {', '.join(TOKEN_RULES)}")
+    select_rule(select)
+    token_rule(token)
     return rate, gamma
 
 
@@ -165,9 +179,9 @@ class WeMask:
         lm: LM,
         rate: float,
         layers: str | Iterable[int] | None = None,
-        select: str = "activation",
+        select: SelectRule = "activation",
         gamma: float = 1.0,
-        token: str = "first",
+        token: TokenRule = "first",
         me_layer: int | None = None,
         criterion: Criterion | None = None,
         scan_prompts: Sequence[str] | None = None,
@@ -412,9 +426,9 @@ def wemask(
     lm: LM,
     rate: float,
     layers: str | Iterable[int] | None = None,
-    select: str = "activation",
+    select: SelectRule = "activation",
     gamma: float = 1.0,
-    token: str = "first",
+    token: TokenRule = "first",
     me_layer: int | None = None,
     criterion: Criterion | None = None,
     scan_prompts: Sequence[str] | None = None,
