@@ -66,7 +66,8 @@ def test_wheel_holds_the_package_data_and_no_tests(dist):
     names = zipfile.ZipFile(_one(dist, "melayer-*.whl")).namelist()
     for needed in ("melayer/data/prompts.txt", "melayer/data/ppl_text.txt", "melayer/data/ppl_text.NOTICE.md",
                    "melayer/reporting/templates/report.html.j2", "melayer/reporting/templates/report.css",
-                   "melayer/data/eval/gsm8k/NOTICE.md", "melayer/data/finetune/gsm8k/NOTICE.md"):
+                   "melayer/data/eval/gsm8k/NOTICE.md", "melayer/data/finetune/gsm8k/NOTICE.md",
+                   "melayer/py.typed"):  # PEP 561: type checkers read the package's own annotations
         assert needed in names, needed
     assert any(n.startswith("melayer/data/eval/arc/") for n in names)
     assert not [n for n in names if n.startswith(("tests/", "bench/", "tools/", "docs/", "examples/"))]
