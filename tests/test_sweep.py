@@ -323,7 +323,7 @@ def test_every_registered_analysis_is_a_sweep_command(planted_dir, tmp_path):
     cells = {json.loads((tmp_path / "sweep" / "cells" / c / "cell.json").read_text())["command"]: c for c in res.ran}
     sinks = json.loads((tmp_path / "sweep" / "cells" / cells["sinks"] / "sinks.json").read_text())
     lm = melayer.load(str(planted_dir), progress=False)
-    direct = melayer.sinks(lm, melayer.analysis.scan.read_prompts(str(prompts)), epsilon=0.2, min_tokens=4,
+    direct = melayer.sinks(lm, melayer.util.io.read_prompts(str(prompts)), epsilon=0.2, min_tokens=4,
                            batch_size=8, progress=False).to_dict()
     assert sinks["settings"]["epsilon"] == 0.2 and sinks["alpha_first"] == direct["alpha_first"]
     assert (tmp_path / "sweep" / "cells" / cells["rigidity"] / "rigidity.json").is_file()

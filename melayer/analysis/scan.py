@@ -277,21 +277,6 @@ def default_prompts() -> list[str]:
     return [line.replace("\\n", "\n") for line in text.splitlines() if line.strip() and not line.startswith("#")]
 
 
-def read_prompts(path: str) -> list[str]:
-    from pathlib import Path
-
-    p = Path(path)
-    if not p.is_file():
-        raise MelayerError(f"prompt file not found: {path}")
-    try:
-        prompts = [line for line in p.read_text().splitlines() if line.strip()]
-    except (OSError, UnicodeDecodeError) as exc:
-        raise MelayerError(f"cannot read prompt file {path}: {exc}") from None
-    if not prompts:
-        raise MelayerError(f"prompt file {path} holds no prompts")
-    return prompts
-
-
 @torch.no_grad()
 def scan(
     lm: LM,

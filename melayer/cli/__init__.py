@@ -14,6 +14,7 @@ import sys
 import typer
 from typer.core import TyperGroup
 
+from melayer.util.console import plain
 from melayer.util.errors import Interrupted, MelayerError
 from melayer.util.io import DISK_ERRNOS, disk_error
 
@@ -65,37 +66,43 @@ def usage_line(exc: typer.TyperException) -> str:
     return f"melayer: error: {' '.join(exc.format_message().split())}{where}"
 
 
+def _say(line: str) -> None:
+    """The one closing line on stderr. Names in it (a path, a model, an option's value) are shown, never obeyed:
+    terminal and bidirectional controls print as ``\\uXXXX``, line breaks as spaces."""
+    typer.echo(plain(line).replace("\n", " "), err=True)
+
+
 def main() -> None:
     try:
         code = app(standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)  # as click's standalone mode does
     except typer.TyperException as exc:  # a bad option or argument (click's usage errors)
-        typer.echo(usage_line(exc), err=True)
+        _say(usage_line(exc))
         sys.exit(exc.exit_code or 2)
     except typer.Abort:
-        typer.echo("melayer: aborted", err=True)
+        _say("melayer: aborted")
         sys.exit(1)
     except _Interrupt as exc:
-        typer.echo(interrupted_line(exc.interrupt, sys.argv[1:]), err=True)
+        _say(interrupted_line(exc.interrupt, sys.argv[1:]))
         sys.exit(130)
     except MelayerError as exc:
-        typer.echo(f"melayer: error: {exc}", err=True)
+        _say(f"melayer: error: {exc}")
         sys.exit(2)
     except OSError as exc:
         # a full disk or read-only file system hit outside melayer's own writers (e.g. the model cache)
         if exc.errno not in DISK_ERRNOS:
             raise
-        typer.echo(f"melayer: error: {disk_error(exc.filename or '', exc)}", err=True)
+        _say(f"melayer: error: {disk_error(exc.filename or '', exc)}")
         sys.exit(2)
     except KeyboardInterrupt as exc:
-        typer.echo(interrupted_line(exc, sys.argv[1:]), err=True)
+        _say(interrupted_line(exc, sys.argv[1:]))
         sys.exit(130)
     except SystemExit as exc:
         # typer turns Ctrl-C into a silent exit 130; find the interrupt it came from and say what it left
         interrupt = _chained_interrupt(exc)
         if interrupt is None:
             raise
-        typer.echo(interrupted_line(interrupt, sys.argv[1:]), err=True)
+        _say(interrupted_line(interrupt, sys.argv[1:]))
         sys.exit(130)
 
 

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from melayer.util.errors import MelayerError
+from melayer.util.io import MAX_PROMPT_CHARS, MAX_PROMPT_TEXT, MAX_PROMPTS
 
 
 class Dtype(StrEnum):
@@ -43,8 +44,8 @@ def chat_flag(chat: Chat | str) -> bool | None:
 
 
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="gemma-3-270m (default), smollm2-135m, a HF dir, a .gguf file or a hub id")]
-PromptOpt = Annotated[Optional[str], typer.Option("--prompt", "-p", help="a single prompt")]
-PromptsOpt = Annotated[Optional[Path], typer.Option("--prompts", help="a text file, one prompt per line")]
+PromptOpt = Annotated[Optional[str], typer.Option("--prompt", "-p", help=f"a single prompt (at most {MAX_PROMPT_CHARS:,} characters)")]
+PromptsOpt = Annotated[Optional[Path], typer.Option("--prompts", help=f"a text file, one prompt per line (at most {MAX_PROMPTS:,} prompts of up to {MAX_PROMPT_CHARS:,} characters, {MAX_PROMPT_TEXT // 2**20} MiB in all; read a line at a time)")]
 OutputOpt = Annotated[Path, typer.Option("--output", "-o", help="output directory")]
 DtypeOpt = Annotated[Dtype, typer.Option("--dtype", help="precision of the weights and activations")]
 ArchOpt = Annotated[Optional[str], typer.Option("--arch", help="architecture-map override: a mapped family name or a JSON file of role -> module path")]
@@ -67,17 +68,18 @@ ReportOpt = Annotated[bool, typer.Option("--report", help="also (re)write DIR/re
 
 
 
-def prompts_from(prompt: str | None, prompts: Path | None) -> list[str] | None:
-    from melayer.analysis.scan import read_prompts
+def prompts_from(prompt: str | None, prompts: Path | None, limit: int | None = None) -> list[str] | None:
+    """--prompt or --prompts (only the first ``limit`` prompts of the file are read, when given)."""
+    from melayer.util.io import check_prompt_size, read_prompts
 
     if prompt is not None and prompts is not None:
         raise MelayerError("give --prompt or --prompts, not both")
     if prompt is not None:
         if not prompt.strip():
             raise MelayerError("empty prompt: --prompt must contain text")
-        return [prompt]
+        return [check_prompt_size(prompt, "--prompt")]
     if prompts is not None:
-        return read_prompts(str(prompts))
+        return read_prompts(str(prompts), limit)
     return None
 
 

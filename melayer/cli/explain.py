@@ -56,8 +56,8 @@ def explain(
 
     if ppl_tokens < 0:
         raise MelayerError("--ppl-tokens must be >= 0")
-    texts = prompts_from(prompt, prompts)
     n = n_prompts(n_prompts_, DEFAULT_PROMPTS)
+    texts = prompts_from(prompt, prompts, limit=n)
     run_analysis(kind="explain", output=output, model=model, dtype=dtype, arch=arch, placement=(device_map, max_memory),
                  run=lambda lm: run_explain(lm, texts, n_prompts=n, share=share, max_neurons=max_neurons,
                                             random_draws=random_draws, seed=seed, ppl_tokens=ppl_tokens or None,

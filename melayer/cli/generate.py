@@ -26,11 +26,12 @@ from melayer.cli.common import (
     SelectOpt,
     chat_flag,
 )
+from melayer.util.io import MAX_PROMPT_CHARS
 
 
 @app.command()
 def generate(
-    prompt: Annotated[str, typer.Option("--prompt", "-p", help="the prompt text")],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help=f"the prompt text (at most {MAX_PROMPT_CHARS:,} characters)")],
     model: ModelOpt = None,
     wemask: Annotated[Optional[float], typer.Option("--wemask", help="WeMask rate: mask k = int(RATE x hidden) dims (0-1)")] = None,
     layers: LayersOpt = None,
@@ -56,10 +57,11 @@ def generate(
     from melayer.interventions.wemask import WeMask, check_settings, format_layers, select_rule
     from melayer.util.console import err, plain, status
     from melayer.util.errors import MelayerError
-    from melayer.util.io import write_json
+    from melayer.util.io import check_prompt_size, write_json
 
     if not prompt.strip():
         raise MelayerError("empty prompt: --prompt must contain text")
+    check_prompt_size(prompt, "--prompt")
     if max_new_tokens < 1:
         raise MelayerError("--max-new-tokens must be >= 1")
     check_mask_options(wemask, layers, me_layer)

@@ -42,7 +42,7 @@ def rigidity(
     from melayer.analysis.rigidity import DEFAULT_PROMPTS
     from melayer.analysis.rigidity import rigidity as run_rigidity
 
-    texts = prompts_from(None, prompts)
     n = n_prompts(n_prompts_, DEFAULT_PROMPTS)
+    texts = prompts_from(None, prompts, limit=n)
     run_analysis(kind="rigidity", output=output, model=model, dtype=dtype, arch=arch, placement=(device_map, max_memory),
                  run=lambda lm: run_rigidity(lm, texts, n_prompts=n, batch_size=batch_size), plots=plots, report=report)

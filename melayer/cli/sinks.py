@@ -55,8 +55,8 @@ def sinks(
         raise MelayerError("--max-tokens and --min-tokens must be >= 0")
     if windows < 1:
         raise MelayerError("--windows must be >= 1")
-    texts = prompts_from(prompt, prompts)
     n = n_prompts(n_prompts_, None)
+    texts = prompts_from(prompt, prompts, limit=n)
     run_analysis(kind="sinks", output=output, model=model, dtype=dtype, arch=arch, placement=(device_map, max_memory),
                  run=lambda lm: run_sinks(lm, texts, windows=windows, epsilon=epsilon, max_tokens=max_tokens,
                                           min_tokens=min_tokens, n_prompts=n, batch_size=batch_size),

@@ -45,8 +45,8 @@ def weights(
     from melayer.analysis.weights import weights as rank
 
     check_output(output)
-    texts = prompts_from(prompt, prompts)
     count = n_prompts(n_prompts_, 8)
+    texts = prompts_from(prompt, prompts, limit=count)
     result = rank(model, arch=arch, top_k=top_k, n_tokens=n_tokens, threads=threads, confirm=confirm, prompts=texts,
                   n_prompts=count or 10**9, dtype=dtype)
     finish(result.to_dict(), output, "weights", plots, report=report)

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from melayer.models.cache import cache_dir
+from melayer.models.cache import cache_dir, cache_lock, drop_link
 from melayer.models.loading import LM
 from melayer.util.errors import MelayerError
 
@@ -26,16 +26,14 @@ def _cache_file(lm: LM, rows: list[dict[str, Any]], chat: bool, max_new_tokens: 
 def greedy_answers(lm: LM, rows: list[dict[str, Any]], chat: bool, max_new_tokens: int, batch_size: int = 8,
                    progress: bool = True) -> tuple[list[str], Path]:
     """The model's greedy answer to every prompt (cached). Returns (answers, cache file)."""
-    from filelock import FileLock
-
     from melayer.interventions.generate import greedy_generate
     from melayer.util.console import track
     from melayer.util.io import read_jsonl, write_atomic
 
     path = _cache_file(lm, rows, chat, max_new_tokens)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
-        cached = read_jsonl(path)
+    with cache_lock(path):
+        cached = [] if drop_link(path) else read_jsonl(path)  # a link planted in the cache is not read
         if len(cached) == len(rows):
             return [c["answer"] for c in cached], path
         answers: list[str] = []

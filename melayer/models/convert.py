@@ -22,6 +22,7 @@ import hashlib
 import io
 import os
 import shutil
+import stat
 import sys
 import tempfile
 import time
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Self, cast
 
 import torch
 
-from melayer.models.cache import cache_dir, cache_lock
+from melayer.models.cache import cache_dir, cache_lock, drop_link
 from melayer.models.complete import check_state_dict, expected_weights, incomplete
 from melayer.models.gguf_file import read_gguf_header, read_gguf_tensor
 from melayer.models.hf_internals import drop_gguf_quantizer, gguf_tensor_processor
@@ -276,14 +277,31 @@ def _file_key(path: Path) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
+def _finished(out: Path) -> bool:
+    """Whether ``out`` is a conversion melayer finished: a directory (not a link to one) of files (none of them
+    links) with a config.json. A conversion writes neither kind of link, so one found there was planted."""
+    try:
+        if not stat.S_ISDIR(os.lstat(out).st_mode):
+            return False
+        with os.scandir(out) as it:
+            entries = list(it)
+    except OSError:
+        return False
+    return any(e.name == "config.json" for e in entries) and not any(e.is_symlink() for e in entries)
+
+
 def converted(path: Path, progress: bool = True) -> Path:
     """Dequantise a GGUF into a cached HF directory (once) and return that directory."""
     out = cache_dir() / "hf" / f"{path.stem}-{_file_key(path)}"
-    if (out / "config.json").exists():  # converted before from this very file (path, size, mtime)
+    if _finished(out):  # converted before from this very file (path, size, mtime)
         return out
     with cache_lock(out):
-        if (out / "config.json").exists():  # another process converted it while this one waited
+        if _finished(out):  # another process converted it while this one waited
             return out
+        # not a finished conversion: a link planted in its place is removed (not what it points to), and so is a
+        # directory holding links or no config.json (only the lock's holder renames a conversion into place)
+        if not drop_link(out) and out.is_dir():
+            shutil.rmtree(out, ignore_errors=True)
         # a conversion of this file killed before its rename left its private directory: only the lock's holder
         # makes one, so under the lock any that exists is stale
         for stale in out.parent.glob(f"{out.name}.*"):

@@ -6,7 +6,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from melayer.models.cache import cache_dir, cache_lock
+from melayer.models.cache import cache_dir, cache_lock, drop_link
 from melayer.util.errors import MelayerError
 from melayer.util.io import apply_umask
 
@@ -23,14 +23,15 @@ def _embedded_gemma() -> Path:
         ) from None
     target = cache_dir() / "gguf" / pkg.MODEL_NAME
 
-    def ready() -> bool:
-        return target.exists() and target.stat().st_size > 0
+    def ready() -> bool:  # a file melayer assembled: a link in its place was planted and is not read
+        return not target.is_symlink() and target.is_file() and target.stat().st_size > 0
 
     if ready():
         return target
     with cache_lock(target):
         if ready():  # another process assembled it while this one waited
             return target
+        drop_link(target)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.{os.urandom(4).hex()}.partial")
         try:
             pkg.assemble(output_path=tmp, overwrite=True)

@@ -426,6 +426,9 @@ def load(
         where = "the Hugging Face hub (are you offline?)" if is_hub else source
         raise MelayerError(f"cannot load {spec!r} from {where}: {one_line(exc)}") from None
     except ValueError as exc:
+        if "trust_remote_code" in str(exc) and not trust_remote_code:  # transformers' refusal of auto_map code
+            raise MelayerError(f"{spec} comes with its own Python code (auto_map), which melayer does not run; if "
+                               "you trust it, load it in Python with melayer.load(..., trust_remote_code=True)") from None
         raise MelayerError(f"cannot load {spec!r}: {one_line(exc)}") from None
     except Exception as exc:  # e.g. safetensors' SafetensorError on a truncated or corrupt weights file
         raise MelayerError(f"cannot load {spec!r}: corrupt model files? ({type(exc).__name__}: {one_line(exc)})") from None

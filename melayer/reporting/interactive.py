@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from melayer.reporting import figures as F
+from melayer.util.console import plain
 from melayer.util.errors import MelayerError
 
 
@@ -37,6 +38,14 @@ def to_json(fig: Any) -> str:
     return fig.to_json().replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
+def label(text: Any) -> str:
+    """``text`` as literal plotly text: plotly renders a subset of HTML in titles, legends and hover labels
+    (links, ``style``), fills ``%{...}`` in hover templates and takes ``$...$`` for LaTeX, so ``& < > % $``
+    become entities (plotly shows them as the characters) and controls become visible ``\\uXXXX`` escapes."""
+    return (plain(str(text)).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+            .replace("%", "&#37;").replace("$", "&#36;"))
+
+
 def magnitude_map(scan: dict[str, Any]) -> Any:
     """Hoverable heatmap of log10 |a| of the profiled token over layers x dims."""
     go = _go()
@@ -50,7 +59,7 @@ def magnitude_map(scan: dict[str, Any]) -> Any:
     me = scan.get("me_layer")
     if me is not None:
         fig.add_hline(y=me - 0.5, line={"color": "cyan", "dash": "dash", "width": 1})
-    fig.update_layout(title=f"{scan['model']}: token {prof['token']!r} over layers x dims (log10 |a|)",
+    fig.update_layout(title=f"{label(scan['model'])}: token {label(repr(prof['token']))} over layers x dims (log10 |a|)",
                       xaxis_title="hidden dim", yaxis={"title": "decoder layer", "autorange": "reversed"},
                       height=420, margin={"l": 60, "r": 20, "t": 50, "b": 50})
     return fig
@@ -73,11 +82,11 @@ def dose_response(data: dict[str, Any]) -> Any:
             hi.append(0.0 if b is None or d is None else b - d)
             mc = m.get("mcnemar")
             text.append(f"value {m['value']:.4g}" + (f", McNemar p {mc['p']:.3g}" if mc else ""))
-        fig.add_trace(go.Scatter(x=labels, y=y, name=name, mode="lines+markers", text=text,
+        fig.add_trace(go.Scatter(x=labels, y=y, name=label(name), mode="lines+markers", text=text,
                                  error_y={"type": "data", "symmetric": False, "array": hi, "arrayminus": lo},
-                                 hovertemplate="%{x}: diff %{y:.4g}<br>%{text}<extra>" + name + "</extra>"))
+                                 hovertemplate="%{x}: diff %{y:.4g}<br>%{text}<extra>" + label(name) + "</extra>"))
     fig.add_hline(y=0, line={"color": "gray", "dash": "dash", "width": 1})
-    fig.update_layout(title=f"{data['model']} - {data['task']}: difference to rate 0 (paired 95% CI)",
+    fig.update_layout(title=f"{label(data['model'])} - {label(data['task'])}: difference to rate 0 (paired 95% CI)",
                       xaxis_title="WeMask rate", yaxis_title="difference to rate 0", height=380,
                       margin={"l": 60, "r": 20, "t": 50, "b": 50})
     return fig

@@ -215,17 +215,31 @@ def _env():
         import jinja2
     except ImportError:
         raise MelayerError("the HTML report needs jinja2: pip install 'melayer[report]'") from None
+    from markupsafe import Markup
+
+    from melayer.util.console import plain
+
+    def finalize(value: Any) -> Any:  # every plain string the page prints (a --title too): controls shown
+        return plain(value) if isinstance(value, str) and not isinstance(value, Markup) else value
+
     return jinja2.Environment(loader=jinja2.PackageLoader("melayer.reporting", "templates"),
                               autoescape=jinja2.select_autoescape(default=True, default_for_string=True),
-                              trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+                              trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined,
+                              finalize=finalize)
 
 
 def render(inputs: list[Input], interactive: bool = False, title: str | None = None, fragment: bool = False) -> str:
     """The page (or, with ``fragment``, one ``<div>`` for a notebook) for ``inputs``."""
     from importlib.resources import files
 
+    from melayer.util.console import map_strings, plain
     from melayer.util.io import _clean
 
+    raw = [i.data for i in inputs]
+    # names are shown, never obeyed: terminal and bidirectional controls (an RTL override would reverse the
+    # report's own text after it) become visible \uXXXX escapes everywhere but in the embedded raw JSON
+    inputs = [Input(i.kind, plain(i.source), map_strings(i.data, plain, keys=True), map_strings(i.extra, plain, keys=True))
+              for i in inputs]
     sections = build_sections(inputs, interactive, prefix=f"m{uuid.uuid4().hex[:8]}-" if fragment else "")
     models = sorted({str(i.data.get("model")) for i in inputs if i.data.get("model")})
     css = files("melayer.reporting").joinpath("templates/report.css").read_text()
@@ -238,7 +252,7 @@ def render(inputs: list[Input], interactive: bool = False, title: str | None = N
         "title": title or "melayer report" + (f": {', '.join(models)}" if models else ""),
         "models": models, "sections": sections, "css": css, "plotly_js": js, "fragment": fragment,
         "inputs": [{"kind": i.kind, "source": i.source, "schema": i.data["schema"],
-                    "settings": settings_rows(i), "raw": raw_json(_clean(i.data)), "n": n}
+                    "settings": settings_rows(i), "raw": raw_json(_clean(raw[n])), "n": n}
                    for n, i in enumerate(inputs)],
         "versions": versions(inputs, interactive),
         "generated": time.strftime("%Y-%m-%d %H:%M:%S %Z"),

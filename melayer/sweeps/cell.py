@@ -127,7 +127,7 @@ def _run(root: Path, cell: dict[str, Any], out: Path) -> dict[str, Any]:
     lm = _load(cell)
     kind = analyses().get(cell["command"])
     if kind is not None:  # a registered analysis: its function, its file
-        from melayer.analysis.scan import read_prompts
+        from melayer.util.io import read_prompts
 
         prompts = read_prompts(s["prompts"]) if s.get("prompts") else None
         result = kind.run_function()(lm, prompts, batch_size=s.get("batch_size", 8), progress=False,

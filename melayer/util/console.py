@@ -71,16 +71,22 @@ def plain(text: str) -> str:
     return _UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
+def map_strings(obj: Any, fn: Callable[[str], str], keys: bool = False) -> Any:
+    """A copy of a JSON-like value (dicts, lists, tuples) with ``fn`` applied to every string value in it (and to
+    the dict keys with ``keys``)."""
+    if isinstance(obj, str):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {(fn(k) if keys and isinstance(k, str) else k): map_strings(v, fn, keys) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(map_strings(v, fn, keys) for v in obj)
+    return obj
+
+
 def console_safe(obj: Any) -> Any:
     """A copy of a result for printing with rich: every string made :func:`plain` and its rich markup escaped
     (a model, token or task name is data, never markup: ``model[v2]`` prints as ``model[v2]``)."""
-    if isinstance(obj, str):
-        return escape(plain(obj))
-    if isinstance(obj, dict):
-        return {k: console_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(console_safe(v) for v in obj)
-    return obj
+    return map_strings(obj, lambda s: escape(plain(s)))
 
 
 _warned: set[str] = set()

@@ -182,3 +182,57 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Read the records; unreadable lines (see :func:`scan_jsonl`) and a torn last line left by a killed run are
     skipped."""
     return scan_jsonl(path)[0]
+
+
+MAX_PROMPT_CHARS = 65_536  # one prompt (about 16,000 tokens of English)
+MAX_PROMPTS = 100_000  # prompts in one file
+MAX_PROMPT_TEXT = 16 * 2**20  # characters over all the prompts of one file
+
+
+def check_prompt_size(text: str, where: str = "a prompt") -> str:
+    """``text`` if it is at most :data:`MAX_PROMPT_CHARS` characters long, else one error line."""
+    if len(text) > MAX_PROMPT_CHARS:
+        raise MelayerError(f"{where} has {len(text):,} characters; melayer takes prompts of at most "
+                           f"{MAX_PROMPT_CHARS:,} characters")
+    return text
+
+
+def read_prompts(path: str, limit: int | None = None) -> list[str]:
+    """The non-empty lines of a prompt file, in order (the first ``limit`` only, when given).
+
+    The file is read a line at a time and never whole: a prompt longer than :data:`MAX_PROMPT_CHARS`
+    characters, more than :data:`MAX_PROMPTS` prompts or more than :data:`MAX_PROMPT_TEXT` characters in all
+    is one error line, found before anything is tokenised. Lines past ``limit`` prompts are not read.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise MelayerError(f"prompt file not found: {path}")
+    prompts: list[str] = []
+    total = lineno = 0
+    try:
+        with p.open(encoding="utf-8") as f:
+            while limit is None or len(prompts) < limit:
+                line = f.readline(MAX_PROMPT_CHARS + 1)
+                if not line:
+                    break
+                lineno += 1
+                if len(line) > MAX_PROMPT_CHARS and not line.endswith("\n"):
+                    raise MelayerError(f"line {lineno} of {path} is longer than {MAX_PROMPT_CHARS:,} characters; "
+                                       f"melayer takes prompts of at most {MAX_PROMPT_CHARS:,} characters")
+                for text in line.splitlines():
+                    if not text.strip():
+                        continue
+                    if len(prompts) == MAX_PROMPTS:
+                        raise MelayerError(f"prompt file {path} holds more than {MAX_PROMPTS:,} prompts; melayer "
+                                           f"reads at most {MAX_PROMPTS:,} from one file")
+                    total += len(text)
+                    if total > MAX_PROMPT_TEXT:
+                        raise MelayerError(f"prompt file {path} holds more than {MAX_PROMPT_TEXT // 2**20} MiB of "
+                                           f"prompt text; melayer reads at most {MAX_PROMPT_TEXT // 2**20} MiB from "
+                                           "one file")
+                    prompts.append(text)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MelayerError(f"cannot read prompt file {path}: {exc}") from None
+    if not prompts:
+        raise MelayerError(f"prompt file {path} holds no prompts")
+    return prompts[:limit] if limit else prompts
