@@ -5,12 +5,14 @@
 One process, the same prompt (batch 1, exactly ``--new-tokens`` tokens, EOS suppressed); every condition is bound
 once (calibration excluded from the timing) and the conditions are interleaved in every round (order rotating).
 The cost is the median over rounds of (time under the method / time without) - 1, so load drifts on a shared
-machine cancel within a round.
+machine cancel within a round; the spread (quartiles of the per-round ratios), the thread count and the
+1-minute load average before and after are printed with the table.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -27,9 +29,10 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--methods", default=",".join(METHODS).replace(",", " "), help="space-separated method specs")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1, help="torch / BLAS threads (pinned before torch loads)")
     args = ap.parse_args()
-    pin_threads()
+    threads = pin_threads()
+    load_before = os.getloadavg()[0]
 
     import melayer
     from melayer.interventions.generate import greedy_generate
@@ -57,12 +60,14 @@ def main() -> None:
     times = interleaved(fns, args.reps, log=say)
     rows = []
     for name in bound:
-        ratios = [t / b - 1 for t, b in zip(times[name], times["none"])]
+        ratios = sorted(t / b - 1 for t, b in zip(times[name], times["none"]))
+        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
         rows.append([name, f"{args.new_tokens / statistics.median(times[name]):.1f}",
-                     f"{statistics.median(ratios) * 100:+.1f} %"])
-    print(f"model {lm.name}, batch 1, {args.new_tokens} new tokens, KV cache, {args.reps} interleaved rounds; "
-          f"no intervention: {args.new_tokens / statistics.median(times['none']):.1f} tokens/s\n")
-    print(table(["method", "tokens/s", "cost vs none (paired median)"], rows))
+                     f"{statistics.median(ratios) * 100:+.1f} %", f"{q[0] * 100:+.1f} % .. {q[2] * 100:+.1f} %"])
+    print(f"model {lm.name}, batch 1, {args.new_tokens} new tokens, KV cache, {args.reps} interleaved rounds, "
+          f"{threads} thread(s), 1-min load average {load_before:.1f} before / {os.getloadavg()[0]:.1f} after on "
+          f"{os.cpu_count()} CPUs; no intervention: {args.new_tokens / statistics.median(times['none']):.1f} tokens/s\n")
+    print(table(["method", "tokens/s", "cost vs none (paired median)", "per-round quartiles"], rows))
     print(f"\ncommand: {command_line()}")
 
 

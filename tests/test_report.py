@@ -127,6 +127,49 @@ def test_dose_response_plots_the_paired_difference(outputs):
     assert fig.axes[len(names)].get_title().startswith("sink rate")
 
 
+@pytest.fixture(scope="module")
+def methods_compare(tmp_path_factory, planted_dir) -> Path:
+    """A compare of a WeMask rate and two registered methods on the tiny planted checkpoint."""
+    import melayer
+
+    out = tmp_path_factory.mktemp("report-methods") / "compare"
+    lm = melayer.load(str(planted_dir), progress=False)
+    melayer.compare(lm, "arc_easy", [0.0, 0.3], limit=6, batch_size=6, output=out, n_boot=200, progress=False,
+                    methods=["wemask_before:rate=0.3", "act:heads=all"])
+    return out
+
+
+def test_compare_section_has_the_forest_plot_and_every_method(methods_compare, tmp_path):
+    from melayer.reporting.figures import forest
+
+    data = json.loads((methods_compare / "compare.json").read_text())
+    labels = ["wemask:rate=0.3", "wemask_before:rate=0.3", "act:heads=all"]
+    assert [r["method"] for r in data["per_method"]] == labels[1:]
+    fig = forest(data)
+    names = list(data["per_rate"][0]["metrics"])
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == labels
+    rows = [data["per_rate"][1], *data["per_method"]]
+    for ax, name in zip(fig.axes, names):  # each condition's point sits at its paired difference (top row first)
+        points = [ln for ln in ax.get_lines() if len(ln.get_xdata()) == 1 and ln.get_marker() == "o"]
+        assert [ln.get_xdata()[0] for ln in points] == pytest.approx([r["metrics"][name]["vs_baseline"]["diff"]
+                                                                       for r in rows])
+    page = _html(methods_compare)
+    assert "Forest plot: each condition" in page
+    for label in labels:
+        assert f"<td>{label}</td>" in page
+    for row in data["per_method"]:
+        assert f"<td>{row['intervention']['rule']}</td>" in page
+    assert "BH-adjusted p" in page and "massive after ME layer (relative)" in page
+    assert "Methods' calibration (never evaluated): the last 16 arc_easy items" in page
+    # a hostile method label and rule in compare.json stay text
+    data["per_method"][0]["method"] = "<img src=x onerror=alert(1)>"
+    data["per_method"][0]["intervention"]["rule"] = "</td><script>alert(2)</script>"
+    (tmp_path / "compare.json").write_text(json.dumps(data))
+    page = _html(tmp_path / "compare.json")
+    assert "<img src=x" not in page and "<script>alert(2)" not in page
+    assert "&lt;img src=x onerror=alert(1)&gt;" in page and "&lt;/td&gt;&lt;script&gt;alert(2)" in page
+
+
 def test_interactive_inlines_plotly_and_keeps_the_static_figures(outputs):
     page = _html(outputs / "scan", outputs / "compare", interactive=True)
     assert len(page) > 3_000_000 and "Plotly.newPlot" in page

@@ -114,7 +114,11 @@ def test_finetune_cells_are_the_grid_of_rates_rules_and_seeds(planted_dir):
     ({"runs": [{"command": "nope"}]}, "'command' must be one of"),
     ({"runs": [{"command": "compare", "tasks": ["nope"], "rates": [0.1]}]}, "unknown task 'nope'"),
     ({"runs": [{"command": "compare", "tasks": ["lambada"], "rates": [1.5]}]}, "out of range"),
-    ({"runs": [{"command": "compare", "tasks": ["lambada"], "rates": [0.0]}]}, "at least one rate > 0"),
+    ({"runs": [{"command": "compare", "tasks": ["lambada"], "rates": [0.0]}]}, "at least one rate > 0 or a method"),
+    ({"runs": [{"command": "compare", "tasks": ["lambada"], "method": ["nope"]}]}, r"runs\[1\]: .*unknown method"),
+    ({"runs": [{"command": "eval", "tasks": ["lambada"], "method": ["act:tau=2"]}]}, r"runs\[1\]: .*tau"),
+    ({"runs": [{"command": "eval", "tasks": ["lambada"], "method": [{"act": 1}]}]}, "is not a method spec"),
+    ({"runs": [{"command": "eval", "tasks": ["lambada"], "method": ["act", "act"]}]}, "given twice"),
     ({"runs": [{"command": "compare", "tasks": ["lambada"], "rates": [0.1], "select": ["max"]}]}, "select rule"),
     ({"runs": [{"command": "scan", "tasks": ["lambada"]}]}, "unknown key 'tasks'"),
     ({"runs": [{"command": "sinks", "options": {"epsilom": 0.3}}]}, "sinks has no option 'epsilom'; it takes"),
@@ -348,3 +352,47 @@ def test_finetune_cell_trains_with_its_mask_and_is_skipped_after(planted_dir, tm
     row = aggregate(tmp_path / "sweep")["rows"][0]
     assert row["metric"] == "final_loss" and row["value"] == done["final_loss"]
     assert run(spec, tmp_path / "sweep", "local").skipped == res.ran
+
+
+def test_method_cells_run_registered_interventions_like_compare(planted_dir, tmp_path):
+    """``method:`` in eval and compare blocks: one cell per intervention against the shared baseline, giving the
+    records and paired statistics that ``melayer.compare`` gives for the same method."""
+    import melayer
+    from melayer.sweeps import ExecutorOptions, expand, run
+    from melayer.sweeps.table import aggregate
+
+    common = {"tasks": ["lambada"], "limit": 4, "batch_size": 4}
+    spec = {"models": [str(planted_dir)], "runs": [
+        {"command": "compare", **common, "method": ["act:heads=all", "wemask_before:rate=0.1"], "n_boot": 200},
+        {"command": "eval", **common, "method": "zerotuning:gamma=2"}]}
+    cells = expand(spec)
+    assert sorted(c.command for c in cells) == ["compare", "compare", "eval", "eval", "scan"]
+    methods = {c.settings.get("method"): c for c in cells if c.stage == 2}
+    assert set(methods) == {"act:heads=all", "wemask_before:rate=0.1", "zerotuning:gamma=2.0"}  # canonical labels
+    assert all("-rate-0.1" in c.id or "act" in c.id or "zerotuning" in c.id for c in methods.values())
+    res = run(spec, tmp_path / "sweep", "local", options=ExecutorOptions(workers=1))
+    assert not res.failed and len(res.ran) == 5
+    table = aggregate(tmp_path / "sweep")
+    rows = {(r["method"], r["metric"]): r for r in table["rows"] if r["command"] == "compare"}
+    assert {m for m, _ in rows} == {"act:heads=all", "wemask_before:rate=0.1"}
+
+    lm = melayer.load(str(planted_dir), progress=False)
+    for label in ("act:heads=all", "wemask_before:rate=0.1"):
+        cell = tmp_path / "sweep" / "cells" / methods[label].id
+        direct = melayer.compare(lm, "lambada", [0.0], limit=4, batch_size=4, n_boot=200, me_layer=2,
+                                 methods=[label], output=tmp_path / label.replace(":", "_"), progress=False)
+        mine = json.loads((cell / "compare.json").read_text())["per_method"][0]
+        want = direct.to_dict()["per_method"][0]
+        assert mine["metrics"]["acc"]["vs_baseline"] == want["metrics"]["acc"]["vs_baseline"]
+        assert mine["massive_downstream"] == pytest.approx(want["massive_downstream"])
+        for metric in ("acc", "ppl"):
+            r = rows[(label, metric)]
+            assert r["diff"] == want["metrics"][metric]["vs_baseline"]["diff"] and r["rate"] is None
+            assert r["massive_downstream"] == pytest.approx(want["massive_downstream"])
+        assert rows[(label, "acc")]["p_bh"] >= rows[(label, "acc")]["mcnemar_p"]
+    eval_cell = tmp_path / "sweep" / "cells" / methods["zerotuning:gamma=2.0"].id
+    done = json.loads((eval_cell / "eval.json").read_text())
+    assert "ZeroTuning gamma=2" in done["settings"]["intervention"]["rule"]
+    base = next(c for c in cells if c.command == "eval" and not c.settings.get("method"))
+    base_ppl = json.loads((tmp_path / "sweep" / "cells" / base.id / "eval.json").read_text())["metrics"]["ppl"]
+    assert done["metrics"]["ppl"]["value"] != base_ppl["value"]  # the intervention was applied

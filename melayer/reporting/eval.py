@@ -7,7 +7,7 @@ from typing import Any
 
 from rich.table import Table
 
-from melayer.reporting.format import ci, num
+from melayer.reporting.format import ci, conditions, num
 from melayer.util.console import out
 
 
@@ -48,12 +48,6 @@ def print_compare(d: dict[str, Any]) -> None:
     print_methods(d)
 
 
-def _conditions(d: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """(label, row) of every modified condition of a compare: WeMask rates > 0, then the methods."""
-    rows = [(f"wemask:rate={r['rate']:g}", r) for r in d["per_rate"] if r["rate"] != 0]
-    return rows + [(r["method"], r) for r in d.get("per_method") or []]
-
-
 def print_methods(d: dict[str, Any]) -> None:
     """One table per metric over every condition: paired difference, McNemar p and BH-adjusted p, sink rate,
     downstream massive activation relative to the unmodified model."""
@@ -67,7 +61,7 @@ def print_methods(d: dict[str, Any]) -> None:
         base = d["per_rate"][0]
         t.add_row("unmodified", f"{num(base['metrics'][name]['value'])} {ci(base['metrics'][name]['ci95'])}",
                   "-", "-", "-", num(base.get("sink_rate")), "1")
-        for label, row in _conditions(d):
+        for label, row in conditions(d):
             m = row["metrics"][name]
             vs, mc = m.get("vs_baseline"), m.get("mcnemar")
             t.add_row(label, f"{num(m['value'])} {ci(m['ci95'])}", f"{num(vs['diff'])} {ci(vs['ci95'])}" if vs else "-",
@@ -75,43 +69,20 @@ def print_methods(d: dict[str, Any]) -> None:
                       f"{mc['p_bh']:.3g}" if mc and "p_bh" in mc else "-", num(row.get("sink_rate")),
                       num(row.get("massive_downstream")))
         out.print(t)
-    for label, row in _conditions(d):
+    for label, row in conditions(d):
         iv = row.get("intervention") or row.get("wemask") or {}
         if iv.get("rule") and not label.startswith("wemask:rate="):
             out.print(f"[dim]{label}: {iv['rule']}[/]")
 
 
 def forest_plot(data: dict[str, Any], path: str | Path) -> Path:
-    """Method x metric forest plot: each condition's paired difference to the unmodified model with its bootstrap
-    95% CI; filled markers where the BH-adjusted McNemar p <= 0.05."""
-    import matplotlib.pyplot as plt
-
+    """Method x metric forest plot (see :func:`melayer.reporting.figures.forest`) as a PNG at ``path``."""
+    from melayer.reporting.figures import forest
+    from melayer.reporting.page import metric_directions
     from melayer.reporting.plots import save
 
-    conds = _conditions(data)
-    metrics = list(data["per_rate"][0]["metrics"])
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics) + 2, 0.45 * len(conds) + 1.6),
-                             sharey=True, squeeze=False)
-    ys = list(range(len(conds)))[::-1]
-    for ax, name in zip(axes[0], metrics):
-        for y, (_label, row) in zip(ys, conds):
-            m = row["metrics"][name]
-            vs, mc = m.get("vs_baseline") or {}, m.get("mcnemar") or {}
-            diff, ci = vs.get("diff"), vs.get("ci95") or [None, None]
-            if diff is None or diff != diff:
-                continue
-            lo, hi = (ci[0], ci[1]) if ci[0] is not None and ci[0] == ci[0] else (diff, diff)
-            ax.plot([lo, hi], [y, y], color="C0", lw=1.5)
-            sig = mc.get("p_bh", 1.0) <= 0.05
-            ax.plot([diff], [y], "o", color="C0", markerfacecolor="C0" if sig else "white")
-        ax.axvline(0, color="grey", lw=0.8, ls="--")
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel("difference to unmodified")
-    axes[0][0].set_yticks(ys, [label for label, _ in conds], fontsize=8)
-    fig.suptitle(f"{data['model']} on {data['task']} ({data['settings']['n_samples']} paired samples); filled: BH p <= 0.05",
-                 fontsize=9)
-    fig.tight_layout()
-    return save(fig, path)
+    kinds = metric_directions(Path(data["output"])) if data.get("output") else None
+    return save(forest(data, kinds), path)
 
 
 def dose_response_plot(data: dict[str, Any], path: str | Path) -> Path:

@@ -8,6 +8,7 @@ HTML report, and :func:`melayer.reporting.plots.save` writes it as PNG next to a
   of ~3e3 shows next to a persistent dim of ~1e5 (a linear 3-D surface hides it).
 - :func:`dose_response`: the paired difference of each metric to rate 0 with its paired bootstrap CI and
   McNemar's p, and the sink rate per rate.
+- :func:`forest`: method x metric, each condition's paired difference to the unmodified model with its CI.
 - :func:`training_curves`: loss, learning rate, gradient norm and rewards per step of a fine-tuning log.
 """
 
@@ -25,6 +26,7 @@ import numpy as np
 from matplotlib.colors import LogNorm
 from matplotlib.ticker import MaxNLocator
 
+from melayer.reporting.format import conditions
 from melayer.reporting.plots import plain_log_labels, plt, save, tex_safe, tight_layout
 
 _SVG_START = re.compile(r"<svg\b")
@@ -187,6 +189,39 @@ def dose_response(data: dict[str, Any], higher_is_better: dict[str, bool] | None
         ax.set_xlabel("WeMask rate", fontsize=8)
     fig.suptitle(f"{tex_safe(data['model'])} - {tex_safe(data['task'])} (n={data['settings']['n_samples']} paired "
                  f"samples, select={data['select']}, ME layer {data['me_layer']})", fontsize=9)
+    tight_layout(fig)
+    return fig
+
+
+def forest(data: dict[str, Any], higher_is_better: dict[str, bool] | None = None) -> Any:
+    """Method x metric forest plot: one panel per metric, one row per condition (WeMask rates, then the
+    methods), the paired difference to the unmodified model with its bootstrap 95% CI; filled markers where the
+    Benjamini-Hochberg-adjusted McNemar p <= 0.05."""
+    conds = conditions(data)
+    metrics = list(data["per_rate"][0]["metrics"])
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics) + 2.2, 0.42 * len(conds) + 1.7),
+                             sharey=True, squeeze=False)
+    ys = list(range(len(conds)))[::-1]
+    for ax, name in zip(axes[0], metrics):
+        for y, (_label, row) in zip(ys, conds):
+            m = row["metrics"].get(name) or {}
+            vs, mc = m.get("vs_baseline") or {}, m.get("mcnemar") or {}
+            diff, ci = vs.get("diff"), vs.get("ci95") or [None, None]
+            if not _finite(diff):
+                continue
+            lo, hi = (ci[0], ci[1]) if _finite(ci[0]) and _finite(ci[1]) else (diff, diff)
+            ax.plot([lo, hi], [y, y], color="tab:blue", lw=1.5)
+            sig = (mc.get("p_bh") if _finite(mc.get("p_bh")) else 1.0) <= 0.05
+            ax.plot([diff], [y], "o", color="tab:blue", markerfacecolor="tab:blue" if sig else "white", ms=5)
+        ax.axvline(0, color="gray", lw=0.8, ls="--")
+        better = (higher_is_better or {}).get(name)
+        arrow = "" if better is None else (" (higher is better)" if better else " (lower is better)")
+        ax.set_title(f"{tex_safe(name)}{arrow}", fontsize=9)
+        ax.set_xlabel("paired difference to unmodified, 95% CI", fontsize=8)
+    axes[0][0].set_yticks(ys, [tex_safe(label) for label, _ in conds], fontsize=8)
+    axes[0][0].set_ylim(-0.7, len(conds) - 0.3)
+    fig.suptitle(f"{tex_safe(data['model'])} - {tex_safe(data['task'])} ({data['settings']['n_samples']} paired "
+                 "samples); filled: BH-adjusted McNemar p <= 0.05", fontsize=9)
     tight_layout(fig)
     return fig
 

@@ -12,8 +12,9 @@ from melayer.reporting.plots import plt, save, tex_safe, tight_layout
 
 def sweep_differences(table: dict[str, Any], path: str | Path, max_panels: int = 12) -> Path | None:
     """One panel per (task, metric), one line per (model, select, seed); markers filled where the
-    Benjamini-Hochberg-adjusted McNemar p is <= alpha. None when the table has no compare rows."""
-    rows = [r for r in table["rows"] if r["command"] == "compare" and r["diff"] is not None]
+    Benjamini-Hochberg-adjusted McNemar p is <= alpha. None when the table has no WeMask-rate compare rows (rows
+    of other methods are in the table only)."""
+    rows = [r for r in table["rows"] if r["command"] == "compare" and r["diff"] is not None and r.get("rate") is not None]
     if not rows:
         return None
     panels = sorted({(r["task"], r["metric"]) for r in rows})[:max_panels]

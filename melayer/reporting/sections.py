@@ -14,7 +14,7 @@ from typing import Any
 from markupsafe import Markup
 
 from melayer.reporting import figures as F
-from melayer.reporting.format import ci, num, pct
+from melayer.reporting.format import ci, conditions, num, pct
 from melayer.reporting.results import KINDS
 
 Section = dict[str, Any]
@@ -427,7 +427,46 @@ def compare_sections(d: dict[str, Any], figs: Figures, kinds: dict[str, bool] | 
     rule = next((r["wemask"].get("rule") for r in d["per_rate"] if r["rate"] != 0 and r.get("wemask")), None)
     if rule:
         blocks.append(p("Mask rule: {}.", rule))
+    blocks.extend(method_blocks(d, figs, kinds))
     return [{"id": "", "title": f"{TITLES['compare']}: {d['task']}", "blocks": blocks}]
+
+
+def method_blocks(d: dict[str, Any], figs: Figures, kinds: dict[str, bool] | None = None) -> list[dict[str, Any]]:
+    """The forest plot (every condition x metric, paired difference to unmodified) and, per metric, every
+    condition's paired difference, McNemar p, Benjamini-Hochberg p, sink rate and massive activation downstream."""
+    conds = conditions(d)
+    if not conds:
+        return []
+    names = list(d["per_rate"][0]["metrics"])
+    blocks: list[dict[str, Any]] = [figs.figure(
+        lambda: F.forest(d, kinds),
+        "Forest plot: each condition's paired difference to the unmodified model (same samples) with its bootstrap "
+        "95 % CI, one panel per metric; filled markers where the Benjamini-Hochberg-adjusted McNemar p <= 0.05.",
+        f"Forest plot of the paired differences to the unmodified model of {', '.join(names)} for "
+        f"{len(conds)} conditions, with confidence intervals.")]
+    cal = d.get("calibration")
+    if d.get("per_method"):
+        blocks.append(p("Methods' calibration (never evaluated): {}; ME layer {}.", (cal or {}).get("source", "-"),
+                        (cal or {}).get("me_layer", "-")))
+    base = d["per_rate"][0]
+    for name in names:
+        b = base["metrics"][name]
+        rows = [["unmodified", f"{num(b['value'])} {ci(b['ci95'])}", "-", "-", "-", num(base.get("sink_rate"), 3), "1"]]
+        for label, row in conds:
+            m = row["metrics"].get(name) or {}
+            vs, mc = m.get("vs_baseline"), m.get("mcnemar")
+            rows.append([label, f"{num(m.get('value'))} {ci(m.get('ci95'))}",
+                         f"{num(vs['diff'], 3)} {ci(vs['ci95'])}" if vs else "-",
+                         f"{mc['p']:.3g} (+{mc['gained']} / -{mc['lost']})" if mc else "-",
+                         f"{mc['p_bh']:.3g}" if mc and "p_bh" in mc else "-", num(row.get("sink_rate"), 3),
+                         num(row.get("massive_downstream"), 3)])
+        blocks.append(table(f"{name}: every condition against the unmodified model",
+                            ["condition", "value [95 % CI]", "difference [paired 95 % CI]", "McNemar p (+gained / -lost)",
+                             "BH-adjusted p", "sink rate", "massive after ME layer (relative)"], rows))
+    rules = [[label, (row.get("intervention") or {}).get("rule", "-")] for label, row in conds if row.get("method")]
+    if rules:
+        blocks.append(table("What each method did", ["method", "rule"], rules, numeric=False))
+    return blocks
 
 
 # --------------------------------------------------------------------------------------------------

@@ -139,6 +139,8 @@ def _run(root: Path, cell: dict[str, Any], out: Path) -> dict[str, Any]:
     from melayer.eval.compare import compare
 
     run_kwargs = {k: s[k] for k in ("max_new_tokens", "chat") if s.get(k) is not None}
+    if s.get("method"):
+        return _run_method(root, cell, out, lm, run_kwargs)
     if cell["command"] == "eval":
         intervention = None
         if s["rate"] > 0:
@@ -155,6 +157,30 @@ def _run(root: Path, cell: dict[str, Any], out: Path) -> dict[str, Any]:
                      me_layer=_me_layer(root, cell), sinks=s.get("sinks", True), n_boot=s.get("n_boot", 2000),
                      seed=s["seed"], progress=False, **run_kwargs, **s.get("task_options", {}))
     return {"me_layer": paired.me_layer, "result": "compare.json"}
+
+
+def _run_method(root: Path, cell: dict[str, Any], out: Path, lm: Any, run_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """An eval or compare cell whose condition is a registered intervention (``method`` in the spec): bound with
+    the calibration :func:`melayer.eval.compare.compare` uses (task items outside the evaluated ones)."""
+    from melayer.eval import run
+    from melayer.eval.compare import calibration_for, compare
+    from melayer.eval.tasks import get_task
+    from melayer.interventions.methods import parse_method
+
+    s = cell["settings"]
+    me = _me_layer(root, cell)
+    if cell["command"] == "eval":
+        task = get_task(s["task"], **s.get("task_options", {}))
+        samples = task.load(s.get("limit"), lm=lm)
+        iv = parse_method(s["method"]).bind(lm, calibration_for(lm, task, samples, me))
+        res = run(lm, task, limit=s.get("limit"), batch_size=s["batch_size"], output=out, intervention=iv,
+                  progress=False, samples=samples, **run_kwargs)
+        return {"primary_metric": res.primary, "value": res.metrics[res.primary]["value"], "result": "eval.json"}
+    _seed_baseline(root, cell, out)
+    cmp = compare(lm, s["task"], [0.0], limit=s.get("limit"), batch_size=s["batch_size"], output=out, me_layer=me,
+                  sinks=s.get("sinks", True), n_boot=s.get("n_boot", 2000), seed=s["seed"], progress=False,
+                  methods=[s["method"]], **run_kwargs, **s.get("task_options", {}))
+    return {"me_layer": cmp.me_layer, "result": "compare.json"}
 
 
 def run_cell(cell: dict[str, Any], root: str, threads: int | None = None) -> dict[str, Any]:

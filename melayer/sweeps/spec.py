@@ -12,11 +12,17 @@ axes that apply to the command; every cell is one existing resumable run. Exampl
         rates: [0.005, 0.01, 0.05]
         select: [activation, weight]
         limit: 50
+      - command: compare              # any registered intervention (melayer ls methods), with its parameters
+        tasks: [arc_easy]
+        method: [act, "zerotuning:gamma=2", "wemask_before:rate=0.01"]
+        limit: 50
 
 Cells are keyed by a content hash of their settings and of the model's fingerprint, so a cell's output
 directory is the same on every run of the same spec: finished cells are skipped, partial ones resume.
 Some cells depend on others, computed once and shared: a ``compare`` cell at rate r pairs the rate-0 baseline
-(an ``eval`` cell) with rate r, and the ME layer comes from a ``scan`` cell of the same model unless the block
+(an ``eval`` cell) with rate r (or with ``method`` m, one cell per method: an intervention from
+:mod:`melayer.interventions.methods` written as on the command line, calibrated on task items outside the
+evaluated ones), and the ME layer comes from a ``scan`` cell of the same model unless the block
 gives ``me_layer`` or ``layers``. Cells therefore run in two stages: scans and baselines first, the rest after.
 """
 
@@ -43,9 +49,9 @@ _COMMON = {"command", "models", "dtype", "arch", "device_map", "max_memory"}
 BLOCK_KEYS = {
     **{name: _COMMON | {"prompts", "batch_size", "options"} for name in analyses()},
     "eval": _COMMON | {"tasks", "rates", "select", "limit", "batch_size", "max_new_tokens", "chat", "gamma",
-                       "layers", "me_layer", "task_options"},
+                       "layers", "me_layer", "task_options", "method"},
     "compare": _COMMON | {"tasks", "rates", "select", "seeds", "limit", "batch_size", "max_new_tokens", "chat",
-                          "gamma", "layers", "me_layer", "task_options", "n_boot", "sinks"},
+                          "gamma", "layers", "me_layer", "task_options", "n_boot", "sinks", "method"},
     "finetune": _COMMON | {"method", "data", "rates", "select", "seeds", "gamma", "layers", "me_layer", "options"},
 }
 # settings that may grow without a new cell directory (the run resumes and extends): not part of the key
@@ -167,6 +173,24 @@ def _whole(block: dict[str, Any], key: str, default: int, where: str) -> int:
     return value
 
 
+def _interventions(block: dict[str, Any], where: str) -> list[str]:
+    """The block's ``method`` list (eval, compare) as validated method labels."""
+    from melayer.interventions.methods import parse_method
+
+    out = []
+    for m in _as_list(block.get("method"), f"{where}: method"):
+        if not isinstance(m, str):
+            raise MelayerError(f"sweep spec, {where}: method {m!r} is not a method spec such as act or "
+                               "wemask_before:rate=0.01")
+        try:
+            out.append(parse_method(m).label)
+        except MelayerError as exc:
+            raise MelayerError(f"sweep spec, {where}: {exc}") from None
+    if len(set(out)) != len(out):
+        raise MelayerError(f"sweep spec, {where}: the same method is given twice")
+    return out
+
+
 def expand(spec: dict[str, Any], fingerprint=None) -> list[Cell]:
     """All cells of ``spec`` (a parsed spec), shared prerequisites (scans, baselines) included once, stage 1
     before stage 2. ``fingerprint(model, block)`` gives a model's identity (default:
@@ -235,6 +259,7 @@ def expand(spec: dict[str, Any], fingerprint=None) -> list[Cell]:
         method = block.get("method", "sft")
         if cmd == "finetune" and method not in METHODS:
             raise MelayerError(f"sweep spec, {where}: unknown finetune method {method!r}; use {', '.join(METHODS)}")
+        interventions = _interventions(block, where) if cmd in ("eval", "compare") else []
         task_options = dict(block.get("task_options") or {})
 
         for model in models:
@@ -262,7 +287,20 @@ def expand(spec: dict[str, Any], fingerprint=None) -> list[Cell]:
             for task in tasks:
                 common = {**load, "task": task, "limit": limit, **run_opts, "task_options": task_options}
                 baseline = Cell("eval", model, fp, {**common, "rate": 0.0, "select": None})
+                for label in interventions:  # one cell per method, against the shared baseline
+                    needs = {"scan": add(scan).id} if needs_scan else {}
+                    extra: dict[str, Any] = {"method": label, "me_layer": mask["me_layer"]}
+                    if cmd == "eval":
+                        add(Cell("eval", model, fp, {**common, **extra}, needs=needs, stage=2))
+                        continue
+                    needs["baseline"] = add(baseline).id
+                    for seed in seeds:
+                        add(Cell("compare", model, fp, {**common, **extra, "seed": seed, "n_boot": n_boot,
+                                                         "sinks": bool(block.get("sinks", True))},
+                                 needs=needs, stage=2))
                 if cmd == "eval":
+                    if interventions and not rates:
+                        continue
                     for rate, sel in product(rates or [0.0], selects):
                         if rate == 0:
                             add(baseline)
@@ -273,8 +311,8 @@ def expand(spec: dict[str, Any], fingerprint=None) -> list[Cell]:
                     continue
                 # compare: every positive rate against the shared baseline
                 positive = [r for r in rates if r > 0]
-                if not positive:
-                    raise MelayerError(f"sweep spec, {where} (compare): give at least one rate > 0")
+                if not positive and not interventions:
+                    raise MelayerError(f"sweep spec, {where} (compare): give at least one rate > 0 or a method")
                 base_id = add(baseline).id
                 for rate, sel, seed in product(positive, selects, seeds):
                     needs = {"baseline": base_id}

@@ -2,9 +2,10 @@
 already computed (difference to the rate-0 baseline, paired bootstrap 95 % CI, McNemar's exact p, sink rate),
 and the Benjamini-Hochberg adjustment of the McNemar p-values over the whole table.
 
-Rows: one per (compare cell, metric); one per (eval cell, metric); one per (analysis cell, metric its registry
-entry lists: ``me_layer`` for a scan). Nothing is recomputed: the numbers are read from each cell's
-``compare.json`` / ``eval.json`` / ``<analysis>.json``.
+Rows: one per (compare cell, condition, metric) -- a WeMask rate or a registered method (``method``, with
+the massive activation downstream of the ME layer relative to unmodified); one per (eval cell, metric); one per
+(analysis cell, metric its registry entry lists: ``me_layer`` for a scan). Nothing is recomputed: the numbers
+are read from each cell's ``compare.json`` / ``eval.json`` / ``<analysis>.json``.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from melayer.util.errors import MelayerError
 from melayer.util.io import parse_json
 
 SCHEMA = "melayer.sweep_table/1"
-COLUMNS = ("cell", "command", "model", "model_digest", "dtype", "task", "select", "seed", "rate", "k", "metric",
+COLUMNS = ("cell", "command", "model", "model_digest", "dtype", "task", "method", "select", "seed", "rate", "k", "metric",
            "binary", "higher_is_better", "n", "baseline", "value", "ci95_lo", "ci95_hi", "diff", "diff_ci95_lo",
-           "diff_ci95_hi", "mcnemar_p", "p_bh", "significant_bh", "sink_rate_baseline", "sink_rate", "me_layer")
+           "diff_ci95_hi", "mcnemar_p", "p_bh", "significant_bh", "sink_rate_baseline", "sink_rate", "massive_downstream",
+           "me_layer")
 ALPHA = 0.05
 CORRECTION = ("Benjamini-Hochberg false discovery rate (scipy.stats.false_discovery_control, method='bh') over "
               "all McNemar p-values in this table (every compare cell x binary metric), at q = 0.05; valid "
@@ -35,7 +37,7 @@ def _base(rec: dict[str, Any]) -> dict[str, Any]:
     s = rec["settings"]
     return {"cell": rec["id"], "command": rec["command"], "model": rec["model"],
             "model_digest": rec["fingerprint"].get("digest"), "dtype": s.get("dtype"), "task": s.get("task"),
-            "select": s.get("select"), "seed": s.get("seed"), "rate": s.get("rate")}
+            "method": s.get("method"), "select": s.get("select"), "seed": s.get("seed"), "rate": s.get("rate")}
 
 
 def _rows(cell_dir: Path, rec: dict[str, Any]) -> list[dict[str, Any]]:
@@ -62,16 +64,20 @@ def _rows(cell_dir: Path, rec: dict[str, Any]) -> list[dict[str, Any]]:
         first, *others = d["per_rate"]
         kinds = json.loads((cell_dir / Path(first["output"]).name / "eval.json").read_text()).get("metric_kinds", {})
         out = []
-        for row in others:
+        conditions = [(row, {"rate": row["rate"], "k": row["wemask"].get("k")}) for row in others]
+        conditions += [(row, {"method": row["method"], "rate": None, "select": None,
+                              "k": (row.get("intervention") or {}).get("k")}) for row in d.get("per_method") or []]
+        for row, which in conditions:
             for m, v in row["metrics"].items():
                 vs = v.get("vs_baseline") or {}
                 mc = v.get("mcnemar") or {}
-                out.append({**base, "rate": row["rate"], "k": row["wemask"].get("k"), "metric": m, "n": v.get("n"),
+                out.append({**base, **which, "metric": m, "n": v.get("n"),
                             "baseline": first["metrics"][m]["value"], "value": v.get("value"),
                             "ci95_lo": v["ci95"][0], "ci95_hi": v["ci95"][1], "diff": vs.get("diff"),
                             "diff_ci95_lo": (vs.get("ci95") or [None, None])[0],
                             "diff_ci95_hi": (vs.get("ci95") or [None, None])[1], "mcnemar_p": mc.get("p"),
                             "sink_rate_baseline": first.get("sink_rate"), "sink_rate": row.get("sink_rate"),
+                            "massive_downstream": row.get("massive_downstream"),
                             "me_layer": d.get("me_layer"), "binary": kinds.get(m, {}).get("binary"),
                             "higher_is_better": kinds.get(m, {}).get("higher_is_better")})
         return out
@@ -129,7 +135,7 @@ def aggregate(root: str | Path) -> dict[str, Any]:
     if not rows:
         raise MelayerError(f"no finished cells under {cells}")
     rows = [{c: r.get(c) for c in COLUMNS} for r in rows]
-    rows.sort(key=lambda r: tuple(str(r[c]) for c in ("command", "model", "task", "select", "seed", "rate", "metric")))
+    rows.sort(key=lambda r: tuple(str(r[c]) for c in ("command", "model", "task", "method", "select", "seed", "rate", "metric")))
     adjust(rows)
     n_tests = sum(r["mcnemar_p"] is not None for r in rows)
     return {"schema": SCHEMA, "sweep": str(root), "columns": list(COLUMNS), "rows": rows,
