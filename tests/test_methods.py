@@ -150,3 +150,12 @@ def test_compare_table_with_methods(lm, tmp_path):
     zero = next(r for r in d["per_method"] if r["method"] == "set_zero")
     assert zero["massive_downstream"] < 0.01 and d["massive_downstream"]["unmodified"] > 100
     assert (tmp_path / "method_act" / "eval.json").exists() and forest_plot(d, tmp_path / "f.png").exists()
+
+
+def test_compare_with_methods_only_records_the_me_layer_they_used(lm, tmp_path):
+    from melayer.eval.compare import compare
+
+    d = compare(lm, "arc_easy", [0], limit=4, batch_size=4, methods=["set_zero"], progress=False).to_dict()
+    used = d["per_method"][0]["intervention"]["me_layer"]
+    assert d["me_layer"] == used == 1 and d["me_layer_source"] == "scan (the methods' calibration)"
+    assert d["layers"] is None  # no WeMask rate: no masked layers to state

@@ -292,8 +292,11 @@ def compare(
     settings.update({"n_samples": base.n_samples, "bootstrap": {"resamples": n_boot, "seed": seed,
                                                                  "level": 0.95, "paired": True},
                      "mcnemar": "exact two-sided binomial test on discordant pairs (scipy.stats.binomtest)"})
+    if me_layer is None and me_for_massive is not None:  # found by the methods' calibration, not given
+        source = "scan (the methods' calibration)"
     result = CompareResult(
-        task=the_task.name, model=lm.name, rates=rates, me_layer=me_layer, me_layer_source=source, select=select,
+        task=the_task.name, model=lm.name, rates=rates, me_layer=me_for_massive, me_layer_source=source,
+        select=select,
         gamma=gamma, layers=layer_list if layer_list is not None else (
             list(range(me_layer + 1, lm.num_layers)) if me_layer is not None else None),
         rows=rows, settings=settings,

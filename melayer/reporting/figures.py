@@ -211,7 +211,8 @@ def forest(data: dict[str, Any], higher_is_better: dict[str, bool] | None = None
                 continue
             lo, hi = (ci[0], ci[1]) if _finite(ci[0]) and _finite(ci[1]) else (diff, diff)
             ax.plot([lo, hi], [y, y], color="tab:blue", lw=1.5)
-            sig = (mc.get("p_bh") if _finite(mc.get("p_bh")) else 1.0) <= 0.05
+            p_bh = mc.get("p_bh")
+            sig = isinstance(p_bh, (int, float)) and _finite(p_bh) and p_bh <= 0.05
             ax.plot([diff], [y], "o", color="tab:blue", markerfacecolor="tab:blue" if sig else "white", ms=5)
         ax.axvline(0, color="gray", lw=0.8, ls="--")
         better = (higher_is_better or {}).get(name)
