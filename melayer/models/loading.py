@@ -36,8 +36,6 @@ if TYPE_CHECKING:
 
     from transformers import PreTrainedModel
 
-    from melayer.capture.trace import Trace
-
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
 
@@ -58,7 +56,7 @@ class LM:
     adapter_wemask: Any = field(default=None, repr=False, compare=False)
 
     def trace(self, prompts: str | Sequence[str], sites: str | Sequence[str] = "resid_out",
-              layers: int | Sequence[int] | None = None, **options: Any) -> Trace:
+              layers: int | Sequence[int] | None = None, **options: Any) -> Any:
         """The activations at melayer's named capture sites: :func:`melayer.trace` on this model.
 
         >>> t = lm.trace(["The cat sat.", "Hello"], sites=["resid_out", "attn_in"], layers=[2, 3])
@@ -80,7 +78,7 @@ class LM:
         """
         from melayer.util.tracing import tracer
 
-        return cast("Trace", tracer()(self, prompts, sites, layers, **options))
+        return tracer()(self, prompts, sites, layers, **options)
 
     def guard_overflow(self) -> OverflowGuard:
         """Install the overflow guard (once).
