@@ -19,6 +19,7 @@ from melayer.eval.runner import EvalResult, run
 from melayer.eval.stats import N_BOOT, SEED, mcnemar, outcomes, paired_bootstrap
 from melayer.eval.tasks import get_task
 from melayer.models.loading import LM
+from melayer.util.console import plain, status
 from melayer.util.errors import MelayerError
 from melayer.util.results import Result
 
@@ -219,7 +220,11 @@ def compare(
     if len({m.label for m in specs}) != len(specs):
         raise MelayerError("--method: the same method is given twice")
     calibration = calibration_for(lm, the_task, samples, me_layer) if specs else None
-    bound = {m.label: m.bind(lm, calibration) for m in specs}
+    bound: dict[str, Any] = {}
+    for i, m in enumerate(specs, 1):
+        with status(f"binding method {i}/{len(specs)}: {plain(m.label)} (calibrated methods run the calibration prompts)"
+                    if progress else None):
+            bound[m.label] = m.bind(lm, calibration)
 
     out_dir = Path(output) if output is not None else None
     runs: dict[float, EvalResult] = {}
