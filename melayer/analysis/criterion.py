@@ -16,8 +16,15 @@ class Criterion:
     least ``persist_frac`` of all later layers. (The residual stream's median grows with depth, e.g.
     ~400x over Gemma-3-270M's 18 layers, so a value that stays put can fall below the 1000x emergence
     ratio late in the network while still being two orders of magnitude above everything else.)
-    Massive values before the ME layer, or that never persist, are precursors. Prompts with fewer than ``min_tokens`` real tokens do not vote in the consensus
-    (their median is not meaningful).
+    Massive values before the ME layer, or that never persist, are precursors. Prompts with fewer than
+    ``min_tokens`` real tokens do not vote in the consensus (their median is not meaningful).
+
+    Attributes:
+        abs_min: the smallest |a| a massive value can have.
+        median_ratio: how many times the layer's median |a| a value must exceed to emerge as massive.
+        persist_ratio: how many times the layer's median |a| it must keep exceeding to persist.
+        persist_frac: the share (0-1) of the later layers in which it must persist.
+        min_tokens: prompts with fewer real tokens do not vote for the ME layer.
     """
 
     abs_min: float = 100.0

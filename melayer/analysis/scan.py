@@ -76,7 +76,24 @@ def locate_me_layer(
 @dataclass
 class ScanResult(Result):
     """Result of :func:`scan`; ``to_dict()`` is exactly what ``scan.json`` holds and ``from_dict`` (or
-    ``ScanResult.load(path)``) reads it back."""
+    ``ScanResult.load(path)``) reads it back.
+
+    Attributes:
+        model: the model's name.
+        num_layers: decoder layers in the model.
+        hidden_size: width of the residual stream.
+        criterion: the thresholds that made a value massive.
+        prompts: one per-prompt reduction per prompt (tokens, medians, the largest values and the massive ones
+            at each layer, that prompt's ME layer and persistent (position, dim) pairs).
+        me_layer: the ME layer: the most common per-prompt ME layer among the prompts that vote (None: no
+            massive activation persists in any of them).
+        me_layer_consistency: the share (0-1) of voting prompts whose own ME layer is ``me_layer``.
+        dtype: the precision the forward passes ran in.
+        arch: the name of the architecture map used.
+        profile: |a| of the strongest massive token over every layer x dim, for one reference prompt
+            (``prompt``, ``position``, ``token``, ``abs``), or None without an ME layer.
+        extra: any further keys of a loaded ``scan.json``, kept so that saving it again loses nothing.
+    """
 
     kind = "scan"
 
@@ -125,6 +142,7 @@ class ScanResult(Result):
 
     @property
     def massive_dims(self) -> list[int]:
+        """The dims of the massive activations (see :attr:`massive`), ascending."""
         return sorted({r["dim"] for r in self.massive})
 
     def dim_support(self) -> dict[int, float]:

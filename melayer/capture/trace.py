@@ -86,7 +86,17 @@ def resolve(lm: LM, name: str) -> tuple[str, int | None]:
 
 @dataclass
 class Trace:
-    """Captured activations: ``trace[site, layer]`` (or ``trace["blocks.L.<tl hook>"]``) is one tensor per prompt."""
+    """Captured activations: ``trace[site, layer]`` (or ``trace["blocks.L.<tl hook>"]``) is one tensor per prompt.
+
+    Attributes:
+        prompts: the prompts, in the order given.
+        tokens: each prompt's token ids (padding removed).
+        sites: the capture sites traced (melayer names, TransformerLens aliases resolved).
+        layers: the decoder layers traced.
+        reduce: the reduction kept per prompt (None: whole (tokens, width) tensors).
+        lm: the model traced.
+        values: ``{(site, layer): [one tensor per prompt]}``; read it through ``trace[site, layer]``.
+    """
 
     prompts: list[str]
     tokens: list[list[int]]

@@ -21,6 +21,49 @@ class FinetuneConfig:
     ``wemask`` is the WeMask rate (0: off); ``layers`` / ``me_layer`` / ``select`` / ``gamma`` as for
     :func:`melayer.wemask`. Without ``layers`` and ``me_layer`` the ME layer is found by a scan of training
     examples formatted exactly as the trainer sees them (chat template included).
+
+    Attributes:
+        method: ``"sft"`` (supervised), ``"dpo"`` (preference pairs) or ``"grpo"`` (rewarded generations).
+        model: a model name, HF directory, ``.gguf`` file or hub id (None: the default model).
+        data: ``"gsm8k"`` (the vendored train split) or a JSONL file: prompt/completion (sft),
+            prompt/chosen/rejected (dpo), prompt/answer (grpo), or question/answer.
+        limit: use only the first N examples (None: all).
+        output: output directory (adapter, wemask.json, train_log.jsonl, loss_curve.png, finetune.json,
+            checkpoints/).
+        wemask: WeMask rate during training (0: off): k = int(rate x hidden) dims are masked.
+        layers: WeMask layers, e.g. ``"4-17"`` or ``"4,5,6"`` (None: every layer after the ME layer).
+        me_layer: the ME layer (None: found with one scan of training examples).
+        select: WeMask dims by ``"activation"`` (|value| of the massive token's attention input) or ``"weight"``
+            (|pre-attention norm gain|).
+        gamma: WeMask strength: masked dims are scaled by 1 - gamma (1 = zeroed).
+        full: full fine-tuning instead of a LoRA adapter.
+        lora_r: LoRA rank.
+        lora_alpha: LoRA scaling: the update is scaled by alpha / r.
+        lora_dropout: dropout on the LoRA input.
+        lora_target_modules: LoRA target modules: ``"all-linear"`` or a comma-separated list.
+        num_train_epochs: passes over the data (unless ``max_steps`` is set).
+        max_steps: optimiser steps (-1: run ``num_train_epochs``).
+        learning_rate: peak learning rate.
+        per_device_train_batch_size: examples per device per step.
+        gradient_accumulation_steps: gradient accumulation steps per optimiser step.
+        max_length: examples are cut to this many tokens.
+        seed: seed of the data order, the LoRA initialisation and sampling.
+        gradient_checkpointing: recompute activations in the backward pass (less memory, slower).
+        save_steps: write a checkpoint every N steps (for ``resume``).
+        logging_steps: log the loss every N steps (train_log.jsonl).
+        resume: continue the interrupted run in ``output``.
+        dtype: precision of the weights and activations (``"float32"``, ``"bfloat16"``, ``"float16"``).
+        device_map: split the model across devices with accelerate (as :func:`melayer.load`'s; offloaded weights
+            are refused).
+        max_memory: memory per device for the device map, e.g. ``"0=20GiB,1=20GiB,cpu=64GiB"``.
+        chat: use the chat template (None: when the tokenizer has one).
+        beta: dpo: the KL weight.
+        rejected_max_new_tokens: dpo on gsm8k: length of the model's own (rejected) answers.
+        num_generations: grpo: completions per prompt.
+        max_completion_length: grpo: completion tokens.
+        temperature: grpo: sampling temperature of the rollouts.
+        trl_args: any other option of the method's TRL config (SFTConfig / DPOConfig / GRPOConfig), passed
+            through as given, e.g. ``{"warmup_steps": 10}``.
     """
 
     method: str = "sft"

@@ -42,7 +42,19 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
 
 @dataclass
 class LM:
-    """A loaded causal LM plus the architecture map that says where each role lives."""
+    """A loaded causal LM plus the architecture map that says where each role lives.
+
+    Attributes:
+        model: the transformers model (the whole causal LM, text tower and head included).
+        tokenizer: its tokenizer.
+        name: a short name for outputs and reports.
+        arch: where each role (norms, attention, FFN projections, experts, ...) lives in this model.
+        source: where the model was loaded from (a name, a directory or a file).
+        me_layers: the ME layers found by scans of this model, cached by prompts and criterion, so that
+            :func:`melayer.wemask` and the interventions do not scan twice.
+        adapter_wemask: the WeMask a fine-tuning adapter loaded with ``melayer.load(adapter=...)`` was trained
+            with (None: none).
+    """
 
     model: PreTrainedModel
     tokenizer: Any
