@@ -6,7 +6,6 @@ link and anchor resolves, code blocks rendered."""
 from __future__ import annotations
 
 import html.parser
-import importlib
 import os
 import re
 import shlex
@@ -21,6 +20,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from test_api_reference import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -157,18 +157,11 @@ def test_documented_command_lines_use_existing_commands_and_options():
 
 
 def _resolves(name: str) -> bool:
-    parts = name.split(".")
-    for i in range(len(parts), 0, -1):
-        try:
-            obj = importlib.import_module(".".join(parts[:i]))
-        except ImportError:
-            continue
-        for part in parts[i:]:
-            if not hasattr(obj, part):
-                return False
-            obj = getattr(obj, part)
-        return True
-    return False
+    try:
+        resolve(name)
+    except (LookupError, AttributeError):
+        return False
+    return True
 
 
 def test_every_python_name_in_the_docs_exists():
