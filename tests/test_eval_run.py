@@ -236,7 +236,7 @@ def test_compare_pairs_rates_against_baseline(lm, tmp_path):
         assert all(0.0 <= row["sink_rate"] <= 1.0 for row in d["per_rate"])
     else:
         assert all("sink_rate" not in row for row in d["per_rate"]) and d["sinks"]["note"]
-    from melayer.reporting.eval import dose_response_plot
+    from melayer.reporting.compare import dose_response_plot
 
     dose_response_plot(d, tmp_path / "dose_response.png")  # rendering lives in report/ (the CLI calls it)
     assert (tmp_path / "dose_response.png").stat().st_size > 1000

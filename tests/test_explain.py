@@ -187,8 +187,7 @@ def test_expert_ablation_removes_it_only_for_the_named_expert(model_type):
     back = ExplainResult.from_dict(json.loads(json.dumps(d)))
     assert back.to_dict() == json.loads(json.dumps(d))
     # the report shows the expert runs and their controls
-    from melayer.reporting.plots_analysis import explain_ablations_figure
-    from melayer.reporting.sections import ablation_reading
+    from melayer.reporting.explain import ablation_reading, explain_ablations_figure
     assert explain_ablations_figure(d) is not None
     assert "expert: no ME layer" in ablation_reading(d) and "other routed experts" in ablation_reading(d)
 

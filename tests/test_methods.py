@@ -137,7 +137,7 @@ def test_specs_are_validated_without_a_model():
 
 def test_compare_table_with_methods(lm, tmp_path):
     from melayer.eval.compare import compare
-    from melayer.reporting.eval import forest_plot
+    from melayer.reporting.compare import forest_plot
 
     res = compare(lm, "arc_easy", [0, 0.1], limit=10, batch_size=5, output=tmp_path,
                   methods=["act", "set_zero", "wemask_before:rate=0.1"], progress=False)

@@ -115,7 +115,7 @@ def test_text_from_the_inputs_is_escaped(outputs, tmp_path):
 
 
 def test_dose_response_plots_the_paired_difference(outputs):
-    from melayer.reporting.figures import dose_response
+    from melayer.reporting.compare import dose_response
 
     data = json.loads((outputs / "compare" / "compare.json").read_text())
     fig = dose_response(data)
@@ -140,7 +140,7 @@ def methods_compare(tmp_path_factory, planted_dir) -> Path:
 
 
 def test_compare_section_has_the_forest_plot_and_every_method(methods_compare, tmp_path):
-    from melayer.reporting.figures import forest
+    from melayer.reporting.compare import forest
 
     data = json.loads((methods_compare / "compare.json").read_text())
     labels = ["wemask:rate=0.3", "wemask_before:rate=0.3", "act:heads=all"]
@@ -257,9 +257,8 @@ def test_training_section_from_a_finetune_run(finetune_output):
 def test_finetune_png_is_the_reports_training_figure(tmp_path):
     """``melayer finetune``'s loss_curve.png draws the report's training curves (every logged quantity), also for
     a run that logged one step."""
-    from melayer.reporting.figures import training_curves
-    from melayer.reporting.finetune import loss_curve
-    from melayer.reporting.plots import plt
+    from melayer.reporting.finetune import loss_curve, training_curves
+    from melayer.reporting.plotting import plt
 
     log = [{"step": i, "loss": 2 - 0.1 * i, "reward": 0.1 * i, "learning_rate": 2e-4 / i, "grad_norm": 1.0 + i}
            for i in (1, 2, 3)]
@@ -273,7 +272,7 @@ def test_finetune_png_is_the_reports_training_figure(tmp_path):
 
 @pytest.mark.slow
 def test_magnitude_view_shows_gemma_precursor_and_persistent_dim(gemma_scan):
-    from melayer.reporting.figures import magnitude_map, profile_dims
+    from melayer.reporting.scan import magnitude_map, profile_dims
 
     d = gemma_scan.to_dict()
     dims = dict(profile_dims(d))
@@ -374,8 +373,8 @@ def test_an_analysis_registered_without_sections_gets_a_table_of_its_values():
     import dataclasses
 
     import melayer
+    from melayer.reporting.blocks import Figures
     from melayer.reporting.results import KINDS
-    from melayer.reporting.sections import Figures
     from melayer.testing import tiny_lm
 
     data = melayer.scan(tiny_lm("llama", me_layer=1), ["Hello there, tiny model of the world."],
@@ -420,6 +419,7 @@ def test_bidi_and_terminal_controls_in_names_are_shown_not_obeyed(hostile_scan):
 def test_interactive_figures_show_hostile_names_as_text(browser, hostile_scan, tmp_path):
     """plotly renders links and styles from a subset of HTML in figure text: names must show as typed."""
     from melayer.reporting import interactive as I
+    from melayer.reporting.compare import dose_response_plotly
 
     metric = {"vs_baseline": {"diff": 0.1, "ci95": [0.0, 0.2]}, "mcnemar": {"p": 0.5}, "value": 0.5}
     compare = {"model": HOSTILE_NAME, "task": "<i>task</i>", "per_rate": [  # two metrics: plotly shows a legend
@@ -429,7 +429,7 @@ def test_interactive_figures_show_hostile_names_as_text(browser, hostile_scan, t
     _html(hostile_scan, output=path, interactive=True)
     (tmp_path / "dose.html").write_text(
         f"<!DOCTYPE html><meta charset='utf-8'><script>{I.plotly_js()}</script><div id='f'></div>"
-        f"<script>var s = {I.to_json(I.dose_response(compare))}; Plotly.newPlot('f', s.data, s.layout);</script>")
+        f"<script>var s = {I.to_json(dose_response_plotly(compare))}; Plotly.newPlot('f', s.data, s.layout);</script>")
     page = browser.new_page(viewport={"width": 1200, "height": 900})
     problems: list[str] = []
     page.on("console", lambda m: problems.append(m.text) if m.type in ("error", "warning") else None)

@@ -46,7 +46,7 @@ def _write_table(root: Path, out: Path | None, plot: bool) -> None:
     table = aggregate(root)
     paths = write(table, out or root / "table")
     if plot:
-        from melayer.reporting.plots_sweep import sweep_differences
+        from melayer.reporting.sweep import sweep_differences
 
         png = sweep_differences(table, paths["csv"].with_suffix(".png"))
         if png is not None:

@@ -29,9 +29,3 @@ def ci(pair: Any, digits: int = 3) -> str:
     if not pair or pair[0] is None or pair[1] is None:
         return "-"
     return f"[{num(pair[0], digits)}, {num(pair[1], digits)}]"
-
-
-def conditions(data: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """(label, row) of every modified condition of a compare: WeMask rates > 0, then the methods."""
-    rows = [(f"wemask:rate={r['rate']:g}", r) for r in data["per_rate"] if r["rate"] != 0]
-    return rows + [(str(r["method"]), r) for r in data.get("per_method") or []]

@@ -68,26 +68,7 @@ def read_input(path: Path) -> Input:
         raise MelayerError(f"{path}: cannot read ({exc.strerror or exc})") from None
     data = parse_json(text, path)
     kind = _schema_kind(data, str(path), FILES.get(path.name))
-    extra: dict[str, Any] = {}
-    if kind == "finetune":
-        log = path.parent / "train_log.jsonl"
-        if log.is_file():
-            from melayer.util.io import read_jsonl
-
-            extra["log"] = read_jsonl(log)
-    if kind == "compare":
-        extra["kinds"] = metric_directions(path.parent)
-    return Input(kind, str(path), data, extra)
-
-
-def metric_directions(compare_dir: Path) -> dict[str, bool]:
-    """higher_is_better per metric, from the baseline run's eval.json when it is there."""
-    base = compare_dir / "rate_0" / "eval.json"
-    try:
-        kinds = json.loads(base.read_text()).get("metric_kinds") or {}
-        return {k: bool(v["higher_is_better"]) for k, v in kinds.items()}
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        return {}
+    return Input(kind, str(path), data, RESULT_KINDS[kind].read_extra(path))
 
 
 def _walk(root: Path, depth: int) -> list[Path]:
@@ -142,7 +123,7 @@ def as_input(obj: Any) -> Input:
 def build_sections(inputs: list[Input], interactive: bool = False, prefix: str = "") -> list[dict[str, Any]]:
     """All sections of the page, in the order scan, explain, rigidity, sinks, eval, compare, finetune.
     ``prefix`` starts every element id (figures and sections), for fragments that share a notebook page."""
-    from melayer.reporting.sections import Figures
+    from melayer.reporting.blocks import Figures
 
     figs = Figures(interactive, prefix=f"{prefix}fig")
     models = {i.data.get("model") for i in inputs}

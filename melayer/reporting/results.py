@@ -49,6 +49,7 @@ class Kind:
     sections: str | None = None  # None: an analysis gets a table of its top-level values; any other kind no section
     run: str | None = None  # "module:function" of an analysis of a loaded model (a sweep command)
     metrics: tuple[str, ...] = ("me_layer",)
+    extra: str | None = None  # "module:function": (the JSON's path) -> more keyword arguments for ``sections``
 
     def result_class(self) -> type[Result]:
         return _resolve(self.result)
@@ -105,11 +106,15 @@ class Kind:
         """Whether the HTML report has sections for this kind (its own, or an analysis's plain table)."""
         return self.sections is not None or self.run is not None
 
+    def read_extra(self, path: Path) -> dict[str, Any]:
+        """What ``sections`` takes besides the JSON, read from beside the file at ``path``."""
+        return _resolve(self.extra)(path) if self.extra else {}
+
     def build_sections(self, data: dict[str, Any], figures: Any, **extra: Any) -> list[dict[str, Any]]:
         if self.sections:
             return _resolve(self.sections)(data, figures, **extra)
         if self.run:
-            return _resolve(f"{_R}.sections:plain_sections")(data, figures, title=self.title or self.name)
+            return _resolve(f"{_R}.blocks:plain_sections")(data, figures, title=self.title or self.name)
         return []
 
 
@@ -120,34 +125,33 @@ _PLAIN: dict[str, type] = {"int": int, "float": float, "str": str, "bool": bool,
 _R = "melayer.reporting"
 # in report order
 KINDS: dict[str, Kind] = {k.name: k for k in (
-    Kind("scan", "scan.json", "melayer.analysis.scan:ScanResult", "ME layer", f"{_R}.summary:print_scan",
-         ((f"{_R}.plots:layer_magnitudes", "layer_magnitudes.png"),
-          (f"{_R}.figures:token_surface", "massive_token_surface.png")),
-         f"{_R}.sections:scan_sections", run="melayer.analysis.scan:scan"),
+    Kind("scan", "scan.json", "melayer.analysis.scan:ScanResult", "ME layer", f"{_R}.scan:print_scan",
+         ((f"{_R}.scan:layer_magnitudes", "layer_magnitudes.png"), (f"{_R}.scan:token_surface", "massive_token_surface.png")),
+         f"{_R}.scan:scan_sections", run="melayer.analysis.scan:scan"),
     Kind("weights", "weights.json", "melayer.analysis.weights:WeightsResult", "The ME layer read off the weights",
          f"{_R}.weights:print_weights", ((f"{_R}.weights:score_plot", "weights_scores.png"),),
-         f"{_R}.sections:weights_sections"),
+         f"{_R}.weights:weights_sections"),
     Kind("explain", "explain.json", "melayer.interventions.explain:ExplainResult",
-         "Why the ME layer: branches, neurons, norms, ablations", f"{_R}.summary_analysis:print_explain",
-         ((f"{_R}.plots_analysis:explain_mechanism", "explain_mechanism.png"),
-          (f"{_R}.plots_analysis:explain_norm_gains", "explain_norm_gains.png"),
-          (f"{_R}.plots_analysis:explain_ablations", "explain_ablations.png")),
-         f"{_R}.sections:explain_sections", run="melayer.interventions.explain:explain"),
+         "Why the ME layer: branches, neurons, norms, ablations", f"{_R}.explain:print_explain",
+         ((f"{_R}.explain:explain_mechanism", "explain_mechanism.png"),
+          (f"{_R}.explain:explain_norm_gains", "explain_norm_gains.png"),
+          (f"{_R}.explain:explain_ablations", "explain_ablations.png")),
+         f"{_R}.explain:explain_sections", run="melayer.interventions.explain:explain"),
     Kind("rigidity", "rigidity.json", "melayer.analysis.rigidity:RigidityResult", "Rigidity of the massive token",
-         f"{_R}.summary_analysis:print_rigidity", ((f"{_R}.plots_analysis:rigidity_plot", "rigidity.png"),),
-         f"{_R}.sections:rigidity_sections", run="melayer.analysis.rigidity:rigidity"),
+         f"{_R}.rigidity:print_rigidity", ((f"{_R}.rigidity:rigidity_plot", "rigidity.png"),),
+         f"{_R}.rigidity:rigidity_sections", run="melayer.analysis.rigidity:rigidity"),
     Kind("sinks", "sinks.json", "melayer.analysis.sinks:SinkResult", "Attention sinks",
-         f"{_R}.summary_analysis:print_sinks", ((f"{_R}.plots_analysis:sinks_heatmap", "sinks_heatmap.png"),),
-         f"{_R}.sections:sinks_sections", run="melayer.analysis.sinks:sinks",
+         f"{_R}.sinks:print_sinks", ((f"{_R}.sinks:sinks_heatmap", "sinks_heatmap.png"),),
+         f"{_R}.sinks:sinks_sections", run="melayer.analysis.sinks:sinks",
          metrics=("sink_rate", "first_sink_layer", "me_layer")),
     Kind("eval", "eval.json", "melayer.eval.runner:EvalResult", "Evaluation", f"{_R}.eval:print_eval", (),
-         f"{_R}.sections:eval_sections"),
+         f"{_R}.eval:eval_sections"),
     Kind("compare", "compare.json", "melayer.eval.compare:CompareResult", "WeMask dose-response",
-         f"{_R}.eval:print_compare",
-         ((f"{_R}.eval:dose_response_plot", "dose_response.png"), (f"{_R}.eval:forest_plot", "forest.png")),
-         f"{_R}.sections:compare_sections"),
+         f"{_R}.compare:print_compare",
+         ((f"{_R}.compare:dose_response_plot", "dose_response.png"), (f"{_R}.compare:forest_plot", "forest.png")),
+         f"{_R}.compare:compare_sections", extra=f"{_R}.compare:report_extra"),
     Kind("finetune", "finetune.json", "melayer.finetuning.train:FinetuneResult", "Fine-tuning", None, (),
-         f"{_R}.sections:finetune_sections"),
+         f"{_R}.finetune:finetune_sections", extra=f"{_R}.finetune:report_extra"),
     Kind("sweep", "sweep.json", "melayer.sweeps.runner:SweepResult", "Sweep"),
 )}
 

@@ -1,13 +1,17 @@
-"""Rendering of a ``melayer.weights/2`` result: the console summary and the first token's path per layer."""
+"""Rendering of a ``melayer.weights/2`` result: the console summary, the first token's path per layer and the
+report's section."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from rich.markup import escape
 from rich.table import Table
 
+from melayer.reporting.blocks import Figures, Section, model_line, p, table
+from melayer.reporting.format import num
+from melayer.reporting.plotting import log_layer_axes, plt, png
+from melayer.reporting.results import KINDS
 from melayer.util.console import out
 
 
@@ -56,8 +60,6 @@ def print_weights(d: dict[str, Any]) -> None:
 def score_figure(d: dict[str, Any]) -> Any:
     """|x| of the massive dim and the token's median |x| per layer (log scale), creating and removing layers
     marked."""
-    from melayer.reporting.plots import log_layer_axes, plt
-
     rows = d["layers"]
     layers = [r["layer"] for r in rows]
     fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(rows) + 2), 4))
@@ -80,7 +82,30 @@ def score_figure(d: dict[str, Any]) -> Any:
                           f"{d['model']}: the first token's path, from the weights", fig, legend_size=7)
 
 
-def score_plot(d: dict[str, Any], path: str | Path) -> Path:
-    from melayer.reporting.plots import save
+score_plot = png(score_figure)
 
-    return save(score_figure(d), path)
+
+def weights_sections(d: dict[str, Any], figs: Figures) -> list[Section]:
+    blocks: list[dict[str, Any]] = [
+        p("Model: {}. From the weights alone (the first token's path): <b>{}</b>.", model_line(d), headline(d)),
+        {"kind": "dl", "items": [("rule", d.get("rule", "")), ("attention at position 0", d.get("attention", "")),
+                                 *[("assumes", a) for a in d.get("assumptions", [])]]},
+    ]
+    conf = d.get("confirm")
+    if conf:
+        blocks.append(p("Checked with a short scan ({} prompts, layers {}): <b>{}</b>.", conf["prompts"],
+                        ", ".join(map(str, conf["layers"])), conf["verdict"]))
+    rows = [[c["rank"], c["layer"], c["role"], num(c["write"]), c["neuron"]] for c in d["candidates"]]
+    blocks.append(table("Layers writing most into the massive dim", ["rank", "layer", "role", "write", "neuron"], rows,
+                        highlight={i for i, c in enumerate(d["candidates"]) if c["layer"] == d["me_layer"]}))
+    if d.get("precursors"):
+        blocks.append(p("Precursors (massive, not persistent) at layers {}.", ", ".join(str(x["layer"]) for x in d["precursors"])))
+    if d.get("removers"):
+        blocks.append(p("Removed again at layers {}.", ", ".join(str(x["layer"]) for x in d["removers"])))
+    blocks.append({"kind": "list", "items": list(d.get("notes") or [])})
+    blocks.append(figs.figure(lambda: score_figure(d),
+                              "The largest |x| and the median |x| of the first token per layer (log scale), each "
+                              "point labelled with its top dim; the predicted ME layer dashed, removing layers dotted.",
+                              f"Line chart of the first token's largest and median activation per layer of {d['model']} "
+                              "computed from the weights, with the top dim of each layer as labels."))
+    return [{"id": "", "title": KINDS["weights"].title, "blocks": blocks}]

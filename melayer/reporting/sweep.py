@@ -1,4 +1,5 @@
-"""The sweep table as a figure: paired difference to the rate-0 baseline (95 % CI) per WeMask rate."""
+"""Rendering of a sweep's table (``melayer sweep aggregate``): the paired difference to the rate-0 baseline
+(95 % CI) per WeMask rate as a figure."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 
 from matplotlib.ticker import NullFormatter
 
-from melayer.reporting.plots import plt, save, tex_safe, tight_layout
+from melayer.reporting.plotting import plt, save, tex_safe, tight_layout
 
 
 def sweep_differences(table: dict[str, Any], path: str | Path, max_panels: int = 12) -> Path | None:

@@ -1,8 +1,12 @@
-"""Matplotlib figures (Agg backend, written atomically as PNG)."""
+"""What every figure shares (matplotlib, Agg backend): writing a PNG atomically, an inline SVG for the report,
+plain-text log-axis labels, safe label text and the per-layer axes."""
 
 from __future__ import annotations
 
+import io
+import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +22,8 @@ from melayer.util.io import write_atomic
 _SUPERSCRIPT = str.maketrans("0123456789-", "⁰¹²³⁴⁵⁶⁷⁸⁹⁻")
 _MATH_POWER = re.compile(r"\^\{(-?[0-9]+)\}")
 _MATH_LABEL = re.compile(r"\$\\mathdefault\{(.*)\}\$")
+_SVG_START = re.compile(r"<svg\b")
+_SVG_REF = re.compile(r'(\bid="|url\(#|href="#)([^")]+)')
 
 
 class PlainLogLabels(Formatter):
@@ -87,22 +93,43 @@ def save(fig: Any, path: str | Path) -> Path:
         plt.close(fig)
 
 
-def layer_magnitudes_figure(scan: dict[str, Any]) -> Any:
-    """Per-layer mean top-1/2/3 |a| vs the median |a| (log scale), ME layer marked."""
-    rows = scan["per_layer"]
-    layers = [r["layer"] for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label, style in (("top1_mean", "top-1", "-o"), ("top2_mean", "top-2", "-s"), ("top3_mean", "top-3", "-^")):
-        ax.plot(layers, [max(r[key], 1e-6) for r in rows], style, ms=3, label=label)
-    ax.plot(layers, [max(r["median"], 1e-6) for r in rows], "-", color="gray", label="median")
-    if scan.get("me_layer") is not None:
-        ax.axvline(scan["me_layer"], color="red", ls="--", lw=1, label=f"ME layer {scan['me_layer']}")
-    return log_layer_axes(ax, "decoder layer (output)", "|activation| (mean over prompts)",
-                          f"{tex_safe(scan['model'])}: layer-wise magnitudes", fig)
+def to_svg(fig: Any, salt: str, alt: str = "") -> str:
+    """The figure as one ``<svg>`` element (text kept as text, ids unique per ``salt``), then closed."""
+    buf = io.StringIO()
+    try:
+        plain_log_labels(fig)
+        with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": salt}):
+            fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None, "Creator": "melayer"})
+    finally:
+        plt.close(fig)
+    text = buf.getvalue()
+    m = _SVG_START.search(text)
+    if m is None:  # pragma: no cover - matplotlib always writes an <svg> root
+        raise RuntimeError("matplotlib wrote no <svg> element")
+    # matplotlib names elements figure_1, axes_1, ... in every figure: prefix every id (and each reference to
+    # one) so that several figures can share one page
+    svg = _SVG_REF.sub(lambda r: f"{r.group(1)}{salt}-{r.group(2)}", text[m.start():])
+    label = alt.replace("&", "&amp;").replace('"', "&quot;").replace("<", "&lt;").replace(">", "&gt;")
+    return svg.replace("<svg ", f'<svg role="img" aria-label="{label}" ', 1)
 
 
-def layer_magnitudes(scan: dict[str, Any], path: str | Path) -> Path:
-    return save(layer_magnitudes_figure(scan), path)
+def titled(fig: Any, title: str, **kwargs: Any) -> Any:
+    """``fig`` with ``title`` (plain text) over all its panels, laid out tight; returns ``fig``."""
+    fig.suptitle(tex_safe(title), **kwargs)
+    tight_layout(fig)
+    return fig
+
+
+def png(figure: Callable[[dict[str, Any]], Any]) -> Callable[[dict[str, Any], str | Path], Path | None]:
+    """A figure builder as the writer of its PNG, ``(data, path) -> path`` (None where it draws nothing): what a
+    kind's ``figures`` name in the registry."""
+
+    def write(data: dict[str, Any], path: str | Path) -> Path | None:
+        fig = figure(data)
+        return None if fig is None else save(fig, path)
+
+    write.__doc__ = f"The PNG of :func:`{figure.__name__}` at ``path``."
+    return write
 
 
 def log_layer_axes(ax: Any, xlabel: str, ylabel: str, title: str, fig: Any, legend_size: int = 8) -> Any:
@@ -114,3 +141,7 @@ def log_layer_axes(ax: Any, xlabel: str, ylabel: str, title: str, fig: Any, lege
     ax.set_title(title)
     ax.legend(fontsize=legend_size)
     return fig
+
+
+def finite(v: Any) -> bool:
+    return v is not None and isinstance(v, (int, float)) and math.isfinite(v)
