@@ -37,7 +37,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -46,6 +46,9 @@ from melayer.models.lazy import LazyWeights, open_weights
 from melayer.util.console import track
 from melayer.util.errors import MelayerError
 from melayer.util.results import Result
+
+if TYPE_CHECKING:
+    from melayer.models.loading import DType
 
 SCHEMA = "melayer.weights/2"
 REMOVE_SHARE = 0.1  # a layer removes when its write takes away more than this share of |x| on the dim
@@ -707,7 +710,7 @@ def weights(
     lm: Any = None,
     prompts: list[str] | None = None,
     n_prompts: int = 8,
-    dtype: str = "float32",
+    dtype: DType = "float32",
     progress: bool = True,
 ) -> WeightsResult:
     """Predict the ME layer, massive dim and creating neuron from the weights alone (``melayer weights``): the

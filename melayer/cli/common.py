@@ -7,12 +7,15 @@ import os
 from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional, cast
 
 import typer
 
 from melayer.util.errors import MelayerError
 from melayer.util.io import MAX_PROMPT_CHARS, MAX_PROMPT_TEXT, MAX_PROMPTS
+
+if TYPE_CHECKING:
+    from melayer.models.loading import DType
 
 
 class Dtype(StrEnum):
@@ -36,6 +39,11 @@ class Chat(StrEnum):
     auto = "auto"
     on = "on"
     off = "off"
+
+
+def dtype_name(dtype: Dtype | str) -> DType:
+    """--dtype as the Python API names it (the choices are the API's names)."""
+    return cast("DType", str(dtype))
 
 
 def chat_flag(chat: Chat | str) -> bool | None:

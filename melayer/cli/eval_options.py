@@ -17,6 +17,7 @@ from melayer.eval.tasks import (
     get_task,
     task_options,
 )
+from melayer.models.chat import ChatSetting
 from melayer.util.errors import MelayerError
 
 TaskOpt = Annotated[str, typer.Option("--task", "-t", help=", ".join(REGISTRY))]
@@ -30,11 +31,11 @@ WindowOpt = Annotated[Optional[int], typer.Option(PPL_WINDOW.flag, help=f"{PPL_W
 SubjectsOpt = Annotated[Optional[str], typer.Option(SUBJECTS.flag, help=SUBJECTS.help)]
 StrideOpt = Annotated[Optional[int], typer.Option(PPL_STRIDE.flag, help=f"{PPL_STRIDE.help} [default: {PPL_STRIDE.default}]")]
 
-CHAT_MODES: dict[str, bool | str] = {"auto": "auto", "on": True, "off": False}
+CHAT_MODES: dict[str, ChatSetting] = {"auto": "auto", "on": True, "off": False}
 
 
 def check_task(task: str, limit: int | None, batch_size: int, max_new_tokens: int | None, chat: str,
-               **given: Any) -> tuple[bool | str, dict[str, Any]]:
+               **given: Any) -> tuple[ChatSetting, dict[str, Any]]:
     """Validate everything cheap before loading a model (bad input -> one line, nothing written). Returns the
     chat mode and the task options that were given."""
     from melayer.eval.runner import check_run_args

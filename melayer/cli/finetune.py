@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional, cast
 
 import typer
 
 from melayer.cli import app, common
+
+if TYPE_CHECKING:
+    from melayer.finetuning.config import FinetuneMethod
 
 
 class Method(StrEnum):
@@ -67,17 +70,18 @@ def finetune(
     from melayer.finetuning import FinetuneConfig
     from melayer.finetuning import finetune as run
     from melayer.finetuning.config import parse_trl_options
+    from melayer.interventions.wemask import select_rule
     from melayer.reporting.finetune import loss_curve, summary
     from melayer.util.console import err
     from melayer.util.io import read_jsonl
 
     cfg = FinetuneConfig(
-        method=str(method), model=model, data=data, limit=limit, output=str(output), wemask=wemask, layers=layers,
-        me_layer=me_layer, select=str(select), gamma=gamma, full=full, lora_r=lora_r, lora_alpha=lora_alpha,
+        method=cast("FinetuneMethod", str(method)), model=model, data=data, limit=limit, output=str(output), wemask=wemask, layers=layers,
+        me_layer=me_layer, select=select_rule(str(select)), gamma=gamma, full=full, lora_r=lora_r, lora_alpha=lora_alpha,
         lora_dropout=lora_dropout, lora_target_modules=lora_target_modules, num_train_epochs=num_train_epochs,
         max_steps=max_steps, learning_rate=learning_rate, per_device_train_batch_size=per_device_train_batch_size,
         gradient_accumulation_steps=gradient_accumulation_steps, max_length=max_length, seed=seed,
-        gradient_checkpointing=gradient_checkpointing, save_steps=save_steps, logging_steps=logging_steps, resume=resume, dtype=str(dtype),
+        gradient_checkpointing=gradient_checkpointing, save_steps=save_steps, logging_steps=logging_steps, resume=resume, dtype=common.dtype_name(dtype),
         device_map=device_map, max_memory=max_memory, chat=common.chat_flag(chat), beta=beta,
         rejected_max_new_tokens=rejected_max_new_tokens, num_generations=num_generations,
         max_completion_length=max_completion_length, temperature=temperature, trl_args=parse_trl_options(trl)).validate()

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional, cast
 
 import typer
 
 from melayer.cli import Group, app, help_without_command
 from melayer.util.errors import MelayerError
+
+if TYPE_CHECKING:
+    from melayer.sweeps.executors import ExecutorName
 
 
 class _RunByDefault(Group):
@@ -93,7 +96,7 @@ def sweep(
         extra = f": {rec.get('error')}" if rec.get("status") != "done" else f" in {rec.get('elapsed_s', 0):.1f} s"
         typer.echo(f"cell {rec['id']}: {state}{extra}", err=True)
 
-    res = S.run(spec, output, str(executor), options=opts, report=report, dry_run=dry_run)
+    res = S.run(spec, output, cast("ExecutorName", str(executor)), options=opts, report=report, dry_run=dry_run)
     if dry_run:
         for cell in res.cells:
             state = "finished" if cell["id"] in res.skipped else "to run"

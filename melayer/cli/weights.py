@@ -19,6 +19,7 @@ from melayer.cli.common import (
     PromptsOpt,
     ReportOpt,
     check_output,
+    dtype_name,
     finish,
     n_prompts,
     prompts_from,
@@ -48,5 +49,5 @@ def weights(
     count = n_prompts(n_prompts_, 8)
     texts = prompts_from(prompt, prompts, limit=count)
     result = rank(model, arch=arch, top_k=top_k, n_tokens=n_tokens, threads=threads, confirm=confirm, prompts=texts,
-                  n_prompts=count or 10**9, dtype=dtype)
+                  n_prompts=count or 10**9, dtype=dtype_name(dtype))
     finish(result.to_dict(), output, "weights", plots, report=report)

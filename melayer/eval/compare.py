@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from melayer.eval.runner import EvalResult, run
 from melayer.eval.stats import N_BOOT, SEED, mcnemar, outcomes, paired_bootstrap
 from melayer.eval.tasks import get_task
+from melayer.models.chat import ChatSetting
 from melayer.models.loading import LM
 from melayer.util.console import plain, status
 from melayer.util.errors import MelayerError
@@ -87,7 +88,7 @@ class CompareResult(Result):
     rates: list[float]
     me_layer: int | None
     me_layer_source: str
-    select: str
+    select: SelectRule
     gamma: float
     layers: list[int] | None
     rows: list[dict[str, Any]]
@@ -158,7 +159,7 @@ def compare(
     gamma: float = 1.0,
     me_layer: int | None = None,
     max_new_tokens: int | None = None,
-    chat: bool | str = "auto",
+    chat: ChatSetting = "auto",
     sinks: bool = True,
     n_boot: int = N_BOOT,
     seed: int = SEED,

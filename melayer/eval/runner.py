@@ -30,6 +30,7 @@ from melayer.capture.batching import GENERATE, plan_batches
 from melayer.eval import engine as E
 from melayer.eval.stats import Metric, aggregate, bootstrap_ci
 from melayer.eval.tasks import RunContext, Task, get_task
+from melayer.models.chat import ChatSetting
 from melayer.models.fingerprint import fingerprint
 from melayer.models.loading import LM
 from melayer.util.console import track, warn
@@ -221,7 +222,7 @@ def run(
     batch_size: int = 8,
     output: str | Path | None = None,
     max_new_tokens: int | None = None,
-    chat: bool | str = "auto",
+    chat: ChatSetting = "auto",
     intervention: E.Intervention = None,
     *,
     overwrite: bool = False,

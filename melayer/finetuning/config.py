@@ -6,11 +6,16 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from difflib import get_close_matches
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from melayer.util.errors import MelayerError
 
-METHODS = ("sft", "dpo", "grpo")
+if TYPE_CHECKING:
+    from melayer.interventions.wemask import SelectRule
+    from melayer.models.loading import DType
+
+FinetuneMethod = Literal["sft", "dpo", "grpo"]  # supervised, preference pairs, rewarded generations (TRL trainers)
+METHODS: tuple[FinetuneMethod, ...] = get_args(FinetuneMethod)
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -66,7 +71,7 @@ class FinetuneConfig:
             through as given, e.g. ``{"warmup_steps": 10}``.
     """
 
-    method: str = "sft"
+    method: FinetuneMethod = "sft"
     model: str | None = None
     data: str = "gsm8k"  # "gsm8k" (vendored train split) or a JSONL file
     limit: int | None = None  # use the first N examples
@@ -75,7 +80,7 @@ class FinetuneConfig:
     wemask: float = 0.0
     layers: str | None = None
     me_layer: int | None = None
-    select: str = "activation"
+    select: SelectRule = "activation"
     gamma: float = 1.0
     # adapter (LoRA by default) or full fine-tuning
     full: bool = False
@@ -95,7 +100,7 @@ class FinetuneConfig:
     save_steps: int = 50
     logging_steps: int = 1
     resume: bool = False
-    dtype: str = "float32"
+    dtype: DType = "float32"
     device_map: str | None = None  # as melayer.load's: a split across GPUs; offloaded weights are refused
     max_memory: str | None = None
     chat: bool | None = None  # None: use the chat template when the tokenizer has one

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from melayer.finetuning.config import FinetuneConfig
+from melayer.finetuning.config import FinetuneConfig, FinetuneMethod
 from melayer.finetuning.data import (
     load_records,
     plain_rows,
@@ -53,7 +53,7 @@ class FinetuneResult(Result):
     kind = "finetune"
 
     model: str
-    method: str
+    method: FinetuneMethod
     config: dict[str, Any]
     data: dict[str, Any]
     wemask: dict[str, Any] | None

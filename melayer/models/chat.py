@@ -6,9 +6,11 @@ checkpoint's problem, reported in one line, never a traceback."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from melayer.util.errors import MelayerError, one_line
+
+ChatSetting = bool | Literal["auto"]  # use the chat template, or not, or "auto": when the tokenizer has one
 
 
 def render_chat(tokenizer: Any, messages: list[dict[str, str]], *, add_generation_prompt: bool = True,

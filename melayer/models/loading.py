@@ -15,7 +15,7 @@ import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from torch import nn
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
     from transformers import PreTrainedModel
 
+DType = Literal["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"]  # a dtype by name
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
 
@@ -372,7 +373,7 @@ def _load_tokenizer(source: str, trust_remote_code: bool = False) -> Any:
 def load(
     spec: str | None = None,
     *,
-    dtype: str | torch.dtype = "float32",
+    dtype: DType | torch.dtype = "float32",
     device: str | None = None,
     arch: Any = None,
     progress: bool = True,

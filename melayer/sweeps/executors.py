@@ -15,12 +15,13 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from melayer.sweeps.cell import run_cell, set_threads
 from melayer.util.errors import MelayerError
 
-EXECUTORS = ("local", "slurm", "ray")
+ExecutorName = Literal["local", "slurm", "ray"]  # a process pool, submitit or Ray
+EXECUTORS: tuple[ExecutorName, ...] = get_args(ExecutorName)
 
 Report = Callable[[dict[str, Any]], None]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from melayer.sweeps.cell import finished
-from melayer.sweeps.executors import EXECUTORS, RUNNERS, ExecutorOptions
+from melayer.sweeps.executors import EXECUTORS, RUNNERS, ExecutorName, ExecutorOptions
 from melayer.sweeps.spec import SCHEMA, expand, read_spec
 from melayer.util.errors import MelayerError
 from melayer.util.results import Result
@@ -25,7 +25,7 @@ class SweepResult(Result):
     kind = "sweep"
 
     output: str
-    executor: str
+    executor: ExecutorName
     cells: list[dict[str, Any]]  # expanded cells
     records: dict[str, dict[str, Any]] = field(default_factory=dict)  # cell id -> its record from this run
     skipped: list[str] = field(default_factory=list)  # finished before this run
@@ -70,7 +70,7 @@ class SweepResult(Result):
 def run(
     spec: str | Path | dict[str, Any],
     output: str | Path | None = None,
-    executor: str = "local",
+    executor: ExecutorName = "local",
     *,
     options: ExecutorOptions | None = None,
     report: Callable[[dict[str, Any]], None] | None = None,

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from melayer.eval.stats import Metric
-from melayer.models.chat import render_chat
+from melayer.models.chat import ChatSetting, render_chat
 from melayer.util.errors import MelayerError
 
 if TYPE_CHECKING:
@@ -52,7 +52,7 @@ class Task:
     def prompt_format(self, chat: bool) -> str:
         raise NotImplementedError
 
-    def uses_chat(self, lm: LM, chat: bool | str) -> bool:
+    def uses_chat(self, lm: LM, chat: ChatSetting) -> bool:
         """Generation tasks use the chat template when asked or, with ``auto``, when the tokenizer has one;
         log-likelihood and perplexity tasks only when asked explicitly."""
         has = bool(getattr(lm.tokenizer, "chat_template", None))
