@@ -3,12 +3,15 @@ whose bad values are one error line, defaults do something, and ``ls`` / ``sweep
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import astuple
+from typing import Annotated
 
 import pytest
 import typer
 
 from melayer.cli import app
+from melayer.cli.common import Dtype, Given, shared_options
 
 
 def _commands(group=None, prefix=()):
@@ -53,6 +56,32 @@ def test_fixed_choices_are_enums_with_the_same_values_everywhere():
     from melayer.interventions.wemask import SELECT_RULES
     assert set(SELECT_RULES) == {"activation", "weight"} and set(METHODS) == {"sft", "dpo", "grpo"}
     assert set(DTYPES) == {"float32", "bfloat16", "float16"}
+
+
+def test_shared_options_are_placed_by_the_layout_and_arrive_together():
+    """A command built with shared_options: its own and the shared options in the layout's order, the shared ones
+    handed over in one Given (the ones it does not take keep their defaults); a layout that names an unknown
+    option or leaves out one of the command's own is refused when the command is defined."""
+    from typer.testing import CliRunner
+
+    seen: list[tuple[Given, int]] = []
+
+    def command(given: Given, own: Annotated[int, typer.Option(help="its own")] = 3) -> None:
+        seen.append((given, own))
+
+    built = shared_options("dtype own model plots")(command)
+    assert list(inspect.signature(built).parameters) == ["dtype", "own", "model", "plots"]
+    one = typer.Typer()
+    one.command()(built)
+    result = CliRunner().invoke(one, ["--model", "m", "--own", "5", "--no-plots", "--dtype", "bfloat16"])
+    assert result.exit_code == 0, result.output
+    [(given, own)] = seen
+    assert (own, given.model, given.plots, given.dtype) == (5, "m", False, Dtype.bfloat16)
+    assert given.prompts is None and given.report is False  # not taken: the defaults
+    with pytest.raises(TypeError, match="'nope' is neither"):
+        shared_options("own nope")(command)
+    with pytest.raises(TypeError, match="leaves out own"):
+        shared_options("model")(command)
 
 
 @pytest.mark.parametrize("args,message", [

@@ -3,8 +3,13 @@ model, run, write the JSON atomically, render (summary + plots). Commands are th
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import os
+import typing
 from collections.abc import Callable
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional, cast
@@ -74,6 +79,76 @@ ChatOpt = Annotated[Chat, typer.Option("--chat", help="chat template: auto (when
 PlotsOpt = Annotated[bool, typer.Option(help="write PNG plots")]
 ReportOpt = Annotated[bool, typer.Option("--report", help="also (re)write DIR/report.html from every melayer output in DIR")]
 
+
+@dataclass
+class Given:
+    """The options several commands share, each defined once (flag, help text, default). A command made with
+    :func:`shared_options` takes the ones its layout names and receives them in one ``Given`` (the others keep
+    these defaults)."""
+
+    model: ModelOpt = None
+    prompt: PromptOpt = None
+    prompts: PromptsOpt = None
+    n_prompts_: NPromptsOpt = None
+    batch_size: AutoBatchOpt = None
+    dtype: DtypeOpt = Dtype.float32
+    arch: ArchOpt = None
+    device_map: DeviceMapOpt = None
+    max_memory: MaxMemoryOpt = None
+    select: SelectOpt = Select.activation
+    layers: LayersOpt = None
+    me_layer: MeLayerOpt = None
+    gamma: GammaOpt = 1.0
+    chat: ChatOpt = Chat.auto
+    adapter: AdapterOpt = None
+    use_adapter_mask: AdapterMaskOpt = True
+    plots: PlotsOpt = True
+    report: ReportOpt = False
+
+    def texts(self, default_n: int | None) -> tuple[int | None, list[str] | None]:
+        """--n-prompts (None: ``default_n``; 0: all) and the prompts of --prompt / --prompts, that many at most."""
+        n = n_prompts(self.n_prompts_, default_n)
+        return n, prompts_from(self.prompt, self.prompts, limit=n)
+
+    def load(self, adapter: Path | None = None) -> Any:
+        """The model of --model, --dtype, --arch, --device-map and --max-memory (with ``adapter`` merged)."""
+        return load_model(self.model, self.dtype, self.arch, adapter, self.device_map, self.max_memory)
+
+
+def shared_options(layout: str, given: type[Given] = Given) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """A command's parameters in the order of ``layout`` (names, space-separated): the function's own, from its
+    signature after the first parameter, and the shared ones, fields of ``given``, which the function receives
+    together as that first parameter. So every command spells a shared option, its help and its default the
+    same way, and says only where it goes."""
+
+    def build(func: Callable[..., None]) -> Callable[..., None]:
+        own = dict(list(inspect.signature(func).parameters.items())[1:])
+        hints = typing.get_type_hints(func, include_extras=True)
+        defaults = {f.name: f.default for f in dataclasses.fields(given)}
+        shared = typing.get_type_hints(given, include_extras=True)
+        params: list[inspect.Parameter] = []
+        taken: list[str] = []
+        for name in layout.split():
+            if name in own:
+                params.append(own.pop(name).replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=hints[name]))
+            elif name in defaults:
+                params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=shared[name],
+                                                default=defaults[name]))
+                taken.append(name)
+            else:
+                raise TypeError(f"{func.__name__}: {name!r} is neither its parameter nor a shared option")
+        if own:
+            raise TypeError(f"{func.__name__}: its layout leaves out {', '.join(own)}")
+
+        @functools.wraps(func)
+        def command(**kwargs: Any) -> None:
+            func(given(**{name: kwargs.pop(name) for name in taken}), **kwargs)
+
+        command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        return command
+
+    return build
 
 
 def prompts_from(prompt: str | None, prompts: Path | None, limit: int | None = None) -> list[str] | None:
@@ -173,12 +248,9 @@ def finish(data: dict[str, Any], output: Path, kind: str, plots: bool = True, wr
         typer.echo(f"wrote {output / 'report.html'}")
 
 
-def run_analysis(*, kind: str, output: Path, model: str | None, dtype: str, arch: str | None,
-                 placement: tuple[str | None, str | None] = (None, None), run: Callable[[Any], Any],
-                 plots: bool = True, report: bool = False) -> dict[str, Any]:
+def run_analysis(kind: str, output: Path, given: Given, run: Callable[[Any], Any]) -> dict[str, Any]:
     """check output -> load -> run (returns a result with ``to_dict()``) -> summary -> write -> figures (-> report)."""
     check_output(output)
-    lm = load_model(model, dtype, arch, device_map=placement[0], max_memory=placement[1])
-    data = run(lm).to_dict()
-    finish(data, output, kind, plots, report=report)
+    data = run(given.load()).to_dict()
+    finish(data, output, kind, given.plots, report=given.report)
     return data

@@ -3,11 +3,12 @@ task registry (:data:`melayer.eval.tasks.REGISTRY`)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any, Optional
 
 import typer
 
-from melayer.cli.common import ChatOpt, GammaOpt, LayersOpt, MeLayerOpt, SelectOpt  # noqa: F401  (eval and compare's)
+from melayer.cli.common import Given
 from melayer.eval.tasks import (
     FEWSHOT,
     PPL_STRIDE,
@@ -34,18 +35,32 @@ StrideOpt = Annotated[Optional[int], typer.Option(PPL_STRIDE.flag, help=f"{PPL_S
 CHAT_MODES: dict[str, ChatSetting] = {"auto": "auto", "on": True, "off": False}
 
 
-def check_task(task: str, limit: int | None, batch_size: int, max_new_tokens: int | None, chat: str,
-               **given: Any) -> tuple[ChatSetting, dict[str, Any]]:
+@dataclass
+class TaskGiven(Given):
+    """:class:`~melayer.cli.common.Given` and the options of the commands that run a task (eval, compare)."""
+
+    limit: LimitOpt = None
+    batch_size: BatchOpt = 8  # samples per model call, not prompts per pass
+    max_new_tokens: MaxNewOpt = None
+    num_fewshot: FewshotOpt = None
+    window: WindowOpt = None
+    stride: StrideOpt = None
+    subjects: SubjectsOpt = None
+    overwrite: OverwriteOpt = False
+
+
+def check_task(task: str, given: TaskGiven) -> tuple[ChatSetting, dict[str, Any]]:
     """Validate everything cheap before loading a model (bad input -> one line, nothing written). Returns the
     chat mode and the task options that were given."""
     from melayer.eval.runner import check_run_args
 
     if task not in REGISTRY:
         raise MelayerError(f"unknown task {task!r}; choose one of {', '.join(REGISTRY)}")
-    check_run_args(limit, batch_size, max_new_tokens)
-    options = {k: v for k, v in given.items() if v is not None}
+    check_run_args(given.limit, given.batch_size, given.max_new_tokens)
+    options = {k: v for k, v in (("num_fewshot", given.num_fewshot), ("window", given.window), ("stride", given.stride),
+                                 ("subjects", given.subjects)) if v is not None}
     takes = {o.name for o in REGISTRY[task].options}
     for name in set(options) - takes:
         raise MelayerError(f"{task_options()[name].flag} does not apply to task {task}")
     get_task(task, **options)  # validates the values
-    return CHAT_MODES[str(chat)], options
+    return CHAT_MODES[str(given.chat)], options

@@ -8,51 +8,25 @@ from typing import Annotated, Optional
 import typer
 
 from melayer.cli import app
-from melayer.cli.common import (
-    AdapterMaskOpt,
-    AdapterOpt,
-    ArchOpt,
-    Chat,
-    ChatOpt,
-    DeviceMapOpt,
-    Dtype,
-    DtypeOpt,
-    GammaOpt,
-    LayersOpt,
-    MaxMemoryOpt,
-    MeLayerOpt,
-    ModelOpt,
-    Select,
-    SelectOpt,
-    chat_flag,
-)
+from melayer.cli.common import Given, chat_flag, shared_options
 from melayer.util.io import MAX_PROMPT_CHARS
 
 
 @app.command()
+@shared_options("prompt model wemask layers select gamma me_layer max_new_tokens chat method output dtype arch "
+                "adapter use_adapter_mask device_map max_memory")
 def generate(
+    g: Given,
     prompt: Annotated[str, typer.Option("--prompt", "-p", help=f"the prompt text (at most {MAX_PROMPT_CHARS:,} characters)")],
-    model: ModelOpt = None,
     wemask: Annotated[Optional[float], typer.Option("--wemask", help="WeMask rate: mask k = int(RATE x hidden) dims (0-1)")] = None,
-    layers: LayersOpt = None,
-    select: SelectOpt = Select.activation,
-    gamma: GammaOpt = 1.0,
-    me_layer: MeLayerOpt = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="tokens to generate")] = 64,
-    chat: ChatOpt = Chat.auto,
     method: Annotated[Optional[str], typer.Option("--method", "-M", help="an intervention instead of --wemask: NAME or NAME:key=value,... (see melayer compare --method)")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="also write prompt, text and WeMask settings to this JSON file")] = None,
-    dtype: DtypeOpt = Dtype.float32,
-    arch: ArchOpt = None,
-    adapter: AdapterOpt = None,
-    use_adapter_mask: AdapterMaskOpt = True,
-    device_map: DeviceMapOpt = None,
-    max_memory: MaxMemoryOpt = None,
 ) -> None:
     """Greedy generation (KV cache) printed to stdout; with --wemask under WeMask (settings on stderr)."""
     import contextlib
 
-    from melayer.cli.common import adapter_mask, check_mask_options, check_output_file, load_model
+    from melayer.cli.common import adapter_mask, check_mask_options, check_output_file
     from melayer.interventions.generate import chat_prompt, greedy_generate
     from melayer.interventions.wemask import WeMask, check_settings, format_layers, select_rule
     from melayer.util.console import err, plain, status
@@ -64,26 +38,26 @@ def generate(
     check_prompt_size(prompt, "--prompt")
     if max_new_tokens < 1:
         raise MelayerError("--max-new-tokens must be >= 1")
-    check_mask_options(wemask, layers, me_layer)
+    check_mask_options(wemask, g.layers, g.me_layer)
     from melayer.interventions.methods import parse_method
 
     spec = parse_method(method) if method is not None else None
     if spec is not None and wemask is not None:
         raise MelayerError("give --wemask or --method, not both")
     if wemask is not None:  # cheap checks before loading the model
-        check_settings(wemask, select=select, gamma=gamma)
+        check_settings(wemask, select=g.select, gamma=g.gamma)
     if output is not None:
         check_output_file(output)
-    use_chat = chat_flag(chat)
-    lm = load_model(model, dtype, arch, adapter, device_map, max_memory)
+    use_chat = chat_flag(g.chat)
+    lm = g.load(g.adapter)
     _, used_chat = chat_prompt(lm, prompt, use_chat)
-    mask: WeMask | None = adapter_mask(lm, adapter, use_adapter_mask, wemask)
+    mask: WeMask | None = adapter_mask(lm, g.adapter, g.use_adapter_mask, wemask)
     if mask is not None:
-        err.print(f"[bold]adapter[/]: {adapter}, with its saved mask: {mask.describe()}", highlight=False)
+        err.print(f"[bold]adapter[/]: {g.adapter}, with its saved mask: {mask.describe()}", highlight=False)
         mask.apply()
     if wemask is not None:
-        with status(None if layers or me_layer is not None else f"scanning {lm.name} for its ME layer ..."):
-            mask = WeMask(lm, wemask, layers=layers, select=select_rule(select), gamma=gamma, me_layer=me_layer)
+        with status(None if g.layers or g.me_layer is not None else f"scanning {lm.name} for its ME layer ..."):
+            mask = WeMask(lm, wemask, layers=g.layers, select=select_rule(g.select), gamma=g.gamma, me_layer=g.me_layer)
         err.print(f"[bold]wemask[/]: rate {mask.rate:g} -> k={mask.k} of {mask.hidden_size} dims, "
                   f"layers {format_layers(mask.layers)}"
                   + (f" (after ME layer {mask.me_layer}, {mask.me_layer_source})" if mask.me_layer is not None else "")
@@ -105,7 +79,7 @@ def generate(
     if output is not None:  # the text as generated, before anything is printed
         write_json(output, {
             "schema": "melayer.generate/1", "model": lm.name, "prompt": prompt, "chat_template": used_chat,
-            "max_new_tokens": max_new_tokens, "decoding": "greedy", "dtype": dtype, "text": texts[0],
+            "max_new_tokens": max_new_tokens, "decoding": "greedy", "dtype": g.dtype, "text": texts[0],
             "wemask": mask.to_dict() if mask is not None else None,
             "method": bound.to_dict() if bound is not None else None,
         })

@@ -8,45 +8,20 @@ from typing import Annotated
 import typer
 
 from melayer.cli import app
-from melayer.cli.common import (
-    ArchOpt,
-    AutoBatchOpt,
-    DeviceMapOpt,
-    Dtype,
-    DtypeOpt,
-    MaxMemoryOpt,
-    ModelOpt,
-    NPromptsOpt,
-    OutputOpt,
-    PlotsOpt,
-    PromptOpt,
-    PromptsOpt,
-    ReportOpt,
-    n_prompts,
-    prompts_from,
-    run_analysis,
-)
+from melayer.cli.common import Given, OutputOpt, run_analysis, shared_options
 from melayer.util.errors import MelayerError
 
 
 @app.command()
+@shared_options("model prompt prompts output n_prompts_ windows epsilon max_tokens min_tokens batch_size dtype arch "
+                "device_map max_memory plots report")
 def sinks(
-    model: ModelOpt = None,
-    prompt: PromptOpt = None,
-    prompts: PromptsOpt = None,
+    given: Given,
     output: OutputOpt = Path("out/sinks"),
-    n_prompts_: NPromptsOpt = None,
     windows: Annotated[int, typer.Option(help="without --prompts: this many 64-token windows of the shipped WikiText-2 excerpt (Gu et al.'s T=64 setting)")] = 32,
     epsilon: Annotated[float, typer.Option(help="a head sinks on a token if its mean attention to it exceeds this")] = 0.3,
     max_tokens: Annotated[int, typer.Option(help="truncate prompts to this many tokens (Gu et al.: 64; 0 = no limit)")] = 64,
     min_tokens: Annotated[int, typer.Option(help="skip prompts shorter than this (short prompts inflate the score; 0 = keep all)")] = 16,
-    batch_size: AutoBatchOpt = None,
-    dtype: DtypeOpt = Dtype.float32,
-    arch: ArchOpt = None,
-    device_map: DeviceMapOpt = None,
-    max_memory: MaxMemoryOpt = None,
-    plots: PlotsOpt = True,
-    report: ReportOpt = False,
 ) -> None:
     """Attention sinks per layer and head (Gu et al. metric), first sink layer vs the ME layer -> DIR/sinks.json + PNG."""
     from melayer.analysis.sinks import sinks as run_sinks
@@ -55,9 +30,7 @@ def sinks(
         raise MelayerError("--max-tokens and --min-tokens must be >= 0")
     if windows < 1:
         raise MelayerError("--windows must be >= 1")
-    n = n_prompts(n_prompts_, None)
-    texts = prompts_from(prompt, prompts, limit=n)
-    run_analysis(kind="sinks", output=output, model=model, dtype=dtype, arch=arch, placement=(device_map, max_memory),
-                 run=lambda lm: run_sinks(lm, texts, windows=windows, epsilon=epsilon, max_tokens=max_tokens,
-                                          min_tokens=min_tokens, n_prompts=n, batch_size=batch_size),
-                 plots=plots, report=report)
+    n, texts = given.texts(None)
+    run_analysis("sinks", output, given,
+                 lambda lm: run_sinks(lm, texts, windows=windows, epsilon=epsilon, max_tokens=max_tokens,
+                                      min_tokens=min_tokens, n_prompts=n, batch_size=given.batch_size))
