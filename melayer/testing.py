@@ -141,7 +141,7 @@ def plant_massive(lm: LM, me_layer: int, neuron: int, dim: int, carrier: int | N
             table.weight[:, carrier] = 0.0
     _param(embed)[BOS, carrier] = 1.0
     for i in range(lm.num_layers):
-        for role in ("attn", "mlp"):
+        for role in ("attn", "mlp", "down"):  # down: an FFN of projections the layer calls itself (no mlp module)
             block = lm.module(i, role)
             for sub, weight in lm.arch.projections(block) if block is not None else ():
                 if weight.shape[0] != hidden:  # only projections that write the residual width

@@ -36,15 +36,12 @@ REFUSED = {
     "llama4": "feed_forward is called in a decoder layer", "llama4_text": "feed_forward is called in a decoder layer",
     # two position-wise blocks side by side (an MoE and a shared MLP summed; residual gates)
     "axk2": "several position-wise blocks side by side", "ergo": "several position-wise blocks side by side",
-    "granitemoe_swa": "several position-wise blocks side by side",
-    "granitemoehybrid": "several position-wise blocks side by side",
-    "granitemoeshared": "several position-wise blocks side by side",
     # two token mixers side by side (Falcon-H1's attention + SSM; RWKV's channel mix shifts tokens; extra convolutions)
     "falcon_h1": "several token mixers side by side", "rwkv": "several token mixers side by side",
     "inkling_text": "several token mixers side by side", "longcat_flash": "several token mixers side by side",
-    # FFN projections loose in the layer (no FFN module) or blocks that do not read/write (batch, tokens, hidden)
-    "opt": "is called in a decoder layer but does not", "xglm": "is called in a decoder layer but does not",
-    "biogpt": "is called in a decoder layer but does not", "trocr": "is called in a decoder layer but does not",
+    # post-LN: each layer's output is a norm's output, so the residual stream is renormalised in every layer
+    "openai-gpt": "post-LN layers", "trocr": "post-LN layers",
+    # blocks that do not read/write (batch, tokens, hidden)
     "git": "is called in a decoder layer but does not", "bert-generation": "is called in a decoder layer but does",
     "deepseek_v4": "is called in a decoder layer but does not", "hy_v4": "is called in a decoder layer but does not",
     "inkling2_text": "is called in a decoder layer but does", "inkling2_loop_text": "is called in a decoder layer but",
@@ -59,7 +56,6 @@ REFUSED = {
 }
 # Families that map, but where the planted activation does not come out as planted.
 FAILED = {
-    "openai-gpt": "post-norm: every layer renormalises the residual stream, no activation stays massive",
     "minimax": "lightning-attention layers between the planted layer and the scan's reading",
 }
 
@@ -74,9 +70,11 @@ OWN_CACHE_DIFFERS = {
 }
 
 # one of each block kind, run by default; the rest in the slow sweep. MoE: Mixtral (concatenated gate/up), gpt-oss
-# (interleaved, transposed, with biases), Qwen2-MoE (a gated shared expert), DeepSeek-V3 (a dense first layer)
+# (interleaved, transposed, with biases), Qwen2-MoE (a gated shared expert), DeepSeek-V3 (a dense first layer);
+# OPT: an FFN of projections the layer calls itself, on flattened tokens; Granite-MoE-shared: a shared expert
+# beside the MoE block
 FAST = ["gpt_neox", "gptj", "falcon", "phi", "cohere", "stablelm", "gemma3", "olmo", "lfm2",
-        "mixtral", "gpt_oss", "qwen2_moe", "deepseek_v3"]
+        "mixtral", "gpt_oss", "qwen2_moe", "deepseek_v3", "opt", "granitemoeshared"]
 
 
 def _buildable() -> list[str]:
@@ -240,6 +238,73 @@ def test_parallel_blocks_are_derived():
     assert gptj.down == "mlp.fc_out" and gptj.up == "mlp.fc_in" and gptj.gate is None
     llama = derive_arch(tiny_lm("llama", plant=False).model)
     assert not llama.parallel
+
+
+def test_ffn_of_loose_projections_is_derived():
+    """OPT, XGLM, BioGPT: no FFN module, the layer calls fc1 -> activation -> fc2 itself (OPT on the tokens
+    flattened to (batch x tokens, hidden)). The FFN's sites are still (batch, tokens, width) and its output is
+    down(down_in), so the analyses read it as any FFN."""
+    from melayer.capture import Hooks, encode, forward_body, read_site
+
+    for family in ("opt", "xglm", "biogpt"):
+        spec = derive_arch(tiny_lm(family, plant=False).model)
+        assert (spec.mlp, spec.up, spec.gate, spec.down) == (None, "fc1", None, "fc2"), family
+        assert (spec.pre_attn_norm, spec.pre_ffn_norm, spec.parallel) == ("self_attn_layer_norm", "final_layer_norm",
+                                                                          False), family
+    lm = tiny_lm("opt")
+    batch = encode(lm, ["hello there", "hi"])
+    got: dict[str, torch.Tensor] = {}
+    with Hooks() as hooks, torch.no_grad():
+        for site in ("pre_ffn_norm_in", "mlp_in", "down_in", "mlp_out", "resid_in"):
+            assert read_site(hooks, lm, 1, site, lambda x, site=site: got.__setitem__(site, x))
+        forward_body(lm, batch)
+    tokens = tuple(batch["input_ids"].shape)
+    assert {k: tuple(v.shape) for k, v in got.items()} == {
+        "pre_ffn_norm_in": (*tokens, 64), "mlp_in": (*tokens, 64), "down_in": (*tokens, 128),
+        "mlp_out": (*tokens, 64), "resid_in": (*tokens, 64)}
+    torch.testing.assert_close(got["mlp_out"], lm.module(1, "down")(got["down_in"]))
+    torch.testing.assert_close(got["mlp_in"], lm.module(1, "pre_ffn_norm")(got["pre_ffn_norm_in"]))
+
+
+def test_shared_expert_beside_the_moe_block():
+    """Granite-MoE-shared calls a dense shared_mlp beside its MoE block on the same input and adds the outputs: the
+    shared expert's roles are its projections, the FFN output is the sum, and down_in numbers the shared expert's
+    neurons after the routed ones whichever of the two runs first."""
+    from melayer.capture import Hooks, encode, forward_body, read_site
+
+    lm = tiny_lm("granitemoeshared")
+    spec = lm.arch
+    assert (spec.mlp, spec.experts, spec.gate_up, spec.down) == (
+        "block_sparse_moe", "block_sparse_moe.experts", "shared_mlp.input_linear", "shared_mlp.output_linear")
+    assert spec.block_kind() == "attention + MoE + shared expert"
+    batch = encode(lm, ["hello there", "hi"])
+    got: dict[str, torch.Tensor] = {}
+    with Hooks() as hooks, torch.no_grad():
+        for site in ("mlp_in", "mlp_out", "down_in"):
+            assert read_site(hooks, lm, 1, site, lambda x, site=site: got.__setitem__(site, x))
+        forward_body(lm, batch)
+    layer = lm.layers[1]
+    with torch.no_grad():
+        want = layer.block_sparse_moe(got["mlp_in"]) + layer.shared_mlp(got["mlp_in"])
+        torch.testing.assert_close(got["mlp_out"], want)
+        # every neuron's activation x its down column sums to the FFN output (routed experts, then the shared one)
+        down = lm.down_weight(1)
+        segments = lm.ffn_segments(1)
+        assert [g["expert"] for g in segments] == [0, 1, 2, 3, "shared"]
+        assert got["down_in"].shape[-1] == down.shape[1] == segments[-1]["start"] + segments[-1]["size"]
+        torch.testing.assert_close(got["down_in"] @ down.t(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_post_ln_is_refused_in_one_line():
+    """GPT-1 renormalises the residual stream at the end of every layer (post-LN): refused, saying so."""
+    from transformers import AutoModelForCausalLM
+
+    from melayer.testing import tiny_tokenizer
+
+    model = AutoModelForCausalLM.from_config(tiny_config("openai-gpt"), dtype=torch.float32)
+    with pytest.raises(UnsupportedArchitecture, match="post-LN layers") as err:
+        melayer.from_model(model, tiny_tokenizer())
+    assert "\n" not in str(err.value)
 
 
 def test_multimodal_text_tower():

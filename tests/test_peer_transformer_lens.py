@@ -207,7 +207,7 @@ def test_embedded_model_residual_stream_and_scan_agree_with_transformer_lens(req
         assert divmod(int(a.argmax()), a.shape[1]) == (0, dim)
 
 
-@pytest.mark.parametrize("family", ["gpt_neox", "gptj", "mixtral"])
+@pytest.mark.parametrize("family", ["gpt_neox", "gptj", "mixtral", "opt"])
 def test_parallel_and_moe_blocks_agree_with_transformer_lens(family, tmp_path):
     """Families whose roles melayer derives: parallel blocks (GPT-NeoX: two norms on the layer input; GPT-J: one
     norm shared by attention and FFN) and an MoE block (Mixtral: fused experts). Every site TransformerLens also

@@ -54,9 +54,18 @@ SITES: dict[str, tuple[str, str]] = {
 
 
 def site_module(lm: LM, layer: int, site: str) -> nn.Module | None:
-    """The module whose input or output is ``site`` in ``layer`` (None if the family has no such role)."""
+    """The module whose input or output is ``site`` in ``layer`` (None if the family has no such role).
+
+    An FFN of projections the layer calls itself (no ``mlp`` module: OPT, XGLM, BioGPT) has its input at its input
+    projection and its output at its down projection."""
     role, _ = SITES[site]
-    return lm.layers[layer] if role == "layer" else lm.module(layer, role)
+    if role == "layer":
+        return lm.layers[layer]
+    module = lm.module(layer, role)
+    if module is None and role == "mlp" and lm.experts(layer) is None:
+        ends = ("down",) if site == "mlp_out" else ("gate_up", "up", "gate")
+        module = next((m for r in ends if (m := lm.module(layer, r)) is not None), None)
+    return module
 
 
 def read_site(hooks: Hooks, lm: LM, layer: int, site: str, fn: Callable[[torch.Tensor], None]) -> bool:
@@ -64,14 +73,60 @@ def read_site(hooks: Hooks, lm: LM, layer: int, site: str, fn: Callable[[torch.T
     if site == "down_in" and (fused := lm.experts(layer)) is not None:
         _read_expert_neurons(hooks, lm, layer, fused, fn)
         return True
+    if site == "mlp_out" and (beside := shared_beside(lm, layer)) is not None:
+        _read_ffn_sum(hooks, lm.required(layer, "mlp"), beside, fn)
+        return True
     module = site_module(lm, layer, site)
     if module is None:
         return False
+    if module is not lm.layers[layer]:
+        fn = _unflattened(hooks, lm.layers[layer], fn)
     if SITES[site][1] == "pre":
         hooks.pre(module, lambda m, args, kwargs: fn(hidden_arg(args, kwargs)), with_kwargs=True)
     else:
         hooks.forward(module, lambda m, args, kwargs, out: fn(layer_output(out)), with_kwargs=True)
     return True
+
+
+def shared_beside(lm: LM, layer: int) -> nn.Module | None:
+    """The down projection of a shared expert the layer calls beside its MoE block (Granite-MoE's ``shared_mlp``),
+    not inside it; None otherwise. The FFN's output is then the block's output plus this projection's."""
+    block, down = lm.module(layer, "mlp"), lm.module(layer, "down")
+    if block is None or down is None or lm.experts(layer) is None or any(m is down for m in block.modules()):
+        return None
+    return down
+
+
+def _read_ffn_sum(hooks: Hooks, block: nn.Module, down: nn.Module, fn: Callable[[torch.Tensor], None]) -> None:
+    """``fn`` given the MoE block's output plus the shared expert's beside it, once both have run."""
+    parts: dict[str, torch.Tensor] = {}
+
+    def keep(name: str) -> Callable[..., None]:
+        def hook(m: Any, args: tuple, out: Any) -> None:
+            parts[name] = layer_output(out)
+            if len(parts) == 2:
+                block_out = parts.pop("block")
+                fn(block_out + parts.pop("shared").reshape(block_out.shape))
+        return hook
+
+    hooks.forward(block, keep("block"))
+    hooks.forward(down, keep("shared"))
+
+
+def _unflattened(hooks: Hooks, layer: nn.Module, fn: Callable[[torch.Tensor], None]) -> Callable[[torch.Tensor], None]:
+    """``fn`` given (batch, tokens, width) where the layer hands a module the tokens flattened, (batch x tokens,
+    width) (OPT's FFN), shaped as the layer's own input."""
+    shape: dict[str, torch.Size] = {}
+    hooks.pre(layer, lambda m, args, kwargs: shape.__setitem__("tokens", hidden_arg(args, kwargs).shape[:-1]),
+              with_kwargs=True)
+
+    def call(t: torch.Tensor) -> None:
+        tokens = shape.get("tokens")
+        if tokens is not None and len(tokens) == 2 and t.dim() == 2 and t.shape[0] == tokens[0] * tokens[1]:
+            t = t.reshape(tokens[0], tokens[1], t.shape[-1])
+        fn(t)
+
+    return call
 
 
 def _read_expert_neurons(hooks: Hooks, lm: LM, layer: int, fused: FusedExperts,
@@ -83,7 +138,6 @@ def _read_expert_neurons(hooks: Hooks, lm: LM, layer: int, fused: FusedExperts,
     state: dict[str, Any] = {}
 
     def on_block(m: Any, args: tuple, kwargs: dict) -> None:
-        state.clear()
         state["shape"] = hidden_arg(args, kwargs).shape
 
     def on_experts(m: Any, args: tuple, kwargs: dict) -> None:
@@ -97,12 +151,21 @@ def _read_expert_neurons(hooks: Hooks, lm: LM, layer: int, fused: FusedExperts,
     def on_gate(m: Any, args: tuple, out: Any) -> None:
         state["gate"] = torch.sigmoid(layer_output(out).float()).reshape(-1, 1)
 
-    def on_block_out(m: Any, args: tuple, kwargs: dict, out: Any) -> None:
-        parts = [state["routed"]]
-        if "shared" in state:
-            parts.append(state["shared"] * state.get("gate", 1.0))
+    def emit() -> None:  # each part popped: a forward's parts never mix with the next one's
+        parts = [state.pop("routed")]
+        if shared is not None:
+            parts.append(state.pop("shared") * state.pop("gate", 1.0))
         fn(torch.cat(parts, dim=-1).reshape(*state["shape"][:-1], -1))
 
+    def on_block_out(m: Any, args: tuple, kwargs: dict, out: Any) -> None:
+        if beside is None or "shared" in state:  # a shared expert beside the block may run before it or after it
+            emit()
+
+    def on_beside_out(m: Any, args: tuple, out: Any) -> None:
+        if "routed" in state:
+            emit()
+
+    beside = shared_beside(lm, layer)
     hooks.pre(block, on_block, with_kwargs=True)
     hooks.pre(fused.module, on_experts, with_kwargs=True)
     if shared is not None:
@@ -110,6 +173,8 @@ def _read_expert_neurons(hooks: Hooks, lm: LM, layer: int, fused: FusedExperts,
     if gate is not None:
         hooks.forward(gate, on_gate)
     hooks.forward(block, on_block_out, with_kwargs=True)
+    if beside is not None:
+        hooks.forward(beside, on_beside_out)
 
 
 def edit_site(hooks: Hooks, lm: LM, layer: int, site: str, fn: Callable[..., torch.Tensor | None],

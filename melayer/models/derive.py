@@ -233,6 +233,7 @@ class LayerRoles:
     mixer_kind: str = "none"  # attention / other / none
     conv1d: bool = False
     norms: list[nn.Module] = field(default_factory=list)
+    post_ln: bool = False  # the layer's output is a norm's output (post-LN: the residual stream is renormalised)
 
     def key(self) -> tuple:
         return tuple(sorted((k, v) for k, v in self.paths.items())) + (self.parallel, self.mixer_kind)
@@ -257,13 +258,14 @@ def _decoder_layers(model: PreTrainedModel, body: nn.Module) -> tuple[str, nn.Mo
 
 
 def _units(trace: Trace, module: nn.Module, hidden: int, prefix: str = "") -> list[tuple[str, Call]]:
-    """The outermost called submodules of ``module`` that read and write the residual width, in call order."""
+    """The outermost called submodules of ``module`` that read and write the residual width, in call order
+    ((batch, tokens, hidden), or (tokens, hidden) where the layer flattens the tokens, as OPT does for its FFN)."""
     found = []
     for name, child in module.named_children():
         path = f"{prefix}{name}"
         call = trace.get(child)
         if (call is not None and call.x is not None and call.y is not None and call.x.shape[-1] == hidden
-                and call.y.shape[-1] == hidden and call.x.dim() == 3 and call.y.dim() == 3):
+                and call.y.shape[-1] == hidden and call.x.dim() == call.y.dim() and call.x.dim() in (2, 3)):
             found.append((path, call))
         elif any(True for _ in child.children()):
             found.extend(_units(trace, child, hidden, f"{path}."))
@@ -287,15 +289,20 @@ def _leaves(trace: Trace, module: nn.Module) -> list[tuple[nn.Module, Call]]:
     return sorted(found, key=lambda mc: mc[1].order)
 
 
-def _dense_roles(trace: Trace, rel: Any, path: str, call: Call, hidden: int, skip: tuple = ()) -> dict[str, Any]:
-    """gate / up / gate_up / down (paths from ``rel``) and conv1d of a dense FFN module call."""
-    leaves = [(m, c) for m, c in _leaves(trace, call.module) if not any(m is s or _inside(m, s) for s in skip)]
+def _dense_roles(trace: Trace, rel: Any, path: str, call: Call, hidden: int, skip: tuple = (),
+                 loose: list[tuple[nn.Module, Call]] | None = None) -> dict[str, Any]:
+    """gate / up / gate_up / down (paths from ``rel``) and conv1d of a dense FFN module call; ``loose``: the FFN is
+    these projections, called by the decoder layer ``call`` itself (no FFN module; OPT's ``fc1``/``fc2``)."""
+    leaves = loose if loose is not None else [(m, c) for m, c in _leaves(trace, call.module)
+                                               if not any(m is s or _inside(m, s) for s in skip)]
     writers = [(m, c) for m, c in leaves if c.y is not None and c.y.shape[-1] == hidden]
     if not writers:
         raise DerivationError(f"no projection in {path} writes the residual width")
     down, down_call = writers[-1]
     inter = down_call.xin.shape[-1]
-    readers = [(m, c) for m, c in leaves if m is not down and _same(_flat(c.x, hidden), _flat(call.x, hidden))]
+    x_in = call.x if loose is None else next((c.x for m, c in leaves if m is not down and c.order < down_call.order
+                                              and c.x is not None and c.x.shape[-1] == hidden), None)
+    readers = [(m, c) for m, c in leaves if m is not down and _same(_flat(c.x, hidden), _flat(x_in, hidden))]
     out: dict[str, Any] = dict(down=rel(down), gate=None, up=None, gate_up=None)
     out["conv1d"] = not isinstance(down, nn.Linear) and _shape2d(down) == (inter, hidden) and inter != hidden
     widths = [c.yout.shape[-1] for _, c in readers]
@@ -320,14 +327,16 @@ def _inside(module: nn.Module, container: nn.Module) -> bool:
 
 
 def _ffn_roles(trace: Trace, names: dict[int, str], layer: nn.Module, path: str, call: Call, hidden: int,
-               roles: LayerRoles) -> None:
+               roles: LayerRoles, beside: tuple[str, Call] | None = None) -> None:
+    """The FFN's roles; ``beside``: a dense shared expert the layer calls next to this MoE block on the same input
+    (Granite-MoE's ``shared_mlp``), whose output the layer adds to the block's."""
     ffn = call.module
     base = names[id(layer)]
     rel = lambda m: names[id(m)][len(base) + 1 if base else 0:]  # noqa: E731
     roles.paths["mlp"] = path
     fused = [m for m in ffn.modules() if is_fused_experts(m)]
     if fused:
-        _moe_roles(trace, rel, path, call, fused[0], hidden, roles)
+        _moe_roles(trace, rel, path, call, fused[0], hidden, roles, beside)
         return
     if any(p.dim() == 3 for p in ffn.parameters()) or any(isinstance(m, nn.ModuleList) for m in ffn.modules()):
         raise DerivationError(f"{path} is a mixture of experts whose experts are not fused 3-D tensors with "
@@ -338,8 +347,9 @@ def _ffn_roles(trace: Trace, names: dict[int, str], layer: nn.Module, path: str,
 
 
 def _moe_roles(trace: Trace, rel: Any, path: str, call: Call, experts: nn.Module, hidden: int,
-               roles: LayerRoles) -> None:
-    """Router, fused experts, shared expert and its gate of an MoE block, checked by recomputing its output."""
+               roles: LayerRoles, beside: tuple[str, Call] | None = None) -> None:
+    """Router, fused experts, shared expert and its gate of an MoE block, checked by recomputing its output; a
+    shared expert ``beside`` the block (called by the layer on the block's input) is checked as a dense FFN."""
     ecall = trace.get(experts)
     parsed = experts_call(ecall.args, ecall.kwargs) if ecall is not None else None
     if ecall is None or parsed is None or ecall.y is None:
@@ -357,7 +367,7 @@ def _moe_roles(trace: Trace, rel: Any, path: str, call: Call, experts: nn.Module
               and c.module is not experts and not _inside(router[0], c.module) and not _inside(experts, c.module)
               and _leaves(trace, c.module) and _same(_flat(c.x, hidden), x_in) and c.y is not None
               and c.y.shape[-1] == hidden]
-    if len(shared) > 1:
+    if len(shared) + (beside is not None) > 1:
         raise DerivationError(f"several shared experts in {path}")
     x, idx, w = parsed
     y_experts = fused.output(x.float(), idx, w)
@@ -376,6 +386,32 @@ def _moe_roles(trace: Trace, rel: Any, path: str, call: Call, experts: nn.Module
         roles.paths["shared_gate"] = rel(gate) if gate is not None else None
     if not _same(total, call.yout.float(), 1e-3):
         raise DerivationError(f"{path}'s output is not its routed experts' sum (plus a shared expert)")
+    if beside is not None:
+        bpath, bcall = beside
+        if any(p.dim() == 3 for p in bcall.module.parameters()):
+            raise DerivationError(f"{bpath} beside the mixture of experts {path} is not a dense FFN")
+        dense = _dense_roles(trace, rel, bpath, bcall, hidden)
+        dense.pop("conv1d")
+        roles.paths.update(dense)
+
+
+def _loose_ffn_roles(trace: Trace, names: dict[int, str], layer: nn.Module, lcall: Call,
+                     loose: list[tuple[nn.Module, Call]], hidden: int, roles: LayerRoles) -> tuple[Call, Call]:
+    """An FFN made of projections the decoder layer calls itself (``mlp`` is None; ``up``/``gate``/``gate_up`` and
+    ``down`` name them): the last one writing the residual width is ``down``, those reading what the first reads
+    are its inputs, as in an FFN module. Returns the calls of the first input projection and of ``down``."""
+    base = names[id(layer)]
+    rel = lambda m: names[id(m)][len(base) + 1 if base else 0:]  # noqa: E731
+    dense = _dense_roles(trace, rel, "the decoder layer", lcall, hidden, loose=loose)
+    used = {dense[k] for k in ("gate", "up", "gate_up", "down") if dense[k]}
+    extra = [rel(m) for m, _ in loose if rel(m) not in used]
+    if extra:
+        raise DerivationError(f"{', '.join(extra)} is called in a decoder layer beside its FFN projections but "
+                              "is not one of them")
+    roles.conv1d = dense.pop("conv1d")
+    roles.paths.update(dense, mlp=None)
+    calls = {rel(m): c for m, c in loose}
+    return min((calls[p] for p in used if p != dense["down"]), key=lambda c: c.order), calls[dense["down"]]
 
 
 def _is_linear_branch(trace: Trace, ffn_call: Call, proj: nn.Module, down: nn.Module) -> bool:
@@ -403,27 +439,44 @@ def _layer_roles(trace: Trace, names: dict[int, str], layer: nn.Module, hidden: 
     mixers: list[tuple[str, Call]] = []
     ffns: list[tuple[str, Call]] = []
     for p, c in blocks:
+        if c.xin.dim() != 3:  # flattened tokens: only a norm is told apart on them
+            raise DerivationError(f"{p} reads the tokens flattened and is not a norm")
         (mixers if mixes_tokens(trace, c) else ffns).append((p, c))
     covered = [c.module for _, c in units]
+    # an FFN of projections called by the layer itself (OPT, XGLM, BioGPT: fc1 -> activation -> fc2, no FFN module)
+    loose = [(child, lc) for _, child in layer.named_children()
+             if _weight2d(child) is not None and (lc := trace.get(child)) is not None and lc.x is not None]
+    loose.sort(key=lambda mc: mc[1].order)
     for name, child in layer.named_children():
         if (trace.get(child) is not None and any(True for _ in child.parameters())
+                and not any(child is m for m, _ in loose)
                 and not any(child is m or _inside(child, m) or _inside(m, child) for m in covered)):
             raise DerivationError(f"{name} is called in a decoder layer but does not read and write "
                                   "(batch, tokens, hidden) like a norm, a mixer or an FFN")
     if len(mixers) > 1:
         raise DerivationError(f"several token mixers side by side ({', '.join(p for p, _ in mixers)})")
-    if len(ffns) > 1:
-        raise DerivationError(f"several position-wise blocks side by side ({', '.join(p for p, _ in ffns)})")
+    beside = None
+    if len(ffns) == 2 and _same(_flat(ffns[0][1].x, hidden), _flat(ffns[1][1].x, hidden)):
+        # an MoE block and a dense shared expert on the same input, their outputs added (Granite-MoE's shared_mlp)
+        moe = [i for i, (_, c) in enumerate(ffns) if any(is_fused_experts(m) for m in c.module.modules())]
+        if len(moe) == 1:
+            beside = ffns.pop(1 - moe[0])
+    if len(ffns) + bool(loose) > 1:
+        names_ = [p for p, _ in ffns] + (["the projections called by the layer itself"] if loose else [])
+        raise DerivationError(f"several position-wise blocks side by side ({', '.join(names_)})")
 
     def reads(block: Call) -> str | None:  # the last norm before the block whose output the block reads
-        return next((p for p, n in reversed(norms) if n.order < block.order and _same(n.y, block.x)), None)
+        return next((p for p, n in reversed(norms)
+                     if n.order < block.order and _same(_flat(n.y, hidden), _flat(block.x, hidden))), None)
 
     def follows(block: Call) -> str | None:  # the first norm after the block that reads its output
-        return next((p for p, n in norms if n.order > block.order and _same(n.x, block.y)), None)
+        return next((p for p, n in norms
+                     if n.order > block.order and _same(_flat(n.x, hidden), _flat(block.y, hidden))), None)
 
     for role in LAYER_ROLES:
         roles.paths[role] = None
     roles.norms = [c.module for _, c in norms]
+    roles.post_ln = bool(norms) and _same(_flat(norms[-1][1].y, hidden), _flat(lcall.y, hidden))
     if mixers:
         path, mcall = mixers[0]
         roles.paths.update(attn=path, pre_attn_norm=reads(mcall), post_attn_norm=follows(mcall))
@@ -431,10 +484,15 @@ def _layer_roles(trace: Trace, names: dict[int, str], layer: nn.Module, hidden: 
     if ffns:
         path, fcall = ffns[0]
         roles.paths.update(pre_ffn_norm=reads(fcall), post_ffn_norm=follows(fcall))
-        _ffn_roles(trace, names, layer, path, fcall, hidden, roles)
+        _ffn_roles(trace, names, layer, path, fcall, hidden, roles, beside)
         src = trace.called(layer.get_submodule(roles.paths["pre_ffn_norm"])).x if roles.paths["pre_ffn_norm"] else fcall.x
         roles.parallel = bool(mixers) and _same(src, lcall.x)
-    if not mixers and not ffns:
+    elif loose:
+        first, down = _loose_ffn_roles(trace, names, layer, lcall, loose, hidden, roles)
+        roles.paths.update(pre_ffn_norm=reads(first), post_ffn_norm=follows(down))
+        src = trace.called(layer.get_submodule(roles.paths["pre_ffn_norm"])).x if roles.paths["pre_ffn_norm"] else first.x
+        roles.parallel = bool(mixers) and _same(_flat(src, hidden), _flat(lcall.x, hidden))
+    if not mixers and not ffns and not loose:
         raise DerivationError("no mixer and no FFN found in a decoder layer")
     return roles
 
@@ -510,6 +568,9 @@ def derive_arch(model: PreTrainedModel) -> ArchSpec:
     finally:
         trace.remove()
         model.train(training)
+    if 2 * sum(r.post_ln for r in per_layer) > len(per_layer):
+        raise DerivationError("post-LN layers (each layer's output is a norm's output, so every layer renormalises "
+                              "the residual stream and no activation can stay massive in it)")
     kinds = {k for k, _ in probes}
     offsets = {o for _, o in probes if o is not None}
     if len(kinds) > 1 or len(offsets) > 1:

@@ -19,7 +19,7 @@ BOS, EOS, PAD = 0, 1, 2
 # size keys of transformers configs and the tiny value each gets (present keys only; sub-configs alike)
 _SHRINK = dict(
     hidden_size=HIDDEN, d_model=HIDDEN, n_embd=HIDDEN, embedding_size=HIDDEN,
-    intermediate_size=INTER, ffn_dim=INTER, n_inner=INTER, decoder_ffn_dim=INTER, intermediate_size_mlp=INTER,
+    word_embed_proj_dim=HIDDEN, intermediate_size=INTER, ffn_dim=INTER, n_inner=INTER, decoder_ffn_dim=INTER, intermediate_size_mlp=INTER,
     ffn_hidden_size=INTER, moe_intermediate_size=32, shared_expert_intermediate_size=64, shared_intermediate_size=64,
     shared_experts_intermediate_size=64,
     num_attention_heads=HEADS, n_head=HEADS, num_heads=HEADS, n_heads=HEADS, decoder_attention_heads=HEADS,
