@@ -31,16 +31,20 @@ REFUSED = {
     # experts, per-expert module lists), or whose experts are not fused tensors with transformers' layout flags
     "axk1": "output is not its routed experts' sum", "beam": "output is not its routed experts' sum",
     "cohere2_moe": "output is not its routed experts' sum", "minimax_m3_vl_text": "output is not its routed experts",
-    "jetmoe": "whose experts are not fused 3-D tensors",
+    "jetmoe": "whose experts are not fused 3-D tensors",  # 3-D weights routed by its own token sorting
     # Llama-4's MoE block returns flattened tokens and scales the expert *input* by the router score
-    "llama4": "feed_forward is called in a decoder layer", "llama4_text": "feed_forward is called in a decoder layer",
-    # two position-wise blocks side by side (an MoE and a shared MLP summed; residual gates)
+    "llama4": "feed_forward takes (batch, tokens, hidden) and returns the tokens flattened",
+    "llama4_text": "feed_forward takes (batch, tokens, hidden) and returns the tokens flattened",
+    # two position-wise blocks side by side that are not an MoE block and a dense shared expert (residual gates...)
     "axk2": "several position-wise blocks side by side", "ergo": "several position-wise blocks side by side",
-    # two token mixers side by side (Falcon-H1's attention + SSM; RWKV's channel mix shifts tokens; extra convolutions)
-    "falcon_h1": "several token mixers side by side", "rwkv": "several token mixers side by side",
-    "inkling_text": "several token mixers side by side", "longcat_flash": "several token mixers side by side",
-    # post-LN: each layer's output is a norm's output, so the residual stream is renormalised in every layer
-    "openai-gpt": "post-LN layers", "trocr": "post-LN layers",
+    # two token mixers on the same input (Falcon-H1's attention + SSM, summed with config multipliers)
+    "falcon_h1": "several token mixers side by side",
+    # two token mixers in a row (RWKV's channel mix shifts tokens where an FFN would be; extra convolutions)
+    "rwkv": "several token mixers in a row", "inkling_text": "several token mixers in a row",
+    "longcat_flash": "several token mixers in a row",
+    # post-LN: every layer renormalises the residual stream (GPT-1 and TrOCR end each layer with a norm; MiniMax
+    # carries the pre-attention norm's output as the residual)
+    "openai-gpt": "post-LN layers", "trocr": "post-LN layers", "minimax": "post-LN layers",
     # blocks that do not read/write (batch, tokens, hidden)
     "git": "is called in a decoder layer but does not", "bert-generation": "is called in a decoder layer but does",
     "deepseek_v4": "is called in a decoder layer but does not", "hy_v4": "is called in a decoder layer but does not",
@@ -54,10 +58,8 @@ REFUSED = {
     "deepseek_v2": "tracing the model failed", "ernie4_5_moe": "tracing the model failed",
     "xlstm": "tracing the model failed", "zamba2": "tracing the model failed",
 }
-# Families that map, but where the planted activation does not come out as planted.
-FAILED = {
-    "minimax": "lightning-attention layers between the planted layer and the scan's reading",
-}
+# Families that map, but where the planted activation does not come out as planted (none at present).
+FAILED: dict[str, str] = {}
 
 # Families whose own KV-cached decoding already differs from a no-cache recompute (or fails) with no mask at all,
 # so the cache check cannot isolate WeMask there; each is checked to still behave so (the test says when a newer
@@ -296,7 +298,8 @@ def test_shared_expert_beside_the_moe_block():
 
 
 def test_post_ln_is_refused_in_one_line():
-    """GPT-1 renormalises the residual stream at the end of every layer (post-LN): refused, saying so."""
+    """GPT-1 renormalises the residual stream at the end of every layer (post-LN), MiniMax at its start: refused,
+    saying so."""
     from transformers import AutoModelForCausalLM
 
     from melayer.testing import tiny_tokenizer
@@ -305,6 +308,10 @@ def test_post_ln_is_refused_in_one_line():
     with pytest.raises(UnsupportedArchitecture, match="post-LN layers") as err:
         melayer.from_model(model, tiny_tokenizer())
     assert "\n" not in str(err.value)
+    # MiniMax: the layer carries the pre-attention norm's output as its residual (doubling the input changes nothing)
+    model = AutoModelForCausalLM.from_config(tiny_config("minimax"), dtype=torch.float32)
+    with pytest.raises(UnsupportedArchitecture, match="post-LN layers"):
+        melayer.from_model(model, tiny_tokenizer())
 
 
 def test_multimodal_text_tower():

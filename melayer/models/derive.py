@@ -233,7 +233,7 @@ class LayerRoles:
     mixer_kind: str = "none"  # attention / other / none
     conv1d: bool = False
     norms: list[nn.Module] = field(default_factory=list)
-    post_ln: bool = False  # the layer's output is a norm's output (post-LN: the residual stream is renormalised)
+    post_ln: bool = False  # the layer renormalises the residual stream (see _renormalises)
 
     def key(self) -> tuple:
         return tuple(sorted((k, v) for k, v in self.paths.items())) + (self.parallel, self.mixer_kind)
@@ -432,6 +432,12 @@ def _layer_roles(trace: Trace, names: dict[int, str], layer: nn.Module, hidden: 
     lcall = trace.get(layer)
     if lcall is None or lcall.x is None:
         raise DerivationError("a decoder layer was not called with the hidden states")
+    for name, child in layer.named_children():
+        c = trace.get(child)
+        if c is not None and c.x is not None and c.y is not None and c.x.dim() == 3 and c.y.dim() == 2 \
+                and c.x.shape[-1] == c.y.shape[-1] == hidden:
+            raise DerivationError(f"{name} takes (batch, tokens, hidden) and returns the tokens flattened, (tokens, "
+                                  "hidden): a block melayer does not read")
     units = _units(trace, layer, hidden)
     norms = [(p, c) for p, c in units if is_norm(trace, c, hidden)]
     blocks = [(p, c) for p, c in units if all(c is not n for _, n in norms)
@@ -454,7 +460,8 @@ def _layer_roles(trace: Trace, names: dict[int, str], layer: nn.Module, hidden: 
             raise DerivationError(f"{name} is called in a decoder layer but does not read and write "
                                   "(batch, tokens, hidden) like a norm, a mixer or an FFN")
     if len(mixers) > 1:
-        raise DerivationError(f"several token mixers side by side ({', '.join(p for p, _ in mixers)})")
+        where = "side by side" if _same(mixers[0][1].x, mixers[1][1].x) else "in a row"
+        raise DerivationError(f"several token mixers {where} ({', '.join(p for p, _ in mixers)})")
     beside = None
     if len(ffns) == 2 and _same(_flat(ffns[0][1].x, hidden), _flat(ffns[1][1].x, hidden)):
         # an MoE block and a dense shared expert on the same input, their outputs added (Granite-MoE's shared_mlp)
@@ -476,7 +483,7 @@ def _layer_roles(trace: Trace, names: dict[int, str], layer: nn.Module, hidden: 
     for role in LAYER_ROLES:
         roles.paths[role] = None
     roles.norms = [c.module for _, c in norms]
-    roles.post_ln = bool(norms) and _same(_flat(norms[-1][1].y, hidden), _flat(lcall.y, hidden))
+    roles.post_ln = _renormalises(trace, lcall, norms, hidden)
     if mixers:
         path, mcall = mixers[0]
         roles.paths.update(attn=path, pre_attn_norm=reads(mcall), post_attn_norm=follows(mcall))
@@ -495,6 +502,21 @@ def _layer_roles(trace: Trace, names: dict[int, str], layer: nn.Module, hidden: 
     if not mixers and not ffns and not loose:
         raise DerivationError("no mixer and no FFN found in a decoder layer")
     return roles
+
+
+def _renormalises(trace: Trace, lcall: Call, norms: list[tuple[str, Call]], hidden: int) -> bool:
+    """Post-LN: the layer's output is a norm's output (GPT-1), or its input reaches the output only through a norm
+    (MiniMax carries the pre-attention norm's output as the residual): doubling the input leaves the output as
+    it is. Either way every layer renormalises the residual stream."""
+    if not norms:
+        return False
+    if _same(_flat(norms[-1][1].y, hidden), _flat(lcall.y, hidden)):
+        return True
+    try:
+        doubled = trace.rerun(lcall, lcall.xin * 2)
+    except Exception:  # a layer that cannot be called again on its own: not measured
+        return False
+    return _same(doubled, lcall.yout, 1e-3)
 
 
 def _logit_scale(model: PreTrainedModel, head: nn.Module, body_call: Call | None, out: Any) -> float:
@@ -569,8 +591,9 @@ def derive_arch(model: PreTrainedModel) -> ArchSpec:
         trace.remove()
         model.train(training)
     if 2 * sum(r.post_ln for r in per_layer) > len(per_layer):
-        raise DerivationError("post-LN layers (each layer's output is a norm's output, so every layer renormalises "
-                              "the residual stream and no activation can stay massive in it)")
+        raise DerivationError("post-LN layers: every layer renormalises the residual stream (its output is a "
+                              "norm's output, or its input reaches the output only through a norm), so no "
+                              "activation can stay massive in it")
     kinds = {k for k, _ in probes}
     offsets = {o for _, o in probes if o is not None}
     if len(kinds) > 1 or len(offsets) > 1:
