@@ -91,6 +91,7 @@ class Plant:
     expert: int | None = None  # MoE layer: the routed expert BOS is sent to, whose neuron ``neuron`` writes the dim
     flat_neuron: int | None = None  # the neuron's number in melayer's neuron numbering (expert x I + neuron)
     remover: tuple[int, float] | None = None  # (layer, share): a later FFN neuron takes this share of the value away
+    mixer: bool = False  # planted through the mixer's output projection (a layer without FFN, as in pure SSMs)
 
 
 def _set_neuron(lm: LM, layer: int, neuron: int, read_dim: int, gain: float) -> None:
@@ -158,7 +159,10 @@ def plant_massive(lm: LM, me_layer: int, neuron: int, dim: int, carrier: int | N
                 bias[carrier] = 0.0
     # 2. the planted neuron reads the carrier; its down column writes the massive dim
     expert = flat = None
-    if (me_experts := lm.experts(me_layer)) is not None:
+    mixer = lm.module(me_layer, "down") is None and lm.experts(me_layer) is None
+    if mixer:
+        flat = neuron = _plant_mixer(lm, me_layer, carrier, dim, 2 * strength)
+    elif (me_experts := lm.experts(me_layer)) is not None:
         expert = 1
         flat = _plant_expert(lm, me_layer, me_experts, expert, neuron, carrier, dim, strength / math.sqrt(hidden))
     else:
@@ -173,7 +177,57 @@ def plant_massive(lm: LM, me_layer: int, neuron: int, dim: int, carrier: int | N
     if remover is not None:
         _plant_remover(lm, remover, dim, neuron + 3)
     return Plant(me_layer=me_layer, neuron=neuron, dim=dim, carrier=carrier, precursor=precursor, remover=remover, expert=expert,
-                 flat_neuron=neuron if flat is None else flat)
+                 flat_neuron=neuron if flat is None else flat, mixer=mixer)
+
+
+class _Stop(Exception):
+    """Ends a probing forward pass once the hooked module has been reached."""
+
+
+def _plant_mixer(lm: LM, layer: int, carrier: int, dim: int, value: float) -> int:
+    """A layer without FFN (pure SSMs): make one input channel of the mixer's output projection (``mixer_out``)
+    non-zero on BOS only, and write ``value`` into ``dim`` from it. The channel is found by trying each row of
+    the mixer's input projections in turn (the row reads only the carrier, which is zero on every other token):
+    the first row after which some channel is non-zero on BOS and exactly zero on every later token -- a gate
+    row, as Mamba's ``z`` (silu(0) = 0). Returns the channel (the planted neuron)."""
+    out_proj, mixer = lm.required(layer, "mixer_out"), lm.required(layer, "attn")
+    ids = lm.tokenizer(PROBE_TEXTS[0], return_tensors="pt")["input_ids"]
+    seen: dict[str, torch.Tensor] = {}
+
+    def grab(m: Any, args: tuple) -> None:
+        seen["a"] = args[0].detach()
+        raise _Stop
+
+    def channels() -> torch.Tensor:
+        handle = out_proj.register_forward_pre_hook(grab)
+        try:
+            lm.model(input_ids=ids, use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        a = seen["a"].reshape(ids.shape[0], ids.shape[1], -1)[0].float()
+        return (a[0].abs() > 1e-3 * a[0].abs().max().clamp_min(1e-30)) & (a[1:].abs().amax(0) == 0)
+
+    before = channels()
+    for proj, weight in lm.arch.projections(mixer):
+        if proj is out_proj or weight.shape[1] != lm.hidden_size:
+            continue
+        for row in range(weight.shape[0]):
+            saved = weight[row].clone()
+            weight[row].zero_()
+            weight[row, carrier] = 2.0
+            found = (channels() & ~before).nonzero().flatten()
+            if len(found):
+                c = int(found[0])
+                w = lm.arch.linear_weight(out_proj)  # (hidden, channel) view
+                w[dim].zero_()
+                w[:, c].zero_()
+                w[dim, c] = value / float(seen["a"].reshape(ids.shape[0], ids.shape[1], -1)[0, 0, c])
+                return c
+            weight[row] = saved
+    raise MelayerError(f"{lm.name}: no row of layer {layer}'s mixer input opens a channel of {lm.arch.path('mixer_out', layer)} "
+                       "on the first token only")
 
 
 def _plant_expert(lm: LM, layer: int, fused: FusedExperts, expert: int, neuron: int, carrier: int, dim: int,

@@ -74,9 +74,9 @@ OWN_CACHE_DIFFERS = {
 # one of each block kind, run by default; the rest in the slow sweep. MoE: Mixtral (concatenated gate/up), gpt-oss
 # (interleaved, transposed, with biases), Qwen2-MoE (a gated shared expert), DeepSeek-V3 (a dense first layer);
 # OPT: an FFN of projections the layer calls itself, on flattened tokens; Granite-MoE-shared: a shared expert
-# beside the MoE block
+# beside the MoE block; Mamba: no FFN at all, planted through the mixer's output projection
 FAST = ["gpt_neox", "gptj", "falcon", "phi", "cohere", "stablelm", "gemma3", "olmo", "lfm2",
-        "mixtral", "gpt_oss", "qwen2_moe", "deepseek_v3", "opt", "granitemoeshared"]
+        "mixtral", "gpt_oss", "qwen2_moe", "deepseek_v3", "opt", "granitemoeshared", "mamba"]
 
 
 def _buildable() -> list[str]:
@@ -96,7 +96,10 @@ def scan_explain_mask(model_type: str, me_layer: int = ME_LAYER) -> None:
     assert e.model_check["bit_identical"]
     decomposition = e.decomposition[0]
     assert decomposition["sum_check_error"] < 1e-3 * abs(decomposition["residual_out"])
-    assert decomposition["ffn_share_of_update"] > 0.9
+    if lm.plant.mixer:  # a layer without FFN (pure SSMs): planted through the mixer's output projection
+        assert decomposition["attn_share_of_update"] > 0.9 and decomposition["ffn_branch"] == 0.0
+    else:
+        assert decomposition["ffn_share_of_update"] > 0.9
     if lm.arch.parallel:
         assert decomposition["ffn_reads"] == "layer input (parallel block)"
     if model_type in OWN_CACHE_DIFFERS:
@@ -295,6 +298,17 @@ def test_shared_expert_beside_the_moe_block():
         assert [g["expert"] for g in segments] == [0, 1, 2, 3, "shared"]
         assert got["down_in"].shape[-1] == down.shape[1] == segments[-1]["start"] + segments[-1]["size"]
         torch.testing.assert_close(got["down_in"] @ down.t(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_mixer_out_is_derived_where_a_layer_has_no_ffn():
+    """Pure SSMs have no FFN: the mixer's output projection holds the layer's neurons (down_in reads its input,
+    the down weight is its weight); layers with an FFN keep mixer_out None."""
+    lm = tiny_lm("mamba", plant=False)
+    assert (lm.arch.mixer_out, lm.arch.down, lm.arch.mixer_kind) == ("mixer.out_proj", None, "other")
+    assert lm.neuron_projection(1) is lm.layers[1].mixer.out_proj
+    assert torch.equal(lm.down_weight(1), lm.layers[1].mixer.out_proj.weight)
+    assert lm.ffn_segments(1) == [{"expert": None, "start": 0, "size": lm.layers[1].mixer.out_proj.in_features}]
+    assert derive_arch(tiny_lm("llama", plant=False).model).mixer_out is None
 
 
 def test_post_ln_is_refused_in_one_line():

@@ -57,11 +57,12 @@ def site_module(lm: LM, layer: int, site: str) -> nn.Module | None:
     """The module whose input or output is ``site`` in ``layer`` (None if the family has no such role).
 
     An FFN of projections the layer calls itself (no ``mlp`` module: OPT, XGLM, BioGPT) has its input at its input
-    projection and its output at its down projection."""
+    projection and its output at its down projection. In a layer without FFN, ``down_in`` is the input of the
+    mixer's output projection (:meth:`~melayer.models.loading.LM.neuron_projection`)."""
     role, _ = SITES[site]
     if role == "layer":
         return lm.layers[layer]
-    module = lm.module(layer, role)
+    module = lm.module(layer, role) if role != "down" else lm.neuron_projection(layer)
     if module is None and role == "mlp" and lm.experts(layer) is None:
         ends = ("down",) if site == "mlp_out" else ("gate_up", "up", "gate")
         module = next((m for r in ends if (m := lm.module(layer, r)) is not None), None)

@@ -136,8 +136,11 @@ def _ablate_neurons(lm: LM, e: NeuronAblation, hooks: Hooks, saved: _Saved) -> N
     """Dense FFN: the neurons' activations are zeroed at the down input. MoE layer: a routed expert's neurons get
     their down columns zeroed (restored by :func:`ablated`), a shared expert's neurons as a dense FFN's."""
     fused = lm.experts(e.layer)
-    if fused is None:
-        hooks.pre(lm.required(e.layer, "down"), _zero_hook(tuple(e.neurons)))
+    if fused is None:  # a dense FFN's down, or a layer without FFN: its mixer's output projection
+        down = lm.neuron_projection(e.layer)
+        if down is None:
+            raise MelayerError(f"{lm.name}: layer {e.layer} has no neurons to ablate")
+        hooks.pre(down, _zero_hook(tuple(e.neurons)))
         return
     routed = fused.num_experts * fused.inter
     shared = tuple(n - routed for n in e.neurons if n >= routed)

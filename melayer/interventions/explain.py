@@ -513,7 +513,8 @@ def explain(
                                 "activation": float(act_mean[n]), "down_weight": float(w_down[d, n]),
                                 "selected": n in selected, **_expert_of(segments, n)})
     median_abs_w = float(w_down.abs().median())
-    down_path = f"{lm.arch.layers}.{L}.{lm.arch.path('down', L)}.weight"
+    neuron_role = "down" if lm.module(L, "down") is not None else "mixer_out"  # a layer without FFN: its mixer's
+    down_path = f"{lm.arch.layers}.{L}.{lm.arch.path(neuron_role, L)}.weight"
     fused = lm.experts(L)
     super_weights = []
     for n in selected:
@@ -533,7 +534,8 @@ def explain(
                 "share_of_ffn_output": s, "tensor": tensor, "stored_index": stored, **where,
             })
     experts = expert_table(segments, contrib, dims) if segments else None
-    driving = {n: driving_inputs(lm, L, rec[L]["mlp_in"], n) for n in selected}
+    # the FFN input dims that drive each neuron (none for a mixer's neurons: they are not a projection of its input)
+    driving = {n: driving_inputs(lm, L, rec[L]["mlp_in"], n) for n in selected} if "mlp_in" in rec[L] else {}
     drive = driving_dims(driving)
     norm_gains = norm_report(lm, L, rec[L], dims, drive)
 
@@ -562,7 +564,8 @@ def explain(
             continue
         c = neuron_contributions(lm, layer, rec[layer]["down_in"], dims)
         neurons = rank_neurons(c)[: len(selected)].tolist()
-        drv = driving_dims({n: driving_inputs(lm, layer, rec[layer]["mlp_in"], n) for n in neurons})
+        drv = driving_dims({n: driving_inputs(lm, layer, rec[layer]["mlp_in"], n) for n in neurons}) \
+            if "mlp_in" in rec[layer] else []
         there = experts_of(layer, neurons)
         for kind in (kinds if there else ABLATIONS)[1:]:
             plan.append((kind, layer, role, edits_for(layer, kind, neurons, drv, there), None))

@@ -27,6 +27,7 @@ from melayer.util.errors import MelayerError
 LAYER_ROLES = (
     "pre_attn_norm",  # norm whose output is the attention input (None for post-norm designs, e.g. OLMo2)
     "attn",
+    "mixer_out",  # a layer without FFN: the mixer's output projection (its inputs are the layer's neurons)
     "post_attn_norm",  # norm applied to the attention output before the residual add (Gemma2/3, OLMo2)
     "pre_ffn_norm",  # norm whose output is the FFN input
     "mlp",
@@ -61,6 +62,7 @@ class ArchSpec:
     lm_head: str = "lm_head"
     pre_attn_norm: str | None = "input_layernorm"
     attn: str | None = "self_attn"
+    mixer_out: str | None = None
     post_attn_norm: str | None = None
     pre_ffn_norm: str | None = "post_attention_layernorm"
     mlp: str | None = "mlp"

@@ -2,8 +2,9 @@
 
 Every model type of transformers' causal-LM auto mapping is built from its default config shrunk to tiny sizes,
 its roles are mapped (:func:`melayer.models.derive.arch_for`) and a massive activation is planted through those
-roles (:func:`melayer.testing.plant_massive`). ``validated``: the plant shows up exactly where it was put; ``mapped``: roles derived but no layer has an FFN to
-plant through (pure SSMs); ``excluded``: an encoder or encoder-decoder family;
+roles (:func:`melayer.testing.plant_massive`: an FFN neuron, or where no layer has an FFN, as in pure SSMs, a channel
+of the mixer's output projection). ``validated``: the plant shows up exactly where it was put; ``mapped``: roles
+derived but no layer has an FFN or a mixer output projection to plant through; ``excluded``: an encoder or encoder-decoder family;
 ``refused``: melayer cannot map the roles (the reason says why); ``not built``: transformers cannot build the
 family from a shrunk default config (or it needs a package that is not installed); ``failed``: mapped, but the
 plant did not come out right.
@@ -69,11 +70,12 @@ def coverage_row(model_type: str) -> dict[str, Any]:
     if lm.arch.layer_paths:
         kinds = sorted({lm.arch.block_kind(i) for i in range(lm.num_layers)} - {row["block"]})
         row["layers_differ"] = "other layers: " + "; ".join(kinds) if kinds else "layers differ in module paths"
-    with_ffn = [i for i in range(1, lm.num_layers - 1)
-                if lm.module(i, "down") is not None or lm.experts(i) is not None]
+    inner = range(1, lm.num_layers - 1)
+    with_ffn = [i for i in inner if lm.module(i, "down") is not None or lm.experts(i) is not None] or \
+        [i for i in inner if lm.module(i, "mixer_out") is not None]  # no FFN anywhere (pure SSMs): through the mixer
     if not with_ffn:
-        return {**row, "status": "mapped", "reason": "no FFN in the layers the plant can use: roles derived, not "
-                                                     "validated by planting (the plant writes through an FFN neuron)"}
+        return {**row, "status": "mapped", "reason": "no FFN and no mixer output projection in the layers the plant "
+                                                     "can use: roles derived, not validated by planting"}
     row["me_layer"] = with_ffn[0]
     try:
         plant = plant_massive(lm, me_layer=with_ffn[0], neuron=5, dim=7)

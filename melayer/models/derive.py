@@ -488,6 +488,10 @@ def _layer_roles(trace: Trace, names: dict[int, str], layer: nn.Module, hidden: 
         path, mcall = mixers[0]
         roles.paths.update(attn=path, pre_attn_norm=reads(mcall), post_attn_norm=follows(mcall))
         roles.mixer_kind = "attention" if _is_softmax_attention(mcall) else "other"
+        writers = [m for m, c in _leaves(trace, mcall.module) if c.y is not None and c.y.shape[-1] == hidden]
+        if not ffns and not loose and writers:  # no FFN: the mixer's last projection writing the residual width
+            base = names[id(layer)]
+            roles.paths["mixer_out"] = names[id(writers[-1])][len(base) + 1 if base else 0:]
     if ffns:
         path, fcall = ffns[0]
         roles.paths.update(pre_ffn_norm=reads(fcall), post_ffn_norm=follows(fcall))

@@ -208,6 +208,19 @@ class LM:
             return None
         return self.arch.gain_from_weight(weight.float())
 
+    def neuron_projection(self, layer: int) -> nn.Module | None:
+        """The projection whose inputs are the layer's neurons: the FFN's ``down``, or, in a layer without an FFN
+        (a pure SSM's), the mixer's output projection (``mixer_out``).
+
+        Args:
+            layer: the decoder layer's index.
+
+        Returns:
+            The module, or None when the layer has neither (or its FFN is a mixture of experts without shared one).
+        """
+        down = self.module(layer, "down")
+        return down if down is not None or self.experts(layer) is not None else self.module(layer, "mixer_out")
+
     def experts(self, layer: int) -> FusedExperts | None:
         """The fused experts of an MoE layer.
 
@@ -232,7 +245,7 @@ class LM:
         """
         fused = self.experts(layer)
         if fused is None:
-            down = self.module(layer, "down")
+            down = self.neuron_projection(layer)
             return [] if down is None else [{"expert": None, "start": 0, "size": self.down_weight(layer).shape[1]}]
         segs: list[dict[str, Any]] = [{"expert": e, "start": e * fused.inter, "size": fused.inter}
                                       for e in range(fused.num_experts)]
@@ -246,7 +259,8 @@ class LM:
         """The ``down`` weight as (hidden_out, intermediate), whatever the storage layout.
 
         For an MoE layer, every routed expert's down projection side by side, then the shared expert's (see
-        :meth:`ffn_segments`). An offloaded layer's weights are materialised for the read.
+        :meth:`ffn_segments`); for a layer without FFN, the mixer's output projection (:meth:`neuron_projection`).
+        An offloaded layer's weights are materialised for the read.
 
         Args:
             layer: the decoder layer's index.
@@ -256,7 +270,10 @@ class LM:
         """
         fused = self.experts(layer)
         if fused is None:
-            return read(self.required(layer, "down"), self.arch.at(layer).down_matrix)
+            down = self.neuron_projection(layer)
+            if down is None:
+                raise MelayerError(f"{self.name}: layer {layer} has no down module")
+            return read(down, self.arch.at(layer).down_matrix)
         with materialized(self.layers[layer]):
             mats = [fused.down(e).detach() for e in range(fused.num_experts)]
             shared = self.module(layer, "down")
