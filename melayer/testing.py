@@ -5,7 +5,8 @@ hidden 64) and plants a massive activation the way real models grow one: on the 
 decoder layer ``me_layer``, one FFN neuron fires only for BOS and its ``down`` weight writes a huge
 value into one hidden dim, which then rides the residual stream to the last layer. Families with a
 norm after the FFN (Gemma 2/3, OLMo2) also get a large gain on that dim in that norm, so there the norm
-and the FFN create it jointly.
+and the FFN create it jointly. In a layer without FFN (pure SSMs) the neuron is a channel of the mixer's
+output projection that the plant opens on BOS only (``Plant.mixer``; ``Plant.neuron`` is the channel found).
 
 Everything is addressed through the architecture map (roles), so the same code validates a map: if a role
 points at the wrong module, the planted activation does not appear where it was planted. :func:`check_arch`
@@ -344,7 +345,7 @@ def tiny_lm(model_type: str = "llama", plant: bool = True, me_layer: int = 1, ne
         model_type: a transformers model type (``"llama"``, ``"gemma3_text"``, ...).
         plant: plant a BOS-only massive activation (:func:`plant_massive`).
         me_layer: the layer the planted activation is born in.
-        neuron: the FFN ``down`` neuron that writes it.
+        neuron: the FFN ``down`` neuron that writes it (a layer without FFN: the plant picks the mixer channel).
         dim: the residual dim it appears in.
         num_layers: decoder layers.
         seed: the random seed of the weights.

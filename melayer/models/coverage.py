@@ -124,7 +124,8 @@ def coverage_markdown(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         roles = r.get("roles", {})
         ffn = (f"router `{roles['router']}`, experts `{roles['experts']}`" if roles.get("experts") else
-               f"down `{roles['down']}`" if roles.get("down") else "")
+               f"down `{roles['down']}`" if roles.get("down") else
+               f"mixer out `{roles['mixer_out']}`" if roles.get("mixer_out") else "")
         if roles.get("experts") and roles.get("down"):
             ffn += f", shared down `{roles['down']}`"
         main = ", ".join(p for p in (f"mixer `{roles['attn']}`" if roles.get("attn") else "", ffn) if p)
