@@ -43,6 +43,18 @@ def test_planted_checkpoint_of_every_family(tmp_path, model_type):
             assert r.layers[3].role == "removes" and r.layers[me_layer].role == "creates"
 
 
+@pytest.mark.parametrize("model_type", ["opt", "xglm", "biogpt"])
+def test_ffn_of_loose_projections(tmp_path, model_type):
+    """OPT, XGLM, BioGPT: the FFN is fc1/fc2 called by the layer itself (derived roles, no mlp module); XGLM's
+    config counts its layers in num_layers and its width in d_model."""
+    lm = tiny_lm(model_type)
+    r = candidates(str(save_lm(lm, tmp_path / model_type)), progress=False)
+    assert (r.me_layer, r.massive_dim, r.top_neuron) == (1, 7, 5)
+    assert r.super_weight["tensor"].endswith("layers.1.fc2.weight")
+    assert float(lm.model.state_dict()[r.super_weight["tensor"]][tuple(r.super_weight["stored_index"])]) == \
+        pytest.approx(r.super_weight["value"])
+
+
 def test_planted_precursor(tmp_path):
     """A spike at layer 0 that layer 1's FFN cancels: the cancelling neuron has the largest down weight, but the
     path sees the spike die (a precursor) and the planted value persist from layer 2."""

@@ -34,6 +34,9 @@ from melayer.util.errors import MelayerError, UnsupportedArchitecture
 
 CHUNK_VALUES = 1 << 18  # values per streamed block: 1 MiB as float32
 
+# config keys that give the number of decoder layers (XGLM's num_layers; d_model is XGLM's hidden size)
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
 
 class LazyWeights:
     """Named tensors of one checkpoint, read on request; roles resolved through an :class:`ArchSpec`."""
@@ -46,8 +49,8 @@ class LazyWeights:
         self.config = config
         self.model_type = str(config.get("model_type") or "")
         self.arch = _arch_for_config(self.model_type, arch, config)
-        self.num_layers = int(config.get("num_hidden_layers") or config.get("n_layer") or 0)
-        self.hidden_size = int(config.get("hidden_size") or config.get("n_embd") or 0)
+        self.num_layers = int(next((config[k] for k in _LAYER_KEYS if config.get(k)), 0))
+        self.hidden_size = int(config.get("hidden_size") or config.get("n_embd") or config.get("d_model") or 0)
         self.tensors_read = 0
         self.bytes_read = 0
         self.max_live = 0
@@ -369,7 +372,7 @@ class SafetensorsWeights(LazyWeights):
             config = json.loads((directory / "config.json").read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise MelayerError(f"cannot read {directory / 'config.json'}: {exc}") from None
-        if "num_hidden_layers" not in config and "n_layer" not in config and isinstance(config.get("text_config"), dict):
+        if not any(k in config for k in _LAYER_KEYS) and isinstance(config.get("text_config"), dict):
             config = config["text_config"]  # a multimodal checkpoint: rank its language model
         super().__init__(directory.name, str(directory), config, arch)
         index = directory / "model.safetensors.index.json"
