@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import inspect
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -547,3 +548,114 @@ def test_a_users_sft_trainer_trains_under_wemask(sft_file, tmp_path):
     assert masked_loss != pytest.approx(plain_loss, rel=1e-6)  # the mask changed the forward ...
     assert plain_b.keys() == masked_b.keys() and any(not torch.equal(plain_b[n], masked_b[n]) for n in plain_b)  # ... and the gradients
     assert not wm._active  # removed when the block ended
+
+
+# ----------------------------------------------------------------------------------------------------
+# a method of the interventions registry on every training forward (WeMask and its controls)
+
+
+class _CaptureQueryInputs:
+    """A trainer callback: from the start of training to its end, keep what each layer's query projection gets
+    (the attention input after every hook on the attention module), per training forward."""
+
+    def __init__(self, lm, layers):
+        self.lm, self.layers, self.seen = lm, layers, {layer: [] for layer in layers}
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        from melayer.capture import Hooks
+
+        outer, hooks = self, Hooks()
+
+        class Capture(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                for layer in outer.layers:
+                    q = outer.lm.layers[layer].self_attn.q_proj
+                    q = getattr(q, "base_layer", q)
+                    hooks.pre(q, lambda m, a, layer=layer: outer.seen[layer].append(a[0].detach().clone()))
+
+            def on_train_end(self, args, state, control, **kwargs):
+                hooks.remove()
+
+        return Capture()
+
+
+@pytest.mark.parametrize("spec", ["wemask:rate=0.1", "wemask_before:rate=0.1", "wemask_random_dims:rate=0.1,seed=3",
+                                  "wemask_other_token:rate=0.1,seed=1", "wemask_me_only:rate=0.1"])
+def test_a_registry_intervention_acts_in_every_training_forward_and_is_removed(spec, sft_file, tmp_path):
+    lm = tiny_lm("llama")  # planted ME layer 1, hidden 64 -> k = 6, layers 0-3
+    probe = melayer.encode(lm, ["hello there, friend", "hi"])
+    with torch.no_grad():
+        before = lm.model(**probe).logits
+    capture = _CaptureQueryInputs(lm, range(lm.num_layers))
+    result = finetune(lm=lm, data=str(sft_file), output=str(tmp_path / "run"), intervention=spec, max_steps=2,
+                      callbacks=[capture.callback()], **FAST)
+    record = result.to_dict()["intervention"]
+    settings = record["settings"]
+    assert record["spec"] == spec.split(":")[0] + ":" + spec.split(":")[1] and record["name"] == spec.split(":")[0]
+    assert record["calibration"]["source"].startswith("the first 8 training examples")
+    assert record["calibration"]["me_layer"] == 1 and settings["k"] == 6
+    want_layers = {"wemask_before": [0], "wemask_me_only": [1]}.get(record["name"], [2, 3])
+    assert settings["layers"] == want_layers
+    assert json.loads((tmp_path / "run" / "wemask.json").read_text())["layers"] == want_layers  # re-applied on load
+    position = settings["offset"] if settings["token"] == "offset" else 0
+    assert record["name"] != "wemask_other_token" or position >= 1
+    fixed = settings["fixed_dims"]
+    assert (fixed is None) == (record["name"] in ("wemask", "wemask_me_only"))
+    for layer, seen in capture.seen.items():
+        assert seen, layer  # every layer saw the training forwards (2 steps, checkpointing re-runs them)
+        for x in seen:
+            target = x[:, position]  # TRL pads on the right: the masked token sits at the same index in every row
+            if fixed is not None:
+                zeroed = bool((target[:, fixed] == 0).all())
+            else:
+                zeroed = int((target == 0).sum(-1).min()) >= settings["k"]
+            assert zeroed == (layer in want_layers), (layer, record["name"])
+    # hooks gone: the base model (adapter disabled) computes exactly what it did before training
+    model = result.trainer.model
+    model.eval()
+    with torch.no_grad(), model.disable_adapter():
+        after = model(**probe).logits
+    assert torch.equal(before, after)
+    assert all(not lm.layers[i].self_attn._forward_pre_hooks for i in range(lm.num_layers))
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(intervention="act"), "method act is not used in fine-tuning: a training-free, inference-time"),
+    (dict(intervention="zerotuning:gamma=0.5"), "its gamma and heads are tuned on the frozen model's output entropy"),
+    (dict(intervention="set_mean"), "a diagnostic of the frozen model"),
+    (dict(intervention="set_zero"), "breaks the model by design"),
+    (dict(intervention="wemask_nope"), "unknown method 'wemask_nope'"),
+    (dict(intervention="wemask_before:rate=2"), "rate=2.0 is out of range"),
+    (dict(intervention="wemask:rate=0.1", wemask=0.1), "give --wemask or --method (intervention=), not both"),
+    (dict(intervention="wemask_before:rate=0.1", layers="2-3"), "--layers is a --wemask option"),
+])
+def test_methods_that_make_no_sense_in_training_are_refused_in_one_line(options, message, sft_file, tmp_path):
+    with pytest.raises(MelayerError, match=re.escape(message)) as err:
+        finetune(lm=tiny_lm("llama"), data=str(sft_file), output=str(tmp_path / "no"), max_steps=1, **options,
+                 **FAST)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "no").exists()
+
+
+def test_an_adapter_trained_under_a_control_is_loaded_with_that_control(planted_dir, sft_file, tmp_path):
+    out = tmp_path / "run"
+    result = finetune(model=str(planted_dir), data=str(sft_file), output=str(out), max_steps=1,
+                      intervention="wemask_other_token:rate=0.1,seed=2", **FAST)
+    settings = result.to_dict()["intervention"]["settings"]
+    lm = melayer.load(str(planted_dir), adapter=str(out), progress=False)
+    again = lm.adapter_wemask.to_dict()
+    for key in ("layers", "fixed_dims", "token", "offset", "k"):
+        assert again[key] == settings[key], key
+
+
+def test_cli_finetune_refuses_an_inference_only_method_in_one_line(sft_file, tmp_path, monkeypatch, capsys):
+    from conftest import cli_error
+
+    out = tmp_path / "no"
+    line = cli_error(monkeypatch, capsys, "finetune", "sft", "--data", sft_file, "-o", out, "--method", "set_zero",
+                     alone=True)
+    assert "method set_zero is not used in fine-tuning: a negative control that breaks the model" in line
+    assert "trainable: wemask, wemask_before, wemask_random_dims, wemask_other_token, wemask_me_only" in line
+    assert not out.exists()

@@ -30,6 +30,7 @@ def finetune(
     limit: Annotated[Optional[int], typer.Option("--limit", "-n", help="use the first N examples")] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="output directory (adapter, wemask.json, train_log.jsonl, loss_curve.png, finetune.json, checkpoints/)")] = Path("out/finetune"),
     wemask: Annotated[float, typer.Option("--wemask", help="WeMask rate during training (0: off): mask k = int(RATE x hidden) dims")] = 0.0,
+    intervention: Annotated[Optional[str], typer.Option("--method", "-M", help="instead of --wemask: a trainable method of the registry on every training forward, NAME or NAME:key=value,... (wemask, wemask_before, wemask_random_dims, wemask_other_token, wemask_me_only; see melayer ls methods)")] = None,
     layers: common.LayersOpt = None,
     me_layer: common.MeLayerOpt = None,
     select: common.SelectOpt = common.Select.activation,
@@ -76,7 +77,8 @@ def finetune(
     from melayer.util.io import read_jsonl
 
     cfg = FinetuneConfig(
-        method=cast("FinetuneMethod", str(method)), model=model, data=data, limit=limit, output=str(output), wemask=wemask, layers=layers,
+        method=cast("FinetuneMethod", str(method)), model=model, data=data, limit=limit, output=str(output), wemask=wemask, intervention=intervention,
+        layers=layers,
         me_layer=me_layer, select=select_rule(str(select)), gamma=gamma, full=full, lora_r=lora_r, lora_alpha=lora_alpha,
         lora_dropout=lora_dropout, lora_target_modules=lora_target_modules, num_train_epochs=num_train_epochs,
         max_steps=max_steps, learning_rate=learning_rate, per_device_train_batch_size=per_device_train_batch_size,
@@ -88,7 +90,7 @@ def finetune(
     common.check_output(output)
     result = run(cfg).to_dict()
     loss_curve(read_jsonl(output / "train_log.jsonl"), output / "loss_curve.png",
-               title=f"{method} {result['model']} (WeMask {wemask:g})")
+               title=f"{method} {result['model']} ({intervention or f'WeMask {wemask:g}'})")
     for line in summary(result):
         err.print(line, highlight=False)
     err.print(f"wrote {output}", highlight=False)

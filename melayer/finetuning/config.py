@@ -27,6 +27,12 @@ class FinetuneConfig:
     :func:`melayer.wemask`. Without ``layers`` and ``me_layer`` the ME layer is found by a scan of training
     examples formatted exactly as the trainer sees them (chat template included).
 
+    ``intervention`` is instead any trainable method of the registry (``melayer ls methods``), as ``compare
+    --method`` spells it: ``"wemask:rate=0.01"``, or a control (``"wemask_before:rate=0.01"``,
+    ``wemask_random_dims``, ``wemask_other_token``, ``wemask_me_only``); what it calibrates comes from the same
+    training-format examples, and ``me_layer`` overrides the scanned ME layer. ``--wemask R`` is the short form of
+    ``"wemask:rate=R"`` (on the command line: ``--method SPEC``).
+
     Attributes:
         method: ``"sft"`` (supervised), ``"dpo"`` (preference pairs) or ``"grpo"`` (rewarded generations).
         model: a model name, HF directory, ``.gguf`` file or hub id (None: the default model).
@@ -41,6 +47,8 @@ class FinetuneConfig:
         select: WeMask dims by ``"activation"`` (|value| of the massive token's attention input) or ``"weight"``
             (|pre-attention norm gain|).
         gamma: WeMask strength: masked dims are scaled by 1 - gamma (1 = zeroed).
+        intervention: instead of ``wemask``, a trainable method of the interventions registry, e.g.
+            ``"wemask_before:rate=0.01"`` (None: off; see above).
         full: full fine-tuning instead of a LoRA adapter.
         lora_r: LoRA rank.
         lora_alpha: LoRA scaling: the update is scaled by alpha / r.
@@ -82,6 +90,7 @@ class FinetuneConfig:
     me_layer: int | None = None
     select: SelectRule = "activation"
     gamma: float = 1.0
+    intervention: str | None = None  # a registry spec, e.g. "wemask_before:rate=0.01" (instead of wemask)
     # adapter (LoRA by default) or full fine-tuning
     full: bool = False
     lora_r: int = 16
@@ -130,6 +139,8 @@ class FinetuneConfig:
         if self.data != "gsm8k" and not Path(self.data).expanduser().is_file():
             raise MelayerError(f"--data {self.data}: no such file")
         _number("--wemask", self.wemask, 0.0, 1.0)
+        if self.intervention is not None:
+            self.check_intervention()
         _number("--gamma", self.gamma, 0.0, 1.0)
         _number("--learning-rate", self.learning_rate, 0.0, math.inf, open_low=True)
         _number("--num-train-epochs", self.num_train_epochs, 0.0, math.inf, open_low=True)
@@ -168,6 +179,22 @@ class FinetuneConfig:
                                "form one group")
         self.trl_args = check_trl_args(self.method, self.trl_args)
         return self
+
+    def check_intervention(self) -> None:
+        """Refuse a method that makes no sense in training, and WeMask's own options given beside it."""
+        from melayer.interventions.methods import training_spec
+
+        if not isinstance(self.intervention, str) or not self.intervention.strip():
+            raise MelayerError("--method (intervention=) must name a method, e.g. wemask_before:rate=0.01")
+        training_spec(self.intervention)
+        if self.wemask:
+            raise MelayerError(f"give --wemask or --method (intervention=), not both (--wemask {self.wemask:g} is "
+                               f"--method wemask:rate={self.wemask:g})")
+        for name, value, default in (("--layers", self.layers, None), ("--select", self.select, "activation"),
+                                     ("--gamma", self.gamma, 1.0)):
+            if value != default:
+                raise MelayerError(f"{name} is a --wemask option; with --method (intervention=) give it in the spec "
+                                   f"({self.intervention.split(':')[0]}:{name[2:]}=...)")
 
     @property
     def output_dir(self) -> Path:

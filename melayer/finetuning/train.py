@@ -12,6 +12,7 @@ data hashes, ME layer, massive token, final loss, speed) and ``checkpoints/`` (f
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -34,6 +35,7 @@ from melayer.finetuning.data import (
     training_texts,
     use_chat,
 )
+from melayer.interventions.wemask import WeMask
 from melayer.models.loading import LM, load
 from melayer.util.errors import MelayerError
 from melayer.util.results import Result
@@ -66,6 +68,7 @@ class FinetuneResult(Result):
     resumed_from: str | None
     output: str
     adapter: bool
+    intervention: dict[str, Any] | None = None  # the registry method of every training forward, if any
     versions: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     lm: Any = field(default=None, repr=False)  # the trained model (not serialised)
@@ -84,7 +87,7 @@ class FinetuneResult(Result):
                 "tokens": self.tokens, "tokens_per_s": (self.tokens / self.runtime_s
                                                         if self.tokens and self.runtime_s > 0 else None),
                 "resumed_from": self.resumed_from, "output": self.output, "adapter": self.adapter,
-                "versions": self.versions, **self.extra}
+                "intervention": self.intervention, "versions": self.versions, **self.extra}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FinetuneResult:
@@ -335,6 +338,42 @@ def _save_final(trainer: Any, cfg: FinetuneConfig, out: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _training_intervention(cfg: FinetuneConfig, lm: LM, rows: list[dict[str, Any]], chat: bool
+                           ) -> tuple[Any, dict[str, Any] | None, dict[str, Any] | None]:
+    """The intervention of every training forward, bound to ``lm`` and not yet applied: ``--wemask`` or a registry
+    method (``--intervention``), calibrated on training examples in the training format. Returns (the context
+    manager or None, the scan of those examples, the record of the registry method or None)."""
+    from melayer.interventions.wemask import select_rule, wemask
+
+    if cfg.wemask <= 0 and cfg.intervention is None:
+        return None, None, None
+    texts = training_texts(lm.tokenizer, rows, chat)
+    found, massive = find_massive_token(lm, texts)
+    me_layer = cfg.me_layer if cfg.me_layer is not None else found
+    if me_layer is None and (cfg.intervention is not None or cfg.layers is None):
+        raise MelayerError(f"no ME layer found in {lm.name} on training-format text; pass "
+                           + ("--layers or --me-layer" if cfg.intervention is None else "--me-layer"))
+    if cfg.intervention is None:
+        wm = wemask(lm, cfg.wemask, layers=cfg.layers, select=select_rule(cfg.select), gamma=cfg.gamma,
+                    me_layer=cfg.me_layer if cfg.layers is not None else me_layer)
+        if cfg.me_layer is None and cfg.layers is None:
+            wm.me_layer_source = "scan of training-format examples"
+        return wm, massive, None
+    from melayer.interventions.methods import Calibration, training_spec
+
+    spec = training_spec(cfg.intervention)
+    source = "given" if cfg.me_layer is not None else "scan of training-format examples"
+    cal = Calibration(lm, texts, source=f"the first {len(texts)} training examples in the training format",
+                      me_layer=me_layer)
+    cal.me_layer_source = source
+    bound = spec.bind(lm, cal)
+    if isinstance(bound, WeMask) and bound.me_layer is not None:
+        bound.me_layer_source = source
+    record = {"spec": spec.label, "name": spec.name, "params": dict(spec.params),
+              "rule": bound.describe() if hasattr(bound, "describe") else spec.label, "calibration": cal.to_dict()}
+    return bound, massive, record
+
+
 def finetune(config: FinetuneConfig | None = None, *, lm: LM | None = None, progress: bool = True,
              callbacks: list[Any] | None = None, **options: Any) -> FinetuneResult:
     """Fine-tune (SFT, DPO or GRPO on TRL + peft) with WeMask on every training forward (``melayer finetune``).
@@ -360,7 +399,6 @@ def finetune(config: FinetuneConfig | None = None, *, lm: LM | None = None, prog
     Raises:
         MelayerError: a bad setting, unreadable data, or an output directory holding another run.
     """
-    from melayer.interventions.wemask import select_rule, wemask
     from melayer.util.io import write_json
 
     if config is None:
@@ -390,22 +428,7 @@ def finetune(config: FinetuneConfig | None = None, *, lm: LM | None = None, prog
     rows = [{k: v for k, v in r.items() if cfg.method == "grpo" or k != "gold"} for r in rows]
 
     out = cfg.output_dir
-    wm = None
-    massive = None
-    if cfg.wemask > 0:
-        me_layer = cfg.me_layer
-        texts = training_texts(lm.tokenizer, rows, chat)
-        found, massive = find_massive_token(lm, texts)
-        if cfg.layers is None and me_layer is None:
-            if found is None:
-                raise MelayerError(f"no ME layer found in {lm.name} on training-format text; pass --layers or "
-                                   "--me-layer")
-            me_layer = found
-        wm = wemask(lm, cfg.wemask, layers=cfg.layers, select=select_rule(cfg.select), gamma=cfg.gamma,
-                    me_layer=me_layer)
-        if cfg.me_layer is None and cfg.layers is None:
-            wm.me_layer_source = "scan of training-format examples"
-
+    wm, massive, intervention = _training_intervention(cfg, lm, rows, chat)
     ckpt_dir = out / "checkpoints"
     resume_step = int(resume_from.name.rsplit("-", 1)[-1]) if resume_from else 0
     log = _LogCallback(out / LOG_FILE, resume_step)
@@ -418,31 +441,30 @@ def finetune(config: FinetuneConfig | None = None, *, lm: LM | None = None, prog
     out.mkdir(parents=True, exist_ok=True)  # only now: every check (data, model, mask, TRL's settings) passed
     write_json(out / "finetune_config.json", cfg.to_dict())
     start = time.time()
-    if wm is not None:
-        wm.apply()
-    try:
-        output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    finally:
+    with contextlib.ExitStack() as applied:  # every hook off again when training ends or fails
         if wm is not None:
-            wm.remove()
+            applied.enter_context(wm)
+        output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     runtime = time.time() - start
 
     from melayer.util.io import read_jsonl
 
     logged = [r for r in read_jsonl(out / LOG_FILE) if "loss" in r]
     tokens = next((int(r["num_tokens"]) for r in reversed(logged) if "num_tokens" in r), None)
-    if wm is not None:
+    wm_dict = None
+    if isinstance(wm, WeMask):  # wemask.json: what melayer.load(..., adapter=) applies again
         wm_dict = {**wm.to_dict(), "active": False, "massive_token": massive}
         wm_dict.pop("masked_tokens", None)
-    else:
-        wm_dict = None
+    if intervention is not None and wm is not None:
+        settings = wm_dict or (wm.to_dict() if hasattr(wm, "to_dict") else {})
+        intervention["settings"] = {k: v for k, v in settings.items() if k != "masked_tokens"}
     result = FinetuneResult(
         model=lm.name, method=cfg.method, config=cfg.to_dict(), data=records.to_dict(), wemask=wm_dict,
         massive_token=massive, steps=int(trainer.state.global_step),
         train_loss=float(output.training_loss) if output is not None else None,
         final_loss=float(logged[-1]["loss"]) if logged else None, runtime_s=runtime, tokens=tokens,
         resumed_from=str(resume_from) if resume_from else None, output=str(out), adapter=not cfg.full,
-        versions=_versions(), extra=extra)
+        intervention=intervention, versions=_versions(), extra=extra)
     _save_final(trainer, cfg, out)
     write_json(out / WEMASK_FILE, wm_dict if wm_dict is not None else {"schema": "melayer.wemask/1", "rate": 0.0,
                                                                        "rule": "WeMask off (rate 0)"})

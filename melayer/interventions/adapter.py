@@ -50,7 +50,8 @@ def saved_mask(lm: LM, path: str | Path) -> WeMask | None:
     if not saved or not saved.get("rate"):
         return None
     return WeMask(lm, saved["rate"], layers=saved["layers"], select=saved.get("select", "activation"),
-                  gamma=saved.get("gamma", 1.0), token=saved.get("token", "first"), me_layer=saved.get("me_layer"))
+                  gamma=saved.get("gamma", 1.0), token=saved.get("token", "first"), me_layer=saved.get("me_layer"),
+                  dims=saved.get("fixed_dims"), offset=saved.get("offset") or 0)  # a control's fixed dims / token
 
 
 def attach_adapter(lm: LM, path: str | Path, mask: bool = True) -> WeMask | None:

@@ -145,6 +145,7 @@ class Method:
     params: tuple[Param, ...]
     build: Callable[[LM, dict[str, Any], Calibration], Any]
     calibrates: str = ""  # what it learns from the calibration prompts ("" if nothing)
+    training: str = ""  # why it is refused in fine-tuning ("" if it may run in every training forward)
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -199,6 +200,16 @@ def method_spec(name: str, **params: Any) -> MethodSpec:
         values[key] = value
     full = {p.name: values.get(p.name, p.default) for p in method.params}
     return MethodSpec(name, full, tuple(k for k in (p.name for p in method.params) if k in values))
+
+
+def training_spec(text: str) -> MethodSpec:
+    """``parse_method(text)``, refused in one line (saying why) when the method makes no sense in fine-tuning."""
+    spec = parse_method(text)
+    why = METHODS[spec.name].training
+    if why:
+        trainable = ", ".join(m.name for m in METHODS.values() if not m.training)
+        raise MelayerError(f"method {spec.name} is not used in fine-tuning: {why}; trainable: {trainable}")
+    return spec
 
 
 def parse_method(text: str) -> MethodSpec:
@@ -496,6 +507,9 @@ def _set_value(mode: str) -> Callable[[LM, dict[str, Any], Calibration], Massive
     return build
 
 
+_NOT_TRAINED = ("a training-free, inference-time method: {what}, which training changes; apply it at evaluation "
+                "(eval/compare --method)")
+
 for _m in (
     Method("wemask", "WeMask: top-k dims of the massive token's attention input zeroed after the ME layer",
            (_RATE, _SELECT, _GAMMA, _LAYERS), _wemask),
@@ -515,16 +529,19 @@ for _m in (
                   lambda v: 0 < v <= 1, "0 < min_frac <= 1"),
             Param("heads", str, "calibrated", "calibrated (the head rule) or all", lambda v: v in ("calibrated", "all"),
                   "calibrated or all")),
-           _act, "heads"),
+           _act, "heads", _NOT_TRAINED.format(what="its heads are picked on the frozen model's attention sinks")),
     Method("zerotuning", "ZeroTuning (Han et al. 2025): attention to the first token scaled by gamma, renormalised",
            (Param("gamma", float, None, "scale (default: chosen on the calibration prompts)", lambda v: v > 0, "> 0"),
             Param("layers", str, "all", "heads of: first third, first half or all layers (with gamma=)",
                   lambda v: v in ("first third", "first half", "all"), "first third, first half or all")),
-           _zerotuning, "gamma and layer group (minimum output entropy)"),
+           _zerotuning, "gamma and layer group (minimum output entropy)",
+           _NOT_TRAINED.format(what="its gamma and heads are tuned on the frozen model's output entropy")),
     Method("set_mean", "negative control (Sun et al. 2024): massive values at the ME layer set to their mean",
-           (), _set_value("mean"), "the mean massive values"),
+           (), _set_value("mean"), "the mean massive values",
+           "a diagnostic of the frozen model (its massive values pinned to a constant), not a training intervention"),
     Method("set_zero", "massive values at the ME layer set to zero (expected to break the model)",
-           (), _set_value("zero")),
+           (), _set_value("zero"), "",
+           "a negative control that breaks the model by design; there is nothing to train under it"),
 ):
     register_method(_m)
 
@@ -532,8 +549,9 @@ for _m in (
 def describe_methods() -> list[dict[str, Any]]:
     """Every registered method with its parameters (for ``melayer ls methods``)."""
     return [{"name": m.name, "description": m.description, "calibrates": m.calibrates or None,
+             "in_training": m.training or "yes",
              "params": {p.name: {"default": p.default, "help": p.help} for p in m.params}} for m in METHODS.values()]
 
 
 __all__ = ["METHODS", "Calibration", "Method", "MethodSpec", "Param", "describe_methods", "method_spec",
-           "parse_method", "register_method"]
+           "parse_method", "register_method", "training_spec"]
