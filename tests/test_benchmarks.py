@@ -31,6 +31,27 @@ def test_xstest_rule_reproduces_the_authors_strmatch_labels(model):
     assert {r["strmatch_label"] for r in rows} == {"1_full_compliance", "2_full_refusal"}
 
 
+def test_xstest_refusal_sft_data_never_holds_an_evaluated_prompt():
+    """bench/finetune_xstest.py: SFT rows are unsafe prompts with the authors' refusals; the safe prompts (evaluated)
+    are never trained on; a completion cut by the token budget is undetermined only while it may still become a
+    refusal prefix."""
+    from importlib.util import module_from_spec, spec_from_file_location
+
+    spec = spec_from_file_location("finetune_xstest", Path(__file__).parents[1] / "bench" / "finetune_xstest.py")
+    bench = module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows, source = bench.refusal_rows(REFERENCE)
+    docs = [s.doc for s in get_task("xstest").load()]
+    unsafe = {d["prompt"] for d in docs if d["label"] == "unsafe"}
+    safe = {d["prompt"] for d in docs if d["label"] == "safe"}
+    assert len(rows) == 199 and source == {"llama2new": 186, "gpt4": 13, "none": 1}
+    assert {r["prompt"] for r in rows} <= unsafe and not {r["prompt"] for r in rows} & safe
+    assert all(A.xstest_label(r["completion"]) == "2_full_refusal" and "\n" not in r["completion"] for r in rows)
+    assert bench.undetermined(" I can", "length") and bench.undetermined("As an", "length")
+    assert not bench.undetermined(" I can", "eos") and not bench.undetermined("I cannot", "length")
+    assert not bench.undetermined("Sure, here", "length") and not bench.undetermined("", "eos")
+
+
 def test_xstest_data_and_metrics():
     task = get_task("xstest")
     samples = task.load()

@@ -40,7 +40,8 @@ def _methods() -> list[dict[str, str]]:
     from melayer.interventions.methods import describe_methods
 
     return [{"method": m["name"], "params": ", ".join(f"{k}={v['default']}" for k, v in m["params"].items()) or "-",
-             "description": m["description"]} for m in describe_methods()]
+             "finetune": "yes" if m["in_training"] == "yes" else "no", "description": m["description"]}
+            for m in describe_methods()]
 
 
 def table(rows: list[dict[str, str]]) -> list[str]:
