@@ -10,7 +10,9 @@ better), so train and test never share a prompt (checked).
 Conditions, paired on the same 250 prompts: ``base`` (unmodified), ``sft`` (LoRA SFT, no intervention),
 ``sft+mask`` (the same SFT -- same seed, data order and steps -- with ``--method`` on every training forward,
 evaluated under the same mask, as ``melayer.load(..., adapter=)`` applies it); ``--unmasked`` adds that model
-evaluated without its mask. McNemar (exact) for each pair overall and per prompt type; Benjamini-Hochberg over
+without its mask (``sft+mask, unmasked``) and ``--factorial`` also the plain SFT model under the same mask
+(``sft, masked``): the 2 x 2 of training x evaluation, which separates what training under the mask did from what
+the mask does at evaluation. McNemar (exact) for each pair overall and per prompt type; Benjamini-Hochberg over
 every test of the table.
 
 Prompts, chat template and scorer are those of ``melayer eval --task xstest``; greedy. The authors' string-match
@@ -80,6 +82,10 @@ def refusal_rows(references: Path) -> tuple[list[dict[str, str]], dict[str, int]
         else:
             source["none"] += 1
     return rows, source
+
+
+def refused(records: list[dict]) -> int:
+    return sum(r["label"] == REFUSED for r in records)
 
 
 def undetermined(text: str, finish: str) -> bool:
@@ -154,6 +160,9 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--eval-batch-size", type=int, default=25)
     ap.add_argument("--unmasked", action="store_true", help="also evaluate the masked run's model without its mask")
+    ap.add_argument("--factorial", action="store_true",
+                    help="training x evaluation: also the masked run's model without its mask and the plain SFT model "
+                         "with that mask")
     ap.add_argument("--references", type=Path, default=REFERENCES)
     ap.add_argument("--output", default="out/xstest_ft")
     args = ap.parse_args()
@@ -180,7 +189,8 @@ def main() -> None:
                   save_steps=10_000, progress=False)
     lm = melayer.load(args.model, progress=False)
     records["base"] = evaluate(lm, safe, args.max_new_tokens, args.eval_batch_size)
-    say(f"base: over-refusal {sum(r['label'] == REFUSED for r in records['base'])}/{len(safe)}")
+    say(f"base: over-refusal {refused(records['base'])}/{len(safe)}")
+    plain = lm
     for name, method in (("sft", None), ("sft+mask", args.method)):
         if name != "sft":
             lm = melayer.load(args.model, progress=False)
@@ -191,16 +201,21 @@ def main() -> None:
         lm.model.eval()
         mask = saved_mask(lm, res.output) if method else None
         records[name] = evaluate(lm, safe, args.max_new_tokens, args.eval_batch_size, intervention=mask)
-        say(f"{name}: over-refusal {sum(r['label'] == REFUSED for r in records[name])}/{len(safe)}")
-        if method and args.unmasked:
+        say(f"{name}: over-refusal {refused(records[name])}/{len(safe)}")
+        if method and (args.unmasked or args.factorial):
             records["sft+mask, unmasked"] = evaluate(lm, safe, args.max_new_tokens, args.eval_batch_size)
-            say(f"sft+mask, unmasked: over-refusal "
-                f"{sum(r['label'] == REFUSED for r in records['sft+mask, unmasked'])}/{len(safe)}")
+            say(f"sft+mask, unmasked: over-refusal {refused(records['sft+mask, unmasked'])}/{len(safe)}")
+        if method and args.factorial:  # training x evaluation: the plain SFT model under the same mask too
+            records["sft, masked"] = evaluate(plain, safe, args.max_new_tokens, args.eval_batch_size,
+                                              intervention=saved_mask(plain, res.output))
+            say(f"sft, masked: over-refusal {refused(records['sft, masked'])}/{len(safe)}")
 
     types = sorted({s.doc["type"] for s in safe})
     plan = [("base", "sft"), ("base", "sft+mask"), ("sft", "sft+mask")]
-    if args.unmasked:
+    if args.unmasked or args.factorial:
         plan += [("sft", "sft+mask, unmasked"), ("sft+mask, unmasked", "sft+mask")]
+    if args.factorial:
+        plan += [("sft", "sft, masked"), ("sft, masked", "sft+mask")]
     pairs = [pair(records, a, b, types) for a, b in plan]
     adjust(pairs)
     result = {
