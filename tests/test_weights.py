@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -261,6 +262,34 @@ def test_streamed_gguf_matmul_equals_the_whole_tensor(tmp_path, qtype):
     keys = [lazy.layer_key(1, role) for role in ("gate", "up", "down")] + [lazy.path_key(1, lazy.arch.attn_v)]
     _check_streamed_matmul(lazy, keys, whole)
     assert lazy.bytes_read > 0
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K", "Q8_0", "Q4_0", "Q4_1"])
+def test_own_block_kernels_are_gguf_bit_for_bit(qtype):
+    """melayer's torch kernels decode random blocks (every bit pattern of quants and sub-scales; float16 scales over
+    nine orders of magnitude) to exactly gguf's values, into a reused buffer or a new tensor, and a whole tensor
+    read through them (read_gguf_tensor, what the GGUF conversion uses) equals gguf's dequantisation."""
+    import gguf
+
+    from melayer.models.gguf_file import _TORCH_KERNELS, gguf_decode, read_gguf_tensor
+
+    q = gguf.GGMLQuantizationType[qtype]
+    size, values, _ = _TORCH_KERNELS[qtype]
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, size=(64 * 4, size), dtype=np.uint8)
+    scales = (rng.normal(size=(raw.shape[0], 2)) * 10.0 ** rng.integers(-6, 3, size=(raw.shape[0], 2)))
+    for i, at in enumerate({"Q4_K": (0, 2), "Q6_K": (208,), "Q4_1": (0, 2)}.get(qtype, (0,))):
+        raw[:, at:at + 2] = scales[:, i].astype(np.float16).view(np.uint8).reshape(-1, 2)
+    raw = raw.reshape(64, -1)
+    want = gguf.quants.dequantize(raw, q)
+    for out in (None, torch.full((1 << 18,), float("nan"))):
+        got = gguf_decode(raw, q, out=out).numpy()
+        assert got.shape == want.shape and np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    with tempfile.NamedTemporaryFile(suffix=".bin") as f:
+        f.write(b"\0" * 32 + raw.tobytes())
+        f.flush()
+        whole = read_gguf_tensor(Path(f.name), (4 * values, 64), q, 32)
+    assert np.array_equal(whole.view(np.uint32), want.view(np.uint32))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
