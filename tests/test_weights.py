@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO, save_lm
+from safetensors.torch import load_file
 
 import melayer
 from melayer.analysis.weights import candidates, confirm_candidates
@@ -54,6 +55,54 @@ def test_ffn_of_loose_projections(tmp_path, model_type):
     assert r.super_weight["tensor"].endswith("layers.1.fc2.weight")
     assert float(lm.model.state_dict()[r.super_weight["tensor"]][tuple(r.super_weight["stored_index"])]) == \
         pytest.approx(r.super_weight["value"])
+
+
+def _path_error(r, lm) -> float:
+    """The largest relative difference between the weights' path (per layer: median and largest |x|) and the
+    model's own first-token hidden states (BOS alone; the last layer's output is left out, some families norm it)."""
+    with torch.no_grad():
+        states = lm.model(input_ids=torch.tensor([[lm.tokenizer.bos_token_id]]), output_hidden_states=True).hidden_states
+    err = 0.0
+    for i in range(lm.num_layers - 1):
+        a = states[i + 1][0, 0].abs()
+        err = max(err, abs(r.layers[i].median / float(a.median()) - 1), abs(r.layers[i].top_value / float(a.max()) - 1))
+    return err
+
+
+def _save_fused(lm, path: Path) -> Path:
+    """A checkpoint with the experts as transformers holds them (one 3-D tensor per projection), not per expert."""
+    from safetensors.torch import save_file
+
+    save_lm(lm, path)
+    save_file({k: v.contiguous() for k, v in lm.model.state_dict().items()}, str(path / "model.safetensors"),
+              metadata={"format": "pt"})
+    return path
+
+
+@pytest.mark.parametrize("model_type", ["gpt_neox", "gptj", "mixtral", "qwen2_moe"])
+def test_parallel_blocks_and_experts(tmp_path, model_type):
+    """Parallel blocks (the FFN reads the layer input; GPT-NeoX's per-head q/k/v, GPT-J's separate v) and mixtures
+    of experts (routed by the first token's own router, numbered expert x I + neuron; Qwen2-MoE's shared expert
+    gated by a sigmoid), read from per-expert tensors as checkpoints store them and from fused 3-D tensors: the path
+    is the model's first-token stream, and the prediction is the plant; a remover in Qwen2-MoE's shared expert is
+    named. Read as a sequential block, a parallel one gives another path."""
+    lm = tiny_lm(model_type, me_layer=1, neuron=5, dim=7, num_layers=4)
+    paths = [save_lm(lm, tmp_path / "stored")] + ([_save_fused(lm, tmp_path / "fused")] if lm.experts(1) else [])
+    for path in paths:
+        r = candidates(str(path), progress=False)
+        assert r.attention == "o(v(x))" and _path_error(r, lm) < 1e-4
+        assert (r.me_layer, r.massive_dim, r.top_neuron) == (1, 7, lm.plant.flat_neuron)
+        stored = load_file(str(next(path.glob("*.safetensors"))))[r.super_weight["tensor"]]
+        assert float(stored[tuple(r.super_weight["stored_index"])]) == pytest.approx(r.super_weight["value"])
+        assert r.super_weight["expert"] == lm.plant.expert
+    if lm.arch.parallel:
+        assert _path_error(candidates(str(paths[0]), arch={"parallel": False}, progress=False), lm) > 1e-2
+    if model_type == "qwen2_moe":
+        lm = tiny_lm(model_type, me_layer=1, neuron=9, dim=20, num_layers=5, remover=(3, 0.9))
+        r = candidates(str(save_lm(lm, tmp_path / "remover")), progress=False)
+        assert (r.me_layer, r.massive_dim, r.top_neuron) == (1, 20, lm.plant.flat_neuron)
+        shared = lm.experts(3).num_experts * lm.experts(3).inter + 12  # the remover is the shared expert's neuron 12
+        assert [(x["layer"], x["neuron"]) for x in r.removers] == [(3, shared)] and r.removers[0]["reads_dim"] > 0.99
 
 
 def test_planted_precursor(tmp_path):

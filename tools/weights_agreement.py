@@ -6,8 +6,8 @@ Usage (from the repository root, with the project's Python)::
     python tools/weights_agreement.py predict DIR                           # the weights' prediction, as a table
 
 ``build`` writes the planted checkpoints of every tiny family (a plain plant; a writer and a later remover of
-the same dim; for families without a post-FFN norm a precursor that the next layer cancels) as safetensors
-directories under DIR, and ``DIR/truth.json``: the scan's ME layer, massive dims and top neuron at the ME layer
+the same dim; for families without a post-FFN norm a precursor that the next layer cancels), of two parallel-block
+families and of two mixtures of experts (see ``PARALLEL`` and ``MOE``) as safetensors directories under DIR, and ``DIR/truth.json``: the scan's ME layer, massive dims and top neuron at the ME layer
 (the neuron with the largest contribution to the massive dim, as ``melayer explain`` ranks them) for each
 planted checkpoint and each ``--real`` model. ``predict`` runs ``melayer.analysis.weights.candidates`` from
 whichever melayer is first on ``PYTHONPATH`` -- so the same DIR compares two versions of the rule -- and prints
@@ -21,6 +21,11 @@ import json
 import sys
 from pathlib import Path
 
+# parallel-residual families (the FFN reads the layer input) and mixtures of experts with the plants that reach them
+# (a remover plants into a dense FFN: Qwen2-MoE's shared expert; Mixtral has none): "fused" is the plain plant saved
+# with the experts as transformers holds them (3-D tensors), the others as save_pretrained writes them (per expert)
+PARALLEL = ("gpt_neox", "gptj")
+MOE = {"mixtral": ("plain", "fused"), "qwen2_moe": ("plain", "remover", "fused")}
 PROMPTS_NOTE = "scan on the shipped prompt set (real models) or melayer.testing.PROMPTS (planted)"
 
 
@@ -45,6 +50,7 @@ def scanned(lm, prompts) -> dict:
 
 def build(out: Path, real: list[str]) -> None:
     import torch
+    from safetensors.torch import save_file
 
     import melayer
     from melayer.testing import MODEL_TYPES, PROMPTS, tiny_lm
@@ -52,16 +58,25 @@ def build(out: Path, real: list[str]) -> None:
     torch.set_num_threads(1)
     out.mkdir(parents=True, exist_ok=True)
     truth = {}
-    for family in MODEL_TYPES:
-        plants = {"plain": dict(me_layer=1, neuron=5, dim=7),
-                  "remover": dict(me_layer=1, neuron=9, dim=20, num_layers=5, remover=(3, 0.9))}
-        if family not in ("gemma2", "gemma3_text", "olmo2"):  # the precursor plant needs no post-FFN norm
-            plants["precursor"] = dict(me_layer=2, num_layers=5, precursor=(0, 20))
-        for kind, kw in plants.items():
+    every = {"plain": dict(me_layer=1, neuron=5, dim=7),
+             "remover": dict(me_layer=1, neuron=9, dim=20, num_layers=5, remover=(3, 0.9)),
+             "precursor": dict(me_layer=2, num_layers=5, precursor=(0, 20))}
+    for family in (*MODEL_TYPES, *PARALLEL, *MOE):
+        kinds = list(every)
+        if family in ("gemma2", "gemma3_text", "olmo2"):  # the precursor plant needs no post-FFN norm
+            kinds.remove("precursor")
+        if family in MOE:  # the plants that reach an MoE layer's routed expert or its shared expert
+            kinds = MOE[family]
+        for kind in kinds:
             name = f"{family}-{kind}"
-            lm = tiny_lm(family, **kw)
+            lm = tiny_lm(family, **every["plain" if kind == "fused" else kind])
             lm.model.save_pretrained(out / name)
             lm.tokenizer.save_pretrained(out / name)
+            if kind == "fused":  # the experts as transformers holds them: one 3-D tensor per projection
+                for f in (out / name).glob("*.safetensors"):
+                    f.unlink()
+                save_file({k: v.contiguous() for k, v in lm.model.state_dict().items()},
+                          str(out / name / "model.safetensors"), metadata={"format": "pt"})
             truth[name] = {"path": str(out / name), "planted": [lm.plant.me_layer, lm.plant.dim, lm.plant.neuron],
                            **scanned(lm, list(PROMPTS))}
             print(name, truth[name], flush=True)

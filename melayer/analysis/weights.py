@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from melayer.analysis.criterion import Criterion
-from melayer.models.lazy import LazyWeights, open_weights
+from melayer.models.lazy import ExpertLayer, LazyWeights, Matrix, open_weights
 from melayer.util.console import track
 from melayer.util.errors import MelayerError
 from melayer.util.results import Result
@@ -242,7 +242,10 @@ class _Path:
         w, a = self.w, self.w.arch
         if 0 <= layer < w.num_layers:
             keys = [w.path_key(layer, path) for path in (a.attn_v, a.attn_qkv, a.attn_o)]
-            keys += [w.layer_key(layer, role) for role in ("gate", "up", "gate_up", "down")]
+            keys += [w.layer_key(layer, role) for role in ("gate", "up", "gate_up", "down", "router")]
+            ex = w.experts(layer)
+            if ex is not None:
+                keys += sorted({m.key for mats in ex.inputs for m in mats.values()} | {m.key for m in ex.downs})
             w.prefetch([k for k in keys if k is not None])
 
     def norm(self, x: torch.Tensor, layer: int, role: str) -> torch.Tensor:
@@ -284,7 +287,9 @@ class _Path:
         fused = w.path_key(layer, a.attn_v) is None
         v = self.linear(v_key, h, w.path_key(layer, a.attn_qkv if fused else a.attn_v, "bias"))
         o_in = w.shape(o_key)[0 if w.stored_transposed(o_key) else 1]
-        if fused:  # q, k, v stacked: v is the last kv_heads x head_dim outputs
+        if fused and a.extra.get("qkv_layout") == "per_head":  # GPT-NeoX: each head's q, k, v side by side
+            v = v.reshape(v.shape[0], self.heads, 3, -1)[:, :, 2].reshape(v.shape[0], -1)
+        elif fused:  # q, k, v stacked: v is the last kv_heads x head_dim outputs
             kv = self.kv_heads or self.heads
             head_dim = o_in // max(1, self.heads)
             v = v[:, v.shape[1] - kv * head_dim:] if self.heads else v[:, -o_in:]
@@ -296,8 +301,18 @@ class _Path:
 
     def ffn(self, x: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(FFN output after the post-FFN norm, neuron activations, the norm's per-dim factor out/in)."""
-        w, a = self.w, self.w.arch
+        w = self.w
         h = self.norm(x, layer, "pre_ffn_norm")
+        experts = w.experts(layer)
+        raw, z = self.dense(h, layer) if experts is None else self.moe(h, layer, experts)
+        if w.layer_key(layer, "post_ffn_norm") is None:
+            return raw, z, torch.ones_like(raw)
+        out = self.norm(raw, layer, "post_ffn_norm")
+        return out, z, out / torch.where(raw == 0, torch.ones_like(raw), raw)
+
+    def dense(self, h: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A dense FFN (or an MoE layer's shared expert) on the normed input: (output, neuron activations)."""
+        w, a = self.w, self.w.arch
         gate: torch.Tensor | None
         if a.gate_up is not None:
             key = w.layer_key(layer, "gate_up")
@@ -315,11 +330,54 @@ class _Path:
         down = w.layer_key(layer, "down")
         if down is None:
             raise MelayerError(f"{w.source}: no down projection ({a.down}) for layer {layer}")
-        raw = self.linear(down, z, w.path_key(layer, a.down, "bias"))
-        if w.layer_key(layer, "post_ffn_norm") is None:
-            return raw, z, torch.ones_like(raw)
-        out = self.norm(raw, layer, "post_ffn_norm")
-        return out, z, out / torch.where(raw == 0, torch.ones_like(raw), raw)
+        return self.linear(down, z, w.path_key(layer, a.down, "bias")), z
+
+    def moe(self, h: torch.Tensor, layer: int, ex: ExpertLayer) -> tuple[torch.Tensor, torch.Tensor]:
+        """An MoE layer on the normed input: the router's softmax, each token's top-k experts (weights
+        renormalised unless the config's ``norm_topk_prob`` is false), only the chosen experts' tensors read; a
+        shared expert scaled by the sigmoid of its gate. Activations are numbered expert by expert (``e x I + n``,
+        the shared expert's last), each times its routing weight (the factor it enters the output with)."""
+        w, a = self.w, self.w.arch
+        router = w.layer_key(layer, "router")
+        k = int(w.setting("num_experts_per_tok") or 0)
+        if router is None or k < 1:
+            raise MelayerError(f"{w.source}: layer {layer} is a mixture of experts without a router ({a.router}) or "
+                               "num_experts_per_tok in its config")
+        n, inter = ex.num_experts, ex.inter
+        probs = torch.softmax(self.linear(router, h, w.path_key(layer, a.router, "bias")).float(), dim=-1)
+        top_w, top_i = probs.topk(min(k, n), dim=-1)
+        if w.setting("norm_topk_prob") in (None, True):
+            top_w = top_w / top_w.sum(-1, keepdim=True)
+        z = torch.zeros(h.shape[0], n * inter)
+        out = torch.zeros(h.shape[0], h.shape[1])
+        for e in sorted(set(top_i.flatten().tolist())):
+            rows, slot = (top_i == e).nonzero(as_tuple=True)
+            weight = top_w[rows, slot, None]
+            act = self.expert_act(h[rows], ex, e) * weight
+            z[rows, e * inter:(e + 1) * inter] = act
+            down = ex.downs[e]
+            y = w.matmul(down.key, act, self.pool, rows=down.rows, transposed=down.transposed)
+            if ex.down_bias is not None:
+                y = y + weight * w.rows(ex.down_bias, [e])
+            out[rows] += y
+        if w.layer_key(layer, "down") is not None:  # a shared expert, gated by a sigmoid (Qwen2-MoE) or not
+            shared, zs = self.dense(h, layer)
+            gate = w.layer_key(layer, "shared_gate")
+            g = torch.sigmoid(self.linear(gate, h)) if gate is not None else torch.ones(h.shape[0], 1)
+            out, z = out + g * shared, torch.cat([z, g * zs], dim=1)
+        return out, z
+
+    def expert_act(self, h: torch.Tensor, ex: ExpertLayer, e: int) -> torch.Tensor:
+        """Expert ``e``'s neuron activations, act(gate) x up, for the tokens ``h``."""
+        w, mats, inter = self.w, ex.inputs[e], ex.inter
+        outs = {role: w.matmul(m.key, h, self.pool, rows=m.rows, transposed=m.transposed) for role, m in mats.items()}
+        if ex.in_bias is not None:
+            for role in outs:
+                outs[role] = outs[role] + w.rows(ex.in_bias, [e])
+        if "gate_up" in outs:
+            gu = outs.pop("gate_up")
+            outs.update(zip(("gate", "up"), (gu[:, 0::2], gu[:, 1::2]) if ex.interleaved else (gu[:, :inter], gu[:, inter:])))
+        return self.act(outs["gate"]) * outs["up"] if "gate" in outs else self.act(outs["up"])
 
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -455,9 +513,13 @@ def candidates(
                 attention = (f"left out: no {w.arch.attn_v or w.arch.attn_qkv} / {w.arch.attn_o} weights found "
                              "(the path is attention-free)")
                 o = torch.zeros_like(x)
-            x = x + o
-            f, z, factor = path.ffn(x, layer)
-            x = x + f
+            if w.arch.parallel:  # the FFN reads the layer input, as the attention does
+                f, z, factor = path.ffn(x, layer)
+                x = x + o + f
+            else:
+                x = x + o
+                f, z, factor = path.ffn(x, layer)
+                x = x + f
             xs.append(x.clone())
             attn_w.append(o)
             ffn_w.append(f)
@@ -529,11 +591,62 @@ def _contributions(w: LazyWeights, z: torch.Tensor, factor: torch.Tensor, layer:
 
 
 def _down_row(w: LazyWeights, layer: int, dim: int) -> torch.Tensor:
-    """W_down[dim, :] (what each neuron writes into ``dim``), read alone where the storage allows."""
+    """W_down[dim, :] (what each neuron writes into ``dim``; an MoE layer's experts side by side, then its shared
+    expert), read alone where the storage allows."""
+    ex = w.experts(layer)
+    parts = [] if ex is None else [w.matrix_row(d.key, dim, d.rows, d.transposed) for d in ex.downs]
     key = w.layer_key(layer, "down")
-    if w.stored_transposed(key):  # type: ignore[arg-type]
-        return torch.cat([rows[:, dim] for _, rows in w.chunks(key)])  # type: ignore[arg-type]
-    return w.rows(key, [dim])[0]  # type: ignore[arg-type]
+    if key is not None:
+        parts.append(w.matrix_row(key, dim))
+    return torch.cat(parts)
+
+
+def _neuron_matrices(w: LazyWeights, layer: int, neuron: int) -> tuple[list[torch.Tensor], Matrix, int, int | None]:
+    """A neuron's input rows (gate and up, what it reads), its down projection, its index there and its expert
+    (None for a dense FFN or the shared expert)."""
+    ex = w.experts(layer)
+    if ex is not None and neuron < ex.num_experts * ex.inter:
+        e, n = divmod(neuron, ex.inter)
+        rows = []
+        for role, m in ex.inputs[e].items():
+            picks = [n] if role != "gate_up" else ([2 * n, 2 * n + 1] if ex.interleaved else [n, ex.inter + n])
+            rows += [w.matrix_row(m.key, i, m.rows, m.transposed) for i in picks]
+        return rows, ex.downs[e], n, e
+    n = neuron - (ex.num_experts * ex.inter if ex is not None else 0)
+    rows = []
+    for role in ("gate_up",) if w.arch.gate_up is not None else ("gate", "up"):
+        key = w.layer_key(layer, role)
+        if key is None:
+            continue
+        size = w.shape(key)[1 if w.stored_transposed(key) else 0] // 2
+        rows += [w.matrix_row(key, i) for i in ([n, n + size] if role == "gate_up" else [n])]
+    return rows, Matrix(w.layer_key(layer, "down") or "", None, w.stored_transposed(w.layer_key(layer, "down") or "")), n, None
+
+
+def _reads_dim(w: LazyWeights, layer: int, neuron: int, dim: int) -> float:
+    """How much of ``neuron``'s input reads ``dim``: |g_pre[dim] W_in[neuron, dim]| / ||g_pre * W_in[neuron]||
+    (geometric mean over gate and up; 1 = it reads nothing else)."""
+    gain = w.norm_gain(layer, "pre_ffn_norm")
+    g = gain.reshape(-1).abs() if gain is not None else None
+    shares = []
+    for m in _neuron_matrices(w, layer, neuron)[0]:
+        m = m * g if g is not None else m
+        norm = float(m.norm())
+        shares.append(abs(float(m[dim])) / norm if norm > 0 else 0.0)
+    return float(torch.tensor(shares).log().mean().exp()) if shares and min(shares) > 0 else 0.0
+
+
+def _super_weight(w: LazyWeights, layer: int, dim: int, neuron: int) -> dict[str, Any]:
+    _, down, n, expert = _neuron_matrices(w, layer, neuron)
+    value = float(w.matrix_row(down.key, dim, down.rows, down.transposed)[n])
+    sample = torch.cat([rows.reshape(-1)[:: max(1, rows.numel() // 4096)] for _, rows in w.chunks(down.key, rows=down.rows)])
+    med = float(sample.abs().median())
+    if len(w.shape(down.key)) == 3:  # one expert of a fused (E, out, in) or (E, in, out) tensor
+        index = [expert, n, dim] if down.transposed else [expert, dim, n]
+    else:
+        index = [n, dim] if down.transposed else [dim, n]
+    return {"layer": layer, "row": dim, "col": neuron, "tensor": w.disk_key(down.key), "stored_index": index,
+            "expert": expert, "value": value, "ratio_to_median": abs(value) / med if med > 0 else None}
 
 
 def _layer_rows(w: LazyWeights, stream: torch.Tensor, attn_w: list[torch.Tensor], ffn_w: list[torch.Tensor],
@@ -575,41 +688,6 @@ def _layer_rows(w: LazyWeights, stream: torch.Tensor, attn_w: list[torch.Tensor]
                              median=_median([float(v) for v in a.median(dim=1).values]), write=write, attn_write=attn,
                              ffn_write=ffn, role=role, neuron=neuron, neuron_share=share))
     return rows, neurons
-
-
-def _reads_dim(w: LazyWeights, layer: int, neuron: int, dim: int) -> float:
-    """How much of ``neuron``'s input reads ``dim``: |g_pre[dim] W_in[neuron, dim]| / ||g_pre * W_in[neuron]||
-    (geometric mean over gate and up; 1 = it reads nothing else)."""
-    gain = w.norm_gain(layer, "pre_ffn_norm")
-    g = gain.reshape(-1).abs() if gain is not None else None
-    shares = []
-    roles = ("gate_up",) if w.arch.gate_up is not None else ("gate", "up")
-    for role in roles:
-        key = w.layer_key(layer, role)
-        if key is None:
-            continue
-        if w.stored_transposed(key):
-            row = torch.cat([rows[:, neuron] for _, rows in w.chunks(key)])
-            mats = [row]
-        elif role == "gate_up":
-            n = w.shape(key)[0] // 2
-            mats = [w.rows(key, [neuron])[0], w.rows(key, [neuron + n])[0]]
-        else:
-            mats = [w.rows(key, [neuron])[0]]
-        for m in mats:
-            m = m * g if g is not None else m
-            norm = float(m.norm())
-            shares.append(abs(float(m[dim])) / norm if norm > 0 else 0.0)
-    return float(torch.tensor(shares).log().mean().exp()) if shares and min(shares) > 0 else 0.0
-
-
-def _super_weight(w: LazyWeights, layer: int, dim: int, neuron: int) -> dict[str, Any]:
-    row = _down_row(w, layer, dim)
-    key = w.layer_key(layer, "down")
-    sample = torch.cat([rows.reshape(-1)[:: max(1, rows.numel() // 4096)] for _, rows in w.chunks(key)])  # type: ignore[arg-type]
-    med = float(sample.abs().median())
-    return {"layer": layer, "row": dim, "col": neuron, "tensor": key, "stored_index": w.arch.stored_index(dim, neuron),
-            "value": float(row[neuron]), "ratio_to_median": abs(float(row[neuron])) / med if med > 0 else None}
 
 
 # ------------------------------------------------------------------------------------------------------------

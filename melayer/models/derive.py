@@ -30,7 +30,15 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import nn
 
-from melayer.models.archmap import ARCHITECTURES, LAYER_ROLES, ArchSpec, load_override, missing_roles, named_layout
+from melayer.models.archmap import (
+    ARCHITECTURES,
+    LAYER_ROLES,
+    ArchSpec,
+    load_override,
+    missing_roles,
+    named_layout,
+    resolve,
+)
 from melayer.models.devices import execution_device, read_param
 from melayer.models.experts import FusedExperts, experts_call, is_fused_experts
 from melayer.models.guard import overflow_message
@@ -664,7 +672,73 @@ def arch_from_config(config: dict[str, Any]) -> ArchSpec:
     if spec.layer_paths:
         raise UnsupportedArchitecture(f"model_type {model_type!r}: its layers differ from each other; reading its "
                                       "weights without the model needs --arch FILE.json (or load the model)")
-    return spec
+    if spec.experts is not None:
+        spec = spec.with_overrides(extra={**spec.extra, "experts": _experts_layout(twin, spec, model_type)})
+    return spec.with_overrides(**_value_output(twin.eval(), spec))
+
+
+@torch.no_grad()
+def _value_output(twin: nn.Module, spec: ArchSpec) -> dict[str, Any]:
+    """The attention's value and output projections (``attn_v`` / ``attn_qkv``, ``attn_o``), measured on the twin
+    where the map's own paths are absent: with one token, attention's output is o(v(x)), so the output projection
+    is the one whose output is the attention's, and the value is the projection of the attention's input whose
+    output (all of it, the last part of a fused q/k/v, or the last third of each head's q/k/v as GPT-NeoX lays
+    them out) is exactly what the output projection reads. Nothing found: no change (the path is attention-free)."""
+    layers = resolve(twin, spec.layers)
+    layer = layers[0] if isinstance(layers, nn.ModuleList) and len(layers) else None
+    attn = resolve(layer, spec.attn) if layer is not None else None
+    if layer is None or attn is None or (resolve(layer, spec.attn_o) is not None
+                                         and resolve(layer, spec.attn_v or spec.attn_qkv) is not None):
+        return {}
+    names = {id(m): n for n, m in layer.named_modules()}
+    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    handles = [m.register_forward_hook(lambda m, a, out: seen.__setitem__(id(m), (a[0].detach(), out.detach())))
+               for m in attn.modules() if isinstance(m, nn.Linear)]
+    handles.append(attn.register_forward_hook(lambda m, a, out: seen.__setitem__(
+        id(m), (torch.zeros(0), (out[0] if isinstance(out, tuple) else out).detach()))))
+    try:
+        twin(input_ids=torch.tensor([[1]]))
+    finally:
+        for h in handles:
+            h.remove()
+    if id(attn) not in seen:
+        return {}
+    out = seen[id(attn)][1].reshape(-1)
+    o = next((m for m in attn.modules() if isinstance(m, nn.Linear) and id(m) in seen
+              and _same(seen[id(m)][1].reshape(-1), out, 1e-5)), None)
+    if o is None:
+        return {}
+    o_in = seen[id(o)][0].reshape(-1)
+    heads = int(getattr(twin.config, "num_attention_heads", 0) or 0)
+    for m in attn.modules():
+        if not isinstance(m, nn.Linear) or m is o or id(m) not in seen:
+            continue
+        y = seen[id(m)][1].reshape(-1)
+        if y.numel() == o_in.numel() and _same(y, o_in, 1e-6):
+            return {"attn_v": names[id(m)], "attn_qkv": None, "attn_o": names[id(o)]}
+        if y.numel() > o_in.numel() and _same(y[-o_in.numel():], o_in, 1e-6):
+            return {"attn_v": None, "attn_qkv": names[id(m)], "attn_o": names[id(o)]}
+        if heads and y.numel() == 3 * o_in.numel() and _same(y.reshape(heads, 3, -1)[:, 2].reshape(-1), o_in, 1e-6):
+            return {"attn_v": None, "attn_qkv": names[id(m)], "attn_o": names[id(o)],
+                    "extra": {**spec.extra, "qkv_layout": "per_head"}}
+    return {}
+
+
+def _experts_layout(twin: nn.Module, spec: ArchSpec, model_type: str) -> dict[str, bool]:
+    """The fused experts' layout flags (what a checkpoint's 3-D expert tensors mean), read off the twin's experts
+    module; families whose experts gate with a function of their own are refused."""
+    layers = resolve(twin, spec.layers)
+    module = resolve(layers[0], spec.experts) if isinstance(layers, nn.ModuleList) and len(layers) else None
+    if module is None:
+        raise UnsupportedArchitecture(f"model_type {model_type!r}: no experts module at {spec.experts}")
+    gating = getattr(type(module), "_apply_gate", None)
+    if gating is not None and getattr(gating, "__name__", "") != "_default_apply_gate":  # transformers' act(gate) x up
+        raise UnsupportedArchitecture(f"model_type {model_type!r}: its experts gate with a function of their own "
+                                      "(not act(gate) x up), which melayer weights does not compute; load the model "
+                                      "and run melayer scan")
+    fused = FusedExperts(module)
+    return {"has_gate": fused.has_gate, "transposed": fused.transposed, "concatenated": fused.concatenated,
+            "has_bias": fused.has_bias}
 
 
 def arch_for(model: PreTrainedModel, override: dict[str, Any] | ArchSpec | str | Path | None = None) -> ArchSpec:

@@ -18,6 +18,7 @@ import os
 import re
 import threading
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -36,6 +37,33 @@ CHUNK_VALUES = 1 << 18  # values per streamed block: 1 MiB as float32
 
 # config keys that give the number of decoder layers (XGLM's num_layers; d_model is XGLM's hidden size)
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+@dataclass(frozen=True)
+class Matrix:
+    """One projection as stored: the rows ``rows`` of tensor ``key`` (all of them when None; one expert of a fused
+    3-D tensor seen as 2-D), holding (out, in) or, ``transposed``, (in, out)."""
+
+    key: str
+    rows: tuple[int, int] | None = None
+    transposed: bool = False
+
+
+@dataclass
+class ExpertLayer:
+    """The routed experts of one MoE layer, in melayer's neuron numbering (neuron ``n`` of expert ``e`` is
+    ``e * inter + n``)."""
+
+    inputs: list[dict[str, Matrix]]  # per expert: "gate" and "up", a fused "gate_up", or "up" alone
+    downs: list[Matrix]  # per expert: (hidden, inter)
+    inter: int  # neurons per expert
+    interleaved: bool = False  # a fused gate_up holds gate0, up0, gate1, ... (else gate rows, then up rows)
+    in_bias: str | None = None  # fused biases (E, outputs): row e is expert e's
+    down_bias: str | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.downs)
 
 
 class LazyWeights:
@@ -97,14 +125,15 @@ class LazyWeights:
         """Where the decoder layers sit in this checkpoint's keys (``model.layers``; hub GPT-2 files drop
         ``transformer.``; multimodal ones add ``language_model.``): found from the down projection's key."""
         if self._prefix is None:
-            if self.arch.down is None:
+            anchor = self.arch.down or self.arch.router  # an MoE layer without a shared expert has no dense down
+            if anchor is None:
                 raise UnsupportedArchitecture(f"{self.source}: architecture map {self.arch.name!r} has no FFN down "
                                               "projection, which melayer weights reads")
-            pattern = re.compile(rf"^(.*?)\.0\.{re.escape(self.arch.down)}\.weight$")
+            pattern = re.compile(rf"^(.*?)\.0\.{re.escape(anchor)}\.weight$")
             found = sorted({m.group(1) for k in self._keyset() if (m := pattern.match(k))}, key=len)
             if not found:
                 raise UnsupportedArchitecture(
-                    f"{self.source}: no tensor '<layers>.0.{self.arch.down}.weight' for architecture map "
+                    f"{self.source}: no tensor '<layers>.0.{anchor}.weight' for architecture map "
                     f"{self.arch.name!r}; pass --arch NAME or --arch FILE.json naming the module paths")
             tail = self.arch.layers.rsplit(".", 1)[-1]
             self._prefix = next((p for p in found if p.split(".")[-1] == tail), found[0])
@@ -149,6 +178,41 @@ class LazyWeights:
                                f"hidden size {self.hidden_size} of its config: a mismatched checkpoint")
 
 
+    def experts(self, layer: int) -> ExpertLayer | None:
+        """The routed experts of an MoE ``layer`` (None for a dense layer): fused 3-D tensors as transformers holds
+        them (layout flags from the family's map), or one tensor per expert and projection as checkpoints store
+        them (transformers' own conversion mapping names which is which)."""
+        if self.arch.experts is None:
+            return None
+        flags = self.arch.extra.get("experts") or {}
+        has_gate, transposed = bool(flags.get("has_gate", True)), bool(flags.get("transposed", False))
+        base = f"{self.layers_prefix()}.{layer}.{self.arch.experts}"
+        first, down = f"{base}.{'gate_up_proj' if has_gate else 'up_proj'}", f"{base}.down_proj"
+        keys = self._keyset()
+        if first in keys and down in keys:
+            n, per_in, _ = self.shape(first)
+            _, per_down, last = self.shape(down)
+            role = "gate_up" if has_gate else "up"
+            bias = {name: key for name in ("in", "down")
+                    if (key := f"{first if name == 'in' else down}_bias") in keys}
+            return ExpertLayer(
+                inputs=[{role: Matrix(first, (e * per_in, (e + 1) * per_in), transposed)} for e in range(n)],
+                downs=[Matrix(down, (e * per_down, (e + 1) * per_down), transposed) for e in range(n)],
+                inter=int(per_down if transposed else last), interleaved=not flags.get("concatenated", True),
+                in_bias=bias.get("in"), down_bias=bias.get("down"))
+        parts = getattr(self, "_expert_parts", {})
+        if first in parts and down in parts:
+            ins, downs = parts[first], parts[down].get(0, {})
+            n = len(downs)
+            roles = ("gate", "up") if has_gate else ("up",)
+            if sorted(downs) != list(range(n)) or any(sorted(ins.get(i, {})) != list(range(n)) for i in range(len(roles))):
+                raise MelayerError(f"{self.source}: the experts of layer {layer} are incomplete (each of the {n} experts "
+                                   "needs its input and down projections)")
+            return ExpertLayer(inputs=[{r: Matrix(ins[i][e]) for i, r in enumerate(roles)} for e in range(n)],
+                               downs=[Matrix(downs[e]) for e in range(n)], inter=int(self.shape(downs[0])[-1]))
+        raise MelayerError(f"{self.source}: no expert weights for layer {layer} (neither {first} nor one tensor per "
+                           f"expert){' (mixture-of-experts GGUF files are not read yet)' if self.format == 'gguf' else ''}")
+
     def _keyset(self) -> set[str]:
         if not hasattr(self, "_keys_cache"):
             self._keys_cache = set(self.keys())
@@ -173,47 +237,72 @@ class LazyWeights:
         exact = f"{path}.weight"
         return exact if exact in self._keyset() else (found[0] if found else None)
 
-    def chunks(self, key: str, chunk_values: int = CHUNK_VALUES) -> Any:
-        """Yield ``(start, rows)`` over the stored rows of a 2-D tensor, each chunk float32 of about
-        ``chunk_values`` values (rows ``start .. start + len(rows)`` of the tensor as stored)."""
-        for start, stop in self.spans(key, chunk_values):
+    def chunks(self, key: str, chunk_values: int = CHUNK_VALUES, rows: tuple[int, int] | None = None) -> Any:
+        """Yield ``(start, rows)`` over the stored rows of a 2-D tensor (or the stored rows ``rows``), each chunk
+        float32 of about ``chunk_values`` values (rows ``start .. start + len(rows)`` of the tensor as stored)."""
+        for start, stop in self.spans(key, chunk_values, rows):
             yield start, self._block(key, start, stop, owned=True)
         self.tensors_read += 1
 
-    def spans(self, key: str, chunk_values: int = CHUNK_VALUES) -> list[tuple[int, int]]:
-        """Row ranges ``(start, stop)`` of about ``chunk_values`` values each, covering a stored tensor's rows."""
-        shape = self.shape(key)
-        step = max(1, chunk_values // max(1, int(np.prod(shape[1:]))))
-        return [(start, min(shape[0], start + step)) for start in range(0, shape[0], step)]
+    def disk_key(self, key: str) -> str:
+        """The name the file gives tensor ``key`` (a key as transformers names it)."""
+        return key
 
-    def matmul(self, key: str, x: torch.Tensor, pool: Any = None, chunk_values: int = CHUNK_VALUES) -> torch.Tensor:
+    def stored_rows(self, key: str) -> tuple[int, int]:
+        """(rows, values per row) of a tensor as stored, a 3-D one (fused experts) seen as 2-D (``E x rows``)."""
+        shape = self.shape(key)
+        return (int(np.prod(shape[:-1])), int(shape[-1])) if len(shape) > 1 else (int(shape[0]), 1)
+
+    def spans(self, key: str, chunk_values: int = CHUNK_VALUES,
+              rows: tuple[int, int] | None = None) -> list[tuple[int, int]]:
+        """Row ranges ``(start, stop)`` of about ``chunk_values`` values each, covering a stored tensor's rows (or
+        the stored rows ``rows``)."""
+        n_rows, width = self.stored_rows(key)
+        first, last = rows or (0, n_rows)
+        step = max(1, chunk_values // max(1, width))
+        return [(start, min(last, start + step)) for start in range(first, last, step)]
+
+    def matmul(self, key: str, x: torch.Tensor, pool: Any = None, chunk_values: int = CHUNK_VALUES,
+               rows: tuple[int, int] | None = None, transposed: bool | None = None) -> torch.Tensor:
         """``x @ W.T`` for a stored projection ``W`` (out, in) without ever holding ``W``: the stored rows are read
         in blocks of about ``chunk_values`` values (1 MiB as float32, so a block stays in the CPU cache), each
         block into a per-thread buffer, dequantised or converted to float32 and multiplied before the next is
-        read. With ``pool`` (an executor) the blocks are spread over its threads (file reads, numpy's
-        dequantisation and torch's matmul all release the GIL)."""
-        shape = self.shape(key)
-        spans = self.spans(key, chunk_values)
-        if self.stored_transposed(key):  # stored rows are input dims: each block adds its part of every output
+        read. With ``pool`` (an executor) the blocks are spread over its threads (file reads, the dequantisation
+        and torch's matmul all release the GIL). ``rows``: the stored rows holding ``W`` (one expert of a fused
+        3-D tensor); ``transposed``: whether they are input dims (default: :meth:`stored_transposed`)."""
+        n_rows, width = self.stored_rows(key)
+        first, last = rows or (0, n_rows)
+        spans = self.spans(key, chunk_values, (first, last))
+        if self.stored_transposed(key) if transposed is None else transposed:
+            # stored rows are input dims: each block adds its part of every output
 
             def part(span: tuple[int, int]) -> torch.Tensor:
-                return x[:, span[0]:span[1]] @ self._block(key, *span)
+                return x[:, span[0] - first:span[1] - first] @ self._block(key, *span)
 
             parts = pool.map(part, spans) if pool is not None and len(spans) > 1 else map(part, spans)
-            out = torch.zeros(x.shape[0], int(np.prod(shape[1:])))
+            out = torch.zeros(x.shape[0], width)
             for piece in parts:
                 out += piece
         else:  # stored rows are outputs: each block fills its own rows of out.T
             xt = x.T.contiguous()
-            out_t = torch.empty(shape[0], x.shape[0])
+            out_t = torch.empty(last - first, x.shape[0])
 
             def fill(span: tuple[int, int]) -> None:
-                torch.mm(self._block(key, *span), xt, out=out_t[span[0]:span[1]])
+                torch.mm(self._block(key, *span), xt, out=out_t[span[0] - first:span[1] - first])
 
             list(pool.map(fill, spans) if pool is not None and len(spans) > 1 else map(fill, spans))
             out = out_t.T
         self.tensors_read += 1
         return out
+
+    def matrix_row(self, key: str, index: int, rows: tuple[int, int] | None = None,
+                   transposed: bool | None = None) -> torch.Tensor:
+        """Row ``index`` of a stored projection as (out, in) (what one output reads), read alone where the storage
+        allows; ``rows`` and ``transposed`` as in :meth:`matmul`."""
+        first, last = rows or (0, self.stored_rows(key)[0])
+        if self.stored_transposed(key) if transposed is None else transposed:
+            return torch.cat([block[:, index] for _, block in self.chunks(key, rows=(first, last))])
+        return self.rows(key, [first + index])[0]
 
     def prefetch(self, keys: list[str]) -> None:
         """Ask the OS to start reading these tensors' bytes into the page cache (``posix_fadvise WILLNEED``):
@@ -390,6 +479,44 @@ class SafetensorsWeights(LazyWeights):
             for f in files:
                 with self._open(f) as handle:
                     self._files.update({k: f for k in handle.keys()})
+        self._disk: dict[str, str] = {}  # a key as transformers names it -> as the file names it
+        if self.arch.experts is not None:
+            self._convert_keys()
+
+    def _convert_keys(self) -> None:
+        """Name the tensors as transformers does after loading (an MoE checkpoint stores one tensor per expert and
+        projection, transformers one fused tensor per projection): its conversion mapping for this model type
+        renames keys, and the per-expert tensors of a fused one are kept by (fused key, part, expert)."""
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+        mapping = get_checkpoint_conversion_mapping(self.model_type) or []
+        files: dict[str, Path] = {}
+        parts: dict[str, dict[int, dict[int, str]]] = {}
+        for key, path in self._files.items():
+            name: str | None = key
+            for transform in mapping:
+                new, matched = transform.rename_source_key(name)
+                if matched is None:
+                    continue
+                expert = re.search(r"\.experts\.(\d+)\.", key)
+                if "*" in matched and expert is not None:  # one expert's part of a fused tensor
+                    ops = {type(op).__name__ for op in getattr(transform, "operations", [])}
+                    if not ops <= {"MergeModulelist", "Concatenate"}:
+                        raise UnsupportedArchitecture(f"{self.source}: the experts of model type {self.model_type!r} "
+                                                      f"are converted with {', '.join(sorted(ops))} when loaded, which "
+                                                      "melayer weights does not read")
+                    parts.setdefault(new, {}).setdefault(transform.source_patterns.index(matched), {})[
+                        int(expert.group(1))] = key
+                    files[key] = path
+                    name = None
+                    break
+                name = new
+            if name is not None:
+                files[name] = path
+                if name != key:
+                    self._disk[name] = key
+        self._files = files
+        self._expert_parts = parts
 
     @staticmethod
     def _open(path: Path) -> Any:
@@ -403,6 +530,9 @@ class SafetensorsWeights(LazyWeights):
     def keys(self) -> list[str]:
         return list(self._files)
 
+    def disk_key(self, key: str) -> str:
+        return self._disk.get(key, key)
+
     def _entry(self, key: str) -> tuple[Path, torch.dtype, tuple[int, ...], int]:
         """(file, dtype, shape, absolute byte offset) of one tensor, from its file's header."""
         path = self._files[key]
@@ -410,9 +540,10 @@ class SafetensorsWeights(LazyWeights):
             self._headers: dict[Path, dict[str, tuple[torch.dtype, tuple[int, ...], int]]] = {}
         if path not in self._headers:
             self._headers[path] = _safetensors_header(path)
-        if key not in self._headers[path]:
-            raise MelayerError(f"{path} does not hold tensor {key} (the index says it does)")
-        return (path, *self._headers[path][key])
+        disk = self._disk.get(key, key)
+        if disk not in self._headers[path]:
+            raise MelayerError(f"{path} does not hold tensor {disk} (the index says it does)")
+        return (path, *self._headers[path][disk])
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self._entry(key)[2]
@@ -423,7 +554,7 @@ class SafetensorsWeights(LazyWeights):
 
     def _block(self, key: str, start: int, stop: int, owned: bool = False) -> torch.Tensor:
         path, dtype, shape, offset = self._entry(key)
-        width = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+        width = int(shape[-1]) if len(shape) > 1 else 1
         item = torch.empty(0, dtype=dtype).element_size()
         raw = self._raw(path, offset + start * width * item, (stop - start) * width * item, f"tensor {key}")
         stored = torch.frombuffer(raw, dtype=dtype).reshape(stop - start, width)
@@ -455,7 +586,7 @@ class SafetensorsWeights(LazyWeights):
             # whole file; kept open, every page read so far would stay mapped (and count in RSS), and the
             # in-place reductions of the ranking would show up in the next read of the same tensor
             with self._open(self._files[name]) as handle:
-                t = handle.get_tensor(name)
+                t = handle.get_tensor(self._disk.get(name, name))
                 return t.clone() if t.dtype == torch.float32 else t.float()
         except (SafetensorError, OSError, RuntimeError) as exc:
             raise MelayerError(f"cannot read tensor {name} from {self._files[name]} (truncated or corrupt?): {exc}") from None
