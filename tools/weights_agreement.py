@@ -92,14 +92,20 @@ def predict(out: Path) -> None:
     import torch
 
     from melayer.analysis.weights import candidates
+    from melayer.util.errors import MelayerError
 
     torch.set_num_threads(1)
     truth = json.loads((out / "truth.json").read_text())
-    print("| checkpoint | predicted: ME layer, dim, neuron | scanned: ME layer, dims, top neuron | agrees |")
-    print("|---|---|---|---|")
+    print("| checkpoint | predicted: ME layer, dim, neuron | scanned: ME layer, dims, top neuron | agrees | attention |")
+    print("|---|---|---|---|---|")
     hits = 0
     for name, t in truth.items():
-        r = candidates(t["path"], progress=False)
+        try:
+            r = candidates(t["path"], progress=False)
+        except MelayerError as exc:  # a family this version does not read: refused in one line
+            print(f"| {name} | refused: {str(exc).split(': ', 1)[-1][:90]} | {t['me_layer']}, "
+                  f"{','.join(map(str, t['dims']))}, {t['neuron']} | no | |", flush=True)
+            continue
         pred = (r.me_layer, r.massive_dim, r.top_neuron)
         ok = pred[0] == t["me_layer"] and pred[1] in t["dims"] and pred[2] == t["neuron"]
         parts = [p for p, good in (("layer", pred[0] == t["me_layer"]), ("dim", pred[1] in t["dims"]),
@@ -107,7 +113,8 @@ def predict(out: Path) -> None:
         hits += ok
         dims = ",".join(map(str, t["dims"]))
         print(f"| {name} | {pred[0]}, {pred[1]}, {pred[2]} | {t['me_layer']}, {dims}, {t['neuron']} | "
-              f"{'yes' if ok else ('no' if not parts else ' + '.join(parts) + ' only')} |", flush=True)
+              f"{'yes' if ok else ('no' if not parts else ' + '.join(parts) + ' only')} | "
+              f"{'o(v(x))' if r.attention == 'o(v(x))' else 'left out'} |", flush=True)
     print(f"\n{hits}/{len(truth)} agree on (ME layer, dim, neuron)")
 
 

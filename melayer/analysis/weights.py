@@ -55,7 +55,9 @@ REMOVE_SHARE = 0.1  # a layer removes when its write takes away more than this s
 PEAK_SHARE = 0.01  # writes below this share of the dim's largest |x| on the path get no role
 
 RULE = ("path: the first token's residual stream computed from the weights (embedding, then per layer "
-        "x += post_attn_norm(o(v(pre_attn_norm(x)))) -- exact at position 0 -- and x += post_ffn_norm(ffn(pre_ffn_norm(x)))); "
+        "x += post_attn_norm(o(v(pre_attn_norm(x)))) -- exact at position 0 -- and x += post_ffn_norm(ffn(pre_ffn_norm(x))); "
+        "in a parallel block both read the layer input; an MoE FFN is its router's softmax top-k experts, weighted, "
+        "plus a shared expert); "
         "massive dim = the dim that is the path's largest |x| at the most layers; ME layer = first layer where that "
         "dim has |x| > max(abs_min, median_ratio x the token's ordinary median) and > persist_ratio x its own median, "
         "and persists (> abs_min and > persist_ratio x own median in the next layer and in >= persist_frac of later "
@@ -70,8 +72,11 @@ ASSUMPTIONS = [
     "at position 0 attention sees only the token itself, so its output is o(v(x)): exact for softmax attention "
     "with any positional scheme; attention with extra terms at position 0 (sink logits, ALiBi biases to nothing) "
     "is still o(v(x)), but a learned attention bias added outside softmax is not modelled",
-    "the layer is sequential (attention, then FFN) with one dense FFN; parallel blocks and mixtures of experts "
-    "are not modelled",
+    "the layer is sequential (attention, then FFN) or parallel (both read the layer input); its FFN is dense or a "
+    "mixture of experts: the router's softmax, each token's num_experts_per_tok best experts (weights renormalised "
+    "unless the config's norm_topk_prob is false), act(gate) x up per expert, a shared expert scaled by the sigmoid of "
+    "its gate; neuron n of expert e is e x I + n, the shared expert's last (other routers, e.g. grouped or "
+    "sigmoid scoring, are not modelled)",
     "the quantised weights of a GGUF file stand for the model (the path is computed from the dequantised values)",
 ]
 

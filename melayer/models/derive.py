@@ -736,9 +736,46 @@ def _experts_layout(twin: nn.Module, spec: ArchSpec, model_type: str) -> dict[st
         raise UnsupportedArchitecture(f"model_type {model_type!r}: its experts gate with a function of their own "
                                       "(not act(gate) x up), which melayer weights does not compute; load the model "
                                       "and run melayer scan")
+    if not _softmax_top_k(layers[0], spec, twin.config):
+        raise UnsupportedArchitecture(f"model_type {model_type!r}: its router does not choose experts by softmax "
+                                      "top-k (num_experts_per_tok, norm_topk_prob), which melayer weights computes; "
+                                      "load the model and run melayer scan")
     fused = FusedExperts(module)
     return {"has_gate": fused.has_gate, "transposed": fused.transposed, "concatenated": fused.concatenated,
             "has_bias": fused.has_bias}
+
+
+@torch.no_grad()
+def _softmax_top_k(layer: nn.Module, spec: ArchSpec, config: Any) -> bool:
+    """Whether the MoE block routes as melayer weights computes it (the router's softmax, the
+    ``num_experts_per_tok`` best, renormalised unless ``norm_topk_prob`` is false): checked on random tokens."""
+    block, experts, router = (resolve(layer, p) for p in (spec.mlp, spec.experts, spec.router))
+    weight = getattr(router, "weight", None)
+    k = int(getattr(config, "num_experts_per_tok", 0) or 0)
+    if block is None or experts is None or not isinstance(weight, torch.Tensor) or k < 1:
+        return False
+    seen: list[Any] = []
+    handle = experts.register_forward_hook(lambda m, a, kw, out: seen.append(experts_call(a, kw)), with_kwargs=True)
+    x = torch.randn(1, 6, weight.shape[1], generator=torch.Generator().manual_seed(0))
+    try:
+        block(x)
+    except Exception:  # a block that cannot be called alone: its routing is not checked, so not computed
+        return False
+    finally:
+        handle.remove()
+    if not seen or seen[0] is None:
+        return False
+    _, index, chosen = seen[0]
+    logits = x.reshape(-1, weight.shape[1]) @ weight.float().T
+    bias = getattr(router, "bias", None)
+    probs = torch.softmax(logits + (bias if isinstance(bias, torch.Tensor) else 0.0), dim=-1)
+    top_w, top_i = probs.topk(k, dim=-1)
+    if getattr(config, "norm_topk_prob", None) in (None, True):
+        top_w = top_w / top_w.sum(-1, keepdim=True)
+    order = index.sort(dim=-1)
+    mine = top_i.sort(dim=-1)
+    return bool(torch.equal(order.values, mine.values)
+                and torch.allclose(chosen.float().gather(-1, order.indices), top_w.gather(-1, mine.indices), atol=1e-5))
 
 
 def arch_for(model: PreTrainedModel, override: dict[str, Any] | ArchSpec | str | Path | None = None) -> ArchSpec:

@@ -14,6 +14,7 @@ number of tensors returned by this reader that were alive at the same time (chec
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import threading
@@ -555,7 +556,7 @@ class SafetensorsWeights(LazyWeights):
     def _block(self, key: str, start: int, stop: int, owned: bool = False) -> torch.Tensor:
         path, dtype, shape, offset = self._entry(key)
         width = int(shape[-1]) if len(shape) > 1 else 1
-        item = torch.empty(0, dtype=dtype).element_size()
+        item = dtype.itemsize
         raw = self._raw(path, offset + start * width * item, (stop - start) * width * item, f"tensor {key}")
         stored = torch.frombuffer(raw, dtype=dtype).reshape(stop - start, width)
         if owned:
@@ -709,7 +710,7 @@ class GGUFWeights(LazyWeights):
 
     def _block(self, key: str, start: int, stop: int, owned: bool = False) -> torch.Tensor:
         dims, qtype, offset = self._info(key)
-        n_rows = int(np.prod(dims[1:])) if len(dims) > 1 else 1
+        n_rows = math.prod(dims[1:]) if len(dims) > 1 else 1
         row_bytes = gguf_n_bytes(dims, qtype) // n_rows
         raw = self._raw(self.path, offset + start * row_bytes, (stop - start) * row_bytes, f"tensor {key}")
         rows = np.frombuffer(raw, dtype=np.uint8).reshape(stop - start, row_bytes)
