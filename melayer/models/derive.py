@@ -728,7 +728,8 @@ def _experts_layout(twin: nn.Module, spec: ArchSpec, model_type: str) -> dict[st
     """The fused experts' layout flags (what a checkpoint's 3-D expert tensors mean), read off the twin's experts
     module; families whose experts gate with a function of their own are refused."""
     layers = resolve(twin, spec.layers)
-    module = resolve(layers[0], spec.experts) if isinstance(layers, nn.ModuleList) and len(layers) else None
+    first = layers[0] if isinstance(layers, nn.ModuleList) and len(layers) else None
+    module = resolve(first, spec.experts) if first is not None else None
     if module is None:
         raise UnsupportedArchitecture(f"model_type {model_type!r}: no experts module at {spec.experts}")
     gating = getattr(type(module), "_apply_gate", None)
@@ -736,7 +737,7 @@ def _experts_layout(twin: nn.Module, spec: ArchSpec, model_type: str) -> dict[st
         raise UnsupportedArchitecture(f"model_type {model_type!r}: its experts gate with a function of their own "
                                       "(not act(gate) x up), which melayer weights does not compute; load the model "
                                       "and run melayer scan")
-    if not _softmax_top_k(layers[0], spec, twin.config):
+    if first is None or not _softmax_top_k(first, spec, twin.config):
         raise UnsupportedArchitecture(f"model_type {model_type!r}: its router does not choose experts by softmax "
                                       "top-k (num_experts_per_tok, norm_topk_prob), which melayer weights computes; "
                                       "load the model and run melayer scan")
