@@ -229,7 +229,8 @@ MUTANTS: tuple[Mutant, ...] = (
            'r["significant_bh"] = bool(p <= alpha)', 'r["significant_bh"] = bool(r["mcnemar_p"] <= alpha)',
            (T_RULES,), "bh"),
     Mutant("finetune: WeMask built but never applied during training",
-           "    if wm is not None:\n        wm.apply()\n    try:", "    try:", ("tests/test_pinned_finetune.py",), None),
+           "        if wm is not None:\n            applied.enter_context(wm)\n", "", ("tests/test_pinned_finetune.py",),
+           None),
 )
 
 
