@@ -78,9 +78,9 @@ def write(path: Path, text: str) -> None:
 
 def fragment(name: str, output: Path, threads: str, load_before: str, load_after: str, seconds: float) -> str:
     when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    cond = (f"*Measured {when} on {cpu()}; {threads} torch/OMP thread{'s' if threads != '1' else ''}; "
-            f"load average (1/5/15 min) {load_before} before, {load_after} after; "
-            f"{seconds:.0f} s. Regenerate: `bash bench/all.sh {name}`.*")
+    cond = (f"*Measured {when} on {cpu()} with {threads} torch/OMP thread{'s' if threads != '1' else ''}, "
+            f"{seconds:.0f} s. Other work on the machine: load average (1/5/15 min) {load_before} when the "
+            f"bench started, {load_after} when it ended. Regenerate: `bash bench/all.sh {name}`.*")
     return f"{HEADER}\n\n{cond}\n\n{body(output.read_text())}"
 
 
@@ -110,9 +110,8 @@ def total(seconds: float, only: str) -> None:
     when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
     meta = f"{when}, {cpu()}, load average {os.getloadavg()[0]:.1f} at the end"
     took = f"**{seconds / 60:.0f} minutes**"
-    text = (f"The last {full} ({meta}) took {took}." if not only else
-            f"The last `make bench` run ({meta}) was partial, `bash bench/all.sh {only}`, and took {took}; no full "
-            "run is recorded yet.")
+    text = (f"A {full} took {took} ({meta})." if not only else
+            f"A {full} has not been timed on this version; `bash bench/all.sh {only}` alone took {took} ({meta}).")
     write(path, f"{HEADER}\n\n{text}\n")
 
 
