@@ -238,7 +238,7 @@ class LazyWeights:
         exact = f"{path}.weight"
         return exact if exact in self._keyset() else (found[0] if found else None)
 
-    def chunks(self, key: str, chunk_values: int = CHUNK_VALUES, rows: tuple[int, int] | None = None) -> Any:
+    def chunks(self, key: str, chunk_values: int | None = None, rows: tuple[int, int] | None = None) -> Any:
         """Yield ``(start, rows)`` over the stored rows of a 2-D tensor (or the stored rows ``rows``), each chunk
         float32 of about ``chunk_values`` values (rows ``start .. start + len(rows)`` of the tensor as stored)."""
         for start, stop in self.spans(key, chunk_values, rows):
@@ -254,16 +254,16 @@ class LazyWeights:
         shape = self.shape(key)
         return (int(np.prod(shape[:-1])), int(shape[-1])) if len(shape) > 1 else (int(shape[0]), 1)
 
-    def spans(self, key: str, chunk_values: int = CHUNK_VALUES,
+    def spans(self, key: str, chunk_values: int | None = None,
               rows: tuple[int, int] | None = None) -> list[tuple[int, int]]:
         """Row ranges ``(start, stop)`` of about ``chunk_values`` values each, covering a stored tensor's rows (or
         the stored rows ``rows``)."""
         n_rows, width = self.stored_rows(key)
         first, last = rows or (0, n_rows)
-        step = max(1, chunk_values // max(1, width))
+        step = max(1, (chunk_values or self.chunk_values(key)) // max(1, width))
         return [(start, min(last, start + step)) for start in range(first, last, step)]
 
-    def matmul(self, key: str, x: torch.Tensor, pool: Any = None, chunk_values: int = CHUNK_VALUES,
+    def matmul(self, key: str, x: torch.Tensor, pool: Any = None, chunk_values: int | None = None,
                rows: tuple[int, int] | None = None, transposed: bool | None = None) -> torch.Tensor:
         """``x @ W.T`` for a stored projection ``W`` (out, in) without ever holding ``W``: the stored rows are read
         in blocks of about ``chunk_values`` values (1 MiB as float32, so a block stays in the CPU cache), each
@@ -316,6 +316,10 @@ class LazyWeights:
                 os.posix_fadvise(self._fd(path), offset, nbytes, os.POSIX_FADV_WILLNEED)
             except (OSError, MelayerError, KeyError):
                 pass
+
+    def chunk_values(self, key: str) -> int:
+        """Values per streamed block of ``key`` (:data:`CHUNK_VALUES` unless the format decodes faster in larger ones)."""
+        return CHUNK_VALUES
 
     def stored_transposed(self, key: str) -> bool:
         """Whether the stored rows of ``key`` are input dims (GPT-2's Conv1D in safetensors) rather than outputs."""
@@ -703,6 +707,14 @@ class GGUFWeights(LazyWeights):
         if self._processor_obj is None:
             self._processor_obj = gguf_tensor_processor(self.gguf_arch, self._gguf_config)
         return self._processor_obj
+
+    QUANT_CHUNK_VALUES = 1 << 20
+
+    def chunk_values(self, key: str) -> int:
+        """Quantised tensors stream in blocks of :attr:`QUANT_CHUNK_VALUES` values (4 MiB as float32): their
+        decoding is a few dozen whole-array operations per block, whose fixed cost dominates smaller blocks."""
+        qtype = self._info(key)[1]
+        return CHUNK_VALUES if getattr(qtype, "name", "") in ("F32", "F16", "BF16", "F64") else self.QUANT_CHUNK_VALUES
 
     def _extent(self, key: str) -> tuple[Path, int, int]:
         dims, qtype, offset = self._info(key)
