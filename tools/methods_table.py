@@ -1,11 +1,14 @@
 """Markdown table of one or more ``melayer compare`` outputs (every condition against the unmodified model).
 
     python tools/methods_table.py OUT/compare.json [OUT2/compare.json ...] [--metric acc_norm]
+    python tools/methods_table.py --summary OUT/compare.json:METRIC [OUT2/compare.json:METRIC ...]
 
 Per compare: the unmodified value, then every condition (WeMask rates, then the methods) with its value, the
 paired difference and its bootstrap 95 % CI, McNemar's exact p (+gained / -lost), the Benjamini-Hochberg p over
 the compare's whole table, the sink rate and the massive activation after the ME layer relative to unmodified;
-then what each calibrated method chose. Nothing is recomputed: the numbers are read from compare.json.
+then what each calibrated method chose. ``--summary``: one table over several compares, a row per condition and a
+column per compare and metric, each cell the paired difference to the unmodified model with its BH p (a bold
+cell: BH p < 0.05). Nothing is recomputed: the numbers are read from compare.json.
 """
 
 from __future__ import annotations
@@ -52,14 +55,48 @@ def table(d: dict[str, Any], metric: str | None = None) -> str:
     return "\n".join(out)
 
 
+def _label(r: dict[str, Any]) -> str:
+    return r["method"] if "method" in r else f"wemask:rate={r['rate']:g}"
+
+
+def summary(columns: list[tuple[dict[str, Any], str]]) -> str:
+    """One row per condition, one column per (compare, metric): the paired difference (BH p)."""
+    labels: list[str] = []
+    cells: dict[tuple[str, int], str] = {}
+    heads = []
+    for i, (d, metric) in enumerate(columns):
+        base = d["per_rate"][0]["metrics"][metric]
+        heads.append(f"{d['model'].split(' ')[0]} {d['task']} {metric} (n={d['settings']['n_samples']}; "
+                     f"unmodified {base['value']:.3f})")
+        for r in d["per_rate"][1:] + (d.get("per_method") or []):
+            label = _label(r)
+            labels += [] if label in labels else [label]
+            m = r["metrics"][metric]
+            diff, p_bh = (m.get("vs_baseline") or {}).get("diff"), (m.get("mcnemar") or {}).get("p_bh")
+            text = f"{_f(diff, '+.3f')} ({_f(p_bh, '.2g')})" if p_bh is not None else _f(diff, "+.3f")
+            cells[label, i] = f"**{text}**" if p_bh is not None and p_bh < 0.05 else text
+    out = ["| condition | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
+    out += [f"| {label} | " + " | ".join(cells.get((label, i), "not run") for i in range(len(columns))) + " |"
+            for label in labels]
+    return "\n".join(out)
+
+
+def _load(path: Path) -> dict[str, Any]:
+    return json.loads((path / "compare.json" if path.is_dir() else path).read_text())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("compare", nargs="+", type=Path, help="compare.json files (or their directories)")
     ap.add_argument("--metric", help="one metric (default: every metric of the task)")
+    ap.add_argument("--summary", action="store_true", help="one table over the compares, each given as PATH:METRIC")
     args = ap.parse_args()
+    if args.summary:
+        specs = [str(p).rsplit(":", 1) for p in args.compare]
+        print(summary([(_load(Path(path)), metric) for path, metric in specs]))
+        return
     for path in args.compare:
-        path = path / "compare.json" if path.is_dir() else path
-        print(table(json.loads(path.read_text()), args.metric))
+        print(table(_load(path), args.metric))
         print()
 
 
