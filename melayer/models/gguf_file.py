@@ -136,37 +136,32 @@ def _nibbles(qs: Any, out: Any) -> None:
 _LOW_NIBBLES = 0x0F0F0F0F0F0F0F0F
 
 
-def _nibbles_to_float(qs: Any, out: Any) -> None:
-    """Bytes (n, g, w) -> float32 ``out`` (n, g, 2, w): low nibbles first, then high, as ggml lays them out. The
-    nibbles are split eight bytes at a time (int64 words) over the whole contiguous array, then widened into place
-    (``n x g x w`` a multiple of 8)."""
-    torch = _torch()
-    words = qs.contiguous().view(torch.int64)
-    lo = words & _LOW_NIBBLES
-    hi = words >> 4
-    hi &= _LOW_NIBBLES
-    out[:, :, 0].copy_(lo.view(torch.uint8).view(qs.shape))
-    out[:, :, 1].copy_(hi.view(torch.uint8).view(qs.shape))
-
-
 def _q4_k(blocks: Any, out: Any) -> None:
     """Q4_K: 144-byte super-blocks of 256 values, 8 sub-blocks of 32 with 6-bit scales and mins. Every step works on
-    whole words (the 12 scale bytes as three int32 per block, the nibbles as int64) over arrays as long as the chunk:
-    per-byte views of a few bytes each make torch loop over tiny inner dimensions."""
+    whole words over arrays as long as the chunk (the block seen as 18 int64 words: 2 of scales, 16 of nibbles),
+    with no copy of the nibbles: per-byte views a few bytes wide make torch loop over tiny inner dimensions."""
     torch = _torch()
     n = blocks.shape[0]
-    head = blocks[:, :16].contiguous()
+    if blocks.storage_offset() % 8 or not blocks.is_contiguous():
+        blocks = blocks.contiguous()
+    words = blocks.view(torch.int64)  # (n, 18)
+    head = words[:, :2].contiguous().view(torch.uint8)  # (n, 16): d, dmin, then the 12 bytes of scales and mins
     dm = head[:, :4].view(torch.float16).float()  # (n, 2): the super-block scale d and minimum scale dmin
-    words = head[:, 4:].view(torch.int32)  # the 6-bit scales and mins of the 8 sub-blocks, packed in 12 bytes
-    d, m, md = words[:, 0], words[:, 1], words[:, 2]
+    packed = head[:, 4:].view(torch.int32)  # the 6-bit scales and mins of the 8 sub-blocks, packed in 12 bytes
+    d, m, md = packed[:, 0], packed[:, 1], packed[:, 2]
     sc = torch.empty(n, 2, dtype=torch.int32)
     mn = torch.empty(n, 2, dtype=torch.int32)
     torch.bitwise_and(d, 0x3F3F3F3F, out=sc[:, 0])  # per byte: the low 6 bits; the high 2 bits of bytes 4-7 below
     torch.bitwise_or(md & 0x0F0F0F0F, (d >> 2) & 0x30303030, out=sc[:, 1])
     torch.bitwise_and(m, 0x3F3F3F3F, out=mn[:, 0])
     torch.bitwise_or((md >> 4) & 0x0F0F0F0F, (m >> 2) & 0x30303030, out=mn[:, 1])
-    # 4 groups of 32 bytes: the low nibbles are one sub-block, the high the next
-    _nibbles_to_float(blocks[:, 16:].reshape(n, 4, 32), out.view(n, 4, 2, 32))
+    qs = words[:, 2:]  # 4 groups of 32 bytes: the low nibbles are one sub-block, the high the next
+    lo = qs & _LOW_NIBBLES
+    hi = qs >> 4
+    hi &= _LOW_NIBBLES
+    o = out.view(n, 4, 2, 32)
+    o[:, :, 0].copy_(lo.view(torch.uint8).view(n, 4, 32))
+    o[:, :, 1].copy_(hi.view(torch.uint8).view(n, 4, 32))
     o = out.view(n, 8, 32)
     o.mul_(sc.view(torch.uint8).float().mul_(dm[:, :1]).unsqueeze(-1))
     o.sub_(mn.view(torch.uint8).float().mul_(dm[:, 1:]).unsqueeze(-1))
