@@ -79,7 +79,7 @@ def _save_fused(lm, path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("model_type", ["gpt_neox", "gptj", "mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("model_type", ["gpt_neox", "gptj", "falcon", "mixtral", "qwen2_moe"])
 def test_parallel_blocks_and_experts(tmp_path, model_type):
     """Parallel blocks (the FFN reads the layer input; GPT-NeoX's per-head q/k/v, GPT-J's separate v) and mixtures
     of experts (routed by the first token's own router, numbered expert x I + neuron; Qwen2-MoE's shared expert
@@ -103,6 +103,27 @@ def test_parallel_blocks_and_experts(tmp_path, model_type):
         assert (r.me_layer, r.massive_dim, r.top_neuron) == (1, 20, lm.plant.flat_neuron)
         shared = lm.experts(3).num_experts * lm.experts(3).inter + 12  # the remover is the shared expert's neuron 12
         assert [(x["layer"], x["neuron"]) for x in r.removers] == [(3, shared)] and r.removers[0]["reads_dim"] > 0.99
+
+
+@pytest.mark.parametrize("new_layout", [False, True])
+def test_falcon_fused_qkv_with_fewer_value_heads(tmp_path, new_layout):
+    """Falcon's fused q/k/v with fewer key/value heads than queries: multi-query, stacked (all queries, the key, the
+    value) and the newer grouped layout (per key/value head: its queries, its key, its value), the value heads'
+    count taken from the shapes. The path is the model's own first-token stream and the plant is named."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from melayer.testing import plant_massive, tiny_tokenizer
+
+    torch.manual_seed(0)
+    extra = {"new_decoder_architecture": True, "num_kv_heads": 2} if new_layout else {"multi_query": True}
+    config = AutoConfig.for_model("falcon", hidden_size=64, num_hidden_layers=4, num_attention_heads=8, vocab_size=300,
+                                  **extra)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager").eval()
+    lm = melayer.from_model(model, tiny_tokenizer(), name="tiny-falcon")
+    plant = plant_massive(lm, 1, 5, 7)
+    r = candidates(str(save_lm(lm, tmp_path / "falcon")), progress=False)
+    assert r.attention == "o(v(x))" and _path_error(r, lm) < 1e-4
+    assert (r.me_layer, r.massive_dim, r.top_neuron) == (1, 7, plant.flat_neuron)
 
 
 def test_planted_precursor(tmp_path):

@@ -292,8 +292,20 @@ class _Path:
         fused = w.path_key(layer, a.attn_v) is None
         v = self.linear(v_key, h, w.path_key(layer, a.attn_qkv if fused else a.attn_v, "bias"))
         o_in = w.shape(o_key)[0 if w.stored_transposed(o_key) else 1]
-        if fused and a.extra.get("qkv_layout") == "per_head":  # GPT-NeoX: each head's q, k, v side by side
+        layout = a.extra.get("qkv_layout")
+        if fused and layout == "per_head":  # GPT-NeoX: each head's q, k, v side by side
             v = v.reshape(v.shape[0], self.heads, 3, -1)[:, :, 2].reshape(v.shape[0], -1)
+        elif fused and layout in ("stacked", "grouped") and self.heads and o_in % self.heads == 0:
+            head_dim = o_in // self.heads  # fewer key/value heads than queries: their count from the shapes
+            kv = (v.shape[1] - o_in) // (2 * head_dim)
+            if kv < 1 or self.heads % kv or v.shape[1] != (self.heads + 2 * kv) * head_dim:
+                raise MelayerError(f"{w.source}: {v_key} has {v.shape[1]} outputs, not (queries + 2 x key/value "
+                                   f"heads) x {head_dim} for {self.heads} query heads: a mismatched checkpoint")
+            if layout == "stacked":  # all queries, all keys, then the kv values
+                v = v[:, v.shape[1] - kv * head_dim:]
+            else:  # per key/value head: its queries, its key, its value
+                v = v.reshape(v.shape[0], kv, self.heads // kv + 2, head_dim)[:, :, -1]
+            v = v.reshape(v.shape[0], kv, 1, head_dim).expand(-1, -1, self.heads // kv, -1).reshape(v.shape[0], -1)
         elif fused:  # q, k, v stacked: v is the last kv_heads x head_dim outputs
             kv = self.kv_heads or self.heads
             head_dim = o_in // max(1, self.heads)
@@ -401,7 +413,7 @@ ACTIVATIONS: dict[str, Any] = {"silu": torch.nn.functional.silu, "swish": torch.
 
 
 def _activation(w: LazyWeights) -> Any:
-    name = w.setting("hidden_activation", "hidden_act", "activation_function")
+    name = w.setting("hidden_activation", "hidden_act", "activation_function", "activation")
     if name in ACTIVATIONS:
         return ACTIVATIONS[name]
     from transformers.activations import ACT2FN

@@ -664,6 +664,11 @@ def arch_from_config(config: dict[str, Any]) -> ArchSpec:
                                       f"config ({type(exc).__name__}); pass --arch NAME or --arch FILE.json") from None
     finally:
         transformers.logging.set_verbosity(level)
+    with torch.no_grad():  # norms initialised alike give equal outputs, and then which one a block reads is
+        g = torch.Generator().manual_seed(0)  # ambiguous (Falcon's ln_attn / ln_mlp): give every gain its own value
+        for param in twin.parameters():
+            if param.dim() == 1 and param.is_floating_point():
+                param.add_(0.1 * torch.randn(param.shape, generator=g, dtype=param.dtype))
     try:
         spec = named_layout(derive_arch(twin))
     except DerivationError as exc:
@@ -721,7 +726,32 @@ def _value_output(twin: nn.Module, spec: ArchSpec) -> dict[str, Any]:
         if heads and y.numel() == 3 * o_in.numel() and _same(y.reshape(heads, 3, -1)[:, 2].reshape(-1), o_in, 1e-6):
             return {"attn_v": None, "attn_qkv": names[id(m)], "attn_o": names[id(o)],
                     "extra": {**spec.extra, "qkv_layout": "per_head"}}
+        layout = _grouped_qkv(y, o_in, heads)
+        if layout is not None:
+            return {"attn_v": None, "attn_qkv": names[id(m)], "attn_o": names[id(o)],
+                    "extra": {**spec.extra, "qkv_layout": layout}}
     return {}
+
+
+def _grouped_qkv(y: torch.Tensor, o_in: torch.Tensor, heads: int) -> str | None:
+    """How a fused q/k/v output ``y`` with fewer key/value heads than query heads holds the values, if one token's
+    attention input to the output projection (``o_in``: each query head reads its group's value) says so:
+    "stacked" (all queries, all keys, then all values: Falcon with multi-query attention) or "grouped" (per key/value
+    head, its queries, its key, its value: Falcon's newer layout). The key/value head count is the shapes' own:
+    (outputs - o_in) / (2 x head size)."""
+    if not heads or o_in.numel() % heads:
+        return None
+    head_dim = o_in.numel() // heads
+    kv = (y.numel() - o_in.numel()) // (2 * head_dim) if head_dim else 0
+    if kv < 1 or heads % kv or y.numel() != (heads + 2 * kv) * head_dim:
+        return None
+    want = o_in.reshape(heads, head_dim)
+    stacked = y[-kv * head_dim:].reshape(kv, head_dim)
+    grouped = y.reshape(kv, heads // kv + 2, head_dim)[:, -1]
+    for name, v in (("stacked", stacked), ("grouped", grouped)):
+        if _same(v.repeat_interleave(heads // kv, dim=0).reshape(-1), want.reshape(-1), 1e-6):
+            return name
+    return None
 
 
 def _experts_layout(twin: nn.Module, spec: ArchSpec, model_type: str) -> dict[str, bool]:
