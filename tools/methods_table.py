@@ -8,7 +8,7 @@ paired difference and its bootstrap 95 % CI, McNemar's exact p (+gained / -lost)
 the compare's whole table, the sink rate and the massive activation after the ME layer relative to unmodified;
 then what each calibrated method chose. ``--summary``: one table over several compares, a row per condition and a
 column per compare and metric, each cell the paired difference to the unmodified model with its BH p (a bold
-cell: BH p < 0.05). Nothing is recomputed: the numbers are read from compare.json.
+cell: BH p < 0.05), or its paired 95 % CI for a metric McNemar's test does not apply to. Nothing is recomputed: the numbers are read from compare.json.
 """
 
 from __future__ import annotations
@@ -72,8 +72,10 @@ def summary(columns: list[tuple[dict[str, Any], str]]) -> str:
             label = _label(r)
             labels += [] if label in labels else [label]
             m = r["metrics"][metric]
-            diff, p_bh = (m.get("vs_baseline") or {}).get("diff"), (m.get("mcnemar") or {}).get("p_bh")
-            text = f"{_f(diff, '+.3f')} ({_f(p_bh, '.2g')})" if p_bh is not None else _f(diff, "+.3f")
+            vs = m.get("vs_baseline") or {}
+            diff, p_bh = vs.get("diff"), (m.get("mcnemar") or {}).get("p_bh")
+            text = (f"{_f(diff, '+.3f')} (BH p {_f(p_bh, '.2g')})" if p_bh is not None  # no McNemar: the paired CI
+                    else f"{_f(diff, '+.3f')} {_ci(vs.get('ci95'), '+.2f')}")
             cells[label, i] = f"**{text}**" if p_bh is not None and p_bh < 0.05 else text
     out = ["| condition | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
     out += [f"| {label} | " + " | ".join(cells.get((label, i), "not run") for i in range(len(columns))) + " |"
