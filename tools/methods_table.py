@@ -66,18 +66,20 @@ def summary(columns: list[tuple[dict[str, Any], str]]) -> str:
     heads = []
     for i, (d, metric) in enumerate(columns):
         base = d["per_rate"][0]["metrics"][metric]
-        heads.append(f"{d['model'].split(' ')[0]} {d['task']} {metric} (n={d['settings']['n_samples']}; "
-                     f"unmodified {base['value']:.3f})")
+        heads.append(f"{d['task']} {metric} (n={d['settings']['n_samples']}; unmodified {base['value']:.3f})")
         for r in d["per_rate"][1:] + (d.get("per_method") or []):
             label = _label(r)
             labels += [] if label in labels else [label]
             m = r["metrics"][metric]
             vs = m.get("vs_baseline") or {}
             diff, p_bh = vs.get("diff"), (m.get("mcnemar") or {}).get("p_bh")
-            text = (f"{_f(diff, '+.3f')} (BH p {_f(p_bh, '.2g')})" if p_bh is not None  # no McNemar: the paired CI
+            text = (f"{_f(diff, '+.3f')} ({_f(p_bh, '.2g')})" if p_bh is not None  # no McNemar: the paired CI
                     else f"{_f(diff, '+.3f')} {_ci(vs.get('ci95'), '+.2f')}")
             cells[label, i] = f"**{text}**" if p_bh is not None and p_bh < 0.05 else text
-    out = ["| condition | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
+    models = ", ".join(dict.fromkeys(d["model"] for d, _ in columns))
+    out = [f"**{models}**: each condition's paired difference to the unmodified model (BH p over each compare's "
+           "whole table; bold below 0.05; a paired 95 % CI where McNemar's test does not apply)", "",
+           "| condition | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
     out += [f"| {label} | " + " | ".join(cells.get((label, i), "not run") for i in range(len(columns))) + " |"
             for label in labels]
     return "\n".join(out)
