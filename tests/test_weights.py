@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 import melayer
 from melayer.analysis.weights import candidates, confirm_candidates
 from melayer.models.gguf_file import gguf_n_bytes
-from melayer.models.lazy import GGUFWeights, open_weights
+from melayer.models.lazy import GGUFWeights, _gguf_config, gguf_moe_architectures, open_weights
 from melayer.testing import MODEL_TYPES, tiny_lm
 from melayer.util.errors import MelayerError
 
@@ -124,6 +124,91 @@ def test_falcon_fused_qkv_with_fewer_value_heads(tmp_path, new_layout):
     r = candidates(str(save_lm(lm, tmp_path / "falcon")), progress=False)
     assert r.attention == "o(v(x))" and _path_error(r, lm) < 1e-4
     assert (r.me_layer, r.massive_dim, r.top_neuron) == (1, 7, plant.flat_neuron)
+
+
+
+def _write_moe_gguf(lm, path: Path, gguf_arch: str, qtype: str) -> Path:
+    """A tiny mixture-of-experts GGUF laid out as llama.cpp's converter writes one: the routed experts as one 3-D
+    tensor per projection (``blk.N.ffn_{gate,up,down}_exps``), names from gguf's own tensor-name map, a shared
+    expert's gate as a vector, matrices in ``qtype`` (vectors in F32)."""
+    import gguf
+
+    cfg = lm.config
+    n = cfg.num_hidden_layers
+    names = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == gguf_arch), n)
+    w = gguf.GGUFWriter(str(path), gguf_arch)
+    w.add_block_count(n)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_expert_count(lm.experts(0).num_experts)
+    w.add_expert_used_count(cfg.num_experts_per_tok)
+    w.add_bos_token_id(lm.tokenizer.bos_token_id)
+    w.add_add_bos_token(True)
+    tensors = {}
+    for key, t in lm.model.state_dict().items():
+        gname = names.get_name(key.rsplit(".", 1)[0])
+        if gname is not None and (".layers." in key or key.endswith("embed_tokens.weight")):
+            tensors[f"{gname}.{key.rsplit('.', 1)[1]}"] = t.detach().float().squeeze(0).numpy()
+    for i in range(n):
+        fused = lm.experts(i)
+        parts = {"down": [fused.down(e) for e in range(fused.num_experts)]}
+        for e in range(fused.num_experts):
+            for role, m in fused.inputs(e).items():
+                parts.setdefault(role, []).append(m)
+        for role, mats in parts.items():
+            tensors[f"blk.{i}.ffn_{role}_exps.weight"] = torch.stack(mats).detach().float().numpy()  # (E, out, in)
+    for name, a in tensors.items():
+        if a.ndim > 1 and qtype != "F32":
+            q = gguf.quants.quantize(np.ascontiguousarray(a), gguf.GGMLQuantizationType[qtype])
+            w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType[qtype])
+        else:
+            w.add_tensor(name, np.ascontiguousarray(a))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_moe_gguf_agrees_with_safetensors(tmp_path):
+    """A Qwen2-MoE GGUF (routed experts as llama.cpp's fused 3-D tensors, a shared expert gated by a sigmoid), F32
+    and Q8_0: the same (layer, dim, neuron, expert) as its safetensors save, the F32 path equal to it; experts read
+    in blocks through the same decode as dense tensors. A Mixtral GGUF (architecture llama with an expert count,
+    which transformers maps to no model type) is refused in one line, and read with --arch naming its experts."""
+    lm = tiny_lm("qwen2_moe", me_layer=1, neuron=5, dim=7, num_layers=4)
+    twin = candidates(str(save_lm(lm, tmp_path / "twin")), progress=False)
+    planted = (1, 7, lm.plant.flat_neuron, lm.plant.expert)
+    assert (twin.me_layer, twin.massive_dim, twin.top_neuron, twin.super_weight["expert"]) == planted
+    for qtype, rel in (("F32", 1e-5), ("Q8_0", 2e-2)):
+        path = _write_moe_gguf(lm, tmp_path / f"qwen2moe-{qtype}.gguf", "qwen2moe", qtype)
+        lazy = open_weights(str(path))
+        assert lazy.model_type == "qwen2_moe" and lazy.experts(1).num_experts == 4
+        assert {lazy._info(m.key)[1].name for m in lazy.experts(1).downs} == {qtype}  # decoded as stored
+        r = candidates(lazy, progress=False)
+        assert r.format == "gguf" and (r.me_layer, r.massive_dim, r.top_neuron, r.super_weight["expert"]) == planted
+        assert r.intermediate_size == twin.intermediate_size and r.vote["tokens"] == twin.vote["tokens"] == 1
+        for a, b in zip(r.layers, twin.layers):
+            assert (a.top_dim, a.role, a.neuron) == (b.top_dim, b.role, b.neuron)
+            for field in ("median", "top_value", "write", "attn_write", "ffn_write"):
+                assert getattr(a, field) == pytest.approx(getattr(b, field), rel=rel, abs=rel * b.top_value), field
+        down = lm.experts(1).down(lm.plant.expert).detach()  # the super weight: (expert, dim, neuron) of down_proj
+        assert r.super_weight["tensor"] == "model.layers.1.mlp.experts.down_proj"
+        assert r.super_weight["stored_index"] == [lm.plant.expert, 7, lm.plant.neuron]
+        assert r.super_weight["value"] == pytest.approx(float(down[7, lm.plant.neuron]), rel=rel)
+
+    mixtral = tiny_lm("mixtral", me_layer=1, neuron=5, dim=7, num_layers=4)
+    path = _write_moe_gguf(mixtral, tmp_path / "mixtral.gguf", "llama", "Q8_0")
+    with pytest.raises(MelayerError, match=r"mixture-of-experts GGUF \(4 experts per layer\) of architecture 'llama'"):
+        open_weights(str(path))
+    assert {"qwen2moe", "qwen3moe"} <= set(gguf_moe_architectures())
+    assert _gguf_config("qwen3moe", {}, {})["model_type"] == "qwen3_moe"  # llama.cpp renormalises Qwen3-MoE's top-k
+    assert _gguf_config("qwen3moe", {}, {})["norm_topk_prob"] is True
+    experts = {"router": "mlp.gate", "experts": "mlp.experts", "gate": None, "up": None, "down": None}
+    r = candidates(str(path), arch=experts, progress=False)
+    assert (r.me_layer, r.massive_dim, r.top_neuron, r.super_weight["expert"]) == (1, 7, mixtral.plant.flat_neuron,
+                                                                                   mixtral.plant.expert)
 
 
 def test_planted_precursor(tmp_path):

@@ -212,7 +212,7 @@ class LazyWeights:
             return ExpertLayer(inputs=[{r: Matrix(ins[i][e]) for i, r in enumerate(roles)} for e in range(n)],
                                downs=[Matrix(downs[e]) for e in range(n)], inter=int(self.shape(downs[0])[-1]))
         raise MelayerError(f"{self.source}: no expert weights for layer {layer} (neither {first} nor one tensor per "
-                           f"expert){' (mixture-of-experts GGUF files are not read yet)' if self.format == 'gguf' else ''}")
+                           "expert)")
 
     def _keyset(self) -> set[str]:
         if not hasattr(self, "_keys_cache"):
@@ -653,11 +653,21 @@ class GGUFWeights(LazyWeights):
                   "hidden_size": meta.get(f"{gguf_arch}.embedding_length"),
                   "num_attention_heads": meta.get(f"{gguf_arch}.attention.head_count"),
                   "num_key_value_heads": meta.get(f"{gguf_arch}.attention.head_count_kv"),
-                  "rms_norm_eps": meta.get(f"{gguf_arch}.attention.layer_norm_rms_eps"),
+                  "rms_norm_eps": meta.get(f"{gguf_arch}.attention.layer_norm_rms_epsilon"),
                   "layer_norm_epsilon": meta.get(f"{gguf_arch}.attention.layer_norm_epsilon"),
+                  "num_experts_per_tok": meta.get(f"{gguf_arch}.expert_used_count"),
                   "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
                   "add_bos_token": meta.get("tokenizer.ggml.add_bos_token")}
+        self.expert_count = int(meta.get(f"{gguf_arch}.expert_count") or 0)
+        if model_type not in ARCHITECTURES:  # a family derived from its config: transformers' own GGUF config map
+            config = _gguf_config(gguf_arch, meta, config)
         super().__init__(path.name, str(path), config, arch)
+        if self.expert_count and self.arch.experts is None:
+            raise UnsupportedArchitecture(
+                f"{path}: a mixture-of-experts GGUF ({self.expert_count} experts per layer) of architecture "
+                f"{gguf_arch!r}, whose experts transformers maps for no model type (transformers reads the experts of "
+                f"GGUF architectures {', '.join(gguf_moe_architectures())}); pass --arch FILE.json naming them, e.g. "
+                '{"router": "mlp.gate", "experts": "mlp.experts", "gate": null, "up": null, "down": null}')
         self.gguf_arch = gguf_arch
         import gguf
 
@@ -668,6 +678,46 @@ class GGUFWeights(LazyWeights):
         self._gguf_config = config
         self._processor_obj: Any = None
         self._hf_to_gguf: dict[str, str] = {}
+
+    def experts(self, layer: int) -> ExpertLayer | None:
+        """The routed experts of an MoE ``layer`` as llama.cpp stores them: one 3-D tensor per projection,
+        ``blk.N.ffn_gate_exps`` / ``ffn_up_exps`` / ``ffn_down_exps`` (GGUF dims: inputs, outputs, experts), so
+        expert ``e``'s rows of a projection are stored rows ``e x outputs .. (e + 1) x outputs``, outputs by row
+        as in a dense GGUF matrix. Each is named by the key transformers gives the projection (the ``down_proj``
+        of the fused experts module, whose (E, hidden, I) layout its index follows)."""
+        if self.arch.experts is None:
+            return None
+        import gguf
+
+        flags = self.arch.extra.get("experts") or {}
+        parts = ("gate", "up", "down") if flags.get("has_gate", True) else ("up", "down")
+        base = f"{self.layers_prefix()}.{layer}.{self.arch.experts}"
+        names = {p: gguf.TENSOR_NAMES[t].format(bid=layer) + ".weight" for p, t in
+                 (("gate", gguf.MODEL_TENSOR.FFN_GATE_EXP), ("up", gguf.MODEL_TENSOR.FFN_UP_EXP),
+                  ("down", gguf.MODEL_TENSOR.FFN_DOWN_EXP))}
+        held = sorted(n for n in self._infos if n.startswith(f"blk.{layer}.") and "_exps." in n)
+        unread = [n for n in held if n not in names.values()] + [n for p, n in names.items() if p not in parts and n in held]
+        missing = [names[p] for p in parts if names[p] not in self._infos]
+        if missing or unread:
+            raise UnsupportedArchitecture(
+                f"{self.path}: layer {layer}'s experts are not stored as melayer weights reads a mixture-of-experts GGUF "
+                f"({' / '.join(names[p] for p in parts)}, weights only): "
+                + (f"no {', '.join(missing)}" if missing else f"it also holds {', '.join(unread)}")
+                + f" (expert tensors here: {', '.join(held) or 'none'})")
+        dims = {p: self._infos[names[p]][0] for p in parts}
+        n_exp, inter, hidden = int(dims["down"][2]) if len(dims["down"]) == 3 else 0, int(dims["down"][0]), self.hidden_size
+        for p, d in dims.items():
+            want = (hidden, inter, n_exp) if p != "down" else (inter, hidden, n_exp)
+            if tuple(int(x) for x in d) != want or not n_exp:
+                raise MelayerError(f"{self.path}: tensor {names[p]} has GGUF dims {tuple(d)}, not {want} (hidden size "
+                                   f"{hidden}, {n_exp} experts of {inter} neurons): a mismatched checkpoint")
+        keys = {p: f"{base}.{p}_proj" for p in parts}
+        self._hf_to_gguf.update({keys[p]: names[p] for p in parts})
+        width = {p: inter if p != "down" else hidden for p in parts}
+        return ExpertLayer(
+            inputs=[{p: Matrix(keys[p], (e * width[p], (e + 1) * width[p])) for p in parts if p != "down"}
+                    for e in range(n_exp)],
+            downs=[Matrix(keys["down"], (e * hidden, (e + 1) * hidden)) for e in range(n_exp)], inter=inter)
 
     def gguf_name(self, hf_name: str) -> str | None:
         """The GGUF tensor name of a state-dict key, by gguf's own tensor-name map."""
@@ -750,6 +800,39 @@ class GGUFWeights(LazyWeights):
         if not values.flags.writeable:  # F32 tensors come back as a view of the read-only memory map
             values = values.copy()
         return torch.from_numpy(values)
+
+
+def gguf_moe_architectures() -> list[str]:
+    """The GGUF architectures whose mixture-of-experts config transformers maps (an expert count in its GGUF
+    config map), as GGUF files name them."""
+    import gguf
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    known = {_plain(v): v for v in gguf.MODEL_ARCH_NAMES.values()}
+    return sorted(known.get(_plain(t), t) for t, keys in GGUF_CONFIG_MAPPING.items() if isinstance(keys, dict) and "expert_count" in keys)
+
+
+def _plain(name: str) -> str:
+    return name.replace("_", "").replace("-", "")
+
+
+def _gguf_config(gguf_arch: str, meta: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` completed by transformers' own GGUF config map (``integrations.ggml``): the model type it gives
+    the GGUF architecture (llama.cpp's ``qwen2moe`` is transformers' ``qwen2_moe``), every metadata value it
+    maps to a config key, and the defaults it sets for GGUF files (Qwen3-MoE's renormalised routing weights)."""
+    from transformers.integrations.ggml import GGUF_CONFIG_DEFAULTS_MAPPING, GGUF_CONFIG_MAPPING
+
+    model_type = next((t for t in GGUF_CONFIG_MAPPING if t != "general" and _plain(t) == _plain(gguf_arch)), None)
+    if model_type is None:
+        return config
+    out = {**config, "model_type": model_type}
+    keys = GGUF_CONFIG_MAPPING[model_type]
+    for suffix, name in keys.items() if isinstance(keys, dict) else ():
+        if isinstance(name, str) and out.get(name) is None and meta.get(f"{gguf_arch}.{suffix}") is not None:
+            out[name] = meta[f"{gguf_arch}.{suffix}"]
+    for name, value in GGUF_CONFIG_DEFAULTS_MAPPING.get(model_type, {}).items():
+        out.setdefault(name, value)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
