@@ -126,7 +126,6 @@ def test_falcon_fused_qkv_with_fewer_value_heads(tmp_path, new_layout):
     assert (r.me_layer, r.massive_dim, r.top_neuron) == (1, 7, plant.flat_neuron)
 
 
-
 def _write_moe_gguf(lm, path: Path, gguf_arch: str, qtype: str) -> Path:
     """A tiny mixture-of-experts GGUF laid out as llama.cpp's converter writes one: the routed experts as one 3-D
     tensor per projection (``blk.N.ffn_{gate,up,down}_exps``), names from gguf's own tensor-name map, a shared
