@@ -105,6 +105,14 @@ def test_parallel_blocks_and_experts(tmp_path, model_type):
         assert [(x["layer"], x["neuron"]) for x in r.removers] == [(3, shared)] and r.removers[0]["reads_dim"] > 0.99
 
 
+def test_checkpoint_with_fewer_layers_than_the_twin(tmp_path):
+    """A config with fewer layers than the tiny twin melayer derives the map on keeps its own count (its per-layer
+    lists, Qwen2-MoE's mlp_only_layers, cannot be lengthened)."""
+    lm = tiny_lm("qwen2_moe", me_layer=1, neuron=5, dim=7, num_layers=3)
+    r = candidates(str(save_lm(lm, tmp_path / "three")), progress=False)
+    assert (r.me_layer, r.massive_dim, r.top_neuron) == (1, 7, lm.plant.flat_neuron)
+
+
 @pytest.mark.parametrize("new_layout", [False, True])
 def test_falcon_fused_qkv_with_fewer_value_heads(tmp_path, new_layout):
     """Falcon's fused q/k/v with fewer key/value heads than queries: multi-query, stacked (all queries, the key, the

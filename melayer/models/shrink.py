@@ -38,8 +38,12 @@ _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decode
 
 
 def _shrink(d: dict, num_layers: int) -> dict:
-    """A config dict with its sizes replaced by tiny ones and its per-layer lists cut to ``num_layers``."""
+    """A config dict with its sizes replaced by tiny ones and its per-layer lists cut to ``num_layers`` (a config
+    with fewer layers and per-layer lists keeps its own count: the lists cannot be lengthened)."""
     old_layers = next((d[k] for k in _LAYER_KEYS if isinstance(d.get(k), int)), None)
+    if old_layers and old_layers < num_layers and any(isinstance(v, list) and len(v) == old_layers
+                                                      and k != "architectures" for k, v in d.items()):
+        num_layers = old_layers
     out = dict(d)
     for key, value in d.items():
         if key in _SHRINK and (value is None or isinstance(value, int) and not isinstance(value, bool)):
