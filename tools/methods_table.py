@@ -8,7 +8,8 @@ paired difference and its bootstrap 95 % CI, McNemar's exact p (+gained / -lost)
 the compare's whole table, the sink rate and the massive activation after the ME layer relative to unmodified;
 then what each calibrated method chose. ``--summary``: one table over several compares, a row per condition and a
 column per compare and metric, each cell the paired difference to the unmodified model with its BH p (a bold
-cell: BH p < 0.05), or its paired 95 % CI for a metric McNemar's test does not apply to. Nothing is recomputed: the numbers are read from compare.json.
+cell: BH p < 0.05), or its paired 95 % CI for a metric McNemar's test does not apply to; then the sink rate and
+the massive activation after the ME layer (relative to unmodified) under each condition, from the first compare. Nothing is recomputed: the numbers are read from compare.json.
 """
 
 from __future__ import annotations
@@ -80,7 +81,13 @@ def summary(columns: list[tuple[dict[str, Any], str]]) -> str:
     out = [f"**{models}**: each condition's paired difference to the unmodified model (BH p over each compare's "
            "whole table; bold below 0.05; a paired 95 % CI where McNemar's test does not apply)", "",
            "| condition | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
-    out += [f"| {label} | " + " | ".join(cells.get((label, i), "not run") for i in range(len(columns))) + " |"
+    first = columns[0][0]  # the attention-side columns, from the first compare's prompts
+    side = {_label(r): r for r in first["per_rate"][1:] + (first.get("per_method") or [])}
+    out[2] = out[2][:-1] + f"| sink rate ({first['task']}; unmodified {_f(first['per_rate'][0].get('sink_rate'))}) " \
+        "| massive after ME (rel.) |"
+    out[3] += "---|---|"
+    out += [f"| {label} | " + " | ".join(cells.get((label, i), "not run") for i in range(len(columns)))
+            + f" | {_f((side.get(label) or {}).get('sink_rate'))} | {_f((side.get(label) or {}).get('massive_downstream'))} |"
             for label in labels]
     return "\n".join(out)
 
