@@ -25,6 +25,6 @@ run xstest -t xstest --max-new-tokens 24
 run ifeval -t ifeval -n 50 --max-new-tokens 256
 run mmlu -t mmlu --subjects anatomy,astronomy --num-fewshot 0
 run arc200 -t arc_easy -n 200
-"$PY" tools/methods_table.py --summary "$out/$m-arc200:acc_norm" "$out/$m-ifeval:prompt_level_strict_acc" \
+"$PY" tools/methods_table.py --summary "$out/$m-arc200:acc" "$out/$m-arc200:acc_norm" "$out/$m-ifeval:prompt_level_strict_acc" \
   "$out/$m-ifeval:inst_level_strict_acc" "$out/$m-xstest:over_refusal" "$out/$m-xstest:unsafe_refusal" "$out/$m-mmlu:acc"
 for t in arc200 ifeval xstest mmlu; do echo; "$PY" tools/methods_table.py "$out/$m-$t"; done
