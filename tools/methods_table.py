@@ -31,8 +31,7 @@ def _ci(pair: Any, spec: str = ".3f") -> str:
 def table(d: dict[str, Any], metric: str | None = None) -> str:
     base = d["per_rate"][0]
     names = [metric] if metric else list(base["metrics"])
-    rows = [(f"wemask:rate={r['rate']:g}", r) for r in d["per_rate"][1:]]
-    rows += [(r["method"], r) for r in d.get("per_method") or []]
+    rows = [(_label(r), r) for r in _conditions(d)]
     out = [f"**{d['model']}**, `{d['task']}`, {d['settings']['n_samples']} paired samples, ME layer {d['me_layer']}"]
     for name in names:
         m = base["metrics"][name]
@@ -60,15 +59,21 @@ def _label(r: dict[str, Any]) -> str:
     return r["method"] if "method" in r else f"wemask:rate={r['rate']:g}"
 
 
+def _conditions(d: dict[str, Any]) -> list[dict[str, Any]]:
+    """A compare's rows other than the unmodified model: the WeMask rates, then the methods."""
+    return d["per_rate"][1:] + (d.get("per_method") or [])
+
+
 def summary(columns: list[tuple[dict[str, Any], str]]) -> str:
-    """One row per condition, one column per (compare, metric): the paired difference (BH p)."""
+    """One row per condition, one column per (compare, metric): the paired difference (BH p); then the sink rate
+    and the massive activation after the ME layer, from the first compare's prompts."""
     labels: list[str] = []
     cells: dict[tuple[str, int], str] = {}
     heads = []
     for i, (d, metric) in enumerate(columns):
         base = d["per_rate"][0]["metrics"][metric]
         heads.append(f"{d['task']} {metric} (n={d['settings']['n_samples']}; unmodified {base['value']:.3f})")
-        for r in d["per_rate"][1:] + (d.get("per_method") or []):
+        for r in _conditions(d):
             label = _label(r)
             labels += [] if label in labels else [label]
             m = r["metrics"][metric]
@@ -77,17 +82,19 @@ def summary(columns: list[tuple[dict[str, Any], str]]) -> str:
             text = (f"{_f(diff, '+.3f')} ({_f(p_bh, '.2g')})" if p_bh is not None  # no McNemar: the paired CI
                     else f"{_f(diff, '+.3f')} {_ci(vs.get('ci95'), '+.2f')}")
             cells[label, i] = f"**{text}**" if p_bh is not None and p_bh < 0.05 else text
+    first = columns[0][0]
+    side = {_label(r): r for r in _conditions(first)}
+    heads += [f"sink rate ({first['task']}; unmodified {_f(first['per_rate'][0].get('sink_rate'))})",
+              "massive after ME (rel.)"]
+    for label in labels:
+        row = side.get(label) or {}
+        cells[label, len(columns)], cells[label, len(columns) + 1] = (_f(row.get("sink_rate")),
+                                                                       _f(row.get("massive_downstream")))
     models = ", ".join(dict.fromkeys(d["model"] for d, _ in columns))
     out = [f"**{models}**: each condition's paired difference to the unmodified model (BH p over each compare's "
            "whole table; bold below 0.05; a paired 95 % CI where McNemar's test does not apply)", "",
            "| condition | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
-    first = columns[0][0]  # the attention-side columns, from the first compare's prompts
-    side = {_label(r): r for r in first["per_rate"][1:] + (first.get("per_method") or [])}
-    out[2] = out[2][:-1] + f"| sink rate ({first['task']}; unmodified {_f(first['per_rate'][0].get('sink_rate'))}) " \
-        "| massive after ME (rel.) |"
-    out[3] += "---|---|"
-    out += [f"| {label} | " + " | ".join(cells.get((label, i), "not run") for i in range(len(columns)))
-            + f" | {_f((side.get(label) or {}).get('sink_rate'))} | {_f((side.get(label) or {}).get('massive_downstream'))} |"
+    out += [f"| {label} | " + " | ".join(cells.get((label, i), "not run") for i in range(len(heads))) + " |"
             for label in labels]
     return "\n".join(out)
 

@@ -304,14 +304,13 @@ class _Path:
             if layout == "stacked":  # all queries, all keys, then the kv values
                 v = v[:, v.shape[1] - kv * head_dim:]
             else:  # per key/value head: its queries, its key, its value
-                v = v.reshape(v.shape[0], kv, self.heads // kv + 2, head_dim)[:, :, -1]
-            v = v.reshape(v.shape[0], kv, 1, head_dim).expand(-1, -1, self.heads // kv, -1).reshape(v.shape[0], -1)
+                v = v.reshape(v.shape[0], kv, self.heads // kv + 2, head_dim)[:, :, -1].reshape(v.shape[0], -1)
         elif fused:  # q, k, v stacked: v is the last kv_heads x head_dim outputs
             kv = self.kv_heads or self.heads
             head_dim = o_in // max(1, self.heads)
             v = v[:, v.shape[1] - kv * head_dim:] if self.heads else v[:, -o_in:]
         if v.shape[1] != o_in:  # grouped-query attention: each KV head serves heads / kv_heads query heads
-            kv = self.kv_heads or 1
+            kv = v.shape[1] // (o_in // self.heads) if self.heads else (self.kv_heads or 1)  # from the shapes
             v = v.reshape(v.shape[0], kv, -1).repeat_interleave(o_in // v.shape[1], dim=1).reshape(v.shape[0], -1)
         out = self.linear(o_key, v, w.path_key(layer, a.attn_o, "bias"))
         return self.norm(out, layer, "post_attn_norm") if w.layer_key(layer, "post_attn_norm") else out

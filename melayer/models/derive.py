@@ -665,8 +665,8 @@ def arch_from_config(config: dict[str, Any]) -> ArchSpec:
     finally:
         transformers.logging.set_verbosity(level)
     with torch.no_grad():  # norms initialised alike give equal outputs, and then which one a block reads is
-        g = torch.Generator().manual_seed(0)  # ambiguous (Falcon's ln_attn / ln_mlp): give every gain its own value
-        for param in twin.parameters():
+        g = torch.Generator().manual_seed(0)  # ambiguous (Falcon's ln_attn / ln_mlp): every 1-D parameter (gains,
+        for param in twin.parameters():  # biases) gets its own random offset
             if param.dim() == 1 and param.is_floating_point():
                 param.add_(0.1 * torch.randn(param.shape, generator=g, dtype=param.dtype))
     try:

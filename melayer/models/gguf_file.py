@@ -46,7 +46,7 @@ def gguf_rows(path: Path, dims: tuple[int, ...], qtype: Any, start: int, first: 
     return gguf_decode(np.array(raw), qtype, owned=True)
 
 
-_FLOAT_TYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+FLOAT_TYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 _GRID_LOCK = threading.Lock()
 
 
@@ -61,8 +61,8 @@ def gguf_decode(raw: np.ndarray, qtype: Any, out: Any = None, owned: bool = Fals
     import torch
 
     name = getattr(qtype, "name", str(qtype))
-    if name in _FLOAT_TYPES:
-        values = torch.from_numpy(raw.reshape(-1)).view(getattr(torch, _FLOAT_TYPES[name])).reshape(raw.shape[0], -1)
+    if name in FLOAT_TYPES:
+        values = torch.from_numpy(raw.reshape(-1)).view(getattr(torch, FLOAT_TYPES[name])).reshape(raw.shape[0], -1)
         if out is not None:
             return out[: values.numel()].view(values.shape).copy_(values)
         return values.float() if values.dtype != torch.float32 or not owned else values.clone()

@@ -30,7 +30,7 @@ import torch
 from melayer.models.archmap import ARCHITECTURES, LAYER_ROLES, ArchSpec, load_override
 from melayer.models.derive import arch_from_config
 from melayer.models.embedded import DEFAULT_MODEL, EMBEDDED
-from melayer.models.gguf_file import gguf_decode, gguf_n_bytes, read_gguf_header, read_gguf_tensor
+from melayer.models.gguf_file import FLOAT_TYPES, gguf_decode, gguf_n_bytes, read_gguf_header, read_gguf_tensor
 from melayer.models.hf_internals import gguf_tensor_processor
 from melayer.util.errors import MelayerError, UnsupportedArchitecture
 
@@ -764,7 +764,7 @@ class GGUFWeights(LazyWeights):
         """Quantised tensors stream in blocks of :attr:`QUANT_CHUNK_VALUES` values (4 MiB as float32): their
         decoding is a few dozen whole-array operations per block, whose fixed cost dominates smaller blocks."""
         qtype = self._info(key)[1]
-        return CHUNK_VALUES if getattr(qtype, "name", "") in ("F32", "F16", "BF16", "F64") else self.QUANT_CHUNK_VALUES
+        return CHUNK_VALUES if getattr(qtype, "name", "") in FLOAT_TYPES else self.QUANT_CHUNK_VALUES
 
     def _extent(self, key: str) -> tuple[Path, int, int]:
         dims, qtype, offset = self._info(key)
