@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every speed figure of the docs' Speed page (docs/speed.md), one bench after another (`make bench`): each bench's
 # output is kept in out/bench/<name>.txt as it is printed and turned into docs/bench/<name>.md (bench/fragment.py:
-# the conditions of the run, i.e. date, CPU, threads, load average before and after, then the bench's tables),
+# the conditions of the run, i.e. date, CPU, threads and wall time, then the bench's tables),
 # which the Speed page includes; docs/bench/targets.md collects the verdicts. About 25 minutes on a quiet 2-core
 # CPU (the last line prints the time the run took; and docs/bench/total.md keeps it); run it on an
 # otherwise idle machine (the benches time paths interleaved in one process, but other jobs still widen the spread).
@@ -21,8 +21,8 @@ run() {  # run NAME ARGS...: one bench, its output kept in $OUT/NAME.txt and wri
     before=$(cut -d' ' -f1-3 /proc/loadavg)
     echo "== $name: $*  (load average: $before)"
     "$PY" "$@" | tee "$OUT/$name.txt"
-    "$PY" bench/fragment.py "$name" "$OUT/$name.txt" --threads "${OMP_NUM_THREADS}" --load-before "$before" \
-        --load-after "$(cut -d' ' -f1-3 /proc/loadavg)" --seconds $((SECONDS - start))
+    "$PY" bench/fragment.py "$name" "$OUT/$name.txt" --threads "${OMP_NUM_THREADS}" \
+        --seconds $((SECONDS - start))
 }
 run start bench/bench_start.py --warm 5 --cold 1 --threads "$T"
 run scan-wiki bench/bench_scan.py --sets wiki --paths bare1,plan,scan,tl,tlplan --reps 5 --threads "$T"

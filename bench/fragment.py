@@ -1,11 +1,11 @@
 """Turn one bench's printed output into the Markdown fragment the docs' Speed page includes (``make bench``).
 
-    python bench/fragment.py NAME OUTPUT.txt --threads T --load-before "a b c" --load-after "a b c" --seconds S
+    python bench/fragment.py NAME OUTPUT.txt --threads T --seconds S
     python bench/fragment.py --targets        # docs/bench/targets.md from every fragment's verdict lines
     python bench/fragment.py --total S [NAMES]  # docs/bench/total.md: how long the last (full) `make bench` took
 
 ``bench/all.sh`` calls it after each bench: the fragment ``docs/bench/NAME.md`` holds the conditions of the run
-(date, CPU, threads, load average before and after, wall time, the command) and the bench's own output, its
+(date, CPU, threads, wall time, the command) and the bench's own output, its
 Markdown tables kept as they are and its other lines as a list. ``docs/speed.md`` includes the fragments with the
 snippets extension (``--8<--``), so every number on that page is what the last ``make bench`` printed; nothing
 there is copied by hand. Fragments are written whole to a temporary file and renamed into place.
@@ -76,11 +76,10 @@ def write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def fragment(name: str, output: Path, threads: str, load_before: str, load_after: str, seconds: float) -> str:
+def fragment(name: str, output: Path, threads: str, seconds: float) -> str:
     when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    cond = (f"*Measured {when} on {cpu()} with {threads} torch/OMP thread{'s' if threads != '1' else ''}, "
-            f"{seconds:.0f} s. Other work on the machine: load average (1/5/15 min) {load_before} when the "
-            f"bench started, {load_after} when it ended. Regenerate: `bash bench/all.sh {name}`.*")
+    cond = (f"*Measured {when} with {threads} torch/OMP thread{'s' if threads != '1' else ''} on {cpu()}, "
+            f"{seconds:.0f} s. Regenerate on your machine: `bash bench/all.sh {name}`.*")
     return f"{HEADER}\n\n{cond}\n\n{body(output.read_text())}"
 
 
@@ -108,7 +107,7 @@ def total(seconds: float, only: str) -> None:
     if only and path.is_file() and full in path.read_text():
         return
     when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
-    meta = f"{when}, {cpu()}, load average {os.getloadavg()[0]:.1f} at the end"
+    meta = f"{when}, {cpu()}"
     took = f"**{seconds / 60:.0f} minutes**"
     text = (f"A {full} took {took} ({meta})." if not only else
             f"A {full} has not been timed on this version; `bash bench/all.sh {only}` alone took {took} ({meta}).")
@@ -120,8 +119,6 @@ def main() -> None:
     ap.add_argument("name", nargs="?")
     ap.add_argument("output", nargs="?", type=Path)
     ap.add_argument("--threads", default="1")
-    ap.add_argument("--load-before", default="?")
-    ap.add_argument("--load-after", default="?")
     ap.add_argument("--seconds", type=float, default=0.0)
     ap.add_argument("--targets", action="store_true", help="write docs/bench/targets.md (and a note for each "
                                                            "bench never run)")
@@ -138,8 +135,7 @@ def main() -> None:
     elif args.name and args.output:
         if not re.fullmatch(r"[a-z0-9-]+", args.name):
             raise SystemExit(f"fragment: bad bench name {args.name!r}")
-        write(DOCS / f"{args.name}.md", fragment(args.name, args.output, args.threads, args.load_before,
-                                                 args.load_after, args.seconds))
+        write(DOCS / f"{args.name}.md", fragment(args.name, args.output, args.threads, args.seconds))
     else:
         ap.error("give NAME OUTPUT, --targets or --total")
 
