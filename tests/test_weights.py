@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -389,8 +390,6 @@ def test_quantised_gemma3_gguf_norm_offset(tmp_path):
 def _check_streamed_matmul(lazy, keys, reference) -> None:
     """``lazy.matmul`` (blocks of a few rows, one thread and three) equals x @ W.T over the whole tensor; each
     streamed block is bit-identical to the same rows of the whole tensor."""
-    from concurrent.futures import ThreadPoolExecutor
-
     g = torch.Generator().manual_seed(0)
     with ThreadPoolExecutor(3) as pool:
         for key in keys:
@@ -454,6 +453,31 @@ def test_own_block_kernels_are_gguf_bit_for_bit(qtype):
     assert np.array_equal(whole.view(np.uint32), want.view(np.uint32))
 
 
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_q4_k_product_equals_the_product_of_ggufs_values(tokens):
+    """Q4_K's own product (offsets through x's 32-value sums, the nibbles widened in two halves multiplied by x's
+    matching rows, a few rows at a time) equals x times gguf's dequantised rows to float32 rounding, whatever the
+    number of rows per pass (one, an uneven three, all)."""
+    import gguf
+
+    from melayer.models.gguf_file import gguf_matmul
+
+    rng = np.random.default_rng(tokens)
+    rows, per_row = 7, 3  # 7 rows of 3 super-blocks (768 values)
+    raw = rng.integers(0, 256, size=(rows * per_row, 144), dtype=np.uint8)
+    scales = rng.normal(size=(raw.shape[0], 2)) * 10.0 ** rng.integers(-4, 1, size=(raw.shape[0], 2))
+    raw[:, :4] = scales.astype(np.float16).view(np.uint8).reshape(-1, 4)
+    raw = raw.reshape(rows, -1)
+    q = gguf.GGMLQuantizationType.Q4_K
+    w = torch.from_numpy(gguf.quants.dequantize(raw, q).copy()).double()
+    xt = torch.randn(w.shape[1], tokens, generator=torch.Generator().manual_seed(0))
+    want = w @ xt.double()
+    for buffer in (768, 3 * 768, 1 << 16):
+        out = torch.full((rows, tokens), float("nan"))
+        gguf_matmul(raw, q, xt, out, torch.empty(buffer))
+        assert torch.allclose(out.double(), want, rtol=0, atol=1e-5 * float(want.abs().max()))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_streamed_safetensors_matmul_equals_the_whole_tensor(tmp_path, dtype):
     """Llama (rows = outputs) and GPT-2 (Conv1D: rows = inputs), float32 and bfloat16 files."""
@@ -493,6 +517,12 @@ def test_streamed_blocks_of_the_embedded_ggufs_are_exact():
                 full = torch.from_numpy(gguf.quants.dequantize(raw.reshape(int(np.prod(dims[1:])), -1), q).copy())
                 for start, rows in lazy.chunks(key, 7 * int(dims[0])):
                     assert torch.equal(rows, full[start:start + rows.shape[0]])
+                x = torch.randn(2, full.shape[1], generator=torch.Generator().manual_seed(0))
+                want = x.double() @ full.double().T
+                with ThreadPoolExecutor(2) as pool:  # each format's product (Q4_K's own), split between threads
+                    for executor in (None, pool):
+                        got = lazy.matmul(key, x, executor).double()
+                        assert torch.allclose(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))
     assert seen >= {"Q4_K", "Q6_K", "Q5_0", "Q4_1"}
 
 

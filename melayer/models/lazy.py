@@ -30,7 +30,14 @@ import torch
 from melayer.models.archmap import ARCHITECTURES, LAYER_ROLES, ArchSpec, load_override
 from melayer.models.derive import arch_from_config
 from melayer.models.embedded import DEFAULT_MODEL, EMBEDDED
-from melayer.models.gguf_file import FLOAT_TYPES, gguf_decode, gguf_n_bytes, read_gguf_header, read_gguf_tensor
+from melayer.models.gguf_file import (
+    FLOAT_TYPES,
+    gguf_decode,
+    gguf_matmul,
+    gguf_n_bytes,
+    read_gguf_header,
+    read_gguf_tensor,
+)
 from melayer.models.hf_internals import gguf_tensor_processor
 from melayer.util.errors import MelayerError, UnsupportedArchitecture
 
@@ -255,12 +262,13 @@ class LazyWeights:
         return (int(np.prod(shape[:-1])), int(shape[-1])) if len(shape) > 1 else (int(shape[0]), 1)
 
     def spans(self, key: str, chunk_values: int | None = None,
-              rows: tuple[int, int] | None = None) -> list[tuple[int, int]]:
+              rows: tuple[int, int] | None = None, at_least: int = 1) -> list[tuple[int, int]]:
         """Row ranges ``(start, stop)`` of about ``chunk_values`` values each, covering a stored tensor's rows (or
-        the stored rows ``rows``)."""
+        the stored rows ``rows``), and at least ``at_least`` of them where there are that many rows."""
         n_rows, width = self.stored_rows(key)
         first, last = rows or (0, n_rows)
         step = max(1, (chunk_values or self.chunk_values(key)) // max(1, width))
+        step = min(step, max(1, -(-(last - first) // at_least)))
         return [(start, min(last, start + step)) for start in range(first, last, step)]
 
     def matmul(self, key: str, x: torch.Tensor, pool: Any = None, chunk_values: int | None = None,
@@ -273,7 +281,8 @@ class LazyWeights:
         3-D tensor); ``transposed``: whether they are input dims (default: :meth:`stored_transposed`)."""
         n_rows, width = self.stored_rows(key)
         first, last = rows or (0, n_rows)
-        spans = self.spans(key, chunk_values, (first, last))
+        # a tensor smaller than one span per thread is split between the threads all the same
+        spans = self.spans(key, chunk_values, (first, last), getattr(pool, "_max_workers", 1) if pool else 1)
         if self.stored_transposed(key) if transposed is None else transposed:
             # stored rows are input dims: each block adds its part of every output
 
@@ -289,7 +298,7 @@ class LazyWeights:
             out_t = torch.empty(last - first, x.shape[0])
 
             def fill(span: tuple[int, int]) -> None:
-                torch.mm(self._block(key, *span), xt, out=out_t[span[0] - first:span[1] - first])
+                self._product(key, span, xt, out_t[span[0] - first:span[1] - first])
 
             list(pool.map(fill, spans) if pool is not None and len(spans) > 1 else map(fill, spans))
             out = out_t.T
@@ -336,6 +345,10 @@ class LazyWeights:
         """Stored rows ``start .. stop`` as float32 (rows, values per row). Unless ``owned``, the result may be a
         view of this thread's reusable buffer, valid until this thread's next read."""
         raise NotImplementedError
+
+    def _product(self, key: str, span: tuple[int, int], xt: torch.Tensor, out: torch.Tensor) -> None:
+        """``out = W @ xt`` for the stored rows ``span`` of ``key`` (the rows are outputs)."""
+        torch.mm(self._block(key, *span), xt, out=out)
 
     def _read_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
         return self._block(key, start, stop, owned=True)
@@ -759,23 +772,41 @@ class GGUFWeights(LazyWeights):
         return self._processor_obj
 
     QUANT_CHUNK_VALUES = 1 << 20
+    QUANT_SPAN_VALUES = 1 << 23
 
     def chunk_values(self, key: str) -> int:
-        """Quantised tensors stream in blocks of :attr:`QUANT_CHUNK_VALUES` values (4 MiB as float32): their
-        decoding is a few dozen whole-array operations per block, whose fixed cost dominates smaller blocks."""
+        """Quantised tensors stream in spans of :attr:`QUANT_SPAN_VALUES` values, each dequantised
+        :attr:`QUANT_CHUNK_VALUES` values (4 MiB as float32) at a time: their decoding is a few dozen whole-array
+        operations, whose fixed cost dominates smaller blocks, and what can be done once per span is."""
         qtype = self._info(key)[1]
-        return CHUNK_VALUES if getattr(qtype, "name", "") in FLOAT_TYPES else self.QUANT_CHUNK_VALUES
+        return CHUNK_VALUES if getattr(qtype, "name", "") in FLOAT_TYPES else self.QUANT_SPAN_VALUES
+
+    def _product(self, key: str, span: tuple[int, int], xt: torch.Tensor, out: torch.Tensor) -> None:
+        qtype = self._info(key)[1]
+        if getattr(qtype, "name", "") in FLOAT_TYPES:
+            super()._product(key, span, xt, out)
+            return
+        buffer = self._float_buffer(self.QUANT_CHUNK_VALUES)[: self.QUANT_CHUNK_VALUES]
+        try:
+            gguf_matmul(self._stored_bytes(key, *span), qtype, xt, out, buffer)
+        except NotImplementedError as exc:
+            raise MelayerError(f"{self.path}: cannot dequantise {key}: {exc}") from None
 
     def _extent(self, key: str) -> tuple[Path, int, int]:
         dims, qtype, offset = self._info(key)
         return self.path, offset, gguf_n_bytes(dims, qtype)
 
-    def _block(self, key: str, start: int, stop: int, owned: bool = False) -> torch.Tensor:
+    def _stored_bytes(self, key: str, start: int, stop: int) -> np.ndarray:
+        """The bytes of stored rows ``start .. stop``, (rows, bytes per row)."""
         dims, qtype, offset = self._info(key)
         n_rows = math.prod(dims[1:]) if len(dims) > 1 else 1
         row_bytes = gguf_n_bytes(dims, qtype) // n_rows
         raw = self._raw(self.path, offset + start * row_bytes, (stop - start) * row_bytes, f"tensor {key}")
-        rows = np.frombuffer(raw, dtype=np.uint8).reshape(stop - start, row_bytes)
+        return np.frombuffer(raw, dtype=np.uint8).reshape(stop - start, row_bytes)
+
+    def _block(self, key: str, start: int, stop: int, owned: bool = False) -> torch.Tensor:
+        dims, qtype, offset = self._info(key)
+        rows = self._stored_bytes(key, start, stop)
         try:
             out = None if owned else self._float_buffer((stop - start) * int(dims[0]))
             return gguf_decode(rows, qtype, out=out, owned=owned)
