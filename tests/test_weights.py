@@ -453,22 +453,26 @@ def test_own_block_kernels_are_gguf_bit_for_bit(qtype):
     assert np.array_equal(whole.view(np.uint32), want.view(np.uint32))
 
 
-@pytest.mark.parametrize("tokens", [1, 5])
-def test_q4_k_product_equals_the_product_of_ggufs_values(tokens):
-    """Q4_K's own product (offsets through x's 32-value sums, the nibbles widened in two halves multiplied by x's
-    matching rows, a few rows at a time) equals x times gguf's dequantised rows to float32 rounding, whatever the
-    number of rows per pass (one, an uneven three, all)."""
+@pytest.mark.parametrize(("qtype", "tokens"), [("Q4_K", 1), ("Q4_K", 5), ("Q6_K", 1), ("Q6_K", 5)])
+def test_k_quant_products_equal_the_product_of_ggufs_values(qtype, tokens):
+    """Q4_K's and Q6_K's own products (the constant part of every value through x's 32- or 16-value sums, the quants
+    widened into contiguous halves or quarters multiplied by x's matching rows, a few rows at a time) equal x times
+    gguf's dequantised rows to float32 rounding, whatever the number of rows per pass (one, an uneven three, all)."""
     import gguf
 
     from melayer.models.gguf_file import gguf_matmul
 
     rng = np.random.default_rng(tokens)
-    rows, per_row = 7, 3  # 7 rows of 3 super-blocks (768 values)
-    raw = rng.integers(0, 256, size=(rows * per_row, 144), dtype=np.uint8)
+    rows, per_row, size = 7, 3, {"Q4_K": 144, "Q6_K": 210}[qtype]  # 7 rows of 3 super-blocks (768 values)
+    raw = rng.integers(0, 256, size=(rows * per_row, size), dtype=np.uint8)
     scales = rng.normal(size=(raw.shape[0], 2)) * 10.0 ** rng.integers(-4, 1, size=(raw.shape[0], 2))
-    raw[:, :4] = scales.astype(np.float16).view(np.uint8).reshape(-1, 4)
+    scales = scales.astype(np.float16).view(np.uint8).reshape(-1, 4)
+    if qtype == "Q4_K":
+        raw[:, :4] = scales  # d, dmin
+    else:
+        raw[:, 208:] = scales[:, :2]  # d
     raw = raw.reshape(rows, -1)
-    q = gguf.GGMLQuantizationType.Q4_K
+    q = gguf.GGMLQuantizationType[qtype]
     w = torch.from_numpy(gguf.quants.dequantize(raw, q).copy()).double()
     xt = torch.randn(w.shape[1], tokens, generator=torch.Generator().manual_seed(0))
     want = w @ xt.double()

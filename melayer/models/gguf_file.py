@@ -98,15 +98,16 @@ def _nibble_columns(width: int) -> tuple[Any, Any]:
 def gguf_matmul(raw: np.ndarray, qtype: Any, xt: Any, out: Any, buffer: Any) -> None:
     """``out = W @ xt`` where ``raw`` (rows, row bytes) holds the stored rows of ``W`` (float32 ``xt`` (row values,
     tokens), ``out`` (rows, tokens)). Dequantised ``buffer``'s size (a float32 1-D tensor) at a time and multiplied,
-    never whole; Q4_K through its own product (:func:`_q4_k_matmul`: exact to float32 rounding, not bit for bit the
-    product of gguf's values)."""
+    never whole; Q4_K and Q6_K through their own products (:func:`_q4_k_matmul`, :func:`_q6_k_matmul`: exact to
+    float32 rounding, not bit for bit the product of gguf's values)."""
     import torch
 
     rows, name = raw.shape[0], getattr(qtype, "name", str(qtype))
     if buffer.numel() < xt.shape[0]:  # at least one row at a time
         buffer = torch.empty(xt.shape[0])
-    if name == "Q4_K" and raw.shape[1] % 144 == 0:
-        _q4_k_matmul(torch.from_numpy(raw).view(-1, 144), rows, xt, out, buffer)
+    own = {"Q4_K": (144, _q4_k_matmul), "Q6_K": (210, _q6_k_matmul)}.get(name)
+    if own is not None and raw.shape[1] % own[0] == 0:
+        own[1](torch.from_numpy(raw).view(-1, own[0]), rows, xt, out, buffer)
         return
     step = max(1, buffer.numel() // xt.shape[0])
     for first in range(0, rows, step):
@@ -241,6 +242,36 @@ def _q4_k_matmul(blocks: Any, rows: int, xt: Any, out: Any, buffer: Any) -> None
         part = out[first:last]
         part.addmm_(halves[0].view(last - first, -1), x_lo)
         part.addmm_(halves[1].view(last - first, -1), x_hi)
+
+
+_BITS_4_5 = 0x3030303030303030
+
+
+def _q6_k_matmul(blocks: Any, rows: int, xt: Any, out: Any, buffer: Any) -> None:
+    """``out = W @ xt`` for Q6_K rows (``blocks``: their (rows x blocks per row, 210) bytes), as
+    :func:`_q4_k_matmul`: the constant ``-32`` of every quant enters as ``-32 * d * scale @ (xt summed over each 16
+    inputs)``, and each 128-value half's four 32-value quarters are assembled on int64 words (low nibbles from
+    ``ql``, two high bits from ``qh``), widened, scaled and multiplied ``buffer``'s size at a time."""
+    torch = _torch()
+    n, width = blocks.shape[0], blocks.shape[0] // rows * 256
+    scale = _f16(blocks, 208) * blocks[:, 192:208].view(torch.int8).float()  # (n, 16): d x the int8 sub-scales
+    torch.mm(scale.mul(-32.0).view(rows, width // 16), xt.view(width // 16, 16, -1).sum(1), out=out)
+    scale = scale.unsqueeze(-1)
+    step = max(1, buffer.numel() // width)
+    for first in range(0, rows, step):
+        last = min(rows, first + step)
+        b0, b1 = first * n // rows, last * n // rows
+        nb = b1 - b0
+        ql = blocks[b0:b1, :128].contiguous().view(torch.int64).view(nb, 2, 2, 4)  # half, (l | l + 32), words
+        qh = blocks[b0:b1, 128:192].contiguous().view(torch.int64).view(nb, 2, 4)  # half, words (2 bits x 4)
+        a, b = ql[:, :, 0], ql[:, :, 1]
+        quarters = ((a & _LOW_NIBBLES) | ((qh << 4) & _BITS_4_5), (b & _LOW_NIBBLES) | ((qh << 2) & _BITS_4_5),
+                    ((a >> 4) & _LOW_NIBBLES) | (qh & _BITS_4_5), ((b >> 4) & _LOW_NIBBLES) | ((qh >> 2) & _BITS_4_5))
+        dest = buffer[: nb * 256].view(nb, 2, 4, 32)  # values 128 h + 32 k + l
+        for k, quarter in enumerate(quarters):
+            dest[:, :, k].copy_(quarter.view(torch.uint8).view(nb, 2, 32))
+        dest.view(nb, 16, 16).mul_(scale[b0:b1])
+        out[first:last].addmm_(dest.view(last - first, width), xt)
 
 
 def _q6_k(blocks: Any, out: Any) -> None:
