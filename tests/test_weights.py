@@ -106,6 +106,32 @@ def test_parallel_blocks_and_experts(tmp_path, model_type):
         assert [(x["layer"], x["neuron"]) for x in r.removers] == [(3, shared)] and r.removers[0]["reads_dim"] > 0.99
 
 
+@pytest.mark.parametrize("model_type", ["deepseek_v3", "glm4_moe"])
+def test_dense_first_layers_and_grouped_sigmoid_routing(tmp_path, model_type):
+    """DeepSeek-V3 and GLM-4-MoE: dense first layers, then mixtures of experts routed by sigmoid scores with a
+    correction bias among the best groups, scaled; DeepSeek's multi-head latent attention. With two groups of
+    experts, random correction biases and a routed scaling factor, the path is the model's own first-token stream
+    and the plant, born in an MoE layer after a dense one, is named with its expert."""
+    from transformers import AutoModelForCausalLM
+
+    from melayer.testing import plant_massive, tiny_config, tiny_tokenizer
+
+    torch.manual_seed(0)
+    config = tiny_config(model_type, 4)
+    config.update({"first_k_dense_replace": 2, "n_group": 2, "topk_group": 1, "routed_scaling_factor": 2.5})
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.copy_(torch.rand(buffer.shape))
+    lm = melayer.from_model(model, tiny_tokenizer(), name=f"tiny-{model_type}")
+    plant = plant_massive(lm, 2, 9, 20)
+    r = candidates(str(save_lm(lm, tmp_path / model_type)), progress=False)
+    assert r.attention == "o(v(x))" and _path_error(r, lm) < 1e-4
+    assert (r.me_layer, r.massive_dim, r.top_neuron) == (2, 20, plant.flat_neuron)
+    assert r.super_weight["expert"] == plant.expert is not None
+
+
 def test_checkpoint_with_fewer_layers_than_the_twin(tmp_path):
     """A config with fewer layers than the tiny twin melayer derives the map on keeps its own count (its per-layer
     lists, Qwen2-MoE's mlp_only_layers, cannot be lengthened)."""

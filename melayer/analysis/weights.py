@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from melayer.analysis.criterion import Criterion
+from melayer.models.experts import route
 from melayer.models.lazy import ExpertLayer, LazyWeights, Matrix, open_weights
 from melayer.util.console import track
 from melayer.util.errors import MelayerError
@@ -244,8 +245,9 @@ class _Path:
 
     def prefetch(self, layer: int) -> None:
         """Start reading the tensors of ``layer`` into the page cache (a hint to the OS) while this one is reduced."""
-        w, a = self.w, self.w.arch
+        w = self.w
         if 0 <= layer < w.num_layers:
+            a = w.arch_at(layer)
             keys = [w.path_key(layer, path) for path in (a.attn_v, a.attn_qkv, a.attn_o)]
             keys += [w.layer_key(layer, role) for role in ("gate", "up", "gate_up", "down", "router")]
             ex = w.experts(layer)
@@ -256,7 +258,8 @@ class _Path:
     def norm(self, x: torch.Tensor, layer: int, role: str) -> torch.Tensor:
         w = self.w
         key = w.layer_key(layer, role)
-        if w.arch.path(role) is None:
+        a = w.arch_at(layer)
+        if a.path(role) is None:
             return x
         if self.layer_norm:
             x = x - x.mean(-1, keepdim=True)
@@ -264,8 +267,8 @@ class _Path:
         else:
             y = x * torch.rsqrt((x * x).mean(-1, keepdim=True) + self.eps)
         if key is not None:
-            y = y * w.arch.gain_from_weight(w.tensor(key).reshape(-1))
-        bias = w.path_key(layer, w.arch.path(role), "bias")
+            y = y * a.gain_from_weight(w.tensor(key).reshape(-1))
+        bias = w.path_key(layer, a.path(role), "bias")
         return y + w.tensor(bias).reshape(-1) if bias is not None else y
 
     def embed(self, ids: list[int]) -> torch.Tensor:
@@ -283,9 +286,11 @@ class _Path:
 
     def attention(self, x: torch.Tensor, layer: int) -> torch.Tensor | None:
         """The attention output at position 0, o(v(norm(x))), or None if this checkpoint's v/o are not found."""
-        w, a = self.w, self.w.arch
+        w, a = self.w, self.w.arch_at(layer)
         o_key = w.path_key(layer, a.attn_o)
         v_key = w.path_key(layer, a.attn_v) or w.path_key(layer, a.attn_qkv)
+        if o_key is not None and v_key is None and (mla := self.latent_value(x, layer)) is not None:
+            return self.post_attention(self.linear(o_key, mla, w.path_key(layer, a.attn_o, "bias")), layer)
         if o_key is None or v_key is None:
             return None
         h = self.norm(x, layer, "pre_attn_norm")
@@ -312,8 +317,30 @@ class _Path:
         if v.shape[1] != o_in:  # grouped-query attention: each KV head serves heads / kv_heads query heads
             kv = v.shape[1] // (o_in // self.heads) if self.heads else (self.kv_heads or 1)  # from the shapes
             v = v.reshape(v.shape[0], kv, -1).repeat_interleave(o_in // v.shape[1], dim=1).reshape(v.shape[0], -1)
-        out = self.linear(o_key, v, w.path_key(layer, a.attn_o, "bias"))
-        return self.norm(out, layer, "post_attn_norm") if w.layer_key(layer, "post_attn_norm") else out
+        return self.post_attention(self.linear(o_key, v, w.path_key(layer, a.attn_o, "bias")), layer)
+
+    def post_attention(self, out: torch.Tensor, layer: int) -> torch.Tensor:
+        return self.norm(out, layer, "post_attn_norm") if self.w.layer_key(layer, "post_attn_norm") else out
+
+    def latent_value(self, x: torch.Tensor, layer: int) -> torch.Tensor | None:
+        """Multi-head latent attention's values (DeepSeek-V2/V3, Kimi-K2: the config's ``kv_lora_rank``): the
+        input's compressed key/value latent (``kv_a_proj_with_mqa``'s first ``kv_lora_rank`` outputs), RMS-normed
+        with ``kv_a_layernorm``'s gain, expanded by ``kv_b_proj`` into each head's key and value, the value its
+        last ``v_head_dim``. None where the layer holds no such projections."""
+        w, base = self.w, self.w.arch_at(layer).attn
+        rank, nope, width = (int(w.setting(k) or 0) for k in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"))
+        keys = [w.path_key(layer, f"{base}.{name}") for name in MLA_PROJECTIONS]
+        if not base or not rank or not width or None in keys or not self.heads:
+            return None
+        down, norm, up = (k for k in keys if k is not None)
+        h = self.norm(x, layer, "pre_attn_norm")
+        c = self.linear(down, h, w.path_key(layer, f"{base}.{MLA_PROJECTIONS[0]}", "bias"))[:, :rank]
+        c = c * torch.rsqrt((c * c).mean(-1, keepdim=True) + self.eps) * w.tensor(norm).reshape(-1)
+        kv = self.linear(up, c, w.path_key(layer, f"{base}.{MLA_PROJECTIONS[2]}", "bias"))
+        if kv.shape[1] != self.heads * (nope + width):
+            raise MelayerError(f"{w.source}: {up} has {kv.shape[1]} outputs, not {self.heads} heads x ({nope} + "
+                               f"{width}) (qk_nope_head_dim + v_head_dim): a mismatched checkpoint")
+        return kv.reshape(kv.shape[0], self.heads, nope + width)[:, :, nope:].reshape(kv.shape[0], -1)
 
     def ffn(self, x: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(FFN output after the post-FFN norm, neuron activations, the norm's per-dim factor out/in)."""
@@ -328,7 +355,7 @@ class _Path:
 
     def dense(self, h: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A dense FFN (or an MoE layer's shared expert) on the normed input: (output, neuron activations)."""
-        w, a = self.w, self.w.arch
+        w, a = self.w, self.w.arch_at(layer)
         gate: torch.Tensor | None
         if a.gate_up is not None:
             key = w.layer_key(layer, "gate_up")
@@ -353,17 +380,21 @@ class _Path:
         renormalised unless the config's ``norm_topk_prob`` is false), only the chosen experts' tensors read; a
         shared expert scaled by the sigmoid of its gate. Activations are numbered expert by expert (``e x I + n``,
         the shared expert's last), each times its routing weight (the factor it enters the output with)."""
-        w, a = self.w, self.w.arch
+        w, a = self.w, self.w.arch_at(layer)
         router = w.layer_key(layer, "router")
         k = int(w.setting("num_experts_per_tok") or 0)
         if router is None or k < 1:
             raise MelayerError(f"{w.source}: layer {layer} is a mixture of experts without a router ({a.router}) or "
                                "num_experts_per_tok in its config")
         n, inter = ex.num_experts, ex.inter
-        probs = torch.softmax(self.linear(router, h, w.path_key(layer, a.router, "bias")).float(), dim=-1)
-        top_w, top_i = probs.topk(min(k, n), dim=-1)
-        if w.setting("norm_topk_prob") in (None, True):
-            top_w = top_w / top_w.sum(-1, keepdim=True)
+        routing = str((a.extra.get("experts") or {}).get("routing") or "softmax")
+        correction = w.path_key(layer, a.router, "e_score_correction_bias")
+        bias = w.path_key(layer, a.router, "bias")
+        logits = self.linear(router, h, bias if routing == "softmax" else None)
+        top_w, top_i = route(logits, min(k, n), routing, norm=w.setting("norm_topk_prob") in (None, True),
+                             bias=w.tensor(correction).reshape(-1) if correction and routing != "softmax" else None,
+                             n_group=int(w.setting("n_group") or 1), topk_group=int(w.setting("topk_group") or 1),
+                             scale=float(w.setting("routed_scaling_factor") or 1.0))
         z = torch.zeros(h.shape[0], n * inter)
         out = torch.zeros(h.shape[0], h.shape[1])
         for e in sorted(set(top_i.flatten().tolist())):
@@ -394,6 +425,11 @@ class _Path:
             gu = outs.pop("gate_up")
             outs.update(zip(("gate", "up"), (gu[:, 0::2], gu[:, 1::2]) if ex.interleaved else (gu[:, :inter], gu[:, inter:])))
         return self.act(outs["gate"]) * outs["up"] if "gate" in outs else self.act(outs["up"])
+
+
+# multi-head latent attention's key/value path, relative to the attention module: the latent's projection, its
+# RMS norm, and its expansion into the heads' keys and values (transformers' DeepSeek-V2/V3 modules)
+MLA_PROJECTIONS = ("kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj")
 
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -591,7 +627,8 @@ def candidates(
             "bytes_read_mb": round(w.bytes_read / 2**20, 1), "max_live_tensors": w.max_live,
             "peak_rss_mb": round(peak, 1), "peak_rss_above_start_mb": round(peak - rss0, 1)}
     return WeightsResult(model=w.name, source=w.source, format=w.format, arch=w.arch.name, model_type=w.model_type,
-                         num_layers=w.num_layers, hidden_size=w.hidden_size, intermediate_size=inter, me_layer=me,
+                         num_layers=w.num_layers, hidden_size=w.hidden_size,
+                         intermediate_size=acts[me].shape[1] if me is not None else inter, me_layer=me,
                          massive_dim=dim, neurons=neurons, super_weight=sw, precursors=precursors, removers=removers,
                          layers=rows, candidates=cands, tokens=tokens, vote=vote, attention=attention,
                          criterion=crit.to_dict(), cost=cost, notes=notes)
@@ -630,7 +667,7 @@ def _neuron_matrices(w: LazyWeights, layer: int, neuron: int) -> tuple[list[torc
         return rows, ex.downs[e], n, e
     n = neuron - (ex.num_experts * ex.inter if ex is not None else 0)
     rows = []
-    for role in ("gate_up",) if w.arch.gate_up is not None else ("gate", "up"):
+    for role in ("gate_up",) if w.arch_at(layer).gate_up is not None else ("gate", "up"):
         key = w.layer_key(layer, role)
         if key is None:
             continue

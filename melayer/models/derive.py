@@ -40,7 +40,7 @@ from melayer.models.archmap import (
     resolve,
 )
 from melayer.models.devices import execution_device, read_param
-from melayer.models.experts import FusedExperts, experts_call, is_fused_experts
+from melayer.models.experts import ROUTINGS, FusedExperts, experts_call, is_fused_experts, route
 from melayer.models.guard import overflow_message
 from melayer.models.hf_internals import attention_implementation, attn_implementation
 from melayer.util.errors import MelayerError, NumericOverflow, UnsupportedArchitecture
@@ -644,21 +644,29 @@ def derive_arch(model: PreTrainedModel) -> ArchSpec:
     return spec
 
 
+# the roles in which the layers of a family read from its config alone may differ (see arch_from_config)
+FFN_ROLES = frozenset({"mlp", "gate", "up", "gate_up", "down", "router", "experts", "shared_gate"})
+
+
 def arch_from_config(config: dict[str, Any]) -> ArchSpec:
     """The architecture map of a checkpoint known only by its ``config.json`` (``melayer weights`` reads tensors
     without building the model): derived on a tiny random-weight twin of the same family (the config with tiny
-    sizes). Families whose layers differ from each other need the real layer pattern: load the model instead."""
+    sizes). Where the twin's layers differ only in their FFN (dense layers before mixtures of experts), the map
+    lists both layouts (``extra["ffn_variants"]``) and each layer of a checkpoint takes the one whose tensors it holds;
+    families whose layers differ otherwise need the real layer pattern: load the model instead."""
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from melayer.models.shrink import shrink_config
 
     model_type = str(config.get("model_type") or "")
+    tiny = shrink_config(config)
+    if int(config.get("n_group") or 1) > 1:  # grouped routing: two groups of the twin's four experts, one kept,
+        tiny.update(n_group=2, topk_group=1)  # so that checking the routing checks the grouping too
     level = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
     try:
-        twin = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **shrink_config(config)),
-                                                dtype=torch.float32)
+        twin = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **tiny), dtype=torch.float32)
     except Exception as exc:
         raise UnsupportedArchitecture(f"cannot map model_type {model_type!r}: transformers cannot build it from its "
                                       f"config ({type(exc).__name__}); pass --arch NAME or --arch FILE.json") from None
@@ -674,9 +682,14 @@ def arch_from_config(config: dict[str, Any]) -> ArchSpec:
     except DerivationError as exc:
         raise UnsupportedArchitecture(f"cannot map model_type {model_type!r}: {exc}; pass --arch NAME or "
                                       "--arch FILE.json naming the module paths") from None
-    if spec.layer_paths:
+    variants = [diff for i, diff in sorted(spec.layer_paths.items())]
+    if any(set(diff) - FFN_ROLES for diff in variants):
         raise UnsupportedArchitecture(f"model_type {model_type!r}: its layers differ from each other; reading its "
                                       "weights without the model needs --arch FILE.json (or load the model)")
+    if variants:  # layers that differ in their FFN only (dense layers before the mixtures of experts): each layer
+        # of a checkpoint takes the layout whose FFN tensors it holds (LazyWeights.arch_at)
+        unique = [dict(d) for d in {tuple(sorted(d.items())): d for d in variants}.values()]
+        spec = spec.with_overrides(layer_paths={}, extra={**spec.extra, "ffn_variants": unique})
     if spec.experts is not None:
         spec = spec.with_overrides(extra={**spec.extra, "experts": _experts_layout(twin, spec, model_type)})
     return spec.with_overrides(**_value_output(twin.eval(), spec))
@@ -754,11 +767,12 @@ def _grouped_qkv(y: torch.Tensor, o_in: torch.Tensor, heads: int) -> str | None:
     return None
 
 
-def _experts_layout(twin: nn.Module, spec: ArchSpec, model_type: str) -> dict[str, bool]:
+def _experts_layout(twin: nn.Module, spec: ArchSpec, model_type: str) -> dict[str, Any]:
     """The fused experts' layout flags (what a checkpoint's 3-D expert tensors mean), read off the twin's experts
     module; families whose experts gate with a function of their own are refused."""
-    layers = resolve(twin, spec.layers)
-    first = layers[0] if isinstance(layers, nn.ModuleList) and len(layers) else None
+    layers = resolve(twin, spec.layers)  # the first layer with experts (DeepSeek-V3's first layers are dense)
+    first = next((layer for layer in (layers if isinstance(layers, nn.ModuleList) else [])
+                  if resolve(layer, spec.experts) is not None), None)
     module = resolve(first, spec.experts) if first is not None else None
     if module is None:
         raise UnsupportedArchitecture(f"model_type {model_type!r}: no experts module at {spec.experts}")
@@ -767,27 +781,33 @@ def _experts_layout(twin: nn.Module, spec: ArchSpec, model_type: str) -> dict[st
         raise UnsupportedArchitecture(f"model_type {model_type!r}: its experts gate with a function of their own "
                                       "(not act(gate) x up), which melayer weights does not compute; load the model "
                                       "and run melayer scan")
-    if first is None or not _softmax_top_k(first, spec, twin.config):
-        raise UnsupportedArchitecture(f"model_type {model_type!r}: its router does not choose experts by softmax "
-                                      "top-k (num_experts_per_tok, norm_topk_prob), which melayer weights computes; "
-                                      "load the model and run melayer scan")
+    routing = next((r for r in ROUTINGS if first is not None and _routes_as(first, spec, twin.config, r)), None)
+    if routing is None:
+        raise UnsupportedArchitecture(f"model_type {model_type!r}: its router chooses experts neither by softmax "
+                                      "top-k nor by grouped sigmoid scores with a correction bias, which melayer "
+                                      "weights computes; load the model and run melayer scan")
     fused = FusedExperts(module)
     return {"has_gate": fused.has_gate, "transposed": fused.transposed, "concatenated": fused.concatenated,
-            "has_bias": fused.has_bias}
+            "has_bias": fused.has_bias, "routing": routing}
 
 
 @torch.no_grad()
-def _softmax_top_k(layer: nn.Module, spec: ArchSpec, config: Any) -> bool:
-    """Whether the MoE block routes as melayer weights computes it (the router's softmax, the
-    ``num_experts_per_tok`` best, renormalised unless ``norm_topk_prob`` is false): checked on random tokens."""
+def _routes_as(layer: nn.Module, spec: ArchSpec, config: Any, routing: str) -> bool:
+    """Whether the MoE block routes as :func:`melayer.models.experts.route` computes with ``routing`` and the
+    config's ``num_experts_per_tok``, ``norm_topk_prob``, ``n_group``, ``topk_group`` and ``routed_scaling_factor``:
+    checked on random tokens, with the router's correction bias (if any) set to random values first."""
     block, experts, router = (resolve(layer, p) for p in (spec.mlp, spec.experts, spec.router))
     weight = getattr(router, "weight", None)
     k = int(getattr(config, "num_experts_per_tok", 0) or 0)
     if block is None or experts is None or not isinstance(weight, torch.Tensor) or k < 1:
         return False
+    g = torch.Generator().manual_seed(0)
+    correction = getattr(router, "e_score_correction_bias", None)
+    if isinstance(correction, torch.Tensor):
+        correction.copy_(torch.rand(correction.shape, generator=g))
     seen: list[Any] = []
     handle = experts.register_forward_hook(lambda m, a, kw, out: seen.append(experts_call(a, kw)), with_kwargs=True)
-    x = torch.randn(1, 6, weight.shape[1], generator=torch.Generator().manual_seed(0))
+    x = torch.randn(1, 6, weight.shape[1], generator=g)
     try:
         block(x)
     except Exception:  # a block that cannot be called alone: its routing is not checked, so not computed
@@ -797,12 +817,13 @@ def _softmax_top_k(layer: nn.Module, spec: ArchSpec, config: Any) -> bool:
     if not seen or seen[0] is None:
         return False
     _, index, chosen = seen[0]
-    logits = x.reshape(-1, weight.shape[1]) @ weight.float().T
-    bias = getattr(router, "bias", None)
-    probs = torch.softmax(logits + (bias if isinstance(bias, torch.Tensor) else 0.0), dim=-1)
-    top_w, top_i = probs.topk(k, dim=-1)
-    if getattr(config, "norm_topk_prob", None) in (None, True):
-        top_w = top_w / top_w.sum(-1, keepdim=True)
+    bias = correction if isinstance(correction, torch.Tensor) else getattr(router, "bias", None)
+    top_w, top_i = route(x.reshape(-1, weight.shape[1]) @ weight.float().T, k, routing,
+                         norm=getattr(config, "norm_topk_prob", None) in (None, True),
+                         bias=bias if isinstance(bias, torch.Tensor) else None,
+                         n_group=int(getattr(config, "n_group", None) or 1),
+                         topk_group=int(getattr(config, "topk_group", None) or 1),
+                         scale=float(getattr(config, "routed_scaling_factor", None) or 1.0))
     order = index.sort(dim=-1)
     mine = top_i.sort(dim=-1)
     return bool(torch.equal(order.values, mine.values)

@@ -132,3 +132,33 @@ def experts_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor,
     if len(values) == 3 and all(isinstance(v, torch.Tensor) for v in values):
         return values[0], values[1], values[2]
     return None
+
+
+# How a router's logits choose each token's experts and weigh them (``routing`` in a map's ``experts`` flags):
+# "softmax": the softmax's k best, renormalised if ``norm`` (Mixtral, Qwen-MoE, OLMoE); "sigmoid_grouped": each
+# expert's sigmoid score, the experts chosen by score + a per-expert correction bias among the ``topk_group`` best
+# of ``n_group`` groups (a group scored by its two best), weighted by their scores, renormalised if ``norm`` and
+# times ``scale`` (DeepSeek-V3, GLM-4-MoE, dots.llm1).
+ROUTINGS = ("softmax", "sigmoid_grouped")
+
+
+def route(logits: torch.Tensor, k: int, routing: str = "softmax", norm: bool = True, bias: torch.Tensor | None = None,
+          n_group: int = 1, topk_group: int = 1, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chosen experts' weights and indices, (tokens, k) each, from router logits (tokens, experts)."""
+    logits = logits.float()
+    if routing == "softmax":
+        weights, index = torch.softmax(logits + (bias if bias is not None else 0.0), dim=-1).topk(k, dim=-1)
+        return (weights / weights.sum(-1, keepdim=True) if norm else weights), index
+    if routing != "sigmoid_grouped":
+        raise ValueError(f"unknown routing {routing!r} (one of {', '.join(ROUTINGS)})")
+    scores = logits.sigmoid()
+    choice = scores + (bias.float() if bias is not None else 0.0)
+    n, experts = choice.shape
+    groups = choice.view(n, n_group, experts // n_group).topk(min(2, experts // n_group), dim=-1).values.sum(-1)
+    keep = torch.zeros_like(groups).scatter_(1, groups.topk(topk_group, dim=-1).indices, 1.0)
+    keep = keep.unsqueeze(-1).expand(n, n_group, experts // n_group).reshape(n, experts).bool()
+    index = choice.masked_fill(~keep, float("-inf")).topk(k, dim=-1).indices
+    weights = scores.gather(1, index)
+    if norm:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return weights * scale, index

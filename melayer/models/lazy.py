@@ -92,6 +92,7 @@ class LazyWeights:
         self.max_live = 0
         self._live: weakref.WeakSet[torch.Tensor] = weakref.WeakSet()
         self._prefix: str | None = None
+        self._layouts: dict[int, ArchSpec] = {}
         self._local = threading.local()
         self._fds: dict[Path, int] = {}
         self._fd_lock = threading.Lock()
@@ -115,9 +116,29 @@ class LazyWeights:
         self.max_live = max(self.max_live, len(self._live))
         return t
 
+    def arch_at(self, layer: int) -> ArchSpec:
+        """The layout of decoder ``layer``: the family's, or, where its layers differ in their FFN (DeepSeek-V3's
+        and GLM-4-MoE's dense first layers), the layout whose FFN tensors this layer holds."""
+        variants = self.arch.extra.get("ffn_variants")
+        if not variants:
+            return self.arch
+        if layer not in self._layouts:
+            keys, prefix = self._keyset(), self.layers_prefix()
+            found = [spec for spec in self._variants()
+                     if (anchor := spec.router or spec.down) and f"{prefix}.{layer}.{anchor}.weight" in keys]
+            if not found:
+                raise MelayerError(f"{self.source}: layer {layer} holds the FFN tensors of none of its family's layouts "
+                                   "(dense or mixture of experts): an incomplete checkpoint")
+            self._layouts[layer] = found[0]
+        return self._layouts[layer]
+
+    def _variants(self) -> list[ArchSpec]:
+        base = self.arch.with_overrides(extra={k: v for k, v in self.arch.extra.items() if k != "ffn_variants"})
+        return [base] + [base.with_overrides(**diff) for diff in self.arch.extra.get("ffn_variants") or []]
+
     def layer_key(self, layer: int, role: str) -> str | None:
         """The state-dict key of the weight of ``role`` in decoder ``layer`` (None if the family has no such role)."""
-        path = self.arch.path(role)
+        path = self.arch_at(layer).path(role)
         if path is None:
             return None
         key = f"{self.layers_prefix()}.{layer}.{path}.weight"
@@ -133,15 +154,16 @@ class LazyWeights:
         """Where the decoder layers sit in this checkpoint's keys (``model.layers``; hub GPT-2 files drop
         ``transformer.``; multimodal ones add ``language_model.``): found from the down projection's key."""
         if self._prefix is None:
-            anchor = self.arch.down or self.arch.router  # an MoE layer without a shared expert has no dense down
-            if anchor is None:
+            # an MoE layer without a shared expert has no dense down; dense first layers have no router
+            anchors = [a for spec in self._variants() if (a := spec.down or spec.router)]
+            if not anchors:
                 raise UnsupportedArchitecture(f"{self.source}: architecture map {self.arch.name!r} has no FFN down "
                                               "projection, which melayer weights reads")
-            pattern = re.compile(rf"^(.*?)\.0\.{re.escape(anchor)}\.weight$")
-            found = sorted({m.group(1) for k in self._keyset() if (m := pattern.match(k))}, key=len)
+            patterns = [re.compile(rf"^(.*?)\.0\.{re.escape(anchor)}\.weight$") for anchor in anchors]
+            found = sorted({m.group(1) for k in self._keyset() for p in patterns if (m := p.match(k))}, key=len)
             if not found:
                 raise UnsupportedArchitecture(
-                    f"{self.source}: no tensor '<layers>.0.{anchor}.weight' for architecture map "
+                    f"{self.source}: no tensor '<layers>.0.{anchors[0]}.weight' for architecture map "
                     f"{self.arch.name!r}; pass --arch NAME or --arch FILE.json naming the module paths")
             tail = self.arch.layers.rsplit(".", 1)[-1]
             self._prefix = next((p for p in found if p.split(".")[-1] == tail), found[0])
@@ -163,8 +185,9 @@ class LazyWeights:
         key = self.layer_key(layer, role)
         if key is None:
             return {}
-        holder = _holder(self.arch.path(role), SimpleNamespace(weight=self.tensor(key)))  # type: ignore[arg-type]
-        only = self.arch.with_overrides(**{r: (self.arch.path(r) if r == role else None) for r in ("gate", "up", "gate_up")})
+        arch = self.arch_at(layer)
+        holder = _holder(arch.path(role), SimpleNamespace(weight=self.tensor(key)))  # type: ignore[arg-type]
+        only = arch.with_overrides(**{r: (arch.path(r) if r == role else None) for r in ("gate", "up", "gate_up")})
         mats = only.ffn_in_matrices(holder)
         for mat in mats.values():
             self._check_shape(key, mat, 1)
@@ -190,11 +213,12 @@ class LazyWeights:
         """The routed experts of an MoE ``layer`` (None for a dense layer): fused 3-D tensors as transformers holds
         them (layout flags from the family's map), or one tensor per expert and projection as checkpoints store
         them (transformers' own conversion mapping names which is which)."""
-        if self.arch.experts is None:
+        arch = self.arch_at(layer)
+        if arch.experts is None:
             return None
-        flags = self.arch.extra.get("experts") or {}
+        flags = arch.extra.get("experts") or {}
         has_gate, transposed = bool(flags.get("has_gate", True)), bool(flags.get("transposed", False))
-        base = f"{self.layers_prefix()}.{layer}.{self.arch.experts}"
+        base = f"{self.layers_prefix()}.{layer}.{arch.experts}"
         first, down = f"{base}.{'gate_up_proj' if has_gate else 'up_proj'}", f"{base}.down_proj"
         keys = self._keyset()
         if first in keys and down in keys:
@@ -698,13 +722,14 @@ class GGUFWeights(LazyWeights):
         expert ``e``'s rows of a projection are stored rows ``e x outputs .. (e + 1) x outputs``, outputs by row
         as in a dense GGUF matrix. Each is named by the key transformers gives the projection (the ``down_proj``
         of the fused experts module, whose (E, hidden, I) layout its index follows)."""
-        if self.arch.experts is None:
+        arch = self.arch_at(layer)
+        if arch.experts is None:
             return None
         import gguf
 
-        flags = self.arch.extra.get("experts") or {}
+        flags = arch.extra.get("experts") or {}
         parts = ("gate", "up", "down") if flags.get("has_gate", True) else ("up", "down")
-        base = f"{self.layers_prefix()}.{layer}.{self.arch.experts}"
+        base = f"{self.layers_prefix()}.{layer}.{arch.experts}"
         names = {p: gguf.TENSOR_NAMES[t].format(bid=layer) + ".weight" for p, t in
                  (("gate", gguf.MODEL_TENSOR.FFN_GATE_EXP), ("up", gguf.MODEL_TENSOR.FFN_UP_EXP),
                   ("down", gguf.MODEL_TENSOR.FFN_DOWN_EXP))}
