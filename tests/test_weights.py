@@ -49,13 +49,28 @@ def test_planted_checkpoint_of_every_family(tmp_path, model_type):
 @pytest.mark.parametrize("model_type", ["opt", "xglm", "biogpt"])
 def test_ffn_of_loose_projections(tmp_path, model_type):
     """OPT, XGLM, BioGPT: the FFN is fc1/fc2 called by the layer itself (derived roles, no mlp module); XGLM's
-    config counts its layers in num_layers and its width in d_model."""
+    config counts its layers in num_layers and its width in d_model; their first input is the embedding scaled
+    (XGLM, BioGPT) plus a position row (OPT and BioGPT start at row 2), measured on the twin: the path is the
+    model's own stream."""
     lm = tiny_lm(model_type)
     r = candidates(str(save_lm(lm, tmp_path / model_type)), progress=False)
+    assert _path_error(r, lm) < 1e-4
     assert (r.me_layer, r.massive_dim, r.top_neuron) == (1, 7, 5)
     assert r.super_weight["tensor"].endswith("layers.1.fc2.weight")
     assert float(lm.model.state_dict()[r.super_weight["tensor"]][tuple(r.super_weight["stored_index"])]) == \
         pytest.approx(r.super_weight["value"])
+
+
+@pytest.mark.parametrize("model_type", ["nanochat", "olmo", "doge"])
+def test_a_family_whose_path_differs_from_its_own_stream_is_refused(tmp_path, model_type):
+    """A family read from its config alone is checked on a tiny twin: Nanochat norms its embeddings, OLMo's layer
+    norm has a fixed epsilon its config does not give, Doge's layers are not attention then FFN as melayer follows
+    them. The path would differ from the model's own first-token stream, so the checkpoint is refused in one line
+    (it used to be read, and named the plant only because the plant is large)."""
+    lm = tiny_lm(model_type, me_layer=2, neuron=9, dim=20)
+    with pytest.raises(MelayerError, match="does not reproduce the family's own hidden states") as info:
+        candidates(str(save_lm(lm, tmp_path / model_type)), progress=False)
+    assert "\n" not in str(info.value) and "melayer scan" in str(info.value)
 
 
 def _path_error(r, lm) -> float:

@@ -29,9 +29,12 @@ scan's criterion:
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import resource
+import tempfile
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -45,7 +48,7 @@ from melayer.analysis.criterion import Criterion
 from melayer.models.experts import route
 from melayer.models.lazy import ExpertLayer, LazyWeights, Matrix, open_weights
 from melayer.util.console import track
-from melayer.util.errors import MelayerError
+from melayer.util.errors import MelayerError, UnsupportedArchitecture, one_line
 from melayer.util.results import Result
 
 if TYPE_CHECKING:
@@ -220,10 +223,23 @@ class _Path:
         self.pool = ThreadPoolExecutor(max_workers=max(1, threads)) if threads > 1 else None
         a = w.arch
         self.act = _activation(w)
-        self.eps = float(w.setting("rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps") or 1e-6)
+        self.eps = float(a.extra.get("norm_eps") or w.setting("rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps",
+                                                                 "norm_epsilon", "norm_eps") or 1e-6)
         self.layer_norm = a.norm_kind == "layer"
         self.heads = int(w.setting("num_attention_heads", "n_head") or 0)
         self.kv_heads = int(w.setting("num_key_value_heads") or self.heads or 0)
+
+    def layer(self, x: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor,
+                                                          torch.Tensor, torch.Tensor]:
+        """One decoder layer: (its output, the attention's write or None if not found, the FFN's write, its neuron
+        activations, the post-FFN norm's factor)."""
+        o = self.attention(x, layer)
+        if self.w.arch.parallel:  # the FFN reads the layer input, as the attention does
+            f, z, factor = self.ffn(x, layer)
+            return x + (o if o is not None else 0.0) + f, o, f, z, factor
+        x = x + o if o is not None else x
+        f, z, factor = self.ffn(x, layer)
+        return x + f, o, f, z, factor
 
     def linear(self, key: str, x: torch.Tensor, bias_key: str | None = None) -> torch.Tensor:
         """x @ W.T (+ bias) for a stored projection, reduced block by block (W is never held whole; the blocks
@@ -280,8 +296,8 @@ class _Path:
         scale = w.arch.embed_scale
         x = x * (w.hidden_size ** 0.5 if scale == "sqrt_hidden" else float(scale))
         pos = w.model_key(w.arch.pos_embed)
-        if pos is not None:
-            x = x + w.rows(pos, [0])
+        if pos is not None:  # position 0's row (OPT and BioGPT offset their positions by 2)
+            x = x + w.rows(pos, [int(w.arch.extra.get("pos_row", 0))])
         return x
 
     def attention(self, x: torch.Tensor, layer: int) -> torch.Tensor | None:
@@ -455,7 +471,11 @@ def _activation(w: LazyWeights) -> Any:
 
     if name not in ACT2FN:
         raise MelayerError(f"{w.source}: unknown FFN activation {name!r}; the first token's path needs it")
-    return ACT2FN[name]
+    fn = ACT2FN[name]
+    if isinstance(fn, torch.nn.Module) and any(True for _ in fn.parameters()):  # Apertus' xIELU
+        raise UnsupportedArchitecture(f"{w.source}: its FFN activation {name!r} has parameters learned per layer, "
+                                      "which melayer weights does not read; load the model and run melayer scan")
+    return fn
 
 
 def first_tokens(w: LazyWeights, n_tokens: int) -> tuple[list[int], str]:
@@ -518,6 +538,66 @@ def path_me_layer(values: torch.Tensor, start_median: float, crit: Criterion) ->
             "peak": float(a[:, dim].max())}
 
 
+TWIN_TOLERANCE = 1e-3  # the largest relative difference allowed between the path and a twin's own stream
+
+
+def check_on_twin(w: LazyWeights) -> None:
+    """Refuse a family whose first-token path melayer does not compute as the model does. The map of a family
+    known only from its config is derived on a tiny random-weight twin (:func:`~melayer.models.derive.config_twin`);
+    here the twin is saved as a checkpoint, read back through ``w``'s map and followed like any checkpoint, and its
+    path must equal the twin's own hidden states for its first token (within :data:`TWIN_TOLERANCE` of each
+    layer's largest value) on every layer but the last (which some families norm). Position embeddings with an
+    offset, residual or embedding multipliers, attention that is not o(v(x)), another routing: any of them shows
+    as a difference, and the family is refused in one line instead of read wrong. Checked once per config."""
+    key = json.dumps(w.config, sort_keys=True, default=str) + repr(w.arch)
+    with _TWIN_LOCK:
+        if key not in _TWIN_ERRORS:
+            _TWIN_ERRORS[key] = _twin_error(w.config, w.arch)
+        error = _TWIN_ERRORS[key]
+    if error:
+        raise UnsupportedArchitecture(f"{w.source}: model_type {w.model_type!r}: {error}")
+
+
+_TWIN_ERRORS: dict[str, str] = {}
+_TWIN_LOCK = threading.Lock()
+
+
+def _twin_error(config: dict[str, Any], arch: Any) -> str:
+    from melayer.models.derive import config_twin
+    from melayer.models.lazy import SafetensorsWeights
+
+    twin = config_twin(config)
+    token = int(getattr(twin.config, "bos_token_id", None) or 0)
+    try:
+        with torch.no_grad():
+            states = twin(input_ids=torch.tensor([[token]]), output_hidden_states=True, use_cache=False).hidden_states
+    except Exception as exc:  # transformers' own failure to run the family alone: nothing to check against
+        return (f"a tiny twin of the family cannot run ({type(exc).__name__}), so melayer weights cannot check its "
+                "path; load the model and run melayer scan")
+    with tempfile.TemporaryDirectory(prefix="melayer-twin-") as directory:
+        twin.save_pretrained(directory)
+        tw = SafetensorsWeights(Path(directory), arch=arch)
+        path = _Path(tw, 1)
+        xs = []
+        try:
+            x = path.embed([token])
+            for layer in range(min(tw.num_layers, len(states) - 1) - 1):
+                x = path.layer(x, layer)[0]
+                xs.append(x)
+        except Exception as exc:  # e.g. a layer whose shapes the path does not expect
+            why = one_line(exc) if isinstance(exc, MelayerError) else type(exc).__name__
+            return (f"melayer weights cannot follow the first token through a tiny twin of the family ({why}); "
+                    "load the model and run melayer scan")
+        for layer, x in enumerate(xs):
+            want = states[layer + 1][0, 0].float()
+            err = float((x[0] - want).abs().max()) / max(float(want.abs().max()), 1e-12)
+            if not err <= TWIN_TOLERANCE:
+                return (f"melayer weights' first-token path does not reproduce the family's own hidden states (a "
+                        f"relative difference of {err:.2g} at layer {layer} of a tiny twin), so it cannot read this "
+                        "family's weights alone; load the model and run melayer scan")
+    return ""
+
+
 def _median(xs: list[float]) -> float:
     return float(torch.tensor(xs).median()) if xs else 0.0
 
@@ -549,6 +629,8 @@ def candidates(
     w = model if isinstance(model, LazyWeights) else open_weights(model, arch)
     if w.num_layers < 1:
         raise MelayerError(f"{w.source}: the config gives no number of layers")
+    if w.arch_from_config:
+        check_on_twin(w)
     threads = threads or min(4, os.cpu_count() or 1)
     path = _Path(w, threads)
     ids, why = first_tokens(w, n_tokens)
@@ -560,18 +642,11 @@ def candidates(
         path.prefetch(0)
         for layer in track(range(w.num_layers), f"following the first token through {w.name}", enabled=progress):
             path.prefetch(layer + 1)
-            o = path.attention(x, layer)
+            x, o, f, z, factor = path.layer(x, layer)
             if o is None:
                 attention = (f"left out: no {w.arch.attn_v or w.arch.attn_qkv} / {w.arch.attn_o} weights found "
                              "(the path is attention-free)")
                 o = torch.zeros_like(x)
-            if w.arch.parallel:  # the FFN reads the layer input, as the attention does
-                f, z, factor = path.ffn(x, layer)
-                x = x + o + f
-            else:
-                x = x + o
-                f, z, factor = path.ffn(x, layer)
-                x = x + f
             xs.append(x.clone())
             attn_w.append(o)
             ffn_w.append(f)

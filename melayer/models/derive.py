@@ -22,6 +22,8 @@ Every derived map is then checked by planting (:mod:`melayer.testing`), as hand-
 
 from __future__ import annotations
 
+import functools
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -648,17 +650,22 @@ def derive_arch(model: PreTrainedModel) -> ArchSpec:
 FFN_ROLES = frozenset({"mlp", "gate", "up", "gate_up", "down", "router", "experts", "shared_gate"})
 
 
-def arch_from_config(config: dict[str, Any]) -> ArchSpec:
-    """The architecture map of a checkpoint known only by its ``config.json`` (``melayer weights`` reads tensors
-    without building the model): derived on a tiny random-weight twin of the same family (the config with tiny
-    sizes). Where the twin's layers differ only in their FFN (dense layers before mixtures of experts), the map
-    lists both layouts (``extra["ffn_variants"]``) and each layer of a checkpoint takes the one whose tensors it holds;
-    families whose layers differ otherwise need the real layer pattern: load the model instead."""
+def config_twin(config: dict[str, Any]) -> PreTrainedModel:
+    """A tiny random-weight model of ``config``'s family (the config with tiny sizes, :func:`shrink_config`), made
+    once per config and process (the same module each time: callers must not change its weights). Every 1-D
+    parameter gets its own random offset: norms initialised alike give equal outputs, and then which one a block
+    reads is ambiguous (Falcon's ln_attn / ln_mlp)."""
+    return _config_twin(json.dumps(config, sort_keys=True, default=str))
+
+
+@functools.lru_cache(maxsize=8)
+def _config_twin(config_json: str) -> PreTrainedModel:
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from melayer.models.shrink import shrink_config
 
+    config = json.loads(config_json)
     model_type = str(config.get("model_type") or "")
     tiny = shrink_config(config)
     if int(config.get("n_group") or 1) > 1:  # grouped routing: two groups of the twin's four experts, one kept,
@@ -672,11 +679,25 @@ def arch_from_config(config: dict[str, Any]) -> ArchSpec:
                                       f"config ({type(exc).__name__}); pass --arch NAME or --arch FILE.json") from None
     finally:
         transformers.logging.set_verbosity(level)
-    with torch.no_grad():  # norms initialised alike give equal outputs, and then which one a block reads is
-        g = torch.Generator().manual_seed(0)  # ambiguous (Falcon's ln_attn / ln_mlp): every 1-D parameter (gains,
-        for param in twin.parameters():  # biases) gets its own random offset
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        for param in twin.parameters():
             if param.dim() == 1 and param.is_floating_point():
                 param.add_(0.1 * torch.randn(param.shape, generator=g, dtype=param.dtype))
+        for name, buffer in twin.named_buffers():  # routers' correction biases (DeepSeek-V3): random, so that
+            if name.endswith("e_score_correction_bias"):  # checking the routing checks that they are added
+                buffer.copy_(torch.rand(buffer.shape, generator=g))
+    return twin.eval()
+
+
+def arch_from_config(config: dict[str, Any]) -> ArchSpec:
+    """The architecture map of a checkpoint known only by its ``config.json`` (``melayer weights`` reads tensors
+    without building the model): derived on a tiny random-weight twin of the same family (the config with tiny
+    sizes). Where the twin's layers differ only in their FFN (dense layers before mixtures of experts), the map
+    lists both layouts (``extra["ffn_variants"]``) and each layer of a checkpoint takes the one whose tensors it holds;
+    families whose layers differ otherwise need the real layer pattern: load the model instead."""
+    model_type = str(config.get("model_type") or "")
+    twin = config_twin(config)
     try:
         spec = named_layout(derive_arch(twin))
     except DerivationError as exc:
@@ -692,7 +713,50 @@ def arch_from_config(config: dict[str, Any]) -> ArchSpec:
         spec = spec.with_overrides(layer_paths={}, extra={**spec.extra, "ffn_variants": unique})
     if spec.experts is not None:
         spec = spec.with_overrides(extra={**spec.extra, "experts": _experts_layout(twin, spec, model_type)})
-    return spec.with_overrides(**_value_output(twin.eval(), spec))
+    spec = spec.with_overrides(**_value_output(twin.eval(), spec))
+    spec = spec.with_overrides(**_first_input(twin, spec))
+    layers = resolve(twin, spec.layers)  # the norms' epsilon where the module holds it (OPT's LayerNorm: 1e-5,
+    norm = resolve(layers[0], spec.pre_attn_norm or spec.pre_ffn_norm or "") if isinstance(layers, nn.ModuleList) \
+        and len(layers) else None  # not in its config)
+    eps = next((v for k in ("eps", "variance_epsilon") if isinstance(v := getattr(norm, k, None), float)), None)
+    return spec.with_overrides(extra={**spec.extra, "norm_eps": eps}) if eps is not None else spec
+
+
+@torch.no_grad()
+def _first_input(twin: PreTrainedModel, spec: ArchSpec) -> dict[str, Any]:
+    """How the first layer's input at position 0 is made, measured on the twin: the token's embedding row times a
+    scale (``"sqrt_hidden"`` when it is the square root of the hidden size, else the number), plus a row of a learned
+    position table (OPT and BioGPT start at row 2). Nothing found that reproduces it: no change."""
+    words = twin.get_input_embeddings()
+    weight = cast(torch.Tensor, words.weight)
+    first = int(getattr(twin.config, "bos_token_id", None) or 0)
+    tokens = [first, (first + 1) % weight.shape[0]]  # two tokens: a scale must be the same for both (a norm of
+    try:  # the embedding also scales each row, by its own factor)
+        h0 = [twin(input_ids=torch.tensor([[t]]), output_hidden_states=True, use_cache=False).hidden_states[0][0, 0]
+              for t in tokens]
+    except Exception:  # a family that cannot run alone: the map keeps the plain embedding
+        return {}
+    tables = [(name, m) for name, m in twin.named_modules() if isinstance(m, nn.Embedding) and m is not words]
+    hidden = weight.shape[1]
+
+    def fit(h: torch.Tensor, token: int, row: torch.Tensor | None) -> float | None:
+        emb, rest = weight[token].float(), h.float() - (row if row is not None else 0.0)
+        scale = float(rest @ emb / (emb @ emb))
+        return scale if float((rest - scale * emb).abs().max()) <= 1e-5 * float(h.abs().max()) else None
+
+    for name, rows in [("", None)] + [(n, m.weight.float()) for n, m in tables if m.weight.shape[-1] == hidden]:
+        for row in range(min(8, rows.shape[0]) if rows is not None else 1):
+            scales = [fit(h, t, rows[row] if rows is not None else None) for h, t in zip(h0, tokens, strict=True)]
+            if None not in scales and abs(cast(float, scales[0]) - cast(float, scales[1])) <= 1e-5 * abs(
+                    cast(float, scales[0])):
+                scale = cast(float, scales[0])
+                named = "sqrt_hidden" if abs(scale - hidden ** 0.5) <= 1e-4 * scale else (1.0 if abs(scale - 1) <= 1e-6
+                                                                                            else scale)
+                found: dict[str, Any] = {"embed_scale": named}
+                if rows is not None:
+                    found.update(pos_embed=name, extra={**spec.extra, "pos_row": row})
+                return found
+    return {}
 
 
 @torch.no_grad()
@@ -715,7 +779,9 @@ def _value_output(twin: nn.Module, spec: ArchSpec) -> dict[str, Any]:
     handles.append(attn.register_forward_hook(lambda m, a, out: seen.__setitem__(
         id(m), (torch.zeros(0), (out[0] if isinstance(out, tuple) else out).detach()))))
     try:
-        twin(input_ids=torch.tensor([[1]]))
+        twin(input_ids=torch.tensor([[1]]), use_cache=False)
+    except Exception:  # a family that cannot run alone: nothing measured (melayer weights' twin check refuses it)
+        return {}
     finally:
         for h in handles:
             h.remove()
@@ -795,7 +861,7 @@ def _experts_layout(twin: nn.Module, spec: ArchSpec, model_type: str) -> dict[st
 def _routes_as(layer: nn.Module, spec: ArchSpec, config: Any, routing: str) -> bool:
     """Whether the MoE block routes as :func:`melayer.models.experts.route` computes with ``routing`` and the
     config's ``num_experts_per_tok``, ``norm_topk_prob``, ``n_group``, ``topk_group`` and ``routed_scaling_factor``:
-    checked on random tokens, with the router's correction bias (if any) set to random values first."""
+    checked on random tokens (the twin's correction biases are random, :func:`config_twin`)."""
     block, experts, router = (resolve(layer, p) for p in (spec.mlp, spec.experts, spec.router))
     weight = getattr(router, "weight", None)
     k = int(getattr(config, "num_experts_per_tok", 0) or 0)
@@ -803,8 +869,6 @@ def _routes_as(layer: nn.Module, spec: ArchSpec, config: Any, routing: str) -> b
         return False
     g = torch.Generator().manual_seed(0)
     correction = getattr(router, "e_score_correction_bias", None)
-    if isinstance(correction, torch.Tensor):
-        correction.copy_(torch.rand(correction.shape, generator=g))
     seen: list[Any] = []
     handle = experts.register_forward_hook(lambda m, a, kw, out: seen.append(experts_call(a, kw)), with_kwargs=True)
     x = torch.randn(1, 6, weight.shape[1], generator=g)

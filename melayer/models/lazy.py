@@ -85,6 +85,8 @@ class LazyWeights:
         self.config = config
         self.model_type = str(config.get("model_type") or "")
         self.arch = _arch_for_config(self.model_type, arch, config)
+        # a map derived on a tiny twin of the family (no named layout, no override): melayer weights checks it there
+        self.arch_from_config = not arch and self.model_type not in ARCHITECTURES
         self.num_layers = int(next((config[k] for k in _LAYER_KEYS if config.get(k)), 0))
         self.hidden_size = int(config.get("hidden_size") or config.get("n_embd") or config.get("d_model") or 0)
         self.tensors_read = 0
