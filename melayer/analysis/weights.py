@@ -585,7 +585,7 @@ def _twin_error(config: dict[str, Any], arch: Any) -> str:
                 x = path.layer(x, layer)[0]
                 xs.append(x)
         except Exception as exc:  # e.g. a layer whose shapes the path does not expect
-            why = one_line(exc) if isinstance(exc, MelayerError) else type(exc).__name__
+            why = one_line(exc).replace(f"{directory}: ", "") if isinstance(exc, MelayerError) else type(exc).__name__
             return (f"melayer weights cannot follow the first token through a tiny twin of the family ({why}); "
                     "load the model and run melayer scan")
         for layer, x in enumerate(xs):
