@@ -61,16 +61,39 @@ def test_ffn_of_loose_projections(tmp_path, model_type):
         pytest.approx(r.super_weight["value"])
 
 
-@pytest.mark.parametrize("model_type", ["nanochat", "olmo", "doge"])
+@pytest.mark.parametrize("model_type", ["nanochat", "doge"])
 def test_a_family_whose_path_differs_from_its_own_stream_is_refused(tmp_path, model_type):
-    """A family read from its config alone is checked on a tiny twin: Nanochat norms its embeddings, OLMo's layer
-    norm has a fixed epsilon its config does not give, Doge's layers are not attention then FFN as melayer follows
-    them. The path would differ from the model's own first-token stream, so the checkpoint is refused in one line
-    (it used to be read, and named the plant only because the plant is large)."""
+    """A family read from its config alone is checked on a tiny twin: Nanochat norms its embeddings, Doge's layers
+    are not attention then FFN as melayer follows them. The path would differ from the model's own first-token
+    stream, so the checkpoint is refused in one line (it used to be read, and named the plant only because the
+    plant is large)."""
     lm = tiny_lm(model_type, me_layer=2, neuron=9, dim=20)
     with pytest.raises(MelayerError, match="does not reproduce the family's own hidden states") as info:
         candidates(str(save_lm(lm, tmp_path / model_type)), progress=False)
     assert "\n" not in str(info.value) and "melayer scan" in str(info.value)
+
+
+def test_norm_epsilon_measured_when_the_module_does_not_hold_it(tmp_path):
+    """OLMo's weightless LayerNorm fixes its epsilon (1e-5) in its code, not in its config: melayer measures it on
+    the twin from how the norm scales x and 2x (RMS norms too), and the path is then the model's own stream."""
+    from transformers.models.olmo.modeling_olmo import OlmoLayerNorm
+
+    from melayer.models.derive import _norm_eps
+
+    class RMS(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.rand(64) + 0.5)
+
+        def forward(self, x):
+            return self.weight * x * torch.rsqrt((x * x).mean(-1, keepdim=True) + 3e-6)
+
+    assert _norm_eps(OlmoLayerNorm(64), "layer") == pytest.approx(1e-5)
+    assert _norm_eps(RMS(), "rms") == pytest.approx(3e-6)
+    assert _norm_eps(torch.nn.LayerNorm(64, eps=1e-6), "layer") == 1e-6  # the module's own attribute
+    lm = tiny_lm("olmo", me_layer=2, neuron=9, dim=20)
+    r = candidates(str(save_lm(lm, tmp_path / "olmo")), progress=False)
+    assert _path_error(r, lm) < 1e-4 and (r.me_layer, r.massive_dim, r.top_neuron) == (2, 20, lm.plant.flat_neuron)
 
 
 def _path_error(r, lm) -> float:

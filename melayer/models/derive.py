@@ -715,11 +715,35 @@ def arch_from_config(config: dict[str, Any]) -> ArchSpec:
         spec = spec.with_overrides(extra={**spec.extra, "experts": _experts_layout(twin, spec, model_type)})
     spec = spec.with_overrides(**_value_output(twin.eval(), spec))
     spec = spec.with_overrides(**_first_input(twin, spec))
-    layers = resolve(twin, spec.layers)  # the norms' epsilon where the module holds it (OPT's LayerNorm: 1e-5,
+    layers = resolve(twin, spec.layers)
     norm = resolve(layers[0], spec.pre_attn_norm or spec.pre_ffn_norm or "") if isinstance(layers, nn.ModuleList) \
-        and len(layers) else None  # not in its config)
-    eps = next((v for k in ("eps", "variance_epsilon") if isinstance(v := getattr(norm, k, None), float)), None)
+        and len(layers) else None
+    eps = _norm_eps(norm, spec.norm_kind) if norm is not None else None
     return spec.with_overrides(extra={**spec.extra, "norm_eps": eps}) if eps is not None else spec
+
+
+@torch.no_grad()
+def _norm_eps(norm: nn.Module, kind: str) -> float | None:
+    """A norm's epsilon: the module's own attribute (OPT's LayerNorm: 1e-5, not in its config), else measured
+    (OLMo's weightless LayerNorm fixes it in its code): a norm scales ``x`` by ``1 / sqrt(v + eps)`` (``v`` its
+    variance, or mean square), so with ``r = |norm(2x)| / |norm(x)|``, ``eps = 4 v (1 - r^2) / (r^2 - 4)``, for an
+    ``x`` whose ``v`` is near the usual epsilons."""
+    eps = next((v for k in ("eps", "variance_epsilon") if isinstance(v := getattr(norm, k, None), float)), None)
+    if eps is not None:
+        return eps
+    weight = next((p for p in norm.parameters() if p.dim() == 1), None)
+    size = weight.numel() if weight is not None else getattr(norm, "normalized_shape", (0,))[0]
+    if not size:
+        return None
+    x = torch.randn(size, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3e-3
+    v = float(x.var(unbiased=False) if kind == "layer" else (x * x).mean())
+    try:
+        a, b = (float(norm(t.float()[None]).double().norm()) for t in (x, 2 * x))
+    except Exception:  # a norm that cannot be called alone
+        return None
+    r2 = (b / a) ** 2 if a > 0 else 0.0
+    measured = 4 * v * (1 - r2) / (r2 - 4) if r2 != 4 else 0.0
+    return float(f"{measured:.2g}") if 0 < measured < 1e-2 else None
 
 
 @torch.no_grad()
