@@ -96,6 +96,23 @@ def test_norm_epsilon_measured_when_the_module_does_not_hold_it(tmp_path):
     assert _path_error(r, lm) < 1e-4 and (r.me_layer, r.massive_dim, r.top_neuron) == (2, 20, lm.plant.flat_neuron)
 
 
+def test_granite_multipliers(tmp_path):
+    """Granite scales the embedding (embedding_multiplier, measured on the twin) and both residual branches
+    (residual_multiplier, from the config): with real-model values the path is the model's own stream."""
+    from transformers import AutoModelForCausalLM
+
+    from melayer.testing import plant_massive, tiny_config, tiny_tokenizer
+
+    torch.manual_seed(0)
+    config = tiny_config("granite", 4)
+    config.update({"embedding_multiplier": 12.0, "residual_multiplier": 0.22, "attention_multiplier": 0.0078125})
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager").eval()
+    lm = melayer.from_model(model, tiny_tokenizer(), name="tiny-granite")
+    plant = plant_massive(lm, 2, 9, 20)
+    r = candidates(str(save_lm(lm, tmp_path / "granite")), progress=False)
+    assert _path_error(r, lm) < 1e-4 and (r.me_layer, r.massive_dim, r.top_neuron) == (2, 20, plant.flat_neuron)
+
+
 def _path_error(r, lm) -> float:
     """The largest relative difference between the weights' path (per layer: median and largest |x|) and the
     model's own first-token hidden states (BOS alone; the last layer's output is left out, some families norm it)."""

@@ -227,6 +227,7 @@ class _Path:
                                                                  "norm_epsilon", "norm_eps") or 1e-6)
         self.layer_norm = a.norm_kind == "layer"
         self.heads = int(w.setting("num_attention_heads", "n_head") or 0)
+        self.residual = float(w.setting("residual_multiplier") or 1.0)  # Granite scales both branches
         self.kv_heads = int(w.setting("num_key_value_heads") or self.heads or 0)
 
     def layer(self, x: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor,
@@ -234,6 +235,8 @@ class _Path:
         """One decoder layer: (its output, the attention's write or None if not found, the FFN's write, its neuron
         activations, the post-FFN norm's factor)."""
         o = self.attention(x, layer)
+        if o is not None and self.residual != 1.0:  # each branch scaled before its residual add (Granite)
+            o = o * self.residual
         if self.w.arch.parallel:  # the FFN reads the layer input, as the attention does
             f, z, factor = self.ffn(x, layer)
             return x + (o if o is not None else 0.0) + f, o, f, z, factor
@@ -359,14 +362,15 @@ class _Path:
         return kv.reshape(kv.shape[0], self.heads, nope + width)[:, :, nope:].reshape(kv.shape[0], -1)
 
     def ffn(self, x: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(FFN output after the post-FFN norm, neuron activations, the norm's per-dim factor out/in)."""
+        """(FFN output after the post-FFN norm and the residual multiplier, neuron activations, the per-dim factor
+        from the down projection's output to what is added: the norm's out/in times the multiplier)."""
         w = self.w
         h = self.norm(x, layer, "pre_ffn_norm")
         experts = w.experts(layer)
         raw, z = self.dense(h, layer) if experts is None else self.moe(h, layer, experts)
         if w.layer_key(layer, "post_ffn_norm") is None:
-            return raw, z, torch.ones_like(raw)
-        out = self.norm(raw, layer, "post_ffn_norm")
+            return raw * self.residual, z, torch.full_like(raw, self.residual)
+        out = self.norm(raw, layer, "post_ffn_norm") * self.residual
         return out, z, out / torch.where(raw == 0, torch.ones_like(raw), raw)
 
     def dense(self, h: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
