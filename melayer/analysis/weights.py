@@ -60,8 +60,8 @@ PEAK_SHARE = 0.01  # writes below this share of the dim's largest |x| on the pat
 
 RULE = ("path: the first token's residual stream computed from the weights (embedding, then per layer "
         "x += post_attn_norm(o(v(pre_attn_norm(x)))) -- exact at position 0 -- and x += post_ffn_norm(ffn(pre_ffn_norm(x))); "
-        "in a parallel block both read the layer input; an MoE FFN is its router's softmax top-k experts, weighted, "
-        "plus a shared expert); "
+        "in a parallel block both read the layer input; each branch times the config's residual_multiplier; an MoE "
+        "FFN is its router's chosen experts, weighted, plus a shared expert); "
         "massive dim = the dim that is the path's largest |x| at the most layers; ME layer = first layer where that "
         "dim has |x| > max(abs_min, median_ratio x the token's ordinary median) and > persist_ratio x its own median, "
         "and persists (> abs_min and > persist_ratio x own median in the next layer and in >= persist_frac of later "
@@ -76,11 +76,16 @@ ASSUMPTIONS = [
     "at position 0 attention sees only the token itself, so its output is o(v(x)): exact for softmax attention "
     "with any positional scheme; attention with extra terms at position 0 (sink logits, ALiBi biases to nothing) "
     "is still o(v(x)), but a learned attention bias added outside softmax is not modelled",
+    "multi-head latent attention (DeepSeek) is o(kv_b(norm(latent)))'s value heads, the latent being "
+    "kv_a_proj_with_mqa's first kv_lora_rank outputs",
     "the layer is sequential (attention, then FFN) or parallel (both read the layer input); its FFN is dense or a "
     "mixture of experts: the router's softmax, each token's num_experts_per_tok best experts (weights renormalised "
-    "unless the config's norm_topk_prob is false), act(gate) x up per expert, a shared expert scaled by the sigmoid of "
-    "its gate; neuron n of expert e is e x I + n, the shared expert's last (other routers, e.g. grouped or "
-    "sigmoid scoring, are not modelled)",
+    "unless the config's norm_topk_prob is false), or (DeepSeek-V3, GLM-4-MoE) sigmoid scores, experts chosen by "
+    "score + correction bias among the topk_group best of n_group groups, weighted by score, renormalised, times "
+    "routed_scaling_factor; act(gate) x up per expert, a shared expert scaled by the sigmoid of its gate or not "
+    "gated; neuron n of expert e is e x I + n, the shared expert's last (other routers are refused)",
+    "a family read from its config alone (no named map) was checked on a tiny random-weight twin: the path of the "
+    "twin's weights equals the twin's own first-token hidden states (else the family is refused)",
     "the quantised weights of a GGUF file stand for the model (the path is computed from the dequantised values)",
 ]
 
