@@ -240,8 +240,6 @@ class _Path:
         """One decoder layer: (its output, the attention's write or None if not found, the FFN's write, its neuron
         activations, the post-FFN norm's factor)."""
         o = self.attention(x, layer)
-        if o is not None and self.residual != 1.0:  # each branch scaled before its residual add (Granite)
-            o = o * self.residual
         if self.w.arch.parallel:  # the FFN reads the layer input, as the attention does
             f, z, factor = self.ffn(x, layer)
             return x + (o if o is not None else 0.0) + f, o, f, z, factor
@@ -289,11 +287,15 @@ class _Path:
             x = x - x.mean(-1, keepdim=True)
             y = x / torch.sqrt((x * x).mean(-1, keepdim=True) + self.eps)
         else:
-            y = x * torch.rsqrt((x * x).mean(-1, keepdim=True) + self.eps)
+            y = self.rms(x)
         if key is not None:
             y = y * a.gain_from_weight(w.tensor(key).reshape(-1))
         bias = w.path_key(layer, a.path(role), "bias")
         return y + w.tensor(bias).reshape(-1) if bias is not None else y
+
+    def rms(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` over its root mean square (with the norms' epsilon), per token."""
+        return x * torch.rsqrt((x * x).mean(-1, keepdim=True) + self.eps)
 
     def embed(self, ids: list[int]) -> torch.Tensor:
         w = self.w
@@ -344,7 +346,10 @@ class _Path:
         return self.post_attention(self.linear(o_key, v, w.path_key(layer, a.attn_o, "bias")), layer)
 
     def post_attention(self, out: torch.Tensor, layer: int) -> torch.Tensor:
-        return self.norm(out, layer, "post_attn_norm") if self.w.layer_key(layer, "post_attn_norm") else out
+        """What the attention adds: its output after the post-attention norm, times the residual multiplier (each
+        branch scaled before its residual add, as Granite's)."""
+        out = self.norm(out, layer, "post_attn_norm") if self.w.layer_key(layer, "post_attn_norm") else out
+        return out * self.residual
 
     def latent_value(self, x: torch.Tensor, layer: int) -> torch.Tensor | None:
         """Multi-head latent attention's values (DeepSeek-V2/V3, Kimi-K2: the config's ``kv_lora_rank``): the
@@ -359,7 +364,7 @@ class _Path:
         down, norm, up = (k for k in keys if k is not None)
         h = self.norm(x, layer, "pre_attn_norm")
         c = self.linear(down, h, w.path_key(layer, f"{base}.{MLA_PROJECTIONS[0]}", "bias"))[:, :rank]
-        c = c * torch.rsqrt((c * c).mean(-1, keepdim=True) + self.eps) * w.tensor(norm).reshape(-1)
+        c = self.rms(c) * w.tensor(norm).reshape(-1)
         kv = self.linear(up, c, w.path_key(layer, f"{base}.{MLA_PROJECTIONS[2]}", "bias"))
         if kv.shape[1] != self.heads * (nope + width):
             raise MelayerError(f"{w.source}: {up} has {kv.shape[1]} outputs, not {self.heads} heads x ({nope} + "

@@ -703,7 +703,7 @@ def arch_from_config(config: dict[str, Any]) -> ArchSpec:
     except DerivationError as exc:
         raise UnsupportedArchitecture(f"cannot map model_type {model_type!r}: {exc}; pass --arch NAME or "
                                       "--arch FILE.json naming the module paths") from None
-    variants = [diff for i, diff in sorted(spec.layer_paths.items())]
+    variants = [diff for _, diff in sorted(spec.layer_paths.items())]
     if any(set(diff) - FFN_ROLES for diff in variants):
         raise UnsupportedArchitecture(f"model_type {model_type!r}: its layers differ from each other; reading its "
                                       "weights without the model needs --arch FILE.json (or load the model)")
@@ -716,8 +716,8 @@ def arch_from_config(config: dict[str, Any]) -> ArchSpec:
     spec = spec.with_overrides(**_value_output(twin.eval(), spec))
     spec = spec.with_overrides(**_first_input(twin, spec))
     layers = resolve(twin, spec.layers)
-    norm = resolve(layers[0], spec.pre_attn_norm or spec.pre_ffn_norm or "") if isinstance(layers, nn.ModuleList) \
-        and len(layers) else None
+    first = layers[0] if isinstance(layers, nn.ModuleList) and len(layers) else None
+    norm = resolve(first, spec.pre_attn_norm or spec.pre_ffn_norm or "") if first is not None else None
     eps = _norm_eps(norm, spec.norm_kind) if norm is not None else None
     return spec.with_overrides(extra={**spec.extra, "norm_eps": eps}) if eps is not None else spec
 
@@ -871,7 +871,7 @@ def _experts_layout(twin: nn.Module, spec: ArchSpec, model_type: str) -> dict[st
         raise UnsupportedArchitecture(f"model_type {model_type!r}: its experts gate with a function of their own "
                                       "(not act(gate) x up), which melayer weights does not compute; load the model "
                                       "and run melayer scan")
-    routing = next((r for r in ROUTINGS if first is not None and _routes_as(first, spec, twin.config, r)), None)
+    routing = _routing(first, spec, twin.config) if first is not None else None
     if routing is None:
         raise UnsupportedArchitecture(f"model_type {model_type!r}: its router chooses experts neither by softmax "
                                       "top-k nor by grouped sigmoid scores with a correction bias, which melayer "
@@ -882,40 +882,44 @@ def _experts_layout(twin: nn.Module, spec: ArchSpec, model_type: str) -> dict[st
 
 
 @torch.no_grad()
-def _routes_as(layer: nn.Module, spec: ArchSpec, config: Any, routing: str) -> bool:
-    """Whether the MoE block routes as :func:`melayer.models.experts.route` computes with ``routing`` and the
-    config's ``num_experts_per_tok``, ``norm_topk_prob``, ``n_group``, ``topk_group`` and ``routed_scaling_factor``:
-    checked on random tokens (the twin's correction biases are random, :func:`config_twin`)."""
+def _routing(layer: nn.Module, spec: ArchSpec, config: Any) -> str | None:
+    """Which of :data:`~melayer.models.experts.ROUTINGS` the MoE block routes by, as
+    :func:`melayer.models.experts.route` computes it with the config's ``num_experts_per_tok``, ``norm_topk_prob``,
+    ``n_group``, ``topk_group`` and ``routed_scaling_factor`` (None: neither): the block is run once on random
+    tokens (the twin's correction biases are random, :func:`config_twin`) and each routing compared with what its
+    experts were called with."""
     block, experts, router = (resolve(layer, p) for p in (spec.mlp, spec.experts, spec.router))
     weight = getattr(router, "weight", None)
     k = int(getattr(config, "num_experts_per_tok", 0) or 0)
     if block is None or experts is None or not isinstance(weight, torch.Tensor) or k < 1:
-        return False
-    g = torch.Generator().manual_seed(0)
-    correction = getattr(router, "e_score_correction_bias", None)
+        return None
     seen: list[Any] = []
     handle = experts.register_forward_hook(lambda m, a, kw, out: seen.append(experts_call(a, kw)), with_kwargs=True)
-    x = torch.randn(1, 6, weight.shape[1], generator=g)
+    x = torch.randn(1, 6, weight.shape[1], generator=torch.Generator().manual_seed(0))
     try:
         block(x)
     except Exception:  # a block that cannot be called alone: its routing is not checked, so not computed
-        return False
+        return None
     finally:
         handle.remove()
     if not seen or seen[0] is None:
-        return False
+        return None
     _, index, chosen = seen[0]
-    bias = correction if isinstance(correction, torch.Tensor) else getattr(router, "bias", None)
-    top_w, top_i = route(x.reshape(-1, weight.shape[1]) @ weight.float().T, k, routing,
-                         norm=getattr(config, "norm_topk_prob", None) in (None, True),
-                         bias=bias if isinstance(bias, torch.Tensor) else None,
-                         n_group=int(getattr(config, "n_group", None) or 1),
-                         topk_group=int(getattr(config, "topk_group", None) or 1),
-                         scale=float(getattr(config, "routed_scaling_factor", None) or 1.0))
     order = index.sort(dim=-1)
-    mine = top_i.sort(dim=-1)
-    return bool(torch.equal(order.values, mine.values)
-                and torch.allclose(chosen.float().gather(-1, order.indices), top_w.gather(-1, mine.indices), atol=1e-5))
+    correction = getattr(router, "e_score_correction_bias", None)
+    bias = correction if isinstance(correction, torch.Tensor) else getattr(router, "bias", None)
+    logits = x.reshape(-1, weight.shape[1]) @ weight.float().T
+    for routing in ROUTINGS:
+        top_w, top_i = route(logits, k, routing, norm=getattr(config, "norm_topk_prob", None) in (None, True),
+                             bias=bias if isinstance(bias, torch.Tensor) else None,
+                             n_group=int(getattr(config, "n_group", None) or 1),
+                             topk_group=int(getattr(config, "topk_group", None) or 1),
+                             scale=float(getattr(config, "routed_scaling_factor", None) or 1.0))
+        mine = top_i.sort(dim=-1)
+        if torch.equal(order.values, mine.values) and torch.allclose(
+                chosen.float().gather(-1, order.indices), top_w.gather(-1, mine.indices), atol=1e-5):
+            return routing
+    return None
 
 
 def arch_for(model: PreTrainedModel, override: dict[str, Any] | ArchSpec | str | Path | None = None) -> ArchSpec:

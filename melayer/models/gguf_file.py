@@ -213,10 +213,10 @@ def _q4_k_matmul(blocks: Any, rows: int, xt: Any, out: Any, buffer: Any) -> None
     """``out = W @ xt`` for Q4_K rows (``blocks``: their (rows x blocks per row, 144) bytes) without dequantising
     ``W`` whole: the scales and offsets of all the rows are unpacked at once (whole-array operations), then the
     rows' nibbles are unpacked, widened to float32, scaled and multiplied ``buffer``'s size at a time (a block that
-    stays in the CPU's cache between those steps). Two passes fewer than
-    dequantising then multiplying: the offsets (one per 32 values) enter as ``offsets @ (xt summed over each 32
-    inputs)``, and each 32-byte group's low nibbles (one sub-block) and high nibbles (the next) are widened into two
-    contiguous halves (twice as fast as interleaving them), multiplied by ``xt``'s matching rows."""
+    stays in the CPU's cache between those steps). Two passes fewer than dequantising then multiplying: the offsets
+    (one per 32 values) enter as ``offsets @ (xt summed over each 32 inputs)``, and each 32-byte group's low nibbles
+    (one sub-block) and high nibbles (the next) are widened into two contiguous halves (twice as fast as
+    interleaving them), multiplied by ``xt``'s matching rows."""
     torch = _torch()
     n, width = blocks.shape[0], blocks.shape[0] // rows * 256
     words = _words(blocks)
@@ -228,6 +228,8 @@ def _q4_k_matmul(blocks: Any, rows: int, xt: Any, out: Any, buffer: Any) -> None
     x_lo, x_hi = xt[low], xt[high]
     qs = words[:, 2:]
     step = max(1, buffer.numel() // width)  # rows per pass
+    # the nibbles as _nibbles unpacks them, but into two reused contiguous buffers (its per-call temporary and
+    # strided halves cost about 4 % at 16 tokens)
     lo = torch.empty(step * n // rows, 16, dtype=torch.int64)
     hi = torch.empty_like(lo)
     for first in range(0, rows, step):
