@@ -85,8 +85,7 @@ def bench(args: argparse.Namespace, env: dict[str, str]) -> None:
     checkouts = {"this checkout": str(B.ROOT)}
     if args.baseline:
         checkouts["baseline " + args.baseline] = str(Path(args.baseline).resolve())
-    print(f"melayer report {getattr(args, 'label', args.scan)}; {args.threads} thread(s); one fresh process per run, checkouts alternating; "
-          f"load average {os.getloadavg()[0]:.1f}")
+    print(f"melayer report {getattr(args, 'label', args.scan)}; {args.threads} thread(s); one fresh process per run, checkouts alternating")
     print(f"command: {B.command_line()}\n")
     runs: dict[str, list[dict]] = {k: [] for k in checkouts}
     for i in range(args.reps):
@@ -104,7 +103,7 @@ def bench(args: argparse.Namespace, env: dict[str, str]) -> None:
                    "torch imported", "page bytes"], rows))
     if args.baseline:
         base, this = medians["baseline " + args.baseline], medians["this checkout"]
-        print(f"\nbaseline / this checkout: {base / this:.2f}x; load average now {os.getloadavg()[0]:.1f}")
+        print(f"\nbaseline / this checkout: {base / this:.2f}x")
 
 
 if __name__ == "__main__":

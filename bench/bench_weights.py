@@ -21,7 +21,7 @@ imports (transformers' config defaults and GGUF tensor processors for a GGUF), t
 throughput is the checkpoint's size (all its weight files) over the second call. Interleaved with each ranking, a
 fresh process reads every byte of the same files (16 MiB reads): the read speed on the same machine at the same
 time. Both read through the page cache: the files were just written or read, so both are **warm** numbers (the
-cache cannot be dropped without root). The load average is printed beside each row: on a shared machine only the
+cache cannot be dropped without root). On a shared machine only the
 ratio of interleaved measurements means much.
 
 ``--vs-load`` adds the time and peak memory of loading each safetensors checkpoint with transformers (every
@@ -210,17 +210,12 @@ def write_synthetic_gguf(path: Path, gb: float, bos: bool) -> Path:
     return path
 
 
-def load_average() -> str:
-    return " ".join(f"{x:.1f}" for x in os.getloadavg())
-
-
 def measure(label: str, spec: str, threads: list[int], reps: int, rows: list[dict]) -> None:
     files = [str(f) for f in weight_files(spec)]
     gb = sum(os.path.getsize(f) for f in files) / 1e9
     _run(READ, *files)  # into the page cache
     for n in threads:
         ranks, reads = [], []
-        load = load_average()
         for _ in range(reps):  # interleaved: read, rank, read, rank, ...
             reads.append(_run(READ, *files))
             ranks.append(_run(RANK, spec, str(n)))
@@ -229,11 +224,11 @@ def measure(label: str, spec: str, threads: list[int], reps: int, rows: list[dic
         first_s = statistics.median(r["first"] for r in ranks)
         row = {"subject": label, "gb": gb, "threads": n, "first_s": first_s, "seconds": rank_s, "gbps": gb / rank_s,
                "read_mb": ranks[0]["read_mb"], "read_gbps": gb / read_s, "peak_mb": ranks[0]["peak_mb"],
-               "pred": ranks[0]["pred"], "load": f"{load} -> {load_average()}"}
+               "pred": ranks[0]["pred"]}
         rows.append(row)
         print(f"| {label} | {gb:.2f} | {row['read_mb'] * 2**20 / 1e9:.2f} | {n} | {first_s:.2f} | {rank_s:.2f} "
               f"| {row['gbps']:.2f} | {row['read_gbps']:.2f} | {row['read_gbps'] / row['gbps']:.1f} "
-              f"| {row['peak_mb']:.0f} | {row['pred']} | {row['load']} |", flush=True)
+              f"| {row['peak_mb']:.0f} | {row['pred']} |", flush=True)
 
 
 def main() -> None:
@@ -249,11 +244,11 @@ def main() -> None:
     args = ap.parse_args()
     sys.path.insert(0, str(REPO))
 
-    print(f"{os.cpu_count()} CPUs; page cache warm (files read once before timing); load average 1/5/15 min")
+    print(f"{os.cpu_count()} CPUs; page cache warm (files read once before timing)")
     print()
     print("| subject | checkpoint GB | GB read by melayer | threads | first call s | repeat s | GB/s | read GB/s "
-          "| read / melayer | peak RSS MB | (layer, dim, neuron) | load |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| read / melayer | peak RSS MB | (layer, dim, neuron) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     rows: list[dict] = []
     if not args.skip_embedded:
         for name in ("gemma-3-270m", "smollm2-135m"):
